@@ -28,3 +28,16 @@ def format_prompt(tokenizer, question: str, system: str | None = SYSTEM_PROMPT) 
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": question})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, examples: list[Example], max_length: int, system: str | None = SYSTEM_PROMPT) -> list[list[int]]:
+    """Token ids of each rendered prompt; a prompt over the limit is an error, not a silent cut."""
+    encoded = []
+    for index, ex in enumerate(examples):
+        ids = tokenizer(format_prompt(tokenizer, ex.question, system), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_length:
+            raise ValueError(
+                f"prompt of example {index} has {len(ids)} tokens, over max_prompt_length {max_length}"
+            )
+        encoded.append(ids)
+    return encoded

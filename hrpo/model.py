@@ -1,0 +1,119 @@
+"""A Hugging Face causal LM (optionally with LoRA adapters) plus the HRPO gate.
+
+The wrapper never edits the model: hybrid inputs go in through `inputs_embeds`, and the
+lm-head is applied by our own ops on the decoder's last hidden state, so any causal LM
+whose head is a plain bias-free linear map works (Qwen2/2.5/3, Llama, Mistral, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hrpo_kernels import token_logprobs
+
+from .gate import HybridGate
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
+
+
+class ModelError(ValueError):
+    """A model that the wrapper cannot drive, named in one line."""
+
+
+@dataclass
+class SequenceBatch:
+    """Prompts (left-padded) followed by completions (right-padded) with what the rollout
+    stored for the training forward: the latent mixture and the thinking mask per position."""
+
+    prompt_ids: torch.Tensor  # (B, P) long
+    prompt_mask: torch.Tensor  # (B, P) bool
+    completion_ids: torch.Tensor  # (B, T) long
+    completion_mask: torch.Tensor  # (B, T) bool: generated tokens, EOS included
+    latents: torch.Tensor  # (B, T, d): h_hat of the distribution each token was drawn from
+    think_mask: torch.Tensor  # (B, T) bool: the token's input position is blended
+
+    def select(self, idx):
+        """The rows idx of every per-row tensor (works for subclasses too)."""
+        return type(self)(**{f: getattr(self, f)[idx] for f in self.__dataclass_fields__})
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: the first real token of each row is 0."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class HybridModel(nn.Module):
+    def __init__(self, model: nn.Module, gate: HybridGate | None = None, **gate_kwargs):
+        super().__init__()
+        self.model = model
+        lm = self.causal_lm
+        self.body = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+        head = lm.get_output_embeddings()
+        name = type(lm).__name__
+        if self.body is None or not isinstance(head, nn.Linear) or head.bias is not None:
+            raise ModelError(f"{name}: HRPO needs a decoder body and a bias-free linear lm-head")
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(lm.config, attr, None):
+                raise ModelError(f"{name}: config.{attr} is set; HRPO's log-probs assume plain logits")
+        self.head = head
+        # transformers renamed past_key_values to cache (5.2x); pass whichever the body takes.
+        params = inspect.signature(self.body.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.embed = lm.get_input_embeddings()
+        self.gate = gate if gate is not None else HybridGate(self.embed.weight.shape[1], **gate_kwargs)
+        self.gate.to(self.embed.weight.device)
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers model inside an optional peft wrapper."""
+        inner = getattr(self.model, "get_base_model", None)
+        return inner() if callable(inner) else self.model
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    @property
+    def lm_weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def adapters_disabled(self):
+        """Context for the reference policy: the base model without its LoRA adapters."""
+        disable = getattr(self.model, "disable_adapter", None)
+        return disable() if callable(disable) else contextlib.nullcontext()
+
+    def decoder(self, inputs_embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
+        """Last hidden states (after the final norm) of the decoder body."""
+        out = self.body(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **{self._cache_arg: cache},
+        )
+        return out.last_hidden_state
+
+    def sequence_logprobs(self, batch: SequenceBatch, temperature: float, hybrid: bool = True) -> torch.Tensor:
+        """Teacher-forced log-probs (B, T) of the completion tokens at the sampling temperature.
+
+        With hybrid on, the input at each thinking position is re-blended by the current
+        gate from the stored latent (a constant), so the gate and adapters get gradients.
+        """
+        P = batch.prompt_ids.shape[1]
+        ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+        mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+        embeds = self.embed(ids)
+        if hybrid:
+            comp, _ = self.gate(embeds[:, P:], batch.latents, batch.think_mask)
+            embeds = torch.cat([embeds[:, :P], comp], dim=1)
+        hidden = self.decoder(embeds, mask, positions_from_mask(mask))
+        # Position P-1+t holds the input that predicts completion token t.
+        h = hidden[:, P - 1 : -1]
+        B, T = batch.completion_ids.shape
+        lp = token_logprobs(h.reshape(B * T, -1), self.lm_weight, batch.completion_ids.reshape(-1), temperature)
+        return lp.view(B, T)

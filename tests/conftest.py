@@ -1,0 +1,74 @@
+"""Tiny random models and a byte-level BPE tokenizer, built in-process (no hub)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Tom has 12 apples and buys 7 more, so 12 + 7 = 19. #### 19",
+    "First 3 * 4 = 12, then 12 - 5 = 7.#### 7",
+    "The answer follows ####42 and ## is not a marker; #### 1,000",
+    "Café naïve déjà vu — ünïcödé 東京 text #### é",
+] * 20
+
+
+def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A Qwen-style byte-level BPE whose merges include '#'-runs glued to other characters."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+ARCHS = {
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=16),
+    "llama": dict(model_type="llama", tie_word_embeddings=False),
+}
+
+
+def build_model(arch: str, vocab_size: int, seed: int = 0, hidden: int = 64):
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        **ARCHS[arch],
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Random init is near-uniform; a larger head makes distributions peaked like a real LM's.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+        if not cfg.tie_word_embeddings:
+            model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request):
+    return request.param

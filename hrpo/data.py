@@ -183,6 +183,9 @@ def _math(rec: dict, source: str, i: int) -> Example:
         if answer is None:
             raise DataError(f"{source}: record {i}: field 'solution' has no \\boxed{{...}} answer")
         meta["solution"] = solution
+    # Answers are read from one line after the marker, so a gold answer wrapped over lines
+    # (one MATH test answer breaks "square units" over two lines) is joined onto one line.
+    answer = re.sub(r"\s*\n\s*", " ", answer).strip()
     return Example(question=problem, answer=answer, meta=meta)
 
 

@@ -214,10 +214,13 @@ def _choice_reward(completion: str, gold) -> float:
 # ---------------------------------------------------------------- retrieval QA
 
 
+_PUNCT = frozenset(string.punctuation)
+
+
 def normalize_qa(text: str) -> str:
     """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
     text = str(text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCT)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

@@ -8,8 +8,11 @@ from hrpo_kernels import GATE_C, gated_blend
 
 
 def lambda_init(u: torch.Tensor, c: float = GATE_C) -> torch.Tensor:
-    """Lambda such that sigmoid(Lambda)^c = u: the gate starts letting through a = u^r."""
-    return -torch.log(u.pow(-1.0 / c) - 1.0)
+    """Lambda such that sigmoid(Lambda)^c = u: the gate starts letting through a = u^r.
+
+    -log(u^(-1/c) - 1) written with expm1: for u near 1 the direct form cancels to a few
+    significant digits in fp32."""
+    return -torch.log(torch.expm1(-torch.log(u) / c))
 
 
 class HybridGate(nn.Module):

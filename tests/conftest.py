@@ -58,9 +58,11 @@ def build_model(arch: str, vocab_size: int, seed: int = 0, hidden: int = 64):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Random init is near-uniform; a larger head makes distributions peaked like a real LM's.
     with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0, 1.0)
+        model.get_input_embeddings().weight.normal_(0, 0.5)
         if not cfg.tie_word_embeddings:
-            model.get_output_embeddings().weight.normal_(0, 1.0)
+            model.get_output_embeddings().weight.normal_(0, 0.5)
+        else:  # tied: the residual stream would make each token predict itself; damp it
+            model.model.norm.weight.fill_(0.15)
     return model.eval()
 
 

@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+
+from hrpo.loss import group_advantages, grpo_loss
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(r, 4)
+    std = math.sqrt(((0.5**2) * 4) / 3)  # unbiased std of [1, 0, 0, 1]
+    expect = [0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 1
+    assert adv[0].item() == pytest.approx(expect[0], rel=1e-6)
+    assert adv[1].item() == pytest.approx(expect[1], rel=1e-6)
+    # A zero-variance group carries no signal: advantages exactly 0, no NaN.
+    assert torch.equal(adv[4:], torch.zeros(4))
+
+
+def test_group_advantages_rejects_ragged_groups():
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(torch.zeros(8), 3)
+
+
+def hand_loss(logp, ref, adv, mask, beta):
+    total = 0.0
+    for b in range(len(adv)):
+        terms = []
+        for t in range(len(mask[b])):
+            if mask[b][t]:
+                d = ref[b][t] - logp[b][t]
+                kl = math.exp(d) - d - 1
+                terms.append(-(adv[b] - beta * kl))
+        total += sum(terms) / len(terms)
+    return total / len(adv)
+
+
+def test_grpo_loss_value_and_gradient_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0]], requires_grad=True)
+    ref = torch.tensor([[-1.2, -1.5, -0.1], [-0.3, -1.0, -3.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([0.8, -1.1])
+    loss, metrics = grpo_loss(logp, adv, mask, ref, beta=0.005)
+    expect = hand_loss(logp.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.005)
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
+    loss.backward()
+    # d/dlogp of -(A - beta*(exp(ref-logp) - (ref-logp) - 1)) = -A + beta*(1 - exp(ref-logp)), / n_b / B
+    g = -adv[0] + 0.005 * (1 - math.exp(ref[0, 0] - logp[0, 0].item()))
+    assert logp.grad[0, 0].item() == pytest.approx(g / 3 / 2, rel=1e-5)
+    assert logp.grad[1, 2].item() == 0.0
+    assert metrics["kl"] > 0
+
+
+def test_clipped_ratio_and_token_norms():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    old = torch.tensor([[-1.5, -2.0], [-0.5, -0.2]])
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    loss, m = grpo_loss(logp, adv, mask, old_logp=old, beta=0.0, epsilon=0.2)
+    ratio = torch.exp(logp - old)
+    obj = torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None])
+    expect = -(obj[0].mean() + obj[1, 0]) / 2
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
+    assert m["clip_frac"] == pytest.approx(1 / 3)
+    dapo, _ = grpo_loss(logp, adv, mask, old_logp=old, beta=0.0, norm="dapo")
+    assert dapo.item() == pytest.approx(-(obj[0].sum() + obj[1, 0]).item() / 3, rel=1e-6)
+    dr, _ = grpo_loss(logp, adv, mask, old_logp=old, beta=0.0, norm="dr_grpo", max_completion_length=4)
+    assert dr.item() == pytest.approx(-(obj[0].sum() + obj[1, 0]).item() / (2 * 4), rel=1e-6)
+    with pytest.raises(ValueError, match="norm"):
+        grpo_loss(logp, adv, mask, norm="mean")

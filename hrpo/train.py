@@ -140,7 +140,7 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
         record = {
             "step": step,
             "reward": float(rewards.mean()),
-            "loss": float(loss),
+            "loss": loss.item(),
             "completion_tokens": float(out.lengths.float().mean()),
             "gate_a": float(out.gate_mean.nanmean()) if cfg.hybrid else float("nan"),
             "think_frac": float(out.think_mask.sum() / out.completion_mask.sum().clamp_min(1)),

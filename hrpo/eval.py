@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", action="store_true", help="sample at --temperature / --top-k instead of greedy")
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-new-tokens", type=int, help="default: the task recipe's completion limit")
+    p.add_argument("--max-prompt-length", type=int, help="default: the task recipe's prompt limit")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out_path = check_writable(args.output, args.overwrite)
-        cfg = config_for(args.task, model=args.model, data=args.data, eval_limit=args.limit, seed=args.seed)
+        cfg = config_for(args.task, model=args.model, data=args.data, seed=args.seed, max_prompt_length=args.max_prompt_length)
         base = args.model or (read_checkpoint_meta(args.checkpoint)["base_model"] if args.checkpoint else None)
         device = resolve_device(args.device)
         model, tokenizer = load_base_model(base, device, resolve_dtype(args.dtype, device))

@@ -12,6 +12,9 @@ Conventions the kernels must keep:
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 
@@ -47,6 +50,413 @@ def sample_and_mix_reference(
     return tokens, logprobs, h_hat
 
 
-def sample_and_mix(hidden, lm_weight, embedding, temperature, top_k=0, greedy=False, generator=None):
-    """Dispatcher: fused kernels plug in here; the reference serves every device for now."""
+# ---------------------------------------------------------------------------------------
+# Fused Triton path.
+#
+# Randomness: the race noise of token v in row r is x = -log(u), u = philox(seed, counter)
+# with counter = step_offset + r * V + v, the same counter in both modes, so a (seed,
+# offset) pair fixes the tokens of a step. The engine passes both as int64 device tensors
+# (read inside the kernels: no host sync, capturable in a CUDA graph) and advances the
+# offset by at least B * V per decode step.
+# ---------------------------------------------------------------------------------------
+
+triton = None  # imported on first use (so that TRITON_INTERPRET may be set late, and
+tl = None  # `import hrpo_kernels` works without triton)
+_KERNELS = None
+MAX_TOPK_TRITON = 1024
+MAX_D_FULL_VOCAB = 4096  # the one-pass kernel holds a (16 x next_pow2(d)) fp32 mixture in registers
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _kernels():
+    """Import triton and define the kernels once, at the first launch."""
+    global triton, tl, _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    import triton as _triton
+    import triton.language as _tl
+
+    triton, tl = _triton, _tl
+
+    @triton.jit
+    def _full_partial_kernel(
+        h_ptr, w_ptr, e_ptr, seed_ptr, off_ptr,
+        ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
+        B, V, D, n_rb, v_per_split, inv_t,
+        stride_h, stride_w, stride_e,
+        TIED: tl.constexpr, GREEDY: tl.constexpr, FP32_DOT: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One (row block, V-split) program: a single pass over its lm_weight rows keeping,
+        per row, the online softmax state (m, s = sum e^(l-m), q = sum e^(2(l-m)), the
+        partial mixture acc = sum e^(l-m) E[v]) and the race winner."""
+        pid = tl.program_id(0)
+        rb = pid % n_rb  # row blocks of one split are neighbours: they share its tiles in L2
+        split = pid // n_rb
+        rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        ks = tl.arange(0, BLOCK_D)
+        k_ok = ks < D
+        h = tl.load(
+            h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        seed = tl.load(seed_ptr)
+        step = tl.load(off_ptr)
+        v_lo = split * v_per_split
+        v_hi = tl.minimum(v_lo + v_per_split, V)
+        lane = tl.arange(0, BLOCK_V)
+
+        m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_B], tl.float32)
+        q = tl.zeros([BLOCK_B], tl.float32)
+        best = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        tok = tl.zeros([BLOCK_B], tl.int32)
+        blogit = tl.zeros([BLOCK_B], tl.float32)
+        acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = v0 + lane
+            col_ok = cols < v_hi
+            tile_mask = col_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :], mask=tile_mask, other=0.0)
+            if FP32_DOT:
+                logits = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                logits = tl.dot(h, tl.trans(w))
+            scaled = tl.where(col_ok[None, :], logits * inv_t, float("-inf"))
+            if GREEDY:
+                score = tl.where(col_ok[None, :], logits, float("-inf"))
+            else:
+                ctr = rows[:, None].to(tl.int64) * V + cols[None, :] + step
+                u = tl.maximum(tl.rand(seed, ctr), 1e-20)
+                score = scaled - tl.log(-tl.log(u))  # log(p_v / x_v) + const
+            t_best = tl.max(score, axis=1)
+            t_arg = tl.argmax(score, axis=1)
+            t_logit = tl.sum(tl.where(lane[None, :] == t_arg[:, None], scaled, 0.0), axis=1)
+            upd = t_best > best  # strict: ties keep the lower token, as torch.argmax
+            best = tl.where(upd, t_best, best)
+            tok = tl.where(upd, v0 + t_arg, tok)
+            blogit = tl.where(upd, t_logit, blogit)
+
+            m_new = tl.maximum(m, tl.max(scaled, axis=1))
+            alpha = tl.exp(m - m_new)
+            pe = tl.exp(scaled - m_new[:, None])
+            s = s * alpha + tl.sum(pe, axis=1)
+            q = q * alpha * alpha + tl.sum(pe * pe, axis=1)
+            if TIED:
+                e = w  # the tile read for the logits serves the mixture too
+            else:
+                e = tl.load(e_ptr + cols[:, None].to(tl.int64) * stride_e + ks[None, :], mask=tile_mask, other=0.0)
+            if FP32_DOT:
+                mix = tl.dot(pe, e.to(tl.float32), input_precision="ieee")
+            else:
+                # p split into two 16-bit halves: tensor-core speed, ~16-bit mantissa for p
+                p_hi = pe.to(e.dtype)
+                p_lo = (pe - p_hi.to(tl.float32)).to(e.dtype)
+                mix = tl.dot(p_hi, e) + tl.dot(p_lo, e)
+            acc = acc * alpha[:, None] + mix
+            m = m_new
+
+        slot = split * B + rows
+        tl.store(ws_m + slot, m, mask=row_ok)
+        tl.store(ws_s + slot, s, mask=row_ok)
+        tl.store(ws_q + slot, q, mask=row_ok)
+        tl.store(ws_score + slot, best, mask=row_ok)
+        tl.store(ws_tok + slot, tok, mask=row_ok)
+        tl.store(ws_logit + slot, blogit, mask=row_ok)
+        tl.store(ws_acc + slot[:, None].to(tl.int64) * D + ks[None, :], acc, mask=row_ok[:, None] & k_ok[None, :])
+
+    @triton.jit
+    def _full_reduce_kernel(
+        ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
+        tok_out, lp_out, h_out,
+        B, D, n_splits, stride_ho,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One row: merge the per-split states (rescaled by e^(m_split - m)) into the
+        token, its full-vocabulary log-prob and h_hat = acc / sqrt(q)."""
+        row = tl.program_id(0)
+        sp = tl.arange(0, BLOCK_S)
+        ok = sp < n_splits
+        slot = sp * B + row
+        m = tl.load(ws_m + slot, mask=ok, other=float("-inf"))
+        m_all = tl.max(m, axis=0)
+        w = tl.where(ok, tl.exp(m - m_all), 0.0)
+        s = tl.sum(tl.load(ws_s + slot, mask=ok, other=0.0) * w, axis=0)
+        q = tl.sum(tl.load(ws_q + slot, mask=ok, other=0.0) * w * w, axis=0)
+        score = tl.load(ws_score + slot, mask=ok, other=float("-inf"))
+        win = tl.argmax(score, axis=0)  # ties: the lowest split, i.e. the lowest token
+        tok = tl.sum(tl.where(sp == win, tl.load(ws_tok + slot, mask=ok, other=0), 0), axis=0)
+        logit = tl.sum(tl.where(sp == win, tl.load(ws_logit + slot, mask=ok, other=0.0), 0.0), axis=0)
+        tl.store(tok_out + row, tok.to(tl.int64))
+        tl.store(lp_out + row, logit - (m_all + tl.log(s)))
+        inv_norm = 1.0 / tl.sqrt(q)  # (acc/s) / (sqrt(q)/s)
+        for d0 in range(0, D, BLOCK_D):
+            dk = d0 + tl.arange(0, BLOCK_D)
+            a = tl.load(
+                ws_acc + slot[:, None].to(tl.int64) * D + dk[None, :],
+                mask=ok[:, None] & (dk < D)[None, :], other=0.0,
+            )
+            tl.store(h_out + row * stride_ho + dk, tl.sum(a * w[:, None], axis=0) * inv_norm, mask=dk < D)
+
+    @triton.jit
+    def _topk_tail_kernel(
+        logits_ptr, vals_ptr, idx_ptr, e_ptr, seed_ptr, off_ptr,
+        tok_out, lp_out, h_out,
+        V, D, K, inv_t,
+        stride_l, stride_k, stride_e, stride_ho,
+        GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One row: logsumexp over the full vocabulary (and the greedy argmax), softmax over
+        the k selected logits, the race among them, h_hat = sum_j p_j E[id_j] / ||p||."""
+        row = tl.program_id(0)
+        lane = tl.arange(0, BLOCK_V)
+        lrow = logits_ptr + row.to(tl.int64) * stride_l
+        mv = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        sv = tl.zeros([BLOCK_V], tl.float32)
+        gv = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        gi = tl.zeros([BLOCK_V], tl.int32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lane
+            ok = cols < V
+            x = tl.load(lrow + cols, mask=ok, other=float("-inf"))
+            if GREEDY:
+                upd = x > gv
+                gv = tl.where(upd, x, gv)
+                gi = tl.where(upd, cols, gi)
+            xs = x * inv_t
+            m_new = tl.maximum(mv, xs)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            sv = sv * tl.exp(mv - m_safe) + tl.exp(xs - m_safe)
+            mv = m_new
+        m_all = tl.max(mv, axis=0)
+        lse = m_all + tl.log(tl.sum(sv * tl.exp(mv - m_all), axis=0))
+
+        kk = tl.arange(0, BLOCK_K)
+        kok = kk < K
+        vals = tl.load(vals_ptr + row * stride_k + kk, mask=kok, other=float("-inf"))
+        ids = tl.load(idx_ptr + row * stride_k + kk, mask=kok, other=0).to(tl.int32)
+        scaled = vals * inv_t
+        pe = tl.where(kok, tl.exp(scaled - tl.max(scaled, axis=0)), 0.0)
+        p = pe / tl.sum(pe, axis=0)
+        inv_norm = 1.0 / tl.sqrt(tl.sum(p * p, axis=0))
+        if GREEDY:
+            g_best = tl.max(gv, axis=0)
+            tok = tl.min(tl.where(gv == g_best, gi, V), axis=0)
+            tok_logit = g_best * inv_t
+        else:
+            seed = tl.load(seed_ptr)
+            step = tl.load(off_ptr)
+            ctr = row.to(tl.int64) * V + ids + step
+            u = tl.maximum(tl.rand(seed, ctr), 1e-20)
+            score = tl.where(kok, scaled - tl.log(-tl.log(u)), float("-inf"))
+            best = tl.max(score, axis=0)
+            tok = tl.min(tl.where(kok & (score == best), ids, V), axis=0)
+            tok_logit = tl.max(tl.where(kok & (ids == tok), scaled, float("-inf")), axis=0)
+        tl.store(tok_out + row, tok.to(tl.int64))
+        tl.store(lp_out + row, tok_logit - lse)
+        for d0 in range(0, D, BLOCK_D):
+            dk = d0 + tl.arange(0, BLOCK_D)
+            dok = dk < D
+            e = tl.load(e_ptr + ids[:, None].to(tl.int64) * stride_e + dk[None, :], mask=kok[:, None] & dok[None, :], other=0.0)
+            hv = tl.sum(p[:, None] * e.to(tl.float32), axis=0) * inv_norm
+            tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
+
+    _KERNELS = dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
+    return _KERNELS
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _prepare_out(out, B, D, device):
+    if out is None:
+        return (
+            torch.empty(B, dtype=torch.int64, device=device),
+            torch.empty(B, dtype=torch.float32, device=device),
+            torch.empty(B, D, dtype=torch.float32, device=device),
+        )
+    tok, lp, h = out
+    if tok.shape != (B,) or lp.shape != (B,) or h.shape != (B, D) or h.stride(-1) != 1:
+        raise ValueError("sample_and_mix: out must be (tokens (B,), logprobs (B,), h_hat (B, d) row-major)")
+    return tok, lp, h
+
+
+def full_vocab_config(B: int, D: int, device: torch.device) -> dict:
+    """Tile sizes of the one-pass kernel. The program keeps acc (BLOCK_B x BLOCK_D fp32) in
+    registers and stages one (BLOCK_V x BLOCK_D) weight tile, so tiles shrink as d grows."""
+    block_d = _next_pow2(max(D, 16))
+    if device.type != "cuda":  # interpreter: small tiles run fastest
+        return dict(block_b=16, block_v=32, block_d=block_d, num_warps=4, num_stages=1)
+    block_v = max(16, min(64, 32768 // block_d))
+    return dict(block_b=16, block_v=block_v, block_d=block_d, num_warps=8 if block_d <= 1024 else 16, num_stages=1)
+
+
+def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, out=None,
+                block_b=None, block_v=None, splits=None):
+    B, D = hidden.shape
+    V = lm_weight.shape[0]
+    dev = hidden.device
+    cfg = full_vocab_config(B, D, dev)
+    block_b = block_b or cfg["block_b"]
+    block_v = block_v or cfg["block_v"]
+    hidden = hidden.contiguous()
+    tied = lm_weight.data_ptr() == embedding.data_ptr() and lm_weight.stride() == embedding.stride()
+    w = lm_weight if lm_weight.stride(-1) == 1 else lm_weight.contiguous()
+    e = w if tied else (embedding if embedding.stride(-1) == 1 else embedding.contiguous())
+    if not tied and e.dtype != w.dtype:
+        e = e.to(w.dtype)
+    if hidden.dtype != w.dtype:
+        hidden = hidden.to(w.dtype)
+    n_rb = _cdiv(B, block_b)
+    n_tiles = _cdiv(V, block_v)
+    if splits is None:
+        splits = max(1, min(n_tiles, _cdiv(2 * _num_sms(dev), n_rb)))
+    per_split = _cdiv(n_tiles, max(1, min(splits, n_tiles))) * block_v
+    n_splits = _cdiv(V, per_split)
+    f32 = dict(dtype=torch.float32, device=dev)
+    ws_acc = torch.empty(n_splits, B, D, **f32)
+    ws_m, ws_s, ws_q, ws_score, ws_logit = (torch.empty(n_splits, B, **f32) for _ in range(5))
+    ws_tok = torch.empty(n_splits, B, dtype=torch.int32, device=dev)
+    tok, lp, h = _prepare_out(out, B, D, dev)
+    k = _kernels()
+    k["full_partial"][(n_rb * n_splits,)](
+        hidden, w, e, seed, offset,
+        ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
+        B, V, D, n_rb, per_split, 1.0 / temperature,
+        hidden.stride(0), w.stride(0), e.stride(0),
+        TIED=tied, GREEDY=bool(greedy),
+        # the interpreter's bf16 tl.dot is wrong (triton 3.9): fp32 dots there; fp16 tests cover the split
+        FP32_DOT=w.dtype == torch.float32 or (dev.type != "cuda" and w.dtype == torch.bfloat16),
+        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=cfg["block_d"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    k["full_reduce"][(B,)](
+        ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
+        tok, lp, h, B, D, n_splits, h.stride(0),
+        BLOCK_S=_next_pow2(max(n_splits, 2)), BLOCK_D=min(_next_pow2(max(D, 16)), 128 if n_splits <= 64 else 32),
+        num_warps=4 if n_splits <= 128 else 8,
+    )
+    return tok, lp, h
+
+
+def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (B, V): one cuBLAS GEMM in the weights' dtype with fp32 output."""
+    if lm_weight.dtype == torch.float32 or hidden.device.type != "cuda":
+        return hidden.float() @ lm_weight.float().T
+    try:
+        return torch.mm(hidden.to(lm_weight.dtype), lm_weight.T, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # torch without mm(out_dtype=): exact but slower
+        return hidden.float() @ lm_weight.float().T
+
+
+def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, out=None):
+    """Top-k tail on fp32 logits (B, V): selection (torch.topk for now; the CUDA top-k
+    kernel plugs in here), then one Triton program per row for the full-vocabulary
+    log-prob, the race among the k candidates and the gathered mixture."""
+    B, V = logits.shape
+    D = embedding.shape[1]
+    logits = logits.contiguous()
+    vals, idx = torch.topk(logits, k, dim=-1, sorted=False)
+    e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
+    tok, lp, h = _prepare_out(out, B, D, logits.device)
+    interp = logits.device.type != "cuda"
+    _kernels()["topk_tail"][(B,)](
+        logits, vals.contiguous(), idx.contiguous(), e, seed, offset,
+        tok, lp, h, V, D, k, 1.0 / temperature,
+        logits.stride(0), k, e.stride(0), h.stride(0),
+        GREEDY=bool(greedy), BLOCK_V=256 if interp else 2048, BLOCK_K=_next_pow2(max(k, 16)),
+        BLOCK_D=min(_next_pow2(max(D, 16)), 64 if interp else 256), num_warps=4 if interp else 8,
+    )
+    return tok, lp, h
+
+
+def _seed_offset(seed, offset, generator, device):
+    if seed is None:
+        gen_dev = generator.device if generator is not None else device
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev, dtype=torch.int64)
+    if offset is None:
+        offset = torch.zeros(1, dtype=torch.int64, device=device)
+    seed = seed.reshape(1).to(device=device, dtype=torch.int64)
+    offset = offset.reshape(1).to(device=device, dtype=torch.int64)
+    return seed, offset
+
+
+def sample_and_mix_triton(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    embedding: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    *,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    **tiles,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused path (CUDA, or CPU tensors under TRITON_INTERPRET=1). Same outputs as the
+    reference; the noise comes from Philox(seed, offset + row * V + token) instead of the
+    generator's stream. `out` takes preallocated outputs; `tiles` overrides tile sizes of the
+    full-vocabulary kernel (block_b, block_v, splits)."""
+    _kernels()
+    if temperature <= 0:
+        raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
+    V = lm_weight.shape[0]
+    seed, offset = _seed_offset(seed, offset, generator, hidden.device)
+    if 0 < top_k < V:
+        if top_k > MAX_TOPK_TRITON:
+            raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")
+        logits = _lm_logits(hidden, lm_weight)
+        return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, out)
+    if hidden.shape[1] > MAX_D_FULL_VOCAB:
+        raise NotImplementedError(f"sample_and_mix_triton: full vocabulary needs d <= {MAX_D_FULL_VOCAB}")
+    return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, out, **tiles)
+
+
+def _use_triton(t: torch.Tensor, top_k: int, vocab: int) -> bool:
+    if not (0 < top_k < vocab) and t.shape[-1] > MAX_D_FULL_VOCAB:
+        return False
+    return t.is_cuda and os.environ.get("HRPO_KERNELS", "").lower() != "reference" and triton_available()
+
+
+def sample_and_mix(
+    hidden,
+    lm_weight,
+    embedding,
+    temperature,
+    top_k=0,
+    greedy=False,
+    generator=None,
+    *,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+):
+    """Dispatcher: the Triton kernels for CUDA tensors, the reference otherwise (and under
+    HRPO_KERNELS=reference).
+
+    seed / offset (int64 device tensors of one element) drive the Philox noise of the fused
+    path; the engine passes them so that a step needs no host sync and can be captured in
+    a CUDA graph, and advances offset by >= B * V per step. When absent on CUDA, one seed is
+    drawn from `generator` per call (offset 0). The reference path ignores them and draws
+    its noise from `generator`."""
+    if _use_triton(hidden, top_k, lm_weight.shape[0]):
+        return sample_and_mix_triton(
+            hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset
+        )
     return sample_and_mix_reference(hidden, lm_weight, embedding, temperature, top_k, greedy, generator)

@@ -12,31 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.conftest import bench_ms
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
 
 V_QWEN = 151936
 N_TOKENS = 16384
 # nominal dense peaks of an H100/H200 SXM (for the flop floor only; bytes use the measured copy)
 PEAK_TFLOPS = {torch.float32: 67.0, torch.bfloat16: 989.0, "tf32": 494.0}
-
-
-def _do_bench(fn) -> float:
-    """Median milliseconds per call, timed with CUDA events."""
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
-@pytest.fixture(scope="module")
-def copy_gbps():
-    """Device copy bandwidth (read + write bytes / time) on a 1 GiB buffer."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _do_bench(lambda: dst.copy_(src))
-    gbps = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
-    del src, dst
-    torch.cuda.empty_cache()
-    return gbps
 
 
 def _record(benchmark, copy_gbps, ms, nbytes, flops=None, flop_dtype=None, **info):
@@ -88,7 +71,7 @@ def test_gated_blend(benchmark, copy_gbps, method, d, batch):
         def fn():
             return op(*args)
 
-        ms = _do_bench(fn)
+        ms = bench_ms(fn)
         benchmark.name = f"gated_blend-{method}-d{d}-b{batch}"
         benchmark.pedantic(_sync(fn), rounds=50, warmup_rounds=5)
     # at least: both weights (fp32), biases and Lambda, e (bf16), h_hat (fp32), mask,
@@ -109,7 +92,10 @@ def test_gated_blend(benchmark, copy_gbps, method, d, batch):
 @pytest.mark.parametrize("d", [1536, 2048])
 @pytest.mark.parametrize("method", ["fused", "reference"])
 def test_token_logprobs(benchmark, copy_gbps, method, d, weight_grad):
-    from hrpo_kernels.token_logprobs import token_logprobs_reference, token_logprobs_triton
+    from hrpo_kernels.token_logprobs import (
+        token_logprobs_reference,
+        token_logprobs_triton,
+    )
 
     torch.manual_seed(0)
     N, V = N_TOKENS, V_QWEN
@@ -143,7 +129,7 @@ def test_token_logprobs(benchmark, copy_gbps, method, d, weight_grad):
     fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    ms = _do_bench(fn)
+    ms = bench_ms(fn)
     benchmark.name = f"token_logprobs-{method}-d{d}-n{N}" + ("-wgrad" if weight_grad else "")
     benchmark.pedantic(_sync(fn), rounds=5, warmup_rounds=1)
     # at least: W read in the forward, in the recompute and by grad_hidden (and by grad_W's

@@ -17,7 +17,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hrpo_kernels.sample_and_mix import full_vocab_config, sample_and_mix_reference, sample_and_mix_triton
+from benchmarks.conftest import bench_ms
+from hrpo_kernels.sample_and_mix import (
+    full_vocab_config,
+    sample_and_mix_reference,
+    sample_and_mix_triton,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -25,22 +30,6 @@ V = 151936
 TEMPERATURE = 0.5
 TOP_K = 50
 _MS: dict = {}
-
-
-def _bench_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-
-
-@pytest.fixture(scope="module")
-def copy_gbps() -> float:
-    """Device-to-device copy bandwidth (read + write) of 1 GiB, measured in this run."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _bench_ms(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
 
 
 @pytest.fixture(scope="module", params=[1536, 2048], ids=lambda d: f"d{d}")
@@ -85,7 +74,7 @@ def _bytes(variant: str, d: int, B: int) -> int:
 def _time(variant, d, B, fns) -> float:
     key = (variant, d, B)
     if key not in _MS:
-        _MS[key] = _bench_ms(fns[variant])
+        _MS[key] = bench_ms(fns[variant], warmup_ms=10, rep_ms=50)
     return _MS[key]
 
 

@@ -10,10 +10,11 @@ every gate parameter); fused kernels must match it.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from ._common import empty as _empty
+from ._common import use_fused
 
 GATE_C = 8.0
 SQRT_EPS = 1e-8
@@ -56,19 +57,6 @@ _KERNELS: dict = {}
 
 FWD_BLOCK_M, FWD_BLOCK_D = 16, 128  # 2048 elements per program, 4 warps
 BWD_BLOCK_M, BWD_BLOCK_D = 32, 128  # taller tiles: fewer Lambda partial rows to reduce
-
-
-def _empty(*shape, **kwargs) -> torch.Tensor:
-    """Every output buffer of the fused path comes from here (tests fill it with NaN)."""
-    return torch.empty(*shape, **kwargs)
-
-
-def triton_available() -> bool:
-    try:
-        import triton as _t  # noqa: F401
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
 
 
 def _gated_blend_fwd_kernel(
@@ -307,15 +295,9 @@ def gated_blend_triton(
     return _GatedBlendFn.apply(e, h_hat, mask.bool(), w_r, b_r, w_i, b_i, lam, float(c), blocks)
 
 
-def _use_fused(*tensors: torch.Tensor) -> bool:
-    if os.environ.get("HRPO_KERNELS", "").strip().lower() == "reference":
-        return False
-    return all(t.is_cuda for t in tensors) and triton_available()
-
-
 def gated_blend(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C):
     """Dispatcher: the fused kernels on CUDA (when triton imports), the reference otherwise
     or when HRPO_KERNELS=reference."""
-    if _use_fused(e, h_hat, mask, w_r, b_r, w_i, b_i, lam):
+    if use_fused(e, h_hat, mask, w_r, b_r, w_i, b_i, lam):
         return gated_blend_triton(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c)
     return gated_blend_reference(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c)

@@ -12,10 +12,15 @@ Conventions the kernels must keep:
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
+
+from ._common import (
+    cdiv,
+    mm_f32,
+    next_pow2,
+    num_sms,
+    use_fused,
+)
 
 
 def sample_and_mix_reference(
@@ -65,10 +70,6 @@ tl = None  # `import hrpo_kernels` works without triton)
 _KERNELS = None
 MAX_TOPK_TRITON = 1024
 MAX_D_FULL_VOCAB = 4096  # the one-pass kernel holds a (16 x next_pow2(d)) fp32 mixture in registers
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def _kernels():
@@ -269,20 +270,6 @@ def _kernels():
     return _KERNELS
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _prepare_out(out, B, D, device):
     if out is None:
         return (
@@ -299,7 +286,7 @@ def _prepare_out(out, B, D, device):
 def full_vocab_config(B: int, D: int, device: torch.device) -> dict:
     """Tile sizes of the one-pass kernel. The program keeps acc (BLOCK_B x BLOCK_D fp32) in
     registers and stages one (BLOCK_V x BLOCK_D) weight tile, so tiles shrink as d grows."""
-    block_d = _next_pow2(max(D, 16))
+    block_d = next_pow2(max(D, 16))
     if device.type != "cuda":  # interpreter: small tiles run fastest
         return dict(block_b=16, block_v=32, block_d=block_d, num_warps=4, num_stages=1)
     block_v = max(16, min(64, 32768 // block_d))
@@ -322,12 +309,12 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
         e = e.to(w.dtype)
     if hidden.dtype != w.dtype:
         hidden = hidden.to(w.dtype)
-    n_rb = _cdiv(B, block_b)
-    n_tiles = _cdiv(V, block_v)
+    n_rb = cdiv(B, block_b)
+    n_tiles = cdiv(V, block_v)
     if splits is None:
-        splits = max(1, min(n_tiles, _cdiv(2 * _num_sms(dev), n_rb)))
-    per_split = _cdiv(n_tiles, max(1, min(splits, n_tiles))) * block_v
-    n_splits = _cdiv(V, per_split)
+        splits = max(1, min(n_tiles, cdiv(2 * num_sms(dev), n_rb)))
+    per_split = cdiv(n_tiles, max(1, min(splits, n_tiles))) * block_v
+    n_splits = cdiv(V, per_split)
     f32 = dict(dtype=torch.float32, device=dev)
     ws_acc = torch.empty(n_splits, B, D, **f32)
     ws_m, ws_s, ws_q, ws_score, ws_logit = (torch.empty(n_splits, B, **f32) for _ in range(5))
@@ -348,7 +335,7 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
     k["full_reduce"][(B,)](
         ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
         tok, lp, h, B, D, n_splits, h.stride(0),
-        BLOCK_S=_next_pow2(max(n_splits, 2)), BLOCK_D=min(_next_pow2(max(D, 16)), 128 if n_splits <= 64 else 32),
+        BLOCK_S=next_pow2(max(n_splits, 2)), BLOCK_D=min(next_pow2(max(D, 16)), 128 if n_splits <= 64 else 32),
         num_warps=4 if n_splits <= 128 else 8,
     )
     return tok, lp, h
@@ -358,10 +345,7 @@ def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits (B, V): one cuBLAS GEMM in the weights' dtype with fp32 output."""
     if lm_weight.dtype == torch.float32 or hidden.device.type != "cuda":
         return hidden.float() @ lm_weight.float().T
-    try:
-        return torch.mm(hidden.to(lm_weight.dtype), lm_weight.T, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):  # torch without mm(out_dtype=): exact but slower
-        return hidden.float() @ lm_weight.float().T
+    return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
 
 
 def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, out=None):
@@ -379,8 +363,8 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, out=None
         logits, vals.contiguous(), idx.contiguous(), e, seed, offset,
         tok, lp, h, V, D, k, 1.0 / temperature,
         logits.stride(0), k, e.stride(0), h.stride(0),
-        GREEDY=bool(greedy), BLOCK_V=256 if interp else 2048, BLOCK_K=_next_pow2(max(k, 16)),
-        BLOCK_D=min(_next_pow2(max(D, 16)), 64 if interp else 256), num_warps=4 if interp else 8,
+        GREEDY=bool(greedy), BLOCK_V=256 if interp else 2048, BLOCK_K=next_pow2(max(k, 16)),
+        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256), num_warps=4 if interp else 8,
     )
     return tok, lp, h
 
@@ -432,7 +416,7 @@ def sample_and_mix_triton(
 def _use_triton(t: torch.Tensor, top_k: int, vocab: int) -> bool:
     if not (0 < top_k < vocab) and t.shape[-1] > MAX_D_FULL_VOCAB:
         return False
-    return t.is_cuda and os.environ.get("HRPO_KERNELS", "").lower() != "reference" and triton_available()
+    return use_fused(t)
 
 
 def sample_and_mix(

@@ -6,9 +6,10 @@ the fused kernel of the kernels issue recomputes them instead.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._common import empty as _empty
+from ._common import interpreting, mm_f32, num_sms, use_fused
 
 
 def token_logprobs_reference(
@@ -51,18 +52,6 @@ _KERNELS: dict = {}
 DEFAULT_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64)
 _SPLIT_ALIGN = 256  # V splits and chunks are multiples of every BLOCK_V used
 
-
-def _empty(*shape, **kwargs) -> torch.Tensor:
-    """Every output buffer of the fused path comes from here (tests fill it with NaN)."""
-    return torch.empty(*shape, **kwargs)
-
-
-def triton_available() -> bool:
-    try:
-        import triton as _t  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def _tlp_fwd_kernel(
@@ -203,40 +192,18 @@ def _kernels() -> dict:
         fwd = triton.jit(_tlp_fwd_kernel)
         gl = triton.jit(_tlp_grad_logits_kernel)
         _KERNELS.update(fwd=fwd, gl=gl)
-        if not _interpreting():
+        if not interpreting():
             _KERNELS["fwd_tuned"] = triton.autotune(_autotune_configs(False), key=["V", "D"])(fwd)
             _KERNELS["gl_tuned"] = triton.autotune(_autotune_configs(True), key=["vc", "D"])(gl)
     return _KERNELS
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
-_MM_F32_OUT: dict = {}
-
-
 def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b with the product kept in fp32: out_dtype where torch has it for
-    this device (CUDA), else the product in the input dtype (fp32 inside the GEMM)."""
+    """acc (fp32) += a @ b with the product kept in fp32."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-        return
-    dev = a.device.type
-    if _MM_F32_OUT.get(dev, True):
-        try:
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-            _MM_F32_OUT[dev] = True
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_F32_OUT[dev] = False
-    acc.add_(torch.mm(a, b))
+    else:
+        acc.add_(mm_f32(a, b))
 
 
 class _TokenLogprobsFn(torch.autograd.Function):
@@ -258,7 +225,7 @@ class _TokenLogprobsFn(torch.autograd.Function):
         splits = cfg.get("v_splits")
         if splits is None:  # enough programs for two waves, each split at least 4096 wide
             row_blocks = triton.cdiv(N, bn_nominal)
-            splits = max(1, min(triton.cdiv(2 * _num_sms(dev), row_blocks), triton.cdiv(V, 4096)))
+            splits = max(1, min(triton.cdiv(2 * num_sms(dev, default=1), row_blocks), triton.cdiv(V, 4096)))
         align = _SPLIT_ALIGN if tuned else blocks["BLOCK_V"]
         v_per = triton.cdiv(triton.cdiv(V, splits), align) * align
         splits = triton.cdiv(V, v_per)
@@ -267,10 +234,10 @@ class _TokenLogprobsFn(torch.autograd.Function):
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), splits, inv_t)
         if tuned:
             k["fwd_tuned"][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)](
-                *args, ENTROPY=want_entropy, IEEE=ieee, UPCAST=_interpreting())
+                *args, ENTROPY=want_entropy, IEEE=ieee, UPCAST=interpreting())
         else:
             k["fwd"][(triton.cdiv(N, blocks["BLOCK_N"]), splits)](
-                *args, ENTROPY=want_entropy, IEEE=ieee, UPCAST=_interpreting(), num_warps=cfg.get("num_warps", 4), **blocks)
+                *args, ENTROPY=want_entropy, IEEE=ieee, UPCAST=interpreting(), num_warps=cfg.get("num_warps", 4), **blocks)
         m, s, xt, t = part
         if splits == 1:
             m, s, xt, t = m[:, 0], s[:, 0], xt[:, 0], t[:, 0]
@@ -324,7 +291,7 @@ class _TokenLogprobsFn(torch.autograd.Function):
             args = (hidden, weight, tgt, lse, g, ge, ent if g_ent is not None else lse, gl,
                     N, D, v0, w, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                     gl.stride(0), ctx.inv_t)
-            flags = dict(HAS_G=g_lp is not None, HAS_GENT=g_ent is not None, IEEE=ieee, UPCAST=_interpreting())
+            flags = dict(HAS_G=g_lp is not None, HAS_GENT=g_ent is not None, IEEE=ieee, UPCAST=interpreting())
             if tuned:
                 k["gl_tuned"][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)](
                     *args, **flags)
@@ -370,15 +337,9 @@ def token_logprobs_triton(
     return (lp, ent) if return_entropy else lp
 
 
-def _use_fused(*tensors: torch.Tensor) -> bool:
-    if os.environ.get("HRPO_KERNELS", "").strip().lower() == "reference":
-        return False
-    return all(t.is_cuda for t in tensors) and triton_available()
-
-
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=4096):
     """Dispatcher: the fused kernel on CUDA (when triton imports), the reference otherwise or
     when HRPO_KERNELS=reference. chunk_size only shapes the reference's chunking."""
-    if _use_fused(hidden, weight, targets):
+    if use_fused(hidden, weight, targets):
         return token_logprobs_triton(hidden, weight, targets, temperature)
     return token_logprobs_reference(hidden, weight, targets, temperature, chunk_size)

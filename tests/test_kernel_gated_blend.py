@@ -160,4 +160,4 @@ def test_dispatcher_honours_reference_env(monkeypatch):
     ref_out, ref_a = gated_blend_reference(*ins)
     assert torch.equal(out, ref_out) and torch.equal(a, ref_a)
     monkeypatch.delenv("HRPO_KERNELS")
-    assert gb._use_fused(*ins) == (DEV == "cuda")
+    assert gb.use_fused(*ins) == (DEV == "cuda")

@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hrpo_kernels import sample_and_mix, sample_and_mix_reference  # noqa: E402
-from hrpo_kernels.sample_and_mix import sample_and_mix_triton, triton_available  # noqa: E402
+from hrpo_kernels._common import triton_available  # noqa: E402
+from hrpo_kernels.sample_and_mix import sample_and_mix_triton  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 

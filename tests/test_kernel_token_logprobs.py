@@ -133,9 +133,9 @@ def test_peaked_distribution_and_non_contiguous_hidden():
 def test_dispatcher(monkeypatch):
     h, w, t = make(4, 300, 40, torch.float32, 6)
     monkeypatch.setenv("HRPO_KERNELS", "reference")
-    assert not tlp._use_fused(h, w, t)
+    assert not tlp.use_fused(h, w, t)
     assert torch.equal(tlp.token_logprobs(h, w, t, 0.7), token_logprobs_reference(h, w, t, 0.7))
     monkeypatch.delenv("HRPO_KERNELS")
-    assert tlp._use_fused(h, w, t) == (DEV == "cuda")
+    assert tlp.use_fused(h, w, t) == (DEV == "cuda")
     with pytest.raises(ValueError):
         token_logprobs_triton(h, w, t[:3])

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build, check correctness on the GPU, benchmark.
+# Run from the repository root:  bash benchmarks/gpu_check.sh   (writes under ${OUT:-/tmp/out})
+# The device image has torch, triton, transformers, peft and pytest-benchmark but no registry:
+# nothing is installed, the tree runs from PYTHONPATH.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} | tee "$OUT/machine.txt"
+# 1. The CUDA extension (ninja JIT build through hrpo_kernels._ext; prints why if it fails).
+timeout 300 python3 -c "from hrpo_kernels._ext import load_extension as l; print('extension:', l())" 2>&1 | tee "$OUT/build.log"
+# 2. Correctness of every kernel on the GPU (the CPU suite ran them only under the interpreter).
+timeout 300 python3 -m pytest -q -x tests/test_kernel_gated_blend.py tests/test_kernel_token_logprobs.py \
+  tests/test_kernel_sample_and_mix.py tests/test_ext_cpu.py 2>&1 | tee "$OUT/tests.log" | tail -5
+# 3. Benchmarks: ops against their eager references, then the rollout.
+timeout 400 python3 -m pytest -q benchmarks/ --benchmark-only --benchmark-json "$OUT/bench.json" \
+  --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -60

@@ -1,0 +1,70 @@
+// Raw-pointer entry points of the HRPO ops: CPU twins (topk_sample_cpu.cpp,
+// step_controller_cpu.cpp) and CUDA launchers (*.cu). No torch types here.
+#pragma once
+#include <stdint.h>
+
+namespace hrpo {
+
+constexpr int kMaxTopK = 128;
+
+// Embedding / latent element types.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// topk_sample_mix: logits (B, V) fp32 rows contiguous with row stride ld_logits;
+// embedding (V, d) of `emb_dtype` with row stride ld_emb (unit column stride);
+// seed/offset: pointers to one int64 each (host memory for the CPU twin, device for CUDA).
+// Outputs tokens (B,), logprobs (B,), h_hat (B, d) rows contiguous with stride ld_h.
+struct TopkArgs {
+  const float* logits;
+  int64_t ld_logits;
+  const void* embedding;
+  int64_t ld_emb;
+  DType emb_dtype;
+  int64_t B, V, D;
+  int k;
+  float inv_t;
+  bool greedy;
+  const int64_t* seed;
+  const int64_t* offset;
+  int64_t* tokens;
+  float* logprobs;
+  float* h_hat;
+  int64_t ld_h;
+};
+
+// step_controller: see hrpo_kernels/step_controller.py for the semantics.
+struct StepArgs {
+  const void* table;  // (S + 1, V)
+  bool table_i64;
+  int64_t n_states;  // S + 1
+  int64_t V;
+  void* state;  // (B,)
+  bool state_i64;
+  bool* finished;          // (B,)
+  const int64_t* tokens;   // (B,)
+  const float* logprobs;   // (B,)
+  const float* h_hat;      // (B, d), row stride ld_h
+  int64_t ld_h;
+  const int64_t* eos;  // (n_eos,)
+  int64_t n_eos;
+  int64_t pad_id;
+  int64_t* t;  // one element: the column to write; advanced by one per step
+  int64_t max_new_tokens;
+  bool hybrid;
+  int64_t B, T, D;
+  int64_t* out_tokens;   // (B, T)
+  float* out_logprobs;   // (B, T)
+  bool* out_think;       // (B, T)
+  bool* out_mask;        // (B, T)
+  void* latents;         // (B, T, d) contiguous
+  DType latent_dtype;
+  int64_t* step_tokens;  // (B,) this step's tokens, pad where finished (the next input)
+  bool* step_think;      // (B,) this step's thinking flags (the gate's mask)
+  int64_t* n_live;       // one element: rows still unfinished after the step
+};
+
+void topk_sample_mix_cpu(const TopkArgs& a);
+void step_controller_cpu(const StepArgs& a);
+
+}  // namespace hrpo
+

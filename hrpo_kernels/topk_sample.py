@@ -1,0 +1,122 @@
+"""topk_sample_mix: the top-k tail of the decode epilogue on precomputed fp32 logits.
+
+Given logits (B, V) fp32 and the input embedding E (V, d):
+- p = softmax(logits / T) restricted to the top-k logits and renormalised (k <= 128);
+- token: the exponential race argmax_j p_j / x_j, x_j = -log(u_j) (greedy: argmax of the
+  logits over the full vocabulary, lowest id on ties);
+- logprob = log_softmax(logits / T)[token] over the FULL vocabulary;
+- h_hat = (p @ E) / ||p||_2, fp32.
+
+The extension (csrc/topk_sample.cu and its C++ twin csrc/topk_sample_cpu.cpp) draws
+u_j = Philox4x32-10(counter = offset + row * V + token_j, key = seed) (csrc/philox.h), so a
+(seed, offset) pair fixes the tokens, on the CPU twin and on CUDA alike. Its top-k set is
+the keys above the k-th largest logit plus, on exact ties at it, the lowest token ids.
+The reference below is the specification; it draws its noise from torch (tested
+statistically) and takes torch.topk's set.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+
+MAX_TOPK = 128
+
+
+def topk_sample_mix_reference(
+    logits: torch.Tensor,
+    embedding: torch.Tensor,
+    k: int,
+    temperature: float,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (B, V), embedding (V, d) -> tokens (B,) int64, logprobs (B,) fp32, h_hat (B, d) fp32.
+    `tokens` given: skip the draw and score those tokens (to check a sampler's log-probs)."""
+    if temperature <= 0:
+        raise ValueError(f"topk_sample_mix: temperature must be > 0, got {temperature}")
+    if k < 1:
+        raise ValueError(f"topk_sample_mix: k must be >= 1, got {k}")
+    logits = logits.float()
+    V = logits.shape[-1]
+    k = min(int(k), V)
+    scaled = logits / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    vals, idx = torch.topk(scaled, k, dim=-1)
+    pk = torch.softmax(vals, dim=-1)  # (B, k)
+    if tokens is None:
+        if greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            u = torch.rand(pk.shape, generator=generator, device=pk.device, dtype=torch.float32)
+            tokens = idx.gather(-1, (pk / -torch.log(u.clamp_min(1e-20))).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    tokens = tokens.to(device=logits.device, dtype=torch.int64)
+    logprobs = scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    rows = embedding[idx].float()  # (B, k, d): the k gathered rows, as the kernel reads them
+    h_hat = torch.einsum("bk,bkd->bd", pk, rows) / pk.norm(dim=-1, keepdim=True)
+    return tokens, logprobs, h_hat
+
+
+def _seed_offset(seed, offset, generator, device):
+    if seed is None:
+        gen_dev = generator.device if generator is not None else torch.device("cpu")
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev, dtype=torch.int64)
+    if offset is None:
+        offset = torch.zeros(1, dtype=torch.int64, device=device)
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
+    offset = torch.as_tensor(offset, dtype=torch.int64).reshape(1).to(device)
+    return seed, offset
+
+
+def _outputs(out, B, D, device):
+    if out is None:
+        return (
+            torch.empty(B, dtype=torch.int64, device=device),
+            torch.empty(B, dtype=torch.float32, device=device),
+            torch.empty(B, D, dtype=torch.float32, device=device),
+        )
+    return out
+
+
+def topk_sample_mix(
+    logits: torch.Tensor,
+    embedding: torch.Tensor,
+    k: int,
+    temperature: float,
+    greedy: bool = False,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatcher. CUDA tensors -> the CUDA kernel when the extension loaded; CPU tensors ->
+    the reference, or the C++ twin with impl="ext"; impl="reference" or HRPO_KERNELS=reference
+    -> the reference. seed / offset: one-element int64 tensors on the logits' device (no
+    host sync; the caller advances offset by >= B * V per step); a missing seed is drawn
+    from `generator`. `out` = preallocated (tokens, logprobs, h_hat). The reference ignores
+    seed / offset and draws from `generator`."""
+    if temperature <= 0:
+        raise ValueError(f"topk_sample_mix: temperature must be > 0, got {temperature}")
+    B, V = logits.shape
+    D = embedding.shape[1]
+    mod = _ext.ext_for(logits, impl)
+    if mod is None:
+        res = topk_sample_mix_reference(logits, embedding, k, temperature, greedy, generator)
+        if out is None:
+            return res
+        for o, r in zip(out, res):
+            o.copy_(r)
+        return out
+    if not 1 <= k <= MAX_TOPK:
+        raise ValueError(f"topk_sample_mix: the extension takes 1 <= k <= {MAX_TOPK}, got {k}")
+    seed, offset = _seed_offset(seed, offset, generator, logits.device)
+    if logits.dtype != torch.float32 or logits.stride(-1) != 1:
+        logits = logits.float().contiguous()
+    if embedding.stride(-1) != 1:
+        embedding = embedding.contiguous()
+    tok, lp, h = _outputs(out, B, D, logits.device)
+    mod.topk_sample_mix(logits, embedding, int(min(k, V)), float(temperature), bool(greedy), seed, offset, tok, lp, h)
+    return tok, lp, h

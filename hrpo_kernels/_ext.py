@@ -15,6 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
+from ._common import forced_reference
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("bindings.cpp", "topk_sample_cpu.cpp", "step_controller_cpu.cpp")
 CUDA_SOURCES = ("topk_sample.cu", "step_controller.cu")
@@ -94,17 +96,13 @@ def set_extension(mod) -> None:
     _cached = _UNSET if mod is None else mod
 
 
-def use_reference() -> bool:
-    return os.environ.get("HRPO_KERNELS", "").lower() == "reference"
-
-
 def ext_for(t, impl: str | None):
     """The module to run an op on tensor t with, or None for the reference.
     impl: None (CUDA tensors -> extension, CPU -> reference), "ext" (the extension on either
     device, an error if it is unavailable), "reference"."""
     if impl not in (None, "ext", "reference"):
         raise ValueError(f"impl must be None, 'ext' or 'reference', got {impl!r}")
-    if impl == "reference" or (impl is None and use_reference()):
+    if impl == "reference" or (impl is None and forced_reference()):
         return None
     if impl is None and not t.is_cuda:
         return None

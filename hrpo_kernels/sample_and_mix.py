@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (
-    cdiv,
-    mm_f32,
-    next_pow2,
-    num_sms,
-    use_fused,
-)
+from ._common import cdiv, mm_f32, next_pow2, num_sms, use_fused
+from ._ext import load_extension
+from .topk_sample import MAX_TOPK, topk_sample_mix
 
 
 def sample_and_mix_reference(
@@ -349,9 +345,12 @@ def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, out=None):
-    """Top-k tail on fp32 logits (B, V): selection (torch.topk for now; the CUDA top-k
-    kernel plugs in here), then one Triton program per row for the full-vocabulary
-    log-prob, the race among the k candidates and the gathered mixture."""
+    """Top-k tail on fp32 logits (B, V). On CUDA with k <= 128 and the extension built, the
+    extension's one-block-per-row kernel (radix select, race, gathered mixture); otherwise
+    torch.topk and one Triton program per row for the full-vocabulary log-prob, the race
+    among the k candidates and the gathered mixture."""
+    if logits.is_cuda and k <= MAX_TOPK and load_extension() is not None:
+        return topk_sample_mix(logits, embedding, k, temperature, greedy, seed=seed, offset=offset, out=out)
     B, V = logits.shape
     D = embedding.shape[1]
     logits = logits.contiguous()

@@ -67,8 +67,8 @@ RECIPES: dict[str, dict] = {
     "rag-qa": dict(group_size=4, batch_size=16, grad_accum=4, max_prompt_length=2048, max_completion_length=1024),
     "arith": dict(
         group_size=8, batch_size=32, grad_accum=1, max_prompt_length=128, max_completion_length=64,
-        system_prompt=False, lr_lora=1e-3, lr_gate=1e-3, lr_lambda=1e-2, max_steps=120,
-        train_limit=4000, eval_limit=300, max_grad_norm=1.0,
+        system_prompt=False, lr_lora=5e-4, lr_gate=1e-3, lr_lambda=1e-2, max_steps=150,
+        train_limit=4000, eval_limit=500, max_grad_norm=1.0,
     ),
 }
 

@@ -86,12 +86,15 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
     sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False, hybrid=cfg.hybrid)
     greedy = dataclasses.replace(sampling, greedy=True)
 
-    def heldout() -> dict:
-        return evaluate(hm.eval(), tokenizer, eval_ex, reward_fn, greedy, matcher, eos, cfg.max_prompt_length,
-                        system, cfg.eval_batch_size, cfg.seed, progress)
+    def heldout(when: str) -> tuple[dict, dict]:
+        """Greedy accuracy (the headline) and accuracy when sampling as in training."""
+        runs = [evaluate(hm.eval(), tokenizer, eval_ex, reward_fn, how, matcher, eos, cfg.max_prompt_length,
+                         system, cfg.eval_batch_size, cfg.seed, progress) for how in (greedy, sampling)]
+        print(f"held-out accuracy {when} training: {runs[0]['accuracy']:.3f} greedy, "
+              f"{runs[1]['accuracy']:.3f} sampled (T={cfg.temperature}), {runs[0]['n']} examples")
+        return runs[0], runs[1]
 
-    before = heldout()
-    print(f"held-out accuracy before training: {before['accuracy']:.3f} ({before['n']} examples)")
+    before, before_sampled = heldout("before")
 
     prompts_per_step = cfg.batch_size // cfg.group_size
     order = [i for _ in range(cfg.epochs) for i in random.sample(range(len(train_ex)), len(train_ex))]
@@ -155,8 +158,7 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
         bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
     metrics_file.close()
 
-    after = heldout()
-    print(f"held-out accuracy after training:  {after['accuracy']:.3f} ({after['n']} examples)")
+    after, after_sampled = heldout("after")
     save_checkpoint(hm, run_dir / "checkpoint", cfg.model, {"task": cfg.task, "hybrid": cfg.hybrid, "marker": cfg.marker})
     plot_curves(records, run_dir / "curves.png", f"{'HRPO' if cfg.hybrid else 'GRPO'} on {cfg.task}, seed {cfg.seed}")
     summary = {
@@ -165,6 +167,8 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
         "seed": cfg.seed,
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
+        "sampled_accuracy_before": before_sampled["accuracy"],
+        "sampled_accuracy_after": after_sampled["accuracy"],
         "eval_examples": after["n"],
         "device_steps": device_steps,
         "optimizer_steps": opt_steps,

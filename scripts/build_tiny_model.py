@@ -1,12 +1,13 @@
 """Build the tiny embedded model of hrpo/assets/tiny: a BPE tokenizer and a small Qwen2 model,
 supervised fine-tuned briefly on synthetic arithmetic word problems (hrpo.synthetic).
 
-The SFT is deliberately short: the model should be partly right (roughly 30-50% greedy accuracy)
-so that RL has both reward signal and room to improve. Everything is seeded and deterministic,
-so reruns on the same machine (same thread count) write the same weights.
+Only part of the SFT corpus writes the answer after the marker (the rest in prose), so the
+warm-started model is partly right and RL has both reward signal and room to improve (see the
+README this writes). Everything is seeded and deterministic, so reruns on the same machine
+(same thread count) write the same weights.
 
-    python scripts/build_tiny_model.py                 # writes hrpo/assets/tiny
-    python scripts/build_tiny_model.py --sft-steps 800 --out /tmp/tiny_strong
+    python scripts/build_tiny_model.py                 # writes hrpo/assets/tiny (800 steps, 40% marker)
+    python scripts/build_tiny_model.py --sft-steps 1000 --marker-fraction 0.5 --out /tmp/tiny_other
 """
 from __future__ import annotations
 
@@ -74,14 +75,26 @@ def build_model(tokenizer, hidden: int, layers: int, seed: int) -> Qwen2ForCausa
     return Qwen2ForCausalLM(config)
 
 
-def encode_sft(tokenizer, examples) -> list[tuple[list[int], list[int]]]:
+def sft_solution(ex, rng: random.Random, marker_fraction: float) -> str:
+    """The worked solution, ending in the marker form for `marker_fraction` of the corpus and
+    in plain prose ("The answer is 9.") otherwise. The warm-started model then follows the
+    answer format only part of the time, as an instruction-tuned model that has never seen
+    the marker convention would, and RL has to learn it as well as the arithmetic."""
+    if rng.random() < marker_fraction:
+        return ex.meta["solution"]
+    return ex.meta["solution"].replace(f"{ANSWER_MARKER} {ex.answer}", f"The answer is {ex.answer}.")
+
+
+def encode_sft(tokenizer, examples, marker_fraction: float = 1.0, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) per example. Both halves are encoded separately, exactly as
     at RL time the prompt is encoded and the completion is generated after it."""
+    rng = random.Random(seed)
     out = []
     for ex in examples:
         prompt = tokenizer(format_prompt(tokenizer, ex.question, system=None),
                            add_special_tokens=False).input_ids
-        target = tokenizer(ex.meta["solution"] + tokenizer.eos_token, add_special_tokens=False).input_ids
+        target = tokenizer(sft_solution(ex, rng, marker_fraction) + tokenizer.eos_token,
+                           add_special_tokens=False).input_ids
         out.append((prompt, target))
     return out
 
@@ -171,15 +184,18 @@ Prompts are `format_prompt(tokenizer, question, system=None)` (no system turn).
 
 ## Build
 
-    python scripts/build_tiny_model.py --sft-steps {steps}
+    python scripts/build_tiny_model.py --sft-steps {steps} --marker-fraction {marker_fraction}
 
 trains the tokenizer on synthetic train problems, then runs {steps} steps of supervised
 fine-tuning (batch {batch}, AdamW lr {lr}, loss on the completion tokens only) on fresh
 synthetic train problems. Seeded and deterministic (same weights on reruns on the same
-machine with the same thread count). The SFT is deliberately short, so the model is only
-partly right and RL has reward signal and room to improve; `--sft-steps` rebuilds it at
-other levels. Build time: {build_min:.1f} min on {threads} CPU threads (wall clock, so it grows
-when other jobs share the machine).
+machine with the same thread count). Only {marker_pct:.0f}% of the SFT solutions end in the
+answer marker (`#### 9`); the others end in prose (`The answer is 9.`). The model so
+starts like an instruction-tuned model that has not learned the task's answer format: it
+mostly answers in prose, which the reward scores 0, and its arithmetic is imperfect. RL has
+to learn the format and sharpen the arithmetic; most of the early gain is the format.
+Build time: {build_min:.1f} min on {threads} CPU threads (wall clock, so it grows when
+other jobs share the machine).
 
 ## Accuracy
 
@@ -201,7 +217,7 @@ exactly once and the stripped text after it equals the answer), 48 new tokens at
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--hidden", type=int, default=256)
@@ -209,6 +225,8 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--marker-fraction", type=float, default=0.4,
+                    help="share of SFT solutions that end in '#### N' (the rest: 'The answer is N.')")
     ap.add_argument("--threads", type=int, default=2, help="fixed, since it can change float sums")
     args = ap.parse_args()
 
@@ -219,7 +237,9 @@ def main() -> None:
 
     # Tokenizer corpus: problems and solutions, plus the chat markup and default system prompt
     # so that those encode compactly too.
-    corpus = [f"{ex.question}\n{ex.meta['solution']}" for ex in synthetic_split("train", 5000, seed=10_000 + args.seed)]
+    corpus_rng = random.Random(10_000 + args.seed)
+    corpus = [f"{ex.question}\n{sft_solution(ex, corpus_rng, args.marker_fraction)}"
+              for ex in synthetic_split("train", 5000, seed=10_000 + args.seed)]
     corpus += ["user\nassistant\nsystem\n" + SYSTEM_PROMPT] * 50
     tokenizer = build_tokenizer(corpus, args.vocab_size)
     print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
@@ -229,7 +249,8 @@ def main() -> None:
     print(f"model: {n_params:,} parameters", flush=True)
 
     # Every SFT example is seen once; the eval set comes from the disjoint test split.
-    train = encode_sft(tokenizer, synthetic_split("train", args.sft_steps * args.batch_size, seed=args.seed))
+    train = encode_sft(tokenizer, synthetic_split("train", args.sft_steps * args.batch_size, seed=args.seed),
+                       args.marker_fraction, args.seed)
     test = synthetic_split("test", args.eval_n, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.sft_steps // 10)
@@ -271,7 +292,8 @@ def main() -> None:
     print(f"timings: {times}", flush=True)
     (args.out / "README.md").write_text(README.format(
         params=n_params, hidden=args.hidden, layers=args.layers, vocab=len(tokenizer),
-        steps=args.sft_steps, batch=args.batch_size, lr=args.lr, build_min=build_min,
+        steps=args.sft_steps, batch=args.batch_size, marker_fraction=args.marker_fraction,
+        marker_pct=100 * args.marker_fraction, lr=args.lr, build_min=build_min,
         threads=args.threads, n_eval=args.eval_n, greedy=greedy, sampled=sampled, **times))
     print(f"wrote {args.out} in {build_min:.1f} min (before the timing benchmark)", flush=True)
 

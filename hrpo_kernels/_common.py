@@ -62,3 +62,30 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_F32_OUT[dev] = False
     return a.float() @ b.float()
+
+
+def seed_offset(seed, offset, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-element int64 seed and Philox offset on `device` for the sampling kernels; a
+    missing seed is drawn from `generator` (one host draw: engines pass device tensors)."""
+    if seed is None:
+        gen_dev = generator.device if generator is not None else torch.device("cpu")
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev, dtype=torch.int64)
+    if offset is None:
+        offset = torch.zeros(1, dtype=torch.int64, device=device)
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
+    offset = torch.as_tensor(offset, dtype=torch.int64).reshape(1).to(device)
+    return seed, offset
+
+
+def sample_outputs(out, B: int, D: int, device, op: str):
+    """(tokens (B,) int64, logprobs (B,) fp32, h_hat (B, D) fp32): `out` checked, or new."""
+    if out is None:
+        return (
+            torch.empty(B, dtype=torch.int64, device=device),
+            torch.empty(B, dtype=torch.float32, device=device),
+            torch.empty(B, D, dtype=torch.float32, device=device),
+        )
+    tok, lp, h = out
+    if tok.shape != (B,) or lp.shape != (B,) or h.shape != (B, D) or h.stride(-1) != 1:
+        raise ValueError(f"{op}: out must be (tokens (B,), logprobs (B,), h_hat (B, d) row-major)")
+    return tok, lp, h

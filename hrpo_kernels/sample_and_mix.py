@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import cdiv, mm_f32, next_pow2, num_sms, use_fused
+from ._common import cdiv, mm_f32, next_pow2, num_sms, sample_outputs, seed_offset, use_fused
 from ._ext import load_extension
 from .topk_sample import MAX_TOPK, topk_sample_mix
 
@@ -266,19 +266,6 @@ def _kernels():
     return _KERNELS
 
 
-def _prepare_out(out, B, D, device):
-    if out is None:
-        return (
-            torch.empty(B, dtype=torch.int64, device=device),
-            torch.empty(B, dtype=torch.float32, device=device),
-            torch.empty(B, D, dtype=torch.float32, device=device),
-        )
-    tok, lp, h = out
-    if tok.shape != (B,) or lp.shape != (B,) or h.shape != (B, D) or h.stride(-1) != 1:
-        raise ValueError("sample_and_mix: out must be (tokens (B,), logprobs (B,), h_hat (B, d) row-major)")
-    return tok, lp, h
-
-
 def full_vocab_config(B: int, D: int, device: torch.device) -> dict:
     """Tile sizes of the one-pass kernel. The program keeps acc (BLOCK_B x BLOCK_D fp32) in
     registers and stages one (BLOCK_V x BLOCK_D) weight tile, so tiles shrink as d grows."""
@@ -315,7 +302,7 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
     ws_acc = torch.empty(n_splits, B, D, **f32)
     ws_m, ws_s, ws_q, ws_score, ws_logit = (torch.empty(n_splits, B, **f32) for _ in range(5))
     ws_tok = torch.empty(n_splits, B, dtype=torch.int32, device=dev)
-    tok, lp, h = _prepare_out(out, B, D, dev)
+    tok, lp, h = sample_outputs(out, B, D, dev, "sample_and_mix")
     k = _kernels()
     k["full_partial"][(n_rb * n_splits,)](
         hidden, w, e, seed, offset,
@@ -356,7 +343,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, out=None
     logits = logits.contiguous()
     vals, idx = torch.topk(logits, k, dim=-1, sorted=False)
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
-    tok, lp, h = _prepare_out(out, B, D, logits.device)
+    tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     interp = logits.device.type != "cuda"
     _kernels()["topk_tail"][(B,)](
         logits, vals.contiguous(), idx.contiguous(), e, seed, offset,
@@ -366,17 +353,6 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, out=None
         BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256), num_warps=4 if interp else 8,
     )
     return tok, lp, h
-
-
-def _seed_offset(seed, offset, generator, device):
-    if seed is None:
-        gen_dev = generator.device if generator is not None else device
-        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev, dtype=torch.int64)
-    if offset is None:
-        offset = torch.zeros(1, dtype=torch.int64, device=device)
-    seed = seed.reshape(1).to(device=device, dtype=torch.int64)
-    offset = offset.reshape(1).to(device=device, dtype=torch.int64)
-    return seed, offset
 
 
 def sample_and_mix_triton(
@@ -401,7 +377,7 @@ def sample_and_mix_triton(
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     V = lm_weight.shape[0]
-    seed, offset = _seed_offset(seed, offset, generator, hidden.device)
+    seed, offset = seed_offset(seed, offset, generator, hidden.device)
     if 0 < top_k < V:
         if top_k > MAX_TOPK_TRITON:
             raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
+from ._common import sample_outputs, seed_offset
 
 MAX_TOPK = 128
 
@@ -58,27 +59,6 @@ def topk_sample_mix_reference(
     return tokens, logprobs, h_hat
 
 
-def _seed_offset(seed, offset, generator, device):
-    if seed is None:
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
-        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev, dtype=torch.int64)
-    if offset is None:
-        offset = torch.zeros(1, dtype=torch.int64, device=device)
-    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
-    offset = torch.as_tensor(offset, dtype=torch.int64).reshape(1).to(device)
-    return seed, offset
-
-
-def _outputs(out, B, D, device):
-    if out is None:
-        return (
-            torch.empty(B, dtype=torch.int64, device=device),
-            torch.empty(B, dtype=torch.float32, device=device),
-            torch.empty(B, D, dtype=torch.float32, device=device),
-        )
-    return out
-
-
 def topk_sample_mix(
     logits: torch.Tensor,
     embedding: torch.Tensor,
@@ -112,11 +92,11 @@ def topk_sample_mix(
         return out
     if not 1 <= k <= MAX_TOPK:
         raise ValueError(f"topk_sample_mix: the extension takes 1 <= k <= {MAX_TOPK}, got {k}")
-    seed, offset = _seed_offset(seed, offset, generator, logits.device)
+    seed, offset = seed_offset(seed, offset, generator, logits.device)
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
         logits = logits.float().contiguous()
     if embedding.stride(-1) != 1:
         embedding = embedding.contiguous()
-    tok, lp, h = _outputs(out, B, D, logits.device)
+    tok, lp, h = sample_outputs(out, B, D, logits.device, "topk_sample_mix")
     mod.topk_sample_mix(logits, embedding, int(min(k, V)), float(temperature), bool(greedy), seed, offset, tok, lp, h)
     return tok, lp, h

@@ -78,3 +78,10 @@ def test_vocab_padded_past_tokenizer(tokenizer):
     assert m.table.shape == (5, len(tokenizer) + 7)
     pair = tokenizer.convert_tokens_to_ids("##")
     assert run(m, [pair, len(tokenizer) + 3, pair]) == [False, False, True]
+
+
+def test_never_produced_stays_thinking(tokenizer):
+    m = MarkerMatcher(tokenizer, MARKER)
+    ids = tokenizer.encode("## # ## 19 . #3 #", add_special_tokens=False)
+    assert run(m, ids) == [False] * len(ids)
+    assert MARKER not in tokenizer.decode(ids)

@@ -15,7 +15,5 @@ def load_examples(cfg, split: str, path: str | None = None, limit: int | None = 
         return synthetic_split(split, n, seed=0)
     from .data import load_task
 
-    source = path or cfg.data
-    if source is None:
-        raise ValueError(f"task {cfg.task} needs --data: a JSONL/parquet file, a folder, or a hub dataset name")
-    return load_task(cfg.task, source, split=split, limit=limit)
+    # No path: the task's default hub dataset (needs the `hub` extra and a reachable hub).
+    return load_task(cfg.task, path or cfg.data, split=split, limit=limit)

@@ -1,7 +1,8 @@
 """Rollout throughput: `pytest benchmarks/ --benchmark-only`.
 
-CPU: the embedded model, 64 new tokens with no early stop, the project's rollout against
-the eager reference in the original code's style. Names say method, device, model, batch;
+CPU: the embedded model, 64 new tokens with no early stop: the project's rollout
+(hrpo.rollout, the reference loop until the engine lands) against the eager reference in
+the original code's style. Names say method, device, model, batch;
 each entry's extra_info carries tokens/s.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ def prompts_for(tok, batch):
 
 
 @pytest.mark.parametrize("batch", [8, 32])
-@pytest.mark.parametrize("method", ["eager_reference", "engine_hybrid", "engine_plain"])
+@pytest.mark.parametrize("method", ["eager_reference", "rollout_hybrid", "rollout_plain"])
 def test_rollout_cpu(benchmark, tiny, method, batch):
     hm, tok, matcher = tiny
     prompts = prompts_for(tok, batch)
@@ -41,7 +42,7 @@ def test_rollout_cpu(benchmark, tiny, method, batch):
     if method == "eager_reference":
         fn = lambda: eager_rollout(hm, tok, prompts, NEW_TOKENS, 0.5, 50, generator=g)  # noqa: E731
     else:
-        cfg = SamplingConfig(NEW_TOKENS, 0.5, 50, hybrid=method == "engine_hybrid")
+        cfg = SamplingConfig(NEW_TOKENS, 0.5, 50, hybrid=method == "rollout_hybrid")
         fn = lambda: rollout(hm, prompts, cfg, matcher, [], tok.pad_token_id, g)  # noqa: E731
     benchmark.name = f"{method}-cpu-tiny-b{batch}"
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)

@@ -9,6 +9,7 @@
 
 #include "ops_cuda.h"
 #include "philox.h"
+#include "step_row.h"
 
 namespace hrpo {
 namespace {
@@ -21,30 +22,7 @@ __global__ void __launch_bounds__(kRowThreads) step_rows_kernel(StepArgs a) {
   if (t < 0 || t >= a.T) return;
   const int64_t r = blockIdx.x;
   const int64_t col = r * a.T + t;
-  if (threadIdx.x == 0) {
-    const int64_t S = a.n_states - 1;
-    const bool fin = a.finished[r];
-    const int64_t tok = fin ? a.pad_id : a.tokens[r];
-    int64_t st = a.state_i64 ? static_cast<int64_t*>(a.state)[r] : static_cast<int32_t*>(a.state)[r];
-    if (tok >= 0 && tok < a.V && st >= 0 && st <= S) {
-      st = a.table_i64 ? static_cast<const int64_t*>(a.table)[st * a.V + tok]
-                       : static_cast<const int32_t*>(a.table)[st * a.V + tok];
-    }
-    if (a.state_i64)
-      static_cast<int64_t*>(a.state)[r] = st;
-    else
-      static_cast<int32_t*>(a.state)[r] = static_cast<int32_t>(st);
-    const bool think = a.hybrid && !fin && st != S;
-    a.out_tokens[col] = tok;
-    a.out_logprobs[col] = a.logprobs[r];
-    a.out_think[col] = think;
-    a.out_mask[col] = !fin;
-    a.step_tokens[r] = tok;
-    a.step_think[r] = think;
-    bool done = fin || t + 1 >= a.max_new_tokens;
-    for (int64_t e = 0; e < a.n_eos && !done; ++e) done = tok == a.eos[e];
-    a.finished[r] = done;
-  }
+  if (threadIdx.x == 0) step_row(a, r, t);
   const float* h = a.h_hat + r * a.ld_h;
   if (a.latent_dtype == DType::kFloat32) {
     float* dst = static_cast<float*>(a.latents) + col * a.D;

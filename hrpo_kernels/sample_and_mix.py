@@ -16,7 +16,7 @@ import torch
 
 from ._common import cdiv, mm_f32, next_pow2, num_sms, sample_outputs, seed_offset, use_fused
 from ._ext import load_extension
-from .topk_sample import MAX_TOPK, topk_sample_mix
+from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
 
 def sample_and_mix_reference(
@@ -33,22 +33,7 @@ def sample_and_mix_reference(
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     logits = hidden.float() @ lm_weight.float().T
-    scaled = logits / temperature
-    log_norm = torch.logsumexp(scaled, dim=-1)
-    vocab = scaled.shape[-1]
-    if 0 < top_k < vocab:
-        vals, idx = torch.topk(scaled, top_k, dim=-1)
-        p = torch.zeros_like(scaled).scatter_(-1, idx, torch.softmax(vals, dim=-1))
-    else:
-        p = torch.softmax(scaled, dim=-1)
-    if greedy:
-        tokens = logits.argmax(dim=-1)
-    else:
-        u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float32)
-        tokens = (p / -torch.log(u.clamp_min(1e-20))).argmax(dim=-1)
-    logprobs = scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
-    h_hat = (p @ embedding.float()) / p.norm(dim=-1, keepdim=True)
-    return tokens, logprobs, h_hat
+    return sample_from_logits_reference(logits, embedding, top_k, temperature, greedy, generator)
 
 
 # ---------------------------------------------------------------------------------------

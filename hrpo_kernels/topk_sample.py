@@ -24,6 +24,38 @@ from ._common import sample_outputs, seed_offset
 MAX_TOPK = 128
 
 
+def sample_from_logits_reference(
+    logits: torch.Tensor,
+    embedding: torch.Tensor,
+    top_k: int,
+    temperature: float,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampling tail of both decode-epilogue references (top_k 0: full vocabulary).
+    `tokens` given: skip the draw and score those tokens (to check a sampler's log-probs)."""
+    if temperature <= 0:
+        raise ValueError(f"sampling: temperature must be > 0, got {temperature}")
+    logits = logits.float()
+    scaled = logits / temperature
+    log_norm = torch.logsumexp(scaled, dim=-1)
+    if 0 < top_k < scaled.shape[-1]:
+        vals, idx = torch.topk(scaled, top_k, dim=-1)
+        p = torch.zeros_like(scaled).scatter_(-1, idx, torch.softmax(vals, dim=-1))
+    else:
+        p = torch.softmax(scaled, dim=-1)
+    if tokens is None and greedy:
+        tokens = logits.argmax(dim=-1)
+    elif tokens is None:
+        u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+        tokens = (p / -torch.log(u.clamp_min(1e-20))).argmax(dim=-1)
+    tokens = tokens.to(device=logits.device, dtype=torch.int64)
+    logprobs = scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
+    h_hat = (p @ embedding.float()) / p.norm(dim=-1, keepdim=True)
+    return tokens, logprobs, h_hat
+
+
 def topk_sample_mix_reference(
     logits: torch.Tensor,
     embedding: torch.Tensor,
@@ -33,30 +65,10 @@ def topk_sample_mix_reference(
     generator: torch.Generator | None = None,
     tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, V), embedding (V, d) -> tokens (B,) int64, logprobs (B,) fp32, h_hat (B, d) fp32.
-    `tokens` given: skip the draw and score those tokens (to check a sampler's log-probs)."""
-    if temperature <= 0:
-        raise ValueError(f"topk_sample_mix: temperature must be > 0, got {temperature}")
+    """logits (B, V), embedding (V, d) -> tokens (B,) int64, logprobs (B,) fp32, h_hat (B, d) fp32."""
     if k < 1:
         raise ValueError(f"topk_sample_mix: k must be >= 1, got {k}")
-    logits = logits.float()
-    V = logits.shape[-1]
-    k = min(int(k), V)
-    scaled = logits / temperature
-    lse = torch.logsumexp(scaled, dim=-1)
-    vals, idx = torch.topk(scaled, k, dim=-1)
-    pk = torch.softmax(vals, dim=-1)  # (B, k)
-    if tokens is None:
-        if greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            u = torch.rand(pk.shape, generator=generator, device=pk.device, dtype=torch.float32)
-            tokens = idx.gather(-1, (pk / -torch.log(u.clamp_min(1e-20))).argmax(dim=-1, keepdim=True)).squeeze(-1)
-    tokens = tokens.to(device=logits.device, dtype=torch.int64)
-    logprobs = scaled.gather(-1, tokens[:, None]).squeeze(-1) - lse
-    rows = embedding[idx].float()  # (B, k, d): the k gathered rows, as the kernel reads them
-    h_hat = torch.einsum("bk,bkd->bd", pk, rows) / pk.norm(dim=-1, keepdim=True)
-    return tokens, logprobs, h_hat
+    return sample_from_logits_reference(logits, embedding, k, temperature, greedy, generator, tokens)
 
 
 def topk_sample_mix(

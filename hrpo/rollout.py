@@ -3,6 +3,14 @@
 Each step samples x_t from p_t, records log p(x_t), the latent h_hat_t = (p_t @ E)/||p_t||
 and whether the row is still thinking (the marker is not yet in its text, x_t included),
 then feeds the gate's blend of E[x_t] and h_hat_t (or plain E[x_t]) as the next input.
+
+seed given: step t's race noise is philox_uniform(seed, t * B * V + row * V + token) with
+`row` the row's index in the call's batch (hrpo_kernels.philox), a function of (seed, row,
+step, token) only, so prefix sharing and compaction leave every draw, hence every token,
+unchanged. share_prefix: each distinct prompt is prefilled once and its cache rows copied
+to its duplicates. compact_below: when the fraction of live rows falls under it, finished
+rows leave the cache and the step state; results still land at their original rows.
+Finished rows record pad tokens, log-prob 0, a zero latent and no thinking.
 """
 from __future__ import annotations
 
@@ -46,6 +54,37 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
+def _cache_layers_kv(cache) -> list[tuple[object, str, str]]:
+    """(holder, key attribute, value attribute) per layer, for the cache APIs of transformers
+    4.5x (key_cache / value_cache lists) and 5.x (cache.layers[i].keys / .values)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        out = []
+        for layer in layers:
+            if not (hasattr(layer, "keys") and hasattr(layer, "values")):
+                raise NotImplementedError(f"rollout: cannot select rows of a {type(layer).__name__} cache layer")
+            out.append((layer, "keys", "values"))
+        return out
+    if hasattr(cache, "key_cache") and hasattr(cache, "value_cache"):
+        return [(i, "key_cache", "value_cache") for i in range(len(cache.key_cache))]
+    raise NotImplementedError(f"rollout: unknown cache layout {type(cache).__name__}")
+
+
+def cache_index_select(cache, idx: torch.Tensor) -> None:
+    """Keep (or replicate) the batch rows `idx` of every layer's key/value tensors, in place."""
+    for holder, k_attr, v_attr in _cache_layers_kv(cache):
+        if isinstance(holder, int):  # transformers 4.x: parallel lists on the cache
+            for attr in (k_attr, v_attr):
+                lst = getattr(cache, attr)
+                if torch.is_tensor(lst[holder]) and lst[holder].numel() > 0:
+                    lst[holder] = lst[holder].index_select(0, idx.to(lst[holder].device))
+            continue
+        for attr in (k_attr, v_attr):
+            t = getattr(holder, attr)
+            if torch.is_tensor(t) and t.numel() > 0:
+                setattr(holder, attr, t.index_select(0, idx.to(t.device)))
+
+
 @torch.no_grad()
 def rollout(
     hm: HybridModel,
@@ -56,40 +95,80 @@ def rollout(
     pad_id: int,
     generator: torch.Generator | None = None,
     latent_dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+    share_prefix: bool = False,
+    compact_below: float = 0.0,
 ) -> Rollout:
     device = hm.lm_weight.device
     B = len(prompts)
+    V = hm.lm_weight.shape[0]
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     eos = torch.tensor(eos_ids, device=device)
     E = hm.embed.weight
 
     cache = DynamicCache(config=hm.config)
     attn = prompt_mask
-    hidden = hm.decoder(hm.embed(prompt_ids), attn, positions_from_mask(attn), cache)[:, -1]
+    if share_prefix:
+        first: dict[tuple[int, ...], int] = {}  # distinct prompt -> its index among the distinct
+        rep: list[int] = []  # the first row of each distinct prompt
+        for row, p in enumerate(prompts):
+            if first.setdefault(tuple(p), len(rep)) == len(rep):
+                rep.append(row)
+        inverse = torch.tensor([first[tuple(p)] for p in prompts], device=device)
+        u_ids, u_mask = prompt_ids[rep], prompt_mask[rep]  # same width: the layout of the full batch
+        hidden = hm.decoder(hm.embed(u_ids), u_mask, positions_from_mask(u_mask), cache)[:, -1]
+        if len(first) < B:
+            cache_index_select(cache, inverse)
+        hidden = hidden[inverse]
+    else:
+        hidden = hm.decoder(hm.embed(prompt_ids), attn, positions_from_mask(attn), cache)[:, -1]
     pos = prompt_mask.sum(-1, keepdim=True)
 
+    act = torch.arange(B, device=device)  # original row of each live cache row
+    compacted = False
     states = matcher.initial(B, device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     gate_sum = torch.zeros(B, device=device)
     gate_n = torch.zeros(B, device=device)
     tokens, alive, logps, latents, thinks = [], [], [], [], []
-    for _ in range(cfg.max_new_tokens):
-        tok, lp, h_hat = sample_and_mix(hidden, hm.lm_weight, E, cfg.temperature, cfg.top_k, cfg.greedy, generator)
+    for step in range(cfg.max_new_tokens):
+        noise = {}
+        if seed is not None:
+            noise = dict(seed=int(seed), offset=step * B * V, row_ids=act if compacted else None)
+        tok, lp, h_hat = sample_and_mix(
+            hidden, hm.lm_weight, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise
+        )
         tok = tok.masked_fill(finished, pad_id)
         states = matcher.advance(states, tok)
         think = ~finished & ~matcher.found(states) if cfg.hybrid else torch.zeros_like(finished)
-        tokens.append(tok)
-        alive.append(~finished)
-        logps.append(lp)
-        latents.append(h_hat.to(latent_dtype))
-        thinks.append(think)
+        lat = h_hat.to(latent_dtype).masked_fill(finished[:, None], 0.0)
+        if compacted:
+            tok_f = torch.full((B,), pad_id, dtype=tok.dtype, device=device).index_copy(0, act, tok)
+            alive_f = torch.zeros(B, dtype=torch.bool, device=device).index_copy(0, act, ~finished)
+            lp_f = torch.zeros(B, dtype=lp.dtype, device=device).index_copy(0, act, lp.masked_fill(finished, 0.0))
+            lat_f = torch.zeros(B, lat.shape[1], dtype=lat.dtype, device=device).index_copy(0, act, lat)
+            think_f = torch.zeros(B, dtype=torch.bool, device=device).index_copy(0, act, think)
+        else:
+            tok_f, alive_f, lp_f, lat_f, think_f = tok, ~finished, lp.masked_fill(finished, 0.0), lat, think
+        tokens.append(tok_f)
+        alive.append(alive_f)
+        logps.append(lp_f)
+        latents.append(lat_f)
+        thinks.append(think_f)
         finished = finished | torch.isin(tok, eos)
         if bool(finished.all()):
             break
         x, a = hm.gate(hm.embed(tok), h_hat, think)
-        gate_sum += torch.where(think, a.mean(-1), 0.0)
-        gate_n += think
+        gate_sum.index_add_(0, act, torch.where(think, a.mean(-1), 0.0))
+        gate_n.index_add_(0, act, think.to(gate_n.dtype))
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        live = ~finished
+        if compact_below > 0 and float(live.sum()) < compact_below * B and not bool(live.all()):
+            keep = live.nonzero().squeeze(-1)
+            cache_index_select(cache, keep)
+            act, states, finished = act[keep], states[keep], finished[keep]
+            attn, pos, x = attn[keep], pos[keep], x[keep]
+            compacted = True
         hidden = hm.decoder(x[:, None], attn, pos, cache)[:, -1]
         pos = pos + 1
 

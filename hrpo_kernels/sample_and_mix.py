@@ -27,13 +27,20 @@ def sample_and_mix_reference(
     top_k: int = 0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    *,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (B, d), lm_weight (V, d), embedding (V, d) -> tokens (B,) int64,
-    logprobs (B,) fp32, h_hat (B, d) fp32."""
+    logprobs (B,) fp32, h_hat (B, d) fp32. seed given: u[b, v] = philox_uniform(seed,
+    offset + row_ids[b] * V + v) (the extension's convention), else a `generator` draw."""
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     logits = hidden.float() @ lm_weight.float().T
-    return sample_from_logits_reference(logits, embedding, top_k, temperature, greedy, generator)
+    return sample_from_logits_reference(
+        logits, embedding, top_k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,8 +395,9 @@ def sample_and_mix(
     greedy=False,
     generator=None,
     *,
-    seed: torch.Tensor | None = None,
-    offset: torch.Tensor | None = None,
+    seed: torch.Tensor | int | None = None,
+    offset: torch.Tensor | int | None = None,
+    row_ids: torch.Tensor | None = None,
 ):
     """Dispatcher: the Triton kernels for CUDA tensors, the reference otherwise (and under
     HRPO_KERNELS=reference).
@@ -398,9 +406,16 @@ def sample_and_mix(
     path; the engine passes them so that a step needs no host sync and can be captured in
     a CUDA graph, and advances offset by >= B * V per step. When absent on CUDA, one seed is
     drawn from `generator` per call (offset 0). The reference path ignores them and draws
-    its noise from `generator`."""
+    its noise from `generator` unless `seed` is given: then u[b, v] = philox_uniform(seed,
+    offset + row_ids[b] * V + v), the C++ extension's convention (row_ids default arange(B),
+    stable row ids keep a row's noise when rows are removed). The Triton path takes no
+    row_ids and its tl.rand noise is its own, not csrc/philox.h's."""
     if _use_triton(hidden, top_k, lm_weight.shape[0]):
+        if row_ids is not None:
+            raise NotImplementedError("sample_and_mix: the Triton path takes no row_ids")
         return sample_and_mix_triton(
             hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset
         )
-    return sample_and_mix_reference(hidden, lm_weight, embedding, temperature, top_k, greedy, generator)
+    return sample_and_mix_reference(
+        hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
+    )

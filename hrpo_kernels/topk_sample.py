@@ -12,7 +12,10 @@ u_j = Philox4x32-10(counter = offset + row * V + token_j, key = seed) (csrc/phil
 (seed, offset) pair fixes the tokens, on the CPU twin and on CUDA alike. Its top-k set is
 the keys above the k-th largest logit plus, on exact ties at it, the lowest token ids.
 The reference below is the specification; it draws its noise from torch (tested
-statistically) and takes torch.topk's set.
+statistically) and takes torch.topk's set, or, given `seed`, draws the extension's
+Philox noise u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v) and scores the race
+as the extension does (scaled - log(-log u)), so that both sample the same tokens; row_ids
+(default arange(B)) let a caller keep a row's noise when rows are removed or reordered.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from . import _ext
 from ._common import sample_outputs, seed_offset
+from .philox import philox_uniform
 
 MAX_TOPK = 128
 
@@ -32,21 +36,32 @@ def sample_from_logits_reference(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     tokens: torch.Tensor | None = None,
+    *,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sampling tail of both decode-epilogue references (top_k 0: full vocabulary).
-    `tokens` given: skip the draw and score those tokens (to check a sampler's log-probs)."""
+    `tokens` given: skip the draw and score those tokens (to check a sampler's log-probs).
+    `seed` given: the noise of (row b, token v) is philox_uniform(seed, offset + row_ids[b] * V
+    + v) (offset default 0, row_ids default arange(B)), the extension's convention;
+    otherwise one (B, V) torch.rand draw from `generator`."""
     if temperature <= 0:
         raise ValueError(f"sampling: temperature must be > 0, got {temperature}")
     logits = logits.float()
     scaled = logits / temperature
     log_norm = torch.logsumexp(scaled, dim=-1)
-    if 0 < top_k < scaled.shape[-1]:
+    B, V = scaled.shape
+    idx = None
+    if 0 < top_k < V:
         vals, idx = torch.topk(scaled, top_k, dim=-1)
         p = torch.zeros_like(scaled).scatter_(-1, idx, torch.softmax(vals, dim=-1))
     else:
         p = torch.softmax(scaled, dim=-1)
     if tokens is None and greedy:
         tokens = logits.argmax(dim=-1)
+    elif tokens is None and seed is not None:
+        tokens = _philox_race(scaled, idx, seed, offset, row_ids)
     elif tokens is None:
         u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float32)
         tokens = (p / -torch.log(u.clamp_min(1e-20))).argmax(dim=-1)
@@ -54,6 +69,26 @@ def sample_from_logits_reference(
     logprobs = scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
     h_hat = (p @ embedding.float()) / p.norm(dim=-1, keepdim=True)
     return tokens, logprobs, h_hat
+
+
+def _philox_race(scaled, idx, seed, offset, row_ids) -> torch.Tensor:
+    """argmax over the candidates (idx, or the full vocabulary) of scaled - log(-log u),
+    u = philox_uniform(seed, offset + row_ids[b] * V + v); ties: the lowest token id."""
+    B, V = scaled.shape
+    dev = scaled.device
+    seed = int(torch.as_tensor(seed).reshape(-1)[0]) if isinstance(seed, torch.Tensor) else int(seed)
+    offset = 0 if offset is None else offset
+    offset = int(torch.as_tensor(offset).reshape(-1)[0]) if isinstance(offset, torch.Tensor) else int(offset)
+    if row_ids is None:
+        row_ids = torch.arange(B, device=dev)
+    row_ids = torch.as_tensor(row_ids, device=dev).to(torch.int64).reshape(B, 1)
+    if idx is None:
+        cand = torch.arange(V, device=dev, dtype=torch.int64).expand(B, V)
+    else:
+        cand = idx.sort(dim=-1).values  # ascending token ids: argmax's first max is the lowest id
+    u = philox_uniform(seed, offset + row_ids * V + cand)
+    score = scaled.gather(-1, cand) - torch.log(-torch.log(u))
+    return cand.gather(-1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
 def topk_sample_mix_reference(
@@ -64,11 +99,18 @@ def topk_sample_mix_reference(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     tokens: torch.Tensor | None = None,
+    *,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, V), embedding (V, d) -> tokens (B,) int64, logprobs (B,) fp32, h_hat (B, d) fp32."""
+    """logits (B, V), embedding (V, d) -> tokens (B,) int64, logprobs (B,) fp32, h_hat (B, d) fp32.
+    seed given: the extension's Philox noise (see sample_from_logits_reference)."""
     if k < 1:
         raise ValueError(f"topk_sample_mix: k must be >= 1, got {k}")
-    return sample_from_logits_reference(logits, embedding, k, temperature, greedy, generator, tokens)
+    return sample_from_logits_reference(
+        logits, embedding, k, temperature, greedy, generator, tokens, seed=seed, offset=offset, row_ids=row_ids
+    )
 
 
 def topk_sample_mix(
@@ -89,14 +131,14 @@ def topk_sample_mix(
     -> the reference. seed / offset: one-element int64 tensors on the logits' device (no
     host sync; the caller advances offset by >= B * V per step); a missing seed is drawn
     from `generator`. `out` = preallocated (tokens, logprobs, h_hat). The reference ignores
-    seed / offset and draws from `generator`."""
+    seed / offset unless a seed is given, then draws the extension's noise from them."""
     if temperature <= 0:
         raise ValueError(f"topk_sample_mix: temperature must be > 0, got {temperature}")
     B, V = logits.shape
     D = embedding.shape[1]
     mod = _ext.ext_for(logits, impl)
     if mod is None:
-        res = topk_sample_mix_reference(logits, embedding, k, temperature, greedy, generator)
+        res = topk_sample_mix_reference(logits, embedding, k, temperature, greedy, generator, seed=seed, offset=offset)
         if out is None:
             return res
         for o, r in zip(out, res):

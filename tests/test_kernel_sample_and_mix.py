@@ -156,6 +156,11 @@ def test_dispatcher_cpu_uses_reference(monkeypatch):
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b)
     monkeypatch.setenv("HRPO_KERNELS", "reference")
+    got = sample_and_mix(h, w, e, 0.7, 5, False, torch.Generator().manual_seed(0))
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b)
+    # a seed selects the extension's Philox noise instead of the generator's stream
+    want = sample_and_mix_reference(h, w, e, 0.7, 5, False, None, seed=1, offset=0)
     got = sample_and_mix(h, w, e, 0.7, 5, False, torch.Generator().manual_seed(0), seed=_scalar(1).cpu(), offset=None)
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b)

@@ -142,14 +142,12 @@ def rollout(
         states = matcher.advance(states, tok)
         think = ~finished & ~matcher.found(states) if cfg.hybrid else torch.zeros_like(finished)
         lat = h_hat.to(latent_dtype).masked_fill(finished[:, None], 0.0)
-        if compacted:
-            tok_f = torch.full((B,), pad_id, dtype=tok.dtype, device=device).index_copy(0, act, tok)
-            alive_f = torch.zeros(B, dtype=torch.bool, device=device).index_copy(0, act, ~finished)
-            lp_f = torch.zeros(B, dtype=lp.dtype, device=device).index_copy(0, act, lp.masked_fill(finished, 0.0))
-            lat_f = torch.zeros(B, lat.shape[1], dtype=lat.dtype, device=device).index_copy(0, act, lat)
-            think_f = torch.zeros(B, dtype=torch.bool, device=device).index_copy(0, act, think)
-        else:
-            tok_f, alive_f, lp_f, lat_f, think_f = tok, ~finished, lp.masked_fill(finished, 0.0), lat, think
+        # Scatter the live rows back to their original rows (the identity until compaction).
+        tok_f = torch.full((B,), pad_id, dtype=tok.dtype, device=device).index_copy(0, act, tok)
+        alive_f = torch.zeros(B, dtype=torch.bool, device=device).index_copy(0, act, ~finished)
+        lp_f = torch.zeros(B, dtype=lp.dtype, device=device).index_copy(0, act, lp.masked_fill(finished, 0.0))
+        lat_f = torch.zeros(B, lat.shape[1], dtype=lat.dtype, device=device).index_copy(0, act, lat)
+        think_f = torch.zeros(B, dtype=torch.bool, device=device).index_copy(0, act, think)
         tokens.append(tok_f)
         alive.append(alive_f)
         logps.append(lp_f)

@@ -76,9 +76,8 @@ def _philox_race(scaled, idx, seed, offset, row_ids) -> torch.Tensor:
     u = philox_uniform(seed, offset + row_ids[b] * V + v); ties: the lowest token id."""
     B, V = scaled.shape
     dev = scaled.device
-    seed = int(torch.as_tensor(seed).reshape(-1)[0]) if isinstance(seed, torch.Tensor) else int(seed)
-    offset = 0 if offset is None else offset
-    offset = int(torch.as_tensor(offset).reshape(-1)[0]) if isinstance(offset, torch.Tensor) else int(offset)
+    seed = int(torch.as_tensor(seed).reshape(-1)[0])
+    offset = 0 if offset is None else int(torch.as_tensor(offset).reshape(-1)[0])
     if row_ids is None:
         row_ids = torch.arange(B, device=dev)
     row_ids = torch.as_tensor(row_ids, device=dev).to(torch.int64).reshape(B, 1)

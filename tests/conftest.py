@@ -1,10 +1,18 @@
 """Tiny random models and a byte-level BPE tokenizer, built in-process (no hub)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+# Without a GPU the Triton kernels run on CPU tensors in the interpreter; it must be chosen
+# before triton is first imported, so here rather than in each kernel test file.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

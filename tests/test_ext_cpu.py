@@ -232,10 +232,8 @@ def test_marker_table_is_sane():
 @pytest.mark.parametrize("latent_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hybrid", [True, False])
 def test_step_controller_twin_matches_reference(ext, table_dtype, state_dtype, latent_dtype, hybrid):
-    g = torch.Generator().manual_seed(int(hybrid) + 2 * (latent_dtype == torch.bfloat16))
     Bn, T, d, max_new = 7, 12, 24, 10  # the length limit stops the loop before T
     table = _table(table_dtype)
-    Vn = table.shape[1]
     hash_heavy = torch.tensor([1.0, 0.3, 4, 3, 2, 1, 2, 2, 1, 2, 1, 0.5, 1, 0.3, 1])
     runs = {}
     for name, fn in (("twin", lambda *a, **kw: step_controller(*a, **kw, impl="ext")),

@@ -4,20 +4,14 @@ Without CUDA the kernels run on CPU tensors under the Triton interpreter; the la
 called directly (the dispatcher picks the reference on CPU)."""
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import importlib  # noqa: E402
+import importlib
 
-from hrpo_kernels.gated_blend import GATE_C, gated_blend_reference, gated_blend_triton  # noqa: E402
+from hrpo_kernels.gated_blend import GATE_C, gated_blend_reference, gated_blend_triton
 
 gb = importlib.import_module("hrpo_kernels.gated_blend")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,22 +1,17 @@
 """The fused sample_and_mix kernels against the reference.
 
-Without a GPU the Triton launcher runs on CPU tensors under TRITON_INTERPRET=1 (set here,
-before the first launch imports triton). Small odd shapes, fresh inputs per case, outputs
+Without a GPU the Triton launcher runs on CPU tensors under TRITON_INTERPRET=1 (set in
+conftest.py, before anything imports triton). Small odd shapes, fresh inputs per case, outputs
 poisoned before every call.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from hrpo_kernels import sample_and_mix, sample_and_mix_reference  # noqa: E402
-from hrpo_kernels._common import triton_available  # noqa: E402
-from hrpo_kernels.sample_and_mix import sample_and_mix_triton  # noqa: E402
+from hrpo_kernels import sample_and_mix, sample_and_mix_reference
+from hrpo_kernels._common import triton_available
+from hrpo_kernels.sample_and_mix import sample_and_mix_triton
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 

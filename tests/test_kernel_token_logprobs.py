@@ -5,18 +5,13 @@ called directly (the dispatcher picks the reference on CPU)."""
 from __future__ import annotations
 
 import importlib
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from hrpo_kernels.token_logprobs import token_logprobs_reference, token_logprobs_triton  # noqa: E402
+from hrpo_kernels.token_logprobs import token_logprobs_reference, token_logprobs_triton
 
 tlp = importlib.import_module("hrpo_kernels.token_logprobs")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -3,6 +3,7 @@
 // Build with -DHRPO_CPU_ONLY for the CPU-only extension (no CUDA headers at all).
 #include <torch/extension.h>
 
+#include <optional>
 #include <vector>
 
 #include "ops.h"
@@ -52,8 +53,9 @@ DType dtype_of(const torch::Tensor& t, const char* op, const char* name, bool al
 }
 
 void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding, int64_t k, double temperature,
-                     bool greedy, const torch::Tensor& seed, const torch::Tensor& offset, torch::Tensor tokens,
-                     torch::Tensor logprobs, torch::Tensor h_hat) {
+                     bool greedy, const torch::Tensor& seed, const torch::Tensor& offset,
+                     const std::optional<torch::Tensor>& row_ids, torch::Tensor tokens, torch::Tensor logprobs,
+                     torch::Tensor h_hat) {
   const char* op = "topk_sample_mix";
   HRPO_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.stride(1) == 1, op,
              ": logits must be (B, V) fp32 with unit column stride, got ", logits.sizes(), " ", logits.scalar_type());
@@ -69,6 +71,10 @@ void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding
   check_on(embedding, dev, op, "embedding");
   check_scalar_i64(seed, dev, op, "seed");
   check_scalar_i64(offset, dev, op, "offset");
+  if (row_ids.has_value()) {
+    check_on(*row_ids, dev, op, "row_ids");
+    check_vec(*row_ids, B, torch::kInt64, op, "row_ids");
+  }
   check_on(tokens, dev, op, "tokens");
   check_on(logprobs, dev, op, "logprobs");
   check_on(h_hat, dev, op, "h_hat");
@@ -91,6 +97,7 @@ void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding
   a.greedy = greedy;
   a.seed = seed.data_ptr<int64_t>();
   a.offset = offset.data_ptr<int64_t>();
+  a.row_ids = row_ids.has_value() ? row_ids->data_ptr<int64_t>() : nullptr;
   a.tokens = tokens.data_ptr<int64_t>();
   a.logprobs = logprobs.data_ptr<float>();
   a.h_hat = h_hat.data_ptr<float>();

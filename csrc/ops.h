@@ -12,7 +12,9 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // topk_sample_mix: logits (B, V) fp32 rows contiguous with row stride ld_logits;
 // embedding (V, d) of `emb_dtype` with row stride ld_emb (unit column stride);
-// seed/offset: pointers to one int64 each (host memory for the CPU twin, device for CUDA).
+// seed/offset: pointers to one int64 each (host memory for the CPU twin, device for CUDA);
+// row_ids: (B,) int64 in the same memory, or nullptr for arange(B). Row r's noise counter is
+// offset + row_ids[r] * V + token, so a row keeps its noise when a caller compacts the batch.
 // Outputs tokens (B,), logprobs (B,), h_hat (B, d) rows contiguous with stride ld_h.
 struct TopkArgs {
   const float* logits;
@@ -26,6 +28,7 @@ struct TopkArgs {
   bool greedy;
   const int64_t* seed;
   const int64_t* offset;
+  const int64_t* row_ids;
   int64_t* tokens;
   float* logprobs;
   float* h_hat;

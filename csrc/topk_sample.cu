@@ -8,9 +8,10 @@
 //     digits are resolved in shared memory. Otherwise the digit passes re-read the row;
 //  3. the selection = keys above the threshold + the lowest-index keys equal to it, sorted by
 //     token id (bitonic), so the set and its order do not depend on thread scheduling;
-//  4. softmax over the k logits, Philox race argmax_j (x_j/T - log(-log u_j)), logprob of the
-//     chosen token over the full vocabulary, h_hat = sum_j (p_j/||p||) E[tok_j] with 16-byte
-//     loads along d.
+//  4. softmax over the k logits, Philox race argmax_j (x_j/T - log(-log u_j)) with
+//     u_j = philox_uniform(seed, offset + row_id * V + tok_j) (row_id = row_ids[row], or row),
+//     logprob of the chosen token over the full vocabulary, h_hat = sum_j (p_j/||p||) E[tok_j]
+//     with 16-byte loads along d.
 // The CPU twin (topk_sample_cpu.cpp) implements the same rule with the same float formulas.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -454,8 +455,9 @@ __global__ void __launch_bounds__(kThreads) topk_sample_mix_kernel(TopkArgs a) {
   } else {
     float score = neg_inf();
     if (mine) {
-      const uint64_t ctr = static_cast<uint64_t>(*a.offset) + static_cast<uint64_t>(row) * static_cast<uint64_t>(V) +
-                           static_cast<uint64_t>(my_tok);
+      const uint64_t rid = static_cast<uint64_t>(a.row_ids ? a.row_ids[row] : row);
+      const uint64_t ctr =
+          static_cast<uint64_t>(*a.offset) + rid * static_cast<uint64_t>(V) + static_cast<uint64_t>(my_tok);
       const float u = philox_uniform(static_cast<uint64_t>(*a.seed), ctr);
       score = __fsub_rn(sv, logf(-logf(u)));
     }

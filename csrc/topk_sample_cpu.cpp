@@ -1,5 +1,5 @@
 // CPU twin of topk_sample_mix (topk_sample.cu): the same selection rule, the same Philox
-// noise and the same race score, so that a (seed, offset) pair gives the same tokens.
+// noise and the same race score, so that (seed, offset, row_ids) give the same tokens.
 //
 // Selection: with thr the k-th largest float key of the row, the selected set is every
 // logit with key > thr plus the lowest-index logits with key == thr until k are taken;
@@ -120,11 +120,11 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
     if (a.greedy) {
       tok = g_idx;
     } else {
+      const uint64_t base = offset + static_cast<uint64_t>(a.row_ids ? a.row_ids[r] : r) * static_cast<uint64_t>(V);
       float best = -std::numeric_limits<float>::infinity();
       tok = sel[0];
       for (int j = 0; j < k; ++j) {
-        const float u = philox_uniform(seed, offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(V) +
-                                                 static_cast<uint64_t>(sel[j]));
+        const float u = philox_uniform(seed, base + static_cast<uint64_t>(sel[j]));
         const float scaled = x[sel[j]] * a.inv_t;
         const float score = scaled - std::log(-std::log(u));
         if (score > best) {  // strict: ties keep the lower token

@@ -77,6 +77,17 @@ def seed_offset(seed, offset, generator: torch.Generator | None, device) -> tupl
     return seed, offset
 
 
+def row_ids_tensor(row_ids, B: int, device) -> torch.Tensor | None:
+    """None, or the sampling kernels' stable row identities as a contiguous (B,) int64 tensor
+    on `device` (row b's noise counter is offset + row_ids[b] * V + token)."""
+    if row_ids is None:
+        return None
+    ids = torch.as_tensor(row_ids, device=device).to(torch.int64).reshape(-1).contiguous()
+    if ids.numel() != B:
+        raise ValueError(f"row_ids must hold one id per row: got {ids.numel()} for {B} rows")
+    return ids
+
+
 def sample_outputs(out, B: int, D: int, device, op: str):
     """(tokens (B,) int64, logprobs (B,) fp32, h_hat (B, D) fp32): `out` checked, or new."""
     if out is None:

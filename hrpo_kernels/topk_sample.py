@@ -7,22 +7,22 @@ Given logits (B, V) fp32 and the input embedding E (V, d):
 - logprob = log_softmax(logits / T)[token] over the FULL vocabulary;
 - h_hat = (p @ E) / ||p||_2, fp32.
 
-The extension (csrc/topk_sample.cu and its C++ twin csrc/topk_sample_cpu.cpp) draws
-u_j = Philox4x32-10(counter = offset + row * V + token_j, key = seed) (csrc/philox.h), so a
-(seed, offset) pair fixes the tokens, on the CPU twin and on CUDA alike. Its top-k set is
-the keys above the k-th largest logit plus, on exact ties at it, the lowest token ids.
-The reference below is the specification; it draws its noise from torch (tested
-statistically) and takes torch.topk's set, or, given `seed`, draws the extension's
-Philox noise u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v) and scores the race
-as the extension does (scaled - log(-log u)), so that both sample the same tokens; row_ids
-(default arange(B)) let a caller keep a row's noise when rows are removed or reordered.
+Seeded noise, shared by every sampling path (this reference, the C++ twin, the CUDA kernel
+of csrc/topk_sample.cu and the Triton kernels of sample_and_mix.py):
+u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v) (hrpo_kernels/philox.py,
+csrc/philox.h: Philox4x32-10, counter words (lo, hi, 0, 0), key = the seed's halves), race
+score logits/T - log(-log u), ties to the lowest token id; row_ids (default arange(B)) let a
+caller keep a row's noise when rows are removed or reordered. So (seed, offset, row_ids) fix
+the tokens on every path. The extension's top-k set is the keys above the k-th largest logit
+plus, on exact ties at it, the lowest token ids. The reference below is the specification;
+without a seed it draws its noise from torch (tested statistically) and takes torch.topk's set.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _ext
-from ._common import sample_outputs, seed_offset
+from ._common import row_ids_tensor, sample_outputs, seed_offset
 from .philox import philox_uniform
 
 MAX_TOPK = 128
@@ -44,7 +44,7 @@ def sample_from_logits_reference(
     """The sampling tail of both decode-epilogue references (top_k 0: full vocabulary).
     `tokens` given: skip the draw and score those tokens (to check a sampler's log-probs).
     `seed` given: the noise of (row b, token v) is philox_uniform(seed, offset + row_ids[b] * V
-    + v) (offset default 0, row_ids default arange(B)), the extension's convention;
+    + v) (offset default 0, row_ids default arange(B)), the convention of every path;
     otherwise one (B, V) torch.rand draw from `generator`."""
     if temperature <= 0:
         raise ValueError(f"sampling: temperature must be > 0, got {temperature}")
@@ -78,9 +78,8 @@ def _philox_race(scaled, idx, seed, offset, row_ids) -> torch.Tensor:
     dev = scaled.device
     seed = int(torch.as_tensor(seed).reshape(-1)[0])
     offset = 0 if offset is None else int(torch.as_tensor(offset).reshape(-1)[0])
-    if row_ids is None:
-        row_ids = torch.arange(B, device=dev)
-    row_ids = torch.as_tensor(row_ids, device=dev).to(torch.int64).reshape(B, 1)
+    row_ids = torch.arange(B, device=dev) if row_ids is None else row_ids_tensor(row_ids, B, dev)
+    row_ids = row_ids[:, None]
     if idx is None:
         cand = torch.arange(V, device=dev, dtype=torch.int64).expand(B, V)
     else:
@@ -104,7 +103,7 @@ def topk_sample_mix_reference(
     row_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, V), embedding (V, d) -> tokens (B,) int64, logprobs (B,) fp32, h_hat (B, d) fp32.
-    seed given: the extension's Philox noise (see sample_from_logits_reference)."""
+    seed given: the shared Philox noise (see sample_from_logits_reference)."""
     if k < 1:
         raise ValueError(f"topk_sample_mix: k must be >= 1, got {k}")
     return sample_from_logits_reference(
@@ -122,6 +121,7 @@ def topk_sample_mix(
     offset: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    row_ids: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,15 +129,18 @@ def topk_sample_mix(
     the reference, or the C++ twin with impl="ext"; impl="reference" or HRPO_KERNELS=reference
     -> the reference. seed / offset: one-element int64 tensors on the logits' device (no
     host sync; the caller advances offset by >= B * V per step); a missing seed is drawn
-    from `generator`. `out` = preallocated (tokens, logprobs, h_hat). The reference ignores
-    seed / offset unless a seed is given, then draws the extension's noise from them."""
+    from `generator`. row_ids: (B,) int64 stable row identities (default arange(B)).
+    `out` = preallocated (tokens, logprobs, h_hat). The reference ignores seed / offset /
+    row_ids unless a seed is given, then draws the shared Philox noise from them."""
     if temperature <= 0:
         raise ValueError(f"topk_sample_mix: temperature must be > 0, got {temperature}")
     B, V = logits.shape
     D = embedding.shape[1]
     mod = _ext.ext_for(logits, impl)
     if mod is None:
-        res = topk_sample_mix_reference(logits, embedding, k, temperature, greedy, generator, seed=seed, offset=offset)
+        res = topk_sample_mix_reference(
+            logits, embedding, k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
+        )
         if out is None:
             return res
         for o, r in zip(out, res):
@@ -146,10 +149,13 @@ def topk_sample_mix(
     if not 1 <= k <= MAX_TOPK:
         raise ValueError(f"topk_sample_mix: the extension takes 1 <= k <= {MAX_TOPK}, got {k}")
     seed, offset = seed_offset(seed, offset, generator, logits.device)
+    row_ids = row_ids_tensor(row_ids, B, logits.device)
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
         logits = logits.float().contiguous()
     if embedding.stride(-1) != 1:
         embedding = embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "topk_sample_mix")
-    mod.topk_sample_mix(logits, embedding, int(min(k, V)), float(temperature), bool(greedy), seed, offset, tok, lp, h)
+    mod.topk_sample_mix(
+        logits, embedding, int(min(k, V)), float(temperature), bool(greedy), seed, offset, row_ids, tok, lp, h
+    )
     return tok, lp, h

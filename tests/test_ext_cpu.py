@@ -133,6 +133,28 @@ def test_topk_determinism(ext):
     assert not torch.equal(a, d)
 
 
+def test_topk_twin_row_ids(ext):
+    """Stable row ids in the noise counter: the twin's tokens equal the seeded reference's, and
+    rows [2, 0] run alone with their ids draw what they drew in the full batch."""
+    g = torch.Generator().manual_seed(31)
+    logits = torch.randn(5, V, generator=g)  # flat: the noise decides
+    emb = torch.randn(V, D, generator=g)
+    ids = torch.tensor([7, 2, 0, 4, 1])
+    noise = dict(seed=_seed(2**40 + 3), offset=_seed(11))
+    for k in (5, 50, 128):
+        tok, lp, h = topk_sample_mix(logits, emb, k, 0.9, row_ids=ids, impl="ext", **noise)
+        tok_r, lp_r, h_r = topk_sample_mix(logits, emb, k, 0.9, row_ids=ids, impl="reference", **noise)
+        assert torch.equal(tok, tok_r)
+        torch.testing.assert_close(lp, lp_r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h, h_r, rtol=1e-4, atol=1e-5)
+        full = topk_sample_mix(logits, emb, k, 0.9, impl="ext", **noise)[0]
+        part = topk_sample_mix(logits[[2, 0]], emb, k, 0.9, row_ids=torch.tensor([2, 0]), impl="ext", **noise)[0]
+        assert torch.equal(part, full[[2, 0]])
+    assert not torch.equal(tok, full), "the ids must move the noise"
+    with pytest.raises(ValueError, match="row_ids"):
+        topk_sample_mix(logits, emb, 5, 0.9, row_ids=torch.arange(4), impl="ext", **noise)
+
+
 CHI2_DF9_P001 = 27.877  # chi-square critical value, df = 9, p = 0.001
 
 

@@ -9,12 +9,16 @@ Conventions the kernels must keep:
   rollout log-probs serve directly as the old log-probs of the clipped objective.
 - The sample is an exponential race, argmax(p / x) with x ~ Exp(1) drawn as -log(u) from
   one (B, V) uniform draw per step; greedy takes argmax of the logits instead.
+- Seeded, every path (the reference, the C++ twin, the CUDA extension, the Triton kernels)
+  draws the same noise u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v)
+  (hrpo_kernels/philox.py) and scores logits/T - log(-log u), ties to the lowest token id,
+  so (seed, offset, row_ids) fix the tokens whichever path runs.
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import cdiv, mm_f32, next_pow2, num_sms, sample_outputs, seed_offset, use_fused
+from ._common import cdiv, mm_f32, next_pow2, num_sms, row_ids_tensor, sample_outputs, seed_offset, use_fused
 from ._ext import load_extension
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
@@ -34,7 +38,7 @@ def sample_and_mix_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (B, d), lm_weight (V, d), embedding (V, d) -> tokens (B,) int64,
     logprobs (B,) fp32, h_hat (B, d) fp32. seed given: u[b, v] = philox_uniform(seed,
-    offset + row_ids[b] * V + v) (the extension's convention), else a `generator` draw."""
+    offset + row_ids[b] * V + v) (every path's convention), else a `generator` draw."""
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     logits = hidden.float() @ lm_weight.float().T
@@ -46,23 +50,24 @@ def sample_and_mix_reference(
 # ---------------------------------------------------------------------------------------
 # Fused Triton path.
 #
-# Randomness: the race noise of token v in row r is x = -log(u), u = philox(seed, counter)
-# with counter = step_offset + r * V + v, the same counter in both modes, so a (seed,
-# offset) pair fixes the tokens of a step. The engine passes both as int64 device tensors
-# (read inside the kernels: no host sync, capturable in a CUDA graph) and advances the
-# offset by at least B * V per decode step.
+# Randomness: the race noise of token v in row r is x = -log(u), u = philox_uniform(seed,
+# offset + row_ids[r] * V + v) (row_ids default arange(B)), the same counter in both modes
+# and the reference's, so (seed, offset, row_ids) fix the tokens of a step. The engine passes
+# them as int64 device tensors (read inside the kernels: no host sync, capturable in a CUDA
+# graph) and advances the offset by at least B * V per decode step.
 # ---------------------------------------------------------------------------------------
 
 triton = None  # imported on first use (so that TRITON_INTERPRET may be set late, and
 tl = None  # `import hrpo_kernels` works without triton)
 _KERNELS = None
+_philox_uniform = None  # @triton.jit helper, defined with the kernels
 MAX_TOPK_TRITON = 1024
 MAX_D_FULL_VOCAB = 4096  # the one-pass kernel holds a (16 x next_pow2(d)) fp32 mixture in registers
 
 
 def _kernels():
     """Import triton and define the kernels once, at the first launch."""
-    global triton, tl, _KERNELS
+    global triton, tl, _KERNELS, _philox_uniform  # the kernels find tl and helpers as module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton as _triton
@@ -71,12 +76,19 @@ def _kernels():
     triton, tl = _triton, _tl
 
     @triton.jit
+    def _philox_uniform(seed, ctr):
+        """philox_uniform(seed, ctr) of hrpo_kernels/philox.py: tl.randint is Philox4x32-10 with
+        counter words (ctr lo, ctr hi, 0, 0), key (seed lo, seed hi), and returns word 0."""
+        r0 = tl.randint(seed, ctr).to(tl.uint32, bitcast=True)  # logical shift below
+        return ((r0 >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # exact, in (0, 1)
+
+    @triton.jit
     def _full_partial_kernel(
-        h_ptr, w_ptr, e_ptr, seed_ptr, off_ptr,
+        h_ptr, w_ptr, e_ptr, seed_ptr, off_ptr, rid_ptr,
         ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
         B, V, D, n_rb, v_per_split, inv_t,
         stride_h, stride_w, stride_e,
-        TIED: tl.constexpr, GREEDY: tl.constexpr, FP32_DOT: tl.constexpr,
+        TIED: tl.constexpr, GREEDY: tl.constexpr, FP32_DOT: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One (row block, V-split) program: a single pass over its lm_weight rows keeping,
@@ -94,7 +106,11 @@ def _kernels():
             mask=row_ok[:, None] & k_ok[None, :], other=0.0,
         )
         seed = tl.load(seed_ptr)
-        step = tl.load(off_ptr)
+        if HAS_ROW_IDS:
+            rid = tl.load(rid_ptr + rows, mask=row_ok, other=0)
+        else:
+            rid = rows.to(tl.int64)
+        ctr_row = tl.load(off_ptr) + rid * V  # the noise counter of (row, token 0)
         v_lo = split * v_per_split
         v_hi = tl.minimum(v_lo + v_per_split, V)
         lane = tl.arange(0, BLOCK_V)
@@ -119,8 +135,7 @@ def _kernels():
             if GREEDY:
                 score = tl.where(col_ok[None, :], logits, float("-inf"))
             else:
-                ctr = rows[:, None].to(tl.int64) * V + cols[None, :] + step
-                u = tl.maximum(tl.rand(seed, ctr), 1e-20)
+                u = _philox_uniform(seed, ctr_row[:, None] + cols[None, :])
                 score = scaled - tl.log(-tl.log(u))  # log(p_v / x_v) + const
             t_best = tl.max(score, axis=1)
             t_arg = tl.argmax(score, axis=1)
@@ -193,11 +208,12 @@ def _kernels():
 
     @triton.jit
     def _topk_tail_kernel(
-        logits_ptr, vals_ptr, idx_ptr, e_ptr, seed_ptr, off_ptr,
+        logits_ptr, vals_ptr, idx_ptr, e_ptr, seed_ptr, off_ptr, rid_ptr,
         tok_out, lp_out, h_out,
         V, D, K, inv_t,
         stride_l, stride_k, stride_e, stride_ho,
-        GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        GREEDY: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One row: logsumexp over the full vocabulary (and the greedy argmax), softmax over
         the k selected logits, the race among them, h_hat = sum_j p_j E[id_j] / ||p||."""
@@ -237,10 +253,11 @@ def _kernels():
             tok = tl.min(tl.where(gv == g_best, gi, V), axis=0)
             tok_logit = g_best * inv_t
         else:
-            seed = tl.load(seed_ptr)
-            step = tl.load(off_ptr)
-            ctr = row.to(tl.int64) * V + ids + step
-            u = tl.maximum(tl.rand(seed, ctr), 1e-20)
+            if HAS_ROW_IDS:
+                rid = tl.load(rid_ptr + row)
+            else:
+                rid = row.to(tl.int64)
+            u = _philox_uniform(tl.load(seed_ptr), tl.load(off_ptr) + rid * V + ids)
             score = tl.where(kok, scaled - tl.log(-tl.log(u)), float("-inf"))
             best = tl.max(score, axis=0)
             tok = tl.min(tl.where(kok & (score == best), ids, V), axis=0)
@@ -268,7 +285,7 @@ def full_vocab_config(B: int, D: int, device: torch.device) -> dict:
     return dict(block_b=16, block_v=block_v, block_d=block_d, num_warps=8 if block_d <= 1024 else 16, num_stages=1)
 
 
-def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, out=None,
+def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids=None, out=None,
                 block_b=None, block_v=None, splits=None):
     B, D = hidden.shape
     V = lm_weight.shape[0]
@@ -297,11 +314,11 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
     tok, lp, h = sample_outputs(out, B, D, dev, "sample_and_mix")
     k = _kernels()
     k["full_partial"][(n_rb * n_splits,)](
-        hidden, w, e, seed, offset,
+        hidden, w, e, seed, offset, seed if row_ids is None else row_ids,  # any pointer when unused
         ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
         B, V, D, n_rb, per_split, 1.0 / temperature,
         hidden.stride(0), w.stride(0), e.stride(0),
-        TIED=tied, GREEDY=bool(greedy),
+        TIED=tied, GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None,
         # the interpreter's bf16 tl.dot is wrong (triton 3.9): fp32 dots there; fp16 tests cover the split
         FP32_DOT=w.dtype == torch.float32 or (dev.type != "cuda" and w.dtype == torch.bfloat16),
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=cfg["block_d"],
@@ -323,13 +340,15 @@ def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
     return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
 
 
-def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, out=None):
+def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=None, out=None):
     """Top-k tail on fp32 logits (B, V). On CUDA with k <= 128 and the extension built, the
     extension's one-block-per-row kernel (radix select, race, gathered mixture); otherwise
     torch.topk and one Triton program per row for the full-vocabulary log-prob, the race
     among the k candidates and the gathered mixture."""
     if logits.is_cuda and k <= MAX_TOPK and load_extension() is not None:
-        return topk_sample_mix(logits, embedding, k, temperature, greedy, seed=seed, offset=offset, out=out)
+        return topk_sample_mix(
+            logits, embedding, k, temperature, greedy, seed=seed, offset=offset, row_ids=row_ids, out=out
+        )
     B, V = logits.shape
     D = embedding.shape[1]
     logits = logits.contiguous()
@@ -338,10 +357,11 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, out=None
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     interp = logits.device.type != "cuda"
     _kernels()["topk_tail"][(B,)](
-        logits, vals.contiguous(), idx.contiguous(), e, seed, offset,
+        logits, vals.contiguous(), idx.contiguous(), e, seed, offset, seed if row_ids is None else row_ids,
         tok, lp, h, V, D, k, 1.0 / temperature,
         logits.stride(0), k, e.stride(0), h.stride(0),
-        GREEDY=bool(greedy), BLOCK_V=256 if interp else 2048, BLOCK_K=next_pow2(max(k, 16)),
+        GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None,
+        BLOCK_V=256 if interp else 2048, BLOCK_K=next_pow2(max(k, 16)),
         BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256), num_warps=4 if interp else 8,
     )
     return tok, lp, h
@@ -358,26 +378,29 @@ def sample_and_mix_triton(
     *,
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     **tiles,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused path (CUDA, or CPU tensors under TRITON_INTERPRET=1). Same outputs as the
-    reference; the noise comes from Philox(seed, offset + row * V + token) instead of the
-    generator's stream. `out` takes preallocated outputs; `tiles` overrides tile sizes of the
-    full-vocabulary kernel (block_b, block_v, splits)."""
+    seeded reference: the noise is philox_uniform(seed, offset + row_ids[row] * V + token)
+    (row_ids: (B,) int64, default arange(B)); a missing seed is drawn from `generator`.
+    `out` takes preallocated outputs; `tiles` overrides tile sizes of the full-vocabulary
+    kernel (block_b, block_v, splits)."""
     _kernels()
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     V = lm_weight.shape[0]
     seed, offset = seed_offset(seed, offset, generator, hidden.device)
+    row_ids = row_ids_tensor(row_ids, hidden.shape[0], hidden.device)
     if 0 < top_k < V:
         if top_k > MAX_TOPK_TRITON:
             raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")
         logits = _lm_logits(hidden, lm_weight)
-        return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, out)
+        return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out)
     if hidden.shape[1] > MAX_D_FULL_VOCAB:
         raise NotImplementedError(f"sample_and_mix_triton: full vocabulary needs d <= {MAX_D_FULL_VOCAB}")
-    return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, out, **tiles)
+    return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, **tiles)
 
 
 def _use_triton(t: torch.Tensor, top_k: int, vocab: int) -> bool:
@@ -406,15 +429,13 @@ def sample_and_mix(
     path; the engine passes them so that a step needs no host sync and can be captured in
     a CUDA graph, and advances offset by >= B * V per step. When absent on CUDA, one seed is
     drawn from `generator` per call (offset 0). The reference path ignores them and draws
-    its noise from `generator` unless `seed` is given: then u[b, v] = philox_uniform(seed,
-    offset + row_ids[b] * V + v), the C++ extension's convention (row_ids default arange(B),
-    stable row ids keep a row's noise when rows are removed). The Triton path takes no
-    row_ids and its tl.rand noise is its own, not csrc/philox.h's."""
+    its noise from `generator` unless `seed` is given. Seeded, both paths draw
+    u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v) and sample the same tokens
+    (row_ids default arange(B); stable row ids keep a row's noise when rows are removed)."""
     if _use_triton(hidden, top_k, lm_weight.shape[0]):
-        if row_ids is not None:
-            raise NotImplementedError("sample_and_mix: the Triton path takes no row_ids")
         return sample_and_mix_triton(
-            hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset
+            hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset,
+            row_ids=row_ids,
         )
     return sample_and_mix_reference(
         hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset, row_ids=row_ids

@@ -6,11 +6,14 @@ poisoned before every call.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from hrpo_kernels import sample_and_mix, sample_and_mix_reference
 from hrpo_kernels._common import triton_available
+from hrpo_kernels.philox import philox_uniform
 from hrpo_kernels.sample_and_mix import sample_and_mix_triton
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -91,6 +94,68 @@ def test_full_vocab_tilings(B, splits, block_v):
                 splits=splits, block_v=block_v,
             )
             _check(h, w, e, 0.8, 0, greedy, out, TOL[torch.float32])
+
+
+def _race_gap(h, w, temperature, top_k, seed, offset, row_ids):
+    """Per row, the gap between the seeded reference's two best race scores: a token may flip
+    between paths (logits summed in another order, x * (1/T) for x / T) only where it is ~0."""
+    scaled = (h.float() @ w.float().T) / temperature
+    B, V = scaled.shape
+    ids = torch.arange(B, device=DEV) if row_ids is None else row_ids
+    u = philox_uniform(seed, offset + ids[:, None] * V + torch.arange(V, device=DEV))
+    score = scaled - torch.log(-torch.log(u))
+    if 0 < top_k < V:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        score = score.masked_fill(scaled < kth, float("-inf"))
+    top2 = score.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+@pytest.mark.parametrize("top_k", [0, 5, 50])
+@pytest.mark.parametrize("B,row_ids", [(3, None), (5, [7, 2, 0, 4, 1])], ids=["arange", "ids"])
+def test_seeded_tokens_equal_reference(top_k, B, row_ids):
+    """The Triton noise is the shared convention: with the same (seed, offset, row_ids) the
+    kernels sample the reference's tokens (C++ twin and CUDA extension: tests/test_philox.py)."""
+    V, D, temperature, seed, offset = 300, 40, 0.8, 2**40 + 17, 12345
+    h, w, e = _inputs(B, V, D, torch.float32, False, 31 * B + top_k, scale=0.15)
+    ids = None if row_ids is None else torch.tensor(row_ids, device=DEV)
+    out = sample_and_mix_triton(
+        h, w, e, temperature, top_k, False, seed=_scalar(seed), offset=_scalar(offset), row_ids=ids
+    )
+    ref = sample_and_mix_reference(h, w, e, temperature, top_k, seed=seed, offset=offset, row_ids=ids)
+    sure = _race_gap(h, w, temperature, top_k, seed, offset, ids) > 1e-4
+    assert int(sure.sum()) >= B - 1
+    assert torch.equal(out[0][sure], ref[0][sure])
+    assert not torch.equal(ref[0], sample_and_mix_reference(h, w, e, temperature, top_k, greedy=True)[0])
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(out[1][sure], ref[1][sure], rtol=tol, atol=tol)
+    torch.testing.assert_close(out[2], ref[2], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_row_ids_keep_a_rows_noise(top_k):
+    """A compacted batch (rows [2, 0] with row_ids [2, 0]) draws what those rows drew in the
+    full batch; without the ids they would take rows 0 and 1's noise."""
+    B, V, D = 5, 300, 40
+    h, w, e = _inputs(B, V, D, torch.float32, True, 8 + top_k, scale=0.05)  # flat p: the noise decides
+    run = lambda x, ids=None: sample_and_mix_triton(  # noqa: E731
+        x, w, e, 1.0, top_k, False, seed=_scalar(77), offset=_scalar(3), row_ids=ids
+    )[0]
+    full = run(h)
+    keep = torch.tensor([2, 0], device=DEV)
+    assert torch.equal(run(h[keep], keep), full[keep])
+    assert not torch.equal(run(h[keep]), full[keep])
+
+
+def test_dispatcher_passes_row_ids(monkeypatch):
+    """sample_and_mix hands row_ids to the fused path (it used to refuse them)."""
+    sam = importlib.import_module("hrpo_kernels.sample_and_mix")  # the package's name is the function
+    seen = {}
+    monkeypatch.setattr(sam, "_use_triton", lambda *a: True)
+    monkeypatch.setattr(sam, "sample_and_mix_triton", lambda *a, **kw: seen.update(kw))
+    ids = torch.tensor([1, 0])
+    sam.sample_and_mix(*_inputs(2, 30, 16, torch.float32, True, 0), 1.0, seed=_scalar(1), row_ids=ids)
+    assert seen["row_ids"] is ids
 
 
 def _chi2(tokens, p):

@@ -102,6 +102,23 @@ def test_triton_shapes(monkeypatch, B, H, Hkv, Dh, T, seqlens, n_splits):
     close(out, decode_attention_reference(q, k, v, s, 0.3), torch.float32, f"H={H} Hkv={Hkv}")
 
 
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_captures_in_a_cuda_graph():
+    """No host sync and a grid from shapes only: one captured call serves new lengths."""
+    q, k, v = make(4, 12, 2, 128, 300, torch.bfloat16, 11)
+    seqlens = lens(300, 1, 0, 150)
+    da.decode_attention_triton(q, k, v, seqlens, 0.1)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention_triton(q, k, v, seqlens, 0.1)
+    for new in ((5, 300, 17, 0), (0, 64, 65, 299)):
+        seqlens.copy_(lens(*new))
+        graph.replay()
+        close(out, decode_attention_reference(q, k, v, seqlens, 0.1), torch.bfloat16, f"replay {new}")
+
+
 @pytest.mark.parametrize("H,Hkv", [(6, 2), (4, 4), (5, 1)])
 def test_reference_matches_per_row_loop(H, Hkv):
     """GQA (G = 3), MHA and MQA; ragged lengths with an empty row; max_len slices exactly."""

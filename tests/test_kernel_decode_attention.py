@@ -121,15 +121,14 @@ def test_triton_captures_in_a_cuda_graph():
 
 @pytest.mark.parametrize("H,Hkv", [(6, 2), (4, 4), (5, 1)])
 def test_reference_matches_per_row_loop(H, Hkv):
-    """GQA (G = 3), MHA and MQA; ragged lengths with an empty row; max_len slices exactly."""
+    """GQA (G = 3), MHA and MQA; ragged lengths with an empty row; max_len >= the lengths
+    changes nothing."""
     B, Dh, T = 4, 24, 11
     q, k, v = make(B, H, Hkv, Dh, T, torch.float32, H * 10 + Hkv)
     seqlens = lens(3, 0, 11, 1)
     ref = decode_attention_reference(q, k, v, seqlens, 0.4)
     close(ref, naive(q, k, v, seqlens, 0.4), torch.float32, f"H={H} Hkv={Hkv}")
     assert torch.equal(ref[1], torch.zeros_like(ref[1]))
-    sliced = decode_attention_reference(q, k, v, seqlens, 0.4, max_len=11)
-    torch.testing.assert_close(sliced, ref, rtol=0, atol=0)
     short = lens(3, 0, 5, 1)
     torch.testing.assert_close(
         decode_attention_reference(q, k, v, short, 0.4, max_len=5), decode_attention_reference(q, k, v, short, 0.4)

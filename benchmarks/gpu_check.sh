@@ -15,7 +15,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 timeout 300 python3 -c "from hrpo_kernels._ext import load_extension as l; print('extension:', l())" 2>&1 | tee "$OUT/build.log"
 # 2. Correctness of every kernel on the GPU (the CPU suite ran them only under the interpreter).
 timeout 300 python3 -m pytest -q -x tests/test_kernel_gated_blend.py tests/test_kernel_token_logprobs.py \
-  tests/test_kernel_sample_and_mix.py tests/test_ext_cpu.py 2>&1 | tee "$OUT/tests.log" | tail -5
+  tests/test_kernel_sample_and_mix.py tests/test_kernel_decode_attention.py tests/test_ext_cpu.py 2>&1 | tee "$OUT/tests.log" | tail -5
 # 3. Benchmarks: ops against their eager references, then the rollout.
 timeout 400 python3 -m pytest -q benchmarks/ --benchmark-only --benchmark-json "$OUT/bench.json" \
   --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -60

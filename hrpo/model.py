@@ -38,8 +38,9 @@ class SequenceBatch:
     think_mask: torch.Tensor  # (B, T) bool: the token's input position is blended
 
     def select(self, idx):
-        """The rows idx of every per-row tensor (works for subclasses too)."""
-        return type(self)(**{f: getattr(self, f)[idx] for f in self.__dataclass_fields__})
+        """The rows idx of every per-row tensor (works for subclasses too; other fields are kept)."""
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return type(self)(**{f: v[idx] if torch.is_tensor(v) else v for f, v in fields.items()})
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

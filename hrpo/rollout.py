@@ -2,7 +2,7 @@
 
 Each step samples x_t from p_t, records log p(x_t), the latent h_hat_t = (p_t @ E)/||p_t||
 and whether the row is still thinking (the marker is not yet in its text, x_t included),
-then feeds the gate's blend of E[x_t] and h_hat_t (or plain E[x_t]) as the next input.
+then feeds the gate's blend of E[x_t] and h_hat_t as stored (in latent_dtype), or plain E[x_t], as the next input.
 
 seed given: step t's race noise is philox_uniform(seed, t * B * V + row * V + token) with
 `row` the row's index in the call's batch (hrpo_kernels.philox), a function of (seed, row,
@@ -38,6 +38,7 @@ class SamplingConfig:
 class Rollout(SequenceBatch):
     logprobs: torch.Tensor = None  # (B, T) fp32 log p(x_t) at the sampling temperature
     gate_mean: torch.Tensor = None  # (B,) mean gate coefficient a over thinking positions
+    stats: dict | None = None  # timing counters (the engine's)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -153,12 +154,13 @@ def rollout(
         logps.append(lp_f)
         latents.append(lat_f)
         thinks.append(think_f)
+        # The gate sees the latent as stored, so the training forward re-creates this input.
+        x, a = hm.gate(hm.embed(tok), lat, think)
+        gate_sum.index_add_(0, act, torch.where(think, a.mean(-1), 0.0))
+        gate_n.index_add_(0, act, think.to(gate_n.dtype))
         finished = finished | torch.isin(tok, eos)
         if bool(finished.all()):
             break
-        x, a = hm.gate(hm.embed(tok), h_hat, think)
-        gate_sum.index_add_(0, act, torch.where(think, a.mean(-1), 0.0))
-        gate_n.index_add_(0, act, think.to(gate_n.dtype))
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         live = ~finished
         if compact_below > 0 and float(live.sum()) < compact_below * B and not bool(live.all()):

@@ -1,0 +1,286 @@
+"""The rollout engine: hybrid (or plain) sampling over a static KV cache, built for speed.
+
+It computes what the reference loop (hrpo/rollout.py) computes; under the same `seed` it
+draws the same tokens. One decode step is
+
+    hidden -> sample_and_mix (lm-head, top-k / full vocabulary, race, log-prob, h_hat)
+           -> step_controller (marker matcher, finish flags, rollout buffers)
+           -> gated_blend of E[token] and h_hat (hybrid) or E[token] (plain)
+           -> FastDecoder.decode (our own model body over the static cache) -> hidden
+
+with no host synchronisation on CUDA, so the whole step is captured once per batch size in
+a CUDA graph and replayed. The host reads the live-row count every `check_every` steps (a
+few extra steps past the last finish are harmless no-ops), and when the live fraction
+falls to `compact_below` it moves the live rows to the front and continues with a smaller
+batch (and graph). Rows keep their Philox noise through compaction (row_ids), so neither
+prefix sharing nor compaction changes a rollout.
+
+The stored latent is h_hat rounded to `latent_dtype` (bf16 by default), and the gate is
+fed that rounded latent, so the training forward, which re-blends the stored latent,
+reproduces the rollout's inputs exactly.
+
+`make_engine` returns the reference loop behind the same interface, with a one-line
+warning, for a model FastDecoder cannot run.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hrpo_kernels import sample_and_mix, step_controller
+from hrpo_kernels._common import next_pow2
+from hrpo_kernels._ext import load_extension
+from hrpo_kernels.step_controller import StepBuffers
+
+from .fast_decoder import FastDecoder, unsupported_reason
+from .marker import MarkerMatcher
+from .model import HybridModel
+from .rollout import Rollout, SamplingConfig, left_pad, rollout
+
+
+@dataclass
+class EngineOptions:
+    share_prefix: bool = True  # prefill each distinct prompt once
+    compact_below: float = 0.5  # compact when live rows <= this fraction of the running batch (0: never)
+    check_every: int | None = None  # steps between host checks (None: 16 with CUDA graphs, else 1)
+    cuda_graphs: bool = True  # capture the decode step on CUDA
+    latent_dtype: torch.dtype = torch.bfloat16
+
+
+class _State:
+    """Every buffer of a rollout, allocated for (batch, columns, cache slots) and reused by
+    later calls that fit, so that captured graphs stay valid."""
+
+    def __init__(self, dec: FastDecoder, batch: int, cols: int, slots: int, d: int, latent_dtype, pad_id: int):
+        dev = dec.device
+        self.batch, self.cols, self.slots = batch, cols, slots
+        self.cache = dec.new_cache(batch, slots)
+        self.bufs = StepBuffers.allocate(batch, cols, d, dev, latent_dtype, pad_id)
+        self.hidden = torch.zeros(batch, d, dtype=dec.dtype, device=dev)
+        self.match = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.order = torch.zeros(batch, dtype=torch.int64, device=dev)  # original row of each row
+        self.gate_sum = torch.zeros(batch, dtype=torch.float32, device=dev)
+        self.gate_n = torch.zeros(batch, dtype=torch.float32, device=dev)
+        self.t = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+
+    def fits(self, batch: int, cols: int, slots: int) -> bool:
+        return self.batch >= batch and self.cols >= cols and self.slots >= slots
+
+    def reset(self, B: int, pad_id: int) -> None:
+        b = self.bufs
+        b.tokens[:B].fill_(pad_id)
+        for x in (b.logprobs, b.think, b.mask):
+            x[:B].zero_()
+        for x in (self.match, self.finished, self.gate_sum, self.gate_n, self.t, self.offset):
+            x.zero_()
+        torch.arange(B, out=self.order[:B])
+
+    def permute(self, n: int, perm: torch.Tensor, n_new: int, upto: int) -> None:
+        """Rows [0, n) reordered by perm; only the first n_new keep decoding (cache slots
+        [0, upto) moved for those). Rows past n_new keep their finished records."""
+        b = self.bufs
+        for x in (b.tokens, b.logprobs, b.think, b.mask, b.latents, self.hidden, self.match, self.finished,
+                  self.order, self.gate_sum, self.gate_n):
+            x[:n] = x[:n][perm]
+        self.cache.gather_rows(perm[:n_new], upto)
+
+
+class RolloutEngine:
+    def __init__(self, hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int,
+                 options: EngineOptions | None = None):
+        self.hm = hm
+        self.opts = options or EngineOptions()
+        self.dec = FastDecoder(hm.causal_lm)
+        self.pad_id = int(pad_id)
+        dev = self.dec.device
+        self.table = matcher.table.to(dev).contiguous()
+        self.eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], dtype=torch.int64, device=dev)
+        self.graphs = dev.type == "cuda" and self.opts.cuda_graphs and load_extension() is not None
+        if dev.type == "cuda" and self.opts.cuda_graphs and not self.graphs:
+            warnings.warn("hrpo engine: the CUDA extension did not load, so the step controller syncs with the "
+                          "host and CUDA graphs are off", stacklevel=2)
+        self.check_every = self.opts.check_every or (16 if self.graphs else 1)
+        self.state: _State | None = None
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ one decode step
+    def _step(self, n: int, B: int, cfg: SamplingConfig, generator, seeded: bool, max_len: int | None) -> None:
+        s, hm = self.state, self.hm
+        E, W = hm.embed.weight, hm.lm_weight
+        noise = dict(seed=s.seed, offset=s.offset, row_ids=s.order[:n]) if seeded else {}
+        tok, lp, h = sample_and_mix(s.hidden[:n], W, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise)
+        s.offset.add_(B * W.shape[0])
+        latent = h.to(self.opts.latent_dtype)
+        bufs = StepBuffers(*(x[:n] for x in s.bufs.tensors()[:-1]), n_live=s.bufs.n_live)
+        tokens, think, _ = step_controller(self.table, s.match[:n], s.finished[:n], tok, lp, h, self.eos,
+                                           self.pad_id, s.t, cfg.max_new_tokens, bufs, cfg.hybrid)
+        e = F.embedding(tokens, E)
+        if cfg.hybrid:
+            e, a = hm.gate(e, latent, think)
+            s.gate_sum[:n] += torch.where(think, a.mean(-1), 0.0)
+            s.gate_n[:n] += think
+        s.hidden[:n] = self.dec.decode(e, s.cache, max_len)
+
+    def _run(self, n: int, steps: int, B: int, cfg: SamplingConfig, generator, seeded: bool, host_len: int) -> None:
+        if not self.graphs:
+            for i in range(steps):
+                self._step(n, B, cfg, generator, seeded, host_len + i + 1)
+            return
+        key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, seeded)
+        graph = self.state.graphs.get(key)
+        if graph is None:
+            self._step(n, B, cfg, generator, seeded, None)  # a real step that also compiles this shape's kernels
+            steps -= 1
+            t0 = time.perf_counter()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the step; it runs at replay
+                self._step(n, B, cfg, generator, seeded, None)
+            self.state.graphs[key] = graph
+            self.last_stats["graph_captures"] += 1
+            self.last_stats["capture_s"] += time.perf_counter() - t0
+        for _ in range(steps):
+            graph.replay()
+
+    # ------------------------------------------------------------------ a rollout
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], cfg: SamplingConfig, generator: torch.Generator | None = None,
+                 seed: int | None = None) -> Rollout:
+        """Roll out every prompt once (repeat a prompt G times for a group). seed: the Philox
+        noise of hrpo_kernels (tokens reproducible across batch layouts); without it the
+        noise comes from `generator` (on CUDA: one seed drawn from it per call)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("engine.generate: every prompt needs at least one token")
+        if cfg.max_new_tokens < 1:
+            raise ValueError(f"engine.generate: max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+        dec, hm = self.dec, self.hm
+        dev = dec.device
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        t_start = time.perf_counter()
+        stats = self.last_stats = dict(prefill_s=0.0, decode_s=0.0, steps=0, host_checks=0, compactions=0,
+                                       graph_captures=0, capture_s=0.0)
+        dec.refresh()  # LoRA merged from the adapters as they are now
+        B, T = len(prompts), cfg.max_new_tokens
+        lens = [len(p) for p in prompts]
+        P = max(lens)
+        slots = P + T + self.check_every + 1  # room for the steps run past the last finish
+        d = hm.embed.weight.shape[1]
+        if self.state is None or not self.state.fits(B, T, slots):
+            self.state = None  # free the old buffers (and graphs) before allocating
+            self.state = _State(dec, B, T, slots, d, self.opts.latent_dtype, self.pad_id)
+        s = self.state
+        s.reset(B, self.pad_id)
+        seeded = seed is not None or dev.type == "cuda"
+        if seeded:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+            s.seed.fill_(int(seed))
+
+        # Prefill: distinct prompts once, right-padded (the cache holds each row from slot 0).
+        if self.opts.share_prefix:
+            distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+            index = {p: i for i, p in enumerate(distinct)}
+            inverse = torch.tensor([index[tuple(p)] for p in prompts], device=dev)
+        else:
+            distinct, inverse = [tuple(p) for p in prompts], None
+        ids = torch.full((len(distinct), P), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(distinct):
+            ids[i, : len(p)] = torch.tensor(p)
+        dlens = torch.tensor([len(p) for p in distinct], device=dev)
+        hidden = dec.prefill(F.embedding(ids.to(dev), hm.embed.weight), dlens, s.cache)
+        if inverse is not None and len(distinct) < B:
+            s.cache.gather_rows(inverse, P)
+            hidden = hidden[inverse]
+        s.hidden[:B] = hidden
+        sync()
+        stats["prefill_s"] = time.perf_counter() - t_start
+
+        # Decode in chunks of check_every steps; compact between chunks.
+        n, done = B, 0
+        while done < T:
+            steps = min(self.check_every, T - done)
+            self._run(n, steps, B, cfg, generator, seeded, P + done)
+            done += steps
+            stats["steps"] += steps
+            stats["host_checks"] += 1
+            live = ~s.finished[:n]
+            n_live = int(live.sum())
+            if n_live == 0:
+                break
+            if self.opts.compact_below > 0 and n_live <= self.opts.compact_below * n and n_live < n:
+                n_new = min(n, next_pow2(n_live)) if self.graphs else n_live  # few sizes: few graphs
+                perm = torch.cat([live.nonzero().squeeze(-1), (~live).nonzero().squeeze(-1)])
+                s.permute(n, perm, n_new, P + done + 1)
+                n = n_new
+                stats["compactions"] += 1
+        sync()
+        stats["decode_s"] = time.perf_counter() - t_start - stats["prefill_s"]
+        out = self._collect(prompts, B)
+        stats["new_tokens"] = int(out.completion_mask.sum())
+        stats["total_s"] = time.perf_counter() - t_start
+        stats["tokens_per_s"] = stats["new_tokens"] / max(stats["total_s"], 1e-9)
+        out.stats = stats
+        return out
+
+    def _collect(self, prompts, B: int) -> Rollout:
+        """The rollout in the callers' row order, trimmed to the longest completion, with
+        log-probs and latents of positions past a row's end zeroed."""
+        s = self.state
+        back = torch.argsort(s.order[:B])
+        mask = s.bufs.mask[:B][back]
+        width = max(int(mask.sum(1).max()), 1)
+        mask = mask[:, :width]
+        b = s.bufs
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, mask.device)
+        gate_n = s.gate_n[:B][back]
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=b.tokens[:B][back, :width],
+            completion_mask=mask,
+            latents=b.latents[:B][back, :width].masked_fill(~mask[..., None], 0.0),
+            think_mask=b.think[:B][back, :width],
+            logprobs=b.logprobs[:B][back, :width].masked_fill(~mask, 0.0),
+            gate_mean=torch.where(gate_n > 0, s.gate_sum[:B][back] / gate_n.clamp_min(1), float("nan")),
+        )
+
+
+class ReferenceEngine:
+    """The reference loop behind the engine's interface (for models FastDecoder cannot run)."""
+
+    def __init__(self, hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int,
+                 options: EngineOptions | None = None):
+        self.hm, self.matcher, self.eos_ids, self.pad_id = hm, matcher, list(eos_ids), int(pad_id)
+        self.opts = options or EngineOptions()
+        self.last_stats: dict = {}
+
+    def generate(self, prompts, cfg: SamplingConfig, generator=None, seed=None) -> Rollout:
+        t0 = time.perf_counter()
+        out = rollout(self.hm, prompts, cfg, self.matcher, self.eos_ids, self.pad_id, generator,
+                      latent_dtype=self.opts.latent_dtype, seed=seed, share_prefix=self.opts.share_prefix,
+                      compact_below=self.opts.compact_below)
+        total = time.perf_counter() - t0
+        new = int(out.completion_mask.sum())
+        out.stats = self.last_stats = dict(total_s=total, new_tokens=new, tokens_per_s=new / max(total, 1e-9))
+        return out
+
+
+def make_engine(hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int,
+                options: EngineOptions | None = None, kind: str = "fast"):
+    """kind "fast": the engine when FastDecoder runs this model, else the reference loop with
+    a one-line warning (never a silently different computation); "reference": the loop."""
+    if kind not in ("fast", "reference"):
+        raise ValueError(f"engine must be 'fast' or 'reference', got {kind!r}")
+    why = unsupported_reason(hm.causal_lm) if kind == "fast" else None
+    if kind == "fast" and why is None:
+        return RolloutEngine(hm, matcher, eos_ids, pad_id, options)
+    if why:
+        warnings.warn(f"hrpo engine: cannot run this model fast ({why}); rollouts use the reference loop", stacklevel=2)
+    return ReferenceEngine(hm, matcher, eos_ids, pad_id, options)

@@ -1,0 +1,252 @@
+"""The rollout engine's own decoder forward for Qwen2 / Qwen2.5 / Qwen3 and Llama bodies.
+
+Why not the Hugging Face forward: at decode time its per-module Python, mask and cache
+bookkeeping cost more than the math at rollout batch sizes, and its caches cannot hold
+ragged rows at their own positions inside a CUDA graph. The math here is HF's op for op
+(RMSNorm in fp32, rotary tables from the model's own rotary module, softmax in fp32), so
+outputs agree to rounding; tests hold it to the HF forward.
+
+Weights are packed for generation (q|k|v and gate|up fused into one matrix each) and LoRA
+adapters are merged into the packed copy: `refresh()` recomputes W + sum of B A * scaling
+in fp32 from the live adapters, so a refresh before each rollout keeps generation exactly
+in step with training. Anything this file cannot run exactly is named by
+`unsupported_reason`, and the engine falls back to the reference loop.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrpo_kernels import decode_attention
+
+from .kv_cache import StaticKVCache
+
+ARCHS = ("qwen2", "qwen3", "llama")
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _lora_reason(mod: nn.Module, name: str) -> str | None:
+    """Why a projection cannot be merged (None: a plain Linear or vanilla LoRA on one)."""
+    base = getattr(mod, "base_layer", None)
+    if base is None:
+        return None if type(mod) is nn.Linear else f"{name} is a {type(mod).__name__}, not a Linear"
+    if type(base) is not nn.Linear:
+        return f"{name} wraps a {type(base).__name__}, not a Linear"
+    if getattr(mod, "lora_variant", None) or any(getattr(mod, "use_dora", {}).values()):
+        return f"{name} uses a LoRA variant (DoRA, ...) that cannot be merged"
+    if any(getattr(mod, "lora_bias", {}).values()):
+        return f"{name} uses lora_bias"
+    return None
+
+
+def unsupported_reason(lm: nn.Module) -> str | None:
+    """None when FastDecoder runs this causal LM exactly, else what it cannot run."""
+    cfg = lm.config
+    kind = getattr(cfg, "model_type", "?")
+    if kind not in ARCHS:
+        return f"model_type {kind!r} (the engine runs {', '.join(ARCHS)})"
+    body = getattr(lm, "model", None)
+    if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
+        return f"{type(lm).__name__} has no .model.layers / .model.rotary_emb"
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+        return "non-full attention layers"
+    if getattr(cfg, "mlp_bias", False):
+        return "biased MLP projections"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    rope = getattr(body.rotary_emb, "rope_type", "default")
+    if rope in ("dynamic", "longrope"):
+        return f"rope_type {rope!r} (its tables depend on the sequence length)"
+    if type(lm.get_input_embeddings()) is not nn.Embedding:
+        return "the input embedding is not a plain nn.Embedding"
+    for i, layer in enumerate(body.layers):
+        for owner, names in ((layer.self_attn, _PROJ), (layer.mlp, _MLP)):
+            for n in names:
+                why = _lora_reason(getattr(owner, n), f"layer {i} {n}")
+                if why:
+                    return why
+    return None
+
+
+def effective_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) a Linear or a LoRA-wrapped Linear applies now: base + active deltas,
+    summed in fp32 and rounded once to the base dtype."""
+    base = getattr(mod, "base_layer", None)
+    if base is None:
+        return mod.weight, mod.bias
+    w = base.weight
+    if getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
+        return w, base.bias  # merged: peft already folded the deltas into base.weight
+    names = [a for a in mod.active_adapters if a in mod.lora_A]
+    if not names:
+        return w, base.bias
+    acc = w.float()
+    for a in names:
+        acc = acc + mod.get_delta_weight(a).float()
+    return acc.to(w.dtype), base.bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: statistics in fp32, the scale applied in the input dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, HF's rotary form (halves, not interleaved pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class _Layer:
+    """One decoder layer's packed generation weights and references to its norms."""
+
+    def __init__(self, layer: nn.Module, dims: tuple[int, int], dtype, device):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.attn, self.mlp = attn, mlp
+        nq, nk = dims
+        d = layer.input_layernorm.weight.shape[0]
+        inter = effective_weight(mlp.gate_proj)[0].shape[0]
+        self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm = (qn.weight, qn.variance_epsilon) if qn is not None else None
+        self.k_norm = (kn.weight, kn.variance_epsilon) if kn is not None else None
+        new = dict(dtype=dtype, device=device)
+        self.qkv_w = torch.empty(nq + 2 * nk, d, **new)
+        has_bias = effective_weight(attn.q_proj)[1] is not None
+        self.qkv_b = torch.empty(nq + 2 * nk, **new) if has_bias else None
+        self.o_w = torch.empty(d, nq, **new)
+        self.o_b = torch.empty(d, **new) if effective_weight(attn.o_proj)[1] is not None else None
+        self.gate_up_w = torch.empty(2 * inter, d, **new)
+        self.down_w = torch.empty(d, inter, **new)
+        self.inter = inter
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        parts = [effective_weight(getattr(self.attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
+        torch.cat([w for w, _ in parts], out=self.qkv_w)
+        if self.qkv_b is not None:
+            torch.cat([b for _, b in parts], out=self.qkv_b)
+        w, b = effective_weight(self.attn.o_proj)
+        self.o_w.copy_(w)
+        if self.o_b is not None:
+            self.o_b.copy_(b)
+        torch.cat([effective_weight(self.mlp.gate_proj)[0], effective_weight(self.mlp.up_proj)[0]], out=self.gate_up_w)
+        self.down_w.copy_(effective_weight(self.mlp.down_proj)[0])
+
+
+class FastDecoder:
+    """Prefill and decode over a StaticKVCache with the weights of `lm` (a causal LM of
+    ARCHS, possibly inside a peft wrapper: pass the inner model)."""
+
+    def __init__(self, lm: nn.Module):
+        why = unsupported_reason(lm)
+        if why:
+            raise ValueError(f"FastDecoder: cannot run {type(lm).__name__}: {why}")
+        cfg = lm.config
+        body = lm.model
+        self.body = body
+        self.embed = lm.get_input_embeddings().weight
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = float(getattr(body.layers[0].self_attn, "scaling", self.head_dim**-0.5))
+        self.n_layers = len(body.layers)
+        dims = (self.n_heads * self.head_dim, self.n_kv * self.head_dim)
+        self.layers = [_Layer(layer, dims, self.dtype, self.device) for layer in body.layers]
+        self.norm, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
+        self._cos = self._sin = None
+
+    def refresh(self) -> None:
+        """Re-pack (and re-merge LoRA) from the live modules: call after each weight update."""
+        for layer in self.layers:
+            layer.refresh()
+
+    def new_cache(self, batch: int, slots: int) -> StaticKVCache:
+        self._rotary_tables(slots)
+        return StaticKVCache(self.n_layers, batch, slots, self.n_kv, self.head_dim, self.dtype, self.device)
+
+    @torch.no_grad()
+    def _rotary_tables(self, slots: int) -> None:
+        """cos / sin (slots, head_dim) in the model dtype from the model's rotary module, so
+        every rope type it implements (default, llama3, yarn, ...) is reproduced exactly."""
+        if self._cos is not None and self._cos.shape[0] >= slots:
+            return
+        pos = torch.arange(slots, device=self.device)[None]
+        cos, sin = self.body.rotary_emb(torch.empty(1, dtype=self.dtype, device=self.device), pos)
+        self._cos, self._sin = cos[0], sin[0]
+
+    def _qkv(self, w: _Layer, x: torch.Tensor, cos, sin):
+        """Normed input (..., d) -> rotated q (..., H, Dh), k, v (..., Hkv, Dh)."""
+        qkv = F.linear(x, w.qkv_w, w.qkv_b)
+        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        lead = x.shape[:-1]
+        q = qkv[..., :nq].view(*lead, self.n_heads, self.head_dim)
+        k = qkv[..., nq : nq + nk].view(*lead, self.n_kv, self.head_dim)
+        v = qkv[..., nq + nk :].view(*lead, self.n_kv, self.head_dim)
+        if w.q_norm is not None:
+            q, k = rms_norm(q, *w.q_norm), rms_norm(k, *w.k_norm)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def _mlp(self, w: _Layer, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rms_norm(h, w.ln2, w.eps2), w.gate_up_w).split(w.inter, dim=-1)
+        return h + F.linear(F.silu(gate) * up, w.down_w)
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """x (n, P, d): right-padded prompt inputs, row b real for its first lengths[b]
+        positions. Fills cache rows [0, n) slots [0, P), sets seqlens = lengths and returns the
+        final-normed hidden state (n, d) at each row's last prompt token."""
+        n, P, _ = x.shape
+        cos, sin = self._cos[:P, None], self._sin[:P, None]  # (P, 1, Dh) against (n, P, heads, Dh)
+        slot = torch.arange(P, device=x.device)
+        allowed = (slot[None, :] <= slot[:, None])[None] & (slot[None, None, :] < lengths[:, None, None])
+        mask = allowed[:, None]  # (n, 1, P, P): causal and within the row
+        group = self.n_heads // self.n_kv
+        h = x
+        for i, w in enumerate(self.layers):
+            q, k, v = self._qkv(w, rms_norm(h, w.ln1, w.eps1), cos, sin)
+            cache.k[i, :n, :P] = k
+            cache.v[i, :n, :P] = v
+            att = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2).repeat_interleave(group, dim=1),
+                v.transpose(1, 2).repeat_interleave(group, dim=1),
+                attn_mask=mask,
+                scale=self.scale,
+            )
+            h = h + F.linear(att.transpose(1, 2).reshape(n, P, -1), w.o_w, w.o_b)
+            h = self._mlp(w, h)
+        cache.seqlens[:n] = lengths.to(torch.int32)
+        last = h[torch.arange(n, device=x.device), lengths.long() - 1]
+        return rms_norm(last, self.norm, self.norm_eps)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, cache: StaticKVCache, max_len: int | None = None) -> torch.Tensor:
+        """One token per row: x (n, d) the inputs of cache rows [0, n). Writes their K/V at
+        slot seqlens[b], advances seqlens and returns the final-normed hidden states (n, d).
+        No host sync (max_len, the longest row after the step, only trims CPU attention)."""
+        n = x.shape[0]
+        pos = cache.seqlens[:n]
+        slot = pos.long()
+        rows = torch.arange(n, device=x.device)
+        cos, sin = self._cos[slot, None], self._sin[slot, None]  # (n, 1, Dh)
+        lengths = pos + 1
+        h = x
+        for i, w in enumerate(self.layers):
+            q, k, v = self._qkv(w, rms_norm(h, w.ln1, w.eps1), cos, sin)
+            cache.k[i].index_put_((rows, slot), k)
+            cache.v[i].index_put_((rows, slot), v)
+            att = decode_attention(q, cache.k[i, :n], cache.v[i, :n], lengths, self.scale, max_len=max_len)
+            h = h + F.linear(att.reshape(n, -1), w.o_w, w.o_b)
+            h = self._mlp(w, h)
+        pos.add_(1)
+        return rms_norm(h, self.norm, self.norm_eps)

@@ -1,0 +1,39 @@
+"""A static KV cache for the rollout engine: allocated once for (batch, slots), never grown.
+
+Layout (layers, batch, slots, kv heads, head dim), flash-attn's kvcache layout per layer.
+Row b holds its own prompt from slot 0 (no padding inside the cache) and `seqlens[b]`
+is the slot its next token goes to, which is also that token's rotary position.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    def __init__(self, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (layers, batch, slots, kv_heads, head_dim)
+        # zeros, not empty: slots past a row's length are masked, but 0 * NaN would not be.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def fits(self, batch: int, slots: int, dtype, device) -> bool:
+        return self.batch >= batch and self.slots >= slots and self.k.dtype == dtype and self.k.device == device
+
+    @torch.no_grad()
+    def gather_rows(self, src: torch.Tensor, upto: int) -> None:
+        """Rows [0, len(src)) become copies of rows `src` (slots [0, upto)), layer by layer so
+        the temporary stays one layer's size. Serves prefix sharing and compaction."""
+        n = src.numel()
+        for cache in (self.k, self.v):
+            for layer in cache:
+                layer[:n, :upto] = layer[src, :upto]
+        self.seqlens[:n] = self.seqlens[src]

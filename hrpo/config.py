@@ -20,6 +20,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
     hybrid: bool = True
+    engine: str = "fast"  # rollouts: "fast" (hrpo.engine) or "reference" (hrpo.rollout's plain loop)
     # Rollout and batch shape (reference recipe: GSM8K's).
     group_size: int = 4
     batch_size: int = 8  # completions per device step

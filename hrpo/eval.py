@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from .marker import MarkerMatcher
 from .prompts import SYSTEM_PROMPT, Example, encode_prompts
-from .rollout import SamplingConfig, rollout
+from .engine import make_engine
+from .rollout import SamplingConfig
 
 
 @torch.no_grad()
@@ -27,15 +28,18 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    engine=None,
 ) -> dict:
-    """Accuracy (mean reward) and per-sample completions over `examples`."""
+    """Accuracy (mean reward) and per-sample completions over `examples` (rollouts by
+    `engine`, default: hrpo.engine.make_engine's for this model)."""
+    engine = engine or make_engine(hm, matcher, eos_ids, tokenizer.pad_token_id)
     prompts = encode_prompts(tokenizer, examples, max_prompt_length, system)
     generator = torch.Generator(device=hm.lm_weight.device).manual_seed(seed)
     samples, start = [], time.perf_counter()
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, leave=False)
     for lo in range(0, len(examples), batch_size):
         batch = examples[lo : lo + batch_size]
-        out = rollout(hm, prompts[lo : lo + batch_size], sampling, matcher, eos_ids, tokenizer.pad_token_id, generator)
+        out = engine.generate(prompts[lo : lo + batch_size], sampling, generator)
         texts = decode_completions(tokenizer, out)
         rewards = reward_fn(texts, [ex.answer for ex in batch])
         for ex, text, reward, n in zip(batch, texts, rewards, out.lengths.tolist()):
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--engine", default="fast", choices=("fast", "reference"), help="rollout loop (default: fast)")
     args = p.parse_args(argv)
     try:
         out_path = check_writable(args.output, args.overwrite)
@@ -104,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens or cfg.max_completion_length,
             temperature=args.temperature, top_k=args.top_k, greedy=not args.sample, hybrid=args.hybrid,
         )
+        matcher = MarkerMatcher(tokenizer, cfg.marker, model.config.vocab_size)
+        eos = eos_token_ids(model, tokenizer)
+        engine = make_engine(hm.eval(), matcher, eos, tokenizer.pad_token_id, kind=args.engine)
         result = evaluate(
-            hm.eval(), tokenizer, examples, get_reward_fn(args.task), sampling,
-            MarkerMatcher(tokenizer, cfg.marker, model.config.vocab_size), eos_token_ids(model, tokenizer),
-            cfg.max_prompt_length, SYSTEM_PROMPT if cfg.system_prompt else None, args.batch_size, args.seed,
+            hm, tokenizer, examples, get_reward_fn(args.task), sampling, matcher, eos, cfg.max_prompt_length,
+            SYSTEM_PROMPT if cfg.system_prompt else None, args.batch_size, args.seed, engine=engine,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

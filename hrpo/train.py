@@ -27,7 +27,8 @@ from .marker import MarkerMatcher
 from .model import HybridModel, ModelError
 from .plots import plot_curves
 from .prompts import SYSTEM_PROMPT, encode_prompts
-from .rollout import SamplingConfig, rollout
+from .engine import make_engine
+from .rollout import SamplingConfig
 from .runs import prepare_run_dir, write_json
 from .tasks import load_examples
 
@@ -85,11 +86,12 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
     eos = eos_token_ids(model, tokenizer)
     sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False, hybrid=cfg.hybrid)
     greedy = dataclasses.replace(sampling, greedy=True)
+    engine = make_engine(hm, matcher, eos, tokenizer.pad_token_id, kind=cfg.engine)
 
     def heldout(when: str) -> tuple[dict, dict]:
         """Greedy accuracy (the headline) and accuracy when sampling as in training."""
         runs = [evaluate(hm.eval(), tokenizer, eval_ex, reward_fn, how, matcher, eos, cfg.max_prompt_length,
-                         system, cfg.eval_batch_size, cfg.seed, progress) for how in (greedy, sampling)]
+                         system, cfg.eval_batch_size, cfg.seed, progress, engine) for how in (greedy, sampling)]
         print(f"held-out accuracy {when} training: {runs[0]['accuracy']:.3f} greedy, "
               f"{runs[1]['accuracy']:.3f} sampled (T={cfg.temperature}), {runs[0]['n']} examples")
         return runs[0], runs[1]
@@ -116,7 +118,7 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
         answers = [train_ex[i].answer for i in idx for _ in range(cfg.group_size)]
         hm.eval()
         t0 = time.perf_counter()
-        out = rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, generator)
+        out = engine.generate(prompts, sampling, generator)
         t_rollout = time.perf_counter() - t0
         rewards = torch.tensor(reward_fn(decode_completions(tokenizer, out), answers), dtype=torch.float32, device=device)
         adv = group_advantages(rewards, cfg.group_size)
@@ -149,6 +151,7 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
             "think_frac": float(out.think_mask.sum() / out.completion_mask.sum().clamp_min(1)),
             "lr_lora": opt.param_groups[0]["lr"],
             "rollout_s": t_rollout,
+            "rollout_tokens_per_s": out.stats["tokens_per_s"],
             "elapsed_s": time.perf_counter() - start,
             **info,
         }

@@ -14,8 +14,12 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 # 1. The CUDA extension (ninja JIT build through hrpo_kernels._ext; prints why if it fails).
 timeout 300 python3 -c "from hrpo_kernels._ext import load_extension as l; print('extension:', l())" 2>&1 | tee "$OUT/build.log"
 # 2. Correctness of every kernel on the GPU (the CPU suite ran them only under the interpreter).
-timeout 300 python3 -m pytest -q -x tests/test_kernel_gated_blend.py tests/test_kernel_token_logprobs.py \
-  tests/test_kernel_sample_and_mix.py tests/test_kernel_decode_attention.py tests/test_ext_cpu.py 2>&1 | tee "$OUT/tests.log" | tail -5
-# 3. Benchmarks: ops against their eager references, then the rollout.
-timeout 400 python3 -m pytest -q benchmarks/ --benchmark-only --benchmark-json "$OUT/bench.json" \
-  --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -60
+timeout 240 python3 -m pytest -q tests/test_kernel_gated_blend.py tests/test_kernel_token_logprobs.py \
+  tests/test_kernel_sample_and_mix.py tests/test_kernel_decode_attention.py tests/test_ext_cpu.py \
+  tests/test_engine_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+# 3. Benchmarks: ops against their eager references, then rollouts (the slowest last).
+timeout 150 python3 -m pytest -q benchmarks/ -k "not rollout" --benchmark-only --benchmark-json "$OUT/bench_ops.json" \
+  --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench_ops.log" | tail -40
+timeout 300 python3 -m pytest -q benchmarks/test_rollout_bench.py -k gpu --benchmark-only \
+  --benchmark-json "$OUT/bench_rollout.json" --benchmark-columns=median 2>&1 | tee "$OUT/bench_rollout.log" | tail -30
+python3 benchmarks/summarize.py "$OUT"/bench_*.json | tee "$OUT/summary.md"

@@ -1,16 +1,36 @@
-"""Rollout throughput: `pytest benchmarks/ --benchmark-only`.
+"""Rollout throughput: `pytest benchmarks/test_rollout_bench.py --benchmark-only`.
 
-CPU: the embedded model, 64 new tokens with no early stop: the project's rollout
-(hrpo.rollout, the reference loop until the engine lands) against the eager reference in
-the original code's style. Names say method, device, model, batch;
-each entry's extra_info carries tokens/s.
+Names are `{method}-{device}-{model}-b{batch}`; each entry's extra_info carries tokens_per_s
+(new tokens / wall time of one rollout) and, on GPU, the bandwidth floor of the same run.
+Methods: eager_reference (the original code's style: eager ops, full logits, a host-side
+re-decode of every row each step), hf_generate (plain sampling through HF `generate`),
+reference_loop (hrpo.rollout), engine_plain and engine_hybrid (hrpo.engine).
+
+GPU: Qwen2.5-1.5B / 3B shapes from ../shared/model_shapes.json with random bf16 weights
+(speed does not depend on their values), prompts of 256 random tokens in groups of 8,
+NEW_TOKENS (512) new tokens with no early stop (no EOS, a marker that never appears, so
+hybrid mode blends at every step: its worst case). The slow baselines run BASELINE_TOKENS
+(128) new tokens to fit the device time; their per-token cost is overhead-bound, so
+tokens/s at 128 is if anything kinder to them than at 512. The eager reference re-decodes
+with the embedded tokenizer (ids folded into its vocabulary), a cheaper decode than
+Qwen's. Floor: B new tokens per step over (weights + the KV cache at the run's mean
+length, read once per step) / the device copy bandwidth measured in this run.
+
+CPU: the embedded model, batches of distinct prompts x 8 (the arith recipe's rollout), 64 new
+tokens, no early stop.
 """
 from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.eager_reference import eager_rollout
+from hrpo.engine import EngineOptions, RolloutEngine
 from hrpo.loading import load_base_model
 from hrpo.marker import MarkerMatcher
 from hrpo.model import HybridModel
@@ -18,33 +38,143 @@ from hrpo.prompts import format_prompt
 from hrpo.rollout import SamplingConfig, rollout
 from hrpo.synthetic import synthetic_split
 
-NEW_TOKENS = 64
+SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
+GPU_MODELS = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-3b": "Qwen2.5-3B-Instruct"}
+NEW_TOKENS = int(os.environ.get("HRPO_BENCH_NEW_TOKENS", 512))
+BASELINE_TOKENS = int(os.environ.get("HRPO_BENCH_BASELINE_TOKENS", 128))
+PROMPT_LEN, GROUP = 256, 8
+TEMPERATURE, TOP_K = 0.5, 50
+METHODS = ["eager_reference", "hf_generate", "engine_plain", "engine_hybrid"]
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer():
+    return load_base_model(None, torch.device("cpu"), torch.float32)[1]
+
+
+@functools.lru_cache(maxsize=None)
+def never_marker(vocab: int) -> MarkerMatcher:
+    """A matcher whose marker never completes: every position stays thinking."""
+    matcher = MarkerMatcher(tiny_tokenizer(), "####", vocab)
+    matcher.table[: matcher.found_state] = 0
+    return matcher
+
+
+class FoldedDecode:
+    """The embedded tokenizer's decode on ids folded into its vocabulary: the per-step host
+    work of the original code on a model whose tokenizer files are not available here."""
+
+    def __init__(self, tokenizer, pad_id: int):
+        self.tok, self.pad_token_id, self.n = tokenizer, pad_id, len(tokenizer)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode([i % self.n for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def _record(benchmark, method, device, model, batch, new_tokens, **extra):
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(method=method, device=device, model=model, batch=batch, new_tokens=new_tokens,
+                                tokens_per_s=batch * new_tokens / seconds, **extra)
+
+
+def _runner(method, hm, prompts, new_tokens, matcher, decoder_tok, pad_id, generator, engine=None):
+    """A zero-argument callable that makes one rollout of `prompts` with `method`."""
+    dev = hm.lm_weight.device
+    if method == "eager_reference":
+        return lambda: eager_rollout(hm, decoder_tok, prompts, new_tokens, TEMPERATURE, TOP_K, generator=generator)
+    if method == "hf_generate":
+        ids = torch.tensor(prompts, device=dev)  # equal lengths: no padding
+
+        def run():
+            return hm.causal_lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                         temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens,
+                                         min_new_tokens=new_tokens, pad_token_id=pad_id)
+        return run
+    cfg = SamplingConfig(new_tokens, TEMPERATURE, TOP_K, hybrid=method != "engine_plain")
+    if method == "reference_loop":
+        return lambda: rollout(hm, prompts, cfg, matcher, [], pad_id, generator)
+    return lambda: engine.generate(prompts, cfg, generator)
+
+
+# ---------------------------------------------------------------------------------- CPU
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
     model, tok = load_base_model(None, torch.device("cpu"), torch.float32)
     hm = HybridModel(model).eval()
-    return hm, tok, MarkerMatcher(tok, "####", model.config.vocab_size)
-
-
-def prompts_for(tok, batch):
-    return [tok(format_prompt(tok, ex.question, None))["input_ids"] for ex in synthetic_split("test", batch)]
+    return hm, tok
 
 
 @pytest.mark.parametrize("batch", [8, 32])
-@pytest.mark.parametrize("method", ["eager_reference", "rollout_hybrid", "rollout_plain"])
+@pytest.mark.parametrize("method", ["eager_reference", "reference_loop", "engine_plain", "engine_hybrid"])
 def test_rollout_cpu(benchmark, tiny, method, batch):
-    hm, tok, matcher = tiny
-    prompts = prompts_for(tok, batch)
-    g = torch.Generator().manual_seed(0)
-    if method == "eager_reference":
-        fn = lambda: eager_rollout(hm, tok, prompts, NEW_TOKENS, 0.5, 50, generator=g)  # noqa: E731
-    else:
-        cfg = SamplingConfig(NEW_TOKENS, 0.5, 50, hybrid=method == "rollout_hybrid")
-        fn = lambda: rollout(hm, prompts, cfg, matcher, [], tok.pad_token_id, g)  # noqa: E731
+    hm, tok = tiny
+    new = 64
+    questions = synthetic_split("test", batch // GROUP)  # a GRPO batch, as the arith recipe rolls out
+    prompts = [tok(format_prompt(tok, ex.question, None))["input_ids"] for ex in questions for _ in range(GROUP)]
+    matcher = never_marker(hm.lm_weight.shape[0])
+    engine = RolloutEngine(hm, matcher, [], tok.pad_token_id) if method.startswith("engine") else None
+    fn = _runner(method, hm, prompts, new, matcher, tok, tok.pad_token_id, torch.Generator().manual_seed(0), engine)
     benchmark.name = f"{method}-cpu-tiny-b{batch}"
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["tokens_per_s"] = batch * NEW_TOKENS / benchmark.stats.stats.median
-    benchmark.extra_info.update(method=method, device="cpu", model="tiny", batch=batch)
+    _record(benchmark, method, "cpu", "tiny", batch, new)
+
+
+# ---------------------------------------------------------------------------------- GPU
+_MODELS: dict = {}
+
+
+def gpu_model(name: str):
+    """A random-weight bf16 model at the shapes of `name`, built once per session."""
+    if name not in _MODELS:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        _MODELS.clear()  # one model on the card at a time
+        torch.cuda.empty_cache()
+        entry = json.loads(SHAPES.read_text())[GPU_MODELS[name]]
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**entry), dtype=torch.bfloat16).eval()
+        _MODELS[name] = HybridModel(model)
+    return _MODELS[name]
+
+
+def floor_tokens_per_s(hm, batch: int, new_tokens: int, copy_gbps: float) -> float:
+    cfg = hm.config
+    weights = sum(p.numel() * p.element_size() for p in hm.causal_lm.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    mean_len = PROMPT_LEN + new_tokens / 2
+    kv = 2 * cfg.num_hidden_layers * batch * mean_len * cfg.num_key_value_heads * head_dim * 2
+    return batch / ((weights + kv) / (copy_gbps * 1e9))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU rollout benchmarks need CUDA")
+@pytest.mark.parametrize("batch", [32, 128, 256])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model", list(GPU_MODELS))
+def test_rollout_gpu(benchmark, copy_gbps, model, method, batch):
+    hm = gpu_model(model)
+    V = hm.lm_weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prompts = [p for p in torch.randint(0, V, (batch // GROUP, PROMPT_LEN), generator=g).tolist() for _ in range(GROUP)]
+    baseline = method in ("eager_reference", "hf_generate")
+    new = BASELINE_TOKENS if baseline else NEW_TOKENS
+    tok = tiny_tokenizer()
+    matcher = never_marker(V)
+    engine = RolloutEngine(hm, matcher, [], 0, EngineOptions()) if method.startswith("engine") else None
+    fn = _runner(method, hm, prompts, new, matcher, FoldedDecode(tok, 0), 0,
+                 torch.Generator(device="cuda").manual_seed(0), engine)
+
+    def synced():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.name = f"{method}-cuda-{model}-b{batch}"
+    benchmark.pedantic(synced, rounds=1, warmup_rounds=0 if baseline else 1)
+    floor = floor_tokens_per_s(hm, batch, new, copy_gbps)
+    _record(benchmark, method, "cuda", model, batch, new, floor_tokens_per_s=floor, copy_GBps=copy_gbps,
+            device_name=torch.cuda.get_device_name())
+    benchmark.extra_info["fraction_of_floor"] = benchmark.extra_info["tokens_per_s"] / floor
+    if engine is not None:
+        benchmark.extra_info["engine_stats"] = engine.last_stats

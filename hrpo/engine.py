@@ -214,8 +214,8 @@ class RolloutEngine:
             n_live = int(live.sum())
             if n_live == 0:
                 break
-            if self.opts.compact_below > 0 and n_live <= self.opts.compact_below * n and n_live < n:
-                n_new = min(n, next_pow2(n_live)) if self.graphs else n_live  # few sizes: few graphs
+            n_new = min(n, next_pow2(n_live)) if self.graphs else n_live  # few sizes: few graphs
+            if self.opts.compact_below > 0 and n_live <= self.opts.compact_below * n and n_new < n:
                 perm = torch.cat([live.nonzero().squeeze(-1), (~live).nonzero().squeeze(-1)])
                 s.permute(n, perm, n_new, P + done + 1)
                 n = n_new

@@ -131,8 +131,9 @@ class RolloutEngine:
 
     def _run(self, n: int, steps: int, B: int, cfg: SamplingConfig, generator, seeded: bool, host_len: int) -> None:
         if not self.graphs:
+            cpu = self.dec.device.type == "cpu"  # CPU attention scans only the slots in use; the kernels skip the rest
             for i in range(steps):
-                self._step(n, B, cfg, generator, seeded, host_len + i + 1)
+                self._step(n, B, cfg, generator, seeded, host_len + i + 1 if cpu else None)
             return
         key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, seeded)
         graph = self.state.graphs.get(key)
@@ -214,7 +215,7 @@ class RolloutEngine:
             n_live = int(live.sum())
             if n_live == 0:
                 break
-            n_new = min(n, next_pow2(n_live)) if self.graphs else n_live  # few sizes: few graphs
+            n_new = min(n, next_pow2(n_live))  # few sizes, hence few graphs; the same with and without
             if self.opts.compact_below > 0 and n_live <= self.opts.compact_below * n and n_new < n:
                 perm = torch.cat([live.nonzero().squeeze(-1), (~live).nonzero().squeeze(-1)])
                 s.permute(n, perm, n_new, P + done + 1)

@@ -3,7 +3,7 @@ on a lent GPU. On CPU these skip: test_engine.py covers the same code path witho
 import pytest
 import torch
 from conftest import build_model
-from test_engine import EXTRA_EOS, G, PROMPTS, policy
+from test_engine import G, PROMPTS, WIDE_EOS, policy
 from test_rollout_engine import assert_same
 
 from hrpo.engine import EngineOptions, RolloutEngine
@@ -18,7 +18,7 @@ def gpu_policy(arch, tokenizer, dtype):
 
 
 def engine_for(hm, tokenizer, **opts):
-    return RolloutEngine(hm, MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + EXTRA_EOS, tokenizer.pad_token_id,
+    return RolloutEngine(hm, MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + WIDE_EOS, tokenizer.pad_token_id,
                          EngineOptions(**opts))
 
 
@@ -47,7 +47,7 @@ def test_engine_equals_reference_on_gpu(arch, tokenizer):
     hm = gpu_policy(arch, tokenizer, torch.float32)
     prompts = [tokenizer.encode(p) for p in PROMPTS for _ in range(G)]
     sampling = SamplingConfig(40, 0.8, 20)
-    eos = [tokenizer.eos_token_id] + EXTRA_EOS
+    eos = [tokenizer.eos_token_id] + WIDE_EOS
     ref = rollout(hm, prompts, sampling, MarkerMatcher(tokenizer), eos, tokenizer.pad_token_id, seed=5)
     out = engine_for(hm, tokenizer, latent_dtype=torch.float32, check_every=8).generate(prompts, sampling, seed=5)
     assert_same(ref, out)

@@ -141,14 +141,20 @@ class RolloutEngine:
             self._step(n, B, cfg, generator, seeded, None)  # a real step that also compiles this shape's kernels
             steps -= 1
             t0 = time.perf_counter()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records the step; it runs at replay
-                self._step(n, B, cfg, generator, seeded, None)
+            graph = self._capture(lambda: self._step(n, B, cfg, generator, seeded, None))
             self.state.graphs[key] = graph
             self.last_stats["graph_captures"] += 1
             self.last_stats["capture_s"] += time.perf_counter() - t0
         for _ in range(steps):
             graph.replay()
+
+    @staticmethod
+    def _capture(step) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of `step`: recorded here, run by each replay()."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph
 
     # ------------------------------------------------------------------ a rollout
     @torch.no_grad()

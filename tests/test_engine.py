@@ -205,3 +205,35 @@ def test_stats_reuse_and_bad_input(tokenizer):
         engine.generate([[1, 2], []], cfg())
     with pytest.raises(ValueError, match="engine must be"):
         make_engine(hm, MarkerMatcher(tokenizer), [], 0, kind="vllm")
+
+
+class ReplayByCalling:
+    """Stands in for a CUDA graph on the CPU: replay() runs the captured step again. Real
+    capture is checked on a GPU (test_engine_cuda.py); this checks the engine's graph
+    bookkeeping: the eager warm-up step, one capture per batch size, replays in chunks of
+    check_every steps, compaction switching to a smaller graph, reuse on the next call."""
+
+    captured = 0
+
+    def __init__(self, step):
+        ReplayByCalling.captured += 1
+        self.replay = step
+
+
+def test_graph_bookkeeping_matches_eager_steps(tokenizer, monkeypatch):
+    hm = policy(build_model("llama", len(tokenizer)))
+    prompts = grouped(tokenizer)
+    matcher, eos = MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + WIDE_EOS
+    opts = EngineOptions(compact_below=0.9, check_every=3, **F32)
+    eager = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts).generate(prompts, cfg(), seed=4)
+    engine = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts)
+    engine.graphs = True
+    monkeypatch.setattr(engine, "_capture", ReplayByCalling)
+    out = engine.generate(prompts, cfg(), seed=4)
+    assert_same(eager, out)
+    sizes = 1 + out.stats["compactions"]  # one graph per batch size
+    assert out.stats["compactions"] >= 1 and out.stats["graph_captures"] == sizes == ReplayByCalling.captured
+    assert out.stats["host_checks"] == -(-out.stats["steps"] // 3)
+    again = engine.generate(prompts, cfg(), seed=4)
+    assert again.stats["graph_captures"] == 0 and ReplayByCalling.captured == sizes
+    assert_same(eager, again)

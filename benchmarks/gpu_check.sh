@@ -29,7 +29,9 @@ if [[ $PHASE == bench || $PHASE == all ]]; then
   # 3. Benchmarks: ops against their eager references, then rollouts (the slowest last).
   timeout 120 python3 -m pytest -q benchmarks/ -k "not rollout" --benchmark-only --benchmark-json "$OUT/bench_ops.json" \
     --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench_ops.log" | tail -40
-  timeout 270 python3 -m pytest -q benchmarks/test_rollout_bench.py -k gpu --benchmark-only \
-    --benchmark-json "$OUT/bench_rollout.json" --benchmark-columns=median 2>&1 | tee "$OUT/bench_rollout.log" | tail -30
+  for m in qwen2.5-1.5b qwen2.5-3b; do  # one JSON per model: a timeout loses one model, not both
+    HRPO_BENCH_MODELS=$m timeout 150 python3 -m pytest -q benchmarks/test_rollout_bench.py -k gpu --benchmark-only \
+      --benchmark-json "$OUT/bench_rollout_$m.json" --benchmark-columns=median 2>&1 | tee "$OUT/bench_rollout_$m.log" | tail -30
+  done
   python3 benchmarks/summarize.py "$OUT"/bench_*.json --png "$OUT/rollout.png" | tee "$OUT/summary.md"
 fi

@@ -40,6 +40,8 @@ from hrpo.synthetic import synthetic_split
 
 SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
 GPU_MODELS = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-3b": "Qwen2.5-3B-Instruct"}
+if os.environ.get("HRPO_BENCH_MODELS"):  # e.g. qwen2.5-1.5b: one model per pytest call (gpu_check.sh)
+    GPU_MODELS = {k: GPU_MODELS[k] for k in os.environ["HRPO_BENCH_MODELS"].split(",")}
 NEW_TOKENS = int(os.environ.get("HRPO_BENCH_NEW_TOKENS", 512))
 BASELINE_TOKENS = int(os.environ.get("HRPO_BENCH_BASELINE_TOKENS", 128))
 PROMPT_LEN, GROUP = 256, 8

@@ -237,3 +237,29 @@ def test_graph_bookkeeping_matches_eager_steps(tokenizer, monkeypatch):
     again = engine.generate(prompts, cfg(), seed=4)
     assert again.stats["graph_captures"] == 0 and ReplayByCalling.captured == sizes
     assert_same(eager, again)
+
+
+def test_engine_on_the_fused_kernels_equals_reference(tokenizer, monkeypatch):
+    """The engine's GPU-path ops (Triton sample_and_mix with row ids, Triton split-KV
+    attention on the cache views, Triton gated_blend) under the interpreter draw the
+    reference loop's tokens, compaction on."""
+    import hrpo.engine
+    import hrpo.fast_decoder
+    import hrpo.gate
+    from hrpo_kernels.decode_attention import decode_attention
+    from hrpo_kernels.gated_blend import gated_blend_triton
+    from hrpo_kernels.sample_and_mix import sample_and_mix_triton
+
+    hm = policy(build_model("llama", len(tokenizer)))
+    prompts = grouped(tokenizer)
+    matcher, eos = MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + WIDE_EOS
+    sampling = cfg(max_new_tokens=24)
+    ref = rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=7)
+    monkeypatch.setattr(hrpo.engine, "sample_and_mix", sample_and_mix_triton)
+    monkeypatch.setattr(hrpo.fast_decoder, "decode_attention",
+                        lambda *a, max_len=None: decode_attention(*a, impl="triton", max_len=max_len))
+    monkeypatch.setattr(hrpo.gate, "gated_blend", gated_blend_triton)
+    out = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, EngineOptions(compact_below=0.9, **F32)).generate(
+        prompts, sampling, seed=7)
+    assert out.stats["compactions"] >= 1 and out.think_mask.any()
+    assert_same(ref, out)

@@ -9,7 +9,9 @@ outputs agree to rounding; tests hold it to the HF forward.
 Weights are packed for generation (q|k|v and gate|up fused into one matrix each) and LoRA
 adapters are merged into the packed copy: `refresh()` recomputes W + sum of B A * scaling
 in fp32 from the live adapters, so a refresh before each rollout keeps generation exactly
-in step with training. Anything this file cannot run exactly is named by
+in step with training. On the CPU in fp32 the packed matrices are also reordered for
+oneDNN's prepacked GEMM (2-2.4x faster than F.linear at decode shapes). Anything this
+file cannot run exactly is named by
 `unsupported_reason`, and the engine falls back to the reference loop.
 """
 from __future__ import annotations
@@ -90,6 +92,35 @@ def effective_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return acc.to(w.dtype), base.bias
 
 
+_PACKING: bool | None = None  # whether oneDNN packing works here, decided at first use
+
+
+def _onednn_packing() -> bool:
+    """Whether this torch has oneDNN's prepacked linear (an op torch.compile uses for CPU)."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2))
+        return torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), w, None, "none", [], "").shape == (1, 2)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def pack(w: torch.Tensor) -> torch.Tensor | None:
+    """w reordered for oneDNN on an fp32 CPU weight (its GEMMs run 2-2.4x faster than
+    F.linear's at the engine's shapes on this project's AVX-512 CPUs), else None."""
+    global _PACKING
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return None
+    if _PACKING is None:
+        _PACKING = _onednn_packing()
+    return torch.ops.mkldnn._reorder_linear_weight(w) if _PACKING else None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    if packed is None:
+        return F.linear(x, w, b)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm: statistics in fp32, the scale applied in the input dtype."""
     xf = x.float()
@@ -140,6 +171,7 @@ class _Layer:
             self.o_b.copy_(b)
         torch.cat([effective_weight(self.mlp.gate_proj)[0], effective_weight(self.mlp.up_proj)[0]], out=self.gate_up_w)
         self.down_w.copy_(effective_weight(self.mlp.down_proj)[0])
+        self.packed = {name: pack(getattr(self, name)) for name in ("qkv_w", "o_w", "gate_up_w", "down_w")}
 
 
 class FastDecoder:
@@ -186,7 +218,7 @@ class FastDecoder:
 
     def _qkv(self, w: _Layer, x: torch.Tensor, cos, sin):
         """Normed input (..., d) -> rotated q (..., H, Dh), k, v (..., Hkv, Dh)."""
-        qkv = F.linear(x, w.qkv_w, w.qkv_b)
+        qkv = linear(x, w.qkv_w, w.qkv_b, w.packed["qkv_w"])
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         lead = x.shape[:-1]
         q = qkv[..., :nq].view(*lead, self.n_heads, self.head_dim)
@@ -197,8 +229,8 @@ class FastDecoder:
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _mlp(self, w: _Layer, h: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(rms_norm(h, w.ln2, w.eps2), w.gate_up_w).split(w.inter, dim=-1)
-        return h + F.linear(F.silu(gate) * up, w.down_w)
+        gate, up = linear(rms_norm(h, w.ln2, w.eps2), w.gate_up_w, None, w.packed["gate_up_w"]).split(w.inter, dim=-1)
+        return h + linear(F.silu(gate) * up, w.down_w, None, w.packed["down_w"])
 
     @torch.no_grad()
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
@@ -223,7 +255,7 @@ class FastDecoder:
                 attn_mask=mask,
                 scale=self.scale,
             )
-            h = h + F.linear(att.transpose(1, 2).reshape(n, P, -1), w.o_w, w.o_b)
+            h = h + linear(att.transpose(1, 2).reshape(n, P, -1), w.o_w, w.o_b, w.packed["o_w"])
             h = self._mlp(w, h)
         cache.seqlens[:n] = lengths.to(torch.int32)
         last = h[torch.arange(n, device=x.device), lengths.long() - 1]
@@ -246,7 +278,7 @@ class FastDecoder:
             cache.k[i].index_put_((rows, slot), k)
             cache.v[i].index_put_((rows, slot), v)
             att = decode_attention(q, cache.k[i, :n], cache.v[i, :n], lengths, self.scale, max_len=max_len)
-            h = h + F.linear(att.reshape(n, -1), w.o_w, w.o_b)
+            h = h + linear(att.reshape(n, -1), w.o_w, w.o_b, w.packed["o_w"])
             h = self._mlp(w, h)
         pos.add_(1)
         return rms_norm(h, self.norm, self.norm_eps)

@@ -165,6 +165,11 @@ class RolloutEngine:
         noise comes from `generator` (on CUDA: one seed drawn from it per call)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("engine.generate: every prompt needs at least one token")
+        V = self.hm.embed.weight.shape[0]
+        for i, p in enumerate(prompts):
+            if min(p) < 0 or max(p) >= V:
+                bad = min(p) if min(p) < 0 else max(p)
+                raise ValueError(f"engine.generate: prompt {i} holds token id {bad}, outside the vocabulary [0, {V})")
         if cfg.max_new_tokens < 1:
             raise ValueError(f"engine.generate: max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
         dec, hm = self.dec, self.hm

@@ -203,6 +203,8 @@ def test_stats_reuse_and_bad_input(tokenizer):
     assert small.stats["new_tokens"] == int(small.completion_mask.sum())
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[1, 2], []], cfg())
+    with pytest.raises(ValueError, match=f"prompt 1 holds token id {len(tokenizer)}, outside"):
+        engine.generate([[1, 2], [3, len(tokenizer)]], cfg())
     with pytest.raises(ValueError, match="engine must be"):
         make_engine(hm, MarkerMatcher(tokenizer), [], 0, kind="vllm")
 

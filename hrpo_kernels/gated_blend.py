@@ -176,6 +176,10 @@ _CAT_CACHE: dict = {}
 
 def _cat_weights(w_r, b_r, w_i, b_i):
     params = (w_r, b_r, w_i, b_i)
+    if w_r.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Recorded into the graph, so each replay concatenates the weights as they are then;
+        # a cached copy would freeze the gate at its capture-time values across updates.
+        return torch.cat([w_r.detach(), w_i.detach()], 0).float(), torch.cat([b_r.detach(), b_i.detach()], 0).float()
     key = tuple(id(p) for p in params)
     stamp = tuple((p.data_ptr(), p._version, tuple(p.shape), p.device, p.dtype) for p in params)
     hit = _CAT_CACHE.get(key)

@@ -39,6 +39,12 @@ def test_graphs_replay_the_eager_step(arch, tokenizer, hybrid):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     again = graphed.generate(prompts, sampling, seed=3)  # replays the cached graphs
     assert torch.equal(a.completion_ids, again.completion_ids) and again.stats["graph_captures"] == 0
+    with torch.no_grad():  # an optimizer step on the gate: replays must see the new weights
+        hm.gate.w_i.bias.add_(1.0)
+        hm.gate.lam.sub_(1.0)
+    a, b = graphed.generate(prompts, sampling, seed=3), eager.generate(prompts, sampling, seed=3)
+    for name in ("completion_ids", "logprobs", "latents"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def test_engine_equals_reference_on_gpu(arch, tokenizer):

@@ -234,12 +234,7 @@ class RolloutEngine:
                 stats["compactions"] += 1
         sync()
         stats["decode_s"] = time.perf_counter() - t_start - stats["prefill_s"]
-        out = self._collect(prompts, B)
-        stats["new_tokens"] = int(out.completion_mask.sum())
-        stats["total_s"] = time.perf_counter() - t_start
-        stats["tokens_per_s"] = stats["new_tokens"] / max(stats["total_s"], 1e-9)
-        out.stats = stats
-        return out
+        return _with_throughput(self._collect(prompts, B), stats, t_start)
 
     def _collect(self, prompts, B: int) -> Rollout:
         """The rollout in the callers' row order, trimmed to the longest completion, with
@@ -278,10 +273,17 @@ class ReferenceEngine:
         out = rollout(self.hm, prompts, cfg, self.matcher, self.eos_ids, self.pad_id, generator,
                       latent_dtype=self.opts.latent_dtype, seed=seed, share_prefix=self.opts.share_prefix,
                       compact_below=self.opts.compact_below)
-        total = time.perf_counter() - t0
-        new = int(out.completion_mask.sum())
-        out.stats = self.last_stats = dict(total_s=total, new_tokens=new, tokens_per_s=new / max(total, 1e-9))
-        return out
+        self.last_stats = {}
+        return _with_throughput(out, self.last_stats, t0)
+
+
+def _with_throughput(out: Rollout, stats: dict, t_start: float) -> Rollout:
+    """out with `stats` (updated in place) attached: new tokens, total seconds, tokens/s."""
+    stats["new_tokens"] = int(out.completion_mask.sum())
+    stats["total_s"] = time.perf_counter() - t_start
+    stats["tokens_per_s"] = stats["new_tokens"] / max(stats["total_s"], 1e-9)
+    out.stats = stats
+    return out
 
 
 def make_engine(hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int,

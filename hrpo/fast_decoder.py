@@ -29,10 +29,15 @@ _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+def _base(mod: nn.Module) -> nn.Linear:
+    """The plain Linear of a projection (inside its LoRA wrapper, if any)."""
+    return getattr(mod, "base_layer", mod)
+
+
 def _lora_reason(mod: nn.Module, name: str) -> str | None:
     """Why a projection cannot be merged (None: a plain Linear or vanilla LoRA on one)."""
-    base = getattr(mod, "base_layer", None)
-    if base is None:
+    base = _base(mod)
+    if base is mod:
         return None if type(mod) is nn.Linear else f"{name} is a {type(mod).__name__}, not a Linear"
     if type(base) is not nn.Linear:
         return f"{name} wraps a {type(base).__name__}, not a Linear"
@@ -77,8 +82,8 @@ def unsupported_reason(lm: nn.Module) -> str | None:
 def effective_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) a Linear or a LoRA-wrapped Linear applies now: base + active deltas,
     summed in fp32 and rounded once to the base dtype."""
-    base = getattr(mod, "base_layer", None)
-    if base is None:
+    base = _base(mod)
+    if base is mod:
         return mod.weight, mod.bias
     w = base.weight
     if getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
@@ -142,7 +147,7 @@ class _Layer:
         self.attn, self.mlp = attn, mlp
         nq, nk = dims
         d = layer.input_layernorm.weight.shape[0]
-        inter = effective_weight(mlp.gate_proj)[0].shape[0]
+        inter = _base(mlp.gate_proj).out_features
         self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
@@ -150,10 +155,9 @@ class _Layer:
         self.k_norm = (kn.weight, kn.variance_epsilon) if kn is not None else None
         new = dict(dtype=dtype, device=device)
         self.qkv_w = torch.empty(nq + 2 * nk, d, **new)
-        has_bias = effective_weight(attn.q_proj)[1] is not None
-        self.qkv_b = torch.empty(nq + 2 * nk, **new) if has_bias else None
+        self.qkv_b = torch.empty(nq + 2 * nk, **new) if _base(attn.q_proj).bias is not None else None
         self.o_w = torch.empty(d, nq, **new)
-        self.o_b = torch.empty(d, **new) if effective_weight(attn.o_proj)[1] is not None else None
+        self.o_b = torch.empty(d, **new) if _base(attn.o_proj).bias is not None else None
         self.gate_up_w = torch.empty(2 * inter, d, **new)
         self.down_w = torch.empty(d, inter, **new)
         self.inter = inter

@@ -17,17 +17,6 @@ class StaticKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def slots(self) -> int:
-        return self.k.shape[2]
-
-    def fits(self, batch: int, slots: int, dtype, device) -> bool:
-        return self.batch >= batch and self.slots >= slots and self.k.dtype == dtype and self.k.device == device
-
     @torch.no_grad()
     def gather_rows(self, src: torch.Tensor, upto: int) -> None:
         """Rows [0, len(src)) become copies of rows `src` (slots [0, upto)), layer by layer so

@@ -19,7 +19,7 @@ import importlib.util
 import pytest
 import torch
 
-from benchmarks.conftest import bench_ms
+from benchmarks.conftest import bench_ms, record_bandwidth, synced
 from hrpo_kernels.decode_attention import (
     decode_attention_flash,
     decode_attention_reference,
@@ -36,15 +36,6 @@ MODELS = {  # (H, Hkv, Dh)
     "llama-3.2-3b": (24, 8, 128),
 }
 METHODS = {"triton": decode_attention_triton, "flash": decode_attention_flash, "reference": decode_attention_reference}
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
@@ -72,13 +63,7 @@ def test_decode_attention(benchmark, copy_gbps, method, model, batch, ragged):
         torch.testing.assert_close(fn(), decode_attention_reference(q, k, v, seqlens, scale), rtol=1.6e-2, atol=1e-2)
         ms = bench_ms(fn)
         benchmark.name = f"decode_attention-{method}-{model}-b{batch}" + ("-ragged" if ragged else "")
-        benchmark.pedantic(_sync(fn), rounds=20, warmup_rounds=2)
+        benchmark.pedantic(synced(fn), rounds=20, warmup_rounds=2)
     nbytes = int(seqlens.clamp(max=T_MAX).sum()) * Hkv * Dh * 2 * 2  # K and V, bf16
-    info = benchmark.extra_info
-    info.update(method=method, model=model, batch=batch, t_max=T_MAX, ragged=ragged, H=H, Hkv=Hkv, Dh=Dh)
-    info["median_us"] = ms * 1e3
-    info["bytes_min"] = nbytes
-    info["achieved_GBps"] = nbytes / (ms * 1e-3) / 1e9
-    info["copy_GBps"] = copy_gbps
-    info["bw_fraction_of_copy"] = info["achieved_GBps"] / copy_gbps
-    info["floor_bytes_us"] = nbytes / (copy_gbps * 1e9) * 1e6
+    record_bandwidth(benchmark, copy_gbps, ms, nbytes, method=method, model=model, batch=batch, t_max=T_MAX,
+                     ragged=ragged, H=H, Hkv=Hkv, Dh=Dh)

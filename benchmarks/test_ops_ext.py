@@ -3,8 +3,8 @@
 
 topk_sample_mix on precomputed fp32 logits, V = 151936, d = 1536, bf16 embedding, k = 50,
 B = 32/128/256 (names `topk_sample_mix-<cuda|torch>-d1536-b<B>`), and the step controller
-(names `step_controller-<cuda|torch>-d1536-b<B>`). extra_info: device median ms (CUDA
-events via bench_ms), bytes, GB/s, speedup over the reference. The first call builds the
+(names `step_controller-<cuda|torch>-d1536-b<B>`). extra_info: device median time (CUDA
+events via bench_ms), bytes and bandwidth against the copy (topk), speedup over the reference. The first call builds the
 extension (ninja JIT, minutes) unless `hrpo_kernels._C` was installed by setup.py.
 """
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.conftest import memo_ms, record_bandwidth, synced
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 V, D, K, TEMPERATURE = 151936, 1536, 50, 0.5
-_MS: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,6 @@ def ext():
 def emb():
     g = torch.Generator(device="cuda").manual_seed(0)
     return (torch.randn(V, D, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-
-
-def _ms(key, fn):
-    from benchmarks.conftest import bench_ms
-
-    if key not in _MS:
-        _MS[key] = bench_ms(fn, warmup_ms=10, rep_ms=50)
-    return _MS[key]
 
 
 def _topk_fns(emb, B):
@@ -60,7 +53,7 @@ def _topk_fns(emb, B):
 
 @pytest.mark.parametrize("B", [32, 128, 256], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("impl", ["cuda", "torch"])
-def test_topk_sample_mix(benchmark, ext, emb, impl, B):
+def test_topk_sample_mix(benchmark, copy_gbps, ext, emb, impl, B):
     from hrpo_kernels.topk_sample import topk_sample_mix_reference
 
     logits, fns = _topk_fns(emb, B)
@@ -71,20 +64,15 @@ def test_topk_sample_mix(benchmark, ext, emb, impl, B):
         _, lp_ref, h_ref = topk_sample_mix_reference(logits, emb, K, TEMPERATURE, tokens=tok)
         torch.testing.assert_close(lp, lp_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
-    ms = _ms(("topk", impl, B), fns[impl])
+    ms = memo_ms(("topk", impl, B), fns[impl])
     nbytes = B * V * 4 + B * K * D * 2 + B * (12 + 4 * D)  # one logits read, k rows, outputs
 
-    def step():
-        fns[impl]()
-        torch.cuda.synchronize()
-
     benchmark.name = f"topk_sample_mix-{impl}-d{D}-b{B}"
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
-    info = dict(impl=impl, d=D, batch=B, vocab=V, k=K, emb_dtype="bf16", device=torch.cuda.get_device_name(),
-                median_ms=ms, bytes=nbytes, achieved_gbps=nbytes / (ms * 1e-3) / 1e9)
+    benchmark.pedantic(synced(fns[impl]), rounds=5, warmup_rounds=1)
+    info = dict(impl=impl, d=D, batch=B, vocab=V, k=K, emb_dtype="bf16", device=torch.cuda.get_device_name())
     if impl == "cuda":
-        info["speedup_vs_torch"] = _ms(("topk", "torch", B), fns["torch"]) / ms
-    benchmark.extra_info.update(info)
+        info["speedup_vs_torch"] = memo_ms(("topk", "torch", B), fns["torch"]) / ms
+    record_bandwidth(benchmark, copy_gbps, ms, nbytes, **info)
 
 
 def _step_case(B, T=1024):
@@ -130,15 +118,11 @@ def test_step_controller(benchmark, ext, impl, B):
         for x, y in zip(c["bufs"].tensors(), ref["bufs"].tensors()):
             assert torch.equal(x, y)
         assert torch.equal(c["state"], ref["state"]) and int(c["t"]) == int(ref["t"]) == 1
-    ms = _ms(("step", impl, B), run)
-
-    def step():
-        run()
-        torch.cuda.synchronize()
+    ms = memo_ms(("step", impl, B), run)
 
     benchmark.name = f"step_controller-{impl}-d{D}-b{B}"
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
-    info = dict(impl=impl, d=D, batch=B, latent_dtype="bf16", device=torch.cuda.get_device_name(), median_ms=ms)
+    benchmark.pedantic(synced(run), rounds=5, warmup_rounds=1)
+    info = dict(impl=impl, d=D, batch=B, latent_dtype="bf16", device=torch.cuda.get_device_name(), median_us=ms * 1e3)
     if impl == "cuda":
         ref_case = _step_case(B)
         ref_args = (ref_case["table"], ref_case["state"], ref_case["finished"], ref_case["tokens"], ref_case["logprobs"],
@@ -148,5 +132,5 @@ def test_step_controller(benchmark, ext, impl, B):
             ref_case["t"].zero_()
             return step_controller_reference(*ref_args)
 
-        info["speedup_vs_torch"] = _ms(("step", "torch", B), ref_run) / ms
+        info["speedup_vs_torch"] = memo_ms(("step", "torch", B), ref_run) / ms
     benchmark.extra_info.update(info)

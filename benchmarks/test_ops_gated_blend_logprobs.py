@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import bench_ms
+from benchmarks.conftest import bench_ms, record_bandwidth, synced
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
 
@@ -23,26 +23,11 @@ PEAK_TFLOPS = {torch.float32: 67.0, torch.bfloat16: 989.0, "tf32": 494.0}
 
 
 def _record(benchmark, copy_gbps, ms, nbytes, flops=None, flop_dtype=None, **info):
-    benchmark.extra_info.update(info)
-    benchmark.extra_info["median_us"] = ms * 1e3
-    benchmark.extra_info["bytes_min"] = nbytes
-    benchmark.extra_info["achieved_GBps"] = nbytes / (ms * 1e-3) / 1e9
-    benchmark.extra_info["copy_GBps"] = copy_gbps
-    benchmark.extra_info["bw_fraction_of_copy"] = benchmark.extra_info["achieved_GBps"] / copy_gbps
-    benchmark.extra_info["floor_bytes_us"] = nbytes / (copy_gbps * 1e9) * 1e6
+    record_bandwidth(benchmark, copy_gbps, ms, nbytes, **info)
     if flops is not None:
         benchmark.extra_info["flops"] = flops
         benchmark.extra_info["achieved_TFLOPs"] = flops / (ms * 1e-3) / 1e12
         benchmark.extra_info["floor_flops_us"] = flops / (PEAK_TFLOPS[flop_dtype] * 1e12) * 1e6
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 # ----------------------------------------------------------------------------------------
@@ -73,7 +58,7 @@ def test_gated_blend(benchmark, copy_gbps, method, d, batch):
 
         ms = bench_ms(fn)
         benchmark.name = f"gated_blend-{method}-d{d}-b{batch}"
-        benchmark.pedantic(_sync(fn), rounds=50, warmup_rounds=5)
+        benchmark.pedantic(synced(fn), rounds=50, warmup_rounds=5)
     # at least: both weights (fp32), biases and Lambda, e (bf16), h_hat (fp32), mask,
     # out (bf16) and a (fp32)
     nbytes = 2 * d * d * 4 + 3 * d * 4 + batch * d * (2 + 4 + 2 + 4) + batch
@@ -131,7 +116,7 @@ def test_token_logprobs(benchmark, copy_gbps, method, d, weight_grad):
     peak = torch.cuda.max_memory_allocated()
     ms = bench_ms(fn)
     benchmark.name = f"token_logprobs-{method}-d{d}-n{N}" + ("-wgrad" if weight_grad else "")
-    benchmark.pedantic(_sync(fn), rounds=5, warmup_rounds=1)
+    benchmark.pedantic(synced(fn), rounds=5, warmup_rounds=1)
     # at least: W read in the forward, in the recompute and by grad_hidden (and by grad_W's
     # write), hidden read three times, grad_hidden written; the (N, V) grad_logits in bf16
     # written once and read once per backward GEMM by the chunked backward.

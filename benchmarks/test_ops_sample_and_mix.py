@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import bench_ms
+from benchmarks.conftest import memo_ms, record_bandwidth, synced
 from hrpo_kernels.sample_and_mix import (
     full_vocab_config,
     sample_and_mix_reference,
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 V = 151936
 TEMPERATURE = 0.5
 TOP_K = 50
-_MS: dict = {}
 
 
 @pytest.fixture(scope="module", params=[1536, 2048], ids=lambda d: f"d{d}")
@@ -72,10 +71,7 @@ def _bytes(variant: str, d: int, B: int) -> int:
 
 
 def _time(variant, d, B, fns) -> float:
-    key = (variant, d, B)
-    if key not in _MS:
-        _MS[key] = bench_ms(fns[variant], warmup_ms=10, rep_ms=50)
-    return _MS[key]
+    return memo_ms(("sample_and_mix", variant, d, B), fns[variant])
 
 
 @pytest.mark.parametrize("B", [32, 128, 256], ids=lambda b: f"b{b}")
@@ -90,20 +86,13 @@ def test_sample_and_mix_tail(benchmark, head, copy_gbps, variant, B):
     gemm_ms = _time("gemm", d, B, fns)
     nbytes = _bytes(variant, d, B)
 
-    def step():
-        fns[variant]()
-        torch.cuda.synchronize()
-
     benchmark.name = f"sample_and_mix-{variant}-d{d}-b{B}"
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(synced(fns[variant]), rounds=5, warmup_rounds=1)
     info = dict(
-        variant=variant, d=d, batch=B, vocab=V, dtype="bf16", tied=True,
-        device=torch.cuda.get_device_name(), median_ms=ms, bytes=nbytes,
-        achieved_gbps=nbytes / (ms * 1e-3) / 1e9, copy_gbps=copy_gbps,
-        floor_ms_at_copy_bw=(V * d * 2) / (copy_gbps * 1e9) * 1e3,
-        ratio_to_gemm=ms / gemm_ms,
+        variant=variant, d=d, batch=B, vocab=V, dtype="bf16", tied=True, device=torch.cuda.get_device_name(),
+        floor_E_once_us=(V * d * 2) / (copy_gbps * 1e9) * 1e6, ratio_to_gemm=ms / gemm_ms,
     )
     if variant.startswith("fused"):
         eager = "eager_topk50" if variant == "fused_topk50" else "eager_full"
         info["speedup_vs_eager"] = _time(eager, d, B, fns) / ms
-    benchmark.extra_info.update(info)
+    record_bandwidth(benchmark, copy_gbps, ms, nbytes, **info)

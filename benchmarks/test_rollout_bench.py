@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.conftest import synced
 from benchmarks.eager_reference import eager_rollout
 from hrpo.engine import EngineOptions, RolloutEngine
 from hrpo.loading import load_base_model
@@ -166,14 +167,8 @@ def test_rollout_gpu(benchmark, copy_gbps, model, method, batch):
     engine = RolloutEngine(hm, matcher, [], 0, EngineOptions()) if method.startswith("engine") else None
     fn = _runner(method, hm, prompts, new, matcher, FoldedDecode(tok, 0), 0,
                  torch.Generator(device="cuda").manual_seed(0), engine)
-
-    def synced():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
     benchmark.name = f"{method}-cuda-{model}-b{batch}"
-    benchmark.pedantic(synced, rounds=1, warmup_rounds=0 if baseline else 1)
+    benchmark.pedantic(synced(fn), rounds=1, warmup_rounds=0 if baseline else 1)
     floor = floor_tokens_per_s(hm, batch, new, copy_gbps)
     _record(benchmark, method, "cuda", model, batch, new, floor_tokens_per_s=floor, copy_GBps=copy_gbps,
             device_name=torch.cuda.get_device_name())

@@ -2,7 +2,8 @@
 
 Each step samples x_t from p_t, records log p(x_t), the latent h_hat_t = (p_t @ E)/||p_t||
 and whether the row is still thinking (the marker is not yet in its text, x_t included),
-then feeds the gate's blend of E[x_t] and h_hat_t as stored (in latent_dtype), or plain E[x_t], as the next input.
+then feeds the gate's blend of E[x_t] and h_hat_t as stored (in latent_dtype), or plain
+E[x_t], as the next input.
 
 seed given: step t's race noise is philox_uniform(seed, t * B * V + row * V + token) with
 `row` the row's index in the call's batch (hrpo_kernels.philox), a function of (seed, row,

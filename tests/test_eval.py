@@ -46,3 +46,17 @@ def test_eval_base_model_and_real_task_data(trained, tmp_path, capsys):
     assert eval_main(args) == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     assert result["n"] == 3 and result["accuracy"] == 0.0  # 4 random tokens never hold the marker
+
+
+def test_eval_engines_agree_on_a_lora_checkpoint(trained, tmp_path):
+    """The CLI's --engine choice reaches the rollout: both loops give the same greedy
+    completions of a checkpoint (after one step its adapters barely move the model; the
+    merge itself is tested with large adapters in test_engine.py)."""
+    results = {}
+    for kind in ("fast", "reference"):
+        out = tmp_path / f"{kind}.json"
+        args = ["--checkpoint", str(trained / "run" / "checkpoint"), "--limit", "6", "--max-new-tokens", "12",
+                "--max-prompt-length", "256", "--output", str(out), "--engine", kind]
+        assert eval_main(args) == 0
+        results[kind] = [s["completion"] for s in json.loads(out.read_text())["samples"]]
+    assert len(results["fast"]) == 6 and results["fast"] == results["reference"]

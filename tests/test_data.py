@@ -5,12 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import DATA, needs_data
 
 from hrpo.data import DataError, last_boxed, load_task
 from hrpo.prompts import Example
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
 
 
 def _write_jsonl(path: Path, records: list) -> Path:

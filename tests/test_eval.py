@@ -1,8 +1,7 @@
 import json
-from pathlib import Path
 
 import pytest
-from conftest import build_model, build_tokenizer
+from conftest import DATA, build_model, build_tokenizer, needs_data
 
 from hrpo.config import config_for
 from hrpo.eval import main as eval_main
@@ -38,8 +37,9 @@ def test_eval_checkpoint_writes_metrics_and_samples(trained, tmp_path, hybrid):
     assert eval_main(args + ["--overwrite"]) == 0
 
 
+@needs_data
 def test_eval_base_model_and_real_task_data(trained, tmp_path, capsys):
-    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+    data = DATA / "gsm8k" / "test.jsonl"
     out = tmp_path / "gsm8k.json"
     args = ["--task", "gsm8k", "--model", str(trained / "base"), "--data", str(data), "--limit", "3",
             "--max-new-tokens", "4", "--output", str(out)]

@@ -2,16 +2,14 @@
 wrong, doubled or missing answers must score 0."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
+from conftest import DATA, needs_data
 
 from hrpo.data import last_boxed, load_task
 from hrpo.prompts import ANSWER_MARKER
 from hrpo.rewards import extract_answer, get_reward_fn, math_equal, normalize_math, normalize_qa
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
 
 
 def _rate(task, completions, answers, label):

@@ -14,6 +14,7 @@ SOURCES = [
     f"{CSRC}/bindings.cpp",
     f"{CSRC}/topk_sample_cpu.cpp",
     f"{CSRC}/step_controller_cpu.cpp",
+    f"{CSRC}/decode_body_cpu.cpp",
     f"{CSRC}/topk_sample.cu",
     f"{CSRC}/step_controller.cu",
 ]
@@ -37,9 +38,10 @@ def _cuda_extension():
         sources=SOURCES,
         include_dirs=[os.path.join(here, CSRC)],
         extra_compile_args={
-            "cxx": ["-O3", "-ffp-contract=off"],  # the CPU twins' floats match the kernels'
+            "cxx": ["-O3", "-ffp-contract=off", "-fopenmp"],  # the CPU twins' floats match the kernels'
             "nvcc": ["-O3", "-lineinfo"],
         },
+        extra_link_args=["-fopenmp"],  # at::parallel_for in the C++ decoder body
     )
     return ext, BuildExtension
 

@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "decode_body_cpu.h"
 #include "ops.h"
 #include "philox.h"
 
@@ -232,9 +233,10 @@ bool has_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "HRPO hot-loop ops: top-k sample + latent mixture, rollout step controller";
+  m.doc() = "HRPO hot-loop ops: top-k sample + latent mixture, rollout step controller, CPU decoder body";
   m.def("topk_sample_mix", &topk_sample_mix, "top-k race sample, full-vocab logprob and h_hat (outputs in place)");
   m.def("step_controller", &step_controller, "one rollout bookkeeping step (buffers updated in place)");
+  m.def("decode_body_cpu", &hrpo::decode_body_cpu, "the engine's decoder body for one decode step (CPU, fp32)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of (4 counter words, 2 key words)");
   m.def("philox_uniform", &philox_uniform, "the race uniform u(seed, counter) of the kernels");
   m.def("has_cuda", &has_cuda, "whether this build holds the CUDA kernels");

@@ -8,11 +8,14 @@ outputs agree to rounding; tests hold it to the HF forward.
 
 Weights are packed for generation (q|k|v and gate|up fused into one matrix each) and LoRA
 adapters are merged into the packed copy: `refresh()` recomputes W + sum of B A * scaling
-in fp32 from the live adapters, so a refresh before each rollout keeps generation exactly
+in fp32 from the live adapters (when a parameter or adapter setting changed since the
+last one), so a refresh before each rollout keeps generation exactly
 in step with training. On the CPU in fp32 the packed matrices are also reordered for
-oneDNN's prepacked GEMM (2-2.4x faster than F.linear at decode shapes). Anything this
-file cannot run exactly is named by
-`unsupported_reason`, and the engine falls back to the reference loop.
+oneDNN's prepacked GEMM (2-2.4x faster than F.linear at decode shapes), and a decode step
+runs as one call into the extension's C++ body (csrc/decode_body_cpu.cpp, the same math
+with the ~45 small torch ops per layer fused into loops) when the extension loads.
+Anything this file cannot run exactly is named by `unsupported_reason`, and the engine
+falls back to the reference loop.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrpo_kernels import decode_attention
+from hrpo_kernels._common import forced_reference
+from hrpo_kernels._ext import load_extension
 
 from .kv_cache import StaticKVCache
 
@@ -180,9 +185,10 @@ class _Layer:
 
 class FastDecoder:
     """Prefill and decode over a StaticKVCache with the weights of `lm` (a causal LM of
-    ARCHS, possibly inside a peft wrapper: pass the inner model)."""
+    ARCHS, possibly inside a peft wrapper: pass the inner model). cpu_body: decode through
+    the extension's C++ body on an fp32 CPU model (False: the torch ops below)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, cpu_body: bool = True):
         why = unsupported_reason(lm)
         if why:
             raise ValueError(f"FastDecoder: cannot run {type(lm).__name__}: {why}")
@@ -198,13 +204,52 @@ class FastDecoder:
         self.n_layers = len(body.layers)
         dims = (self.n_heads * self.head_dim, self.n_kv * self.head_dim)
         self.layers = [_Layer(layer, dims, self.dtype, self.device) for layer in body.layers]
+        self._key = self._weights_key()
         self.norm, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
         self._cos = self._sin = None
+        cpu32 = self.device.type == "cpu" and self.dtype == torch.float32 and cpu_body and not forced_reference()
+        self.ext = load_extension() if cpu32 else None
+        if self.ext is not None and not hasattr(self.ext, "decode_body_cpu"):
+            self.ext = None  # a prebuilt extension from before the C++ body
+        self._refresh_ext_args()
 
-    def refresh(self) -> None:
-        """Re-pack (and re-merge LoRA) from the live modules: call after each weight update."""
+    def refresh(self, force: bool = False) -> bool:
+        """Re-pack (and re-merge LoRA) from the live modules if any of their parameters or
+        adapter settings changed since the last refresh; returns whether it re-packed. Call
+        before each generation. Changes are seen through each parameter's version counter,
+        which every in-place update (optimizer steps, load_state_dict, copy_) advances;
+        writes through `.data` bypass it and need `refresh(force=True)`."""
+        key = self._weights_key()
+        if not force and key == self._key:
+            return False
         for layer in self.layers:
             layer.refresh()
+        self._refresh_ext_args()
+        self._key = key
+        return True
+
+    def _weights_key(self) -> tuple:
+        """What the packed weights were made from: every layer parameter's identity and
+        version, and each LoRA wrapper's adapter settings."""
+        key = []
+        for layer in self.body.layers:
+            for mod in layer.modules():
+                key += [(id(p), p._version) for p in mod.parameters(recurse=False)]
+                if hasattr(mod, "lora_A"):
+                    key.append((tuple(mod.active_adapters), bool(getattr(mod, "disable_adapters", False)),
+                                bool(getattr(mod, "merged", False)), tuple(sorted(mod.scaling.items()))))
+        return tuple(key)
+
+    def _refresh_ext_args(self) -> None:
+        """The C++ body's weight list and eps values (its kPerLayer order), rebuilt when the
+        packed weights are."""
+        weights, eps = [], []
+        for w in self.layers:
+            qn, kn = w.q_norm or (None, 0.0), w.k_norm or (None, 0.0)
+            weights += [w.ln1, w.qkv_w, w.packed["qkv_w"], w.qkv_b, qn[0], kn[0], w.o_w, w.packed["o_w"], w.o_b,
+                        w.ln2, w.gate_up_w, w.packed["gate_up_w"], w.down_w, w.packed["down_w"]]
+            eps += [w.eps1, w.eps2, qn[1], kn[1]]
+        self._ext_args = (weights, self.norm, eps + [self.norm_eps])
 
     def new_cache(self, batch: int, slots: int) -> StaticKVCache:
         self._rotary_tables(slots)
@@ -270,6 +315,10 @@ class FastDecoder:
         """One token per row: x (n, d) the inputs of cache rows [0, n). Writes their K/V at
         slot seqlens[b], advances seqlens and returns the final-normed hidden states (n, d).
         No host sync (max_len, the longest row after the step, only trims CPU attention)."""
+        if self.ext is not None:
+            weights, norm, eps = self._ext_args
+            return self.ext.decode_body_cpu(x.contiguous(), cache.k, cache.v, cache.seqlens, self._cos, self._sin,
+                                            weights, norm, eps, self.n_heads, self.scale)
         n = x.shape[0]
         pos = cache.seqlens[:n]
         slot = pos.long()

@@ -49,6 +49,7 @@ class EngineOptions:
     check_every: int | None = None  # steps between host checks (None: 16 with CUDA graphs, else 1)
     cuda_graphs: bool = True  # capture the decode step on CUDA
     latent_dtype: torch.dtype = torch.bfloat16
+    cpu_kernels: bool = True  # fp32 CPU model: the step in the extension's C++ twins (False: torch ops)
 
 
 class _State:
@@ -98,7 +99,7 @@ class RolloutEngine:
                  options: EngineOptions | None = None):
         self.hm = hm
         self.opts = options or EngineOptions()
-        self.dec = FastDecoder(hm.causal_lm)
+        self.dec = FastDecoder(hm.causal_lm, cpu_body=self.opts.cpu_kernels)
         self.pad_id = int(pad_id)
         dev = self.dec.device
         self.table = matcher.table.to(dev).contiguous()
@@ -108,6 +109,9 @@ class RolloutEngine:
             warnings.warn("hrpo engine: the CUDA extension did not load, so the step controller syncs with the "
                           "host and CUDA graphs are off", stacklevel=2)
         self.check_every = self.opts.check_every or (16 if self.graphs else 1)
+        # On an fp32 CPU model with the extension loaded, the whole step runs in its C++ twins
+        # (decoder body, top-k sampling, step controller) rather than in ~300 small torch ops.
+        self.impl = "ext" if self.dec.ext is not None else None
         self.state: _State | None = None
         self.last_stats: dict = {}
 
@@ -116,12 +120,13 @@ class RolloutEngine:
         s, hm = self.state, self.hm
         E, W = hm.embed.weight, hm.lm_weight
         noise = dict(seed=s.seed, offset=s.offset, row_ids=s.order[:n]) if seeded else {}
-        tok, lp, h = sample_and_mix(s.hidden[:n], W, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise)
+        tok, lp, h = sample_and_mix(s.hidden[:n], W, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise,
+                                    impl=self.impl)
         s.offset.add_(B * W.shape[0])
         latent = h.to(self.opts.latent_dtype)
         bufs = StepBuffers(*(x[:n] for x in s.bufs.tensors()[:-1]), n_live=s.bufs.n_live)
         tokens, think, _ = step_controller(self.table, s.match[:n], s.finished[:n], tok, lp, h, self.eos,
-                                           self.pad_id, s.t, cfg.max_new_tokens, bufs, cfg.hybrid)
+                                           self.pad_id, s.t, cfg.max_new_tokens, bufs, cfg.hybrid, impl=self.impl)
         e = F.embedding(tokens, E)
         if cfg.hybrid:
             e, a = hm.gate(e, latent, think)
@@ -162,7 +167,8 @@ class RolloutEngine:
                  seed: int | None = None) -> Rollout:
         """Roll out every prompt once (repeat a prompt G times for a group). seed: the Philox
         noise of hrpo_kernels (tokens reproducible across batch layouts); without it the
-        noise comes from `generator` (on CUDA: one seed drawn from it per call)."""
+        noise comes from `generator` (on CUDA and in the CPU C++ path: one seed drawn from it
+        per call)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("engine.generate: every prompt needs at least one token")
         V = self.hm.embed.weight.shape[0]
@@ -178,7 +184,8 @@ class RolloutEngine:
         t_start = time.perf_counter()
         stats = self.last_stats = dict(prefill_s=0.0, decode_s=0.0, steps=0, host_checks=0, compactions=0,
                                        graph_captures=0, capture_s=0.0)
-        dec.refresh()  # LoRA merged from the adapters as they are now
+        stats["cpu_ext"] = int(self.impl == "ext")
+        stats["repacked"] = int(dec.refresh())  # LoRA merged from the adapters as they are now
         B, T = len(prompts), cfg.max_new_tokens
         lens = [len(p) for p in prompts]
         P = max(lens)
@@ -189,7 +196,7 @@ class RolloutEngine:
             self.state = _State(dec, B, T, slots, d, self.opts.latent_dtype, self.pad_id)
         s = self.state
         s.reset(B, self.pad_id)
-        seeded = seed is not None or dev.type == "cuda"
+        seeded = seed is not None or dev.type == "cuda" or self.impl == "ext"
         if seeded:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))

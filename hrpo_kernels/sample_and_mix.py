@@ -421,9 +421,12 @@ def sample_and_mix(
     seed: torch.Tensor | int | None = None,
     offset: torch.Tensor | int | None = None,
     row_ids: torch.Tensor | None = None,
+    impl: str | None = None,
 ):
     """Dispatcher: the Triton kernels for CUDA tensors, the reference otherwise (and under
-    HRPO_KERNELS=reference).
+    HRPO_KERNELS=reference). impl="ext" on CPU tensors with 1 <= top_k <= 128 < V and a
+    seed: the lm-head GEMM, then the extension's C++ top-k twin (the CPU engine's path; it
+    computes h_hat from the k kept rows of E instead of a (B, V) @ (V, d) product).
 
     seed / offset (int64 device tensors of one element) drive the Philox noise of the fused
     path; the engine passes them so that a step needs no host sync and can be captured in
@@ -432,7 +435,12 @@ def sample_and_mix(
     its noise from `generator` unless `seed` is given. Seeded, both paths draw
     u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v) and sample the same tokens
     (row_ids default arange(B); stable row ids keep a row's noise when rows are removed)."""
-    if _use_triton(hidden, top_k, lm_weight.shape[0]):
+    V = lm_weight.shape[0]
+    if impl == "ext" and not hidden.is_cuda and seed is not None and 0 < top_k <= MAX_TOPK and top_k < V:
+        logits = _lm_logits(hidden, lm_weight)
+        return topk_sample_mix(logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids,
+                               impl="ext")
+    if _use_triton(hidden, top_k, V):
         return sample_and_mix_triton(
             hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset,
             row_ids=row_ids,

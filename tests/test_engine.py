@@ -50,16 +50,18 @@ def both(hm, tokenizer, prompts, options, seed=7, eos=None, **kw):
     return ref, engine.generate(prompts, sampling, seed=seed)
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("hybrid", [True, False])
-def test_engine_equals_reference_with_sharing_and_compaction(arch, tokenizer, hybrid):
+def test_engine_equals_reference_with_sharing_and_compaction(arch, tokenizer, hybrid, cpu_kernels):
     hm = policy(build_model(arch, len(tokenizer)))
     prompts = grouped(tokenizer)
     compactions = 0
     for share, compact in [(False, 0.0), (True, 0.0), (False, 0.6), (True, 0.9)]:
-        ref, out = both(hm, tokenizer, prompts, EngineOptions(share_prefix=share, compact_below=compact, **F32),
-                        eos=WIDE_EOS, hybrid=hybrid)
+        opts = EngineOptions(share_prefix=share, compact_below=compact, cpu_kernels=cpu_kernels, **F32)
+        ref, out = both(hm, tokenizer, prompts, opts, eos=WIDE_EOS, hybrid=hybrid)
         assert ref.lengths.min() < ref.lengths.max()
         assert_same(ref, out)
+        assert out.stats["cpu_ext"] == cpu_kernels  # the C++ step ran (it builds here), or the torch one
         compactions += out.stats["compactions"]
     assert compactions > 0, "no run compacted: the check would not cover compaction"
     if hybrid:
@@ -108,12 +110,15 @@ def llama3_rope_model(vocab):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize("body", ["cpp", "torch"])
 @pytest.mark.parametrize("which", ["qwen2", "qwen3", "llama", "llama3-rope-bias-mqa"])
-def test_fast_decoder_matches_hf_forward(tokenizer, which):
-    """Prefill of ragged prompts and ten teacher-forced decode steps give HF's hidden states."""
+def test_fast_decoder_matches_hf_forward(tokenizer, which, body):
+    """Prefill of ragged prompts and ten teacher-forced decode steps give HF's hidden states,
+    with decode steps in the extension's C++ body and in torch ops."""
     model = llama3_rope_model(len(tokenizer)) if which.startswith("llama3") else build_model(which, len(tokenizer))
     hm = HybridModel(model)
-    dec = FastDecoder(model)
+    dec = FastDecoder(model, cpu_body=body == "cpp")
+    assert (dec.ext is not None) == (body == "cpp")  # the C++ body must build here, not silently fall back
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     lens = torch.tensor([len(p) for p in prompts])
     P, steps = int(lens.max()), 10
@@ -152,17 +157,25 @@ def test_lora_is_merged_and_follows_updates(tokenizer):
     engine = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, EngineOptions(**F32))
     sampling = cfg()
     first = engine.generate(prompts, sampling, seed=1)
+    assert first.stats["repacked"] == 0  # packed at construction, nothing changed since
     assert_same(rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=1), first)
     with torch.no_grad():  # an optimizer step on the adapters
         for name, p in hm.model.named_parameters():
             if "lora_A" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     second = engine.generate(prompts, sampling, seed=1)
-    assert not torch.equal(first.completion_ids, second.completion_ids)
+    assert second.stats["repacked"] == 1 and not torch.equal(first.completion_ids, second.completion_ids)
     assert_same(rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=1), second)
+    assert engine.generate(prompts, sampling, seed=1).stats["repacked"] == 0
     with hm.adapters_disabled():  # the reference policy: base weights only
         base = engine.generate(prompts, sampling, seed=1)
+        assert base.stats["repacked"] == 1
         assert_same(rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=1), base)
+    with torch.no_grad():  # an in-place update of one base weight (a full fine-tune's step)
+        hm.causal_lm.model.layers[1].mlp.down_proj.base_layer.weight.mul_(-1.0)
+    flipped = engine.generate(prompts, sampling, seed=1)
+    assert flipped.stats["repacked"] == 1 and not torch.equal(second.completion_ids, flipped.completion_ids)
+    assert_same(rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=1), flipped)
 
 
 def test_unsupported_models_fall_back_with_one_warning(tokenizer):
@@ -261,7 +274,7 @@ def test_engine_on_the_fused_kernels_equals_reference(tokenizer, monkeypatch):
     monkeypatch.setattr(hrpo.fast_decoder, "decode_attention",
                         lambda *a, max_len=None: decode_attention(*a, impl="triton", max_len=max_len))
     monkeypatch.setattr(hrpo.gate, "gated_blend", gated_blend_triton)
-    out = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, EngineOptions(compact_below=0.9, **F32)).generate(
-        prompts, sampling, seed=7)
+    opts = EngineOptions(compact_below=0.9, cpu_kernels=False, **F32)  # the torch body, which calls decode_attention
+    out = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts).generate(prompts, sampling, seed=7)
     assert out.stats["compactions"] >= 1 and out.think_mask.any()
     assert_same(ref, out)

@@ -12,6 +12,7 @@ import torch
 
 from hrpo.marker import kmp_automaton
 from hrpo_kernels import _ext
+from hrpo_kernels.sample_and_mix import sample_and_mix, sample_and_mix_reference
 from hrpo_kernels.step_controller import StepBuffers, step_controller, step_controller_reference
 from hrpo_kernels.topk_sample import topk_sample_mix, topk_sample_mix_reference
 
@@ -219,6 +220,28 @@ def test_topk_dispatch(ext, monkeypatch):
         topk_sample_mix(logits, emb, 5, 0.0)
     with pytest.raises(ValueError, match="k <= 128"):
         topk_sample_mix(logits, emb, 129, 1.0, impl="ext")
+
+
+def test_sample_and_mix_ext_path_matches_reference(ext, monkeypatch):
+    """The CPU engine's sampling (sample_and_mix impl="ext": lm-head GEMM, then the C++ twin
+    over OpenMP threads) draws the reference's tokens under one seed and row ids; top_k = 0
+    (full vocabulary), which the twin does not take, stays on the reference."""
+    g = torch.Generator().manual_seed(3)
+    rows, d = 37, 24
+    hidden, lm = torch.randn(rows, d, generator=g), torch.randn(V, d, generator=g) * 0.5
+    emb = torch.randn(V, d, generator=g)
+    noise = dict(seed=_seed(5), offset=_seed(V * 11), row_ids=torch.randperm(rows, generator=g) * 3)
+    calls = []
+    real = ext.topk_sample_mix
+    monkeypatch.setattr(ext, "topk_sample_mix", lambda *a: (calls.append(1), real(*a))[1])
+    for top_k, twin in ((20, True), (0, False)):
+        calls.clear()
+        tok, lp, h = sample_and_mix(hidden, lm, emb, 0.7, top_k, impl="ext", **noise)
+        tok_ref, lp_ref, h_ref = sample_and_mix_reference(hidden, lm, emb, 0.7, top_k, **noise)
+        assert bool(calls) == twin
+        assert torch.equal(tok, tok_ref)
+        torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- step_controller

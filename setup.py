@@ -14,6 +14,7 @@ SOURCES = [
     f"{CSRC}/bindings.cpp",
     f"{CSRC}/topk_sample_cpu.cpp",
     f"{CSRC}/step_controller_cpu.cpp",
+    f"{CSRC}/gated_blend_cpu.cpp",
     f"{CSRC}/decode_body_cpu.cpp",
     f"{CSRC}/topk_sample.cu",
     f"{CSRC}/step_controller.cu",

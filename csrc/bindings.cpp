@@ -211,6 +211,31 @@ void step_controller(const torch::Tensor& table, torch::Tensor state, torch::Ten
 #endif
 }
 
+void gated_blend_fwd(const torch::Tensor& e, const torch::Tensor& h, const torch::Tensor& lin,
+                     const torch::Tensor& coef, const torch::Tensor& mask, torch::Tensor out, torch::Tensor a) {
+  const char* op = "gated_blend_cpu";
+  HRPO_CHECK(e.dim() == 2 && e.scalar_type() == torch::kFloat32 && e.is_contiguous() && e.device().is_cpu(), op,
+             ": e must be a contiguous (B, d) fp32 CPU tensor, got ", e.sizes(), " ", e.scalar_type(), " on ", e.device());
+  const int64_t B = e.size(0), D = e.size(1);
+  const auto dev = e.device();
+  HRPO_CHECK(h.sizes() == e.sizes() && h.is_contiguous(), op, ": h_hat must be contiguous ", e.sizes(), ", got ",
+             h.sizes());
+  const DType hdt = dtype_of(h, op, "h_hat", true);
+  HRPO_CHECK(lin.dim() == 2 && lin.size(0) == B && lin.size(1) == 2 * D && lin.scalar_type() == torch::kFloat32 &&
+                 lin.is_contiguous(), op, ": lin must be a contiguous (", B, ", ", 2 * D, ") fp32 tensor, got ",
+             lin.sizes(), " ", lin.scalar_type());
+  check_vec(coef, D, torch::kFloat32, op, "coef");
+  check_vec(mask, B, torch::kBool, op, "mask");
+  for (const torch::Tensor* t : {&out, &a})
+    HRPO_CHECK(t->sizes() == e.sizes() && t->scalar_type() == torch::kFloat32 && t->is_contiguous(), op,
+               ": outputs must be contiguous ", e.sizes(), " fp32 tensors");
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&h, &lin, &coef, &mask, &out, &a})
+    check_on(*t, dev, op, "every tensor");
+  hrpo::GateArgs g{e.data_ptr<float>(), h.data_ptr(), hdt, lin.data_ptr<float>(), coef.data_ptr<float>(),
+                   mask.data_ptr<bool>(), B, D, out.data_ptr<float>(), a.data_ptr<float>()};
+  hrpo::gated_blend_cpu(g);
+}
+
 std::vector<int64_t> philox4x32_10(const std::vector<int64_t>& ctr, const std::vector<int64_t>& key) {
   HRPO_CHECK(ctr.size() == 4 && key.size() == 2, "philox4x32_10: needs 4 counter words and 2 key words");
   const auto w = [](int64_t v) { return static_cast<uint32_t>(v); };
@@ -233,9 +258,10 @@ bool has_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "HRPO hot-loop ops: top-k sample + latent mixture, rollout step controller, CPU decoder body";
+  m.doc() = "HRPO hot-loop ops: top-k sample + latent mixture, rollout step controller, CPU gate and decoder body";
   m.def("topk_sample_mix", &topk_sample_mix, "top-k race sample, full-vocab logprob and h_hat (outputs in place)");
   m.def("step_controller", &step_controller, "one rollout bookkeeping step (buffers updated in place)");
+  m.def("gated_blend_cpu", &gated_blend_fwd, "gated_blend forward epilogue on the CPU (outputs in place)");
   m.def("decode_body_cpu", &hrpo::decode_body_cpu, "the engine's decoder body for one decode step (CPU, fp32)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of (4 counter words, 2 key words)");
   m.def("philox_uniform", &philox_uniform, "the race uniform u(seed, counter) of the kernels");

@@ -1,5 +1,5 @@
 // Raw-pointer entry points of the HRPO ops: CPU twins (topk_sample_cpu.cpp,
-// step_controller_cpu.cpp) and CUDA launchers (*.cu). No torch types here.
+// step_controller_cpu.cpp, gated_blend_cpu.cpp) and CUDA launchers (*.cu). No torch types here.
 #pragma once
 #include <stdint.h>
 
@@ -66,7 +66,23 @@ struct StepArgs {
   int64_t* n_live;       // one element: rows still unfinished after the step
 };
 
+// gated_blend forward epilogue on the CPU (gated_blend_cpu.cpp): e (B, D) fp32, h (B, D) of
+// h_dtype, lin (B, 2D) fp32 = [r logits | i logits], coef (D,) = -c * softplus(-Lambda),
+// mask (B,); all rows contiguous. Writes out (B, D) fp32 and the gate coefficient a (B, D).
+struct GateArgs {
+  const float* e;
+  const void* h;
+  DType h_dtype;
+  const float* lin;
+  const float* coef;
+  const bool* mask;
+  int64_t B, D;
+  float* out;
+  float* a;
+};
+
 void topk_sample_mix_cpu(const TopkArgs& a);
+void gated_blend_cpu(const GateArgs& g);
 void step_controller_cpu(const StepArgs& a);
 
 }  // namespace hrpo

@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "load_float.h"
 #include "ops.h"
 #include "philox.h"
 
@@ -20,36 +21,6 @@ inline uint32_t bits_of(float x) {
   uint32_t b;
   std::memcpy(&b, &x, 4);
   return b;
-}
-
-inline float emb_at(const void* e, DType dt, int64_t off) {
-  switch (dt) {
-    case DType::kFloat32:
-      return static_cast<const float*>(e)[off];
-    case DType::kBFloat16: {
-      const uint32_t b = static_cast<uint32_t>(static_cast<const uint16_t*>(e)[off]) << 16;
-      float f;
-      std::memcpy(&f, &b, 4);
-      return f;
-    }
-    case DType::kFloat16: {
-      const uint16_t h = static_cast<const uint16_t*>(e)[off];
-      const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-      const int exp = (h >> 10) & 0x1f;
-      const uint32_t man = h & 0x3ffu;
-      float f;
-      if (exp == 0) {
-        f = std::ldexp(static_cast<float>(man), -24);
-        if (sign) f = -f;
-        return f;
-      }
-      const uint32_t b = exp == 31 ? (sign | 0x7f800000u | (man << 13))
-                                   : (sign | (static_cast<uint32_t>(exp - 15 + 127) << 23) | (man << 13));
-      std::memcpy(&f, &b, 4);
-      return f;
-    }
-  }
-  return 0.f;
 }
 
 }  // namespace
@@ -147,7 +118,7 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
           const float* e = static_cast<const float*>(a.embedding) + row_off;
           for (int64_t c = 0; c < D; ++c) acc[c] += wj * e[c];
         } else {
-          for (int64_t c = 0; c < D; ++c) acc[c] += wj * emb_at(a.embedding, a.emb_dtype, row_off + c);
+          for (int64_t c = 0; c < D; ++c) acc[c] += wj * load_float(a.embedding, a.emb_dtype, row_off + c);
         }
       }
       float* h = a.h_hat + r * a.ld_h;

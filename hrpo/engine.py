@@ -110,7 +110,7 @@ class RolloutEngine:
                           "host and CUDA graphs are off", stacklevel=2)
         self.check_every = self.opts.check_every or (16 if self.graphs else 1)
         # On an fp32 CPU model with the extension loaded, the whole step runs in its C++ twins
-        # (decoder body, top-k sampling, step controller) rather than in ~300 small torch ops.
+        # (decoder body, top-k sampling, step controller, gate) rather than in ~300 small torch ops.
         self.impl = "ext" if self.dec.ext is not None else None
         self.state: _State | None = None
         self.last_stats: dict = {}
@@ -129,7 +129,7 @@ class RolloutEngine:
                                            self.pad_id, s.t, cfg.max_new_tokens, bufs, cfg.hybrid, impl=self.impl)
         e = F.embedding(tokens, E)
         if cfg.hybrid:
-            e, a = hm.gate(e, latent, think)
+            e, a = hm.gate(e, latent, think, impl=self.impl)
             s.gate_sum[:n] += torch.where(think, a.mean(-1), 0.0)
             s.gate_n[:n] += think
         s.hidden[:n] = self.dec.decode(e, s.cache, max_len)

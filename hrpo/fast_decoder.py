@@ -229,12 +229,12 @@ class FastDecoder:
         return True
 
     def _weights_key(self) -> tuple:
-        """What the packed weights were made from: every layer parameter's identity and
-        version, and each LoRA wrapper's adapter settings."""
+        """What the packed weights were made from: every layer parameter's identity, storage
+        and version, and each LoRA wrapper's adapter settings."""
         key = []
         for layer in self.body.layers:
             for mod in layer.modules():
-                key += [(id(p), p._version) for p in mod.parameters(recurse=False)]
+                key += [(id(p), p.data_ptr(), p._version) for p in mod.parameters(recurse=False)]
                 if hasattr(mod, "lora_A"):
                     key.append((tuple(mod.active_adapters), bool(getattr(mod, "disable_adapters", False)),
                                 bool(getattr(mod, "merged", False)), tuple(sorted(mod.scaling.items()))))

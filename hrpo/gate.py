@@ -29,10 +29,11 @@ class HybridGate(nn.Module):
         u = torch.empty(hidden_size, dtype=torch.float32).uniform_(r_min, r_max)
         self.lam = nn.Parameter(lambda_init(u, c))
 
-    def forward(self, e: torch.Tensor, h_hat: torch.Tensor, mask: torch.Tensor):
-        """Blend where mask is set; returns (inputs in e's dtype, fp32 gate coefficient a)."""
+    def forward(self, e: torch.Tensor, h_hat: torch.Tensor, mask: torch.Tensor, impl: str | None = None):
+        """Blend where mask is set; returns (inputs in e's dtype, fp32 gate coefficient a).
+        impl: gated_blend's (the rollout engine's CPU path passes "ext")."""
         return gated_blend(
-            e, h_hat, mask, self.w_r.weight, self.w_r.bias, self.w_i.weight, self.w_i.bias, self.lam, self.c
+            e, h_hat, mask, self.w_r.weight, self.w_r.bias, self.w_i.weight, self.w_i.bias, self.lam, self.c, impl=impl
         )
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

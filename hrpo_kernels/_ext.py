@@ -18,7 +18,8 @@ from pathlib import Path
 from ._common import forced_reference
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPU_SOURCES = ("bindings.cpp", "topk_sample_cpu.cpp", "step_controller_cpu.cpp", "decode_body_cpu.cpp")
+CPU_SOURCES = ("bindings.cpp", "topk_sample_cpu.cpp", "step_controller_cpu.cpp", "gated_blend_cpu.cpp",
+               "decode_body_cpu.cpp")
 CUDA_SOURCES = ("topk_sample.cu", "step_controller.cu")
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # no FMA contraction: the twins' floats match the
 # kernels'; OpenMP: at::parallel_for in the C++ decoder body runs serially without it

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ._common import empty as _empty
 from ._common import use_fused
+from ._ext import load_extension
 
 GATE_C = 8.0
 SQRT_EPS = 1e-8
@@ -299,9 +300,30 @@ def gated_blend_triton(
     return _GatedBlendFn.apply(e, h_hat, mask.bool(), w_r, b_r, w_i, b_i, lam, float(c), blocks)
 
 
-def gated_blend(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C):
+def gated_blend_ext(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C):
+    """Forward only (no autograd), CPU: one GEMM for both gate linears, then the extension's
+    C++ epilogue (csrc/gated_blend_cpu.cpp). fp32 e; the rollout engine's CPU path."""
+    mod = load_extension()
+    if mod is None or not hasattr(mod, "gated_blend_cpu"):
+        raise RuntimeError("gated_blend: impl='ext' needs the C++ extension with gated_blend_cpu")
+    if e.dtype != torch.float32 or e.dim() != 2 or e.shape[-1] != w_r.shape[1] or mask.shape != e.shape[:1]:
+        raise ValueError(f"gated_blend ext: e must be (B, d) fp32 with mask (B,), got e {tuple(e.shape)} {e.dtype}, "
+                         f"mask {tuple(mask.shape)}, w_r {tuple(w_r.shape)}")
+    w_cat, b_cat = _cat_weights(w_r, b_r, w_i, b_i)
+    with torch.no_grad():
+        lin = torch.addmm(b_cat, e.contiguous(), w_cat.T)
+        coef = (-c * F.softplus(-lam.detach().float())).contiguous()
+    out, a = torch.empty_like(e), torch.empty(e.shape, dtype=torch.float32, device=e.device)
+    mod.gated_blend_cpu(e.contiguous(), h_hat.contiguous(), lin, coef, mask.bool().contiguous(), out, a)
+    return out, a
+
+
+def gated_blend(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C, *, impl: str | None = None):
     """Dispatcher: the fused kernels on CUDA (when triton imports), the reference otherwise
-    or when HRPO_KERNELS=reference."""
+    or when HRPO_KERNELS=reference. impl="ext" on CPU tensors outside autograd: the C++
+    forward (`gated_blend_ext`)."""
+    if impl == "ext" and not e.is_cuda and not torch.is_grad_enabled():
+        return gated_blend_ext(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c)
     if use_fused(e, h_hat, mask, w_r, b_r, w_i, b_i, lam):
         return gated_blend_triton(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c)
     return gated_blend_reference(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c)

@@ -273,7 +273,7 @@ def test_engine_on_the_fused_kernels_equals_reference(tokenizer, monkeypatch):
     monkeypatch.setattr(hrpo.engine, "sample_and_mix", sample_and_mix_triton)
     monkeypatch.setattr(hrpo.fast_decoder, "decode_attention",
                         lambda *a, max_len=None: decode_attention(*a, impl="triton", max_len=max_len))
-    monkeypatch.setattr(hrpo.gate, "gated_blend", gated_blend_triton)
+    monkeypatch.setattr(hrpo.gate, "gated_blend", lambda *a, impl=None: gated_blend_triton(*a))
     opts = EngineOptions(compact_below=0.9, cpu_kernels=False, **F32)  # the torch body, which calls decode_attention
     out = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts).generate(prompts, sampling, seed=7)
     assert out.stats["compactions"] >= 1 and out.think_mask.any()

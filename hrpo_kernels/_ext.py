@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -59,11 +60,25 @@ def build_extension(cpu_only: bool | None = None, build_directory: str | os.Path
     if build_directory:
         Path(build_directory).mkdir(parents=True, exist_ok=True)
         kwargs["build_directory"] = str(build_directory)
+    if not _built_before(name, build_directory):  # a first build takes ~30-60 s: say why nothing happens
+        print(f"hrpo_kernels: compiling the C++ extension ({name}) with ninja, once; it takes about a minute",
+              file=sys.stderr, flush=True)
     start = time.perf_counter()
-    mod = load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
-               with_cuda=not cpu_only, verbose=verbose, **kwargs)
+    mod = load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+               extra_include_paths=[str(CSRC)], with_cuda=not cpu_only, verbose=verbose, **kwargs)
     last_build_seconds = time.perf_counter() - start
     return mod
+
+
+def _built_before(name: str, build_directory) -> bool:
+    """Whether torch's JIT build folder for `name` already holds a built module."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = Path(build_directory) if build_directory else Path(_get_build_directory(name, False))
+    except Exception:  # a private torch helper: if it moves, just say nothing
+        return True
+    return any(folder.glob(f"{name}*.so"))
 
 
 def load_extension(**build_kwargs):

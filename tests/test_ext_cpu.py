@@ -38,6 +38,14 @@ def ext(tmp_path_factory):
     _ext.set_extension(None)
 
 
+def test_first_build_is_announced(tmp_path):
+    """A JIT build into a folder that holds no built module says so on stderr (it takes a
+    minute); a folder with one stays quiet."""
+    assert not _ext._built_before("hrpo_kernels_ext_cpu", tmp_path)
+    (tmp_path / "hrpo_kernels_ext_cpu_v1.so").write_bytes(b"")
+    assert _ext._built_before("hrpo_kernels_ext_cpu", tmp_path)
+
+
 def _seed(v):
     return torch.tensor([v], dtype=torch.int64)
 

@@ -9,6 +9,8 @@
 // the caller packed the weight, as FastDecoder does for fp32, else at::linear). fp32 only.
 #include "decode_body_cpu.h"
 
+#include "poly_exp.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -87,8 +89,9 @@ void attend(const float* q, const float* k, const float* v, int64_t len, int64_t
       pg[j] = dot(q + g * Dh, k + j * stride, Dh) * scale;
       mx = std::max(mx, pg[j]);
     }
+    for (int64_t j = 0; j < len; ++j) pg[j] = poly_exp(pg[j] - mx);  // apart from the sum: this loop vectorises
     float sum = 0.f;
-    for (int64_t j = 0; j < len; ++j) sum += (pg[j] = std::exp(pg[j] - mx));
+    for (int64_t j = 0; j < len; ++j) sum += pg[j];
     const float inv = 1.f / sum;
     for (int64_t j = 0; j < len; ++j) pg[j] *= inv;
   }

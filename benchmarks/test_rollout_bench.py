@@ -16,8 +16,8 @@ with the embedded tokenizer (ids folded into its vocabulary), a cheaper decode t
 Qwen's. Floor: B new tokens per step over (weights + the KV cache at the run's mean
 length, read once per step) / the device copy bandwidth measured in this run.
 
-CPU: the embedded model, batches of distinct prompts x 8 (the arith recipe's rollout), 64 new
-tokens, no early stop.
+CPU: the embedded model, batches of distinct prompts x 8 (the arith recipe's rollout, ragged
+prompts: hf_generate left-pads them), 64 new tokens, no early stop.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from hrpo.loading import load_base_model
 from hrpo.marker import MarkerMatcher
 from hrpo.model import HybridModel
 from hrpo.prompts import format_prompt
-from hrpo.rollout import SamplingConfig, rollout
+from hrpo.rollout import SamplingConfig, left_pad, rollout
 from hrpo.synthetic import synthetic_split
 
 SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
@@ -86,10 +86,10 @@ def _runner(method, hm, prompts, new_tokens, matcher, decoder_tok, pad_id, gener
     if method == "eager_reference":
         return lambda: eager_rollout(hm, decoder_tok, prompts, new_tokens, TEMPERATURE, TOP_K, generator=generator)
     if method == "hf_generate":
-        ids = torch.tensor(prompts, device=dev)  # equal lengths: no padding
+        ids, mask = left_pad(prompts, pad_id, dev)  # HF's convention for a ragged batch
 
         def run():
-            return hm.causal_lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+            return hm.causal_lm.generate(input_ids=ids, attention_mask=mask.long(), do_sample=True,
                                          temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens,
                                          min_new_tokens=new_tokens, pad_token_id=pad_id)
         return run
@@ -109,7 +109,7 @@ def tiny():
 
 
 @pytest.mark.parametrize("batch", [8, 32])
-@pytest.mark.parametrize("method", ["eager_reference", "reference_loop", "engine_plain", "engine_hybrid"])
+@pytest.mark.parametrize("method", ["eager_reference", "hf_generate", "reference_loop", "engine_plain", "engine_hybrid"])
 def test_rollout_cpu(benchmark, tiny, method, batch):
     hm, tok = tiny
     new = 64

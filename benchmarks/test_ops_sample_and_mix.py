@@ -63,7 +63,7 @@ def _bytes(variant: str, d: int, B: int) -> int:
     if variant == "fused_topk50":
         return weights + B * V * 4 * 3 + outs  # fp32 logits written, read by topk and the tail
     if variant == "fused_full":
-        cfg = full_vocab_config(B, d, torch.device("cuda"))
+        cfg = full_vocab_config(d)
         n_rb = -(-B // cfg["block_b"])
         n_splits = max(1, min(-(-V // cfg["block_v"]), -(-2 * torch.cuda.get_device_properties(0).multi_processor_count // n_rb)))
         return weights + 2 * n_splits * B * d * 4 + outs  # + the split partials, written and read

@@ -18,7 +18,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from ._common import cdiv, next_pow2, num_sms, use_fused
+from ._common import cdiv, interpreting, next_pow2, num_sms, use_fused
 from ._common import empty as _empty
 
 
@@ -206,7 +206,7 @@ def decode_attention_triton(q, k_cache, v_cache, seqlens, scale, *, n_splits: in
         raise ValueError("decode_attention: the caches' last dimension must be contiguous")
     k = _kernels()
     dev = q.device
-    interp = dev.type != "cuda"
+    interp = interpreting()
     block_t = block_t or (16 if interp else 64)  # interpreter: small tiles run fastest
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = _empty((B, H, Dh), dtype=q.dtype, device=dev)

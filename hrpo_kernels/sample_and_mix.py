@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import cdiv, mm_f32, next_pow2, num_sms, row_ids_tensor, sample_outputs, seed_offset, use_fused
+from ._common import (cdiv, interpreting, mm_f32, next_pow2, num_sms, row_ids_tensor, sample_outputs, seed_offset,
+                      use_fused)
 from ._ext import load_extension
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
@@ -62,7 +63,15 @@ tl = None  # `import hrpo_kernels` works without triton)
 _KERNELS = None
 _philox_uniform = None  # @triton.jit helper, defined with the kernels
 MAX_TOPK_TRITON = 1024
-MAX_D_FULL_VOCAB = 4096  # the one-pass kernel holds a (16 x next_pow2(d)) fp32 mixture in registers
+# Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
+# next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
+# (tests/sm90_compile.py compiles it for an H100: bf16 / fp16 d 2048 takes 192 KB, d 3072
+# 384 KB; fp32 d 1024 192 KB, d 1536 256 KB). Wider models sample through the reference.
+MAX_D_FULL_VOCAB = {2: 2048, 4: 1024}
+
+
+def full_vocab_fits(d: int, weight: torch.Tensor) -> bool:
+    return d <= MAX_D_FULL_VOCAB.get(weight.element_size(), 0)
 
 
 def _kernels():
@@ -275,11 +284,11 @@ def _kernels():
     return _KERNELS
 
 
-def full_vocab_config(B: int, D: int, device: torch.device) -> dict:
+def full_vocab_config(D: int) -> dict:
     """Tile sizes of the one-pass kernel. The program keeps acc (BLOCK_B x BLOCK_D fp32) in
     registers and stages one (BLOCK_V x BLOCK_D) weight tile, so tiles shrink as d grows."""
     block_d = next_pow2(max(D, 16))
-    if device.type != "cuda":  # interpreter: small tiles run fastest
+    if interpreting():  # small tiles run fastest there
         return dict(block_b=16, block_v=32, block_d=block_d, num_warps=4, num_stages=1)
     block_v = max(16, min(64, 32768 // block_d))
     return dict(block_b=16, block_v=block_v, block_d=block_d, num_warps=8 if block_d <= 1024 else 16, num_stages=1)
@@ -290,7 +299,7 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
     B, D = hidden.shape
     V = lm_weight.shape[0]
     dev = hidden.device
-    cfg = full_vocab_config(B, D, dev)
+    cfg = full_vocab_config(D)
     block_b = block_b or cfg["block_b"]
     block_v = block_v or cfg["block_v"]
     hidden = hidden.contiguous()
@@ -320,7 +329,7 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
         hidden.stride(0), w.stride(0), e.stride(0),
         TIED=tied, GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None,
         # the interpreter's bf16 tl.dot is wrong (triton 3.9): fp32 dots there; fp16 tests cover the split
-        FP32_DOT=w.dtype == torch.float32 or (dev.type != "cuda" and w.dtype == torch.bfloat16),
+        FP32_DOT=w.dtype == torch.float32 or (interpreting() and w.dtype == torch.bfloat16),
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=cfg["block_d"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -355,7 +364,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
     vals, idx = torch.topk(logits, k, dim=-1, sorted=False)
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
-    interp = logits.device.type != "cuda"
+    interp = interpreting()
     _kernels()["topk_tail"][(B,)](
         logits, vals.contiguous(), idx.contiguous(), e, seed, offset, seed if row_ids is None else row_ids,
         tok, lp, h, V, D, k, 1.0 / temperature,
@@ -398,13 +407,14 @@ def sample_and_mix_triton(
             raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")
         logits = _lm_logits(hidden, lm_weight)
         return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out)
-    if hidden.shape[1] > MAX_D_FULL_VOCAB:
-        raise NotImplementedError(f"sample_and_mix_triton: full vocabulary needs d <= {MAX_D_FULL_VOCAB}")
+    if not full_vocab_fits(hidden.shape[1], lm_weight):
+        raise NotImplementedError(f"sample_and_mix_triton: the full-vocabulary kernel takes d <= 2048 (16-bit "
+                                  f"weights) or 1024 (fp32), got d {hidden.shape[1]} in {lm_weight.dtype}")
     return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, **tiles)
 
 
-def _use_triton(t: torch.Tensor, top_k: int, vocab: int) -> bool:
-    if not (0 < top_k < vocab) and t.shape[-1] > MAX_D_FULL_VOCAB:
+def _use_triton(t: torch.Tensor, lm_weight: torch.Tensor, top_k: int) -> bool:
+    if not (0 < top_k < lm_weight.shape[0]) and not full_vocab_fits(t.shape[-1], lm_weight):
         return False
     return use_fused(t)
 
@@ -440,7 +450,7 @@ def sample_and_mix(
         logits = _lm_logits(hidden, lm_weight)
         return topk_sample_mix(logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids,
                                impl="ext")
-    if _use_triton(hidden, top_k, V):
+    if _use_triton(hidden, lm_weight, top_k):
         return sample_and_mix_triton(
             hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset,
             row_ids=row_ids,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from hrpo_kernels import sample_and_mix, step_controller
+from hrpo_kernels.sample_and_mix import sampling_is_fused
 from hrpo_kernels._common import next_pow2
 from hrpo_kernels._ext import load_extension
 from hrpo_kernels.step_controller import StepBuffers
@@ -114,6 +115,7 @@ class RolloutEngine:
         self.impl = "ext" if self.dec.ext is not None else None
         self.state: _State | None = None
         self.last_stats: dict = {}
+        self._warned_eager = False
 
     # ------------------------------------------------------------------ one decode step
     def _step(self, n: int, B: int, cfg: SamplingConfig, generator, seeded: bool, max_len: int | None) -> None:
@@ -134,8 +136,23 @@ class RolloutEngine:
             s.gate_n[:n] += think
         s.hidden[:n] = self.dec.decode(e, s.cache, max_len)
 
-    def _run(self, n: int, steps: int, B: int, cfg: SamplingConfig, generator, seeded: bool, host_len: int) -> None:
+    def _capturable(self, cfg: SamplingConfig) -> bool:
+        """Whether this rollout's step can go into a CUDA graph: graphs on, and sampling on the
+        fused kernels (full-vocabulary sampling past the kernel's widths runs the reference,
+        which syncs with the host), else one warning and eager steps."""
         if not self.graphs:
+            return False
+        if sampling_is_fused(self.state.hidden, self.hm.lm_weight, cfg.top_k):
+            return True
+        if not self._warned_eager:
+            self._warned_eager = True
+            warnings.warn(f"hrpo engine: top_k={cfg.top_k} sampling at d={self.state.hidden.shape[1]} in "
+                          f"{self.hm.lm_weight.dtype} runs the reference sampler, which syncs with the host; "
+                          "CUDA graphs are off for such rollouts", stacklevel=3)
+        return False
+
+    def _run(self, n: int, steps: int, B: int, cfg: SamplingConfig, generator, seeded: bool, host_len: int) -> None:
+        if not self._capturable(cfg):
             cpu = self.dec.device.type == "cpu"  # CPU attention scans only the slots in use; the kernels skip the rest
             for i in range(steps):
                 self._step(n, B, cfg, generator, seeded, host_len + i + 1 if cpu else None)

@@ -413,10 +413,12 @@ def sample_and_mix_triton(
     return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, **tiles)
 
 
-def _use_triton(t: torch.Tensor, lm_weight: torch.Tensor, top_k: int) -> bool:
-    if not (0 < top_k < lm_weight.shape[0]) and not full_vocab_fits(t.shape[-1], lm_weight):
+def sampling_is_fused(hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int) -> bool:
+    """Whether sample_and_mix runs its fused kernels for these inputs, the path with no host
+    sync (the reference reads the seed on the host, so a CUDA graph cannot hold it)."""
+    if not (0 < top_k < lm_weight.shape[0]) and not full_vocab_fits(hidden.shape[-1], lm_weight):
         return False
-    return use_fused(t)
+    return use_fused(hidden)
 
 
 def sample_and_mix(
@@ -450,7 +452,7 @@ def sample_and_mix(
         logits = _lm_logits(hidden, lm_weight)
         return topk_sample_mix(logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids,
                                impl="ext")
-    if _use_triton(hidden, lm_weight, top_k):
+    if sampling_is_fused(hidden, lm_weight, top_k):
         return sample_and_mix_triton(
             hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset,
             row_ids=row_ids,

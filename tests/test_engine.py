@@ -244,6 +244,8 @@ def test_graph_bookkeeping_matches_eager_steps(tokenizer, monkeypatch):
     engine = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts)
     engine.graphs = True
     monkeypatch.setattr(engine, "_capture", ReplayByCalling)
+    import hrpo.engine
+    monkeypatch.setattr(hrpo.engine, "sampling_is_fused", lambda *a: True)  # as on a GPU
     out = engine.generate(prompts, cfg(), seed=4)
     assert_same(eager, out)
     sizes = 1 + out.stats["compactions"]  # one graph per batch size
@@ -252,6 +254,15 @@ def test_graph_bookkeeping_matches_eager_steps(tokenizer, monkeypatch):
     again = engine.generate(prompts, cfg(), seed=4)
     assert again.stats["graph_captures"] == 0 and ReplayByCalling.captured == sizes
     assert_same(eager, again)
+    # Sampling that would run the reference (full vocabulary past the kernel's widths) syncs
+    # with the host: the engine must not capture it, and says so once.
+    monkeypatch.setattr(hrpo.engine, "sampling_is_fused", lambda *a: False)
+    full = cfg(top_k=0)
+    want = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts).generate(prompts, full, seed=4)
+    with pytest.warns(UserWarning, match="CUDA graphs are off"):
+        got = engine.generate(prompts, full, seed=4)
+    assert got.stats["graph_captures"] == 0 and ReplayByCalling.captured == sizes
+    assert_same(want, got)
 
 
 def test_engine_on_the_fused_kernels_equals_reference(tokenizer, monkeypatch):

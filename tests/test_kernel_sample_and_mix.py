@@ -151,7 +151,7 @@ def test_dispatcher_passes_row_ids(monkeypatch):
     """sample_and_mix hands row_ids to the fused path (it used to refuse them)."""
     sam = importlib.import_module("hrpo_kernels.sample_and_mix")  # the package's name is the function
     seen = {}
-    monkeypatch.setattr(sam, "_use_triton", lambda *a: True)
+    monkeypatch.setattr(sam, "sampling_is_fused", lambda *a: True)
     monkeypatch.setattr(sam, "sample_and_mix_triton", lambda *a, **kw: seen.update(kw))
     ids = torch.tensor([1, 0])
     sam.sample_and_mix(*_inputs(2, 30, 16, torch.float32, True, 0), 1.0, seed=_scalar(1), row_ids=ids)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import cdiv, interpreting, next_pow2, num_sms, use_fused
+from ._triton_helpers import helpers
 from ._common import empty as _empty
 
 
@@ -88,19 +89,21 @@ def decode_attention_reference(q, k_cache, v_cache, seqlens, scale, *, max_len: 
 triton = None  # imported on first use (TRITON_INTERPRET may be set late; `import
 tl = None  # hrpo_kernels` works without triton)
 _KERNELS = None
+_dot_p = None  # _triton_helpers.dot_p, bound with the kernels
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 4  # split the slots until B * Hkv * n_splits reaches this many per SM
 
 
 def _kernels():
     """Import triton and define the kernels once, at the first launch."""
-    global triton, tl, _KERNELS
+    global triton, tl, _KERNELS, _dot_p  # the kernels find tl and helpers as module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton as _triton
     import triton.language as _tl
 
     triton, tl = _triton, _tl
+    _dot_p = helpers()["dot_p"]
 
     @triton.jit
     def _partial_kernel(
@@ -143,14 +146,7 @@ def _kernels():
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
             vt = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=tile, other=0.0)
-            if FP32_DOT:
-                pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-            else:
-                # p split into two 16-bit halves: tensor-core speed, ~16-bit mantissa for p
-                p_hi = p.to(vt.dtype)
-                p_lo = (p - p_hi.to(tl.float32)).to(vt.dtype)
-                pv = tl.dot(p_hi, vt) + tl.dot(p_lo, vt)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _dot_p(p, vt, FP32_DOT)
             m = m_new
         slot = (b64 * H + heads) * n_splits + split
         ok = g < tl.where(lo < hi, G, 0)  # the real heads, of a chunk that did work

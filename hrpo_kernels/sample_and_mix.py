@@ -21,6 +21,7 @@ import torch
 from ._common import (cdiv, interpreting, mm_f32, next_pow2, num_sms, row_ids_tensor, sample_outputs, seed_offset,
                       use_fused)
 from ._ext import load_extension
+from ._triton_helpers import helpers
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
 
@@ -62,6 +63,7 @@ triton = None  # imported on first use (so that TRITON_INTERPRET may be set late
 tl = None  # `import hrpo_kernels` works without triton)
 _KERNELS = None
 _philox_uniform = None  # @triton.jit helper, defined with the kernels
+_dot_p = None  # _triton_helpers.dot_p, bound with the kernels
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -76,13 +78,14 @@ def full_vocab_fits(d: int, weight: torch.Tensor) -> bool:
 
 def _kernels():
     """Import triton and define the kernels once, at the first launch."""
-    global triton, tl, _KERNELS, _philox_uniform  # the kernels find tl and helpers as module globals
+    global triton, tl, _KERNELS, _philox_uniform, _dot_p  # the kernels find tl and helpers as module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton as _triton
     import triton.language as _tl
 
     triton, tl = _triton, _tl
+    _dot_p = helpers()["dot_p"]
 
     @triton.jit
     def _philox_uniform(seed, ctr):
@@ -163,14 +166,7 @@ def _kernels():
                 e = w  # the tile read for the logits serves the mixture too
             else:
                 e = tl.load(e_ptr + cols[:, None].to(tl.int64) * stride_e + ks[None, :], mask=tile_mask, other=0.0)
-            if FP32_DOT:
-                mix = tl.dot(pe, e.to(tl.float32), input_precision="ieee")
-            else:
-                # p split into two 16-bit halves: tensor-core speed, ~16-bit mantissa for p
-                p_hi = pe.to(e.dtype)
-                p_lo = (pe - p_hi.to(tl.float32)).to(e.dtype)
-                mix = tl.dot(p_hi, e) + tl.dot(p_lo, e)
-            acc = acc * alpha[:, None] + mix
+            acc = acc * alpha[:, None] + _dot_p(pe, e, FP32_DOT)
             m = m_new
 
         slot = split * B + rows

@@ -40,7 +40,7 @@ from hrpo_kernels.step_controller import StepBuffers
 from .fast_decoder import FastDecoder, unsupported_reason
 from .marker import MarkerMatcher
 from .model import HybridModel
-from .rollout import Rollout, SamplingConfig, left_pad, rollout
+from .rollout import Rollout, SamplingConfig, distinct_prompts, left_pad, rollout
 
 
 @dataclass
@@ -221,11 +221,10 @@ class RolloutEngine:
 
         # Prefill: distinct prompts once, right-padded (the cache holds each row from slot 0).
         if self.opts.share_prefix:
-            distinct = list(dict.fromkeys(tuple(p) for p in prompts))
-            index = {p: i for i, p in enumerate(distinct)}
-            inverse = torch.tensor([index[tuple(p)] for p in prompts], device=dev)
+            rep, inverse = distinct_prompts(prompts)
+            distinct, inverse = [prompts[r] for r in rep], torch.tensor(inverse, device=dev)
         else:
-            distinct, inverse = [tuple(p) for p in prompts], None
+            distinct, inverse = prompts, None
         ids = torch.full((len(distinct), P), self.pad_id, dtype=torch.long)
         for i, p in enumerate(distinct):
             ids[i, : len(p)] = torch.tensor(p)

@@ -243,6 +243,8 @@ class FastDecoder:
     def _refresh_ext_args(self) -> None:
         """The C++ body's weight list and eps values (its kPerLayer order), rebuilt when the
         packed weights are."""
+        if self.ext is None:
+            return
         weights, eps = [], []
         for w in self.layers:
             qn, kn = w.q_norm or (None, 0.0), w.k_norm or (None, 0.0)

@@ -56,6 +56,17 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(the first row of each distinct prompt, the distinct prompt of every row): prefix
+    sharing prefills the first list once and copies its cache rows by the second."""
+    first: dict[tuple[int, ...], int] = {}
+    rep: list[int] = []
+    for row, p in enumerate(prompts):
+        if first.setdefault(tuple(p), len(rep)) == len(rep):
+            rep.append(row)
+    return rep, [first[tuple(p)] for p in prompts]
+
+
 def _cache_layers_kv(cache) -> list[tuple[object, str, str]]:
     """(holder, key attribute, value attribute) per layer, for the cache APIs of transformers
     4.5x (key_cache / value_cache lists) and 5.x (cache.layers[i].keys / .values)."""
@@ -111,15 +122,11 @@ def rollout(
     cache = DynamicCache(config=hm.config)
     attn = prompt_mask
     if share_prefix:
-        first: dict[tuple[int, ...], int] = {}  # distinct prompt -> its index among the distinct
-        rep: list[int] = []  # the first row of each distinct prompt
-        for row, p in enumerate(prompts):
-            if first.setdefault(tuple(p), len(rep)) == len(rep):
-                rep.append(row)
-        inverse = torch.tensor([first[tuple(p)] for p in prompts], device=device)
+        rep, inverse = distinct_prompts(prompts)
+        inverse = torch.tensor(inverse, device=device)
         u_ids, u_mask = prompt_ids[rep], prompt_mask[rep]  # same width: the layout of the full batch
         hidden = hm.decoder(hm.embed(u_ids), u_mask, positions_from_mask(u_mask), cache)[:, -1]
-        if len(first) < B:
+        if len(rep) < B:
             cache_index_select(cache, inverse)
         hidden = hidden[inverse]
     else:

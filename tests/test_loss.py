@@ -45,7 +45,7 @@ def test_grpo_loss_value_and_gradient_by_hand():
     assert loss.item() == pytest.approx(expect, rel=1e-6)
     loss.backward()
     # d/dlogp of -(A - beta*(exp(ref-logp) - (ref-logp) - 1)) = -A + beta*(1 - exp(ref-logp)), / n_b / B
-    g = -adv[0] + 0.005 * (1 - math.exp(ref[0, 0] - logp[0, 0].item()))
+    g = -adv[0].item() + 0.005 * (1 - math.exp(ref[0, 0].item() - logp[0, 0].item()))
     assert logp.grad[0, 0].item() == pytest.approx(g / 3 / 2, rel=1e-5)
     assert logp.grad[1, 2].item() == 0.0
     assert metrics["kl"] > 0

@@ -98,12 +98,29 @@ def _fraction(text: str) -> Fraction | None:
     return None
 
 
+def _canonical_decimal(text: str) -> str | None:
+    """A plain decimal as a canonical string ('-007.50' -> '-7.5'), or None for other forms.
+    Comparing these needs no int(), which refuses strings of more than 4300 digits."""
+    m = re.fullmatch(r"(-?)(\d*)(?:\.(\d+))?", text)
+    if not m or not (m.group(2) or m.group(3)):
+        return None
+    whole, frac = m.group(2).lstrip("0") or "0", (m.group(3) or "").rstrip("0")
+    sign = m.group(1) if whole != "0" or frac else ""  # -0 is 0
+    return sign + whole + ("." + frac if frac else "")
+
+
 def _numeric_reward(completion: str, gold) -> float:
-    pred = extract_number(completion)
-    gold_value = _fraction(str(gold).replace(",", "").strip())
-    if pred is None or gold_value is None:
+    pred = extract_number(completion)  # always a plain decimal when not None
+    if pred is None:
         return 0.0
-    return float(Fraction(pred) == gold_value)
+    gold = str(gold).replace(",", "").strip()
+    gold_key = _canonical_decimal(gold)
+    if gold_key is not None:
+        return float(_canonical_decimal(pred) == gold_key)
+    # A gold fraction (a/b, \frac{a}{b}) is compared by value; _fraction gives None instead of
+    # raising on numbers past int()'s digit limit, so an overlong answer just scores 0.
+    pred_value, gold_value = _fraction(pred), _fraction(gold)
+    return float(pred_value is not None and pred_value == gold_value)
 
 
 # ---------------------------------------------------------------- math (LaTeX answers)
@@ -239,7 +256,8 @@ def _qa_reward(completion: str, gold) -> float:
         return 0.0
     aliases = [gold] if isinstance(gold, str) else list(gold)
     pred = normalize_qa(pred)
-    return float(any(pred == normalize_qa(a) for a in aliases))
+    # An answer that normalises to nothing ("The", ".") matches nothing, not every empty alias.
+    return float(bool(pred) and any(pred == normalize_qa(a) for a in aliases))
 
 
 # ---------------------------------------------------------------- registry

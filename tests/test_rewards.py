@@ -53,7 +53,7 @@ def test_math500_answers_score_one():
 
 
 @needs_data
-@pytest.mark.filterwarnings("ignore:.*empty gold answer")  # two MATH train items, see test_data
+@pytest.mark.filterwarnings("ignore:.*kept 7498 of 7500")  # two MATH train items, see test_data
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_math_train_test_boxed_answers(split):
     examples = load_task("math", str(DATA / "math"), split)
@@ -86,6 +86,18 @@ def test_numeric_forms(task):
     assert fn(["#### -7"], [-7]) == [1.0]
     bad = ["#### 17", "the answer is 18", "#### 18\n#### 18", "####", "#### eighteen", "18 ####"]
     assert fn(bad, ["18"] * len(bad)) == [0.0] * len(bad)
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "arith"])
+def test_numeric_long_numbers(task):
+    """Numbers past int()'s 4300-digit limit compare as decimal strings and never raise."""
+    fn = get_reward_fn(task)
+    big = "9" * 5000
+    assert fn([f"#### {big}", f"#### -{big}.50", f"#### 0.{big}", f"#### 000{big}"],
+              [big, f"-{big}.5", f"0.{big}0", big]) == [1.0] * 4
+    assert fn([f"#### {big[:-1]}8", f"#### {big}", f"#### {big}1", "#### 1e999999", f"#### {big}"],
+              [big, f"-{big}", big, "5", "1/3"]) == [0.0] * 5
+    assert fn(["#### 1"], [rf"\frac{{{big}}}{{{big}}}"]) == [0.0]  # a fraction too long to read scores 0
 
 
 def test_marker_count_and_prompt_irrelevant():
@@ -136,6 +148,13 @@ def test_rag_qa_reward():
     out = fn(["#### shakespeare.", "#### The William Shakespeare!", "#### Marlowe", "Shakespeare"], golds)
     assert out == [1.0, 1.0, 0.0, 0.0]
     assert normalize_qa("The  Eiffel, Tower!") == "eiffel tower"
+
+
+def test_rag_qa_empty_answers_never_match():
+    """An answer or alias that normalises to "" (articles, punctuation) matches nothing."""
+    fn = get_reward_fn("rag-qa")
+    assert fn(["#### .", "#### The", "#### the an", "#### ", "#### Paris"],
+              ["The The", ["a", "Paris"], ["An", "!"], "A", ["The", "paris"]]) == [0.0, 0.0, 0.0, 0.0, 1.0]
 
 
 def test_chat_style_completions_and_unknown_task():

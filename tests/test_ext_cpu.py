@@ -23,8 +23,9 @@ BUILD_BUDGET_S = 120.0
 
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
-    """Build the CPU-only extension once; install it as the dispatchers' extension."""
-    build_dir = tmp_path_factory.mktemp("hrpo_ext_cpu")
+    """Build the CPU-only extension once; install it as the dispatchers' extension. The root is
+    one folder per session, so tests/test_ext_build.py loads this same build (or builds it first)."""
+    build_dir = tmp_path_factory.getbasetemp() / "hrpo_ext_root"
     start = time.perf_counter()
     try:
         mod = _ext.build_extension(cpu_only=True, build_directory=build_dir, extra_cflags=["-O2"])
@@ -38,12 +39,18 @@ def ext(tmp_path_factory):
     _ext.set_extension(None)
 
 
-def test_first_build_is_announced(tmp_path):
-    """A JIT build into a folder that holds no built module says so on stderr (it takes a
-    minute); a folder with one stays quiet."""
-    assert not _ext._built_before("hrpo_kernels_ext_cpu", tmp_path)
-    (tmp_path / "hrpo_kernels_ext_cpu_v1.so").write_bytes(b"")
-    assert _ext._built_before("hrpo_kernels_ext_cpu", tmp_path)
+def test_first_build_is_announced(tmp_path, monkeypatch, capsys):
+    """A build that compiles says so on stderr (it takes a minute); loading the published build
+    of the same key stays quiet. The compile and import steps are stubbed."""
+    def fake_compile(name, build_dir, *args):
+        (build_dir / f"{name}.so").write_bytes(b"module")
+
+    monkeypatch.setattr(_ext, "_compile", fake_compile)
+    monkeypatch.setattr(_ext, "_import_so", lambda path: path)
+    first = _ext.build_extension(cpu_only=True, build_directory=tmp_path)
+    assert "compiling the C++ extension" in capsys.readouterr().err
+    assert _ext.build_extension(cpu_only=True, build_directory=tmp_path) == first
+    assert capsys.readouterr().err == ""
 
 
 def _seed(v):

@@ -20,10 +20,11 @@ KAT = [  # Random123 kat_vectors, philox4x32 10 rounds: counter words, key words
 
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
-    """The CPU-only extension, built as tests/test_ext_cpu.py builds it."""
+    """The CPU-only extension, built as tests/test_ext_cpu.py builds it (the same key in the same
+    session root: one compile serves both)."""
     try:
         mod = _ext.build_extension(
-            cpu_only=True, build_directory=tmp_path_factory.mktemp("hrpo_ext_philox"), extra_cflags=["-O2"]
+            cpu_only=True, build_directory=tmp_path_factory.getbasetemp() / "hrpo_ext_root", extra_cflags=["-O2"]
         )
     except Exception as exc:  # a broken toolchain is a test failure, not a skip
         pytest.fail(f"CPU-only extension build failed: {exc}")

@@ -1,14 +1,35 @@
-"""Checkpoints: LoRA adapters and the gate as safetensors, plus a JSON naming the base."""
+"""Checkpoints, as safetensors plus JSON (never pickle).
+
+A policy checkpoint (what `hrpo.eval --checkpoint` reads) is a folder with the LoRA adapters,
+the gate and `checkpoint.json` naming the base model. A training checkpoint adds everything an
+exact resume needs: optimizer and scheduler state, every RNG state, the trainer's counters and
+position in the data order, any gradients accumulated since the last optimizer step, and the
+metrics so far. Folders are written atomically: into a temporary sibling, each file synced,
+then renamed into place, so a folder with the final name is always complete and a failed
+save (a full disk) leaves the previous checkpoints as they were.
+"""
 from __future__ import annotations
 
 import json
+import os
+import random
+import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .model import HybridModel, ModelError
+from .runs import fsync_dir, write_durably
 
 FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
+STEP_PREFIX = "step-"
+
+
+class CheckpointError(ModelError):
+    """A checkpoint that cannot be written or read, named with its file, in one line."""
 
 
 def base_fingerprint(hm: HybridModel) -> dict:
@@ -16,14 +37,15 @@ def base_fingerprint(hm: HybridModel) -> dict:
     return {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
 
 
-def save_checkpoint(hm: HybridModel, path: str | Path, base_model: str | None, extra: dict | None = None) -> Path:
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _write_policy(hm: HybridModel, folder: Path, base_model: str | None, extra: dict | None) -> None:
     from peft import get_peft_model_state_dict
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    adapters = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(hm.model).items()}
-    save_file(adapters, str(path / "adapter.safetensors"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in hm.gate.state_dict().items()}, str(path / "gate.safetensors"))
+    write_durably(folder / "adapter.safetensors", safetensors_bytes(_tensors(get_peft_model_state_dict(hm.model))))
+    write_durably(folder / "gate.safetensors", safetensors_bytes(_tensors(hm.gate.state_dict())))
     lora = hm.model.peft_config["default"]
     meta = {
         "base_model": base_model,
@@ -31,19 +53,85 @@ def save_checkpoint(hm: HybridModel, path: str | Path, base_model: str | None, e
         "lora": {"rank": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)},
         **(extra or {}),
     }
-    (path / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+    write_durably(folder / "checkpoint.json", json.dumps(meta, indent=2).encode())
+
+
+def _atomic_folder(path: Path, write) -> Path:
+    """Call write(tmp) on a fresh temporary sibling of `path`, then rename it to `path` (an
+    existing `path` is replaced). Any failure removes the temporary folder and is re-raised
+    as one line naming `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        fsync_dir(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving checkpoint {path} failed: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
+
+
+def save_checkpoint(hm: HybridModel, path: str | Path, base_model: str | None, extra: dict | None = None) -> Path:
+    """The policy (adapters, gate, checkpoint.json) into the folder `path`, atomically."""
+    return _atomic_folder(Path(path), lambda tmp: _write_policy(hm, tmp, base_model, extra))
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
+def _read_tensors(file: Path, device="cpu") -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def _require_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{file}: tensor {name!r} holds non-finite values (NaN or inf); refusing this checkpoint")
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
     meta_file = Path(path) / "checkpoint.json"
     if not meta_file.is_file():
-        raise ModelError(f"{path} is not an HRPO checkpoint (no checkpoint.json)")
-    return json.loads(meta_file.read_text())
+        raise CheckpointError(f"{path} is not an HRPO checkpoint (no checkpoint.json)")
+    meta = _read_json(meta_file)
+    for key, kind in (("base_model", (str, type(None))), ("base_fingerprint", dict), ("lora", dict)):
+        if key not in meta or not isinstance(meta[key], kind):
+            raise CheckpointError(f"{meta_file}: field {key!r} missing or of the wrong type")
+    lora = meta["lora"]
+    if not (isinstance(lora.get("rank"), int) and isinstance(lora.get("alpha"), (int, float))
+            and isinstance(lora.get("targets"), list)):
+        raise CheckpointError(f"{meta_file}: field 'lora' needs rank, alpha and targets")
+    return meta
 
 
 def load_checkpoint(hm: HybridModel, path: str | Path) -> HybridModel:
-    """Load adapters and gate into a policy built on the same base model (checked)."""
+    """Load adapters and gate into a policy built on the same base model (checked); a file
+    that is corrupt, truncated or holds non-finite weights is refused in one line."""
     from peft import set_peft_model_state_dict
 
     path = Path(path)
@@ -51,14 +139,126 @@ def load_checkpoint(hm: HybridModel, path: str | Path) -> HybridModel:
     have = base_fingerprint(hm)
     if meta["base_fingerprint"] != have:
         diff = {k: (meta["base_fingerprint"].get(k), have[k]) for k in have if meta["base_fingerprint"].get(k) != have[k]}
-        raise ModelError(
+        raise CheckpointError(
             f"checkpoint {path} was trained on base {meta.get('base_model')!r}, which differs from this model in "
             + ", ".join(f"{k} (checkpoint {a}, model {b})" for k, (a, b) in diff.items())
         )
     device = hm.lm_weight.device
-    result = set_peft_model_state_dict(hm.model, load_file(str(path / "adapter.safetensors"), device=str(device)))
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-    if missing:
-        raise ModelError(f"checkpoint {path}: adapter tensors {missing[:3]} do not fit this model")
-    hm.gate.load_state_dict(load_file(str(path / "gate.safetensors"), device=str(device)))
+    adapters = _read_tensors(path / "adapter.safetensors", device)
+    gate = _read_tensors(path / "gate.safetensors", device)
+    _require_finite(path / "adapter.safetensors", adapters)
+    _require_finite(path / "gate.safetensors", gate)
+    result = set_peft_model_state_dict(hm.model, adapters)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path}: adapter tensors {unexpected[:3]} do not fit this model")
+    try:
+        hm.gate.load_state_dict(gate)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path / 'gate.safetensors'}: does not fit this model's gate ({str(err).splitlines()[-1].strip()})") from None
     return hm
+
+
+# ---------------------------------------------------------------- training checkpoints
+
+
+def capture_rng(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG a training step may draw from: the rollout generator, torch's CPU and CUDA
+    generators, Python's `random`."""
+    tensors = {"rollout": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def restore_rng(generator: torch.Generator, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    generator.set_state(tensors["rollout"])
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    scalars = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = meta["param_groups"]
+    for g in groups:  # JSON turned tuples into lists
+        g.update({k: tuple(v) for k, v in g.items() if k == "betas"})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def step_folder(root: Path, step: int) -> Path:
+    return root / f"{STEP_PREFIX}{step:08d}"
+
+
+def save_training_checkpoint(path: Path, hm: HybridModel, base_model: str | None, extra: dict,
+                             opt: torch.optim.Optimizer, sched, rng: tuple[dict, dict], trainer: dict,
+                             records: list[dict]) -> Path:
+    """A resumable checkpoint in the folder `path` (atomic; the policy files included, so
+    hrpo.eval reads it too). trainer: the trainer's counters (JSON)."""
+    opt_tensors, opt_meta = _optimizer_parts(opt)
+    grads = {n: p.grad for n, p in hm.named_parameters() if p.requires_grad and p.grad is not None}
+
+    def write(tmp: Path) -> None:
+        _write_policy(hm, tmp, base_model, extra)
+        write_durably(tmp / "optimizer.safetensors", safetensors_bytes(_tensors(opt_tensors)))
+        write_durably(tmp / "rng.safetensors", safetensors_bytes(_tensors(rng[0])))
+        write_durably(tmp / "grads.safetensors", safetensors_bytes(_tensors(grads)))
+        state = {"trainer": trainer, "optimizer": opt_meta, "scheduler": sched.state_dict(), "rng": rng[1]}
+        write_durably(tmp / "trainer_state.json", json.dumps(state).encode())
+        write_durably(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    return _atomic_folder(path, write)
+
+
+def load_training_checkpoint(path: Path, hm: HybridModel, opt: torch.optim.Optimizer, sched,
+                             generator: torch.Generator) -> tuple[dict, list[dict]]:
+    """Restore policy, optimizer, scheduler, gradients and RNGs from `path`; returns the
+    trainer's counters and the metrics so far."""
+    load_checkpoint(hm, path)
+    state = _read_json(path / "trainer_state.json")
+    try:
+        _load_optimizer(opt, _read_tensors(path / "optimizer.safetensors"), state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        restore_rng(generator, _read_tensors(path / "rng.safetensors"), state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: training state does not fit this run ({type(err).__name__}: {err})") from None
+    grads = _read_tensors(path / "grads.safetensors", hm.lm_weight.device)
+    params = dict(hm.named_parameters())
+    for name, g in grads.items():
+        params[name].grad = g.to(params[name].dtype)
+    try:
+        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / 'metrics.jsonl'}: unreadable ({err})") from None
+    return state["trainer"], records
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The training checkpoints under `root`, oldest first (a folder with the final name is
+    complete: it was renamed into place only after every file was synced)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep`; also clear temporary folders a killed save left behind (one
+    trainer writes here, and it has just finished a save)."""
+    for old in complete_checkpoints(root)[:-keep] + [p for p in root.iterdir() if p.name.startswith(".")]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,10 @@
-"""Training configuration, the per-task reference recipes, and the CLI built from them."""
+"""Training configuration, the per-task reference recipes, the CLI built from them, and the
+validation that runs before any work starts."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -15,7 +17,8 @@ class TrainConfig:
     data: str | None = None  # local file/folder or hub dataset name (not needed for arith)
     eval_data: str | None = None  # held-out split; default: the task's test split
     output_dir: str = "runs/hrpo"
-    overwrite: bool = False
+    overwrite: bool = False  # replace the run in output_dir (only the files an hrpo run wrote)
+    resume: bool = False  # continue the run in output_dir from its latest complete checkpoint
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
@@ -56,6 +59,14 @@ class TrainConfig:
     eval_limit: int | None = None
     eval_batch_size: int = 64
     lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)
+    # Checkpoints, faults and monitoring.
+    save_every: int = 50  # optimizer steps between resumable checkpoints (0: only the final one)
+    keep_checkpoints: int = 2  # resumable checkpoints kept (the oldest go first)
+    max_skipped_in_a_row: int = 5  # non-finite rewards / losses / gradients tolerated in a row
+    reward_timeout: float = 60.0  # seconds one reward-function call may take (0: no limit)
+    eval_every: int = 0  # optimizer steps between held-out evaluations during training (0: none)
+    eval_every_limit: int = 100  # examples in each of those evaluations (greedy)
+    report_to: str = "none"  # "tensorboard" also writes TensorBoard events (metrics.jsonl always)
 
 
 # Group size, completions per device step, gradient accumulation, prompt / completion limits
@@ -69,14 +80,103 @@ RECIPES: dict[str, dict] = {
     "arith": dict(
         group_size=8, batch_size=32, grad_accum=1, max_prompt_length=128, max_completion_length=64,
         system_prompt=False, lr_lora=5e-4, lr_gate=1e-3, lr_lambda=1e-2, max_steps=150,
-        train_limit=4000, eval_limit=500, max_grad_norm=1.0,
+        train_limit=4000, eval_limit=500, max_grad_norm=1.0, save_every=25,
     ),
 }
+
+# Fields a resumed run may change; every other one must equal the run's saved config.
+RESUMABLE_OVERRIDES = ("save_every", "keep_checkpoints", "max_skipped_in_a_row", "reward_timeout", "eval_every",
+                       "eval_every_limit", "report_to", "device", "output_dir", "overwrite", "resume")
+
+
+class ConfigError(ValueError):
+    """An option outside its allowed range, named by its command-line flag, in one line."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check(ok: bool, name: str, allowed: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(name)} must be {allowed}, got {value!r}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Every option checked against its allowed range before any work starts (ConfigError)."""
+    from .loss import NORMS
+
+    def ints(name, lo, hi=None, optional=False):
+        v = getattr(cfg, name)
+        if optional and v is None:
+            return
+        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi), name, allowed, v)
+
+    def floats(name, lo, hi, lo_open=False, hi_open=False):
+        v = getattr(cfg, name)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = number and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+        allowed = f"a number in {'(' if lo_open else '['}{lo}, {'inf)' if hi is None else str(hi) + (')' if hi_open else ']')}"
+        _check(ok, name, allowed, v)
+
+    def choice(name, options):
+        _check(getattr(cfg, name) in options, name, "one of " + ", ".join(map(str, options)), getattr(cfg, name))
+
+    choice("task", sorted(RECIPES))
+    _check(isinstance(cfg.output_dir, str) and cfg.output_dir.strip() != "", "output_dir", "a folder path", cfg.output_dir)
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite and --resume contradict each other: replace the run, or continue it")
+    ints("seed", 0)
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
+           "auto, cpu, cuda or cuda:N", cfg.device)
+    choice("dtype", ("auto", "float32", "bfloat16", "float16"))
+    choice("engine", ("fast", "reference"))
+    ints("group_size", 2)
+    ints("batch_size", cfg.group_size if isinstance(cfg.group_size, int) else 2)
+    if cfg.batch_size % cfg.group_size:
+        raise ConfigError(f"--batch-size must be a multiple of --group-size ({cfg.group_size}), got {cfg.batch_size}")
+    ints("grad_accum", 1)
+    ints("max_prompt_length", 1)
+    ints("max_completion_length", 1)
+    floats("temperature", 0, None, lo_open=True)
+    ints("top_k", 0)
+    _check(isinstance(cfg.marker, str) and cfg.marker.strip() != "", "marker", "a non-empty string", cfg.marker)
+    floats("beta", 0, None)
+    floats("epsilon", 0, 1, lo_open=True, hi_open=True)
+    ints("num_iterations", 1)
+    choice("loss_norm", NORMS)
+    ints("lora_rank", 1)
+    floats("lora_alpha", 0, None, lo_open=True)
+    for name in ("lr_lora", "lr_gate", "lr_lambda", "weight_decay"):
+        floats(name, 0, None)
+    floats("adam_beta1", 0, 1, hi_open=True)
+    floats("adam_beta2", 0, 1, hi_open=True)
+    floats("warmup_ratio", 0, 1)
+    floats("max_grad_norm", 0, None, lo_open=True)
+    ints("epochs", 1)
+    ints("max_steps", 1, optional=True)
+    floats("r_min", 0, 1, lo_open=True, hi_open=True)
+    floats("r_max", 0, 1, lo_open=True, hi_open=True)
+    if cfg.r_min > cfg.r_max:
+        raise ConfigError(f"--r-min ({cfg.r_min}) must not exceed --r-max ({cfg.r_max})")
+    ints("train_limit", 1, optional=True)
+    ints("eval_limit", 1, optional=True)
+    ints("eval_batch_size", 1)
+    _check(len(cfg.lora_targets) > 0 and all(isinstance(t, str) and t for t in cfg.lora_targets), "lora_targets",
+           "one or more module names", cfg.lora_targets)
+    ints("save_every", 0)
+    ints("keep_checkpoints", 1)
+    ints("max_skipped_in_a_row", 1)
+    floats("reward_timeout", 0, None)
+    ints("eval_every", 0)
+    ints("eval_every_limit", 1)
+    choice("report_to", ("none", "tensorboard"))
 
 
 def config_for(task: str, **overrides) -> TrainConfig:
     if task not in RECIPES:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(RECIPES)}")
+        raise ConfigError(f"--task must be one of {', '.join(sorted(RECIPES))}, got {task!r}")
     values = {**RECIPES[task], **{k: v for k, v in overrides.items() if v is not None}, "task": task}
     return TrainConfig(**values)
 
@@ -87,11 +187,10 @@ def add_config_args(parser: argparse.ArgumentParser, fields: list[str] | None = 
     for f in dataclasses.fields(TrainConfig):
         if f.name == "task" or (fields is not None and f.name not in fields):
             continue
-        flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None)
         elif f.name == "lora_targets":
-            parser.add_argument(flag, nargs="+", default=None)
+            parser.add_argument(flag(f.name), nargs="+", default=None)
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            parser.add_argument(flag, type=kind, default=None)
+            parser.add_argument(flag(f.name), type=kind, default=None)

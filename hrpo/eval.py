@@ -11,6 +11,7 @@ from tqdm import tqdm
 from .marker import MarkerMatcher
 from .prompts import SYSTEM_PROMPT, Example, encode_prompts
 from .engine import make_engine
+from .reward_guard import score
 from .rollout import SamplingConfig
 
 
@@ -29,6 +30,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     engine=None,
+    reward_timeout: float = 60.0,
 ) -> dict:
     """Accuracy (mean reward) and per-sample completions over `examples` (rollouts by
     `engine`, default: hrpo.engine.make_engine's for this model)."""
@@ -41,7 +43,7 @@ def evaluate(
         batch = examples[lo : lo + batch_size]
         out = engine.generate(prompts[lo : lo + batch_size], sampling, generator)
         texts = decode_completions(tokenizer, out)
-        rewards = reward_fn(texts, [ex.answer for ex in batch])
+        rewards, _ = score(reward_fn, texts, [ex.answer for ex in batch], reward_timeout)
         for ex, text, reward, n in zip(batch, texts, rewards, out.lengths.tolist()):
             samples.append({"question": ex.question, "answer": ex.answer, "completion": text, "reward": reward, "tokens": n})
         bar.update(len(batch))

@@ -37,8 +37,10 @@ class HybridGate(nn.Module):
         )
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The gate's two optimizer groups: the linears and Lambda train at different rates."""
-        return {"gate": [*self.w_r.parameters(), *self.w_i.parameters()], "lambda": [self.lam]}
+        """The gate's optimizer groups: the linears' weights, their biases (no weight decay,
+        as in the original trainer), and Lambda, which trains at its own rate."""
+        return {"gate": [self.w_r.weight, self.w_i.weight], "gate_bias": [self.w_r.bias, self.w_i.bias],
+                "lambda": [self.lam]}
 
 
 def gate_summary(gate: HybridGate) -> dict[str, float]:

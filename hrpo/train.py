@@ -3,43 +3,71 @@
 Each device step samples `batch_size` completions (`batch_size / group_size` prompts, each
 `group_size` times) with the hybrid rollout, scores them, and takes the GRPO gradient of
 the teacher-forced hybrid forward; the optimizer steps every `grad_accum` device steps.
+
+A run survives: every option and input is checked before the output folder is touched;
+resumable checkpoints are written atomically every `save_every` optimizer steps, on SIGTERM
+or Ctrl-C, and when the run stops on faults; `--resume` continues from the latest one and
+reproduces the uninterrupted run. A non-finite reward, loss or gradient skips that update
+(the weights stay finite); a reward call that raises or times out scores its completions 0.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
-from .config import TrainConfig, add_config_args, config_for
+from .checkpoint import (capture_rng, complete_checkpoints, load_training_checkpoint, prune_checkpoints,
+                         save_checkpoint, save_training_checkpoint, step_folder)
+from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, add_config_args, config_for, flag, validate_config
+from .engine import make_engine
 from .eval import decode_completions, evaluate
 from .loading import build_policy, eos_token_ids, load_base_model, resolve_device, resolve_dtype
-from .loss import grpo_loss, group_advantages
+from .loss import group_advantages, grpo_loss
 from .marker import MarkerMatcher
 from .model import HybridModel, ModelError
 from .plots import plot_curves
 from .prompts import SYSTEM_PROMPT, encode_prompts
-from .engine import make_engine
+from .reporting import MetricsLog, json_safe
+from .reward_guard import all_finite, score
 from .rollout import SamplingConfig
-from .runs import prepare_run_dir, write_json
+from .runs import RunDir, write_json
 from .tasks import load_examples
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (too many skipped updates in a row), after a checkpoint."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or Ctrl-C: the run saved a checkpoint and stopped; exit code 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def make_optimizer(hm: HybridModel, cfg: TrainConfig, total_steps: int):
-    """AdamW over three groups (LoRA, gate linears, Lambda) and a warm-up + cosine schedule."""
+    """AdamW over LoRA, the gate linears (weights; biases without weight decay) and Lambda,
+    each at its own learning rate, and a warm-up + cosine schedule."""
     groups = hm.gate.param_groups()
     lora = [p for n, p in hm.model.named_parameters() if p.requires_grad]
     param_groups = [
         {"params": lora, "lr": cfg.lr_lora, "name": "lora"},
         {"params": groups["gate"], "lr": cfg.lr_gate, "name": "gate"},
+        {"params": groups["gate_bias"], "lr": cfg.lr_gate, "name": "gate_bias", "weight_decay": 0.0},
         {"params": groups["lambda"], "lr": cfg.lr_lambda, "name": "lambda"},
     ]
     opt = torch.optim.AdamW(
@@ -59,140 +87,415 @@ def make_optimizer(hm: HybridModel, cfg: TrainConfig, total_steps: int):
 def heldout_sources(cfg: TrainConfig) -> str | None:
     source = cfg.eval_data or cfg.data
     if source is not None and cfg.eval_data is None and Path(source).is_file():
-        raise ValueError(f"--data {source} is one file; pass --eval-data with a held-out split")
+        raise ConfigError(f"--data {source} is one file; pass --eval-data with a held-out split")
     return source
+
+
+def _comparable(cfg: TrainConfig | dict) -> dict:
+    values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    return json.loads(json.dumps(values))  # tuples as lists, as config.json holds them
+
+
+def check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    """A resumed run keeps its config: any difference outside RESUMABLE_OVERRIDES is an error."""
+    now = _comparable(cfg)
+    for key, value in now.items():
+        if key not in RESUMABLE_OVERRIDES and key in saved and saved[key] != value:
+            raise ConfigError(f"{flag(key)} {value!r} differs from the run's config ({saved[key]!r}); "
+                              "a resumed run keeps its config")
+
+
+def saved_config(output_dir: str | Path) -> dict:
+    file = Path(output_dir) / "config.json"
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: cannot read {file} ({type(err).__name__})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {file} is not a JSON object")
+    return saved
+
+
+def resume_config(output_dir: str, overrides: dict) -> TrainConfig:
+    """The saved config of the run in output_dir with the flags a resume may change."""
+    saved = saved_config(output_dir)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: (tuple(v) if k == "lora_targets" else v) for k, v in saved.items() if k in known})
+    for key, value in overrides.items():
+        if key in RESUMABLE_OVERRIDES:
+            setattr(cfg, key, value)
+        elif _comparable({key: value})[key] != saved.get(key):
+            raise ConfigError(f"{flag(key)} {value!r} differs from the run's config ({saved.get(key)!r}); "
+                              "a resumed run keeps its config")
+    cfg.resume, cfg.overwrite = True, False
+    return cfg
+
+
+class StopRequests:
+    """SIGTERM and the first Ctrl-C ask the run to stop after the current device step (with a
+    checkpoint); a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nhrpo: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
+              + (" (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class Progress:
+    """The trainer's counters, saved in every checkpoint."""
+
+    step: int = 0  # device steps done: the position in the data order
+    micro: int = 0  # backward passes (or skipped ones) since the start: the accumulation clock
+    opt_step: int = 0  # optimizer steps taken or skipped
+    skipped_updates: int = 0
+    skipped_in_a_row: int = 0
+    reward_errors: int = 0
+    elapsed_s: float = 0.0
+    eval_before: dict | None = None
+    order_digest: str = ""
+
+
+class Trainer:
+    """One run: set up from a validated config, then `run()`."""
+
+    def __init__(self, cfg: TrainConfig, reward_fn, progress: bool):
+        self.cfg, self.show = cfg, progress
+        self.run_dir = RunDir(cfg.output_dir, cfg.overwrite, cfg.resume)  # checks only: writes nothing
+        if cfg.resume:
+            check_resumable(saved_config(self.run_dir.root), cfg)
+        if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'hrpo[tensorboard]'")
+        from .rewards import get_reward_fn
+
+        self.reward_fn = reward_fn or get_reward_fn(cfg.task)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        model, self.tokenizer = load_base_model(cfg.model, self.device, resolve_dtype(cfg.dtype, self.device))
+        self.hm = build_policy(model, cfg)
+        self.system = SYSTEM_PROMPT if cfg.system_prompt else None
+        self.train_ex = load_examples(cfg, "train", cfg.data, cfg.train_limit)
+        self.eval_ex = load_examples(cfg, "test", heldout_sources(cfg), cfg.eval_limit)
+        self.train_prompts = encode_prompts(self.tokenizer, self.train_ex, cfg.max_prompt_length, self.system)
+        encode_prompts(self.tokenizer, self.eval_ex, cfg.max_prompt_length, self.system)  # fail now, not after training
+        self.matcher = MarkerMatcher(self.tokenizer, cfg.marker, model.config.vocab_size)
+        self.eos = eos_token_ids(model, self.tokenizer)
+        self.sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False, hybrid=cfg.hybrid)
+        self.greedy = dataclasses.replace(self.sampling, greedy=True)
+        self.engine = make_engine(self.hm, self.matcher, self.eos, self.tokenizer.pad_token_id, kind=cfg.engine)
+
+        self.prompts_per_step = cfg.batch_size // cfg.group_size
+        self.order = [i for _ in range(cfg.epochs) for i in random.sample(range(len(self.train_ex)), len(self.train_ex))]
+        self.device_steps = len(self.order) // self.prompts_per_step
+        if cfg.max_steps is not None:
+            self.device_steps = min(self.device_steps, cfg.max_steps * cfg.grad_accum)
+        if self.device_steps == 0:
+            raise ConfigError(f"{len(self.train_ex)} training examples make no step of {self.prompts_per_step} prompts "
+                              f"(--batch-size {cfg.batch_size} / --group-size {cfg.group_size})")
+        self.opt_steps = math.ceil(self.device_steps * cfg.num_iterations / cfg.grad_accum)
+        self.opt, self.sched = make_optimizer(self.hm, cfg, self.opt_steps)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.state = Progress(order_digest=self._order_digest())
+        self.records: list[dict] = []
+        self.ckpt_root = self.run_dir.root / "checkpoints"
+        self.resume_from = None
+        if cfg.resume:
+            found = complete_checkpoints(self.ckpt_root)
+            if not found:
+                raise ConfigError(f"--resume: {self.ckpt_root} holds no complete checkpoint; start over with --overwrite")
+            self.resume_from = found[-1]
+            self._load(self.resume_from)
+        self.last_saved = self.state.step if cfg.resume else -1
+        self.progressed = False  # a device step finished in this process: no rollback from here on
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _order_digest(self) -> str:
+        """Names the data order, so a resume on changed data is refused rather than misread."""
+        return hashlib.sha256(json.dumps(self.order).encode()).hexdigest()[:16]
+
+    def _load(self, path: Path) -> None:
+        trainer, self.records = load_training_checkpoint(path, self.hm, self.opt, self.sched, self.generator)
+        self.state = Progress(**trainer)
+        if self.state.order_digest != self._order_digest():
+            raise ConfigError(f"--resume: {path} was trained on another data order (the training data changed)")
+
+    def checkpoint(self, rng=None) -> Path:
+        """A resumable checkpoint of the state now (rng: the RNG states to record instead of
+        the current ones, for a step that failed part way)."""
+        path = step_folder(self.run_dir.path("checkpoints"), self.state.step)
+        save_training_checkpoint(path, self.hm, self.cfg.model, self._policy_meta(), self.opt, self.sched,
+                                 rng or capture_rng(self.generator), dataclasses.asdict(self.state), self.records)
+        prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
+        self.last_saved = self.state.step
+        self._plot()
+        return path
+
+    def _policy_meta(self) -> dict:
+        return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "marker": self.cfg.marker, "step": self.state.step}
+
+    def _plot(self) -> None:
+        if self.records:
+            plot_curves(self.records, self.run_dir.path("curves.png"),
+                        f"{'HRPO' if self.cfg.hybrid else 'GRPO'} on {self.cfg.task}, seed {self.cfg.seed}")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def heldout(self, examples, how: SamplingConfig) -> dict:
+        return evaluate(self.hm.eval(), self.tokenizer, examples, self.reward_fn, how, self.matcher, self.eos,
+                        self.cfg.max_prompt_length, self.system, self.cfg.eval_batch_size, self.cfg.seed, self.show,
+                        self.engine, self.cfg.reward_timeout)
+
+    def heldout_both(self, when: str) -> tuple[dict, dict]:
+        """Greedy accuracy (the headline) and accuracy when sampling as in training."""
+        greedy, sampled = self.heldout(self.eval_ex, self.greedy), self.heldout(self.eval_ex, self.sampling)
+        print(f"held-out accuracy {when} training: {greedy['accuracy']:.3f} greedy, "
+              f"{sampled['accuracy']:.3f} sampled (T={self.cfg.temperature}), {greedy['n']} examples")
+        return greedy, sampled
+
+    # ------------------------------------------------------------------ one step
+
+    def optimizer_step(self) -> tuple[float | None, bool]:
+        """Clip and step; a non-finite gradient norm drops the accumulated update instead.
+        Returns (gradient norm, whether the update was dropped)."""
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.state.opt_step += 1
+        norm, dropped = None, False
+        if any(p.grad is not None for p in params):
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            dropped = not math.isfinite(norm)
+            if not dropped:
+                self.opt.step()
+        with warnings.catch_warnings():  # a schedule that steps past a dropped first update is intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm, dropped
+
+    def device_step(self, s: int) -> dict:
+        cfg, hm = self.cfg, self.hm
+        idx = self.order[s * self.prompts_per_step : (s + 1) * self.prompts_per_step]
+        prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.group_size)]
+        answers = [self.train_ex[i].answer for i in idx for _ in range(cfg.group_size)]
+        rng_before = capture_rng(self.generator)
+        times = {}
+        try:  # nothing has touched the weights or gradients yet: a failure here can be checkpointed
+            hm.eval()
+            t = time.perf_counter()
+            out = self.engine.generate(prompts, self.sampling, self.generator)
+            times["time_rollout_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            rewards, errors = score(self.reward_fn, decode_completions(self.tokenizer, out), answers, cfg.reward_timeout)
+            times["time_reward_s"] = time.perf_counter() - t
+        except Exception:
+            if self.state.step > self.last_saved and self.state.step > 0:
+                path = self.checkpoint(rng=rng_before)
+                print(f"hrpo: step {s} failed; the state before it is saved in {path}", file=sys.stderr)
+            raise
+        self.state.reward_errors += errors
+        skipped = None if all_finite(rewards) else "non-finite reward"
+        reward_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)
+
+        t = time.perf_counter()
+        ref = None
+        if skipped is None and cfg.beta:
+            with torch.no_grad(), hm.adapters_disabled():
+                ref = hm.sequence_logprobs(out, cfg.temperature, hybrid=False)
+        times["time_reference_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        hm.train()
+        loss_value, info, grad_norm = float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, None
+        adv = group_advantages(reward_t, cfg.group_size) if skipped is None else None
+        for _ in range(cfg.num_iterations):
+            if skipped is None:
+                logp = hm.sequence_logprobs(out, cfg.temperature, hybrid=cfg.hybrid)
+                loss, info = grpo_loss(
+                    logp, adv, out.completion_mask, ref, out.logprobs if cfg.num_iterations > 1 else None,
+                    cfg.beta, cfg.epsilon, cfg.loss_norm, cfg.max_completion_length,
+                )
+                if torch.isfinite(loss):
+                    (loss / cfg.grad_accum).backward()
+                    loss_value = loss.item()
+                else:
+                    skipped = "non-finite loss"
+            self.state.micro += 1
+            if self.state.micro % cfg.grad_accum == 0:
+                grad_norm, dropped = self.optimizer_step()
+                if dropped and skipped is None:
+                    skipped = "non-finite gradient"
+        times["time_update_s"] = time.perf_counter() - t
+
+        if skipped:
+            self.state.skipped_updates += 1
+            self.state.skipped_in_a_row += 1
+            tqdm.write(f"step {s}: update skipped ({skipped}); {self.state.skipped_in_a_row} in a row")
+        else:
+            self.state.skipped_in_a_row = 0
+        self.state.step = s + 1
+        return {
+            "step": s,
+            "opt_step": self.state.opt_step,
+            "reward": sum(rewards) / len(rewards),
+            "loss": loss_value,
+            "completion_tokens": float(out.lengths.float().mean()),
+            "gate_a": float(out.gate_mean.nanmean()) if cfg.hybrid else float("nan"),
+            "think_frac": float(out.think_mask.sum() / out.completion_mask.sum().clamp_min(1)),
+            "lr_lora": self.opt.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "skipped": skipped,
+            "skipped_updates": self.state.skipped_updates,
+            "reward_errors": self.state.reward_errors,
+            "rollout_tokens_per_s": out.stats["tokens_per_s"],
+            **times,
+            **info,
+        }
+
+    # ------------------------------------------------------------------ the run
+
+    def open_run(self) -> None:
+        """Take the output folder (after every check has passed) and write the config."""
+        self.run_dir.open()
+        if not self.cfg.resume:
+            write_json(self.run_dir.path("config.json"), dataclasses.asdict(self.cfg))
+
+    def run(self) -> dict:
+        cfg, run = self.cfg, self.run_dir
+        self.open_run()
+        try:
+            if not cfg.resume:
+                before, before_sampled = self.heldout_both("before")
+                self.state.eval_before = {"greedy": before["accuracy"], "sampled": before_sampled["accuracy"], "n": before["n"]}
+                write_json(run.path("eval_before.json"), before)
+            else:
+                print(f"resuming from {self.resume_from} (step {self.state.step} of {self.device_steps})")
+            tb = run.path("tensorboard") if cfg.report_to == "tensorboard" else None
+            log = MetricsLog(run.path("metrics.jsonl"), self.records, tb, self.state.step)
+            with StopRequests() as stop:
+                try:
+                    self._loop(log, stop)
+                finally:
+                    log.close()
+            return self._finish()
+        except TrainingStopped as err:
+            write_json(run.path("summary.json"), self._summary(status=f"stopped: {err}"))
+            raise
+        except BaseException:
+            if not self.progressed:
+                run.rollback()
+            raise
+
+    def _loop(self, log: MetricsLog, stop: StopRequests) -> None:
+        cfg = self.cfg
+        start = time.perf_counter() - self.state.elapsed_s
+        bar = tqdm(total=self.device_steps, initial=self.state.step, desc="hrpo" if cfg.hybrid else "grpo",
+                   disable=not self.show)
+        for s in range(self.state.step, self.device_steps):
+            record = self.device_step(s)
+            boundary = self.state.micro % cfg.grad_accum == 0
+            if boundary and cfg.eval_every and self.state.opt_step % cfg.eval_every == 0:
+                limited = self.eval_ex[: cfg.eval_every_limit]
+                record["eval_accuracy"] = self.heldout(limited, self.greedy)["accuracy"]
+                tqdm.write(f"step {s}: held-out accuracy {record['eval_accuracy']:.3f} (greedy, {len(limited)} examples)")
+            self.state.elapsed_s = time.perf_counter() - start
+            record["elapsed_s"] = self.state.elapsed_s
+            self.records.append(json_safe(record))
+            log.append(record)
+            if not self.progressed:
+                self.progressed = True
+                self.run_dir.started()
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
+            if self.state.skipped_in_a_row >= cfg.max_skipped_in_a_row:
+                path = self.checkpoint()
+                raise TrainingStopped(f"stopped at step {s}: {self.state.skipped_in_a_row} updates in a row were skipped "
+                                      f"(last: {record['skipped']}); the last good state is saved in {path}")
+            if stop.signum is not None:
+                path = self.checkpoint()
+                name = signal.Signals(stop.signum).name
+                raise Interrupted(f"stopped by {name} after step {s}; checkpoint {path}; continue with --resume",
+                                  stop.signum)
+            if boundary and cfg.save_every and self.state.opt_step % cfg.save_every == 0 and s + 1 < self.device_steps:
+                self.checkpoint()
+        bar.close()
+        if self.last_saved != self.state.step:
+            self.checkpoint()
+
+    def _finish(self) -> dict:
+        run = self.run_dir
+        after, after_sampled = self.heldout_both("after")
+        save_checkpoint(self.hm, run.path("checkpoint"), self.cfg.model, self._policy_meta())
+        self._plot()
+        summary = self._summary("finished", after, after_sampled)
+        write_json(run.path("eval_after.json"), after)
+        write_json(run.path("summary.json"), summary)
+        return summary
+
+    def _summary(self, status: str, after: dict | None = None, after_sampled: dict | None = None) -> dict:
+        cfg, before = self.cfg, self.state.eval_before or {}
+        return {
+            "status": status,
+            "task": cfg.task,
+            "hybrid": cfg.hybrid,
+            "seed": cfg.seed,
+            "accuracy_before": before.get("greedy"),
+            "accuracy_after": after["accuracy"] if after else None,
+            "sampled_accuracy_before": before.get("sampled"),
+            "sampled_accuracy_after": after_sampled["accuracy"] if after_sampled else None,
+            "eval_examples": after["n"] if after else before.get("n"),
+            "device_steps": self.state.step,
+            "optimizer_steps": self.state.opt_step,
+            "skipped_updates": self.state.skipped_updates,
+            "reward_errors": self.state.reward_errors,
+            "train_seconds": self.state.elapsed_s,
+            "final_gate_a": self.records[-1]["gate_a"] if self.records else None,
+        }
 
 
 def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
     """Run HRPO (or plain GRPO with cfg.hybrid False); returns the summary it writes."""
-    if cfg.batch_size % cfg.group_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of group_size {cfg.group_size}")
-    from .rewards import get_reward_fn
-
-    reward_fn = reward_fn or get_reward_fn(cfg.task)
-    run_dir = prepare_run_dir(cfg.output_dir, cfg.overwrite)
-    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_base_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    hm = build_policy(model, cfg)
-
-    system = SYSTEM_PROMPT if cfg.system_prompt else None
-    train_ex = load_examples(cfg, "train", cfg.data, cfg.train_limit)
-    eval_ex = load_examples(cfg, "test", heldout_sources(cfg), cfg.eval_limit)
-    train_prompts = encode_prompts(tokenizer, train_ex, cfg.max_prompt_length, system)
-    matcher = MarkerMatcher(tokenizer, cfg.marker, model.config.vocab_size)
-    eos = eos_token_ids(model, tokenizer)
-    sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False, hybrid=cfg.hybrid)
-    greedy = dataclasses.replace(sampling, greedy=True)
-    engine = make_engine(hm, matcher, eos, tokenizer.pad_token_id, kind=cfg.engine)
-
-    def heldout(when: str) -> tuple[dict, dict]:
-        """Greedy accuracy (the headline) and accuracy when sampling as in training."""
-        runs = [evaluate(hm.eval(), tokenizer, eval_ex, reward_fn, how, matcher, eos, cfg.max_prompt_length,
-                         system, cfg.eval_batch_size, cfg.seed, progress, engine) for how in (greedy, sampling)]
-        print(f"held-out accuracy {when} training: {runs[0]['accuracy']:.3f} greedy, "
-              f"{runs[1]['accuracy']:.3f} sampled (T={cfg.temperature}), {runs[0]['n']} examples")
-        return runs[0], runs[1]
-
-    before, before_sampled = heldout("before")
-
-    prompts_per_step = cfg.batch_size // cfg.group_size
-    order = [i for _ in range(cfg.epochs) for i in random.sample(range(len(train_ex)), len(train_ex))]
-    device_steps = len(order) // prompts_per_step
-    if cfg.max_steps is not None:
-        device_steps = min(device_steps, cfg.max_steps * cfg.grad_accum)
-    if device_steps == 0:
-        raise ValueError(f"{len(train_ex)} training examples make no step of {prompts_per_step} prompts")
-    opt_steps = math.ceil(device_steps * cfg.num_iterations / cfg.grad_accum)
-    opt, sched = make_optimizer(hm, cfg, opt_steps)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    metrics_file = (run_dir / "metrics.jsonl").open("w")
-    records, micro, start = [], 0, time.perf_counter()
-    bar = tqdm(range(device_steps), desc="hrpo" if cfg.hybrid else "grpo", disable=not progress)
-    for step in bar:
-        idx = order[step * prompts_per_step : (step + 1) * prompts_per_step]
-        prompts = [train_prompts[i] for i in idx for _ in range(cfg.group_size)]
-        answers = [train_ex[i].answer for i in idx for _ in range(cfg.group_size)]
-        hm.eval()
-        t0 = time.perf_counter()
-        out = engine.generate(prompts, sampling, generator)
-        t_rollout = time.perf_counter() - t0
-        rewards = torch.tensor(reward_fn(decode_completions(tokenizer, out), answers), dtype=torch.float32, device=device)
-        adv = group_advantages(rewards, cfg.group_size)
-
-        hm.train()
-        ref = None
-        if cfg.beta:
-            with torch.no_grad(), hm.adapters_disabled():
-                ref = hm.sequence_logprobs(out, cfg.temperature, hybrid=False)
-        for _ in range(cfg.num_iterations):
-            logp = hm.sequence_logprobs(out, cfg.temperature, hybrid=cfg.hybrid)
-            loss, info = grpo_loss(
-                logp, adv, out.completion_mask, ref, out.logprobs if cfg.num_iterations > 1 else None,
-                cfg.beta, cfg.epsilon, cfg.loss_norm, cfg.max_completion_length,
-            )
-            (loss / cfg.grad_accum).backward()
-            micro += 1
-            if micro % cfg.grad_accum == 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                info["grad_norm"] = float(grad_norm)
-        record = {
-            "step": step,
-            "reward": float(rewards.mean()),
-            "loss": loss.item(),
-            "completion_tokens": float(out.lengths.float().mean()),
-            "gate_a": float(out.gate_mean.nanmean()) if cfg.hybrid else float("nan"),
-            "think_frac": float(out.think_mask.sum() / out.completion_mask.sum().clamp_min(1)),
-            "lr_lora": opt.param_groups[0]["lr"],
-            "rollout_s": t_rollout,
-            "rollout_tokens_per_s": out.stats["tokens_per_s"],
-            "elapsed_s": time.perf_counter() - start,
-            **info,
-        }
-        records.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
-    metrics_file.close()
-
-    after, after_sampled = heldout("after")
-    save_checkpoint(hm, run_dir / "checkpoint", cfg.model, {"task": cfg.task, "hybrid": cfg.hybrid, "marker": cfg.marker})
-    plot_curves(records, run_dir / "curves.png", f"{'HRPO' if cfg.hybrid else 'GRPO'} on {cfg.task}, seed {cfg.seed}")
-    summary = {
-        "task": cfg.task,
-        "hybrid": cfg.hybrid,
-        "seed": cfg.seed,
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "sampled_accuracy_before": before_sampled["accuracy"],
-        "sampled_accuracy_after": after_sampled["accuracy"],
-        "eval_examples": after["n"],
-        "device_steps": device_steps,
-        "optimizer_steps": opt_steps,
-        "train_seconds": time.perf_counter() - start,
-        "final_gate_a": records[-1]["gate_a"],
-    }
-    write_json(run_dir / "summary.json", summary)
-    write_json(run_dir / "eval_after.json", after)
-    return summary
+    validate_config(cfg)
+    return Trainer(cfg, reward_fn, progress).run()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hrpo.train", description=__doc__)
-    p.add_argument("--task", default="arith", help="arith (embedded), gsm8k, math, mmlu, rag-qa")
+    p = argparse.ArgumentParser(prog="python -m hrpo.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default=None, help="arith (embedded, the default), gsm8k, math, mmlu, rag-qa")
     add_config_args(p)
     args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        cfg = config_for(**vars(args))
+        if given.get("resume"):
+            cfg = resume_config(given.get("output_dir", TrainConfig.output_dir), given)
+        else:
+            cfg = config_for(given.pop("task", "arith"), **given)
         summary = train(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError, ModelError) as err:
+    except Interrupted as err:
+        print(f"hrpo: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as err:  # ConfigError, DataError, ModelError, CheckpointError, a full disk...
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
         return 2
     gain = summary["accuracy_after"] - summary["accuracy_before"]
     print(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} ({gain:+.3f}); run in {cfg.output_dir}")

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from hrpo.config import config_for
-from hrpo.runs import prepare_run_dir, write_json
+from hrpo.runs import RunDir, write_json
 from hrpo.train import train
 
 MODES = {"HRPO": True, "GRPO (--no-hybrid)": False}
@@ -47,16 +47,17 @@ def main() -> None:
     ap.add_argument("--task", default="arith")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--output-dir", type=Path, default=Path("runs/compare"))
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --output-dir")
     args = ap.parse_args()
-    out = prepare_run_dir(args.output_dir, args.overwrite)
+    run = RunDir(args.output_dir, overwrite=args.overwrite).open()  # its manifest lists each run's folder
     rows = []
     for mode, hybrid in MODES.items():
         for seed in args.seeds:
-            run_dir = out / f"{'hrpo' if hybrid else 'grpo'}-seed{seed}"
+            run_dir = run.path(f"{'hrpo' if hybrid else 'grpo'}-seed{seed}")
             summary = train(config_for(args.task, seed=seed, hybrid=hybrid, output_dir=str(run_dir)))
+            run.started()
             rows.append({"mode": mode, **summary})
-            write_json(out / "summary.json", rows)  # also marks the folder as a run
+            write_json(run.path("summary.json"), rows)
     lines = ["| method | seed | greedy before | greedy after | sampled before | sampled after | minutes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -68,9 +69,9 @@ def main() -> None:
         gain = statistics.mean(r["accuracy_after"] - r["accuracy_before"] for r in runs)
         sgain = statistics.mean(r["sampled_accuracy_after"] - r["sampled_accuracy_before"] for r in runs)
         lines.append(f"| {mode}, mean gain | | | {gain:+.3f} | | {sgain:+.3f} | |")
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    write_json(out / "comparison.json", rows)
-    plot(rows, out / "comparison.png")
+    run.path("comparison.md").write_text("\n".join(lines) + "\n")
+    write_json(run.path("comparison.json"), rows)
+    plot(rows, run.path("comparison.png"))
     print("\n".join(lines))
 
 

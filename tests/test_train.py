@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_model, build_tokenizer
+from conftest import build_model, small_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hrpo.checkpoint import load_checkpoint, save_checkpoint
@@ -13,35 +13,20 @@ from hrpo.train import main as train_main
 from hrpo.train import make_optimizer, train
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    tok = build_tokenizer()
-    build_model("qwen2", len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def small_config(model_dir, out, **kw):
-    return config_for(
-        "arith", model=str(model_dir), output_dir=str(out), max_steps=2, batch_size=8, group_size=4,
-        max_completion_length=8, max_prompt_length=256, train_limit=16, eval_limit=8, lora_rank=4, lora_alpha=8,
-        **kw,
-    )
-
-
 def test_optimizer_groups_and_learning_rates():
     torch.manual_seed(0)
     cfg = config_for("gsm8k")
     hm = build_policy(build_model("qwen2", 320), cfg)
     opt, sched = make_optimizer(hm, cfg, total_steps=100)
     groups = {g["name"]: g for g in opt.param_groups}
-    assert set(groups) == {"lora", "gate", "lambda"}
+    assert set(groups) == {"lora", "gate", "gate_bias", "lambda"}
     names = {id(p): n for n, p in hm.named_parameters()}
     assert all("lora_" in names[id(p)] for p in groups["lora"]["params"])
     assert len(groups["lora"]["params"]) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
-    assert {names[id(p)] for p in groups["gate"]["params"]} == {"gate.w_r.weight", "gate.w_r.bias", "gate.w_i.weight", "gate.w_i.bias"}
+    assert {names[id(p)] for p in groups["gate"]["params"]} == {"gate.w_r.weight", "gate.w_i.weight"}
+    assert {names[id(p)] for p in groups["gate_bias"]["params"]} == {"gate.w_r.bias", "gate.w_i.bias"}
     assert [names[id(p)] for p in groups["lambda"]["params"]] == ["gate.lam"]
+    assert groups["gate_bias"]["weight_decay"] == 0.0 and groups["lambda"]["weight_decay"] == 0.1
     # Warm-up starts at 1/10 of the peak rates: 5e-6, 1e-4, 1e-3.
     assert groups["lora"]["lr"] == pytest.approx(5e-7)
     assert groups["gate"]["lr"] == pytest.approx(1e-5)
@@ -101,14 +86,17 @@ def test_model_without_expected_modules():
 def test_end_to_end_run_folder(model_dir, tmp_path):
     out = tmp_path / "run"
     summary = train(small_config(model_dir, out), progress=False)
-    assert {"config.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoint", "eval_after.json"} <= {p.name for p in out.iterdir()}
+    written = {"config.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoint", "checkpoints", "eval_before.json",
+               "eval_after.json"}
+    assert {p.name for p in out.iterdir()} == written | {"hrpo-run.json"}
+    assert set(json.loads((out / "hrpo-run.json").read_text())["files"]) == written
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]
     assert all(0.0 <= r["reward"] <= 1.0 and r["gate_a"] > 0.9 for r in records)
     assert summary["accuracy_before"] == json.loads((out / "summary.json").read_text())["accuracy_before"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # The run folder is not overwritten unless asked.
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ValueError, match="holds an hrpo run; pass --resume to continue it or --overwrite"):
         train(small_config(model_dir, out), progress=False)
     train(small_config(model_dir, out, overwrite=True, hybrid=False), progress=False)
     assert json.loads((out / "summary.json").read_text())["hybrid"] is False

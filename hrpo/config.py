@@ -123,7 +123,9 @@ def validate_config(cfg: TrainConfig) -> None:
     def choice(name, options):
         _check(getattr(cfg, name) in options, name, "one of " + ", ".join(map(str, options)), getattr(cfg, name))
 
-    choice("task", sorted(RECIPES))
+    from .tasks import task_names
+
+    choice("task", task_names())
     _check(isinstance(cfg.output_dir, str) and cfg.output_dir.strip() != "", "output_dir", "a folder path", cfg.output_dir)
     if cfg.overwrite and cfg.resume:
         raise ConfigError("--overwrite and --resume contradict each other: replace the run, or continue it")
@@ -175,9 +177,12 @@ def validate_config(cfg: TrainConfig) -> None:
 
 
 def config_for(task: str, **overrides) -> TrainConfig:
-    if task not in RECIPES:
-        raise ConfigError(f"--task must be one of {', '.join(sorted(RECIPES))}, got {task!r}")
-    values = {**RECIPES[task], **{k: v for k, v in overrides.items() if v is not None}, "task": task}
+    """The task's recipe (a benchmark uses its family's: math500 trains as math) with overrides."""
+    from .tasks import get_task, task_names
+
+    if task not in task_names():
+        raise ConfigError(f"--task must be one of {', '.join(task_names())}, got {task!r}")
+    values = {**RECIPES[get_task(task).recipe], **{k: v for k, v in overrides.items() if v is not None}, "task": task}
     return TrainConfig(**values)
 
 

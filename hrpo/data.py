@@ -1,10 +1,10 @@
-"""Task loaders: read a local file, a directory or a hub dataset and turn each record into an
-:class:`hrpo.prompts.Example` whose question is the full user message and whose answer is the
-gold string the reward compares against (a list of aliases for retrieval QA).
+"""Reading task data: a local file, a directory or a hub dataset, each record kept with where
+it came from and turned into an :class:`hrpo.prompts.Example` by its task's converter
+(hrpo.tasks: one module per benchmark family).
 
-Each field a converter uses is checked for type and emptiness first. A record that fails is
-rejected with a reason, never coerced; rejections are counted by reason in a
-:class:`LoadReport` and summarised in one warning (a DataError when nothing is left).
+Each field a converter uses is checked for type and emptiness first (the checks below). A
+record that fails is rejected with a reason, never coerced; rejections are counted by reason
+in a :class:`LoadReport` and summarised in one warning (a DataError when nothing is left).
 
 Only the standard library is needed for JSON/JSONL; ``pyarrow`` (parquet) and ``datasets``
 (hub names) are imported lazily so the package works without them.
@@ -13,29 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
-from hrpo.prompts import ANSWER_MARKER, Example
+from hrpo.prompts import Example
 
-__all__ = ["DataError", "LoadReport", "Raw", "TASKS", "convert_records", "load_task", "load_records", "last_boxed"]
+__all__ = ["DataError", "LoadReport", "Raw", "Rejected", "convert_records", "load_task", "load_records"]
 
 
 class DataError(ValueError):
     """A one-line, user-facing problem with the input data (file, line or record named)."""
 
 
-# Hub names used when no path is given; "name:config" selects a dataset configuration.
-DEFAULT_HUB = {
-    "gsm8k": "openai/gsm8k:main",
-    "math": "DigitalLearningGmbH/MATH-lighteval",
-    "mmlu": "cais/mmlu:all",
-}
-
-LETTERS = "ABCDEFGHIJ"
+MAX_OPTIONS = 10  # multiple-choice options, lettered A-J
 
 
 # ---------------------------------------------------------------- reading raw records
@@ -84,7 +76,7 @@ def _read_json(path: str) -> list[Raw]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {_kind(data)}")
+        raise DataError(f"{path}: expected a JSON list of objects, got {kind(data)}")
     return [Raw(f"{path}: record {i}", rec) for i, rec in enumerate(data)]
 
 
@@ -151,11 +143,11 @@ def load_records(path: str, split: str = "train") -> tuple[list[Raw], str]:
 # ---------------------------------------------------------------- field checks
 
 
-class _Rejected(Exception):
+class Rejected(Exception):
     """A record the converter cannot use; the message is the reason, without the location."""
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
     """The JSON name of a value's type, as the user reading the file would call it."""
     if value is None:
         return "null"
@@ -172,192 +164,38 @@ def _kind(value: Any) -> str:
     return type(value).__name__  # parquet/hub types with no JSON name (bytes, datetime)
 
 
-def _expected(name: str, what: str, value: Any) -> _Rejected:
-    return _Rejected(f"field {name!r}: expected {what}, got {_kind(value)}")
+def expected(name: str, what: str, value: Any) -> Rejected:
+    return Rejected(f"field {name!r}: expected {what}, got {kind(value)}")
 
 
-def _is_text(value: Any) -> bool:
+def is_text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def _get(obj: dict, key: str, name: str | None = None) -> Any:
+def get_field(obj: dict, key: str, name: str | None = None) -> Any:
     if key not in obj:
-        raise _Rejected(f"missing field {name or key!r}")
+        raise Rejected(f"missing field {name or key!r}")
     return obj[key]
 
 
-def _text(obj: dict, key: str) -> str:
-    value = _get(obj, key)
-    if not _is_text(value):
-        raise _expected(key, "a non-empty string", value)
+def text_field(obj: dict, key: str) -> str:
+    value = get_field(obj, key)
+    if not is_text(value):
+        raise expected(key, "a non-empty string", value)
     return value
 
 
-def _options(value: Any, name: str) -> list[str]:
+def options_field(value: Any, name: str) -> list[str]:
     """A list of 2-10 non-empty strings (MMLU choices, ARC texts and labels)."""
-    what = f"a list of 2-{len(LETTERS)} non-empty strings"
+    what = f"a list of 2-{MAX_OPTIONS} non-empty strings"
     if not isinstance(value, list):
-        raise _expected(name, what, value)
-    if not 2 <= len(value) <= len(LETTERS):
-        raise _Rejected(f"field {name!r}: expected {what}, got a list of {len(value)}")
+        raise expected(name, what, value)
+    if not 2 <= len(value) <= MAX_OPTIONS:
+        raise Rejected(f"field {name!r}: expected {what}, got a list of {len(value)}")
     for j, item in enumerate(value):
-        if not _is_text(item):
-            raise _expected(f"{name}[{j}]", "a non-empty string", item)
+        if not is_text(item):
+            raise expected(f"{name}[{j}]", "a non-empty string", item)
     return value
-
-
-# ---------------------------------------------------------------- per-task conversion
-
-
-_CALC = re.compile(r"<<[^>]*>>")
-
-
-def _gsm8k(rec: dict) -> Example:
-    question = _text(rec, "question")
-    solution = _text(rec, "answer")
-    if ANSWER_MARKER not in solution:
-        raise _Rejected(f"field 'answer': expected a final '{ANSWER_MARKER} N' line, got none")
-    reasoning, final = solution.rsplit(ANSWER_MARKER, 1)
-    final = final.strip()
-    answer = final.replace(",", "")
-    if not answer:
-        raise _Rejected(f"field 'answer': expected a number after '{ANSWER_MARKER}', got nothing")
-    meta = {
-        # The worked solution without calculator annotations, usable as an SFT/reference trace.
-        "solution": _CALC.sub("", reasoning).strip(),
-        "final": final,  # the final answer as written (may contain thousands commas)
-    }
-    return Example(question=question, answer=answer, meta=meta)
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), or of the
-    brace-less ``\\boxed 5`` form; None when there is none."""
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
-    if not starts:
-        return None
-    pos = starts[-1].end()
-    rest = text[pos:].lstrip()
-    if not rest.startswith("{"):
-        # "\boxed 2" form: the answer runs to the next space, $ or end.
-        m = re.match(r"[^\s$]+", rest)
-        return m.group(0).rstrip(".") if m else None
-    depth = 0
-    for j, ch in enumerate(rest):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return rest[1:j].strip()
-    return None  # unbalanced braces
-
-
-def _math(rec: dict) -> Example:
-    problem = _text(rec, "problem")
-    meta = {k: rec[k] for k in ("level", "type", "subject", "unique_id") if k in rec}
-    solution = rec.get("solution")
-    if solution is not None and not isinstance(solution, str):
-        raise _expected("solution", "a string", solution)
-    # A parquet or hub table fills a column a row lacks with null, so null counts as absent.
-    if rec.get("answer") is not None:  # MATH-500 form carries the answer explicitly
-        answer = _text(rec, "answer")
-    elif solution is None:
-        raise _Rejected("missing field 'solution' (or 'answer')")
-    else:
-        answer = last_boxed(solution)
-        if answer is None:
-            raise _Rejected("field 'solution': expected a \\boxed{} answer, got none")
-        if not answer:  # two MATH train items end in a bare \boxed{}: nothing to compare against
-            raise _Rejected("field 'solution': expected a \\boxed{} answer, got an empty \\boxed{}")
-    if solution is not None:
-        meta["solution"] = solution
-    # Answers are read from one line after the marker, so a gold answer wrapped over lines
-    # (one MATH test answer breaks "square units" over two lines) is joined onto one line.
-    answer = re.sub(r"\s*\n\s*", " ", answer).strip()
-    return Example(question=problem, answer=answer, meta=meta)
-
-
-def _mmlu(rec: dict) -> Example:
-    question = _text(rec, "question")
-    choices = _get(rec, "choices")
-    labels: list[str] | None = None
-    if isinstance(choices, dict):  # ARC form: {"text": [...], "label": [...]}
-        labels = _options(_get(choices, "label", "choices.label"), "choices.label")
-        choices = _options(_get(choices, "text", "choices.text"), "choices.text")
-        if len(labels) != len(choices):
-            raise _Rejected(
-                f"field 'choices.label': expected one label per option, got {len(labels)} for {len(choices)}"
-            )
-    else:
-        choices = _options(choices, "choices")  # a string such as "wxyz" is not a list of options
-    if "answer" not in rec and "answerKey" not in rec:
-        raise _Rejected("missing field 'answer' (or 'answerKey')")
-    name = "answerKey" if "answerKey" in rec else "answer"
-    key = rec[name]
-    n = len(choices)
-    # Options are always rendered as A, B, C...; the gold is mapped onto that lettering.
-    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < n:
-        index = key
-    elif isinstance(key, str) and labels is not None and key.strip() in labels:  # ARC labels may be "1".."4"
-        index = labels.index(key.strip())
-    elif isinstance(key, str) and len(key.strip()) == 1 and key.strip().upper() in LETTERS[:n]:
-        index = LETTERS.index(key.strip().upper())
-    else:
-        what = f"an index 0-{n - 1} or a letter A-{LETTERS[n - 1]}"
-        what += f" or a label {'/'.join(labels)}" if labels else ""
-        shown = f"{key!r:.20}" if isinstance(key, (int, str)) and not isinstance(key, bool) else _kind(key)
-        raise _Rejected(f"field {name!r}: expected {what}, got {shown}")
-    rendered = "\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(choices))
-    meta = {k: rec[k] for k in ("subject", "type", "id") if k in rec}
-    return Example(question=f"{question}\n{rendered}", answer=LETTERS[index], meta=meta)
-
-
-def _passage(ctx: Any, name: str) -> str:
-    """One context: a string, or an object {title, text} ({title, contents} in FlashRAG's form)."""
-    if _is_text(ctx):
-        return ctx
-    if not isinstance(ctx, dict):
-        raise _expected(name, "a non-empty string or an object with 'text'", ctx)
-    text = ctx.get("text", ctx.get("contents"))
-    if not _is_text(text):
-        raise _expected(f"{name}.text", "a non-empty string", text)
-    title = ctx.get("title")
-    if title is not None and not isinstance(title, str):
-        raise _expected(f"{name}.title", "a string", title)
-    return f"({title}) {text}" if title else text
-
-
-def _rag_qa(rec: dict) -> Example:
-    question = _text(rec, "question")
-    contexts = _get(rec, "contexts")
-    golden = _get(rec, "golden_answers")
-    if _is_text(golden):
-        golden = [golden]
-    elif isinstance(golden, list) and golden:
-        for j, alias in enumerate(golden):
-            if not _is_text(alias):  # an empty alias would match an empty prediction
-                raise _expected(f"golden_answers[{j}]", "a non-empty string", alias)
-    else:
-        raise _expected("golden_answers", "a non-empty string or a non-empty list of non-empty strings", golden)
-    if isinstance(contexts, list):
-        docs = [_passage(ctx, f"contexts[{j}]") for j, ctx in enumerate(contexts)]
-    elif isinstance(contexts, (str, dict)):  # a single passage
-        docs = [_passage(contexts, "contexts")]
-    else:
-        raise _expected("contexts", "a list of passages or a string", contexts)
-    listed = "\n".join(f"[{j}] {doc}" for j, doc in enumerate(docs, 1))
-    message = f"{listed}\n\nQuestion: {question}" if docs else question
-    return Example(question=message, answer=golden, meta={"question": question})
-
-
-_CONVERTERS: dict[str, Callable[[dict], Example]] = {
-    "gsm8k": _gsm8k,
-    "math": _math,
-    "mmlu": _mmlu,
-    "rag-qa": _rag_qa,
-}
-TASKS = tuple(_CONVERTERS)
 
 
 @dataclass
@@ -396,10 +234,12 @@ class LoadReport:
 def convert_records(
     task: str, records: list[Raw], source: str, limit: int | None = None
 ) -> tuple[list[Example], LoadReport]:
-    """Examples for ``task`` from located raw records (stopping once ``limit`` are kept) and the
-    report of what was rejected; a record that fails a check is rejected, never coerced.
-    ``task`` is one of :data:`TASKS`."""
-    convert = _CONVERTERS[task]
+    """Examples for ``task`` (a name in hrpo.tasks) from located raw records (stopping once
+    ``limit`` are kept) and the report of what was rejected; a record that fails a check is
+    rejected, never coerced."""
+    from hrpo.tasks import get_task
+
+    convert = get_task(task).convert
     report = LoadReport(source)
     examples = []
     for where, rec in records:
@@ -407,9 +247,9 @@ def convert_records(
             break
         try:
             if not isinstance(rec, dict):
-                raise _Rejected(f"expected a JSON object, got {_kind(rec)}")
+                raise Rejected(f"expected a JSON object, got {kind(rec)}")
             examples.append(convert(rec))
-        except _Rejected as reason:
+        except Rejected as reason:
             report.reject(str(reason), where)
     report.kept = len(examples)
     return examples, report
@@ -417,14 +257,18 @@ def convert_records(
 
 def load_task(task: str, path: str | None = None, split: str = "train", limit: int | None = None) -> list[Example]:
     """Load ``task`` from ``path`` (.jsonl/.json/.parquet file, a directory holding
-    ``{split}.jsonl``/``{split}.parquet``, or a hub name), keeping the first ``limit`` usable
-    records. Rejected records are summarised in one warning; if none is usable, a DataError."""
-    if task not in _CONVERTERS:
-        raise DataError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    ``{split}.jsonl``/``{split}.parquet``, or a hub name; None: the task's hub dataset),
+    keeping the first ``limit`` usable records. Rejected records are summarised in one
+    warning; if none is usable, a DataError."""
+    from hrpo.tasks import get_task
+
+    spec = get_task(task)
+    if spec.convert is None:
+        raise DataError(f"task {task!r} is generated, not loaded from data")
     if path is None:
-        if task not in DEFAULT_HUB:
+        if spec.hub is None:
             raise DataError(f"task {task!r} has no default dataset; pass a path")
-        path = DEFAULT_HUB[task]
+        path = spec.hub
     records, source = load_records(os.fspath(path), split)
     examples, report = convert_records(task, records, source, limit)
     if report.rejected and not examples:

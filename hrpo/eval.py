@@ -19,6 +19,7 @@ from .rollout import SamplingConfig
 def evaluate(
     hm,
     tokenizer,
+    messages: list[str],
     examples: list[Example],
     reward_fn,
     sampling: SamplingConfig,
@@ -32,10 +33,10 @@ def evaluate(
     engine=None,
     reward_timeout: float = 60.0,
 ) -> dict:
-    """Accuracy (mean reward) and per-sample completions over `examples` (rollouts by
-    `engine`, default: hrpo.engine.make_engine's for this model)."""
+    """Accuracy (mean reward) and per-sample completions over `examples`, asked as `messages`
+    (rollouts by `engine`, default: hrpo.engine.make_engine's for this model)."""
     engine = engine or make_engine(hm, matcher, eos_ids, tokenizer.pad_token_id)
-    prompts = encode_prompts(tokenizer, examples, max_prompt_length, system)
+    prompts = encode_prompts(tokenizer, messages, max_prompt_length, system)
     generator = torch.Generator(device=hm.lm_weight.device).manual_seed(seed)
     samples, start = [], time.perf_counter()
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, leave=False)
@@ -66,7 +67,7 @@ def decode_completions(tokenizer, out) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import load_checkpoint, read_checkpoint_meta
     from .config import config_for
-    from .tasks import load_examples
+    from .tasks import load_examples, user_messages
     from .loading import build_policy, eos_token_ids, load_base_model, resolve_device, resolve_dtype
     from .model import HybridModel
     from .rewards import get_reward_fn
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         eos = eos_token_ids(model, tokenizer)
         engine = make_engine(hm.eval(), matcher, eos, tokenizer.pad_token_id, kind=args.engine)
         result = evaluate(
-            hm, tokenizer, examples, get_reward_fn(args.task), sampling, matcher, eos, cfg.max_prompt_length,
+            hm, tokenizer, user_messages(args.task, examples), examples, get_reward_fn(args.task), sampling, matcher, eos, cfg.max_prompt_length,
             SYSTEM_PROMPT if cfg.system_prompt else None, args.batch_size, args.seed, engine=engine,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as err:

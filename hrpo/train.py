@@ -44,7 +44,7 @@ from .reporting import MetricsLog, json_safe
 from .reward_guard import all_finite, score
 from .rollout import SamplingConfig
 from .runs import RunDir, write_json
-from .tasks import load_examples
+from .tasks import load_examples, user_messages
 
 
 class TrainingStopped(RuntimeError):
@@ -193,8 +193,10 @@ class Trainer:
         self.system = SYSTEM_PROMPT if cfg.system_prompt else None
         self.train_ex = load_examples(cfg, "train", cfg.data, cfg.train_limit)
         self.eval_ex = load_examples(cfg, "test", heldout_sources(cfg), cfg.eval_limit)
-        self.train_prompts = encode_prompts(self.tokenizer, self.train_ex, cfg.max_prompt_length, self.system)
-        encode_prompts(self.tokenizer, self.eval_ex, cfg.max_prompt_length, self.system)  # fail now, not after training
+        self.train_prompts = encode_prompts(self.tokenizer, user_messages(cfg.task, self.train_ex), cfg.max_prompt_length,
+                                            self.system)
+        # fail now, not after training
+        encode_prompts(self.tokenizer, user_messages(cfg.task, self.eval_ex), cfg.max_prompt_length, self.system)
         self.matcher = MarkerMatcher(self.tokenizer, cfg.marker, model.config.vocab_size)
         self.eos = eos_token_ids(model, self.tokenizer)
         self.sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False, hybrid=cfg.hybrid)
@@ -259,7 +261,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def heldout(self, examples, how: SamplingConfig) -> dict:
-        return evaluate(self.hm.eval(), self.tokenizer, examples, self.reward_fn, how, self.matcher, self.eos,
+        return evaluate(self.hm.eval(), self.tokenizer, user_messages(self.cfg.task, examples), examples, self.reward_fn,
+                        how, self.matcher, self.eos,
                         self.cfg.max_prompt_length, self.system, self.cfg.eval_batch_size, self.cfg.seed, self.show,
                         self.engine, self.cfg.reward_timeout)
 
@@ -478,7 +481,8 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hrpo.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default=None, help="arith (embedded, the default), gsm8k, math, mmlu, rag-qa")
+    p.add_argument("--task", default=None, help="arith (embedded, the default), gsm8k, math, mmlu, rag-qa, or a "
+                   "benchmark of `python -m hrpo.eval` (trained with its family's recipe)")
     add_config_args(p)
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}

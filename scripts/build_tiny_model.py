@@ -24,7 +24,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from hrpo.prompts import ANSWER_MARKER, SYSTEM_PROMPT, format_prompt
+from hrpo.prompts import ANSWER_MARKER, format_prompt
+
+# The instruction the tokenizer's corpus was built with (kept so that the build stays reproducible).
+SYSTEM_PROMPT = (
+    "Think through the problem step by step, then write the final answer on the last line "
+    f"after '{ANSWER_MARKER}', for example '{ANSWER_MARKER} 42'."
+)
 from hrpo.synthetic import synthetic_split
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "hrpo" / "assets" / "tiny"

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.data import DataError, convert_records, last_boxed, load_records, load_task
+from hrpo.data import DataError, convert_records, load_records, load_task
+from hrpo.tasks.base import last_boxed
+from hrpo.tasks.choice import render as render_choice
+from hrpo.tasks.qa import render as render_qa
 from hrpo.prompts import Example
 
 
@@ -67,8 +70,10 @@ def test_mmlu_real():
     assert len(examples) == 3018
     assert {e.answer for e in examples} == {"A", "B", "C", "D"}
     e = examples[0]
-    assert e.answer == "C"
-    assert "\nA. maintain" in e.question and "\nD. increase the mortality rate" in e.question
+    assert e.answer == "C" and len(e.choices) == 4
+    prompt = render_choice(e)
+    assert prompt.startswith("Question: Based on the characteristic population curves")
+    assert "\nOptions:\nA. maintain" in prompt and prompt.endswith("\nD. increase the mortality rate")
 
 
 # Every real file the loaders read is used whole, except the two MATH train items whose
@@ -120,7 +125,8 @@ def test_arc_forms(tmp_path):
     ]
     ex = load_task("mmlu", str(_write_jsonl(tmp_path / "arc.jsonl", recs)))
     assert [e.answer for e in ex] == ["B", "C", "E", "B"]
-    assert ex[1].question == "Q2?\nA. w\nB. x\nC. y\nD. z"
+    assert ex[1].question == "Q2?" and ex[1].choices == ["w", "x", "y", "z"]
+    assert render_choice(ex[1]) == "Question: Q2?\nOptions:\nA. w\nB. x\nC. y\nD. z"
 
 
 def test_rag_qa(tmp_path):
@@ -133,8 +139,9 @@ def test_rag_qa(tmp_path):
     path.write_text(json.dumps(recs), encoding="utf-8")
     ex = load_task("rag-qa", str(path))
     assert ex[0].answer == ["William Shakespeare", "Shakespeare"] and ex[1].answer == ["Paris"]
-    q = ex[0].question
-    assert q.index("[1] (Hamlet) A play") < q.index("[2] Plain passage.") < q.index("Who wrote Hamlet?")
+    # The paper's form: the passages as title::::text lines under a header, a blank line, the question.
+    assert render_qa(ex[0]) == ("Context (which may or may not be relevant):\nHamlet::::A play by Shakespeare.\n"
+                                "Plain passage.\n\nQuestion: Who wrote Hamlet?")
 
 
 def test_parquet_and_directory(tmp_path):
@@ -258,7 +265,7 @@ def test_null_optional_fields_are_absent(tmp_path):
     ]
     assert [e.answer for e in load_task("math", str(_write_jsonl(tmp_path / "m.jsonl", recs)))] == ["3", "7"]
     rag = [{"question": "q", "contexts": [{"title": None, "contents": "text"}], "golden_answers": "g"}]
-    assert load_task("rag-qa", str(_write_jsonl(tmp_path / "r.jsonl", rag)))[0].question == "[1] text\n\nQuestion: q"
+    assert load_task("rag-qa", str(_write_jsonl(tmp_path / "r.jsonl", rag)))[0].contexts == [{"title": "", "text": "text"}]
 
 
 def test_rejections_grouped_and_counted(tmp_path):
@@ -351,7 +358,7 @@ def test_empty_file(tmp_path):
 def test_missing_path_and_unknown_task(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_task("gsm8k", str(tmp_path / "nope.jsonl"))
-    with pytest.raises(DataError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
         load_task("poetry", str(tmp_path))
     assert issubclass(DataError, ValueError)
 

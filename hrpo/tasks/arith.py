@@ -1,0 +1,7 @@
+"""The embedded task: synthetic multi-step arithmetic (hrpo.synthetic), answered like GSM8K."""
+from __future__ import annotations
+
+from .base import Task, question_only, register
+from .gsm8k import number_score, read_number
+
+register(Task("arith", recipe="arith", convert=None, render=question_only, read=read_number, score=number_score))

@@ -1,0 +1,92 @@
+"""Multiple choice: MMLU (training), MMLU-STEM and ARC-Challenge (evaluation).
+
+Asked as the paper asks it: `Question: ...\\nOptions:\\nA. ...\\nB. ...`; options are always
+lettered A, B, C, ... (up to J), and a gold given as an index, a letter or one of ARC's own
+labels ("1"-"4" on some items) is mapped onto that lettering. The answer is the option letter
+written after the marker.
+"""
+from __future__ import annotations
+
+import re
+
+from hrpo.data import Rejected, get_field, kind, options_field, text_field
+from hrpo.prompts import Example
+
+from .base import Task, first_line, register, unwrap
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def _arc_official(rec: dict) -> tuple[str, list[str], list[str]]:
+    """AI2's ARC JSONL: {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}."""
+    q = rec["question"]
+    stem = text_field(q, "stem")
+    items = get_field(q, "choices", "question.choices")
+    if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
+        raise Rejected(f"field 'question.choices': expected a list of objects, got {kind(items)}")
+    texts = options_field([c.get("text") for c in items], "question.choices.text")
+    labels = options_field([c.get("label") for c in items], "question.choices.label")
+    return stem, texts, labels
+
+
+def convert(rec: dict) -> Example:
+    labels: list[str] | None = None
+    if isinstance(rec.get("question"), dict):
+        question, choices, labels = _arc_official(rec)
+    else:
+        question = text_field(rec, "question")
+        choices = get_field(rec, "choices")
+        if isinstance(choices, dict):  # ARC on the hub: {"text": [...], "label": [...]}
+            labels = options_field(get_field(choices, "label", "choices.label"), "choices.label")
+            choices = options_field(get_field(choices, "text", "choices.text"), "choices.text")
+        else:
+            choices = options_field(choices, "choices")  # a string such as "wxyz" is not a list of options
+    if labels is not None and len(labels) != len(choices):
+        raise Rejected(f"field 'choices.label': expected one label per option, got {len(labels)} for {len(choices)}")
+    if "answer" not in rec and "answerKey" not in rec:
+        raise Rejected("missing field 'answer' (or 'answerKey')")
+    name = "answerKey" if "answerKey" in rec else "answer"
+    key = rec[name]
+    n = len(choices)
+    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < n:
+        index = key
+    elif isinstance(key, str) and labels is not None and key.strip() in labels:  # ARC labels may be "1".."4"
+        index = labels.index(key.strip())
+    elif isinstance(key, str) and len(key.strip()) == 1 and key.strip().upper() in LETTERS[:n]:
+        index = LETTERS.index(key.strip().upper())
+    else:
+        what = f"an index 0-{n - 1} or a letter A-{LETTERS[n - 1]}"
+        what += f" or a label {'/'.join(labels)}" if labels else ""
+        shown = f"{key!r:.20}" if isinstance(key, (int, str)) and not isinstance(key, bool) else kind(key)
+        raise Rejected(f"field {name!r}: expected {what}, got {shown}")
+    meta = {k: rec[k] for k in ("subject", "type", "id") if k in rec}
+    return Example(question=question, answer=LETTERS[index], choices=list(choices), meta=meta)
+
+
+def render(ex: Example) -> str:
+    options = "\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(ex.choices or []))
+    return f"Question: {ex.question}\nOptions:\n{options}"
+
+
+def read_choice(after: str) -> str | None:
+    """The option letter after the marker: B, (B), B., B) text, **B**, \\boxed{B},
+    'The answer is B', 'Answer: B'."""
+    line = unwrap(first_line(after))
+    line = re.sub(r"\\text\{([^{}]*)\}", r"\1", line)
+    line = re.sub(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is|:)?\s*", "", line, flags=re.I)
+    m = re.match(rf"[\s(\[*]*([{LETTERS}])(?![A-Za-z0-9])", line)
+    return m.group(1) if m else None
+
+
+def choice_score(pred: str, gold) -> float:
+    return float(pred == str(gold).strip().upper())
+
+
+register(
+    Task("mmlu", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
+         hub="cais/mmlu:all"),
+    Task("mmlu-stem", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
+         hub="TIGER-Lab/MMLU-STEM", splits=("test", "test")),
+    Task("arc-c", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
+         hub="allenai/ai2_arc:ARC-Challenge"),
+)

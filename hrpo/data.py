@@ -231,12 +231,54 @@ class LoadReport:
         return f"{line}; rejected {self.rejected}: {groups}"
 
 
+# ---------------------------------------------------------------- the project's own record form
+
+PREPARED = "hrpo_task"  # marks a record written by `python -m hrpo.data prepare`; its value names the task
+
+
+def prepared_record(ex: Example, task: str) -> dict:
+    """An Example as a JSON record of the project's own form (what `prepare` writes)."""
+    rec = {PREPARED: task, "question": ex.question, "answer": ex.answer}
+    for name in ("choices", "contexts"):
+        if getattr(ex, name) is not None:
+            rec[name] = getattr(ex, name)
+    if ex.meta:
+        rec["meta"] = ex.meta
+    return rec
+
+
+def from_prepared(rec: dict, task: str) -> Example:
+    """A record of the project's form, every field checked like a source's."""
+    from hrpo.tasks import get_task, task_names
+
+    made_for = rec[PREPARED]
+    if not isinstance(made_for, str) or made_for not in task_names() or get_task(made_for).recipe != get_task(task).recipe:
+        raise Rejected(f"field {PREPARED!r}: expected a task of the {get_task(task).recipe} family, got {made_for!r:.40}")
+    question = text_field(rec, "question")
+    answer = get_field(rec, "answer")
+    if not (is_text(answer) or (isinstance(answer, list) and answer and all(is_text(a) for a in answer))):
+        raise expected("answer", "a non-empty string or a list of non-empty strings", answer)
+    choices = options_field(rec["choices"], "choices") if rec.get("choices") is not None else None
+    contexts = rec.get("contexts")
+    if contexts is not None:
+        if not isinstance(contexts, list):
+            raise expected("contexts", "a list of passages", contexts)
+        for j, c in enumerate(contexts):
+            if not (isinstance(c, dict) and is_text(c.get("text")) and isinstance(c.get("title", ""), str)):
+                raise expected(f"contexts[{j}]", "an object with a non-empty 'text' and a string 'title'", c)
+        contexts = [{**c, "title": c.get("title", "")} for c in contexts]
+    meta = rec.get("meta", {})
+    if not isinstance(meta, dict):
+        raise expected("meta", "an object", meta)
+    return Example(question=question, answer=answer, choices=choices, contexts=contexts, meta=meta)
+
+
 def convert_records(
     task: str, records: list[Raw], source: str, limit: int | None = None
 ) -> tuple[list[Example], LoadReport]:
     """Examples for ``task`` (a name in hrpo.tasks) from located raw records (stopping once
     ``limit`` are kept) and the report of what was rejected; a record that fails a check is
-    rejected, never coerced."""
+    rejected, never coerced. Records of the project's own form are read as such."""
     from hrpo.tasks import get_task
 
     convert = get_task(task).convert
@@ -248,7 +290,7 @@ def convert_records(
         try:
             if not isinstance(rec, dict):
                 raise Rejected(f"expected a JSON object, got {kind(rec)}")
-            examples.append(convert(rec))
+            examples.append(from_prepared(rec, task) if PREPARED in rec else convert(rec))
         except Rejected as reason:
             report.reject(str(reason), where)
     report.kept = len(examples)
@@ -276,3 +318,13 @@ def load_task(task: str, path: str | None = None, split: str = "train", limit: i
     if report.rejected:
         warnings.warn(report.summary(), stacklevel=2)
     return examples
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .prepare import main as prepare_main
+
+    return prepare_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,62 +1,58 @@
-"""Evaluate a base model or an HRPO checkpoint on a task: `python -m hrpo.eval --help`."""
+"""Evaluate a base model or an HRPO checkpoint on the paper's benchmarks.
+
+    python -m hrpo.eval --task gsm8k --checkpoint runs/gsm8k/checkpoint --data-root data/ --output-dir evals/gsm8k
+    python -m hrpo.eval --task all --checkpoint ... --data-root data/ --output-dir evals/all
+    python -m hrpo.eval --compare evals/base evals/hrpo --png comparison.png
+
+`--protocol paper` (default) is the protocol of the code behind the paper's numbers: its
+system prompt, the task's user turn, greedy decoding with hybrid latents on, 512 new tokens
+(1024 for MATH and MATH-500), and the answer read from the text after the LAST marker.
+`--protocol strict` scores with the training reward (exactly one marker). The output folder
+holds results.json (per benchmark: metric, n, protocol, model, checkpoint, decoding, seconds)
+and samples.jsonl (one line per example, appended as each batch finishes: an interrupted
+evaluation resumes where it stopped and never recomputes a finished example).
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .engine import make_engine
 from .marker import MarkerMatcher
 from .prompts import SYSTEM_PROMPT, Example, encode_prompts
-from .engine import make_engine
-from .reward_guard import score
+from .reporting import json_safe
+from .reward_guard import score as guarded_score
 from .rollout import SamplingConfig
+from .tasks import PROTOCOLS, Task, get_task
 
-
-@torch.no_grad()
-def evaluate(
-    hm,
-    tokenizer,
-    messages: list[str],
-    examples: list[Example],
-    reward_fn,
-    sampling: SamplingConfig,
-    matcher: MarkerMatcher,
-    eos_ids: list[int],
-    max_prompt_length: int,
-    system: str | None = SYSTEM_PROMPT,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: bool = True,
-    engine=None,
-    reward_timeout: float = 60.0,
-) -> dict:
-    """Accuracy (mean reward) and per-sample completions over `examples`, asked as `messages`
-    (rollouts by `engine`, default: hrpo.engine.make_engine's for this model)."""
-    engine = engine or make_engine(hm, matcher, eos_ids, tokenizer.pad_token_id)
-    prompts = encode_prompts(tokenizer, messages, max_prompt_length, system)
-    generator = torch.Generator(device=hm.lm_weight.device).manual_seed(seed)
-    samples, start = [], time.perf_counter()
-    bar = tqdm(total=len(examples), desc="eval", disable=not progress, leave=False)
-    for lo in range(0, len(examples), batch_size):
-        batch = examples[lo : lo + batch_size]
-        out = engine.generate(prompts[lo : lo + batch_size], sampling, generator)
-        texts = decode_completions(tokenizer, out)
-        rewards, _ = score(reward_fn, texts, [ex.answer for ex in batch], reward_timeout)
-        for ex, text, reward, n in zip(batch, texts, rewards, out.lengths.tolist()):
-            samples.append({"question": ex.question, "answer": ex.answer, "completion": text, "reward": reward, "tokens": n})
-        bar.update(len(batch))
-    bar.close()
-    n = max(len(samples), 1)
-    return {
-        "accuracy": sum(s["reward"] for s in samples) / n,
-        "n": len(samples),
-        "mean_completion_tokens": sum(s["tokens"] for s in samples) / n,
-        "seconds": time.perf_counter() - start,
-        "samples": samples,
-    }
+# The table of the paper, in its order, with its best reported number per row (percent).
+BENCHMARKS = ("gsm8k", "math", "math500", "mmlu-stem", "arc-c", "nq", "triviaqa", "hotpotqa", "2wiki", "bamboogle")
+PAPER_BEST = {"gsm8k": 83.5, "math": 58.6, "math500": 60.2, "mmlu-stem": 59.0, "arc-c": 82.0, "nq": 37.8,
+              "triviaqa": 59.3, "hotpotqa": 31.6, "2wiki": 31.8, "bamboogle": 29.6}
+# Where each benchmark's evaluation file lies in a data folder laid out like the project's
+# shared data (`--data-root`); without it, the task's hub dataset is read.
+DATA_LAYOUT = {
+    "gsm8k": "gsm8k/test.jsonl",
+    "math": "math/test.jsonl",
+    "math500": "math/math500.jsonl",
+    "mmlu-stem": "mmlu_stem/test.jsonl",
+    "arc-c": "arc_challenge/test.jsonl",
+    "nq": "nq/nq_open_dev.jsonl",
+    "triviaqa": "triviaqa/llm_foundry_triviaqa_sm_sub.jsonl",
+    "hotpotqa": "hotpotqa/ircot_dev_subsampled.jsonl",
+    "2wiki": "2wikimultihopqa/dev_questions_answers.jsonl",
+    "bamboogle": "bamboogle/test.jsonl",
+}
 
 
 def decode_completions(tokenizer, out) -> list[str]:
@@ -64,68 +60,306 @@ def decode_completions(tokenizer, out) -> list[str]:
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+@torch.no_grad()
+def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, engine, *,
+                   max_prompt_length: int, system: str | None, batch_size: int, seed: int, protocol: str = "strict",
+                   reward_fn=None, reward_timeout: float = 60.0, indices: list[int] | None = None):
+    """Generate for `examples` batch by batch and yield each batch's samples (one dict per
+    example: its index, prompt, completion, extracted answer, golds, correct, completion
+    tokens, mean gate coefficient). `correct` is the task's score under `protocol`, or
+    `reward_fn`'s reward when one is given (the trainer's held-out check)."""
+    indices = list(range(len(examples))) if indices is None else indices
+    messages = [task.render(ex) for ex in examples]
+    prompts = encode_prompts(tokenizer, messages, max_prompt_length, system)
+    generator = torch.Generator(device=hm.lm_weight.device).manual_seed(seed)
+    for lo in range(0, len(examples), batch_size):
+        batch = examples[lo : lo + batch_size]
+        out = engine.generate(prompts[lo : lo + batch_size], sampling, generator)
+        texts = decode_completions(tokenizer, out)
+        golds = [ex.answer for ex in batch]
+        if reward_fn is None:
+            correct = [task.reward(t, g, protocol) for t, g in zip(texts, golds)]
+        else:
+            correct, _ = guarded_score(reward_fn, texts, golds, reward_timeout)
+        samples = []
+        for j, (ex, text, ok) in enumerate(zip(batch, texts, correct)):
+            extracted = task.answer(text, protocol)
+            samples.append(json_safe({
+                "index": indices[lo + j], "prompt": messages[lo + j], "completion": text,
+                "extracted": None if extracted is None else str(extracted), "golds": ex.answer,
+                "correct": float(ok) if math.isfinite(ok) else 0.0,  # a non-finite reward credits nothing
+                **(task.details("" if extracted is None else str(extracted), ex.answer) if task.details else {}),
+                "completion_tokens": int(out.lengths[j]), "gate_mean": float(out.gate_mean[j]),
+            }))
+        yield samples
+
+
+def evaluate(hm, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, engine, *,
+             progress: bool = True, **kwargs) -> dict:
+    """Accuracy (mean of `correct`), mean completion length, seconds and the samples."""
+    samples, start = [], time.perf_counter()
+    bar = tqdm(total=len(examples), desc=f"eval {task.name}", disable=not progress, leave=False)
+    for batch in scored_batches(hm, tokenizer, task, examples, sampling, engine, **kwargs):
+        samples.extend(batch)
+        bar.update(len(batch))
+    bar.close()
+    n = max(len(samples), 1)
+    return {
+        "accuracy": sum(s["correct"] for s in samples) / n,
+        "n": len(samples),
+        "mean_completion_tokens": sum(s["completion_tokens"] for s in samples) / n,
+        "seconds": time.perf_counter() - start,
+        "samples": samples,
+    }
+
+
+def select(n_total: int, limit: int | None, seed: int) -> list[int]:
+    """The indices evaluated: all, or `limit` of them drawn with `seed` (kept in file order),
+    the same subset on every run with the same seed."""
+    if limit is None or limit >= n_total:
+        return list(range(n_total))
+    return sorted(random.Random(seed).sample(range(n_total), limit))
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _settings(args, task: str, data: str | None) -> dict:
+    """What makes two evaluations the same: a resumed one must match it exactly."""
+    spec = get_task(task)
+    return {
+        "task": task, "protocol": args.protocol, "model": args.base_model, "checkpoint": args.checkpoint,
+        "data": data, "corpus": args.corpus, "limit": args.limit, "seed": args.seed,
+        "decoding": {"greedy": not args.sample, "temperature": args.temperature, "top_k": args.top_k,
+                     "max_new_tokens": args.max_new_tokens or spec.max_new_tokens, "hybrid": args.hybrid},
+        "system_prompt": args.system_prompt,
+    }
+
+
+def _key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done(samples_file: Path, task: str, key: str) -> dict[int, dict]:
+    """The samples of `task` already finished under the same settings (`key`), by index."""
+    done = {}
+    if samples_file.is_file():
+        for line in samples_file.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a kill: that example is recomputed
+                continue
+            if rec.get("task") == task and rec.get("key") == key:
+                done[rec["index"]] = rec
+    return done
+
+
+def summarise(task: Task, samples: list[dict], settings: dict, seconds: float) -> dict:
+    n = len(samples)
+    value = sum(s["correct"] for s in samples) / n if n else float("nan")
+    row = {"metric": task.metric, "value": value, "n": n, **settings, "seconds": seconds}
+    if samples and "f1" in samples[0]:
+        row["f1"] = sum(s["f1"] for s in samples) / n
+    row["mean_completion_tokens"] = sum(s["completion_tokens"] for s in samples) / n if n else None
+    return row
+
+
+def table(rows: dict[str, dict], columns: list[str] | None = None) -> str:
+    """Markdown table of results (percent), with the paper's best number per benchmark."""
+    lines = ["| benchmark | metric | " + " | ".join(columns or ["value", "n"]) + " | paper best |",
+             "|---|---|" + "---|" * (len(columns or ["value", "n"]) + 1)]
+    for name, row in rows.items():
+        cells = [f"{100 * row['value']:.1f}", str(row["n"])] if columns is None else \
+            [("" if row.get(c) is None else f"{100 * row[c]:.1f}") for c in columns]
+        lines.append(f"| {name} | {row['metric']} | " + " | ".join(cells) + f" | {PAPER_BEST.get(name, '')} |")
+    return "\n".join(lines)
+
+
+def compare(dirs: list[str], png: str, overwrite: bool) -> int:
+    """Results of several evaluation folders side by side, printed and drawn."""
+    from .runs import check_writable
+
+    results = {}
+    for d in dirs:
+        file = Path(d) / "results.json"
+        try:
+            results[Path(d).name or d] = json.loads(file.read_text())["benchmarks"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"--compare: cannot read {file} ({type(err).__name__})") from None
+    names = [b for b in BENCHMARKS if any(b in r for r in results.values())]
+    names += sorted({b for r in results.values() for b in r} - set(names))
+    merged = {b: {"metric": next(r[b]["metric"] for r in results.values() if b in r),
+                  **{run: r[b]["value"] if b in r else None for run, r in results.items()}} for b in names}
+    print(table(merged, list(results)))
+    out = check_writable(png, overwrite)
+    _plot_comparison(merged, list(results), out)
+    print(f"chart: {out}")
+    return 0
+
+
+def _plot_comparison(rows: dict, runs: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 3.8))
+    width = 0.8 / (len(runs) + 1)
+    for i, run in enumerate(runs):
+        xs = [j + i * width for j in range(len(rows))]
+        ax.bar(xs, [100 * (r[run] or 0) for r in rows.values()], width, label=run)
+    ax.scatter([j + len(runs) * width for j in range(len(rows))], [PAPER_BEST.get(b, float("nan")) for b in rows],
+               marker="_", s=200, color="black", label="paper (best)", zorder=3)
+    ax.set_xticks([j + (len(runs) - 1) * width / 2 for j in range(len(rows))], list(rows), rotation=30, ha="right")
+    ax.set_ylabel("accuracy / exact match (%)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _check_args(args) -> None:
+    from .config import ConfigError
+
+    for name in ("limit", "batch_size", "max_new_tokens", "max_prompt_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+    if not args.temperature > 0:
+        raise ConfigError(f"--temperature must be a number in (0, inf), got {args.temperature}")
+    if args.top_k < 0 or args.seed < 0:
+        raise ConfigError(f"--top-k and --seed must be >= 0, got {args.top_k} and {args.seed}")
+    if args.task != "all":
+        get_task(args.task)
+    if args.data and args.task == "all":
+        raise ConfigError("--data names one benchmark's file; with --task all use --data-root")
+
+
+def _load(task: str, args):
+    """(examples, where they came from): --data, else --data-root's layout, else the hub."""
+    from .config import config_for
+    from .tasks import load_examples
+
+    data = args.data or (str(Path(args.data_root) / DATA_LAYOUT[task]) if args.data_root and task in DATA_LAYOUT else None)
+    examples = load_examples(config_for(task), args.split, data)
+    if args.corpus:
+        from .retrieve import attach_contexts
+
+        examples = attach_contexts(examples, args.corpus, k=3)
+    return examples, data
+
+
+def run(args) -> int:
     from .checkpoint import load_checkpoint, read_checkpoint_meta
     from .config import config_for
-    from .tasks import load_examples, user_messages
     from .loading import build_policy, eos_token_ids, load_base_model, resolve_device, resolve_dtype
     from .model import HybridModel
-    from .rewards import get_reward_fn
-    from .runs import check_writable, write_json
+    from .runs import MANIFEST, RunDir, write_json
 
-    p = argparse.ArgumentParser(prog="python -m hrpo.eval", description=__doc__)
-    p.add_argument("--task", default="arith")
+    _check_args(args)
+    tasks = list(BENCHMARKS) if args.task == "all" else [args.task]
+    # An evaluation folder is continued by default: its finished examples are kept.
+    resume = (Path(args.output_dir) / MANIFEST).is_file() and not args.overwrite
+    out = RunDir(args.output_dir, overwrite=args.overwrite, resume=resume, kind="eval")
+    meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
+    args.base_model = args.model or (meta["base_model"] if meta else None)
+    device = resolve_device(args.device)
+    model, tokenizer = load_base_model(args.base_model, device, resolve_dtype(args.dtype, device))
+    if meta:
+        cfg = config_for(tasks[0], lora_rank=meta["lora"]["rank"], lora_alpha=meta["lora"]["alpha"],
+                         lora_targets=tuple(meta["lora"]["targets"]))
+        hm = load_checkpoint(build_policy(model, cfg), args.checkpoint)
+    else:
+        hm = HybridModel(model)
+    loaded = {t: _load(t, args) for t in tasks}  # every input checked before the folder is touched
+    keys = {t: _key(_settings(args, t, loaded[t][1])) for t in tasks}
+    earlier = Path(args.output_dir) / "results.json"
+    if resume and earlier.is_file():
+        for name, row in json.loads(earlier.read_text()).get("benchmarks", {}).items():
+            if name in keys and row.get("key") != keys[name]:
+                raise ValueError(f"--output-dir {args.output_dir} holds {name} evaluated with other settings; "
+                                 "choose another folder or pass --overwrite")
+    matcher = MarkerMatcher(tokenizer, "####", model.config.vocab_size)
+    eos = eos_token_ids(model, tokenizer)
+    engine = make_engine(hm.eval(), matcher, eos, tokenizer.pad_token_id, kind=args.engine)
+    out.open()
+    results_file, samples_file = out.path("results.json"), out.path("samples.jsonl")
+    results = json.loads(results_file.read_text())["benchmarks"] if results_file.is_file() else {}
+    for name in tasks:
+        task = get_task(name)
+        examples, data = loaded[name]
+        settings = _settings(args, name, data)
+        key = keys[name]
+        chosen = select(len(examples), args.limit, args.seed)
+        done = _done(samples_file, name, key)
+        todo = [i for i in chosen if i not in done]
+        recipe = config_for(name)
+        sampling = SamplingConfig(settings["decoding"]["max_new_tokens"], args.temperature, args.top_k,
+                                  greedy=not args.sample, hybrid=args.hybrid)
+        system = SYSTEM_PROMPT if args.system_prompt and recipe.system_prompt else None
+        bar = tqdm(total=len(chosen), initial=len(chosen) - len(todo), desc=name, disable=args.quiet)
+        start = time.perf_counter()
+        correct = [done[i]["correct"] for i in chosen if i in done]
+        with samples_file.open("a", encoding="utf-8") as fh:
+            for batch in scored_batches(hm, tokenizer, task, [examples[i] for i in todo], sampling, engine,
+                                        max_prompt_length=args.max_prompt_length or recipe.max_prompt_length,
+                                        system=system, batch_size=args.batch_size, seed=args.seed,
+                                        protocol=args.protocol, indices=todo):
+                for s in batch:
+                    s.update(task=name, key=key)
+                    fh.write(json.dumps(s) + "\n")
+                    correct.append(s["correct"])
+                fh.flush()
+                bar.update(len(batch))
+                bar.set_postfix({task.metric: f"{sum(correct) / len(correct):.3f}"})
+        bar.close()
+        finished = [rec for rec in _done(samples_file, name, key).values() if rec["index"] in set(chosen)]
+        previous = results.get(name, {}).get("seconds", 0.0) if results.get(name, {}).get("key") == key else 0.0
+        results[name] = {**summarise(task, finished, settings, previous + time.perf_counter() - start), "key": key}
+        write_json(results_file, {"benchmarks": results})
+        out.started()
+    print(table({n: results[n] for n in tasks}))
+    print(f"results: {results_file}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hrpo.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="gsm8k", help=f"one of {', '.join(BENCHMARKS)}, another registered task, or all")
     p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate); default: the base model")
     p.add_argument("--model", help="base model (hub name or folder); default: the checkpoint's base, else the embedded model")
-    p.add_argument("--data", help="evaluation data (file, folder or hub name); default: the task's test split")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--output", default="eval.json")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--data", help="one benchmark's evaluation file (or folder, or hub name)")
+    p.add_argument("--data-root", help="a folder laid out like the project's shared data: each benchmark's file is found there")
+    p.add_argument("--split", default="test", help="split of a folder or hub dataset (default test)")
+    p.add_argument("--corpus", help="a passage corpus (FlashRAG form); QA records without contexts get their top 3 by BM25")
+    p.add_argument("--output-dir", default="evals/run", help="results.json and samples.jsonl (resumed if interrupted)")
+    p.add_argument("--overwrite", action="store_true", help="replace an evaluation with other settings in --output-dir")
+    p.add_argument("--protocol", default="paper", choices=PROTOCOLS)
+    p.add_argument("--limit", type=int, help="evaluate this many examples, drawn with --seed (the same subset each time)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="the paper's system prompt (the embedded task is asked without one)")
     p.add_argument("--sample", action="store_true", help="sample at --temperature / --top-k instead of greedy")
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, help="default: the task recipe's completion limit")
+    p.add_argument("--max-new-tokens", type=int, help="default: the protocol's (512; 1024 for math and math500)")
     p.add_argument("--max-prompt-length", type=int, help="default: the task recipe's prompt limit")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--engine", default="fast", choices=("fast", "reference"), help="rollout loop (default: fast)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--compare", nargs="+", metavar="DIR", help="print and draw the results of these evaluation folders")
+    p.add_argument("--png", default="comparison.png", help="the chart --compare draws")
     args = p.parse_args(argv)
     try:
-        out_path = check_writable(args.output, args.overwrite)
-        cfg = config_for(args.task, model=args.model, data=args.data, seed=args.seed, max_prompt_length=args.max_prompt_length)
-        base = args.model or (read_checkpoint_meta(args.checkpoint)["base_model"] if args.checkpoint else None)
-        device = resolve_device(args.device)
-        model, tokenizer = load_base_model(base, device, resolve_dtype(args.dtype, device))
-        if args.checkpoint:
-            meta = read_checkpoint_meta(args.checkpoint)
-            cfg.lora_rank, cfg.lora_alpha = meta["lora"]["rank"], meta["lora"]["alpha"]
-            cfg.lora_targets = tuple(meta["lora"]["targets"])
-            hm = load_checkpoint(build_policy(model, cfg), args.checkpoint)
-        else:
-            hm = HybridModel(model)
-        examples = load_examples(cfg, args.split, args.data, args.limit)
-        sampling = SamplingConfig(
-            max_new_tokens=args.max_new_tokens or cfg.max_completion_length,
-            temperature=args.temperature, top_k=args.top_k, greedy=not args.sample, hybrid=args.hybrid,
-        )
-        matcher = MarkerMatcher(tokenizer, cfg.marker, model.config.vocab_size)
-        eos = eos_token_ids(model, tokenizer)
-        engine = make_engine(hm.eval(), matcher, eos, tokenizer.pad_token_id, kind=args.engine)
-        result = evaluate(
-            hm, tokenizer, user_messages(args.task, examples), examples, get_reward_fn(args.task), sampling, matcher, eos, cfg.max_prompt_length,
-            SYSTEM_PROMPT if cfg.system_prompt else None, args.batch_size, args.seed, engine=engine,
-        )
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return compare(args.compare, args.png, args.overwrite) if args.compare else run(args)
+    except (ValueError, OSError) as err:  # ConfigError, DataError, ModelError, CheckpointError, a full disk...
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
         return 2
-    result.update(task=args.task, checkpoint=args.checkpoint, model=base, hybrid=args.hybrid, greedy=not args.sample)
-    write_json(out_path, result)
-    print(f"{args.task}: accuracy {result['accuracy']:.3f} over {result['n']} examples -> {out_path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -96,8 +96,8 @@ class RunDir:
     folder; path(name) registers a file in the manifest and returns where to write it;
     started() commits the replacement of an old run; rollback() undoes open()."""
 
-    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False):
-        self.root = Path(path)
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False, kind: str = "train"):
+        self.root, self.kind = Path(path), kind
         self.overwrite, self.resume = overwrite, resume
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--output-dir {self.root} is a file, not a folder")
@@ -108,11 +108,14 @@ class RunDir:
         if entries and not self.holds_run:
             raise ConfigError(f"--output-dir {self.root} is not empty and holds no hrpo run (no {MANIFEST}); "
                               "choose a new or empty folder")
+        self.files: list[str] = self._read_manifest() if self.holds_run else []
+        if self.holds_run and not overwrite and self._kind_found != kind:
+            raise ConfigError(f"--output-dir {self.root} holds an hrpo {self._kind_found} run, not an {kind} one; "
+                              "choose another folder")
         if self.holds_run and not (overwrite or resume):
             raise ConfigError(f"--output-dir {self.root} holds an hrpo run; pass --resume to continue it or "
                               "--overwrite to replace it")
         _probe_writable(self.root, "--output-dir")
-        self.files: list[str] = self._read_manifest() if self.holds_run else []
         self._old_files = list(self.files)
         self._created: Path | None = None  # the topmost folder open() created
         self._stash: Path | None = None  # where the replaced run's files wait until started()
@@ -122,7 +125,8 @@ class RunDir:
     def _read_manifest(self) -> list[str]:
         try:
             self._manifest_bytes = (self.root / MANIFEST).read_bytes()  # rollback restores it as it was
-            files = json.loads(self._manifest_bytes)["files"]
+            manifest = json.loads(self._manifest_bytes)
+            files, self._kind_found = manifest["files"], manifest.get("kind", "train")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{self.root / MANIFEST}: unreadable run manifest ({err})") from None
         if not all(isinstance(f, str) and f and not Path(f).is_absolute() and ".." not in Path(f).parts for f in files):
@@ -150,7 +154,7 @@ class RunDir:
         return self
 
     def _save_manifest(self) -> None:
-        write_json(self.root / MANIFEST, {"written_by": "hrpo", "files": self.files})
+        write_json(self.root / MANIFEST, {"written_by": "hrpo", "kind": self.kind, "files": self.files})
 
     def path(self, name: str) -> Path:
         """root/name, entered in the manifest first (a file or a folder an hrpo run owns)."""

@@ -44,7 +44,7 @@ from .reporting import MetricsLog, json_safe
 from .reward_guard import all_finite, score
 from .rollout import SamplingConfig
 from .runs import RunDir, write_json
-from .tasks import load_examples, user_messages
+from .tasks import get_task, load_examples, user_messages
 
 
 class TrainingStopped(RuntimeError):
@@ -261,10 +261,11 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def heldout(self, examples, how: SamplingConfig) -> dict:
-        return evaluate(self.hm.eval(), self.tokenizer, user_messages(self.cfg.task, examples), examples, self.reward_fn,
-                        how, self.matcher, self.eos,
-                        self.cfg.max_prompt_length, self.system, self.cfg.eval_batch_size, self.cfg.seed, self.show,
-                        self.engine, self.cfg.reward_timeout)
+        cfg = self.cfg
+        return evaluate(self.hm.eval(), self.tokenizer, get_task(cfg.task), examples, how, self.engine,
+                        progress=self.show, max_prompt_length=cfg.max_prompt_length, system=self.system,
+                        batch_size=cfg.eval_batch_size, seed=cfg.seed, reward_fn=self.reward_fn,
+                        reward_timeout=cfg.reward_timeout)
 
     def heldout_both(self, when: str) -> tuple[dict, dict]:
         """Greedy accuracy (the headline) and accuracy when sampling as in training."""

@@ -5,6 +5,7 @@ from conftest import DATA, build_model, build_tokenizer, needs_data
 
 from hrpo.config import config_for
 from hrpo.eval import main as eval_main
+from hrpo.eval import select
 from hrpo.train import train
 
 
@@ -22,30 +23,97 @@ def trained(tmp_path_factory):
     return root
 
 
+def samples_of(out):
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def arith_args(trained, out, *extra):
+    return ["--task", "arith", "--checkpoint", str(trained / "run" / "checkpoint"), "--limit", "5",
+            "--max-new-tokens", "6", "--max-prompt-length", "256", "--output-dir", str(out), "--quiet", *extra]
+
+
 @pytest.mark.parametrize("hybrid", ["--hybrid", "--no-hybrid"])
-def test_eval_checkpoint_writes_metrics_and_samples(trained, tmp_path, hybrid):
-    out = tmp_path / "eval.json"
-    args = ["--checkpoint", str(trained / "run" / "checkpoint"), "--limit", "5", "--max-new-tokens", "6", "--max-prompt-length", "256", "--output", str(out), hybrid]
+def test_eval_checkpoint_writes_results_and_samples(trained, tmp_path, hybrid):
+    out = tmp_path / "eval"
+    assert eval_main(arith_args(trained, out, hybrid)) == 0
+    row = json.loads((out / "results.json").read_text())["benchmarks"]["arith"]
+    samples = samples_of(out)
+    assert row["n"] == 5 and len(samples) == 5 and row["metric"] == "accuracy" and row["protocol"] == "paper"
+    assert row["decoding"] == {"greedy": True, "temperature": 0.5, "top_k": 50, "max_new_tokens": 6,
+                               "hybrid": hybrid == "--hybrid"}
+    assert row["model"] == str(trained / "base")  # the base comes from the checkpoint
+    assert row["checkpoint"] == str(trained / "run" / "checkpoint") and row["seconds"] > 0
+    assert {"index", "prompt", "completion", "extracted", "golds", "correct", "completion_tokens", "gate_mean"} <= set(samples[0])
+    assert row["value"] == sum(s["correct"] for s in samples) / 5
+    if hybrid == "--hybrid":
+        assert all(s["gate_mean"] is None or 0.9 < s["gate_mean"] <= 1.0 for s in samples)
+    else:
+        assert all(s["gate_mean"] is None for s in samples)
+
+
+def test_interrupted_eval_resumes_without_recomputing(trained, tmp_path, monkeypatch):
+    import hrpo.engine
+
+    out = tmp_path / "eval"
+    calls = []
+    real = hrpo.engine.RolloutEngine.generate
+
+    def flaky(self, prompts, *a, **k):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise OSError("disk unplugged")
+        return real(self, prompts, *a, **k)
+
+    monkeypatch.setattr(hrpo.engine.RolloutEngine, "generate", flaky)
+    args = arith_args(trained, out, "--batch-size", "2")
+    assert eval_main(args) == 2
+    first = samples_of(out)
+    assert len(first) == 4 and calls == [2, 2, 1]
+    calls.clear()
     assert eval_main(args) == 0
-    result = json.loads(out.read_text())
-    assert result["n"] == 5 and len(result["samples"]) == 5
-    assert result["hybrid"] is (hybrid == "--hybrid") and result["greedy"] is True
-    assert result["model"] == str(trained / "base")  # the base comes from the checkpoint
-    assert {"question", "answer", "completion", "reward"} <= set(result["samples"][0])
-    assert result["accuracy"] == sum(s["reward"] for s in result["samples"]) / 5
-    assert eval_main(args) == 2  # the result file is not overwritten unless asked
-    assert eval_main(args + ["--overwrite"]) == 0
+    assert calls == [1]  # only the unfinished example
+    samples = samples_of(out)
+    assert samples[:4] == first and len(samples) == 5
+    assert json.loads((out / "results.json").read_text())["benchmarks"]["arith"]["n"] == 5
+    # Other settings in the same folder are refused; --overwrite replaces the evaluation.
+    assert eval_main(arith_args(trained, out, "--protocol", "strict")) == 2
+    assert eval_main(arith_args(trained, out, "--protocol", "strict", "--overwrite")) == 0
+    assert json.loads((out / "results.json").read_text())["benchmarks"]["arith"]["protocol"] == "strict"
+    assert len(samples_of(out)) == 5
+
+
+def test_limit_and_seed_draw_a_reproducible_subset():
+    assert select(10, None, 0) == list(range(10))
+    a, b, c = select(1000, 7, 0), select(1000, 7, 0), select(1000, 7, 1)
+    assert a == b and a != c and a == sorted(a) and len(set(a)) == 7
+
+
+def test_compare_prints_and_draws(trained, tmp_path, capsys):
+    runs = []
+    for hybrid in ("--hybrid", "--no-hybrid"):
+        out = tmp_path / hybrid.strip("-")
+        assert eval_main(arith_args(trained, out, hybrid)) == 0
+        runs.append(out)
+    capsys.readouterr()
+    png = tmp_path / "cmp.png"
+    assert eval_main(["--compare", *map(str, runs), "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "| benchmark | metric | hybrid | no-hybrid | paper best |" in printed
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert eval_main(["--compare", *map(str, runs), "--png", str(png)]) == 2  # not overwritten unless asked
 
 
 @needs_data
-def test_eval_base_model_and_real_task_data(trained, tmp_path, capsys):
-    data = DATA / "gsm8k" / "test.jsonl"
-    out = tmp_path / "gsm8k.json"
-    args = ["--task", "gsm8k", "--model", str(trained / "base"), "--data", str(data), "--limit", "3",
-            "--max-new-tokens", "4", "--output", str(out)]
+def test_eval_base_model_on_real_gsm8k(trained, tmp_path, capsys):
+    out = tmp_path / "gsm8k"
+    args = ["--task", "gsm8k", "--model", str(trained / "base"), "--data-root", str(DATA), "--limit", "3",
+            "--max-new-tokens", "4", "--output-dir", str(out), "--quiet"]
     assert eval_main(args) == 0, capsys.readouterr().err
-    result = json.loads(out.read_text())
-    assert result["n"] == 3 and result["accuracy"] == 0.0  # 4 random tokens never hold the marker
+    row = json.loads((out / "results.json").read_text())["benchmarks"]["gsm8k"]
+    assert row["n"] == 3 and row["value"] == 0.0  # 4 random tokens never hold the marker
+    assert row["data"] == str(DATA / "gsm8k" / "test.jsonl")
+    questions = [json.loads(line)["question"] for line in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples_of(out)] == [questions[i] for i in select(1319, 3, 0)]
 
 
 def test_eval_engines_agree_on_a_lora_checkpoint(trained, tmp_path):
@@ -54,9 +122,8 @@ def test_eval_engines_agree_on_a_lora_checkpoint(trained, tmp_path):
     merge itself is tested with large adapters in test_engine.py)."""
     results = {}
     for kind in ("fast", "reference"):
-        out = tmp_path / f"{kind}.json"
-        args = ["--checkpoint", str(trained / "run" / "checkpoint"), "--limit", "6", "--max-new-tokens", "12",
-                "--max-prompt-length", "256", "--output", str(out), "--engine", kind]
+        out = tmp_path / kind
+        args = arith_args(trained, out, "--engine", kind, "--max-new-tokens", "12")
         assert eval_main(args) == 0
-        results[kind] = [s["completion"] for s in json.loads(out.read_text())["samples"]]
-    assert len(results["fast"]) == 6 and results["fast"] == results["reference"]
+        results[kind] = [s["completion"] for s in samples_of(out)]
+    assert len(results["fast"]) == 5 and results["fast"] == results["reference"]

@@ -194,7 +194,7 @@ def test_corrupt_checkpoint_files_are_one_line_errors(model_dir, tmp_path, capsy
     trainer.open_run()
     ckpt = trainer.checkpoint()
     args = ["--checkpoint", str(ckpt), "--limit", "2", "--max-new-tokens", "4", "--max-prompt-length", "256",
-            "--output", str(tmp_path / "eval.json")]
+            "--task", "arith", "--output-dir", str(tmp_path / "eval")]
     adapter = ckpt / "adapter.safetensors"
     good = adapter.read_bytes()
     adapter.write_bytes(good[: len(good) // 2])  # truncated
@@ -222,7 +222,7 @@ def test_eval_refuses_non_finite_weights(model_dir, tmp_path, capsys):
         trainer.hm.gate.lam[3] = float("nan")
     trainer.open_run()
     ckpt = trainer.checkpoint()
-    args = ["--checkpoint", str(ckpt), "--limit", "2", "--output", str(tmp_path / "eval.json")]
+    args = ["--checkpoint", str(ckpt), "--limit", "2", "--task", "arith", "--output-dir", str(tmp_path / "eval")]
     assert eval_main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (

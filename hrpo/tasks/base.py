@@ -24,6 +24,7 @@ class Task:
     read: Callable[[str], Any]  # the answer in the text after the marker (None: unreadable)
     score: Callable[[Any, Any], float]  # (read answer, gold) -> 0..1
     metric: str = "accuracy"
+    details: Callable[[str, Any], dict] | None = None  # more per-sample metrics (QA: F1), from the read answer
     max_new_tokens: int = 512  # the paper's evaluation budget
     hub: str | None = None  # default dataset ("repo" or "repo:config") when no path is given
     splits: tuple[str, str] = ("train", "test")  # (training split, held-out split) of `hub`

@@ -1,0 +1,197 @@
+"""The command line of hrpo.inspect (see the package docstring)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..prompts import SYSTEM_PROMPT, encode_prompts
+from ..tasks import get_task
+from .report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
+from .trace import Trace, describe, teacher_force
+
+# Fields of a samples.jsonl line this tool reads (others are ignored): name -> (types, required).
+FIELDS = {"prompt": ((str,), True), "completion": ((str,), True), "task": ((str,), False),
+          "correct": ((int, float), False), "gate_mean": ((int, float, type(None)), False),
+          "completion_tokens": ((int,), False)}
+RECORDED = ("correct", "gate_mean", "completion_tokens")  # shown beside the replay
+
+
+class InputError(ValueError):
+    """Bad input to the inspector, in one line."""
+
+
+def read_samples(path: str, limit: int | None) -> list[tuple[int, dict]]:
+    """(line number, record) of the first `limit` samples of an evaluation's samples.jsonl."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--samples {path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for name, (kinds, required) in FIELDS.items():
+            if name not in rec:
+                if required:
+                    raise InputError(f"{where}: field {name!r} missing")
+            elif not isinstance(rec[name], kinds) or isinstance(rec[name], bool) and name != "correct":
+                raise InputError(f"{where}: field {name!r} must be {' or '.join(k.__name__ for k in kinds)}, "
+                                 f"got {type(rec[name]).__name__}")
+        if "task" in rec:
+            try:
+                get_task(rec["task"])
+            except ValueError as err:
+                raise InputError(f"{where}: {err}") from None
+        out.append((number, rec))
+        if len(out) == limit:
+            break
+    if not out:
+        raise InputError(f"--samples {path}: no samples in the file")
+    return out
+
+
+def load_policy(checkpoint: str | None, model: str | None, device: torch.device):
+    """(policy, tokenizer, checkpoint metadata): the base model (the checkpoint's unless
+    `model` names one; the embedded model without either) with the checkpoint's adapters and gate."""
+    from ..checkpoint import load_checkpoint, read_checkpoint_meta
+    from ..config import config_for
+    from ..loading import build_policy, load_base_model, resolve_dtype
+    from ..model import HybridModel
+
+    meta = read_checkpoint_meta(checkpoint) if checkpoint else {}
+    base, tokenizer = load_base_model(model or meta.get("base_model"), device, resolve_dtype("auto", device))
+    if not checkpoint:
+        return HybridModel(base).eval(), tokenizer, meta
+    lora = meta["lora"]
+    cfg = config_for("arith", lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=tuple(lora["targets"]))
+    return load_checkpoint(build_policy(base, cfg), checkpoint).eval(), tokenizer, meta
+
+
+def _check(args) -> None:
+    from ..config import ConfigError
+
+    for name, lo in (("limit", 1), ("max_new_tokens", 1), ("top_k_nearest", 1), ("max_rows", 0), ("top_k", 0)):
+        value = getattr(args, name)
+        if value is not None and value < lo:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {value}")
+    if not args.temperature > 0:
+        raise ConfigError(f"--temperature must be a number in (0, inf), got {args.temperature}")
+    if args.limit is not None and not args.samples:
+        raise ConfigError("--limit applies to --samples")
+    if args.task:
+        get_task(args.task)
+
+
+def _system(task: str, on: bool) -> tuple[str | None, int]:
+    """(system prompt, prompt-length limit) under which `task` is asked, as hrpo.eval does."""
+    from ..config import config_for
+
+    recipe = config_for(task)
+    return (SYSTEM_PROMPT if on and recipe.system_prompt else None), recipe.max_prompt_length
+
+
+def collect(args) -> list[Trace]:
+    from ..engine import make_engine
+    from ..loading import eos_token_ids, resolve_device
+    from ..marker import MarkerMatcher
+    from ..prompts import ANSWER_MARKER
+    from ..rollout import SamplingConfig
+
+    _check(args)
+    samples = read_samples(args.samples, args.limit) if args.samples else None
+    hm, tokenizer, meta = load_policy(args.checkpoint, args.model, resolve_device(args.device))
+    default_task = args.task or meta.get("task") or "arith"
+    matcher = MarkerMatcher(tokenizer, ANSWER_MARKER, hm.config.vocab_size)
+    if samples is None:  # greedy generation, as evaluation decodes
+        task = get_task(default_task)
+        system, limit = _system(task.name, args.system_prompt)
+        prompts = encode_prompts(tokenizer, args.prompt, limit, system)
+        engine = make_engine(hm, matcher, eos_token_ids(hm.causal_lm, tokenizer), tokenizer.pad_token_id)
+        sampling = SamplingConfig(args.max_new_tokens or task.max_new_tokens, args.temperature, args.top_k,
+                                  greedy=True, hybrid=args.hybrid)
+        out = engine.generate(prompts, sampling, torch.Generator(device=hm.lm_weight.device).manual_seed(0))
+        rows = describe(hm, tokenizer, matcher, out, args.top_k_nearest)
+        return [Trace(text, row) for text, row in zip(args.prompt, rows)]
+    traces = []
+    for number, rec in samples:  # teacher-forced replay of each recorded completion
+        system, limit = _system(args.task or rec.get("task") or default_task, args.system_prompt)
+        try:
+            prompt = encode_prompts(tokenizer, [rec["prompt"]], limit, system)[0]
+        except ValueError as err:
+            raise InputError(f"{args.samples}:{number}: {err}") from None
+        ids = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"][: args.max_new_tokens]
+        batch = teacher_force(hm, prompt, ids, matcher, args.temperature, args.top_k, args.hybrid)
+        recorded = {k: rec[k] for k in RECORDED if k in rec}
+        traces.append(Trace(rec["prompt"], describe(hm, tokenizer, matcher, batch, args.top_k_nearest)[0], recorded))
+    return traces
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __doc__ as doc
+
+    p = argparse.ArgumentParser(prog="python -m hrpo.inspect", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate); default: the base model alone")
+    p.add_argument("--model", help="base model (hub name or folder); default: the checkpoint's base, else the "
+                                   "embedded model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", nargs="+", metavar="TEXT", help="user messages to answer greedily")
+    source.add_argument("--samples", metavar="FILE", help="an evaluation's samples.jsonl: replay its completions")
+    p.add_argument("--limit", type=int, help="inspect the first N samples of --samples")
+    p.add_argument("--task", help="task whose system prompt and limits apply (default: the sample's, the "
+                                  "checkpoint's, else arith)")
+    p.add_argument("--max-new-tokens", type=int, help="generate (or replay) at most N tokens (default: the task's "
+                                                      "evaluation budget; --samples: the whole completion)")
+    p.add_argument("--top-k-nearest", type=int, default=5, help="nearest tokens shown per latent (default 5)")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True,
+                   help="blend latents into thinking inputs (default); --no-hybrid: plain tokens")
+    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="the paper's system prompt where the task's recipe uses one (as hrpo.eval)")
+    p.add_argument("--temperature", type=float, default=0.5, help="of the distribution h_hat mixes (default 0.5)")
+    p.add_argument("--top-k", type=int, default=50, help="of the distribution h_hat mixes (default 50; 0: all)")
+    p.add_argument("--max-rows", type=int, default=40, help="positions per sample in the terminal table")
+    p.add_argument("--html", help="write a self-contained HTML page here")
+    p.add_argument("--json", help="write the aggregates and every position as JSON here")
+    p.add_argument("--png", help="write a chart (gate over positions, script shares) here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --html / --json / --png files")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda:N")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..runs import check_writable, replace_file, write_json
+
+    args = parser().parse_args(argv)
+    try:
+        outputs = {k: check_writable(getattr(args, k), args.overwrite)
+                   for k in ("html", "json", "png") if getattr(args, k)}
+        traces = collect(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    agg = aggregates(traces)
+    for i, t in enumerate(traces):
+        print(terminal(t, i, args.max_rows) + "\n")
+    print(terminal_aggregates(agg))
+    png = chart(traces, agg) if "png" in outputs or "html" in outputs else None
+    title = f"hrpo.inspect: {args.checkpoint or args.model or 'embedded model'}"
+    if "png" in outputs:
+        replace_file(outputs["png"], png)
+    if "html" in outputs:
+        replace_file(outputs["html"], html_page(traces, agg, title, png))
+    if "json" in outputs:
+        write_json(outputs["json"], as_json(traces, agg))
+    for kind, path in outputs.items():
+        print(f"{kind}: {path}")
+    return 0

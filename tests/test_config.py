@@ -59,7 +59,7 @@ def test_recipes_and_defaults_are_valid():
         validate_config(config_for(task))
     with pytest.raises(ConfigError, match="--overwrite and --resume contradict"):
         validate_config(config_for("arith", overwrite=True, resume=True))
-    with pytest.raises(ConfigError, match="--task must be one of arc-c, arith, gsm8k, math, math500, mmlu, mmlu-stem, rag-qa, .*got 'gsm9k'"):
+    with pytest.raises(ConfigError, match="--task must be one of 2wiki, arc-c, arith, bamboogle, gsm8k, hotpotqa, math, math500, mmlu, mmlu-stem, nq, rag-qa, triviaqa, got 'gsm9k'"):
         config_for("gsm9k")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from numbers import Real
@@ -32,15 +33,23 @@ def _name(fn) -> str:
 
 
 @contextmanager
-def time_limit(seconds: float):
+def time_limit(seconds: float, error: type[BaseException] = RewardTimeout):
+    """Raise `error` in the block once `seconds` have passed. Limits nest: an enclosing limit
+    keeps its deadline (when it falls first, this one changes nothing; otherwise it is re-armed
+    on exit with the time it has left, and fires at once if that time is already spent)."""
     usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
     if not usable:
         yield
         return
+    outer_left = signal.getitimer(signal.ITIMER_REAL)[0]  # 0.0: no enclosing limit
+    if outer_left and outer_left <= seconds:
+        yield
+        return
 
     def expire(signum, frame):
-        raise RewardTimeout(f"took longer than {seconds:g} s")
+        raise error(f"took longer than {seconds:g} s")
 
+    start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -48,6 +57,8 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-6))
 
 
 def _checked(fn, values, n: int) -> list[float]:

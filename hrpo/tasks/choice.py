@@ -68,14 +68,29 @@ def render(ex: Example) -> str:
     return f"Question: {ex.question}\nOptions:\n{options}"
 
 
+_CUE = re.compile(rf"\b(?i:answer|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*[(\[]?([{LETTERS}])(?![A-Za-z0-9])")
+_LEADING = re.compile(rf"[(\[]?([{LETTERS}])(?:[.):\]]|\s*$)")
+_LONE = re.compile(rf"(?<![A-Za-z0-9'])([{LETTERS}])(?![A-Za-z0-9'])")
+_WORD = re.compile(r"(?<![A-Za-z0-9'])([AI])(?=\s+[a-z])")  # the article "A", the pronoun "I"
+
+
 def read_choice(after: str) -> str | None:
-    """The option letter after the marker: B, (B), B., B) text, **B**, \\boxed{B},
-    'The answer is B', 'Answer: B'."""
+    """The option letter (A-J) on the answer line (the first non-empty line after the marker):
+    the letter after "answer", "option" or "choice" ("The answer is (B)", "Answer: C"), else a
+    leading letter marked as one ("B", "(B)", "B.", "B) text"; \\boxed{}, bold and $ removed),
+    else the line's only standalone capital A-J, not counting an "A" or "I" used as a word when
+    there are others ("I pick D", "A is correct", "A tough one, but C"); several: unreadable.
+    Letters only: a numeral or the option's text in place of its letter reads as nothing, as
+    the options are asked by letter; a letter past the item's options just scores 0."""
     line = unwrap(first_line(after))
-    line = re.sub(r"\\text\{([^{}]*)\}", r"\1", line)
-    line = re.sub(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is|:)?\s*", "", line, flags=re.I)
-    m = re.match(rf"[\s(\[*]*([{LETTERS}])(?![A-Za-z0-9])", line)
-    return m.group(1) if m else None
+    line = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", line)
+    m = _CUE.search(line) or _LEADING.match(line)
+    if m:
+        return m.group(1)
+    letters = set(_LONE.findall(line))
+    if len(letters) > 1:
+        letters -= set(_WORD.findall(line))
+    return letters.pop() if len(letters) == 1 else None
 
 
 def choice_score(pred: str, gold) -> float:

@@ -1,8 +1,19 @@
 """GSM8K: grade-school word problems with a numeric answer (`#### N` ends each solution).
 
-The answer is the number written after the marker: its leading number (units or words may
-follow), else its only number. Numbers compare exactly (decimals as canonical strings, any
-length; fractions by value), never through int() or eval.
+The answer is the final value of the answer line (the first non-empty line after the marker,
+up to its first sentence end), the same under both protocols: of an equation (`9*2 = 18`,
+`x = 5`) its last side; of an arithmetic expression (`1/2`, `2^10`, `\\frac{3}{4}`: + - * / ^
+and parentheses) its value, worked out by the small parser below, never by eval; of text with
+words or units (`18 apples`, `The answer is 18`, `1/3 cup`) the value of its last run of number
+and operator characters, else that run's last number. `3 1/2` and `3\\frac{1}{2}` are mixed
+numbers. Thousands commas, currency signs, %, trailing periods and invisible format characters
+are ignored; only ASCII digits are digits.
+
+Values compare exactly, as fractions. A number too large for that (over _MAX_DIGITS significant
+digits, or a power of ten past it: `1e999999`) is kept as its digits and exponent and compares
+only with the same number written so, never expanded; arithmetic on such numbers, a result over
+_MAX_BITS, a division by zero or a malformed expression makes the answer unreadable (None).
+So no answer raises or takes long.
 """
 from __future__ import annotations
 
@@ -15,7 +26,28 @@ from hrpo.prompts import ANSWER_MARKER, Example
 from .base import Task, first_line, question_only, register, unwrap
 
 _CALC = re.compile(r"<<[^>]*>>")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")
+
+_MAX_DIGITS = 1000  # a literal past this many digits (or 10^this) is kept as digits and exponent
+_MAX_BITS = 3400  # about 1000 decimal digits: the largest numerator or denominator worked out
+_MAX_EXPRESSION = 200  # characters of an expression the parser will take
+_MAX_DEPTH = 20  # nested parentheses
+
+_LITERAL = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_SIGNED = re.compile(r"(?:(?<![\w)])-)?" + _LITERAL)  # a minus after a word or ")" is an operator
+_EXPRESSION_CHARS = set("0+-*/^() ")  # an expression, once each of its numbers is written 0
+_TOKEN = re.compile(r"\s*(?:(" + _LITERAL + r")|([-+*/^()]))")
+_RUN = re.compile(r"[-+*/^(). 0-9]+")  # a number or an expression among words
+_NUMBER = re.compile(r"-?" + _LITERAL)
+_MIXED = re.compile(r"(-?)([0-9]{1,18})\s+([0-9]{1,18})/([0-9]{1,18})")  # 3 1/2 (after _clean)
+_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")  # zero-width, bidi marks
+_SYMBOLS = [("\u2212", "-"), ("\\times", "*"), ("\\cdot", "*"), ("\u00d7", "*"), ("\u00b7", "*"),
+            ("\\div", "/"), ("\u00f7", "/"), ("\\left", ""), ("\\right", ""), ("{,}", ""),
+            ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\u00a3", ""), ("\u20ac", ""), ("\u00a5", "")]
+
+
+class _Unreadable(Exception):
+    pass
 
 
 def convert(rec: dict) -> Example:
@@ -36,61 +68,207 @@ def convert(rec: dict) -> Example:
     return Example(question=question, answer=answer, meta=meta)
 
 
-def read_number(after: str) -> str | None:
-    """The number in the text after the marker: the leading number of the answer line (units
-    or an explanation may follow it), else the only number on the line; None when ambiguous."""
-    line = unwrap(first_line(after))
-    line = line.replace("\u2212", "-").replace("\\$", "").replace("$", "")
-    line = re.sub(r"\\text\{([^{}]*)\}", r"\1", line)
-    line = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", line)  # thousands separators only, not lists
-    numbers = _NUMBER.findall(line)
-    lead = re.match(r"\s*(" + _NUMBER.pattern + ")", line)
-    if lead:
-        return lead.group(1)
-    return numbers[0] if len(numbers) == 1 else None
+def _clean(text: str) -> str:
+    """Drop what never changes a number's value: format characters, currency, %, thousands
+    commas, \\text{} wrappers, trailing periods; LaTeX operators and \\frac become plain ones."""
+    text = _INVISIBLE.sub("", text)
+    for old, new in _SYMBOLS:
+        text = text.replace(old, new)
+    text = re.sub(r"\\(?:text|mathrm|mbox)\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))", "", text)  # 1,234 but not the list 1,2
+    text = re.sub(r"(?<![0-9.])([0-9]+)\s*\\[dt]?frac\{([0-9]+)\}\{([0-9]+)\}", r"\1 \2/\3", text)  # mixed
+    for _ in range(_MAX_DEPTH):  # \frac{a}{b} -> ((a)/(b)), innermost first
+        text, n = _FRAC.subn(r"((\1)/(\2))", text)
+        if not n:
+            break
+    text = text.replace("{", "(").replace("}", ")")  # 2^{10}
+    return text.strip().rstrip(".").strip()
 
 
-def fraction(text: str) -> Fraction | None:
-    """Parse a plain number, a/b or \\frac{a}{b} (optionally signed) without evaluating."""
-    text = text.strip()
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", text):
-        text = text.replace(",", "")
-    sign = 1
-    if text.startswith("-"):
-        sign, text = -1, text[1:].strip()
-    m = re.fullmatch(r"\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", text) or re.fullmatch(
-        r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", text
-    )
+def _literal(text: str):
+    """An unsigned decimal literal: a Fraction, or (sign 1, digits, exponent) when too large."""
+    m = re.fullmatch(r"([0-9]*)(?:\.([0-9]*))?(?:[eE]([+-]?[0-9]{1,9}))?", text)
+    if not m:
+        raise _Unreadable
+    frac = m.group(2) or ""
+    digits = (m.group(1) + frac).lstrip("0")
+    significant = digits.rstrip("0")
+    exponent = int(m.group(3) or 0) - len(frac) + len(digits) - len(significant)
+    if not significant:
+        return Fraction(0)
+    if len(significant) > _MAX_DIGITS or abs(exponent) > _MAX_DIGITS:
+        return (1, significant, exponent)  # never expanded: compared as written
+    return Fraction(int(significant) * 10**max(exponent, 0), 10**max(-exponent, 0))
+
+
+def _checked(value: Fraction) -> Fraction:
+    if max(abs(value.numerator).bit_length(), value.denominator.bit_length()) > _MAX_BITS:
+        raise _Unreadable
+    return value
+
+
+class _Parser:
+    """Recursive descent over + - * / ^ and parentheses; ^ binds tighter than a unary minus."""
+
+    def __init__(self, text: str):
+        self.tokens, pos = [], 0
+        text = text.rstrip()
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m:
+                raise _Unreadable
+            self.tokens.append(m.group(1) or m.group(2))
+            pos = m.end()
+        self.pos, self.depth = 0, 0
+
+    def value(self):
+        value = self.sum()
+        if self.pos != len(self.tokens):
+            raise _Unreadable
+        return value
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self):
+        token = self.peek()
+        if token is None:
+            raise _Unreadable
+        self.pos += 1
+        return token
+
+    def sum(self):
+        value = self.product()
+        while self.peek() in ("+", "-"):
+            op, rhs = self.take(), self.product()
+            value = _checked(_fraction(value) + _fraction(rhs) if op == "+" else _fraction(value) - _fraction(rhs))
+        return value
+
+    def product(self):
+        value = self.unary()
+        while self.peek() in ("*", "/"):
+            op, rhs = self.take(), _fraction(self.unary())
+            if op == "/" and rhs == 0:
+                raise _Unreadable
+            value = _checked(_fraction(value) * rhs if op == "*" else _fraction(value) / rhs)
+        return value
+
+    def unary(self):
+        if self.peek() == "+":
+            self.take()
+            return self.unary()
+        if self.peek() == "-":
+            self.take()
+            return _negate(self.unary())
+        return self.power()
+
+    def power(self):
+        base = self.atom()
+        if self.peek() != "^":
+            return base
+        self.take()
+        exponent = _fraction(self.unary())  # right-associative: 2^3^2 = 2^9
+        base = _fraction(base)
+        bits = max(abs(base.numerator).bit_length(), base.denominator.bit_length())
+        if exponent.denominator != 1 or (base == 0 and exponent < 0) or bits * abs(exponent) > _MAX_BITS:
+            raise _Unreadable
+        return base ** int(exponent)
+
+    def atom(self):
+        token = self.take()
+        if token == "(":
+            self.depth += 1
+            if self.depth > _MAX_DEPTH:
+                raise _Unreadable
+            value = self.sum()
+            if self.take() != ")":
+                raise _Unreadable
+            self.depth -= 1
+            return value
+        if token[0] in "0123456789.":
+            return _literal(token)
+        raise _Unreadable
+
+
+def _fraction(value) -> Fraction:
+    if isinstance(value, tuple):  # no arithmetic on numbers too large to expand
+        raise _Unreadable
+    return value
+
+
+def _negate(value):
+    return (-value[0],) + value[1:] if isinstance(value, tuple) else -value
+
+
+def _evaluate(text: str):
+    """The value of a number, mixed number or arithmetic expression (text after _clean)."""
+    m = _MIXED.fullmatch(text)
+    if m and 0 < int(m.group(3)) < int(m.group(4)):
+        return (-1 if m.group(1) else 1) * (int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4))))
+    if _NUMBER.fullmatch(text):  # a lone number, of any length
+        return _negate(_literal(text[1:])) if text.startswith("-") else _literal(text)
+    if len(text) > _MAX_EXPRESSION:
+        raise _Unreadable
+    return _Parser(text).value()
+
+
+def exact_value(text: str):
+    """The value of a text that is a number or an arithmetic expression and nothing else
+    (a Fraction, or (sign, digits, exponent) for a number too large to expand); else None."""
     try:
-        if m:
-            den = Fraction(m.group(2))
-            return None if den == 0 else sign * Fraction(m.group(1)) / den
-        if re.fullmatch(r"\d+(?:\.\d+)?|\.\d+", text):
-            return sign * Fraction(text)
-    except (ValueError, ZeroDivisionError):
+        return _evaluate(_clean(unwrap(str(text))))
+    except _Unreadable:
         return None
-    return None
 
 
-def canonical_decimal(text: str) -> str | None:
-    """A plain decimal as a canonical string ('-007.50' -> '-7.5'), or None for other forms.
-    Comparing these needs no int(), which refuses strings of more than 4300 digits."""
-    m = re.fullmatch(r"(-?)(\d*)(?:\.(\d+))?", text)
-    if not m or not (m.group(2) or m.group(3)):
+def _final_value(line: str):
+    side = _clean(line).rsplit("=", 1)[-1].strip()  # an equation's value is its last side
+    # An expression alone is read by its value; among words or units, the last run of number
+    # and operator characters is (1/3 cup), or failing that its last number.
+    if side and set(_SIGNED.sub("0", side)) <= _EXPRESSION_CHARS:
+        return _evaluate(side)
+    last = max(map(side.rfind, "0123456789"))  # the run around the last digit
+    if last < 0:
         return None
-    whole, frac = m.group(2).lstrip("0") or "0", (m.group(3) or "").rstrip("0")
-    sign = m.group(1) if whole != "0" or frac else ""  # -0 is 0
-    return sign + whole + ("." + frac if frac else "")
+    run = _RUN.match(side, last + 1 - len(_RUN.match(side[last::-1]).group())).group()
+    try:
+        return _evaluate(run.strip())
+    except _Unreadable:
+        return _evaluate(_SIGNED.findall(run)[-1])
+
+
+def _show(value) -> str:
+    """A value written so that exact_value reads it back: 18, -7.5, 1/3, 1e999999."""
+    if isinstance(value, tuple):
+        sign, digits, exponent = value
+        return ("-" if sign < 0 else "") + digits + (f"e{exponent}" if exponent else "")
+    if value.denominator == 1:
+        return str(value.numerator)
+    den, twos, fives = value.denominator, 0, 0
+    while den % 2 == 0:
+        den, twos = den // 2, twos + 1
+    while den % 5 == 0:
+        den, fives = den // 5, fives + 1
+    if den != 1:
+        return f"{value.numerator}/{value.denominator}"
+    places = max(twos, fives)  # a terminating decimal: exactly this many places
+    digits = str(abs(value.numerator) * 10**places // value.denominator).rjust(places + 1, "0")
+    return ("-" if value < 0 else "") + digits[:-places] + "." + digits[-places:]
+
+
+def read_number(after: str) -> str | None:
+    """The final value of the answer line (see the module's docstring), written by _show()."""
+    line = unwrap(first_line(after))
+    line = re.split(r"\.\s+(?=[A-Za-z])", line, maxsplit=1)[0]  # "18. Because ..." -> "18"
+    try:
+        value = _final_value(line)
+    except _Unreadable:
+        return None
+    return None if value is None else _show(value)
 
 
 def number_score(pred: str, gold) -> float:
-    gold = str(gold).replace(",", "").strip()
-    gold_key = canonical_decimal(gold)
-    if gold_key is not None:
-        return float(canonical_decimal(pred) == gold_key)
-    # A gold fraction (a/b, \frac{a}{b}) is compared by value; fraction() gives None instead of
-    # raising on numbers past int()'s digit limit, so an overlong answer just scores 0.
-    pred_value, gold_value = fraction(pred), fraction(gold)
+    pred_value, gold_value = exact_value(pred), exact_value(gold)
     return float(pred_value is not None and pred_value == gold_value)
 
 

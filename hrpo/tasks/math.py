@@ -1,18 +1,43 @@
 """MATH and MATH-500: competition problems whose answer is LaTeX (`\\boxed{}` in solutions).
 
-The answer is the `\\boxed{}` after the marker, else its first line; answers compare after a
-normalisation of notational variants, as exact fractions, and with math_verify when it is
-installed. Nothing is evaluated as code.
+The answer is, in the text after the marker, the last `\\boxed{}`, else the last inline or
+display LaTeX ($...$, $$...$$, \\(...\\), \\[...\\]), else the first line without the plain words
+that open or close it ("The answer is 5 cm." -> 5).
+
+Two answers are equal when their normalised strings or their exact values agree (a fast path
+that decides most pairs), else when math-verify judges them equal. math-verify is used only
+through its LaTeX parser (latex2sympy2_extended, an ANTLR grammar) and its sympy comparison:
+never its expression path, which hands text to sympy's parse_expr (that is, to eval). Its own
+SIGALRM timeouts are switched off; each comparison runs under reward_guard.time_limit instead,
+which keeps the reward call's deadline (like any SIGALRM limit, only in the main thread).
+Answers that could make sympy work without end (over _MAX_CHARS, power towers, huge exponents
+or factorials) are not handed to it.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import re
 
 from hrpo.data import Rejected, expected, text_field
 from hrpo.prompts import Example
+from hrpo.reward_guard import RewardTimeout, time_limit
 
 from .base import Task, first_line, last_boxed, question_only, register, unwrap
-from .gsm8k import fraction
+from .gsm8k import exact_value
+
+_COMPARE_SECONDS = 2.0  # per comparison by math-verify
+_MAX_CHARS = 1000  # longer answers score 0: MATH's longest gold answer has 159 characters
+# Work sympy may do in C, where no signal can stop it: 10^{10^{10}}, 2^{123456}, 100000!.
+_COSTLY = re.compile(r"\^\s*\{[^{}]*[\^!]|\^\s*\{?\s*-?[0-9]{5,}|[0-9]{5,}\s*!|[0-9]{200,}")
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.S)
+_SET = re.compile(r"\\\{.*\\\}", re.S)  # \{...\} (normalised: no spaces or \left)
+_TUPLE = re.compile(r"[(\[].*[)\]]", re.S)
+_WORD = re.compile(r"[A-Za-z][a-z]+[.,:;]?")  # a plain word (not x, nor a point or segment: ABC)
+
+
+class _CompareTimeout(RewardTimeout):
+    """One comparison ran past _COMPARE_SECONDS (the reward call's own limit stays armed)."""
 
 
 def convert(rec: dict) -> Example:
@@ -41,10 +66,23 @@ def convert(rec: dict) -> Example:
 
 
 def read_latex(after: str) -> str | None:
-    """The LaTeX answer after the marker: a \\boxed{} anywhere after it, else the first line."""
-    boxed = last_boxed(after)
-    answer = boxed if boxed is not None else unwrap(first_line(after))
-    return answer if answer else None
+    """The LaTeX answer after the marker (see the module's docstring)."""
+    answer = last_boxed(after)
+    if answer is None:
+        spans = list(_MATH_SPAN.finditer(after))
+        answer = next(g for g in spans[-1].groups() if g) if spans else None
+    if answer is None:
+        line = unwrap(first_line(after)).rstrip(".")
+        # Plain words before and after the value are prose or units ("The answer is 5 cm.");
+        # words alone ("Evelyn", "odd") are the answer.
+        tokens = line.split()
+        lo, hi = 0, len(tokens)
+        while lo < hi and _WORD.fullmatch(tokens[lo]):
+            lo += 1
+        while hi > lo and _WORD.fullmatch(tokens[hi - 1]):
+            hi -= 1
+        answer = " ".join(tokens[lo:hi]) or line
+    return answer.strip() or None
 
 
 _UNIT = re.compile(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z ]*\}(?:\^\{?\d\}?)?$")
@@ -52,24 +90,24 @@ _UNIT = re.compile(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z ]*\
 
 def normalize_math(answer: str) -> str:
     """Canonical string form of a LaTeX answer, so that notational variants compare equal."""
-    s = unwrap(str(answer).strip())
+    s = unwrap(str(answer).strip()).rstrip(".")
     s = s.replace("\n", " ")
     s = re.sub(r"\\(?:displaystyle|left|right)(?![a-zA-Z])", "", s)  # \left( -> (, not \leftarrow
     s = re.sub(r"(?<!\\)\\[!,;:> ]", "", s)  # thin spaces and friends (not a row break)
     s = s.replace("~", "")
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s).replace("\\varnothing", "\\emptyset")
     s = re.sub(r"\^\s*\{?\\circ\}?", "", s).replace("\\circ", "")  # degrees
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
     s = s.replace("{,}", "")  # LaTeX thousands separator 10{,}000
     s = _UNIT.sub("", s) or s  # trailing units such as 5\text{ cm}
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"(?<![\d.])(\d+)\s+(\d+)/(\d+)", r"\1\\frac{\2}{\3}", s)  # 3 1/2: mixed, not 31/2
     s = s.replace(" ", "")
     # \frac12 -> \frac{1}{2}, \frac1{x} -> \frac{1}{x}, \frac{a}2 -> \frac{a}{2}, \sqrt2 -> \sqrt{2}
     s = re.sub(r"\\frac(\w)(\w)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac(\w)\{", r"\\frac{\1}{", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\w)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    s = s.rstrip(".")
     # "x=5", "\theta=30" -> the value (one '=' only, so equations such as y=2x+1=... stay)
     m = re.fullmatch(r"\\?[a-zA-Z]{1,6}(?:_\{?\w+\}?)?=([^=]+)", s)
     if m:
@@ -78,35 +116,46 @@ def normalize_math(answer: str) -> str:
     return s
 
 
-_math_verify = None  # None: not tried yet; False: unavailable
+@functools.cache
+def _math_verify():
+    import math_verify
+
+    # Its warnings are about its own timeouts, which are off here (time_limit replaces them).
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return math_verify
 
 
-def _verify(pred: str, gold: str) -> bool:
-    """Optional extra check with the `math_verify` package, used only when it is installed."""
-    global _math_verify
-    if _math_verify is None:
-        try:
-            import math_verify
+@functools.lru_cache(maxsize=4096)  # a gold answer is compared with many completions
+def _parsed(answer: str):
+    mv = _math_verify()
+    answer = answer.replace("\\$", "").replace("$", "")  # currency, or stray delimiters
+    return mv.parse(f"${answer}$", extraction_config=[mv.LatexExtractionConfig()], parsing_timeout=None)
 
-            _math_verify = math_verify
-        except ImportError:
-            _math_verify = False
-    if not _math_verify:
+
+def _verified(pred: str, gold: str) -> bool:
+    if _COSTLY.search(pred):
         return False
+    mv = _math_verify()  # imported outside the limit: an import cut short would stay half done
     try:
-        return bool(_math_verify.verify(_math_verify.parse(f"${gold}$"), _math_verify.parse(f"${pred}$")))
-    except Exception:  # its parser can fail on odd input; that just means "not shown equal"
+        with time_limit(_COMPARE_SECONDS, _CompareTimeout):
+            # allow_set_relation_comp: "x \geq 5" answers "[5, \infty)", and the other way round.
+            return bool(mv.verify(_parsed(gold), _parsed(pred), allow_set_relation_comp=True, timeout_seconds=None))
+    except _CompareTimeout:
         return False
 
 
 def math_equal(pred: str, gold: str) -> bool:
+    if len(pred) > _MAX_CHARS:
+        return False
     a, b = normalize_math(pred), normalize_math(gold)
     if a == b:
         return True
-    fa, fb = fraction(a), fraction(b)
-    if fa is not None and fb is not None:
-        return fa == fb
-    return _verify(pred, gold)
+    value, other = exact_value(a), exact_value(b)
+    if value is not None and other is not None and "%" not in pred + gold:
+        return value == other  # two numbers: exactly, not to math-verify's 6 rounded places
+    if (_SET.fullmatch(a) and _TUPLE.fullmatch(b)) or (_SET.fullmatch(b) and _TUPLE.fullmatch(a)):
+        return False  # a set is never a tuple or an interval (math-verify may say it is)
+    return _verified(pred, gold)
 
 
 def math_score(pred: str, gold) -> float:

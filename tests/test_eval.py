@@ -127,3 +127,35 @@ def test_eval_engines_agree_on_a_lora_checkpoint(trained, tmp_path):
         assert eval_main(args) == 0
         results[kind] = [s["completion"] for s in samples_of(out)]
     assert len(results["fast"]) == 5 and results["fast"] == results["reference"]
+
+
+@needs_data
+def test_the_whole_table_from_the_shared_data_layout(tmp_path, capsys):
+    """--task all reads every benchmark's real file; 2wiki and bamboogle records carry no
+    passages and get their top 3 from --corpus (BM25, cached beside a copy of the corpus)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    cfg = AutoConfig.for_model("qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16384)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(DATA / "wiki_corpus" / "hipporag_2wiki_dev_corpus.jsonl", corpus)
+    out = tmp_path / "all"
+    args = ["--task", "all", "--model", str(tmp_path / "model"), "--data-root", str(DATA), "--corpus", str(corpus),
+            "--limit", "2", "--max-new-tokens", "2", "--max-prompt-length", "16000", "--output-dir", str(out), "--quiet"]
+    assert eval_main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["benchmarks"]
+    assert list(rows) == ["gsm8k", "math", "math500", "mmlu-stem", "arc-c", "nq", "triviaqa", "hotpotqa", "2wiki", "bamboogle"]
+    assert all(r["n"] == 2 for r in rows.values())
+    assert rows["nq"]["metric"] == "exact_match" and "f1" in rows["nq"] and rows["math"]["decoding"]["max_new_tokens"] == 2
+    samples = samples_of(out)
+    wiki = [s for s in samples if s["task"] == "2wiki"]
+    assert all(s["prompt"].startswith("Context (which may or may not be relevant):\n") for s in wiki)
+    assert all(s["prompt"].count("::::") == 3 for s in wiki)
+    assert (tmp_path / "corpus.jsonl.bm25").is_dir()  # the index, cached beside the corpus
+    assert "| hotpotqa | exact_match |" in printed and "| 31.6 |" in printed

@@ -39,6 +39,9 @@ class TrainConfig:
     epsilon: float = 0.2
     num_iterations: int = 1  # updates per rollout; > 1 uses the clipped ratio
     loss_norm: str = "grpo"
+    # The update's memory: micro-batches of at most this many (padded) tokens, whole groups.
+    micro_batch_tokens: int = 16384
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
     # Optimisation.
     lora_rank: int = 32
     lora_alpha: int = 64
@@ -91,7 +94,8 @@ RECIPES: dict[str, dict] = {
 
 # Fields a resumed run may change; every other one must equal the run's saved config.
 RESUMABLE_OVERRIDES = ("save_every", "keep_checkpoints", "max_skipped_in_a_row", "reward_timeout", "eval_every",
-                       "eval_every_limit", "report_to", "device", "output_dir", "overwrite", "resume")
+                       "eval_every_limit", "report_to", "device", "output_dir", "overwrite", "resume",
+                       "micro_batch_tokens", "gradient_checkpointing")
 
 
 class ConfigError(ValueError):
@@ -152,6 +156,7 @@ def validate_config(cfg: TrainConfig) -> None:
     floats("beta", 0, None)
     floats("epsilon", 0, 1, lo_open=True, hi_open=True)
     ints("num_iterations", 1)
+    ints("micro_batch_tokens", 1)
     choice("loss_norm", NORMS)
     ints("lora_rank", 1)
     floats("lora_alpha", 0, None, lo_open=True)

@@ -17,6 +17,55 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     return ((g - g.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
 
 
+def per_token_terms(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    beta: float = 0.005,
+    epsilon: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token k3 KL, per-token "clipped" flags), all (B, T).
+
+    Without old_logp the ratio is exp(logp - logp.detach()) (one update per rollout: value
+    1, gradient of logp); with it, the PPO-clipped ratio against the rollout's log-probs."""
+    adv = advantages[:, None]
+    if old_logp is None:
+        obj = torch.exp(logp - logp.detach()) * adv
+        clipped = torch.zeros_like(logp, dtype=torch.bool)
+    else:
+        ratio = torch.exp(logp - old_logp)
+        bounded = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+        obj = torch.minimum(ratio * adv, bounded * adv)
+        clipped = (ratio * adv > bounded * adv).detach()
+    per_token = -obj
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    return per_token, kl, clipped
+
+
+def token_weights(mask: torch.Tensor, norm: str = "grpo", max_completion_length: int | None = None,
+                  rows: int | None = None, tokens: int | None = None) -> torch.Tensor:
+    """(B, T) weights with loss = sum(weights * per_token): "grpo" averages each completion's
+    tokens, then the batch; "dapo" averages all tokens of the batch; "dr_grpo" sums tokens
+    and divides by B * max_completion_length. rows and tokens: the batch's totals when
+    `mask` is only part of it (a micro-batch, one rank's share)."""
+    if norm not in NORMS:
+        raise ValueError(f"loss norm must be one of {NORMS}, got {norm!r}")
+    mask = mask.float()
+    rows = mask.shape[0] if rows is None else rows
+    if norm == "grpo":
+        return mask / mask.sum(-1, keepdim=True).clamp_min(1) / rows
+    if norm == "dapo":
+        return mask / max(float(mask.sum()) if tokens is None else tokens, 1.0)
+    if not max_completion_length:
+        raise ValueError("dr_grpo normalisation needs max_completion_length")
+    return mask / (rows * max_completion_length)
+
+
 def grpo_loss(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -29,40 +78,13 @@ def grpo_loss(
     max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss to minimise, and metrics. logp, ref_logp, old_logp, mask: (B, T); advantages: (B,).
-
-    Without old_logp the ratio is exp(logp - logp.detach()) (one update per rollout: value
-    1, gradient of logp); with it, the PPO-clipped ratio against the rollout's log-probs.
-    norm: "grpo" averages each completion's tokens, then the batch; "dapo" averages all
-    tokens of the batch; "dr_grpo" sums tokens and divides by B * max_completion_length.
-    """
-    if norm not in NORMS:
-        raise ValueError(f"loss norm must be one of {NORMS}, got {norm!r}")
-    mask = mask.float()
-    adv = advantages[:, None]
-    if old_logp is None:
-        obj = torch.exp(logp - logp.detach()) * adv
-        clip_frac = 0.0
-    else:
-        ratio = torch.exp(logp - old_logp)
-        clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
-        obj = torch.minimum(ratio * adv, clipped * adv)
-        clip_frac = float(((ratio * adv > clipped * adv).float() * mask).sum() / mask.sum().clamp_min(1))
-    per_token = -obj
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None and beta:
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1
-        per_token = per_token + beta * kl
-    if norm == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
-    elif norm == "dapo":
-        loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
-    else:
-        if not max_completion_length:
-            raise ValueError("dr_grpo normalisation needs max_completion_length")
-        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
+    The loss is sum(token_weights * per_token_terms) (see both)."""
+    weights = token_weights(mask, norm, max_completion_length)
+    per_token, kl, clipped = per_token_terms(logp, advantages, ref_logp, old_logp, beta, epsilon)
+    loss = (per_token * weights).sum()
+    m = mask.float()
     metrics = {
-        "kl": float(((kl.detach() * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()),
-        "clip_frac": clip_frac,
+        "kl": float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()),
+        "clip_frac": float((clipped.float() * m).sum() / m.sum().clamp_min(1)) if old_logp is not None else 0.0,
     }
     return loss, metrics

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from hrpo_kernels import token_logprobs
 
@@ -99,22 +100,48 @@ class HybridModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def sequence_logprobs(self, batch: SequenceBatch, temperature: float, hybrid: bool = True) -> torch.Tensor:
+    def sequence_logprobs(self, batch: SequenceBatch, temperature: float, hybrid: bool = True,
+                          share_prefix: bool = False) -> torch.Tensor:
         """Teacher-forced log-probs (B, T) of the completion tokens at the sampling temperature.
 
         With hybrid on, the input at each thinking position is re-blended by the current
         gate from the stored latent (a constant), so the gate and adapters get gradients.
+        share_prefix: rows with the same prompt (a GRPO group) run it through the body once and
+        attend to its cache (gradients flow back through it once); the values are the same.
+        It needs the body's KV cache, so not with gradient checkpointing.
         """
-        P = batch.prompt_ids.shape[1]
-        ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-        mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
-        embeds = self.embed(ids)
-        if hybrid:
-            comp, _ = self.gate(embeds[:, P:], batch.latents, batch.think_mask)
-            embeds = torch.cat([embeds[:, :P], comp], dim=1)
-        hidden = self.decoder(embeds, mask, positions_from_mask(mask))
-        # Position P-1+t holds the input that predicts completion token t.
-        h = hidden[:, P - 1 : -1]
         B, T = batch.completion_ids.shape
+        comp = self.embed(batch.completion_ids)
+        if hybrid:
+            comp, _ = self.gate(comp, batch.latents, batch.think_mask)
+        rep, inverse = distinct_rows(batch.prompt_ids) if share_prefix else (None, None)
+        if rep is None or len(rep) == B:
+            mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+            embeds = torch.cat([self.embed(batch.prompt_ids), comp], dim=1)
+            # Position P-1+t holds the input that predicts completion token t.
+            h = self.decoder(embeds, mask, positions_from_mask(mask))[:, batch.prompt_ids.shape[1] - 1 : -1]
+        else:
+            from .rollout import cache_index_select
+
+            cache = DynamicCache(config=self.config)
+            pm = batch.prompt_mask[rep]
+            last = self.decoder(self.embed(batch.prompt_ids[rep]), pm, positions_from_mask(pm), cache)[:, -1:]
+            cache_index_select(cache, inverse)
+            mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+            pos = batch.prompt_mask.sum(-1, keepdim=True) + torch.arange(T, device=mask.device)
+            hidden = self.decoder(comp, mask, pos, cache)
+            h = torch.cat([last[inverse], hidden[:, :-1]], dim=1)
         lp = token_logprobs(h.reshape(B * T, -1), self.lm_weight, batch.completion_ids.reshape(-1), temperature)
         return lp.view(B, T)
+
+
+def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first row of each distinct row of `ids`, in order of first appearance; the index
+    into that list of every row)."""
+    _, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), ids.shape[0], dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.shape[0], device=ids.device), "amin")
+    order = torch.argsort(first)  # unique's sorted order -> order of first appearance
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=ids.device)
+    return first[order], rank[inverse]

@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from .runs import replace_file
 
 
@@ -45,3 +47,25 @@ class MetricsLog:
             self._fh.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class peak_memory:
+    """`with peak_memory(device) as peak:` ... `peak()`: the most memory the block held, in GB:
+    CUDA tensors allocated on `device` (the allocator's peak, reset on entry); on the CPU, the
+    process's peak resident set so far (the OS keeps no per-block peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.value = torch.device(device), None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return lambda: self.value
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.value = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            import resource
+
+            self.value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -35,15 +35,16 @@ from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, add_config_ar
 from .engine import make_engine
 from .eval import decode_completions, evaluate
 from .loading import build_policy, eos_token_ids, load_base_model, resolve_device, resolve_dtype
-from .loss import group_advantages, grpo_loss
+from .loss import group_advantages
 from .marker import MarkerMatcher
 from .model import HybridModel, ModelError
 from .plots import plot_curves
 from .prompts import SYSTEM_PROMPT, encode_prompts
-from .reporting import MetricsLog, json_safe
+from .reporting import MetricsLog, json_safe, peak_memory
 from .reward_guard import all_finite, score
 from .rollout import SamplingConfig
 from .runs import RunDir, write_json
+from .update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 from .tasks import get_task, load_examples, user_messages
 
 
@@ -226,6 +227,12 @@ class Trainer:
             self._load(self.resume_from)
         self.last_saved = self.state.step if cfg.resume else -1
         self.progressed = False  # a device step finished in this process: no rollback from here on
+        self.poisoned = False  # a micro-batch of this accumulation window had a non-finite loss
+        if cfg.gradient_checkpointing:
+            self.hm.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.update = UpdateSettings(cfg.temperature, cfg.hybrid, cfg.beta, cfg.epsilon, cfg.loss_norm,
+                                     cfg.max_completion_length, cfg.micro_batch_tokens,
+                                     share_prefix=not cfg.gradient_checkpointing)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -281,12 +288,13 @@ class Trainer:
         Returns (gradient norm, whether the update was dropped)."""
         params = [p for g in self.opt.param_groups for p in g["params"]]
         self.state.opt_step += 1
-        norm, dropped = None, False
-        if any(p.grad is not None for p in params):
+        norm, dropped = None, self.poisoned
+        if any(p.grad is not None for p in params) and not dropped:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
             dropped = not math.isfinite(norm)
             if not dropped:
                 self.opt.step()
+        self.poisoned = False
         with warnings.catch_warnings():  # a schedule that steps past a dropped first update is intended
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.sched.step()
@@ -303,8 +311,10 @@ class Trainer:
         try:  # nothing has touched the weights or gradients yet: a failure here can be checkpointed
             hm.eval()
             t = time.perf_counter()
-            out = self.engine.generate(prompts, self.sampling, self.generator)
+            with peak_memory(self.device) as mem_rollout:
+                out = self.engine.generate(prompts, self.sampling, self.generator)
             times["time_rollout_s"] = time.perf_counter() - t
+            times["mem_rollout_gb"] = mem_rollout()
             t = time.perf_counter()
             rewards, errors = score(self.reward_fn, decode_completions(self.tokenizer, out), answers, cfg.reward_timeout)
             times["time_reward_s"] = time.perf_counter() - t
@@ -317,35 +327,35 @@ class Trainer:
         skipped = None if all_finite(rewards) else "non-finite reward"
         reward_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)
 
+        plan = micro_batches(out, cfg.micro_batch_tokens)
         t = time.perf_counter()
-        ref = None
-        if skipped is None and cfg.beta:
-            with torch.no_grad(), hm.adapters_disabled():
-                ref = hm.sequence_logprobs(out, cfg.temperature, hybrid=False)
+        with peak_memory(self.device) as mem_ref:
+            ref = reference_logprobs(hm, out, plan, self.update) if skipped is None and cfg.beta else None
         times["time_reference_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         hm.train()
         loss_value, info, grad_norm = float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, None
         adv = group_advantages(reward_t, cfg.group_size) if skipped is None else None
-        for _ in range(cfg.num_iterations):
-            if skipped is None:
-                logp = hm.sequence_logprobs(out, cfg.temperature, hybrid=cfg.hybrid)
-                loss, info = grpo_loss(
-                    logp, adv, out.completion_mask, ref, out.logprobs if cfg.num_iterations > 1 else None,
-                    cfg.beta, cfg.epsilon, cfg.loss_norm, cfg.max_completion_length,
-                )
-                if torch.isfinite(loss):
-                    (loss / cfg.grad_accum).backward()
-                    loss_value = loss.item()
-                else:
-                    skipped = "non-finite loss"
-            self.state.micro += 1
-            if self.state.micro % cfg.grad_accum == 0:
-                grad_norm, dropped = self.optimizer_step()
-                if dropped and skipped is None:
-                    skipped = "non-finite gradient"
+        policy_s = 0.0
+        with peak_memory(self.device) as mem_policy:
+            for _ in range(cfg.num_iterations):
+                if skipped is None:
+                    loss_value, info, finite = policy_backward(
+                        hm, out, plan, adv, ref, out.logprobs if cfg.num_iterations > 1 else None, self.update,
+                        scale=1.0 / cfg.grad_accum)
+                    if not finite:
+                        skipped, self.poisoned = "non-finite loss", True
+                policy_s = time.perf_counter() - t
+                self.state.micro += 1
+                if self.state.micro % cfg.grad_accum == 0:
+                    grad_norm, dropped = self.optimizer_step()
+                    if dropped and skipped is None:
+                        skipped = "non-finite gradient"
         times["time_update_s"] = time.perf_counter() - t
+        times["time_policy_s"], times["time_optimizer_s"] = policy_s, times["time_update_s"] - policy_s
+        times["mem_reference_gb"], times["mem_policy_gb"] = mem_ref(), mem_policy()
+        times["update_tokens"] = int(out.prompt_mask.sum() + out.completion_mask.sum())
 
         if skipped:
             self.state.skipped_updates += 1
@@ -470,6 +480,24 @@ class Trainer:
             "reward_errors": self.state.reward_errors,
             "train_seconds": self.state.elapsed_s,
             "final_gate_a": self.records[-1]["gate_a"] if self.records else None,
+            **self._throughput(),
+        }
+
+    def _throughput(self) -> dict:
+        """Completions per hour of training, and tokens per second of the rollout (new tokens)
+        and of the update (prompt and completion tokens through the reference pass, the
+        policy's forward and backward and the optimizer)."""
+        recs = self.records
+
+        def total(key):
+            return sum(r.get(key) or 0.0 for r in recs)
+
+        rollout_s, update_s = total("time_rollout_s"), total("time_reference_s") + total("time_update_s")
+        new_tokens = sum((r.get("completion_tokens") or 0.0) * self.cfg.batch_size for r in recs)
+        return {
+            "completions_per_hour": len(recs) * self.cfg.batch_size / max(self.state.elapsed_s, 1e-9) * 3600,
+            "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9),
+            "update_tokens_per_s": total("update_tokens") / max(update_s, 1e-9),
         }
 
 

@@ -25,6 +25,16 @@ def test_eval_every_tensorboard_and_phase_times(model_dir, tmp_path):
     for r in records:
         assert all(r[k] >= 0.0 for k in PHASES)
         assert r["elapsed_s"] >= sum(r[k] for k in PHASES) * 0.99
+        assert r["time_policy_s"] + r["time_optimizer_s"] == pytest.approx(r["time_update_s"], rel=1e-6)
+        assert all(r[f"mem_{p}_gb"] > 0 for p in ("rollout", "reference", "policy"))  # the process's peak RSS on CPU
+        assert r["update_tokens"] > 8 * 8  # 8 prompts of several tokens plus their completions
+    summary = json.loads((run / "summary.json").read_text())
+    rollout_s = sum(r["time_rollout_s"] for r in records)
+    new_tokens = sum(r["completion_tokens"] * 8 for r in records)
+    assert summary["rollout_tokens_per_s"] == pytest.approx(new_tokens / rollout_s)
+    update_s = sum(r["time_reference_s"] + r["time_update_s"] for r in records)
+    assert summary["update_tokens_per_s"] == pytest.approx(sum(r["update_tokens"] for r in records) / update_s)
+    assert summary["completions_per_hour"] == pytest.approx(4 * 8 / summary["train_seconds"] * 3600)
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("reward")] == [0, 1, 2, 3]

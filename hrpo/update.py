@@ -1,0 +1,112 @@
+"""The update half of a training step: the reference pass and the policy's forward and backward
+over a rollout, lean in memory and time.
+
+- Micro-batches are sized by tokens, not rows: whole GRPO groups, longest first, packed while
+  their padded size (distinct prompts x prompt width + rows x completion width) fits
+  `max_tokens`, so long completions cannot blow memory; each micro-batch is trimmed to its
+  own widths, so little is spent on padding.
+- Within a micro-batch each distinct prompt runs through the body once (HybridModel's
+  share_prefix), not once per completion of its group.
+- Log-probs never materialise a (tokens x vocabulary) tensor for the backward
+  (hrpo_kernels.token_logprobs: fused on the GPU, chunked with recompute on the CPU).
+- The loss is sum(token_weights * per_token_terms), with weights computed on the whole batch,
+  so the micro-batched gradient is the whole batch's gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .loss import per_token_terms, token_weights
+from .model import HybridModel, SequenceBatch, distinct_rows
+
+
+def group_rows(batch: SequenceBatch) -> list[torch.Tensor]:
+    """The rows of each distinct prompt (a GRPO group), in order of first appearance."""
+    _, inverse = distinct_rows(batch.prompt_ids)
+    return [torch.nonzero(inverse == g).squeeze(-1) for g in range(int(inverse.max()) + 1)]
+
+
+def micro_batches(batch: SequenceBatch, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices of each micro-batch: whole groups, longest first, packed while the padded
+    token count stays within max_tokens (a group larger than that goes alone)."""
+    prompt_len = batch.prompt_mask.sum(-1)
+    comp_len = batch.completion_mask.sum(-1)
+    groups = group_rows(batch)
+    groups.sort(key=lambda rows: -int(prompt_len[rows[0]] + comp_len[rows].max()))
+    plans, current, widths = [], [], (0, 0, 0, 0)  # distinct prompts, rows, prompt width, completion width
+    for rows in groups:
+        p, t = int(prompt_len[rows[0]]), int(comp_len[rows].max())
+        n_d, n_r, wp, wt = widths[0] + 1, widths[1] + len(rows), max(widths[2], p), max(widths[3], t)
+        if current and n_d * wp + n_r * wt > max_tokens:
+            plans.append(torch.cat(current))
+            current, (n_d, n_r, wp, wt) = [], (1, len(rows), p, t)
+        current.append(rows)
+        widths = (n_d, n_r, wp, wt)
+    if current:
+        plans.append(torch.cat(current))
+    return plans
+
+
+def trim(batch: SequenceBatch, rows: torch.Tensor) -> SequenceBatch:
+    """The rows of `batch`, without the prompt columns that are padding in all of them (left)
+    and the completion columns past their longest completion (right)."""
+    sub = batch.select(rows)
+    p = int(sub.prompt_mask.sum(-1).max())
+    t = max(int(sub.completion_mask.sum(-1).max()), 1)
+    return SequenceBatch(sub.prompt_ids[:, -p:], sub.prompt_mask[:, -p:], sub.completion_ids[:, :t],
+                         sub.completion_mask[:, :t], sub.latents[:, :t], sub.think_mask[:, :t])
+
+
+@dataclass
+class UpdateSettings:
+    temperature: float
+    hybrid: bool
+    beta: float
+    epsilon: float
+    loss_norm: str
+    max_completion_length: int
+    max_tokens: int  # per micro-batch
+    share_prefix: bool = True  # off with gradient checkpointing (it needs the body's KV cache)
+
+
+@torch.no_grad()
+def reference_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s: UpdateSettings) -> torch.Tensor:
+    """The reference policy's log-probs (B, T): the base model (adapters off) on plain tokens."""
+    ref = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
+    with hm.adapters_disabled():
+        for rows in plan:
+            sub = trim(batch, rows)
+            ref[rows, : sub.completion_ids.shape[1]] = hm.sequence_logprobs(sub, s.temperature, False, s.share_prefix)
+    return ref
+
+
+def policy_backward(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], advantages: torch.Tensor,
+                    ref: torch.Tensor | None, old: torch.Tensor | None, s: UpdateSettings, scale: float = 1.0,
+                    rows: int | None = None, tokens: int | None = None) -> tuple[float, dict, bool]:
+    """Forward and backward of the policy over every micro-batch, gradients accumulated into
+    the parameters' .grad (times `scale`). rows, tokens: the whole batch's totals when this is
+    a share of it (for the loss normalisation). Returns (loss, metrics, finite); on a
+    non-finite micro-batch loss it stops there (the caller drops the update)."""
+    weights = token_weights(batch.completion_mask, s.loss_norm, s.max_completion_length, rows, tokens)
+    total, kl_sum, clipped, n_tokens = 0.0, 0.0, 0.0, 0.0
+    for idx in plan:
+        sub = trim(batch, idx)
+        t = sub.completion_ids.shape[1]
+        logp = hm.sequence_logprobs(sub, s.temperature, s.hybrid, s.share_prefix)
+        per_token, kl, clip = per_token_terms(
+            logp, advantages[idx], None if ref is None else ref[idx, :t], None if old is None else old[idx, :t],
+            s.beta, s.epsilon,
+        )
+        loss = (per_token * weights[idx, :t]).sum()
+        if not torch.isfinite(loss):
+            return float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, False
+        (loss * scale).backward()
+        m = sub.completion_mask.float()
+        total += loss.item()
+        kl_sum += float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).sum())
+        clipped += float((clip.float() * m).sum())
+        n_tokens += float(m.sum())
+    n_rows = batch.completion_ids.shape[0]
+    return total, {"kl": kl_sum / max(n_rows, 1), "clip_frac": clipped / max(n_tokens, 1.0)}, True

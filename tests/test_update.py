@@ -1,0 +1,167 @@
+"""The update half of a step: prefix sharing, token-sized micro-batches and trimming change
+how the work is laid out, never the gradient."""
+import pytest
+import torch
+from conftest import ARCHS, build_model
+
+from hrpo.config import config_for
+from hrpo.loading import build_policy
+from hrpo.loss import grpo_loss, token_weights
+from hrpo.model import SequenceBatch
+from hrpo.rollout import left_pad
+from hrpo.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs, trim
+
+PROMPTS = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 3 + [[11, 12, 13]] * 2  # three groups, ragged prompts
+
+
+def policy(arch, seed=0):
+    torch.manual_seed(seed)
+    hm = build_policy(build_model(arch, 320), config_for("gsm8k", lora_rank=4, lora_alpha=8))
+    with torch.no_grad():
+        for n, p in hm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+        hm.gate.lam.uniform_(-1, 1)
+    return hm.train()
+
+
+def rollout_batch(d=64, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = left_pad(PROMPTS, 0)
+    B = len(PROMPTS)
+    comp = torch.randint(3, 320, (B, T), generator=g)
+    cmask = torch.ones(B, T, dtype=torch.bool)
+    cmask[1, 4:] = False
+    cmask[6, 2:] = False
+    cmask[7, 5:] = False
+    think = torch.zeros(B, T, dtype=torch.bool)
+    think[:, :3] = True
+    return SequenceBatch(ids, mask, comp.masked_fill(~cmask, 0), cmask, torch.randn(B, T, d, generator=g), think & cmask)
+
+
+def grads(hm):
+    out = {n: p.grad.clone() for n, p in hm.named_parameters() if p.grad is not None}
+    hm.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_shared_prefix_gives_the_same_logprobs_and_gradients(arch):
+    hm, batch = policy(arch), rollout_batch()
+    full = hm.sequence_logprobs(batch, 0.7, hybrid=True, share_prefix=False)
+    (full * batch.completion_mask).sum().backward()
+    g_full = grads(hm)
+    shared = hm.sequence_logprobs(batch, 0.7, hybrid=True, share_prefix=True)
+    (shared * batch.completion_mask).sum().backward()
+    g_shared = grads(hm)
+    m = batch.completion_mask
+    torch.testing.assert_close(shared[m], full[m], rtol=1e-5, atol=1e-5)
+    assert g_full.keys() == g_shared.keys() and len(g_full) == 2 * 7 * 2 + 5  # LoRA A/B of 7 projections x 2 layers, gate
+    for n in g_full:
+        torch.testing.assert_close(g_shared[n], g_full[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_micro_batches_hold_whole_groups_within_the_token_budget():
+    batch = rollout_batch()
+    # Groups (prompt length, longest completion): rows 0-2 (4, 6), 3-5 (2, 6), 6-7 (3, 5),
+    # taken longest first: 10, 8, 8 (ties in order). Padded cost of a set: distinct prompts x
+    # widest prompt + rows x widest completion.
+    assert [r.tolist() for r in micro_batches(batch, 10**6)] == [[0, 1, 2, 3, 4, 5, 6, 7]]
+    # Budget 36: group 0 costs 1*4 + 3*6 = 22, with group 1 2*4 + 6*6 = 44 > 36, so it goes
+    # alone; groups 1 and 2 together cost 2*3 + 5*6 = 36.
+    assert [r.tolist() for r in micro_batches(batch, 36)] == [[0, 1, 2], [3, 4, 5, 6, 7]]
+    assert [r.tolist() for r in micro_batches(batch, 35)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert [r.tolist() for r in micro_batches(batch, 1)] == [[0, 1, 2], [3, 4, 5], [6, 7]]  # a group never splits
+
+
+def test_trim_drops_padding_columns():
+    batch = rollout_batch()
+    sub = trim(batch, torch.tensor([6, 7]))
+    assert sub.prompt_ids.tolist() == [[11, 12, 13]] * 2  # the 4-wide prompt padding dropped
+    assert sub.completion_ids.shape == (2, 5) and sub.completion_mask.sum().item() == 2 + 5
+
+
+def test_token_weights_by_hand():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+
+    def w(*a, **k):
+        return token_weights(mask, *a, **k).double()
+
+    torch.testing.assert_close(w("grpo"), torch.tensor([[1 / 4, 1 / 4, 0], [1 / 6, 1 / 6, 1 / 6]], dtype=torch.float64))
+    torch.testing.assert_close(w("dapo"), torch.tensor([[1 / 5, 1 / 5, 0], [1 / 5] * 3], dtype=torch.float64))
+    torch.testing.assert_close(w("dr_grpo", max_completion_length=4),
+                               torch.tensor([[1 / 8, 1 / 8, 0], [1 / 8] * 3], dtype=torch.float64))
+    # A share of a larger batch (one rank's rows): its totals come from outside.
+    torch.testing.assert_close(w("grpo", rows=4), torch.tensor([[1 / 8, 1 / 8, 0], [1 / 12] * 3], dtype=torch.float64))
+    torch.testing.assert_close(w("dapo", tokens=10)[1], torch.tensor([0.1] * 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("norm", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_micro_batched_update_equals_the_whole_batch(norm, clipped):
+    hm, batch = policy("qwen2"), rollout_batch()
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
+    s = UpdateSettings(0.7, True, beta=0.5, epsilon=0.2, loss_norm=norm, max_completion_length=6, max_tokens=10**6)
+    old = None
+    if clipped:
+        with torch.no_grad():
+            old = hm.sequence_logprobs(batch, 0.7) + 0.3 * torch.randn(batch.completion_ids.shape)
+    whole = [torch.arange(8)]
+    ref = reference_logprobs(hm, batch, whole, s)
+    # The whole batch through the plain loss on the full-width forward.
+    logp = hm.sequence_logprobs(batch, 0.7, hybrid=True)
+    want_loss, want_info = grpo_loss(logp, adv, batch.completion_mask, ref, old, 0.5, 0.2, norm, 6)
+    want_loss.backward()
+    want = grads(hm)
+    for max_tokens in (10**6, 1):  # one micro-batch; one group per micro-batch
+        plan = micro_batches(batch, max_tokens)
+        ref_mb = reference_logprobs(hm, batch, plan, s)
+        m = batch.completion_mask  # positions past a completion's end are never read
+        torch.testing.assert_close(ref_mb[m], ref[m], rtol=1e-5, atol=1e-6)
+        loss, info, finite = policy_backward(hm, batch, plan, adv, ref_mb, old, s)
+        got = grads(hm)
+        assert finite and loss == pytest.approx(want_loss.item(), rel=1e-4, abs=1e-7)
+        assert info["kl"] == pytest.approx(want_info["kl"], rel=1e-4)
+        assert info["clip_frac"] == pytest.approx(want_info["clip_frac"])
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_reference_pass_uses_the_base_model_on_plain_tokens():
+    """Adapters off and no blend: the reference equals the policy's plain log-probs only
+    once the adapters are zeroed."""
+    hm, batch = policy("llama"), rollout_batch()
+    s = UpdateSettings(0.7, True, 0.5, 0.2, "grpo", 6, 10**6)
+    ref = reference_logprobs(hm, batch, [torch.arange(8)], s)
+    with torch.no_grad():
+        adapted = hm.sequence_logprobs(batch, 0.7, hybrid=False)
+        for n, p in hm.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+        plain = hm.sequence_logprobs(batch, 0.7, hybrid=False)
+    m = batch.completion_mask
+    assert (adapted - ref)[m].abs().max() > 1e-3
+    torch.testing.assert_close(ref[m], plain[m], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_dir, tmp_path):
+    from conftest import small_config
+
+    from hrpo.train import Trainer
+
+    got = {}
+    for gc in (False, True):
+        t = Trainer(small_config(model_dir, tmp_path / f"run{gc}", gradient_checkpointing=gc), None, progress=False)
+        captured = {}
+        real = t.optimizer_step
+
+        def capture(real=real, captured=captured, t=t):
+            captured.update({n: p.grad.clone() for n, p in t.hm.named_parameters() if p.grad is not None})
+            return real()
+
+        t.optimizer_step = capture
+        t.device_step(0)
+        got[gc] = captured
+    assert got[True].keys() == got[False].keys() and got[True]
+    for n in got[False]:
+        torch.testing.assert_close(got[True][n], got[False][n], rtol=1e-4, atol=1e-7, msg=n)

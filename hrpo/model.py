@@ -7,6 +7,7 @@ whose head is a plain bias-free linear map works (Qwen2/2.5/3, Llama, Mistral, .
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from hrpo_kernels import token_logprobs
+from hrpo_kernels import lora_linear, token_logprobs
 
 from .gate import HybridGate
 
@@ -69,6 +70,9 @@ class HybridModel(nn.Module):
         self.embed = lm.get_input_embeddings()
         self.gate = gate if gate is not None else HybridGate(self.embed.weight.shape[1], **gate_kwargs)
         self.gate.to(self.embed.weight.device)
+        for mod in self.model.modules():
+            if hasattr(mod, "lora_A") and isinstance(getattr(mod, "base_layer", None), nn.Linear):
+                mod.forward = functools.partial(_lora_forward, mod)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -133,6 +137,21 @@ class HybridModel(nn.Module):
             h = torch.cat([last[inverse], hidden[:, :-1]], dim=1)
         lp = token_logprobs(h.reshape(B * T, -1), self.lm_weight, batch.completion_ids.reshape(-1), temperature)
         return lp.view(B, T)
+
+
+def _lora_forward(mod, x, *args, **kwargs):
+    """A peft LoRA Linear's forward through hrpo_kernels.lora_linear (fewer passes over the
+    activations); anything but one plain active adapter without dropout on a frozen base
+    (adapters off, merged, DoRA, mixed batches, ...) takes peft's own forward."""
+    active = [a for a in mod.active_adapters if a in mod.lora_A]
+    plain = (not (args or kwargs or mod.disable_adapters or mod.merged) and len(active) == 1
+             and active[0] not in getattr(mod, "lora_variant", {}) and isinstance(mod.lora_dropout[active[0]], nn.Identity)
+             and not mod.base_layer.weight.requires_grad)
+    if not plain:
+        return type(mod).forward(mod, x, *args, **kwargs)
+    name = active[0]
+    return lora_linear(x, mod.base_layer.weight, mod.base_layer.bias, mod.lora_A[name].weight, mod.lora_B[name].weight,
+                       mod.scaling[name])
 
 
 def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

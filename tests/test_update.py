@@ -57,8 +57,8 @@ def test_shared_prefix_gives_the_same_logprobs_and_gradients(arch):
     m = batch.completion_mask
     torch.testing.assert_close(shared[m], full[m], rtol=1e-5, atol=1e-5)
     assert g_full.keys() == g_shared.keys() and len(g_full) == 2 * 7 * 2 + 5  # LoRA A/B of 7 projections x 2 layers, gate
-    for n in g_full:
-        torch.testing.assert_close(g_shared[n], g_full[n], rtol=1e-4, atol=1e-5, msg=n)
+    for n in g_full:  # fp32 sums in another order: within a millionth of each tensor's scale
+        torch.testing.assert_close(g_shared[n], g_full[n], rtol=1e-4, atol=2e-6 * float(g_full[n].abs().max()), msg=n)
 
 
 def test_micro_batches_hold_whole_groups_within_the_token_budget():

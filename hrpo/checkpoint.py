@@ -37,15 +37,38 @@ def base_fingerprint(hm: HybridModel) -> dict:
     return {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole on this process: a DTensor (FSDP shards) is gathered (every rank must
+    call this at the same point)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `param`: sharded the same way when param is an FSDP DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return full.to(param.device)
+
+
 def _tensors(state: dict) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {k: _full(v.detach()).contiguous().cpu() for k, v in state.items()}
 
 
-def _write_policy(hm: HybridModel, folder: Path, base_model: str | None, extra: dict | None) -> None:
+def policy_tensors(hm: HybridModel) -> tuple[dict, dict]:
     from peft import get_peft_model_state_dict
 
-    write_durably(folder / "adapter.safetensors", safetensors_bytes(_tensors(get_peft_model_state_dict(hm.model))))
-    write_durably(folder / "gate.safetensors", safetensors_bytes(_tensors(hm.gate.state_dict())))
+    return _tensors(get_peft_model_state_dict(hm.model)), _tensors(hm.gate.state_dict())
+
+
+def _write_policy(hm: HybridModel, folder: Path, base_model: str | None, extra: dict | None,
+                  tensors: tuple[dict, dict] | None = None) -> None:
+    adapters, gate = tensors or policy_tensors(hm)
+    write_durably(folder / "adapter.safetensors", safetensors_bytes(adapters))
+    write_durably(folder / "gate.safetensors", safetensors_bytes(gate))
     lora = hm.model.peft_config["default"]
     meta = {
         "base_model": base_model,
@@ -84,9 +107,11 @@ def _atomic_folder(path: Path, write) -> Path:
     return path
 
 
-def save_checkpoint(hm: HybridModel, path: str | Path, base_model: str | None, extra: dict | None = None) -> Path:
-    """The policy (adapters, gate, checkpoint.json) into the folder `path`, atomically."""
-    return _atomic_folder(Path(path), lambda tmp: _write_policy(hm, tmp, base_model, extra))
+def save_checkpoint(hm: HybridModel, path: str | Path, base_model: str | None, extra: dict | None = None,
+                    tensors: tuple[dict, dict] | None = None) -> Path:
+    """The policy (adapters, gate, checkpoint.json) into the folder `path`, atomically
+    (tensors: policy_tensors(hm), gathered beforehand when FSDP shards them)."""
+    return _atomic_folder(Path(path), lambda tmp: _write_policy(hm, tmp, base_model, extra, tensors))
 
 
 def _read_json(file: Path) -> dict:
@@ -164,7 +189,7 @@ def load_checkpoint(hm: HybridModel, path: str | Path) -> HybridModel:
 
 def capture_rng(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
     """Every RNG a training step may draw from: the rollout generator, torch's CPU and CUDA
-    generators, Python's `random`."""
+    generators, Python's `random` (this process's)."""
     tensors = {"rollout": generator.get_state(), "torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -173,13 +198,25 @@ def capture_rng(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], di
     return tensors, {"python": [version, list(internal), gauss]}
 
 
-def restore_rng(generator: torch.Generator, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    generator.set_state(tensors["rollout"])
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+def all_ranks_rng(per_rank: list[tuple[dict[str, torch.Tensor], dict]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every rank's RNG states (capture_rng of each, in rank order) as one checkpoint entry."""
+    tensors = {f"rank{r}.{k}": v for r, (t, _) in enumerate(per_rank) for k, v in t.items()}
+    return tensors, {"ranks": [m for _, m in per_rank]}
+
+
+def restore_rng(generator: torch.Generator, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0,
+                world: int = 1) -> None:
+    """This rank's RNG states from an all_ranks_rng entry of a run with the same world size."""
+    if len(meta["ranks"]) != world:
+        raise ValueError(f"the checkpoint holds {len(meta['ranks'])} ranks' RNG states; this run has {world} "
+                         "(resume with the same number of processes)")
+    mine = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{rank}.")}
+    generator.set_state(mine["rollout"])
+    torch.set_rng_state(mine["torch_cpu"])
+    cuda = [mine[k] for k in sorted(k for k in mine if k.startswith("torch_cuda_"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = meta["python"]
+    version, internal, gauss = meta["ranks"][rank]["python"]
     random.setstate((version, tuple(internal), gauss))
 
 
@@ -207,40 +244,47 @@ def step_folder(root: Path, step: int) -> Path:
 
 def save_training_checkpoint(path: Path, hm: HybridModel, base_model: str | None, extra: dict,
                              opt: torch.optim.Optimizer, sched, rng: tuple[dict, dict], trainer: dict,
-                             records: list[dict]) -> Path:
+                             records: list[dict], write: bool = True) -> Path:
     """A resumable checkpoint in the folder `path` (atomic; the policy files included, so
-    hrpo.eval reads it too). trainer: the trainer's counters (JSON)."""
+    hrpo.eval reads it too). trainer: the trainer's counters (JSON). Under FSDP every rank
+    calls this (sharded tensors are gathered) and only the one with write=True writes."""
+    policy = policy_tensors(hm)
     opt_tensors, opt_meta = _optimizer_parts(opt)
-    grads = {n: p.grad for n, p in hm.named_parameters() if p.requires_grad and p.grad is not None}
+    opt_tensors = _tensors(opt_tensors)
+    grads = _tensors({n: p.grad for n, p in hm.named_parameters() if p.requires_grad and p.grad is not None})
+    if not write:
+        return path
 
-    def write(tmp: Path) -> None:
-        _write_policy(hm, tmp, base_model, extra)
-        write_durably(tmp / "optimizer.safetensors", safetensors_bytes(_tensors(opt_tensors)))
+    def files(tmp: Path) -> None:
+        _write_policy(hm, tmp, base_model, extra, policy)
+        write_durably(tmp / "optimizer.safetensors", safetensors_bytes(opt_tensors))
         write_durably(tmp / "rng.safetensors", safetensors_bytes(_tensors(rng[0])))
-        write_durably(tmp / "grads.safetensors", safetensors_bytes(_tensors(grads)))
+        write_durably(tmp / "grads.safetensors", safetensors_bytes(grads))
         state = {"trainer": trainer, "optimizer": opt_meta, "scheduler": sched.state_dict(), "rng": rng[1]}
         write_durably(tmp / "trainer_state.json", json.dumps(state).encode())
         write_durably(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
 
-    return _atomic_folder(path, write)
+    return _atomic_folder(path, files)
 
 
-def load_training_checkpoint(path: Path, hm: HybridModel, opt: torch.optim.Optimizer, sched,
-                             generator: torch.Generator) -> tuple[dict, list[dict]]:
-    """Restore policy, optimizer, scheduler, gradients and RNGs from `path`; returns the
+def load_training_state(path: Path, hm: HybridModel, opt: torch.optim.Optimizer, sched, generator: torch.Generator,
+                        rank: int = 0, world: int = 1) -> tuple[dict, list[dict]]:
+    """Optimizer (its state laid out like the parameters, sharded under FSDP), scheduler,
+    gradients and this rank's RNGs from `path` (the policy is load_checkpoint's); returns the
     trainer's counters and the metrics so far."""
-    load_checkpoint(hm, path)
     state = _read_json(path / "trainer_state.json")
+    params = [p for g in opt.param_groups for p in g["params"]]
     try:
-        _load_optimizer(opt, _read_tensors(path / "optimizer.safetensors"), state["optimizer"])
+        tensors = _read_tensors(path / "optimizer.safetensors")
+        tensors = {k: like(v, params[int(k.split(".", 1)[0])]) if v.dim() else v for k, v in tensors.items()}
+        _load_optimizer(opt, tensors, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        restore_rng(generator, _read_tensors(path / "rng.safetensors"), state["rng"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        restore_rng(generator, _read_tensors(path / "rng.safetensors"), state["rng"], rank, world)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
         raise CheckpointError(f"{path}: training state does not fit this run ({type(err).__name__}: {err})") from None
-    grads = _read_tensors(path / "grads.safetensors", hm.lm_weight.device)
-    params = dict(hm.named_parameters())
-    for name, g in grads.items():
-        params[name].grad = g.to(params[name].dtype)
+    named = dict(hm.named_parameters())
+    for name, g in _read_tensors(path / "grads.safetensors").items():
+        named[name].grad = like(g, named[name])
     try:
         records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as err:

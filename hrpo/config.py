@@ -42,6 +42,7 @@ class TrainConfig:
     # The update's memory: micro-batches of at most this many (padded) tokens, whole groups.
     micro_batch_tokens: int = 16384
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
+    fsdp: bool = False  # under torchrun: shard the decoder layers (base weights and adapters) with FSDP2
     # Optimisation.
     lora_rank: int = 32
     lora_alpha: int = 64
@@ -95,7 +96,7 @@ RECIPES: dict[str, dict] = {
 # Fields a resumed run may change; every other one must equal the run's saved config.
 RESUMABLE_OVERRIDES = ("save_every", "keep_checkpoints", "max_skipped_in_a_row", "reward_timeout", "eval_every",
                        "eval_every_limit", "report_to", "device", "output_dir", "overwrite", "resume",
-                       "micro_batch_tokens", "gradient_checkpointing")
+                       "micro_batch_tokens", "gradient_checkpointing", "fsdp")
 
 
 class ConfigError(ValueError):

@@ -76,14 +76,14 @@ class _State:
     def fits(self, batch: int, cols: int, slots: int) -> bool:
         return self.batch >= batch and self.cols >= cols and self.slots >= slots
 
-    def reset(self, B: int, pad_id: int) -> None:
+    def reset(self, B: int, pad_id: int, first: int = 0) -> None:
         b = self.bufs
         b.tokens[:B].fill_(pad_id)
         for x in (b.logprobs, b.think, b.mask):
             x[:B].zero_()
         for x in (self.match, self.finished, self.gate_sum, self.gate_n, self.t, self.offset):
             x.zero_()
-        torch.arange(B, out=self.order[:B])
+        torch.arange(first, first + B, out=self.order[:B])  # each row's row in the whole batch: its noise
 
     def permute(self, n: int, perm: torch.Tensor, n_new: int, upto: int) -> None:
         """Rows [0, n) reordered by perm; only the first n_new keep decoding (cache slots
@@ -181,11 +181,12 @@ class RolloutEngine:
     # ------------------------------------------------------------------ a rollout
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], cfg: SamplingConfig, generator: torch.Generator | None = None,
-                 seed: int | None = None) -> Rollout:
+                 seed: int | None = None, rows: tuple[int, int] | None = None) -> Rollout:
         """Roll out every prompt once (repeat a prompt G times for a group). seed: the Philox
         noise of hrpo_kernels (tokens reproducible across batch layouts); without it the
         noise comes from `generator` (on CUDA and in the CPU C++ path: one seed drawn from it
-        per call)."""
+        per call). rows=(first, total): these prompts are rows first.. of a batch of `total`
+        (a rank's share): they draw that batch's noise, so the tokens are the whole batch's."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("engine.generate: every prompt needs at least one token")
         V = self.hm.embed.weight.shape[0]
@@ -212,7 +213,8 @@ class RolloutEngine:
             self.state = None  # free the old buffers (and graphs) before allocating
             self.state = _State(dec, B, T, slots, d, self.opts.latent_dtype, self.pad_id)
         s = self.state
-        s.reset(B, self.pad_id)
+        first, total = rows or (0, B)
+        s.reset(B, self.pad_id, first)
         seeded = seed is not None or dev.type == "cuda" or self.impl == "ext"
         if seeded:
             if seed is None:
@@ -241,7 +243,7 @@ class RolloutEngine:
         n, done = B, 0
         while done < T:
             steps = min(self.check_every, T - done)
-            self._run(n, steps, B, cfg, generator, seeded, P + done)
+            self._run(n, steps, total, cfg, generator, seeded, P + done)
             done += steps
             stats["steps"] += steps
             stats["host_checks"] += 1
@@ -291,11 +293,11 @@ class ReferenceEngine:
         self.opts = options or EngineOptions()
         self.last_stats: dict = {}
 
-    def generate(self, prompts, cfg: SamplingConfig, generator=None, seed=None) -> Rollout:
+    def generate(self, prompts, cfg: SamplingConfig, generator=None, seed=None, rows=None) -> Rollout:
         t0 = time.perf_counter()
         out = rollout(self.hm, prompts, cfg, self.matcher, self.eos_ids, self.pad_id, generator,
                       latent_dtype=self.opts.latent_dtype, seed=seed, share_prefix=self.opts.share_prefix,
-                      compact_below=self.opts.compact_below)
+                      compact_below=self.opts.compact_below, rows=rows)
         self.last_stats = {}
         return _with_throughput(out, self.last_stats, t0)
 

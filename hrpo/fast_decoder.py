@@ -89,17 +89,28 @@ def effective_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     summed in fp32 and rounded once to the base dtype."""
     base = _base(mod)
     if base is mod:
-        return mod.weight, mod.bias
-    w = base.weight
+        return whole(mod.weight), whole(mod.bias)
+    w = whole(base.weight)
     if getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
-        return w, base.bias  # merged: peft already folded the deltas into base.weight
+        return w, whole(base.bias)  # merged: peft already folded the deltas into base.weight
     names = [a for a in mod.active_adapters if a in mod.lora_A]
     if not names:
-        return w, base.bias
+        return w, whole(base.bias)
     acc = w.float()
     for a in names:
-        acc = acc + mod.get_delta_weight(a).float()
-    return acc.to(w.dtype), base.bias
+        if not hasattr(mod.lora_A[a].weight, "full_tensor"):
+            acc = acc + mod.get_delta_weight(a).float()
+        else:  # FSDP shards: peft's delta would multiply DTensors; the same product on whole ones
+            acc = acc + (whole(mod.lora_B[a].weight).float() @ whole(mod.lora_A[a].weight).float()) * mod.scaling[a]
+    return acc.to(w.dtype), whole(base.bias)
+
+
+def whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter as the engine needs it: an FSDP-sharded one gathered (every rank calls
+    this at the same point: each refresh before a rollout)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 _PACKING: bool | None = None  # whether oneDNN packing works here, decided at first use
@@ -151,13 +162,9 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         self.attn, self.mlp = attn, mlp
         nq, nk = dims
+        self.layer = layer
         d = layer.input_layernorm.weight.shape[0]
         inter = _base(mlp.gate_proj).out_features
-        self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
-        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.q_norm = (qn.weight, qn.variance_epsilon) if qn is not None else None
-        self.k_norm = (kn.weight, kn.variance_epsilon) if kn is not None else None
         new = dict(dtype=dtype, device=device)
         self.qkv_w = torch.empty(nq + 2 * nk, d, **new)
         self.qkv_b = torch.empty(nq + 2 * nk, **new) if _base(attn.q_proj).bias is not None else None
@@ -170,6 +177,12 @@ class _Layer:
 
     @torch.no_grad()
     def refresh(self) -> None:
+        layer, attn = self.layer, self.attn
+        self.ln1, self.eps1 = whole(layer.input_layernorm.weight), layer.input_layernorm.variance_epsilon
+        self.ln2, self.eps2 = whole(layer.post_attention_layernorm.weight), layer.post_attention_layernorm.variance_epsilon
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm = (whole(qn.weight), qn.variance_epsilon) if qn is not None else None
+        self.k_norm = (whole(kn.weight), kn.variance_epsilon) if kn is not None else None
         parts = [effective_weight(getattr(self.attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
         torch.cat([w for w, _ in parts], out=self.qkv_w)
         if self.qkv_b is not None:
@@ -234,7 +247,9 @@ class FastDecoder:
         key = []
         for layer in self.body.layers:
             for mod in layer.modules():
-                key += [(id(p), p.data_ptr(), p._version) for p in mod.parameters(recurse=False)]
+                for p in mod.parameters(recurse=False):
+                    t = p.to_local() if hasattr(p, "to_local") else p  # an FSDP shard: its local storage
+                    key.append((id(p), t.data_ptr(), t._version))
                 if hasattr(mod, "lora_A"):
                     key.append((tuple(mod.active_adapters), bool(getattr(mod, "disable_adapters", False)),
                                 bool(getattr(mod, "merged", False)), tuple(sorted(mod.scaling.items()))))

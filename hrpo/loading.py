@@ -9,9 +9,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .model import EMBEDDED_MODEL, HybridModel, ModelError
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun) if there is one, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(device)
 
 

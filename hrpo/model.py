@@ -88,10 +88,20 @@ class HybridModel(nn.Module):
     def lm_weight(self) -> torch.Tensor:
         return self.head.weight
 
+    @contextlib.contextmanager
     def adapters_disabled(self):
-        """Context for the reference policy: the base model without its LoRA adapters."""
-        disable = getattr(self.model, "disable_adapter", None)
-        return disable() if callable(disable) else contextlib.nullcontext()
+        """Context for the reference policy: the base model without its LoRA adapters. It flips
+        each adapter layer's switch only: peft's own disable_adapter() also toggles the
+        adapters' requires_grad, which under FSDP leaves the sharded parameters frozen."""
+        layers = [m for m in self.model.modules() if hasattr(m, "_disable_adapters")]
+        before = [m._disable_adapters for m in layers]
+        for m in layers:
+            m._disable_adapters = True
+        try:
+            yield
+        finally:
+            for m, b in zip(layers, before):
+                m._disable_adapters = b
 
     def decoder(self, inputs_embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
         """Last hidden states (after the final norm) of the decoder body."""

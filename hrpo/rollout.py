@@ -8,7 +8,8 @@ E[x_t], as the next input.
 seed given: step t's race noise is philox_uniform(seed, t * B * V + row * V + token) with
 `row` the row's index in the call's batch (hrpo_kernels.philox), a function of (seed, row,
 step, token) only, so prefix sharing and compaction leave every draw, hence every token,
-unchanged. share_prefix: each distinct prompt is prefilled once and its cache rows copied
+unchanged. rows=(first, total): the call's rows are rows first.. of a batch of `total` (one
+rank's share of a data-parallel batch), and draw that batch's noise. share_prefix: each distinct prompt is prefilled once and its cache rows copied
 to its duplicates. compact_below: when the fraction of live rows falls under it, finished
 rows leave the cache and the step state; results still land at their original rows.
 Finished rows record pad tokens, log-prob 0, a zero latent and no thinking.
@@ -111,9 +112,11 @@ def rollout(
     seed: int | None = None,
     share_prefix: bool = False,
     compact_below: float = 0.0,
+    rows: tuple[int, int] | None = None,
 ) -> Rollout:
     device = hm.lm_weight.device
     B = len(prompts)
+    first, total = rows or (0, B)
     V = hm.lm_weight.shape[0]
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     eos = torch.tensor(eos_ids, device=device)
@@ -143,7 +146,7 @@ def rollout(
     for step in range(cfg.max_new_tokens):
         noise = {}
         if seed is not None:
-            noise = dict(seed=int(seed), offset=step * B * V, row_ids=act if compacted else None)
+            noise = dict(seed=int(seed), offset=step * total * V, row_ids=act + first if compacted or first else None)
         tok, lp, h_hat = sample_and_mix(
             hidden, hm.lm_weight, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise
         )

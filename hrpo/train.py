@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -29,15 +30,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (capture_rng, complete_checkpoints, load_training_checkpoint, prune_checkpoints,
+from .checkpoint import (all_ranks_rng, capture_rng, complete_checkpoints, load_checkpoint, load_training_state,
+                         policy_tensors, prune_checkpoints,
                          save_checkpoint, save_training_checkpoint, step_folder)
 from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, add_config_args, config_for, flag, validate_config
+from .distributed import clip_grad_norm, finish_group, init_group, shard, shard_layers
 from .engine import make_engine
 from .eval import decode_completions, evaluate
 from .loading import build_policy, eos_token_ids, load_base_model, resolve_device, resolve_dtype
 from .loss import group_advantages
 from .marker import MarkerMatcher
-from .model import HybridModel, ModelError
+from .model import HybridModel
 from .plots import plot_curves
 from .prompts import SYSTEM_PROMPT, encode_prompts
 from .reporting import MetricsLog, json_safe, peak_memory
@@ -177,7 +180,14 @@ class Trainer:
     """One run: set up from a validated config, then `run()`."""
 
     def __init__(self, cfg: TrainConfig, reward_fn, progress: bool):
-        self.cfg, self.show = cfg, progress
+        self.cfg = cfg
+        self.group = init_group(cfg.device)
+        self.main = self.group.main  # rank 0 alone writes files and prints
+        self.show = progress and self.main
+        self.prompts_per_step = cfg.batch_size // cfg.group_size
+        if self.prompts_per_step % self.group.world:
+            raise ConfigError(f"--batch-size / --group-size = {self.prompts_per_step} prompts per step do not split "
+                              f"evenly over {self.group.world} processes (whole groups per process)")
         self.run_dir = RunDir(cfg.output_dir, cfg.overwrite, cfg.resume)  # checks only: writes nothing
         if cfg.resume:
             check_resumable(saved_config(self.run_dir.root), cfg)
@@ -188,7 +198,7 @@ class Trainer:
         self.reward_fn = reward_fn or get_reward_fn(cfg.task)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, self.group.local_rank)
         model, self.tokenizer = load_base_model(cfg.model, self.device, resolve_dtype(cfg.dtype, self.device))
         self.hm = build_policy(model, cfg)
         self.system = SYSTEM_PROMPT if cfg.system_prompt else None
@@ -204,7 +214,6 @@ class Trainer:
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
         self.engine = make_engine(self.hm, self.matcher, self.eos, self.tokenizer.pad_token_id, kind=cfg.engine)
 
-        self.prompts_per_step = cfg.batch_size // cfg.group_size
         self.order = [i for _ in range(cfg.epochs) for i in random.sample(range(len(self.train_ex)), len(self.train_ex))]
         self.device_steps = len(self.order) // self.prompts_per_step
         if cfg.max_steps is not None:
@@ -213,10 +222,6 @@ class Trainer:
             raise ConfigError(f"{len(self.train_ex)} training examples make no step of {self.prompts_per_step} prompts "
                               f"(--batch-size {cfg.batch_size} / --group-size {cfg.group_size})")
         self.opt_steps = math.ceil(self.device_steps * cfg.num_iterations / cfg.grad_accum)
-        self.opt, self.sched = make_optimizer(self.hm, cfg, self.opt_steps)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.state = Progress(order_digest=self._order_digest())
-        self.records: list[dict] = []
         self.ckpt_root = self.run_dir.root / "checkpoints"
         self.resume_from = None
         if cfg.resume:
@@ -224,6 +229,14 @@ class Trainer:
             if not found:
                 raise ConfigError(f"--resume: {self.ckpt_root} holds no complete checkpoint; start over with --overwrite")
             self.resume_from = found[-1]
+            load_checkpoint(self.hm, self.resume_from)  # the policy, before any sharding
+        if cfg.fsdp and self.group.active:
+            shard_layers(self.hm, self.group)
+        self.opt, self.sched = make_optimizer(self.hm, cfg, self.opt_steps)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.state = Progress(order_digest=self._order_digest())
+        self.records: list[dict] = []
+        if self.resume_from is not None:
             self._load(self.resume_from)
         self.last_saved = self.state.step if cfg.resume else -1
         self.progressed = False  # a device step finished in this process: no rollback from here on
@@ -241,20 +254,33 @@ class Trainer:
         return hashlib.sha256(json.dumps(self.order).encode()).hexdigest()[:16]
 
     def _load(self, path: Path) -> None:
-        trainer, self.records = load_training_checkpoint(path, self.hm, self.opt, self.sched, self.generator)
+        trainer, self.records = load_training_state(path, self.hm, self.opt, self.sched, self.generator,
+                                                    self.group.rank, self.group.world)
         self.state = Progress(**trainer)
         if self.state.order_digest != self._order_digest():
             raise ConfigError(f"--resume: {path} was trained on another data order (the training data changed)")
 
     def checkpoint(self, rng=None) -> Path:
-        """A resumable checkpoint of the state now (rng: the RNG states to record instead of
-        the current ones, for a step that failed part way)."""
-        path = step_folder(self.run_dir.path("checkpoints"), self.state.step)
-        save_training_checkpoint(path, self.hm, self.cfg.model, self._policy_meta(), self.opt, self.sched,
-                                 rng or capture_rng(self.generator), dataclasses.asdict(self.state), self.records)
-        prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
+        """A resumable checkpoint of the state now (rng: this rank's RNG states to record
+        instead of the current ones, for a step that failed part way). Every rank calls it;
+        rank 0 writes it, with every rank's RNG states."""
+        tensors, meta = rng or capture_rng(self.generator)
+        every = all_ranks_rng(list(zip(self.group.gather_tensors(tensors), self.group.gather(meta))))
+        path = step_folder(self.ckpt_root, self.state.step)
+        failure = None
+        try:  # every rank: FSDP's shards are gathered; rank 0 writes
+            save_training_checkpoint(step_folder(self.run_dir.path("checkpoints") if self.main else self.ckpt_root,
+                                                 self.state.step),
+                                     self.hm, self.cfg.model, self._policy_meta(), self.opt, self.sched, every,
+                                     dataclasses.asdict(self.state), self.records, write=self.main)
+            if self.main:
+                prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
+                self._plot()
+        except Exception as err:  # a full disk: every rank stops, not just this one
+            failure = err
+        if self.group.any(failure is not None):
+            raise failure or RuntimeError("rank 0 failed to save a checkpoint")
         self.last_saved = self.state.step
-        self._plot()
         return path
 
     def _policy_meta(self) -> dict:
@@ -268,16 +294,24 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def heldout(self, examples, how: SamplingConfig) -> dict:
+        """Accuracy on `examples`, each rank evaluating its share, the samples merged."""
         cfg = self.cfg
-        return evaluate(self.hm.eval(), self.tokenizer, get_task(cfg.task), examples, how, self.engine,
-                        progress=self.show, max_prompt_length=cfg.max_prompt_length, system=self.system,
-                        batch_size=cfg.eval_batch_size, seed=cfg.seed, reward_fn=self.reward_fn,
-                        reward_timeout=cfg.reward_timeout)
+        mine = shard(list(range(len(examples))), self.group)
+        result = evaluate(self.hm.eval(), self.tokenizer, get_task(cfg.task), [examples[i] for i in mine], how,
+                          self.engine, progress=self.show, max_prompt_length=cfg.max_prompt_length,
+                          system=self.system, batch_size=cfg.eval_batch_size, seed=cfg.seed, reward_fn=self.reward_fn,
+                          reward_timeout=cfg.reward_timeout, indices=mine)
+        if self.group.active:
+            samples = sorted((s for part in self.group.gather(result["samples"]) for s in part), key=lambda s: s["index"])
+            n = max(len(samples), 1)
+            result.update(samples=samples, n=len(samples), accuracy=sum(s["correct"] for s in samples) / n,
+                          mean_completion_tokens=sum(s["completion_tokens"] for s in samples) / n)
+        return result
 
     def heldout_both(self, when: str) -> tuple[dict, dict]:
         """Greedy accuracy (the headline) and accuracy when sampling as in training."""
         greedy, sampled = self.heldout(self.eval_ex, self.greedy), self.heldout(self.eval_ex, self.sampling)
-        print(f"held-out accuracy {when} training: {greedy['accuracy']:.3f} greedy, "
+        self.say(f"held-out accuracy {when} training: {greedy['accuracy']:.3f} greedy, "
               f"{sampled['accuracy']:.3f} sampled (T={self.cfg.temperature}), {greedy['n']} examples")
         return greedy, sampled
 
@@ -290,7 +324,8 @@ class Trainer:
         self.state.opt_step += 1
         norm, dropped = None, self.poisoned
         if any(p.grad is not None for p in params) and not dropped:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            self.group.sum_grads(params)  # each rank's share summed: the whole batch's gradient
+            norm = clip_grad_norm(params, self.cfg.max_grad_norm, self.group)
             dropped = not math.isfinite(norm)
             if not dropped:
                 self.opt.step()
@@ -302,29 +337,35 @@ class Trainer:
         return norm, dropped
 
     def device_step(self, s: int) -> dict:
-        cfg, hm = self.cfg, self.hm
-        idx = self.order[s * self.prompts_per_step : (s + 1) * self.prompts_per_step]
+        """One device step: this rank rolls out its share of the step's prompts (whole groups,
+        with the noise those rows have in the whole batch), scores them, and accumulates its
+        share of the whole batch's gradient; the optimizer steps every grad_accum of them."""
+        cfg, hm, group = self.cfg, self.hm, self.group
+        idx = shard(self.order[s * self.prompts_per_step : (s + 1) * self.prompts_per_step], group)
         prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.group_size)]
         answers = [self.train_ex[i].answer for i in idx for _ in range(cfg.group_size)]
+        rows = (group.rank * len(prompts), cfg.batch_size)
         rng_before = capture_rng(self.generator)
-        times = {}
+        times, failure = {}, None
         try:  # nothing has touched the weights or gradients yet: a failure here can be checkpointed
             hm.eval()
             t = time.perf_counter()
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
             with peak_memory(self.device) as mem_rollout:
-                out = self.engine.generate(prompts, self.sampling, self.generator)
+                out = self.engine.generate(prompts, self.sampling, seed=seed, rows=rows)
             times["time_rollout_s"] = time.perf_counter() - t
             times["mem_rollout_gb"] = mem_rollout()
             t = time.perf_counter()
             rewards, errors = score(self.reward_fn, decode_completions(self.tokenizer, out), answers, cfg.reward_timeout)
             times["time_reward_s"] = time.perf_counter() - t
-        except Exception:
+        except Exception as err:
+            failure = err
+        if group.any(failure is not None):  # every rank stops here together
             if self.state.step > self.last_saved and self.state.step > 0:
                 path = self.checkpoint(rng=rng_before)
-                print(f"hrpo: step {s} failed; the state before it is saved in {path}", file=sys.stderr)
-            raise
-        self.state.reward_errors += errors
-        skipped = None if all_finite(rewards) else "non-finite reward"
+                self.say(f"hrpo: step {s} failed; the state before it is saved in {path}", err=True)
+            raise failure or RuntimeError(f"step {s} failed on another process")
+        skipped = None if not group.any(not all_finite(rewards)) else "non-finite reward"
         reward_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)
 
         plan = micro_batches(out, cfg.micro_batch_tokens)
@@ -337,14 +378,16 @@ class Trainer:
         hm.train()
         loss_value, info, grad_norm = float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, None
         adv = group_advantages(reward_t, cfg.group_size) if skipped is None else None
+        n_tokens = float(out.completion_mask.sum())
+        total_tokens = group.sum([n_tokens])[0]  # the dapo normalisation's count: the whole batch's
         policy_s = 0.0
         with peak_memory(self.device) as mem_policy:
             for _ in range(cfg.num_iterations):
                 if skipped is None:
                     loss_value, info, finite = policy_backward(
                         hm, out, plan, adv, ref, out.logprobs if cfg.num_iterations > 1 else None, self.update,
-                        scale=1.0 / cfg.grad_accum)
-                    if not finite:
+                        scale=1.0 / cfg.grad_accum, rows=cfg.batch_size, tokens=total_tokens)
+                    if group.any(not finite):
                         skipped, self.poisoned = "non-finite loss", True
                 policy_s = time.perf_counter() - t
                 self.state.micro += 1
@@ -355,40 +398,54 @@ class Trainer:
         times["time_update_s"] = time.perf_counter() - t
         times["time_policy_s"], times["time_optimizer_s"] = policy_s, times["time_update_s"] - policy_s
         times["mem_reference_gb"], times["mem_policy_gb"] = mem_ref(), mem_policy()
-        times["update_tokens"] = int(out.prompt_mask.sum() + out.completion_mask.sum())
 
         if skipped:
             self.state.skipped_updates += 1
             self.state.skipped_in_a_row += 1
-            tqdm.write(f"step {s}: update skipped ({skipped}); {self.state.skipped_in_a_row} in a row")
+            self.say(f"step {s}: update skipped ({skipped}); {self.state.skipped_in_a_row} in a row")
         else:
             self.state.skipped_in_a_row = 0
         self.state.step = s + 1
+        gates = out.gate_mean[torch.isfinite(out.gate_mean)]
+        (reward_sum, loss_sum, kl_sum, clipped, comp, think, gate_sum, gate_n, upd_tokens, errs,
+         tok_s) = group.sum([sum(rewards), loss_value, info["kl"] * len(rewards), info["clip_frac"] * n_tokens,
+                             n_tokens, float(out.think_mask.sum()), float(gates.sum()), float(gates.numel()),
+                             float(out.prompt_mask.sum()) + n_tokens, float(errors), out.stats["tokens_per_s"]])
+        self.state.reward_errors += int(errs)
+        n = cfg.batch_size
         return {
             "step": s,
             "opt_step": self.state.opt_step,
-            "reward": sum(rewards) / len(rewards),
-            "loss": loss_value,
-            "completion_tokens": float(out.lengths.float().mean()),
-            "gate_a": float(out.gate_mean.nanmean()) if cfg.hybrid else float("nan"),
-            "think_frac": float(out.think_mask.sum() / out.completion_mask.sum().clamp_min(1)),
+            "reward": reward_sum / n,
+            "loss": loss_sum,  # each rank's share is already normalised by the whole batch
+            "completion_tokens": comp / n,
+            "gate_a": gate_sum / gate_n if cfg.hybrid and gate_n else float("nan"),
+            "think_frac": think / max(comp, 1.0),
             "lr_lora": self.opt.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "skipped": skipped,
             "skipped_updates": self.state.skipped_updates,
             "reward_errors": self.state.reward_errors,
-            "rollout_tokens_per_s": out.stats["tokens_per_s"],
+            "rollout_tokens_per_s": tok_s,
+            "update_tokens": int(upd_tokens),
             **times,
-            **info,
+            "kl": kl_sum / n,
+            "clip_frac": clipped / max(comp, 1.0),
         }
 
     # ------------------------------------------------------------------ the run
 
+    def say(self, line: str, err: bool = False) -> None:
+        """A line on the terminal, from rank 0 only."""
+        if self.main:
+            tqdm.write(line, file=sys.stderr if err else sys.stdout)
+
     def open_run(self) -> None:
         """Take the output folder (after every check has passed) and write the config."""
-        self.run_dir.open()
-        if not self.cfg.resume:
-            write_json(self.run_dir.path("config.json"), dataclasses.asdict(self.cfg))
+        if self.main:
+            self.run_dir.open()
+            if not self.cfg.resume:
+                write_json(self.run_dir.path("config.json"), {**dataclasses.asdict(self.cfg), "world_size": self.group.world})
 
     def run(self) -> dict:
         cfg, run = self.cfg, self.run_dir
@@ -397,22 +454,27 @@ class Trainer:
             if not cfg.resume:
                 before, before_sampled = self.heldout_both("before")
                 self.state.eval_before = {"greedy": before["accuracy"], "sampled": before_sampled["accuracy"], "n": before["n"]}
-                write_json(run.path("eval_before.json"), before)
+                if self.main:
+                    write_json(run.path("eval_before.json"), before)
             else:
-                print(f"resuming from {self.resume_from} (step {self.state.step} of {self.device_steps})")
-            tb = run.path("tensorboard") if cfg.report_to == "tensorboard" else None
-            log = MetricsLog(run.path("metrics.jsonl"), self.records, tb, self.state.step)
+                self.say(f"resuming from {self.resume_from} (step {self.state.step} of {self.device_steps})")
+            log = None
+            if self.main:
+                tb = run.path("tensorboard") if cfg.report_to == "tensorboard" else None
+                log = MetricsLog(run.path("metrics.jsonl"), self.records, tb, self.state.step)
             with StopRequests() as stop:
                 try:
                     self._loop(log, stop)
                 finally:
-                    log.close()
+                    if log is not None:
+                        log.close()
             return self._finish()
         except TrainingStopped as err:
-            write_json(run.path("summary.json"), self._summary(status=f"stopped: {err}"))
+            if self.main:
+                write_json(run.path("summary.json"), self._summary(status=f"stopped: {err}"))
             raise
         except BaseException:
-            if not self.progressed:
+            if not self.progressed and self.main:
                 run.rollback()
             raise
 
@@ -427,23 +489,25 @@ class Trainer:
             if boundary and cfg.eval_every and self.state.opt_step % cfg.eval_every == 0:
                 limited = self.eval_ex[: cfg.eval_every_limit]
                 record["eval_accuracy"] = self.heldout(limited, self.greedy)["accuracy"]
-                tqdm.write(f"step {s}: held-out accuracy {record['eval_accuracy']:.3f} (greedy, {len(limited)} examples)")
+                self.say(f"step {s}: held-out accuracy {record['eval_accuracy']:.3f} (greedy, {len(limited)} examples)")
             self.state.elapsed_s = time.perf_counter() - start
             record["elapsed_s"] = self.state.elapsed_s
             self.records.append(json_safe(record))
-            log.append(record)
+            if log is not None:
+                log.append(record)
             if not self.progressed:
                 self.progressed = True
-                self.run_dir.started()
+                if self.main:
+                    self.run_dir.started()
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
             if self.state.skipped_in_a_row >= cfg.max_skipped_in_a_row:
                 path = self.checkpoint()
                 raise TrainingStopped(f"stopped at step {s}: {self.state.skipped_in_a_row} updates in a row were skipped "
                                       f"(last: {record['skipped']}); the last good state is saved in {path}")
-            if stop.signum is not None:
+            if self.group.any(stop.signum is not None):  # a signal to any process stops them all here
                 path = self.checkpoint()
-                name = signal.Signals(stop.signum).name
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
                 raise Interrupted(f"stopped by {name} after step {s}; checkpoint {path}; continue with --resume",
                                   stop.signum)
             if boundary and cfg.save_every and self.state.opt_step % cfg.save_every == 0 and s + 1 < self.device_steps:
@@ -455,11 +519,13 @@ class Trainer:
     def _finish(self) -> dict:
         run = self.run_dir
         after, after_sampled = self.heldout_both("after")
-        save_checkpoint(self.hm, run.path("checkpoint"), self.cfg.model, self._policy_meta())
-        self._plot()
         summary = self._summary("finished", after, after_sampled)
-        write_json(run.path("eval_after.json"), after)
-        write_json(run.path("summary.json"), summary)
+        policy = policy_tensors(self.hm)  # every rank: FSDP's shards are gathered
+        if self.main:
+            save_checkpoint(self.hm, run.path("checkpoint"), self.cfg.model, self._policy_meta(), policy)
+            self._plot()
+            write_json(run.path("eval_after.json"), after)
+            write_json(run.path("summary.json"), summary)
         return summary
 
     def _summary(self, status: str, after: dict | None = None, after_sampled: dict | None = None) -> dict:
@@ -467,6 +533,7 @@ class Trainer:
         return {
             "status": status,
             "task": cfg.task,
+            "world_size": self.group.world,
             "hybrid": cfg.hybrid,
             "seed": cfg.seed,
             "accuracy_before": before.get("greedy"),
@@ -504,7 +571,10 @@ class Trainer:
 def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
     """Run HRPO (or plain GRPO with cfg.hybrid False); returns the summary it writes."""
     validate_config(cfg)
-    return Trainer(cfg, reward_fn, progress).run()
+    try:
+        return Trainer(cfg, reward_fn, progress).run()
+    finally:
+        finish_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
         return 2
     gain = summary["accuracy_after"] - summary["accuracy_before"]
-    print(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} ({gain:+.3f}); run in {cfg.output_dir}")
+    if summary["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
+        print(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} ({gain:+.3f}); run in {cfg.output_dir}")
     return 0
 
 

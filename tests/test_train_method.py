@@ -102,7 +102,7 @@ def test_one_step_has_the_gradients_of_the_method(trainer, model_dir, monkeypatc
     captured = {}
     out_holder = {}
 
-    def generate(prompts, sampling, generator):
+    def generate(prompts, sampling, generator=None, seed=None, rows=None):
         assert sampling.temperature == T_SAMPLE and sampling.hybrid and not sampling.greedy
         out_holder["out"] = fixed_rollout(prompts, hm.embed.weight.shape[0], hm.embed.weight.shape[1],
                                           trainer.tokenizer.pad_token_id)

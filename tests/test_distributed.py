@@ -1,0 +1,185 @@
+"""Data-parallel HRPO on torch.distributed (gloo, two CPU processes): each rank rolls out its
+share of the global batch and the run equals a single process with the same global batch and
+seed, step by step and in the updated weights; a killed distributed run resumes."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hrpo.engine import EngineOptions, make_engine
+from hrpo.marker import MarkerMatcher
+from hrpo.model import HybridModel
+from hrpo.rollout import SamplingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOCKS = ("elapsed_s", "rollout_tokens_per_s", "time_", "mem_")
+
+# One training process (or one rank of several): the embedded task's reward replaced by one
+# that varies with the text, so the advantages (and the policy gradient) are not all zero.
+RUNNER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    sys.path.insert(0, os.environ["TESTS"])
+    from conftest import small_config
+    from hrpo.train import train
+
+    out = Path(os.environ["OUT"])
+
+    def reward(completions, answers):
+        hang = os.environ.get("HANG_AFTER")
+        if hang and (out / "checkpoints" / hang).is_dir():
+            time.sleep(600)
+        return [float(len(c) % 3 == 0) for c in completions]
+
+    extra = {"fsdp": True} if os.environ.get("FSDP") == "1" else {}
+    cfg = small_config(os.environ["MODEL"], out, max_steps=4, save_every=1, keep_checkpoints=4, train_limit=40,
+                       eval_limit=4, batch_size=8, group_size=2, max_completion_length=10,
+                       resume=os.environ.get("RESUME") == "1", **extra)
+    train(cfg, reward_fn=reward, progress=False)
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model_dir, out, procs: int, **env):
+    full = {**os.environ, "TESTS": str(ROOT / "tests"), "MODEL": str(model_dir), "OUT": str(out),
+            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in env.items()}}
+    cmd = [sys.executable, "-c", RUNNER]
+    if procs > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+               "--master-port", str(free_port()), "-m", "tests_runner"]
+        runner = out.parent / "tests_runner.py"
+        runner.write_text(RUNNER)
+        full["PYTHONPATH"] = f"{ROOT}{os.pathsep}{out.parent}"
+    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun's workers may sit in process groups of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(CLOCKS)}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = run / "checkpoint"
+    return {**load_file(str(ckpt / "adapter.safetensors")), **load_file(str(ckpt / "gate.safetensors"))}
+
+
+def assert_same_training(a: Path, b: Path):
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [0, 1, 2, 3]
+    for ra, rb in zip(ma, mb):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-7), (ra["step"], k)
+            else:
+                assert ra[k] == rb[k], (ra["step"], k)
+    assert any(r["reward"] not in (0.0, 1.0) for r in ma)  # mixed rewards: the policy gradient is live
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "single"
+    finish(launch(model_dir, out, 1))
+    return out
+
+
+def test_rows_of_a_shared_batch_draw_the_whole_batchs_tokens(model_dir):
+    """A rank's rows (first, total) sample what those rows sample in the whole batch."""
+    from hrpo.loading import load_base_model
+
+    model, tok = load_base_model(str(model_dir), torch.device("cpu"), torch.float32)
+    hm = HybridModel(model)
+    prompts = [tok(f"q{i} ", add_special_tokens=False)["input_ids"] for i in range(4) for _ in range(2)]
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=0)
+    for kind in ("fast", "reference"):
+        engine = make_engine(hm, MarkerMatcher(tok, "####", model.config.vocab_size), [tok.eos_token_id],
+                             tok.pad_token_id, EngineOptions(), kind=kind)
+        whole = engine.generate(prompts, cfg, seed=7)
+        halves = [engine.generate(prompts[lo : lo + 4], cfg, seed=7, rows=(lo, 8)) for lo in (0, 4)]
+        width = whole.completion_ids.shape[1]
+        got = torch.cat([torch.nn.functional.pad(h.completion_ids, (0, width - h.completion_ids.shape[1]),
+                                                 value=tok.pad_token_id) for h in halves])
+        assert torch.equal(got, whole.completion_ids), kind
+        shifted = engine.generate(prompts[4:], cfg, seed=7)  # the same rows as a batch of their own
+        assert not torch.equal(shifted.completion_ids[:, :3], whole.completion_ids[4:, :3]), kind
+
+
+def test_two_processes_equal_one(model_dir, single, tmp_path):
+    out = tmp_path / "two"
+    finish(launch(model_dir, out, 2))
+    assert_same_training(single, out)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert not any(p.name.startswith("rank") for p in out.iterdir())  # one writer
+
+
+def test_fsdp_equals_one_process(model_dir, single, tmp_path):
+    """--fsdp shards the layers' weights and adapters over the two ranks; the engine gathers
+    them for each rollout, the checkpoints hold them whole."""
+    out = tmp_path / "fsdp"
+    finish(launch(model_dir, out, 2, FSDP=1))
+    assert_same_training(single, out)
+    assert json.loads((out / "config.json").read_text())["fsdp"] is True
+
+
+@pytest.mark.parametrize("fsdp", ["0", "1"])
+def test_a_killed_distributed_run_resumes(model_dir, single, tmp_path, fsdp):
+    out = tmp_path / "killed"
+    proc = launch(model_dir, out, 2, HANG_AFTER="step-00000002", FSDP=fsdp)
+    end = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-00000002").is_dir():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < end
+        time.sleep(0.1)
+    time.sleep(0.5)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher and both ranks, no chance to save
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    state = json.loads((out / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert len(state["rng"]["ranks"]) == 2
+    finish(launch(model_dir, out, 2, RESUME=1, FSDP=fsdp))
+    assert_same_training(single, out)
+    # The RNG states are per rank: one process cannot take over a two-process run.
+    proc = launch(model_dir, out, 1, RESUME=1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "this run has 1 (resume with the same number of processes)" in err

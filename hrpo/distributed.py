@@ -118,9 +118,13 @@ def shard(items: list, group: Group) -> list:
     return items[lo : lo + n // w + (r < n % w)]
 
 
-def finish_group() -> None:
-    """Leave the process group (a no-op without one)."""
+def finish_group(ok: bool = True) -> None:
+    """Leave the process group (a no-op without one). After a success every rank first waits
+    for the others, so none tears the group down under a rank still finishing its last
+    exchange; after a failure there is nobody to wait for (torchrun stops the others)."""
     if dist.is_available() and dist.is_initialized():
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -15,7 +15,7 @@ evaluation resumes where it stopped and never recomputes a finished example).
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .distributed import finish_group, init_group, shard
 from .engine import make_engine
 from .marker import MarkerMatcher
 from .prompts import SYSTEM_PROMPT, Example, encode_prompts
@@ -262,9 +263,10 @@ def run(args) -> int:
     # An evaluation folder is continued by default: its finished examples are kept.
     resume = (Path(args.output_dir) / MANIFEST).is_file() and not args.overwrite
     out = RunDir(args.output_dir, overwrite=args.overwrite, resume=resume, kind="eval")
+    group = init_group(args.device)  # under torchrun each rank evaluates a share; rank 0 writes
     meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
     args.base_model = args.model or (meta["base_model"] if meta else None)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, group.local_rank)
     model, tokenizer = load_base_model(args.base_model, device, resolve_dtype(args.dtype, device))
     if meta:
         cfg = config_for(tasks[0], lora_rank=meta["lora"]["rank"], lora_alpha=meta["lora"]["alpha"],
@@ -283,8 +285,11 @@ def run(args) -> int:
     matcher = MarkerMatcher(tokenizer, "####", model.config.vocab_size)
     eos = eos_token_ids(model, tokenizer)
     engine = make_engine(hm.eval(), matcher, eos, tokenizer.pad_token_id, kind=args.engine)
-    out.open()
-    results_file, samples_file = out.path("results.json"), out.path("samples.jsonl")
+    if group.main:
+        out.open()
+        out.path("results.json"), out.path("samples.jsonl")
+    group.sum([0.0])  # the others wait until rank 0 has taken the folder
+    results_file, samples_file = out.root / "results.json", out.root / "samples.jsonl"
     results = json.loads(results_file.read_text())["benchmarks"] if results_file.is_file() else {}
     for name in tasks:
         task = get_task(name)
@@ -298,29 +303,38 @@ def run(args) -> int:
         sampling = SamplingConfig(settings["decoding"]["max_new_tokens"], args.temperature, args.top_k,
                                   greedy=not args.sample, hybrid=args.hybrid)
         system = SYSTEM_PROMPT if args.system_prompt and recipe.system_prompt else None
-        bar = tqdm(total=len(chosen), initial=len(chosen) - len(todo), desc=name, disable=args.quiet)
+        bar = tqdm(total=len(chosen), initial=len(chosen) - len(todo), desc=name, disable=args.quiet or not group.main)
         start = time.perf_counter()
         correct = [done[i]["correct"] for i in chosen if i in done]
-        with samples_file.open("a", encoding="utf-8") as fh:
-            for batch in scored_batches(hm, tokenizer, task, [examples[i] for i in todo], sampling, engine,
-                                        max_prompt_length=args.max_prompt_length or recipe.max_prompt_length,
-                                        system=system, batch_size=args.batch_size, seed=args.seed,
-                                        protocol=args.protocol, indices=todo):
+        mine = shard(todo, group)
+        batches = scored_batches(hm, tokenizer, task, [examples[i] for i in mine], sampling, engine,
+                                 max_prompt_length=args.max_prompt_length or recipe.max_prompt_length,
+                                 system=system, batch_size=args.batch_size, seed=args.seed, protocol=args.protocol,
+                                 indices=mine)
+        # Ranks go batch by batch together (a rank with a shorter share sends empty batches at
+        # the end); rank 0 appends every rank's finished samples.
+        rounds = -(-len(todo) // group.world) // args.batch_size + bool(-(-len(todo) // group.world) % args.batch_size)
+        with samples_file.open("a", encoding="utf-8") if group.main else contextlib.nullcontext() as fh:
+            for _ in range(rounds):
+                batch = [s for part in group.gather(next(batches, [])) for s in part]
                 for s in batch:
                     s.update(task=name, key=key)
-                    fh.write(json.dumps(s) + "\n")
                     correct.append(s["correct"])
-                fh.flush()
+                if fh is not None:
+                    fh.write("".join(json.dumps(s) + "\n" for s in batch))
+                    fh.flush()
                 bar.update(len(batch))
-                bar.set_postfix({task.metric: f"{sum(correct) / len(correct):.3f}"})
+                bar.set_postfix({task.metric: f"{sum(correct) / max(len(correct), 1):.3f}"})
         bar.close()
-        finished = [rec for rec in _done(samples_file, name, key).values() if rec["index"] in set(chosen)]
-        previous = results.get(name, {}).get("seconds", 0.0) if results.get(name, {}).get("key") == key else 0.0
-        results[name] = {**summarise(task, finished, settings, previous + time.perf_counter() - start), "key": key}
-        write_json(results_file, {"benchmarks": results})
-        out.started()
-    print(table({n: results[n] for n in tasks}))
-    print(f"results: {results_file}")
+        if group.main:
+            finished = [rec for rec in _done(samples_file, name, key).values() if rec["index"] in set(chosen)]
+            previous = results.get(name, {}).get("seconds", 0.0) if results.get(name, {}).get("key") == key else 0.0
+            results[name] = {**summarise(task, finished, settings, previous + time.perf_counter() - start), "key": key}
+            write_json(results_file, {"benchmarks": results})
+            out.started()
+    if group.main:
+        print(table({n: results[n] for n in tasks}))
+        print(f"results: {results_file}")
     return 0
 
 
@@ -356,10 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", default="comparison.png", help="the chart --compare draws")
     args = p.parse_args(argv)
     try:
-        return compare(args.compare, args.png, args.overwrite) if args.compare else run(args)
+        code = compare(args.compare, args.png, args.overwrite) if args.compare else run(args)
     except (ValueError, OSError) as err:  # ConfigError, DataError, ModelError, CheckpointError, a full disk...
         print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
+        finish_group(ok=False)
         return 2
+    finish_group()
+    return code
 
 
 if __name__ == "__main__":

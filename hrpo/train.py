@@ -572,9 +572,12 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
     """Run HRPO (or plain GRPO with cfg.hybrid False); returns the summary it writes."""
     validate_config(cfg)
     try:
-        return Trainer(cfg, reward_fn, progress).run()
-    finally:
-        finish_group()
+        summary = Trainer(cfg, reward_fn, progress).run()
+    except BaseException:
+        finish_group(ok=False)
+        raise
+    finish_group()
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,3 +183,25 @@ def test_a_killed_distributed_run_resumes(model_dir, single, tmp_path, fsdp):
     proc = launch(model_dir, out, 1, RESUME=1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "this run has 1 (resume with the same number of processes)" in err
+
+
+def test_evaluation_shards_over_ranks_and_merges(single, tmp_path):
+    """Two ranks evaluate a share each; rank 0 writes every sample: the same results as one."""
+    args = ["-m", "hrpo.eval", "--task", "arith", "--checkpoint", str(single / "checkpoint"), "--limit", "7",
+            "--batch-size", "2", "--max-new-tokens", "6", "--max-prompt-length", "256", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"eval{procs}"
+        launcher = [] if procs == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                          "--master-port", str(free_port())]
+        done = subprocess.run([sys.executable, *launcher, *args, "--output-dir", str(out)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        runs[procs] = (sorted(samples, key=lambda s: s["index"]), json.loads((out / "results.json").read_text()))
+    (one, r1), (two, r2) = runs[1], runs[2]
+    assert len(two) == 7 and [s["index"] for s in two] == [s["index"] for s in one]
+    assert [s["completion"] for s in two] == [s["completion"] for s in one]
+    assert r2["benchmarks"]["arith"]["value"] == r1["benchmarks"]["arith"]["value"]
+    assert r2["benchmarks"]["arith"]["n"] == 7

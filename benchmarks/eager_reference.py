@@ -1,4 +1,5 @@
-"""A hybrid rollout written the way the paper's public code does it, as the baseline.
+"""Baselines written the way the paper's public code and the common trainers do it: a hybrid
+rollout (eager_rollout) and a training update (eager_update).
 
 Eager ops through the Hugging Face model with its KV cache, full logits, multinomial
 sampling, and, every step, a host-side decode of each row's whole text to look for the
@@ -6,10 +7,13 @@ answer marker. It computes the same kind of rollout as hrpo.rollout; only the sp
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from hrpo.loss import grpo_loss
 from hrpo.model import positions_from_mask
 from hrpo.rollout import left_pad
 
@@ -46,3 +50,39 @@ def eager_rollout(hm, tokenizer, prompts, max_new_tokens, temperature, top_k, ma
         out = model(inputs_embeds=x[:, None], attention_mask=mask.long(), position_ids=pos, past_key_values=cache, use_cache=True)
         pos = pos + 1
     return generated
+
+
+@contextlib.contextmanager
+def peft_lora_forward(hm):
+    """peft's own LoRA Linear forward inside the block (HybridModel routes them through
+    hrpo_kernels.lora_linear): the baseline runs the layers the common trainers run."""
+    saved = {m: m.__dict__.pop("forward") for m in hm.model.modules() if "forward" in m.__dict__}
+    try:
+        yield
+    finally:
+        for m, fn in saved.items():
+            m.forward = fn
+
+
+def eager_update(hm, batch, advantages, temperature, beta):
+    """The update the way the common trainers write it: HF's forward over every completion
+    with its own copy of the prompt, full logits, log_softmax, gather; the reference pass the
+    same with the adapters off on plain tokens. Returns the GRPO loss (to backward)."""
+    model = hm.causal_lm
+    P = batch.prompt_ids.shape[1]
+    ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+    mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
+    pos = positions_from_mask(mask)
+    embeds = hm.embed(ids)
+
+    def logprobs(inputs):
+        logits = model(inputs_embeds=inputs, attention_mask=mask.long(), position_ids=pos).logits
+        logp = torch.log_softmax(logits[:, P - 1 : -1].float() / temperature, dim=-1)
+        return logp.gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+
+    with torch.no_grad(), hm.adapters_disabled():
+        ref = logprobs(embeds)
+    comp, _ = hm.gate(embeds[:, P:], batch.latents, batch.think_mask)
+    loss, _ = grpo_loss(logprobs(torch.cat([embeds[:, :P], comp], 1)), advantages, batch.completion_mask, ref,
+                        beta=beta)
+    return loss

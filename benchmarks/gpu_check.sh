@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU machine: build, check correctness on the GPU, benchmark.
 # Run from the repository root:  bash benchmarks/gpu_check.sh [check|bench|all]   (logs under ${OUT:-/tmp/out})
-#   check (~4 min): machine facts, the CUDA extension build, kernel and engine tests on CUDA
+#   check (~7 min): machine facts, the CUDA extension build, kernel and engine tests on CUDA,
+#                   a distributed smoke test (torchrun, one process, NCCL), the training-step benchmark
 #   bench (~7 min): op benchmarks, then rollouts, then the summary table and chart
 # A device call is capped at 10 minutes, so run `check` and `bench` as two calls on the same
 # warm machine (the extension's JIT build is cached between them). The device image has
@@ -24,9 +25,16 @@ if [[ $PHASE == check || $PHASE == all ]]; then
   timeout 240 python3 -m pytest -q tests/test_kernel_gated_blend.py tests/test_kernel_token_logprobs.py \
     tests/test_kernel_sample_and_mix.py tests/test_kernel_decode_attention.py tests/test_ext_cpu.py \
     tests/test_engine_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  # 3. Distributed smoke test: two optimizer steps of the embedded task under torchrun (NCCL).
+  timeout 120 torchrun --nproc-per-node 1 -m hrpo.train --max-steps 2 --train-limit 64 --eval-limit 16 \
+    --output-dir "$OUT/dist_smoke" --overwrite 2>&1 | tee "$OUT/dist_smoke.log" | tail -3
+  # 4. The training update (reference pass + policy forward and backward) against the eager
+  #    baseline at Qwen2.5-1.5B / 3B shapes, the GSM8K and MATH recipes' batches.
+  timeout 180 python3 -m pytest -q benchmarks/test_train_step_bench.py -k gpu --benchmark-only \
+    --benchmark-json "$OUT/bench_train_step.json" --benchmark-columns=median 2>&1 | tee "$OUT/bench_train_step.log" | tail -20
 fi
 if [[ $PHASE == bench || $PHASE == all ]]; then
-  # 3. Benchmarks: ops against their eager references, then rollouts (the slowest last).
+  # 5. Benchmarks: ops against their eager references, then rollouts (the slowest last).
   timeout 120 python3 -m pytest -q benchmarks/ -k "not rollout" --benchmark-only --benchmark-json "$OUT/bench_ops.json" \
     --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench_ops.log" | tail -40
   for m in qwen2.5-1.5b qwen2.5-3b; do  # one JSON per model: a timeout loses one model, not both

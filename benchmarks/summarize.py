@@ -3,8 +3,11 @@
     python benchmarks/summarize.py bench.json [more.json ...] [--png rollout.png]
 
 Rollout entries (extra_info.tokens_per_s) become one row per (device, model, batch) with a
-column per method, the floor and each method's fraction of it; other entries are listed
-with their median time and the extra_info fields that say how close to the floor they are.
+column per method, the floor and each method's fraction of it; training-update entries one
+row per (device, model, recipe) with hrpo's speed-up and memory against the eager baseline;
+whole-step entries one row with seconds per optimizer step and hrpo's speed-up over TRL;
+other entries are listed with their median time and the extra_info fields that say how close
+to the floor they are.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROLLOUT_METHODS = ("eager_reference", "hf_generate", "reference_loop", "engine_plain", "engine_hybrid")
+UPDATE_METHODS = ("eager", "hrpo")
+STEP_METHODS = ("hrpo_hybrid", "hrpo_grpo", "trl_grpo")
 OP_FIELDS = ("achieved_GBps", "bw_fraction_of_copy", "floor_bytes_us", "peak_mem_MiB")
 
 
@@ -55,11 +60,45 @@ def rollout_table(rows: dict[tuple, dict]) -> str:
     return "\n".join(lines)
 
 
+def train_step_table(entries: list[dict]) -> str:
+    """The update (eager vs hrpo: tokens/s, speed-up, peak memory above the weights and its
+    ratio) per (device, model, recipe), then the whole step (seconds per optimizer step)."""
+    upd: dict[tuple, dict] = defaultdict(dict)
+    steps: dict[str, float] = {}
+    for e in entries:
+        info = e.get("extra_info", {})
+        if info.get("method") in UPDATE_METHODS and "recipe" in info:
+            upd[(info["device"], info["model"], info["recipe"])][info["method"]] = info
+        elif info.get("method") in STEP_METHODS:
+            steps[info["method"]] = info["seconds_per_step"]
+    lines = []
+    if upd:
+        lines += ["| device | model | recipe | eager tok/s | hrpo tok/s | speed-up | eager peak GB | hrpo peak GB | memory ratio |",
+                  "|" + "---|" * 9]
+        for (device, model, recipe), r in sorted(upd.items()):
+            e, h = r.get("eager", {}), r.get("hrpo", {})
+            speed = f"{h['tokens_per_s'] / e['tokens_per_s']:.2f}x" if e and h else ""
+            me, mh = e.get("peak_above_weights_gb"), h.get("peak_above_weights_gb")
+            mem = f"1/{me / mh:.1f}" if me and mh else ""
+            cells = [device, model, recipe, f"{e['tokens_per_s']:,.0f}" if e else "", f"{h['tokens_per_s']:,.0f}" if h else "",
+                     speed, f"{me:.2f}" if me else "", f"{mh:.2f}" if mh else "", mem]
+            lines.append("| " + " | ".join(cells) + " |")
+    if steps:
+        head = [m for m in STEP_METHODS if m in steps]
+        lines += ["", "| s / optimizer step | " + " | ".join(head) + " | TRL / hrpo_grpo | TRL / hrpo_hybrid |",
+                  "|" + "---|" * (len(head) + 3)]
+        ratio = {m: f"{steps['trl_grpo'] / steps[m]:.2f}x" if "trl_grpo" in steps and m in steps else ""
+                 for m in ("hrpo_grpo", "hrpo_hybrid")}
+        lines.append("| cpu, embedded, arith | " + " | ".join(f"{steps[m]:.3f}" for m in head)
+                     + f" | {ratio['hrpo_grpo']} | {ratio['hrpo_hybrid']} |")
+    return "\n".join(lines)
+
+
 def ops_table(entries: list[dict]) -> str:
     lines = ["| benchmark | median | " + " | ".join(OP_FIELDS) + " |", "|" + "---|" * (len(OP_FIELDS) + 2)]
     for e in entries:
         info = e.get("extra_info", {})
-        if "tokens_per_s" in info:
+        if "tokens_per_s" in info or info.get("method") in STEP_METHODS:
             continue
         median = info.get("median_us")
         median = f"{median:,.1f} us" if median is not None else f"{e['stats']['median'] * 1e3:,.3f} ms"
@@ -109,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         png = Path(args.png) if args.png else Path(args.files[0]).with_name("rollout.png")
         plot(rows, png)
         print(f"chart: {png}\n")
-    if any("tokens_per_s" not in e.get("extra_info", {}) for e in entries):
+    training = train_step_table(entries)
+    if training:
+        print(training + "\n")
+    if any("tokens_per_s" not in e.get("extra_info", {}) and e.get("extra_info", {}).get("method") not in STEP_METHODS
+           for e in entries):
         print(ops_table(entries))
     return 0
 

@@ -125,26 +125,27 @@ class HybridModel(nn.Module):
         It needs the body's KV cache, so not with gradient checkpointing.
         """
         B, T = batch.completion_ids.shape
-        comp = self.embed(batch.completion_ids)
+        # The last completion token is never an input that predicts anything: leave it out.
+        comp = self.embed(batch.completion_ids[:, :-1])
         if hybrid:
-            comp, _ = self.gate(comp, batch.latents, batch.think_mask)
+            comp, _ = self.gate(comp, batch.latents[:, :-1], batch.think_mask[:, :-1])
+        mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)
         rep, inverse = distinct_rows(batch.prompt_ids) if share_prefix else (None, None)
         if rep is None or len(rep) == B:
-            mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
             embeds = torch.cat([self.embed(batch.prompt_ids), comp], dim=1)
             # Position P-1+t holds the input that predicts completion token t.
-            h = self.decoder(embeds, mask, positions_from_mask(mask))[:, batch.prompt_ids.shape[1] - 1 : -1]
+            h = self.decoder(embeds, mask, positions_from_mask(mask))[:, batch.prompt_ids.shape[1] - 1 :]
         else:
             from .rollout import cache_index_select
 
             cache = DynamicCache(config=self.config)
             pm = batch.prompt_mask[rep]
             last = self.decoder(self.embed(batch.prompt_ids[rep]), pm, positions_from_mask(pm), cache)[:, -1:]
-            cache_index_select(cache, inverse)
-            mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
-            pos = batch.prompt_mask.sum(-1, keepdim=True) + torch.arange(T, device=mask.device)
-            hidden = self.decoder(comp, mask, pos, cache)
-            h = torch.cat([last[inverse], hidden[:, :-1]], dim=1)
+            h = last[inverse]
+            if T > 1:
+                cache_index_select(cache, inverse)
+                pos = batch.prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=mask.device)
+                h = torch.cat([h, self.decoder(comp, mask, pos, cache)], dim=1)
         lp = token_logprobs(h.reshape(B * T, -1), self.lm_weight, batch.completion_ids.reshape(-1), temperature)
         return lp.view(B, T)
 

@@ -28,3 +28,23 @@ def test_rollout_table_ratios_and_chart(tmp_path, capsys):
     assert cells[6:] == ["40,000", "0.50", "0.95", "20.00"]  # floor, hybrid/floor, hybrid/plain, hybrid/eager
     assert "| gated_blend-fused-d8-b4 | 10.0 us | 100 |" in out
     assert (tmp_path / "rollout.png").stat().st_size > 1000
+
+
+def test_training_step_tables(tmp_path, capsys):
+    rows = [
+        entry("update-eager-cuda-m-gsm8k", 2.0, method="eager", device="cuda", model="m", recipe="gsm8k",
+              tokens_per_s=3000.0, peak_above_weights_gb=40.0),
+        entry("update-hrpo-cuda-m-gsm8k", 0.5, method="hrpo", device="cuda", model="m", recipe="gsm8k",
+              tokens_per_s=9000.0, peak_above_weights_gb=4.0),
+        entry("step-hrpo_grpo-cpu-tiny-arith", 0.5, method="hrpo_grpo", seconds_per_step=0.5),
+        entry("step-hrpo_hybrid-cpu-tiny-arith", 0.6, method="hrpo_hybrid", seconds_per_step=0.6),
+        entry("step-trl_grpo-cpu-tiny-arith", 1.5, method="trl_grpo", seconds_per_step=1.5),
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"machine_info": {}, "benchmarks": rows}))
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    # 9000 / 3000 = 3x faster; 40 / 4 = a tenth of the memory; TRL 1.5 s against 0.5 and 0.6 s.
+    assert "| cuda | m | gsm8k | 3,000 | 9,000 | 3.00x | 40.00 | 4.00 | 1/10.0 |" in out
+    assert "| cpu, embedded, arith | 0.600 | 0.500 | 1.500 | 3.00x | 2.50x |" in out
+    assert "step-" not in out  # whole-step entries are not listed as ops

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._common import empty as _empty
-from ._common import interpreting, mm_f32, num_sms, use_fused
+from ._common import forced_reference, interpreting, mm_f32, num_sms, use_fused
 
 
 def token_logprobs_reference(
@@ -337,9 +337,58 @@ def token_logprobs_triton(
     return (lp, ent) if return_entropy else lp
 
 
+# ----------------------------------------------------------------------------------------
+# CPU path: the reference's chunked math, but autograd keeps only hidden and one logsumexp
+# per row: the backward recomputes each chunk's logits instead of holding N x V of them
+# (at a real vocabulary, 8 x 1024 completion tokens would keep 5 GB of fp32 logits).
+# ----------------------------------------------------------------------------------------
+
+
+class _ChunkedLogprobsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+        lp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(lp)
+        for lo in range(0, hidden.shape[0], chunk_size):
+            logits = (hidden[lo : lo + chunk_size] @ weight.T).float() / temperature  # the reference's math
+            lse[lo : lo + chunk_size] = torch.logsumexp(logits, dim=-1)
+            lp[lo : lo + chunk_size] = logits.gather(-1, targets[lo : lo + chunk_size, None]).squeeze(-1)
+        lp -= lse
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk_size = float(temperature), chunk_size
+        return lp
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gh = torch.empty_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for lo in range(0, hidden.shape[0], ctx.chunk_size):
+            h, t = hidden[lo : lo + ctx.chunk_size], targets[lo : lo + ctx.chunk_size]
+            # d log p(t) / d logits = (onehot(t) - softmax) / T for logits scaled by 1/T
+            p = torch.exp((h @ weight.T).float() / ctx.temperature - lse[lo : lo + ctx.chunk_size, None])
+            gc = g[lo : lo + ctx.chunk_size, None] / ctx.temperature
+            gl = p.mul_(-gc).scatter_add_(-1, t[:, None], gc)
+            if need_h:
+                gh[lo : lo + ctx.chunk_size] = (gl @ weight.float()).to(hidden.dtype)
+            if need_w:
+                gw.addmm_(gl.t(), h.float())
+        return gh, gw.to(weight.dtype) if need_w else None, None, None, None
+
+
+def token_logprobs_chunked(hidden, weight, targets, temperature=1.0, chunk_size=4096):
+    """The reference's values with O(chunk x V) memory in the backward too (the CPU path)."""
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"token_logprobs: {hidden.shape[0]} hidden rows but {targets.shape[0]} targets")
+    return _ChunkedLogprobsFn.apply(hidden, weight, targets.to(torch.int64), float(temperature), int(chunk_size))
+
+
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=4096):
-    """Dispatcher: the fused kernel on CUDA (when triton imports), the reference otherwise or
-    when HRPO_KERNELS=reference. chunk_size only shapes the reference's chunking."""
+    """Dispatcher: the fused kernel on CUDA (when triton imports), else the chunked CPU path
+    (HRPO_KERNELS=reference: the reference). chunk_size only shapes the CPU chunking."""
     if use_fused(hidden, weight, targets):
         return token_logprobs_triton(hidden, weight, targets, temperature)
-    return token_logprobs_reference(hidden, weight, targets, temperature, chunk_size)
+    if forced_reference():
+        return token_logprobs_reference(hidden, weight, targets, temperature, chunk_size)
+    return token_logprobs_chunked(hidden, weight, targets, temperature, chunk_size)

@@ -172,3 +172,46 @@ def test_update_gpu(benchmark, model, method, recipe):
     record(benchmark, method, "cuda", model, recipe, batch, seconds=seconds, peak_gb=peak / 2**30,
            peak_above_weights_gb=(peak - resident) / 2**30, device_name=torch.cuda.get_device_name())
     del hm
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU training-step benchmarks need CUDA")
+@pytest.mark.parametrize("method", ["official", "hrpo"])
+def test_step_gpu(benchmark, method):
+    """The whole step of the GSM8K recipe at Qwen2.5-1.5B shapes (2 prompts x 4 completions of
+    256 + 512 tokens): rollout plus update. official: the original code's rollout
+    (benchmarks/eager_reference.py, timed at the rollout benchmark's BASELINE_TOKENS new tokens
+    and scaled per token to 512: its per-step cost does not fall with length) plus the eager
+    update; hrpo: the engine's 512-token rollout plus hrpo.update. The goal is 5x."""
+    from benchmarks.eager_reference import eager_rollout
+    from benchmarks.test_rollout_bench import BASELINE_TOKENS, FoldedDecode, never_marker, tiny_tokenizer
+    from hrpo.engine import EngineOptions, RolloutEngine
+    from hrpo.rollout import SamplingConfig
+
+    hm = gpu_policy("qwen2.5-1.5b")
+    batch, adv = gpu_rollout(hm, 2, 4)
+    prompts = batch.prompt_ids.tolist()
+    matcher = never_marker(hm.lm_weight.shape[0])
+    if method == "official":
+        new = BASELINE_TOKENS
+        rollout = lambda: eager_rollout(hm.eval(), FoldedDecode(tiny_tokenizer(), 0), prompts, new, TEMPERATURE, 50,
+                                        generator=torch.Generator(device="cuda").manual_seed(0))  # noqa: E731
+        update = eager_runner(hm.train(), batch, adv)
+    else:
+        new = COMPLETION_LEN
+        engine = RolloutEngine(hm, matcher, [], 0, EngineOptions())
+        cfg = SamplingConfig(new, TEMPERATURE, 50)
+        rollout = lambda: engine.generate(prompts, cfg, seed=0)  # noqa: E731
+        update = hrpo_update(hm.train(), batch, adv, COMPLETION_LEN)
+    timings = []
+    for part in (rollout, update):
+        part()  # warm-up (compilation, graph capture, autotuning)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        part()
+        torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    rollout_s = timings[0] * COMPLETION_LEN / new
+    benchmark.name = f"step-{method}-cuda-qwen2.5-1.5b-gsm8k"
+    benchmark.pedantic(lambda: None, rounds=1)
+    benchmark.extra_info.update(method=method, device="cuda", rollout_s=rollout_s, update_s=timings[1],
+                                seconds_per_step=rollout_s + timings[1], measured_new_tokens=new)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -210,3 +212,46 @@ def add_config_args(parser: argparse.ArgumentParser, fields: list[str] | None = 
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             parser.add_argument(flag(f.name), type=kind, default=None)
+
+
+# ---------------------------------------------------------------- resuming a run
+
+
+def _comparable(cfg: TrainConfig | dict) -> dict:
+    values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    return json.loads(json.dumps(values))  # tuples as lists, as config.json holds them
+
+
+def check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    """A resumed run keeps its config: any difference outside RESUMABLE_OVERRIDES is an error."""
+    now = _comparable(cfg)
+    for key, value in now.items():
+        if key not in RESUMABLE_OVERRIDES and key in saved and saved[key] != value:
+            raise ConfigError(f"{flag(key)} {value!r} differs from the run's config ({saved[key]!r}); "
+                              "a resumed run keeps its config")
+
+
+def saved_config(output_dir: str | Path) -> dict:
+    file = Path(output_dir) / "config.json"
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: cannot read {file} ({type(err).__name__})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {file} is not a JSON object")
+    return saved
+
+
+def resume_config(output_dir: str, overrides: dict) -> TrainConfig:
+    """The saved config of the run in output_dir with the flags a resume may change."""
+    saved = saved_config(output_dir)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: (tuple(v) if k == "lora_targets" else v) for k, v in saved.items() if k in known})
+    for key, value in overrides.items():
+        if key in RESUMABLE_OVERRIDES:
+            setattr(cfg, key, value)
+        elif _comparable({key: value})[key] != saved.get(key):
+            raise ConfigError(f"{flag(key)} {value!r} differs from the run's config ({saved.get(key)!r}); "
+                              "a resumed run keeps its config")
+    cfg.resume, cfg.overwrite = True, False
+    return cfg

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .data import DataError, convert_records, load_records, prepared_record
 from .runs import check_writable, replace_file, write_json

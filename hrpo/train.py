@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +32,8 @@ from tqdm import tqdm
 from .checkpoint import (all_ranks_rng, capture_rng, complete_checkpoints, load_checkpoint, load_training_state,
                          policy_tensors, prune_checkpoints,
                          save_checkpoint, save_training_checkpoint, step_folder)
-from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, add_config_args, config_for, flag, validate_config
+from .config import (ConfigError, TrainConfig, add_config_args, check_resumable, config_for, resume_config,
+                     saved_config, validate_config)
 from .distributed import clip_grad_norm, finish_group, init_group, shard, shard_layers
 from .engine import make_engine
 from .eval import decode_completions, evaluate
@@ -47,6 +47,7 @@ from .reporting import MetricsLog, json_safe, peak_memory
 from .reward_guard import all_finite, score
 from .rollout import SamplingConfig
 from .runs import RunDir, write_json
+from .signals import StopRequests
 from .update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 from .tasks import get_task, load_examples, user_messages
 
@@ -93,72 +94,6 @@ def heldout_sources(cfg: TrainConfig) -> str | None:
     if source is not None and cfg.eval_data is None and Path(source).is_file():
         raise ConfigError(f"--data {source} is one file; pass --eval-data with a held-out split")
     return source
-
-
-def _comparable(cfg: TrainConfig | dict) -> dict:
-    values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    return json.loads(json.dumps(values))  # tuples as lists, as config.json holds them
-
-
-def check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    """A resumed run keeps its config: any difference outside RESUMABLE_OVERRIDES is an error."""
-    now = _comparable(cfg)
-    for key, value in now.items():
-        if key not in RESUMABLE_OVERRIDES and key in saved and saved[key] != value:
-            raise ConfigError(f"{flag(key)} {value!r} differs from the run's config ({saved[key]!r}); "
-                              "a resumed run keeps its config")
-
-
-def saved_config(output_dir: str | Path) -> dict:
-    file = Path(output_dir) / "config.json"
-    try:
-        saved = json.loads(file.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--resume: cannot read {file} ({type(err).__name__})") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"--resume: {file} is not a JSON object")
-    return saved
-
-
-def resume_config(output_dir: str, overrides: dict) -> TrainConfig:
-    """The saved config of the run in output_dir with the flags a resume may change."""
-    saved = saved_config(output_dir)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: (tuple(v) if k == "lora_targets" else v) for k, v in saved.items() if k in known})
-    for key, value in overrides.items():
-        if key in RESUMABLE_OVERRIDES:
-            setattr(cfg, key, value)
-        elif _comparable({key: value})[key] != saved.get(key):
-            raise ConfigError(f"{flag(key)} {value!r} differs from the run's config ({saved.get(key)!r}); "
-                              "a resumed run keeps its config")
-    cfg.resume, cfg.overwrite = True, False
-    return cfg
-
-
-class StopRequests:
-    """SIGTERM and the first Ctrl-C ask the run to stop after the current device step (with a
-    checkpoint); a second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\nhrpo: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
-              + (" (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclasses.dataclass

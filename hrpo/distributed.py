@@ -33,11 +33,12 @@ class Group:
     def active(self) -> bool:
         return self.world > 1
 
-    def sum(self, values: list[float] | torch.Tensor, device=None) -> list[float]:
+    def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (floats in fp64)."""
-        t = torch.as_tensor(values, dtype=torch.float64, device=device or self.comm_device).clone()
-        if self.active:
-            dist.all_reduce(t)
+        if not self.active:
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t)
         return t.tolist()
 
     def any(self, flag: bool) -> bool:

@@ -83,6 +83,7 @@ def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling:
         else:
             correct, _ = guarded_score(reward_fn, texts, golds, reward_timeout)
         samples = []
+        lengths, gates = out.lengths.tolist(), out.gate_mean.tolist()  # one host read per batch
         for j, (ex, text, ok) in enumerate(zip(batch, texts, correct)):
             extracted = task.answer(text, protocol)
             samples.append(json_safe({
@@ -90,7 +91,7 @@ def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling:
                 "extracted": None if extracted is None else str(extracted), "golds": ex.answer,
                 "correct": float(ok) if math.isfinite(ok) else 0.0,  # a non-finite reward credits nothing
                 **(task.details("" if extracted is None else str(extracted), ex.answer) if task.details else {}),
-                "completion_tokens": int(out.lengths[j]), "gate_mean": float(out.gate_mean[j]),
+                "completion_tokens": lengths[j], "gate_mean": gates[j],
             }))
         yield samples
 

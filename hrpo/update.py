@@ -22,30 +22,31 @@ from .loss import per_token_terms, token_weights
 from .model import HybridModel, SequenceBatch, distinct_rows
 
 
-def group_rows(batch: SequenceBatch) -> list[torch.Tensor]:
+def group_rows(batch: SequenceBatch) -> list[list[int]]:
     """The rows of each distinct prompt (a GRPO group), in order of first appearance."""
-    _, inverse = distinct_rows(batch.prompt_ids)
-    return [torch.nonzero(inverse == g).squeeze(-1) for g in range(int(inverse.max()) + 1)]
+    groups: dict[int, list[int]] = {}
+    for row, g in enumerate(distinct_rows(batch.prompt_ids)[1].tolist()):
+        groups.setdefault(g, []).append(row)
+    return list(groups.values())
 
 
 def micro_batches(batch: SequenceBatch, max_tokens: int) -> list[torch.Tensor]:
     """Row indices of each micro-batch: whole groups, longest first, packed while the padded
     token count stays within max_tokens (a group larger than that goes alone)."""
-    prompt_len = batch.prompt_mask.sum(-1)
-    comp_len = batch.completion_mask.sum(-1)
-    groups = group_rows(batch)
-    groups.sort(key=lambda rows: -int(prompt_len[rows[0]] + comp_len[rows].max()))
+    prompt_len = batch.prompt_mask.sum(-1).tolist()  # read once: no host sync per group
+    comp_len = batch.completion_mask.sum(-1).tolist()
+    groups = [(rows, prompt_len[rows[0]], max(comp_len[r] for r in rows)) for rows in group_rows(batch)]
+    groups.sort(key=lambda g: -(g[1] + g[2]))
     plans, current, widths = [], [], (0, 0, 0, 0)  # distinct prompts, rows, prompt width, completion width
-    for rows in groups:
-        p, t = int(prompt_len[rows[0]]), int(comp_len[rows].max())
+    for rows, p, t in groups:
         n_d, n_r, wp, wt = widths[0] + 1, widths[1] + len(rows), max(widths[2], p), max(widths[3], t)
         if current and n_d * wp + n_r * wt > max_tokens:
-            plans.append(torch.cat(current))
+            plans.append(torch.tensor(current, device=batch.prompt_ids.device))
             current, (n_d, n_r, wp, wt) = [], (1, len(rows), p, t)
-        current.append(rows)
+        current += rows
         widths = (n_d, n_r, wp, wt)
     if current:
-        plans.append(torch.cat(current))
+        plans.append(torch.tensor(current, device=batch.prompt_ids.device))
     return plans
 
 

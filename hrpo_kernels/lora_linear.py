@@ -22,22 +22,28 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float):
     return out + (F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scaling).to(out.dtype)
 
 
+def _forward(x2, weight, bias, lora_a, lora_b, scaling: float, keep_u: bool):
+    """(y, x A^T or None, the merged weight or None) for rows x2 (tokens, in)."""
+    # Merging costs out x in x r; worth it once the adapter path (tokens x (in + out) x r)
+    # costs more, i.e. not for one-token decode steps.
+    many = x2.shape[0] * (weight.shape[0] + weight.shape[1]) > weight.shape[0] * weight.shape[1]
+    if many and x2.dtype == weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32:
+        merged = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+        u = x2 @ lora_a.t() if keep_u else None  # only the adapters' gradients need it
+        return F.linear(x2, merged, bias), u, merged
+    # the adapter's product in its own dtype, as peft adds it; the scale folded into u
+    u = x2.to(lora_a.dtype) @ lora_a.t()
+    y = F.linear(x2, weight, bias)
+    y += ((u * scaling) @ lora_b.t()).to(y.dtype)
+    return y, u, None
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        u = x2.to(lora_a.dtype) @ lora_a.t()  # (tokens, r): kept for the adapters' gradients
-        merged = None
-        # Merging costs out x in x r; worth it once the adapter path (tokens x (in + out) x r)
-        # costs more, i.e. not for one-token decode steps.
-        many = x2.shape[0] * (weight.shape[0] + weight.shape[1]) > weight.shape[0] * weight.shape[1]
-        if many and x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32:
-            merged = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
-            y = F.linear(x2, merged, bias)
-        else:  # the adapter's product in its own dtype, as peft adds it; the scale folded into u
-            y = F.linear(x2, weight, bias)
-            y += ((u * scaling) @ lora_b.t()).to(y.dtype)
+        y, u, merged = _forward(x2, weight, bias, lora_a, lora_b, scaling, keep_u=True)
         ctx.save_for_backward(x2, u, weight if merged is None else merged, lora_a, lora_b)
         ctx.scaling, ctx.shape, ctx.merged = float(scaling), shape, merged is not None
         return y.view(*shape[:-1], y.shape[-1])
@@ -67,4 +73,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float):
         raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad False)")
     if forced_reference():
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling)
+    if not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)):
+        y, _, _ = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling), keep_u=False)
+        return y.view(*x.shape[:-1], y.shape[-1])  # evaluation: nothing kept for a backward
     return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling))

@@ -45,8 +45,9 @@ def test_eval_checkpoint_writes_results_and_samples(trained, tmp_path, hybrid):
     assert row["checkpoint"] == str(trained / "run" / "checkpoint") and row["seconds"] > 0
     assert {"index", "prompt", "completion", "extracted", "golds", "correct", "completion_tokens", "gate_mean"} <= set(samples[0])
     assert row["value"] == sum(s["correct"] for s in samples) / 5
-    if hybrid == "--hybrid":
-        assert all(s["gate_mean"] is None or 0.9 < s["gate_mean"] <= 1.0 for s in samples)
+    if hybrid == "--hybrid":  # completions that blended at least once report their gate
+        gates = [s["gate_mean"] for s in samples if s["gate_mean"] is not None]
+        assert gates and all(0.9 < g <= 1.0 for g in gates)
     else:
         assert all(s["gate_mean"] is None for s in samples)
 

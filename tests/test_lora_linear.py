@@ -48,3 +48,12 @@ def test_trainable_base_weight_is_refused():
     x, w, b, a, bb = make(torch.float32, torch.float32, True)
     with pytest.raises(ValueError, match="base weight and bias must be frozen"):
         lora_linear(x, w.requires_grad_(), b, a, bb, 1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 200])  # one decode row keeps the adapter path; many merge it
+def test_without_gradients_the_values_stay(rows):
+    x, w, b, a, bb = make(torch.float32, torch.float32, True, shape=(rows,))
+    with torch.no_grad():
+        got = lora_linear(x, w, b, a.requires_grad_(), bb.requires_grad_(), 2.0)
+    assert not got.requires_grad and got.grad_fn is None
+    torch.testing.assert_close(got, lora_linear_reference(x, w, b, a, bb, 2.0).detach(), rtol=1e-5, atol=1e-5)

@@ -33,6 +33,9 @@ class TrainConfig:
     max_prompt_length: int = 1024
     max_completion_length: int = 1024
     temperature: float = 0.5
+    # The training forward's log-probs: None at the sampling temperature (the distribution the
+    # rollout sampled from); 1 reproduces the original, which scores raw logits.
+    logprob_temperature: float | None = None
     top_k: int = 50
     marker: str = "####"
     system_prompt: bool = True
@@ -55,6 +58,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     warmup_ratio: float = 0.1
+    # HF Trainer's warm-up, the original's: ceil(ratio x steps) warm-up steps, the first at lr 0.
+    hf_warmup: bool = False
     max_grad_norm: float = 0.1
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; default: one epoch of the training set
@@ -154,6 +159,8 @@ def validate_config(cfg: TrainConfig) -> None:
     ints("max_prompt_length", 1)
     ints("max_completion_length", 1)
     floats("temperature", 0, None, lo_open=True)
+    if cfg.logprob_temperature is not None:
+        floats("logprob_temperature", 0, None, lo_open=True)
     ints("top_k", 0)
     _check(isinstance(cfg.marker, str) and cfg.marker.strip() != "", "marker", "a non-empty string", cfg.marker)
     floats("beta", 0, None)

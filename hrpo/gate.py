@@ -37,10 +37,10 @@ class HybridGate(nn.Module):
         )
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The gate's optimizer groups: the linears' weights, their biases (no weight decay,
-        as in the original trainer), and Lambda, which trains at its own rate."""
-        return {"gate": [self.w_r.weight, self.w_i.weight], "gate_bias": [self.w_r.bias, self.w_i.bias],
-                "lambda": [self.lam]}
+        """The gate's optimizer groups: both linears (weights and biases together, all with
+        weight decay, as the original's `thinking_residual_gate` group: patch.py:34-40) and
+        Lambda, which trains at its own rate (patch.py:41-47)."""
+        return {"gate": [self.w_r.weight, self.w_r.bias, self.w_i.weight, self.w_i.bias], "lambda": [self.lam]}
 
 
 def gate_summary(gate: HybridGate) -> dict[str, float]:

@@ -65,28 +65,36 @@ class Interrupted(RuntimeError):
 
 
 def make_optimizer(hm: HybridModel, cfg: TrainConfig, total_steps: int):
-    """AdamW over LoRA, the gate linears (weights; biases without weight decay) and Lambda,
-    each at its own learning rate, and a warm-up + cosine schedule."""
+    """AdamW over LoRA, the gate linears and Lambda, each at its own learning rate, all with
+    weight decay (the original's groups: patch.py:17-47), and a warm-up + cosine schedule."""
     groups = hm.gate.param_groups()
     lora = [p for n, p in hm.model.named_parameters() if p.requires_grad]
     param_groups = [
         {"params": lora, "lr": cfg.lr_lora, "name": "lora"},
         {"params": groups["gate"], "lr": cfg.lr_gate, "name": "gate"},
-        {"params": groups["gate_bias"], "lr": cfg.lr_gate, "name": "gate_bias", "weight_decay": 0.0},
         {"params": groups["lambda"], "lr": cfg.lr_lambda, "name": "lambda"},
     ]
     opt = torch.optim.AdamW(
         param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
     )
-    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(total_steps, cfg.warmup_ratio, cfg.hf_warmup))
 
-    def schedule(step: int) -> float:
+
+def lr_schedule(total_steps: int, warmup_ratio: float, hf: bool = False):
+    """The learning-rate factor of each optimizer step: a linear warm-up, then a cosine to 0.
+    Ours counts the step being taken, so the first update already moves the weights; hf is
+    HF Trainer's, which the original used: ceil(ratio x steps) warm-up steps
+    (transformers/training_args.py:2545) and step / warmup, so the first update has rate 0
+    (transformers/optimization.py:137)."""
+    warmup = math.ceil(warmup_ratio * total_steps) if hf else max(1, int(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return step / max(1, warmup) if hf else (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return factor
 
 
 def heldout_sources(cfg: TrainConfig) -> str | None:
@@ -178,7 +186,8 @@ class Trainer:
         self.poisoned = False  # a micro-batch of this accumulation window had a non-finite loss
         if cfg.gradient_checkpointing:
             self.hm.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.update = UpdateSettings(cfg.temperature, cfg.hybrid, cfg.beta, cfg.epsilon, cfg.loss_norm,
+        logprob_t = cfg.temperature if cfg.logprob_temperature is None else cfg.logprob_temperature
+        self.update = UpdateSettings(logprob_t, cfg.hybrid, cfg.beta, cfg.epsilon, cfg.loss_norm,
                                      cfg.max_completion_length, cfg.micro_batch_tokens,
                                      share_prefix=not cfg.gradient_checkpointing)
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from hrpo.config import config_for
 from hrpo.loading import attach_lora, build_policy
 from hrpo.model import HybridModel, ModelError
 from hrpo.train import main as train_main
-from hrpo.train import make_optimizer, train
+from hrpo.train import lr_schedule, make_optimizer, train
 
 
 def test_optimizer_groups_and_learning_rates():
@@ -19,14 +20,15 @@ def test_optimizer_groups_and_learning_rates():
     hm = build_policy(build_model("qwen2", 320), cfg)
     opt, sched = make_optimizer(hm, cfg, total_steps=100)
     groups = {g["name"]: g for g in opt.param_groups}
-    assert set(groups) == {"lora", "gate", "gate_bias", "lambda"}
+    assert set(groups) == {"lora", "gate", "lambda"}
     names = {id(p): n for n, p in hm.named_parameters()}
     assert all("lora_" in names[id(p)] for p in groups["lora"]["params"])
     assert len(groups["lora"]["params"]) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
-    assert {names[id(p)] for p in groups["gate"]["params"]} == {"gate.w_r.weight", "gate.w_i.weight"}
-    assert {names[id(p)] for p in groups["gate_bias"]["params"]} == {"gate.w_r.bias", "gate.w_i.bias"}
+    assert {names[id(p)] for p in groups["gate"]["params"]} == {"gate.w_r.weight", "gate.w_r.bias", "gate.w_i.weight",
+                                                                "gate.w_i.bias"}
     assert [names[id(p)] for p in groups["lambda"]["params"]] == ["gate.lam"]
-    assert groups["gate_bias"]["weight_decay"] == 0.0 and groups["lambda"]["weight_decay"] == 0.1
+    # Every group decays, gate biases included, as the original's patch.py:34-47.
+    assert all(g.get("weight_decay", opt.defaults["weight_decay"]) == 0.1 for g in opt.param_groups)
     # Warm-up starts at 1/10 of the peak rates: 5e-6, 1e-4, 1e-3.
     assert groups["lora"]["lr"] == pytest.approx(5e-7)
     assert groups["gate"]["lr"] == pytest.approx(1e-5)
@@ -115,3 +117,22 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     assert train_main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "does not exist" in err.splitlines()[-1]
+
+
+def test_learning_rate_schedules_by_hand():
+    """35 optimizer steps, warm-up ratio 0.1: 3.5 warm-up steps. Ours: int() gives 3, the step
+    being taken counts: 1/3, 2/3, 1, then the cosine over the 32 steps from step 3. HF's
+    (--hf-warmup, the original's): ceil() gives 4, the first at rate 0: 0, 1/4, 2/4, 3/4, then
+    the cosine over the 31 steps from step 4."""
+    ours, hf = lr_schedule(35, 0.1), lr_schedule(35, 0.1, hf=True)
+    assert [ours(s) for s in range(5)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 32))])
+    assert [hf(s) for s in range(6)] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 0.5 * (1 + math.cos(math.pi / 31))])
+    assert ours(34) == pytest.approx(0.5 * (1 + math.cos(math.pi * 31 / 32)))
+    assert hf(35) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hf_warmup_flag_reaches_the_optimizer():
+    torch.manual_seed(0)
+    cfg = config_for("gsm8k", hf_warmup=True)
+    opt, _ = make_optimizer(build_policy(build_model("qwen2", 320), cfg), cfg, total_steps=100)
+    assert all(g["lr"] == 0.0 for g in opt.param_groups)  # HF's first step: rate 0

@@ -43,9 +43,9 @@ def fixed_rollout(prompts, vocab, d, pad_id, seed=0):
                    stats={"tokens_per_s": 1.0})
 
 
-def by_hand_gradients(trainer, base, out):
-    """The loss above, computed with HF's full forward (logits from its own lm-head), and its
-    gradients with respect to every trainable parameter."""
+def by_hand_gradients(trainer, base, out, t_logprob=T_SAMPLE):
+    """The loss above, computed with HF's full forward (logits from its own lm-head) with
+    log-probs at t_logprob, and its gradients with respect to every trainable parameter."""
     hm = trainer.hm
     P = out.prompt_ids.shape[1]
     ids = torch.cat([out.prompt_ids, out.completion_ids], 1)
@@ -65,7 +65,7 @@ def by_hand_gradients(trainer, base, out):
 
     def logp(model, embeds):
         logits = model(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos).logits
-        lp = torch.log_softmax(logits[:, P - 1 : -1].float() / T_SAMPLE, -1)
+        lp = torch.log_softmax(logits[:, P - 1 : -1].float() / t_logprob, -1)
         return lp.gather(-1, out.completion_ids[..., None])[..., 0]
 
     lp = logp(hm.model, hybrid)
@@ -82,10 +82,9 @@ def by_hand_gradients(trainer, base, out):
     return dict(zip(params, grads))
 
 
-@pytest.fixture
-def trainer(model_dir, tmp_path):
+def make_trainer(model_dir, tmp_path, **kw):
     cfg = small_config(model_dir, tmp_path / "run", temperature=T_SAMPLE, beta=BETA, group_size=G, batch_size=8,
-                       grad_accum=1, num_iterations=1, loss_norm="grpo", max_grad_norm=1e9)
+                       grad_accum=1, num_iterations=1, loss_norm="grpo", max_grad_norm=1e9, **kw)
     t = Trainer(cfg, lambda completions, answers: list(REWARDS), progress=False)
     torch.manual_seed(5)
     with torch.no_grad():
@@ -97,10 +96,16 @@ def trainer(model_dir, tmp_path):
     return t
 
 
-def test_one_step_has_the_gradients_of_the_method(trainer, model_dir, monkeypatch):
+@pytest.fixture
+def trainer(model_dir, tmp_path):
+    return make_trainer(model_dir, tmp_path)
+
+
+def step_gradients(trainer, monkeypatch):
+    """(gradients one device step accumulates on a fixed rollout, that rollout); the weights
+    are put back as they were before the step."""
     hm = trainer.hm
-    captured = {}
-    out_holder = {}
+    captured, out_holder = {}, {}
 
     def generate(prompts, sampling, generator=None, seed=None, rows=None):
         assert sampling.temperature == T_SAMPLE and sampling.hybrid and not sampling.greedy
@@ -117,14 +122,18 @@ def test_one_step_has_the_gradients_of_the_method(trainer, model_dir, monkeypatc
     monkeypatch.setattr(trainer.engine, "generate", generate)
     monkeypatch.setattr(trainer, "optimizer_step", capturing_step)
     before = {n: p.detach().clone() for n, p in hm.named_parameters() if p.requires_grad}
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
     trainer.device_step(0)
     with torch.no_grad():  # the step moved the weights; put them back to recompute its gradient
         for n, p in hm.named_parameters():
             if n in before:
                 p.copy_(before[n])
-    want = by_hand_gradients(trainer, base, out_holder["out"])
+    return captured, out_holder["out"]
+
+
+def test_one_step_has_the_gradients_of_the_method(trainer, model_dir, monkeypatch):
+    captured, out = step_gradients(trainer, monkeypatch)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    want = by_hand_gradients(trainer, base, out)
 
     groups = {"lora_A": [], "lora_B": [], "gate.w_r": [], "gate.w_i": [], "gate.lam": []}
     for name, g in want.items():
@@ -136,6 +145,21 @@ def test_one_step_has_the_gradients_of_the_method(trainer, model_dir, monkeypatc
                 groups[key].append(float(g.abs().sum()))
     # Every part of the method gets a gradient: both LoRA factors, both gate linears, Lambda.
     assert all(groups[k] and all(v > 0 for v in groups[k]) for k in groups), groups
+
+
+def test_logprob_temperature_1_scores_raw_logits_as_the_original(model_dir, tmp_path, monkeypatch):
+    """--logprob-temperature 1: the same step's gradients are the method's with log-probs of
+    the raw logits (the original's grpo_compute_loss, unsloth rl_replacements.py:237-246),
+    while sampling stays at T_SAMPLE; and they differ from the default's."""
+    trainer = make_trainer(model_dir, tmp_path, logprob_temperature=1.0)
+    captured, out = step_gradients(trainer, monkeypatch)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    want = by_hand_gradients(trainer, base, out, t_logprob=1.0)
+    default = by_hand_gradients(trainer, base, out)
+    for name, g in want.items():
+        torch.testing.assert_close(captured[name], g, rtol=2e-4, atol=1e-7, msg=f"gradient of {name}")
+    lam = want["gate.lam"]
+    assert (lam - default["gate.lam"]).abs().sum() > 1e-2 * lam.abs().sum()
 
 
 def test_the_kl_term_and_its_reference_matter(trainer, model_dir):
@@ -157,7 +181,7 @@ def test_each_parameter_group_steps_with_its_rate_and_decay(model_dir, tmp_path)
                        warmup_ratio=0.0, max_grad_norm=1e9, adam_beta1=0.9, adam_beta2=0.99)
     t = Trainer(cfg, None, progress=False)
     rates = {"lora_": (0.01, 0.1), "gate.w_r.weight": (0.02, 0.1), "gate.w_i.weight": (0.02, 0.1),
-             "gate.w_r.bias": (0.02, 0.0), "gate.w_i.bias": (0.02, 0.0), "gate.lam": (0.03, 0.1)}
+             "gate.w_r.bias": (0.02, 0.1), "gate.w_i.bias": (0.02, 0.1), "gate.lam": (0.03, 0.1)}
     before = {}
     for n, p in t.hm.named_parameters():
         if p.requires_grad:

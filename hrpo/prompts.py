@@ -6,7 +6,8 @@ from typing import Any
 
 ANSWER_MARKER = "####"
 
-# The system prompt of the code behind the paper's numbers, for training and evaluation alike.
+# The system prompt of the code behind the paper's numbers (the original's utils.py:6-11), for
+# training and evaluation alike.
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with "

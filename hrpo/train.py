@@ -37,7 +37,7 @@ from .config import (ConfigError, TrainConfig, add_config_args, check_resumable,
 from .distributed import clip_grad_norm, finish_group, init_group, shard, shard_layers
 from .engine import make_engine
 from .eval import decode_completions, evaluate
-from .loading import build_policy, eos_token_ids, load_base_model, resolve_device, resolve_dtype
+from .loading import build_policy, eos_token_ids, load_base_model, recorded_name, resolve_device, resolve_dtype
 from .loss import group_advantages
 from .marker import MarkerMatcher
 from .model import HybridModel
@@ -215,7 +215,7 @@ class Trainer:
         try:  # every rank: FSDP's shards are gathered; rank 0 writes
             save_training_checkpoint(step_folder(self.run_dir.path("checkpoints") if self.main else self.ckpt_root,
                                                  self.state.step),
-                                     self.hm, self.cfg.model, self._policy_meta(), self.opt, self.sched, every,
+                                     self.hm, recorded_name(self.cfg.model), self._policy_meta(), self.opt, self.sched, every,
                                      dataclasses.asdict(self.state), self.records, write=self.main)
             if self.main:
                 prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
@@ -466,7 +466,7 @@ class Trainer:
         summary = self._summary("finished", after, after_sampled)
         policy = policy_tensors(self.hm)  # every rank: FSDP's shards are gathered
         if self.main:
-            save_checkpoint(self.hm, run.path("checkpoint"), self.cfg.model, self._policy_meta(), policy)
+            save_checkpoint(self.hm, run.path("checkpoint"), recorded_name(self.cfg.model), self._policy_meta(), policy)
             self._plot()
             write_json(run.path("eval_after.json"), after)
             write_json(run.path("summary.json"), summary)

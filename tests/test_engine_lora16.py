@@ -10,9 +10,16 @@ decode and prefill shapes, and the log-prob of each rollout's first token (from 
 alone), both exactly; the decode steps, whose attention rounds differently from the training
 forward's, are held to the bf16 noise level.
 """
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import build_model
+from test_distributed import free_port
 from peft import LoraConfig, get_peft_model
 
 import hrpo.model
@@ -182,3 +189,50 @@ def test_refresh_reads_adapter_changes_only(bf16):
         base = [getattr(hm.causal_lm.model.layers[1].self_attn, p).base_layer for p in PROJ["qkv"][1]]
         with torch.no_grad():
             assert torch.equal(layer.linear("qkv", x), torch.cat([b(x) for b in base], -1))
+
+
+FSDP_RUNNER = textwrap.dedent("""
+    import copy, os, sys, torch
+    sys.path.insert(0, os.environ["TESTS"])
+    from conftest import build_tokenizer
+    from test_engine_lora16 import bf16_policy
+    from hrpo.distributed import finish_group, init_group, shard_layers
+    from hrpo.engine import EngineOptions, RolloutEngine
+    from hrpo.marker import MarkerMatcher
+    from hrpo.rollout import SamplingConfig
+
+    group = init_group("cpu")
+    sharded, tok = bf16_policy("embedded", build_tokenizer())
+    whole = copy.deepcopy(sharded)
+    shard_layers(sharded, group)
+    assert type(sharded.body.layers[0].self_attn.q_proj.lora_B["default"].weight).__name__ == "DTensor"
+    engines = [RolloutEngine(hm, MarkerMatcher(tok), [tok.eos_token_id], tok.pad_token_id, EngineOptions())
+               for hm in (sharded, whole)]
+    prompts = [tok.encode(t) for t in ["Tom has 12 apples", "3 * 4 = 12, then", "x"] for _ in range(2)]
+    for step in range(2):
+        a, b = (e.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=0), seed=5)
+                for e in engines)
+        assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs), step
+        assert a.stats["repacked"] == b.stats["repacked"] == step, (step, a.stats["repacked"])
+        with torch.no_grad():  # the same update of the adapters, through the DTensors on one side
+            for hm in (sharded, whole):
+                for name, p in hm.named_parameters():
+                    if "lora_B" in name:
+                        p.mul_(3.0)
+    finish_group()
+""")
+
+
+def test_fsdp_sharded_adapters_roll_out_as_whole_ones(tmp_path):
+    """Two ranks, each layer's base weights and adapters sharded (FSDP2): the engine gathers
+    them and samples what an unsharded copy samples, and sees an in-place update of the
+    sharded adapters (an op on a DTensor advances the DTensor's version counter, not its
+    local tensor's)."""
+    script = tmp_path / "fsdp_runner.py"
+    script.write_text(FSDP_RUNNER)
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "TESTS": str(tests), "PYTHONPATH": str(tests.parent), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(script)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -175,9 +175,10 @@ class _Adapters:
     are stacked so that a step costs two GEMMs however many projections and adapters there
     are: A (R, in) holds every adapter's rows, B (out, R) each adapter's columns at its
     projection's output rows and zeros elsewhere, scale (R,) each row's scaling. The zeros
-    make the second GEMM (parts) times its minimum, a few percent of the base GEMM at LoRA
-    ranks, cheaper than a GEMM and an add per projection. The buffers are filled in place
-    (captured CUDA graphs read them); an adapter not applied now has zero factors."""
+    make the second GEMM `parts` times the per-projection products' work, still R / in of
+    the base GEMM's (a few percent at LoRA ranks), for one GEMM and one add in place of one
+    per projection (launches, not flops, bound a decode step). refresh() fills the buffers
+    in place (captured CUDA graphs read them); an adapter not applied now has zero factors."""
 
     def __init__(self, mods: list[nn.Module], where: str):
         self.mods, self.where = mods, where
@@ -193,7 +194,6 @@ class _Adapters:
         self.a = torch.zeros(rank, _base(mods[0]).in_features, **new)
         self.b = torch.zeros(outs, rank, **new)
         self.scale = torch.zeros(rank, dtype=torch.float32, device=base.device)
-        self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:

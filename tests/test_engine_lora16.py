@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_model
-from test_distributed import free_port
 from peft import LoraConfig, get_peft_model
+from test_distributed import free_port
 
 import hrpo.model
 from hrpo.engine import EngineOptions, RolloutEngine

@@ -6,14 +6,22 @@ ragged rows at their own positions inside a CUDA graph. The math here is HF's op
 (RMSNorm in fp32, rotary tables from the model's own rotary module, softmax in fp32), so
 outputs agree to rounding; tests hold it to the HF forward.
 
-Weights are packed for generation (q|k|v and gate|up fused into one matrix each) and LoRA
-adapters are merged into the packed copy: `refresh()` recomputes W + sum of B A * scaling
-in fp32 from the live adapters (when a parameter or adapter setting changed since the
-last one), so a refresh before each rollout keeps generation exactly
-in step with training. On the CPU in fp32 the packed matrices are also reordered for
-oneDNN's prepacked GEMM (2-2.4x faster than F.linear at decode shapes), and a decode step
-runs as one call into the extension's C++ body (csrc/decode_body_cpu.cpp, the same math
-with the ~45 small torch ops per layer fused into loops) when the extension loads.
+Weights are packed for generation (q|k|v and gate|up fused into one matrix each), and
+`refresh()` re-reads them from the live modules when a parameter or adapter setting changed
+since the last one, so a refresh before each rollout keeps generation in step with
+training. How LoRA adapters are applied follows the training forward (hrpo/model.py routes
+every LoRA Linear through hrpo_kernels.lora_linear):
+- fp32: merged into the packed copy, W + sum of s B A in fp32 (lora_linear merges too, and
+  the merge is exact up to fp32 rounding).
+- bf16 / fp16: unmerged, lora_linear's 16-bit forward op for op: y = x W^T + b on the
+  packed base weight, then y += ((x A^T) * s) B^T computed in the adapters' dtype and
+  rounded to y's. A merge would round W + s B A to 16 bits, and at early-training adapter
+  sizes (deltas of 1e-5 on weights of 0.02) most entries would not change at all: the
+  engine would sample a policy that lags the one being trained.
+On the CPU in fp32 the packed matrices are also reordered for oneDNN's prepacked GEMM
+(2-2.4x faster than F.linear at decode shapes), and a decode step runs as one call into the
+extension's C++ body (csrc/decode_body_cpu.cpp, the same math with the ~45 small torch ops
+per layer fused into loops) when the extension loads.
 Anything this file cannot run exactly is named by `unsupported_reason`, and the engine
 falls back to the reference loop.
 """
@@ -40,14 +48,14 @@ def _base(mod: nn.Module) -> nn.Linear:
 
 
 def _lora_reason(mod: nn.Module, name: str) -> str | None:
-    """Why a projection cannot be merged (None: a plain Linear or vanilla LoRA on one)."""
+    """Why the engine cannot apply a projection (None: a plain Linear or vanilla LoRA on one)."""
     base = _base(mod)
     if base is mod:
         return None if type(mod) is nn.Linear else f"{name} is a {type(mod).__name__}, not a Linear"
     if type(base) is not nn.Linear:
         return f"{name} wraps a {type(base).__name__}, not a Linear"
     if getattr(mod, "lora_variant", None) or any(getattr(mod, "use_dora", {}).values()):
-        return f"{name} uses a LoRA variant (DoRA, ...) that cannot be merged"
+        return f"{name} uses a LoRA variant (DoRA, ...) the engine does not apply"
     if any(getattr(mod, "lora_bias", {}).values()):
         return f"{name} uses lora_bias"
     return None
@@ -84,25 +92,26 @@ def unsupported_reason(lm: nn.Module) -> str | None:
     return None
 
 
+def applied(mod: nn.Module) -> list[str]:
+    """The adapters a projection applies on top of its base weight now (none for a plain
+    Linear, adapters switched off, or adapters peft merged into the base weight)."""
+    if _base(mod) is mod or getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
+        return []
+    return [a for a in mod.active_adapters if a in mod.lora_A]
+
+
 def effective_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) a Linear or a LoRA-wrapped Linear applies now: base + active deltas,
     summed in fp32 and rounded once to the base dtype."""
     base = _base(mod)
-    if base is mod:
-        return whole(mod.weight), whole(mod.bias)
-    w = whole(base.weight)
-    if getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
-        return w, whole(base.bias)  # merged: peft already folded the deltas into base.weight
-    names = [a for a in mod.active_adapters if a in mod.lora_A]
+    w, b = whole(base.weight), whole(base.bias)
+    names = applied(mod)
     if not names:
-        return w, whole(base.bias)
-    acc = w.float()
-    for a in names:
-        if not hasattr(mod.lora_A[a].weight, "full_tensor"):
-            acc = acc + mod.get_delta_weight(a).float()
-        else:  # FSDP shards: peft's delta would multiply DTensors; the same product on whole ones
-            acc = acc + (whole(mod.lora_B[a].weight).float() @ whole(mod.lora_A[a].weight).float()) * mod.scaling[a]
-    return acc.to(w.dtype), whole(base.bias)
+        return w, b
+    acc = w.float()  # w itself when fp32: added out of place
+    for a in names:  # on whole tensors: peft's get_delta_weight would multiply FSDP shards
+        acc = acc + (whole(mod.lora_B[a].weight).float() @ whole(mod.lora_A[a].weight).float()) * mod.scaling[a]
+    return acc.to(w.dtype), b
 
 
 def whole(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -155,45 +164,125 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class _Layer:
-    """One decoder layer's packed generation weights and references to its norms."""
+def _layout(mods: list[nn.Module]) -> tuple:
+    """Every adapter each projection holds, with its rank (active or not)."""
+    return tuple(tuple((a, m.lora_A[a].out_features) for a in getattr(m, "lora_A", {})) for m in mods)
 
-    def __init__(self, layer: nn.Module, dims: tuple[int, int], dtype, device):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.attn, self.mlp = attn, mlp
-        nq, nk = dims
-        self.layer = layer
-        d = layer.input_layernorm.weight.shape[0]
-        inter = _base(mlp.gate_proj).out_features
-        new = dict(dtype=dtype, device=device)
-        self.qkv_w = torch.empty(nq + 2 * nk, d, **new)
-        self.qkv_b = torch.empty(nq + 2 * nk, **new) if _base(attn.q_proj).bias is not None else None
-        self.o_w = torch.empty(d, nq, **new)
-        self.o_b = torch.empty(d, **new) if _base(attn.o_proj).bias is not None else None
-        self.gate_up_w = torch.empty(2 * inter, d, **new)
-        self.down_w = torch.empty(d, inter, **new)
-        self.inter = inter
-        self.refresh()
+
+class _Adapters:
+    """The LoRA adapters of one packed matrix (q|k|v, o, gate|up or down), applied unmerged:
+    `add_to` is lora_linear's 16-bit forward after its base GEMM. The projections' adapters
+    are stacked so that a step costs two GEMMs however many projections and adapters there
+    are: A (R, in) holds every adapter's rows, B (out, R) each adapter's columns at its
+    projection's output rows and zeros elsewhere, scale (R,) each row's scaling. The zeros
+    make the second GEMM `parts` times the per-projection products' work, still R / in of
+    the base GEMM's (a few percent at LoRA ranks), for one GEMM and one add in place of one
+    per projection (launches, not flops, bound a decode step). refresh() fills the buffers
+    in place (captured CUDA graphs read them); an adapter not applied now has zero factors."""
+
+    def __init__(self, mods: list[nn.Module], where: str):
+        self.mods, self.where = mods, where
+        self.layout = _layout(mods)
+        adapters = [m.lora_A[a] for m, part in zip(mods, self.layout) for a, _ in part]
+        dtype = adapters[0].weight.dtype
+        for lin in adapters:
+            dtype = torch.promote_types(dtype, lin.weight.dtype)
+        base = _base(mods[0]).weight
+        rank = sum(r for part in self.layout for _, r in part)
+        outs = sum(_base(m).out_features for m in mods)
+        new = dict(dtype=dtype, device=base.device)
+        self.a = torch.zeros(rank, _base(mods[0]).in_features, **new)
+        self.b = torch.zeros(outs, rank, **new)
+        self.scale = torch.zeros(rank, dtype=torch.float32, device=base.device)
 
     @torch.no_grad()
     def refresh(self) -> None:
-        layer, attn = self.layer, self.attn
+        if _layout(self.mods) != self.layout:
+            raise ValueError(f"FastDecoder: the LoRA adapters of {self.where} changed from {self.layout} to "
+                             f"{_layout(self.mods)} since it was built; build a new engine")
+        row = col = 0
+        for mod, part in zip(self.mods, self.layout):
+            on = applied(mod)
+            out = _base(mod).out_features
+            for a, r in part:
+                rows, cols = slice(row, row + r), slice(col, col + out)
+                if a in on:
+                    self.a[rows].copy_(whole(mod.lora_A[a].weight))
+                    self.b[cols, rows].copy_(whole(mod.lora_B[a].weight))
+                    self.scale[rows] = mod.scaling[a]
+                else:
+                    self.a[rows].zero_()
+                    self.b[cols, rows].zero_()
+                    self.scale[rows] = 0.0
+                row += r
+            col += out
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y += ((x A^T) * s) B^T, in lora_linear's op order and dtypes: the low-rank product
+        in the adapters' dtype, rounded to y's dtype, then added. (u * scale) in fp32 rounded
+        to u's dtype is what u * a Python float gives."""
+        u = x.to(self.a.dtype) @ self.a.t()
+        y += (((u * self.scale).to(u.dtype)) @ self.b.t()).to(y.dtype)
+        return y
+
+
+# packed matrix -> (the layer module owning its projections, the projections in packing order)
+_PACKED = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+           "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+
+
+class _Layer:
+    """One decoder layer's packed generation weights (`w`, `b`, and `packed` for oneDNN, by
+    _PACKED name), its adapters when they run unmerged (`lora`), and references to its norms."""
+
+    def __init__(self, layer: nn.Module, index: int, dtype, device, unmerged: bool):
+        self.layer, self.unmerged = layer, unmerged
+        self.parts = {name: [getattr(getattr(layer, owner), n) for n in names]
+                      for name, (owner, names) in _PACKED.items()}
+        new = dict(dtype=dtype, device=device)
+        self.w, self.b = {}, {}
+        for name, mods in self.parts.items():
+            bases = [_base(m) for m in mods]
+            self.w[name] = torch.empty(sum(l.out_features for l in bases), bases[0].in_features, **new)
+            self.b[name] = torch.empty(self.w[name].shape[0], **new) if bases[0].bias is not None else None
+        self.inter = _base(layer.mlp.gate_proj).out_features
+        self.lora = {name: _Adapters(mods, f"layer {index} {name}")
+                     if unmerged and any(_layout(mods)) else None for name, mods in self.parts.items()}
+        self.refresh(base=True, adapters=True)
+
+    @torch.no_grad()
+    def refresh(self, base: bool, adapters: bool) -> None:
+        """Re-pack the base weights (merged: with the adapters merged in, so on either change)
+        and / or re-read the unmerged adapters."""
+        if base or (adapters and not self.unmerged):
+            self._pack()
+        if adapters and self.unmerged:
+            for lora in self.lora.values():
+                if lora is not None:
+                    lora.refresh()
+
+    def _pack(self) -> None:
+        layer, attn = self.layer, self.layer.self_attn
         self.ln1, self.eps1 = whole(layer.input_layernorm.weight), layer.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = whole(layer.post_attention_layernorm.weight), layer.post_attention_layernorm.variance_epsilon
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.q_norm = (whole(qn.weight), qn.variance_epsilon) if qn is not None else None
         self.k_norm = (whole(kn.weight), kn.variance_epsilon) if kn is not None else None
-        parts = [effective_weight(getattr(self.attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
-        torch.cat([w for w, _ in parts], out=self.qkv_w)
-        if self.qkv_b is not None:
-            torch.cat([b for _, b in parts], out=self.qkv_b)
-        w, b = effective_weight(self.attn.o_proj)
-        self.o_w.copy_(w)
-        if self.o_b is not None:
-            self.o_b.copy_(b)
-        torch.cat([effective_weight(self.mlp.gate_proj)[0], effective_weight(self.mlp.up_proj)[0]], out=self.gate_up_w)
-        self.down_w.copy_(effective_weight(self.mlp.down_proj)[0])
-        self.packed = {name: pack(getattr(self, name)) for name in ("qkv_w", "o_w", "gate_up_w", "down_w")}
+        for name, mods in self.parts.items():
+            if self.unmerged:
+                ws, bs = zip(*((whole(_base(m).weight), whole(_base(m).bias)) for m in mods))
+            else:
+                ws, bs = zip(*(effective_weight(m) for m in mods))
+            torch.cat(ws, out=self.w[name])
+            if self.b[name] is not None:
+                torch.cat(bs, out=self.b[name])
+        self.packed = {name: pack(w) for name, w in self.w.items()}
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x through the packed matrix `name`: the base GEMM, then the unmerged adapters."""
+        y = linear(x, self.w[name], self.b[name], self.packed[name])
+        lora = self.lora[name]
+        return y if lora is None else lora.add_to(y, x)
 
 
 class FastDecoder:
@@ -215,8 +304,8 @@ class FastDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = float(getattr(body.layers[0].self_attn, "scaling", self.head_dim**-0.5))
         self.n_layers = len(body.layers)
-        dims = (self.n_heads * self.head_dim, self.n_kv * self.head_dim)
-        self.layers = [_Layer(layer, dims, self.dtype, self.device) for layer in body.layers]
+        self.unmerged = self.dtype in (torch.bfloat16, torch.float16)  # LoRA as lora_linear applies it
+        self.layers = [_Layer(layer, i, self.dtype, self.device, self.unmerged) for i, layer in enumerate(body.layers)]
         self._key = self._weights_key()
         self.norm, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
         self._cos = self._sin = None
@@ -227,33 +316,38 @@ class FastDecoder:
         self._refresh_ext_args()
 
     def refresh(self, force: bool = False) -> bool:
-        """Re-pack (and re-merge LoRA) from the live modules if any of their parameters or
-        adapter settings changed since the last refresh; returns whether it re-packed. Call
-        before each generation. Changes are seen through each parameter's version counter,
-        which every in-place update (optimizer steps, load_state_dict, copy_) advances;
-        writes through `.data` bypass it and need `refresh(force=True)`."""
+        """Re-read the weights from the live modules if any of their parameters or adapter
+        settings changed since the last refresh; returns whether it did. Call before each
+        generation. Unmerged (16-bit), a change of the adapters alone re-reads only them.
+        Changes are seen through each parameter's version counter, which every in-place
+        update (optimizer steps, load_state_dict, copy_) advances; writes through `.data`
+        bypass it and need `refresh(force=True)`."""
         key = self._weights_key()
         if not force and key == self._key:
             return False
+        base, adapters = (force or new != old for new, old in zip(key, self._key))
         for layer in self.layers:
-            layer.refresh()
+            layer.refresh(base, adapters)
         self._refresh_ext_args()
         self._key = key
         return True
 
-    def _weights_key(self) -> tuple:
-        """What the packed weights were made from: every layer parameter's identity, storage
-        and version, and each LoRA wrapper's adapter settings."""
-        key = []
+    def _weights_key(self) -> tuple[tuple, tuple]:
+        """What the packed weights were made from, as (base, adapters): every layer
+        parameter's identity, storage and version, split into the base model's and the LoRA
+        adapters', and (with the adapters') each LoRA wrapper's adapter settings."""
+        base, adapters = [], []
         for layer in self.body.layers:
+            for name, p in layer.named_parameters():
+                # An FSDP shard: its local storage, and both version counters (an in-place op on
+                # the DTensor advances its own, one on the local tensor only the local one's).
+                t = p.to_local() if hasattr(p, "to_local") else p
+                (adapters if ".lora_" in name else base).append((id(p), t.data_ptr(), t._version, p._version))
             for mod in layer.modules():
-                for p in mod.parameters(recurse=False):
-                    t = p.to_local() if hasattr(p, "to_local") else p  # an FSDP shard: its local storage
-                    key.append((id(p), t.data_ptr(), t._version))
                 if hasattr(mod, "lora_A"):
-                    key.append((tuple(mod.active_adapters), bool(getattr(mod, "disable_adapters", False)),
-                                bool(getattr(mod, "merged", False)), tuple(sorted(mod.scaling.items()))))
-        return tuple(key)
+                    adapters.append((tuple(mod.active_adapters), bool(getattr(mod, "disable_adapters", False)),
+                                     bool(getattr(mod, "merged", False)), tuple(sorted(mod.scaling.items()))))
+        return tuple(base), tuple(adapters)
 
     def _refresh_ext_args(self) -> None:
         """The C++ body's weight list and eps values (its kPerLayer order), rebuilt when the
@@ -263,8 +357,8 @@ class FastDecoder:
         weights, eps = [], []
         for w in self.layers:
             qn, kn = w.q_norm or (None, 0.0), w.k_norm or (None, 0.0)
-            weights += [w.ln1, w.qkv_w, w.packed["qkv_w"], w.qkv_b, qn[0], kn[0], w.o_w, w.packed["o_w"], w.o_b,
-                        w.ln2, w.gate_up_w, w.packed["gate_up_w"], w.down_w, w.packed["down_w"]]
+            weights += [w.ln1, w.w["qkv"], w.packed["qkv"], w.b["qkv"], qn[0], kn[0], w.w["o"], w.packed["o"], w.b["o"],
+                        w.ln2, w.w["gate_up"], w.packed["gate_up"], w.w["down"], w.packed["down"]]
             eps += [w.eps1, w.eps2, qn[1], kn[1]]
         self._ext_args = (weights, self.norm, eps + [self.norm_eps])
 
@@ -284,7 +378,7 @@ class FastDecoder:
 
     def _qkv(self, w: _Layer, x: torch.Tensor, cos, sin):
         """Normed input (..., d) -> rotated q (..., H, Dh), k, v (..., Hkv, Dh)."""
-        qkv = linear(x, w.qkv_w, w.qkv_b, w.packed["qkv_w"])
+        qkv = w.linear("qkv", x)
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         lead = x.shape[:-1]
         q = qkv[..., :nq].view(*lead, self.n_heads, self.head_dim)
@@ -295,8 +389,8 @@ class FastDecoder:
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _mlp(self, w: _Layer, h: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(rms_norm(h, w.ln2, w.eps2), w.gate_up_w, None, w.packed["gate_up_w"]).split(w.inter, dim=-1)
-        return h + linear(F.silu(gate) * up, w.down_w, None, w.packed["down_w"])
+        gate, up = w.linear("gate_up", rms_norm(h, w.ln2, w.eps2)).split(w.inter, dim=-1)
+        return h + w.linear("down", F.silu(gate) * up)
 
     @torch.no_grad()
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
@@ -321,7 +415,7 @@ class FastDecoder:
                 attn_mask=mask,
                 scale=self.scale,
             )
-            h = h + linear(att.transpose(1, 2).reshape(n, P, -1), w.o_w, w.o_b, w.packed["o_w"])
+            h = h + w.linear("o", att.transpose(1, 2).reshape(n, P, -1))
             h = self._mlp(w, h)
         cache.seqlens[:n] = lengths.to(torch.int32)
         last = h[torch.arange(n, device=x.device), lengths.long() - 1]
@@ -348,7 +442,7 @@ class FastDecoder:
             cache.k[i].index_put_((rows, slot), k)
             cache.v[i].index_put_((rows, slot), v)
             att = decode_attention(q, cache.k[i, :n], cache.v[i, :n], lengths, self.scale, max_len=max_len)
-            h = h + linear(att.reshape(n, -1), w.o_w, w.o_b, w.packed["o_w"])
+            h = h + w.linear("o", att.reshape(n, -1))
             h = self._mlp(w, h)
         pos.add_(1)
         return rms_norm(h, self.norm, self.norm_eps)

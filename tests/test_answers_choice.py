@@ -21,6 +21,9 @@ READS = [
     # "A" the article and "I" the pronoun are not letters when another letter is there
     ("A good answer is C", "C"), ("A tough one, but C", "C"), ("I pick D", "D"), ("A is correct", "A"),
     ("B because", "B"), ("C\nbecause A", "C"),
+    # lower case: the whole line, or a leading letter marked as an option; never prose
+    ("c", "C"), ("(b)", "B"), ("d.", "D"), ("a) 12 N", "A"), ("**c**", "C"), ("\\boxed{c}", "C"), ("j", "J"),
+    ("c. 42 N", "C"), ("a total of 5 apples", None), ("i.e. B", "B"), ("e.g. the second", None), ("k", None),
     # unreadable: lower case, numerals, option text, several letters, nothing
     ("the answer is a", None), ("2", None), ("Planetary days will become shorter.", None), ("B or C", None),
     ("Both", None), ("", None), ("\uff22", None),

@@ -93,6 +93,9 @@ OFFICIAL = Official(answer=lambda completion: official_letter(official_text(comp
 
 _CUE = re.compile(rf"\b(?i:answer|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*[(\[]?([{LETTERS}])(?![A-Za-z0-9])")
 _LEADING = re.compile(rf"[(\[]?([{LETTERS}])(?:[.):\]]|\s*$)")
+# A lower-case letter only as the whole line or marked as an option ("c", "(c)", "c) text"):
+# "a total of 5" is prose, and "i.e." / "e.g." are not options I and E.
+_LOWER = re.compile(rf"[(\[]?([{LETTERS.lower()}])(?:[.):\]](?![A-Za-z])|\s*$)")
 _LONE = re.compile(rf"(?<![A-Za-z0-9'])([{LETTERS}])(?![A-Za-z0-9'])")
 _WORD = re.compile(r"(?<![A-Za-z0-9'])([AI])(?=\s+[a-z])")  # the article "A", the pronoun "I"
 
@@ -101,15 +104,16 @@ def read_choice(after: str) -> str | None:
     """The option letter (A-J) on the answer line (the first non-empty line after the marker):
     the letter after "answer", "option" or "choice" ("The answer is (B)", "Answer: C"), else a
     leading letter marked as one ("B", "(B)", "B.", "B) text"; \\boxed{}, bold and $ removed),
+    or such a letter in lower case ("c", "(c)", "c) text", read as C; not "a total of 5"),
     else the line's only standalone capital A-J, not counting an "A" or "I" used as a word when
     there are others ("I pick D", "A is correct", "A tough one, but C"); several: unreadable.
     Letters only: a numeral or the option's text in place of its letter reads as nothing, as
     the options are asked by letter; a letter past the item's options just scores 0."""
     line = unwrap(first_line(after))
     line = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", line)
-    m = _CUE.search(line) or _LEADING.match(line)
+    m = _CUE.search(line) or _LEADING.match(line) or _LOWER.match(line)
     if m:
-        return m.group(1)
+        return m.group(1).upper()
     letters = set(_LONE.findall(line))
     if len(letters) > 1:
         letters -= set(_WORD.findall(line))

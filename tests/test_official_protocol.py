@@ -220,3 +220,19 @@ def test_eval_official_end_to_end(tmp_path):
     for s in samples:
         assert isinstance(s["extracted"], str) and s["correct"] == float(s["extracted"] in s["official_golds"])
     assert row["value"] == sum(s["correct"] for s in samples) / 3
+
+
+@needs_data
+def test_real_golds_and_their_bugs():
+    """On the real test sets: GSM8K's 14 golds with a thousands comma fail a right answer
+    written without it; ARC's 22 questions keyed "1"-"4" fail the right letter."""
+    from hrpo.data import load_task
+
+    gsm8k, task = load_task("gsm8k", str(DATA / "gsm8k"), "test"), get_task("gsm8k")
+    as_written = [task.reward(f"#### {e.meta['final']}", task.gold(e, "official"), "official") for e in gsm8k]
+    plain = [task.reward(f"#### {e.answer}", task.gold(e, "official"), "official") for e in gsm8k]
+    assert len(gsm8k) == 1319 and sum(as_written) == 1319 and sum(plain) == 1319 - 14
+    arc, task = load_task("arc-c", str(DATA / "arc_challenge"), "test"), get_task("arc-c")
+    letters = [task.reward(f"#### {e.answer}", task.gold(e, "official"), "official") for e in arc]
+    assert len(arc) == 1172 and sum(letters) == 1172 - 22
+    assert sum(task.reward(f"#### {e.answer}", task.gold(e, "paper"), "paper") for e in arc) == 1172

@@ -61,7 +61,7 @@ def convert(rec: dict) -> Example:
         shown = f"{key!r:.20}" if isinstance(key, (int, str)) and not isinstance(key, bool) else kind(key)
         raise Rejected(f"field {name!r}: expected {what}, got {shown}")
     meta = {k: rec[k] for k in ("subject", "type", "id") if k in rec}
-    if name == "answerKey":  # ARC's key as written ("1"-"4" on some items), which the official script scores against
+    if name == "answerKey" and str(key) != LETTERS[index]:  # ARC's "1"-"4": the official script scores against it
         meta["key"] = key
     return Example(question=question, answer=LETTERS[index], choices=list(choices), meta=meta)
 

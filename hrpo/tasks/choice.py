@@ -77,9 +77,9 @@ _OFFICIAL_LETTER = re.compile(r"\b([A-J])\b")
 def official_letter(text: str) -> str:
     """process_mmlu_answer (utils.py:298-310): the LAST standalone letter A-J of the trimmed
     text after upper-casing it all -- so the pronoun "I" and the article "a" count as options
-    ("B, as I said" -> "I"; "B is a guess" -> "A"); with none, the whole trimmed text less
-    trailing dots and slashes (an ARC key "1" so matches only a completion whose whole answer
-    is "1", never a letter)."""
+    ("B, as I said" -> "I"; "B is a guess" -> "A"); with none, the whole trimmed text, its
+    dots stripped at both ends, then trailing slashes (an ARC key "1" so matches only a
+    completion whose whole answer is "1", never a letter)."""
     text = official_trim(text)
     letters = _OFFICIAL_LETTER.findall(text.upper())
     return (letters[-1] if letters else text.strip().strip(".")).rstrip(".").rstrip("/")

@@ -312,7 +312,8 @@ def official_number(text: str) -> str:
     Commas are not part of a number, so "1,000" reads as its last group: "0" (and a gold
     "114,200" as "200"); prose after the answer counts ("18 apples, 2 left" -> "2")."""
     numbers = _OFFICIAL_NUMBER.findall(official_trim(text))
-    return _official_value(numbers[-1]).rstrip(".").rstrip("/") if numbers else ""  # the others are unused
+    # The script converts every match but keeps the last; the conversion has no effect on the others.
+    return _official_value(numbers[-1]).rstrip(".").rstrip("/") if numbers else ""
 
 
 # eval_gsm8k.py:107-111: both sides through process_gsm8k_answer, compared with ==; the gold

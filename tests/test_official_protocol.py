@@ -132,7 +132,7 @@ def test_math_gold_is_the_solutions_box():
     assert task.reward("#### $\\frac{1}{2}$", task.gold(bare, "official"), "official") == 1.0
 
 
-# ---------------------------------------------------------------- MMLU-STEM and ARC-C (eval_mmlust.py:114-118, eval_arcc.py:118-122)
+# ------------------------------------------- MMLU-STEM and ARC-C (eval_mmlust.py:114-118, eval_arcc.py:118-122)
 
 
 @pytest.mark.parametrize("completion,read", [

@@ -6,8 +6,11 @@
 
 `--protocol paper` (default) is the protocol of the code behind the paper's numbers: its
 system prompt, the task's user turn, greedy decoding with hybrid latents on, 512 new tokens
-(1024 for MATH and MATH-500), and the answer read from the text after the LAST marker.
-`--protocol strict` scores with the training reward (exactly one marker). The output folder
+(1024 for MATH and MATH-500), and the answer read from the text after the LAST marker by
+our answer readers. `--protocol official` decodes the same way but scores exactly as the
+paper's own eval_*.py scripts do, their bugs included (the numbers to quote beside the
+paper's table); `--protocol strict` scores with the training reward (exactly one marker).
+docs/evaluation-protocols.md compares the three. The output folder
 holds results.json (per benchmark: metric, n, protocol, model, checkpoint, decoding, seconds)
 and samples.jsonl (one line per example, appended as each batch finishes: an interrupted
 evaluation resumes where it stopped and never recomputes a finished example).
@@ -70,6 +73,7 @@ def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling:
     tokens, mean gate coefficient). `correct` is the task's score under `protocol`, or
     `reward_fn`'s reward when one is given (the trainer's held-out check)."""
     indices = list(range(len(examples))) if indices is None else indices
+    official = protocol == "official" and reward_fn is None  # samples show the golds the paper's script compares
     messages = [task.render(ex) for ex in examples]
     prompts = encode_prompts(tokenizer, messages, max_prompt_length, system)
     generator = torch.Generator(device=hm.lm_weight.device).manual_seed(seed)
@@ -77,10 +81,11 @@ def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling:
         batch = examples[lo : lo + batch_size]
         out = engine.generate(prompts[lo : lo + batch_size], sampling, generator)
         texts = decode_completions(tokenizer, out)
-        golds = [ex.answer for ex in batch]
         if reward_fn is None:
+            golds = [task.gold(ex, protocol) for ex in batch]  # official: what the paper's script reads
             correct = [task.reward(t, g, protocol) for t, g in zip(texts, golds)]
         else:
+            golds = [ex.answer for ex in batch]
             correct, _ = guarded_score(reward_fn, texts, golds, reward_timeout)
         samples = []
         lengths, gates = out.lengths.tolist(), out.gate_mean.tolist()  # one host read per batch
@@ -90,6 +95,7 @@ def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling:
                 "index": indices[lo + j], "prompt": messages[lo + j], "completion": text,
                 "extracted": None if extracted is None else str(extracted), "golds": ex.answer,
                 "correct": float(ok) if math.isfinite(ok) else 0.0,  # a non-finite reward credits nothing
+                **({"official_golds": task.official.golds(golds[j])} if official else {}),
                 **(task.details("" if extracted is None else str(extracted), ex.answer) if task.details else {}),
                 "completion_tokens": lengths[j], "gate_mean": gates[j],
             }))
@@ -351,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", help="a passage corpus (FlashRAG form); QA records without contexts get their top 3 by BM25")
     p.add_argument("--output-dir", default="evals/run", help="results.json and samples.jsonl (resumed if interrupted)")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation with other settings in --output-dir")
-    p.add_argument("--protocol", default="paper", choices=PROTOCOLS)
+    p.add_argument("--protocol", default="paper", choices=PROTOCOLS,
+                   help="how answers are scored: paper (our readers, last marker), official (the paper's own "
+                        "eval scripts, bugs included), strict (the training reward: exactly one marker)")
     p.add_argument("--limit", type=int, help="evaluate this many examples, drawn with --seed (the same subset each time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True)

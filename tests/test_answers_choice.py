@@ -8,8 +8,10 @@ from conftest import DATA, needs_data
 
 from hrpo.data import load_task
 from hrpo.prompts import ANSWER_MARKER
-from hrpo.tasks import PROTOCOLS, get_task
+from hrpo.tasks import get_task
 from hrpo.tasks.choice import LETTERS, convert, read_choice
+
+OURS = ("paper", "strict")  # the protocols our readers serve; "official": test_official_protocol.py
 
 READS = [
     ("B", "B"), ("(B)", "B"), ("B.", "B"), ("[D]", "D"), ("D: text", "D"), ("B) Vitamin C", "B"), ("**B**", "B"),
@@ -19,6 +21,9 @@ READS = [
     # "A" the article and "I" the pronoun are not letters when another letter is there
     ("A good answer is C", "C"), ("A tough one, but C", "C"), ("I pick D", "D"), ("A is correct", "A"),
     ("B because", "B"), ("C\nbecause A", "C"),
+    # lower case: the whole line, or a leading letter marked as an option; never prose
+    ("c", "C"), ("(b)", "B"), ("d.", "D"), ("a) 12 N", "A"), ("**c**", "C"), ("\\boxed{c}", "C"), ("j", "J"),
+    ("c. 42 N", "C"), ("a total of 5 apples", None), ("i.e. B", "B"), ("e.g. the second", None), ("k", None),
     # unreadable: lower case, numerals, option text, several letters, nothing
     ("the answer is a", None), ("2", None), ("Planetary days will become shorter.", None), ("B or C", None),
     ("Both", None), ("", None), ("\uff22", None),
@@ -28,7 +33,7 @@ READS = [
 @pytest.mark.parametrize("after,expected", READS)
 def test_reading(after, expected):
     assert read_choice(after) == expected
-    for protocol in PROTOCOLS:
+    for protocol in OURS:
         assert get_task("mmlu").answer(f"thinking\n{ANSWER_MARKER} {after}", protocol) == expected
 
 
@@ -63,7 +68,7 @@ def test_gold_letters_round_trip(task, path):
     assert {len(e.choices) for e in examples} <= set(range(3, 11))
     for e in examples:
         for letter in LETTERS[: len(e.choices)]:
-            for protocol in PROTOCOLS:
+            for protocol in OURS:
                 assert spec.reward(f"reasoning\n{ANSWER_MARKER} {letter}", e.answer, protocol) == float(letter == e.answer)
     if task == "arc-c":
         assert len(examples) == 1172 and {len(e.choices) for e in examples} == {3, 4, 5}

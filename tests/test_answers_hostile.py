@@ -1,5 +1,5 @@
 """Hostile completions: whatever a policy writes, reading and scoring it in every answer family
-(numeric, MATH, multiple choice) neither raises nor takes a second, under both protocols and
+(numeric, MATH, multiple choice) neither raises nor takes a second, under every protocol and
 through the training reward."""
 from __future__ import annotations
 

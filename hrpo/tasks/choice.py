@@ -3,7 +3,8 @@
 Asked as the paper asks it: `Question: ...\\nOptions:\\nA. ...\\nB. ...`; options are always
 lettered A, B, C, ... (up to J), and a gold given as an index, a letter or one of ARC's own
 labels ("1"-"4" on some items) is mapped onto that lettering. The answer is the option letter
-written after the marker.
+written after the marker. `official_letter` is the paper's own scoring (eval_mmlust.py,
+eval_arcc.py), kept apart from read_choice.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 from hrpo.data import Rejected, get_field, kind, options_field, text_field
 from hrpo.prompts import Example
 
-from .base import Task, first_line, register, unwrap
+from .base import Official, Task, first_line, official_text, official_trim, register, unwrap
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -60,6 +61,8 @@ def convert(rec: dict) -> Example:
         shown = f"{key!r:.20}" if isinstance(key, (int, str)) and not isinstance(key, bool) else kind(key)
         raise Rejected(f"field {name!r}: expected {what}, got {shown}")
     meta = {k: rec[k] for k in ("subject", "type", "id") if k in rec}
+    if name == "answerKey" and str(key) != LETTERS[index]:  # ARC's "1"-"4": the official script scores against it
+        meta["key"] = key
     return Example(question=question, answer=LETTERS[index], choices=list(choices), meta=meta)
 
 
@@ -68,8 +71,31 @@ def render(ex: Example) -> str:
     return f"Question: {ex.question}\nOptions:\n{options}"
 
 
+_OFFICIAL_LETTER = re.compile(r"\b([A-J])\b")
+
+
+def official_letter(text: str) -> str:
+    """process_mmlu_answer (utils.py:298-310): the LAST standalone letter A-J of the trimmed
+    text after upper-casing it all -- so the pronoun "I" and the article "a" count as options
+    ("B, as I said" -> "I"; "B is a guess" -> "A"); with none, the whole trimmed text, its
+    dots stripped at both ends, then trailing slashes (an ARC key "1" so matches only a
+    completion whose whole answer is "1", never a letter)."""
+    text = official_trim(text)
+    letters = _OFFICIAL_LETTER.findall(text.upper())
+    return (letters[-1] if letters else text.strip().strip(".")).rstrip(".").rstrip("/")
+
+
+# eval_mmlust.py:114-118 and eval_arcc.py:118-122: both sides through process_mmlu_answer,
+# compared with ==; the gold is chr(65 + answer) for MMLU-STEM and ARC's answerKey as written.
+OFFICIAL = Official(answer=lambda completion: official_letter(official_text(completion)),
+                    golds=lambda key: [official_letter(str(key))], source=lambda ex: ex.meta.get("key", ex.answer))
+
+
 _CUE = re.compile(rf"\b(?i:answer|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*[(\[]?([{LETTERS}])(?![A-Za-z0-9])")
 _LEADING = re.compile(rf"[(\[]?([{LETTERS}])(?:[.):\]]|\s*$)")
+# A lower-case letter only as the whole line or marked as an option ("c", "(c)", "c) text"):
+# "a total of 5" is prose, and "i.e." / "e.g." are not options I and E.
+_LOWER = re.compile(rf"[(\[]?([{LETTERS.lower()}])(?:[.):\]](?![A-Za-z])|\s*$)")
 _LONE = re.compile(rf"(?<![A-Za-z0-9'])([{LETTERS}])(?![A-Za-z0-9'])")
 _WORD = re.compile(r"(?<![A-Za-z0-9'])([AI])(?=\s+[a-z])")  # the article "A", the pronoun "I"
 
@@ -78,15 +104,16 @@ def read_choice(after: str) -> str | None:
     """The option letter (A-J) on the answer line (the first non-empty line after the marker):
     the letter after "answer", "option" or "choice" ("The answer is (B)", "Answer: C"), else a
     leading letter marked as one ("B", "(B)", "B.", "B) text"; \\boxed{}, bold and $ removed),
+    or such a letter in lower case ("c", "(c)", "c) text", read as C; not "a total of 5"),
     else the line's only standalone capital A-J, not counting an "A" or "I" used as a word when
     there are others ("I pick D", "A is correct", "A tough one, but C"); several: unreadable.
     Letters only: a numeral or the option's text in place of its letter reads as nothing, as
     the options are asked by letter; a letter past the item's options just scores 0."""
     line = unwrap(first_line(after))
     line = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", line)
-    m = _CUE.search(line) or _LEADING.match(line)
+    m = _CUE.search(line) or _LEADING.match(line) or _LOWER.match(line)
     if m:
-        return m.group(1)
+        return m.group(1).upper()
     letters = set(_LONE.findall(line))
     if len(letters) > 1:
         letters -= set(_WORD.findall(line))
@@ -99,9 +126,9 @@ def choice_score(pred: str, gold) -> float:
 
 register(
     Task("mmlu", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
-         hub="cais/mmlu:all"),
+         official=OFFICIAL, hub="cais/mmlu:all"),
     Task("mmlu-stem", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
-         hub="TIGER-Lab/MMLU-STEM", splits=("test", "test")),
+         official=OFFICIAL, hub="TIGER-Lab/MMLU-STEM", splits=("test", "test")),
     Task("arc-c", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
-         hub="allenai/ai2_arc:ARC-Challenge"),
+         official=OFFICIAL, hub="allenai/ai2_arc:ARC-Challenge"),
 )

@@ -14,6 +14,8 @@ digits, or a power of ten past it: `1e999999`) is kept as its digits and exponen
 only with the same number written so, never expanded; arithmetic on such numbers, a result over
 _MAX_BITS, a division by zero or a malformed expression makes the answer unreadable (None).
 So no answer raises or takes long.
+
+`official_number` is the paper's own GSM8K scoring (eval_gsm8k.py), kept apart from the above.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from fractions import Fraction
 from hrpo.data import Rejected, text_field
 from hrpo.prompts import ANSWER_MARKER, Example
 
-from .base import Task, first_line, question_only, register, unwrap
+from .base import Official, Task, first_line, official_text, official_trim, question_only, register, unwrap
 
 _CALC = re.compile(r"<<[^>]*>>")
 
@@ -267,10 +269,64 @@ def read_number(after: str) -> str | None:
     return None if value is None else _show(value)
 
 
+_OFFICIAL_NUMBER = re.compile(r"-?\d+/?\.?\d*")  # utils.py:271: no comma, so 1,000 is two numbers
+_PYTHON_INT = re.compile(r"[1-9][0-9]*|0+")  # an int literal Python accepts: no leading zero
+_PYTHON_DIVISOR = re.compile(r"[1-9][0-9]*|0+|\.[0-9]+")  # what may follow "/" in a number above
+
+
+def _official_quotient(number: str) -> float | None:
+    """The value eval() gives `a/b` at utils.py:113, worked out from the digits instead: a and b
+    must be Python literals (ASCII, no leading zeros: 3/05 is a SyntaxError; 3/ and 3/. too);
+    int/int is Python's correctly rounded true division, int/float divides float(a). None
+    where eval raises (also a zero divisor, a result past float, an int past 4300 digits)."""
+    sign, body = ("-", number[1:]) if number.startswith("-") else ("", number)
+    a, b = body.split("/")
+    if not (body.isascii() and _PYTHON_INT.fullmatch(a) and _PYTHON_DIVISOR.fullmatch(b)):
+        return None
+    try:
+        numerator = int(sign + a)
+        divisor = float(b) if b.startswith(".") else int(b)
+        return numerator / divisor
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+
+
+def _official_value(number: str) -> str:
+    """delete_extra_zero (utils.py:108-123) of one matched number: float() it (any Unicode
+    digits), else the quotient above; shown as the float's repr with its trailing zeros cut,
+    then "." dropped (12.0 -> 12) or what is left read back as a float -- so repr 1e+20 loses
+    its exponent's 0 and becomes 100.0. Unreadable (3/0, 3/05): the text as it was."""
+    try:
+        value = float(number)
+    except ValueError:
+        value = _official_quotient(number)
+        if value is None:
+            return number
+    shown = repr(value).rstrip("0")
+    return str(int(shown[:-1])) if shown.endswith(".") else repr(float(shown))
+
+
+def official_number(text: str) -> str:
+    """process_gsm8k_answer (utils.py:268-277): of the trimmed text, the LAST match of
+    -?\\d+/?\\.?\\d* through _official_value, trailing dots and slashes cut; "" when none.
+    Commas are not part of a number, so "1,000" reads as its last group: "0" (and a gold
+    "114,200" as "200"); prose after the answer counts ("18 apples, 2 left" -> "2")."""
+    numbers = _OFFICIAL_NUMBER.findall(official_trim(text))
+    # The script converts every match but keeps the last; the conversion has no effect on the others.
+    return _official_value(numbers[-1]).rstrip(".").rstrip("/") if numbers else ""
+
+
+# eval_gsm8k.py:107-111: both sides through process_gsm8k_answer, compared with ==; the gold
+# is the text after the solution's marker as written (extract_hash_answer, utils.py:25-29).
+OFFICIAL = Official(answer=lambda completion: official_number(official_text(completion)),
+                    golds=lambda gold: [official_number(str(gold))],
+                    source=lambda ex: ex.meta.get("final", ex.answer))
+
+
 def number_score(pred: str, gold) -> float:
     pred_value, gold_value = exact_value(pred), exact_value(gold)
     return float(pred_value is not None and pred_value == gold_value)
 
 
 register(Task("gsm8k", recipe="gsm8k", convert=convert, render=question_only, read=read_number, score=number_score,
-              hub="openai/gsm8k:main"))
+              official=OFFICIAL, hub="openai/gsm8k:main"))

@@ -12,6 +12,8 @@ SIGALRM timeouts are switched off; each comparison runs under reward_guard.time_
 which keeps the reward call's deadline (like any SIGALRM limit, only in the main thread).
 Answers that could make sympy work without end (over _MAX_CHARS, power towers, huge exponents
 or factorials) are not handed to it.
+
+`official_latex` is the paper's own MATH scoring (eval_math.py), kept apart from the above.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from hrpo.data import Rejected, expected, text_field
 from hrpo.prompts import Example
 from hrpo.reward_guard import RewardTimeout, time_limit
 
-from .base import Task, first_line, last_boxed, question_only, register, unwrap
+from .base import Official, Task, first_line, last_boxed, official_text, official_trim, question_only, register, unwrap
 from .gsm8k import exact_value
 
 _COMPARE_SECONDS = 2.0  # per comparison by math-verify
@@ -162,9 +164,142 @@ def math_score(pred: str, gold) -> float:
     return float(math_equal(pred, str(gold)))
 
 
+# ------------------------------------------------------------ the paper's own scoring
+
+
+def _official_box(text: str) -> str:
+    """find_box (utils.py:126-145): after the LAST "boxed" anywhere in the text (so also in
+    "unboxed"), the content of the brace group that starts right there (all the rest when its
+    braces never close); without a brace right after it ("\\boxed 5", "\\boxed {5}") the text
+    up to the next "$", stripped -- "\\boxed {5}" so reads as "{5}"."""
+    rest = text.rsplit("boxed", 1)[-1]
+    if not rest.startswith("{"):
+        return rest.split("$", 1)[0].strip()
+    depth = 0
+    for j, ch in enumerate(rest):
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return rest[1:j]
+    return rest[1:]
+
+
+_OFFICIAL_OPENER = re.compile(r"\\[\[(]|\$")
+_OFFICIAL_CLOSER = {"\\[": "\\]", "\\(": "\\)", "$$": "$$", "$": "$"}
+
+
+def _official_span(text: str) -> str:
+    """find_latex (utils.py:148-160): the stripped content of the LAST \\[..\\], \\(..\\), $$..$$
+    or $..$ span; "" when none. Spans are found as its regex finds them: left to right, never
+    overlapping, each closed by the first closer at least one character after its opener, $$
+    tried before $ (so "$5 and $6" gives "5 and"). A scan in linear time, where the regex takes
+    quadratic time on many unclosed openers; a closer once missing past a point stays missing."""
+    found, pos, missing = "", 0, set()
+    while (m := _OFFICIAL_OPENER.search(text, pos)) is not None:
+        start = m.start()
+        openers = ["$$", "$"] if text.startswith("$$", start) else [m.group()]
+        pos = start + 1  # where the search goes on when no closer follows
+        for opener in openers:
+            closer = _OFFICIAL_CLOSER[opener]
+            end = -1 if closer in missing else text.find(closer, start + len(opener) + 1)
+            if end < 0:
+                missing.add(closer)
+                continue
+            found, pos = text[start + len(opener) : end], end + len(closer)
+            break
+    return found.strip()
+
+
+def _official_sqrt(text: str) -> str:
+    """_fix_sqrt (utils.py:204-216): \\sqrtX -> \\sqrt{X} for the one character X after it,
+    before spaces are removed: "\\sqrt 2" becomes "\\sqrt{ }2"."""
+    head, *parts = text.split("\\sqrt")
+    return head + "".join("\\sqrt" + (f"{{{p[0]}}}{p[1:]}" if p and p[0] != "{" else p) for p in parts)
+
+
+def _official_fracs(text: str) -> str:
+    """_fix_fracs (utils.py:171-201): \\fracab -> \\frac{a}{b}, \\fraca{b} -> \\frac{a}{b}; a
+    \\frac with a single character after it leaves the whole text as it was."""
+    head, *parts = text.split("\\frac")
+    out = [head]
+    for part in parts:
+        if part and part[0] != "{":
+            if len(part) < 2:
+                return text
+            part = "{" + part[0] + "}" + (part[1:] if part[1] == "{" else "{" + part[1] + "}" + part[2:])
+        out.append("\\frac" + part)
+    return "".join(out)
+
+
+def _official_slash(text: str) -> str:
+    """_fix_a_slash_b (utils.py:219-231): a/b of two integers written as Python writes them
+    (no sign +, no leading zero) -> \\frac{a}{b}; anything else unchanged."""
+    if text.count("/") != 1:
+        return text
+    a, b = text.split("/")
+    try:
+        a_int, b_int = int(a), int(b)
+    except ValueError:
+        return text
+    return f"\\frac{{{a_int}}}{{{b_int}}}" if text == f"{a_int}/{b_int}" else text
+
+
+_OFFICIAL_DROPS = [("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+                   ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", "")]
+
+
+def _official_strip(text: str) -> str:
+    """_strip_string (utils.py:234-265), in its order. Its quirks: "\\left"/"\\right" are cut
+    out of "\\leftarrow"/"\\rightarrow" too; only "\\%" is dropped, not a bare "%" (and twice:
+    utils.py:248's "\\%" is the same two characters, which matters when a removal joins a new
+    one); units go only as "\\text{ " with a space (everything from the first one on); "x=5"
+    keeps 5 only when the left side has at most 2 characters; spaces go after _fix_sqrt."""
+    for old, new in _OFFICIAL_DROPS:
+        text = text.replace(old, new)
+    text = text.strip("$").replace("\\$", "").split("\\text{ ", 1)[0]
+    text = text.replace("\\%", "").replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if text.startswith("."):
+        text = "0" + text
+    sides = text.split("=")
+    if len(sides) == 2 and len(sides[0]) <= 2:
+        text = sides[1]
+    return _official_slash(_official_fracs(_official_sqrt(text).replace(" ", "")))
+
+
+_OFFICIAL_NUMBER = re.compile(r"-?\d*\.?\d+")
+
+
+def official_latex(text: str) -> str:
+    """process_math_answer (utils.py:280-295): of the trimmed text, the content of the last
+    "boxed" if the word occurs at all, else the last LaTeX span, else the last number (""
+    without one); then _strip_string, trailing dots and slashes cut, \\text{..} unwrapped, all
+    lower-cased. Two answers count as equal only when these strings are (eval_math.py:138, 151):
+    "0.5" is not "\\frac{1}{2}", "50%" is not "50"."""
+    text = official_trim(text)
+    if "boxed" in text:
+        answer = _official_box(text)
+    else:
+        numbers = _OFFICIAL_NUMBER.findall(text)
+        answer = _official_span(text) or (numbers[-1] if numbers else "")
+    answer = _official_strip(answer).rstrip(".").rstrip("/")
+    return re.sub(r"\\text\{([^}]*)\}", r"\1", answer).lower()
+
+
+def _official_gold(solution) -> list[str]:
+    """eval_math.py:132-133: the solution's last "boxed" content, stripped and boxed again
+    (extract_boxed_answer, utils.py:32-36), then read like a completion."""
+    return [official_latex("\\boxed{" + _official_box(str(solution)).strip() + "}")]
+
+
+# The script scores MATH-500 as the MATH test problems whose text is in MATH-500
+# (eval_math.py:136-139), so with the MATH solution's box; a record without a solution
+# (an answer alone) is read as that answer boxed.
+OFFICIAL = Official(answer=lambda completion: official_latex(official_text(completion)), golds=_official_gold,
+                    source=lambda ex: ex.meta.get("solution", "\\boxed{" + ex.answer + "}"))
+
+
 register(
     Task("math", recipe="math", convert=convert, render=question_only, read=read_latex, score=math_score,
-         max_new_tokens=1024, hub="DigitalLearningGmbH/MATH-lighteval"),
+         official=OFFICIAL, max_new_tokens=1024, hub="DigitalLearningGmbH/MATH-lighteval"),
     Task("math500", recipe="math", convert=convert, render=question_only, read=read_latex, score=math_score,
-         max_new_tokens=1024, hub="HuggingFaceH4/MATH-500", splits=("test", "test")),
+         official=OFFICIAL, max_new_tokens=1024, hub="HuggingFaceH4/MATH-500", splits=("test", "test")),
 )

@@ -35,7 +35,7 @@ from typing import Any
 from hrpo.data import Rejected, expected, get_field, is_text, text_field
 from hrpo.prompts import Example
 
-from .base import Task, first_line, register, unwrap
+from .base import Official, Task, first_line, official_text, register, unwrap
 
 TOP_K = 3  # passages shown, as in the paper
 FLASHRAG = "RUC-NLPIR/FlashRAG_datasets"  # the test sets FlashRAG and Search-R1 (so HRPO) evaluate on
@@ -302,14 +302,23 @@ def f1_details(pred: str, gold) -> dict:
     return {"f1": f1_score(pred, gold)}
 
 
+# eval_rag.py:127-131: the WHOLE text after the last marker (every line of it; the whole
+# completion when it has no marker), normalised by process_qa_answer (utils.py:313-327, the
+# SQuAD normalisation that normalize_qa is), must equal one normalised golden answer:
+# "Paris\nIt is the capital" scores 0; an empty answer matches an alias that normalises to
+# nothing ("The").
+OFFICIAL = Official(answer=lambda completion: normalize_qa(official_text(completion)),
+                    golds=lambda gold: [normalize_qa(a) for a in _aliases(gold)])
+
+
 def _benchmark(name: str, config: str, splits: tuple[str, str]) -> Task:
     return Task(name, recipe="rag-qa", convert=convert, render=render, read=read_span, score=exact_match,
-                metric="exact_match", details=f1_details, hub=f"{FLASHRAG}:{config}", splits=splits)
+                official=OFFICIAL, metric="exact_match", details=f1_details, hub=f"{FLASHRAG}:{config}", splits=splits)
 
 
 register(
     Task("rag-qa", recipe="rag-qa", convert=convert_with_contexts, render=render, read=read_span, score=exact_match,
-         metric="exact_match", details=f1_details),
+         official=OFFICIAL, metric="exact_match", details=f1_details),
     # FlashRAG's splits: NQ and TriviaQA have a test set; HotpotQA and 2Wiki are evaluated on
     # dev (their test sets are unlabelled); Bamboogle is a single test set.
     _benchmark("nq", "nq", ("train", "test")),

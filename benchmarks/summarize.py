@@ -100,7 +100,9 @@ def train_step_table(entries: list[dict]) -> str:
         lines += ["", "| s / step: rollout + update | eager_baseline | hrpo | speed-up |", "|---|---|---|---|"]
         for (device, model), r in sorted(whole.items()):
             def cell(m):
-                return f"{r[m]['seconds_per_step']:.2f} ({r[m]['rollout_s']:.2f} + {r[m]['update_s']:.2f})" if m in r else ""
+                if m not in r:
+                    return ""
+                return f"{r[m]['seconds_per_step']:.2f} ({r[m]['rollout_s']:.2f} + {r[m]['update_s']:.2f})"
 
             speed = (f"{r['eager_baseline']['seconds_per_step'] / r['hrpo']['seconds_per_step']:.1f}x"
                      if len(r) == 2 else "")

@@ -210,7 +210,8 @@ def whole_step(benchmark, method: str, hm, batch: SequenceBatch, adv: torch.Tens
     parts: dict[str, float] = {}
 
     def step(rollout_tokens: int = new):
-        for name, mode, run in (("rollout_s", hm.eval, lambda: rollout(rollout_tokens)), ("update_s", hm.train, update)):
+        for name, mode, run in (("rollout_s", hm.eval, lambda: rollout(rollout_tokens)),
+                                ("update_s", hm.train, update)):
             mode()
             start = time.perf_counter()
             run()

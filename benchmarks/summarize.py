@@ -5,7 +5,8 @@
 Rollout entries (extra_info.tokens_per_s) become one row per (device, model, batch) with a
 column per method, the floor and each method's fraction of it; training-update entries one
 row per (device, model, recipe) with hrpo's speed-up and memory against the eager baseline;
-whole-step entries one row with seconds per optimizer step and hrpo's speed-up over TRL;
+whole-step entries one row with seconds per optimizer step and hrpo's speed-up over TRL, and
+one row per (device, model) of rollout + update against the eager baseline;
 other entries are listed with their median time and the extra_info fields that say how close
 to the floor they are.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 ROLLOUT_METHODS = ("eager_reference", "hf_generate", "reference_loop", "engine_plain", "engine_hybrid")
 UPDATE_METHODS = ("eager", "hrpo")
 STEP_METHODS = ("hrpo_hybrid", "hrpo_grpo", "trl_grpo")
-GPU_STEP_METHODS = ("official", "hrpo")
+WHOLE_STEP_METHODS = ("eager_baseline", "hrpo")  # test_train_step_bench.whole_step
 OP_FIELDS = ("achieved_GBps", "bw_fraction_of_copy", "floor_bytes_us", "peak_mem_MiB")
 
 
@@ -66,15 +67,15 @@ def train_step_table(entries: list[dict]) -> str:
     ratio) per (device, model, recipe), then the whole step (seconds per optimizer step)."""
     upd: dict[tuple, dict] = defaultdict(dict)
     steps: dict[str, float] = {}
-    gpu_steps: dict[str, float] = {}
+    whole: dict[tuple, dict] = defaultdict(dict)
     for e in entries:
         info = e.get("extra_info", {})
         if info.get("method") in UPDATE_METHODS and "recipe" in info:
             upd[(info["device"], info["model"], info["recipe"])][info["method"]] = info
         elif info.get("method") in STEP_METHODS:
             steps[info["method"]] = info["seconds_per_step"]
-        elif info.get("method") in GPU_STEP_METHODS and "seconds_per_step" in info:
-            gpu_steps[info["method"]] = info["seconds_per_step"]
+        elif info.get("method") in WHOLE_STEP_METHODS and "rollout_s" in info:
+            whole[(info["device"], info["model"])][info["method"]] = info
     lines = []
     if upd:
         lines += ["| device | model | recipe | eager tok/s | hrpo tok/s | speed-up | eager peak GB | hrpo peak GB | memory ratio |",
@@ -95,10 +96,17 @@ def train_step_table(entries: list[dict]) -> str:
                  for m in ("hrpo_grpo", "hrpo_hybrid")}
         lines.append("| cpu, embedded, arith | " + " | ".join(f"{steps[m]:.3f}" for m in head)
                      + f" | {ratio['hrpo_grpo']} | {ratio['hrpo_hybrid']} |")
-    if len(gpu_steps) == 2:
-        lines += ["", "| s / step, cuda, Qwen2.5-1.5B, GSM8K recipe | official | hrpo | speed-up |", "|---|---|---|---|",
-                  f"| rollout + update | {gpu_steps['official']:.2f} | {gpu_steps['hrpo']:.2f} | "
-                  f"{gpu_steps['official'] / gpu_steps['hrpo']:.1f}x |"]
+    if whole:
+        lines += ["", "| s / step: rollout + update | eager_baseline | hrpo | speed-up |", "|---|---|---|---|"]
+        for (device, model), r in sorted(whole.items()):
+            def cell(m):
+                if m not in r:
+                    return ""
+                return f"{r[m]['seconds_per_step']:.2f} ({r[m]['rollout_s']:.2f} + {r[m]['update_s']:.2f})"
+
+            speed = (f"{r['eager_baseline']['seconds_per_step'] / r['hrpo']['seconds_per_step']:.1f}x"
+                     if len(r) == 2 else "")
+            lines.append(f"| {device}, {model} | {cell('eager_baseline')} | {cell('hrpo')} | {speed} |")
     return "\n".join(lines)
 
 
@@ -106,7 +114,7 @@ def ops_table(entries: list[dict]) -> str:
     lines = ["| benchmark | median | " + " | ".join(OP_FIELDS) + " |", "|" + "---|" * (len(OP_FIELDS) + 2)]
     for e in entries:
         info = e.get("extra_info", {})
-        if "tokens_per_s" in info or info.get("method") in STEP_METHODS + GPU_STEP_METHODS:
+        if "tokens_per_s" in info or info.get("method") in STEP_METHODS + WHOLE_STEP_METHODS:
             continue
         median = info.get("median_us")
         median = f"{median:,.1f} us" if median is not None else f"{e['stats']['median'] * 1e3:,.3f} ms"
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if training:
         print(training + "\n")
     if any("tokens_per_s" not in e.get("extra_info", {})
-           and e.get("extra_info", {}).get("method") not in STEP_METHODS + GPU_STEP_METHODS for e in entries):
+           and e.get("extra_info", {}).get("method") not in STEP_METHODS + WHOLE_STEP_METHODS for e in entries):
         print(ops_table(entries))
     return 0
 

@@ -18,6 +18,13 @@ tokens).
 Whole-step entries `step-{method}-cpu-tiny-arith` (seconds per optimizer step in extra_info):
 hrpo_hybrid and hrpo_grpo (hrpo's trainer: rollout, reward, reference pass, update) and, when
 `trl` is installed, trl_grpo: TRL's GRPOTrainer on the same model, task and recipe.
+
+Whole-step entries `step-{eager_baseline,hrpo}-{device}-{model}-...` (whole_step): a rollout
+for the full completion length then the update, both run for real and timed as one round
+(rollout_s, update_s, seconds_per_step). eager_baseline is this repository's eager
+re-implementation of the original code's loop (benchmarks/eager_reference.py) plus the eager
+update; hrpo is the engine plus hrpo.update. On CUDA at Qwen2.5-1.5B shapes, the GSM8K
+recipe; on the CPU the embedded model stands in, so the same logic runs without a GPU.
 """
 from __future__ import annotations
 
@@ -28,11 +35,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.eager_reference import eager_update, peft_lora_forward
+from benchmarks.conftest import synced
+from benchmarks.eager_reference import eager_rollout, eager_update, peft_lora_forward
+from benchmarks.test_rollout_bench import TOP_K, FoldedDecode, never_marker, tiny_tokenizer
 from hrpo.config import config_for
-from hrpo.loading import build_policy
+from hrpo.engine import EngineOptions, RolloutEngine
+from hrpo.loading import build_policy, load_base_model
 from hrpo.loss import group_advantages
 from hrpo.model import SequenceBatch
+from hrpo.rollout import SamplingConfig
 from hrpo.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 
 SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
@@ -102,9 +113,9 @@ def test_step_cpu(benchmark, tmp_path, method):
         pytest.importorskip("trl", reason="trl is not a dependency; pip install trl to measure it")
         from benchmarks.trl_peer import trl_step_seconds
 
-        seconds = trl_step_seconds(steps=6, workdir=tmp_path)
         benchmark.name = f"step-{method}-cpu-tiny-arith"
-        benchmark.pedantic(lambda: None, rounds=1)
+        # The round is TRL's whole run (setup and 6 steps); its per-step median is TRL's own clock.
+        seconds = benchmark.pedantic(trl_step_seconds, kwargs={"steps": 6, "workdir": tmp_path}, rounds=1)
         benchmark.extra_info.update(method=method, seconds_per_step=seconds)
         return
     from hrpo.train import Trainer
@@ -121,6 +132,8 @@ def test_step_cpu(benchmark, tmp_path, method):
 def gpu_policy(name: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not SHAPES.is_file():
+        pytest.skip(f"{SHAPES} is missing (the Qwen2.5 shapes come from the shared folder)")
     torch.cuda.empty_cache()
     entry = json.loads(SHAPES.read_text())[GPU_MODELS[name]]
     torch.manual_seed(0)
@@ -134,17 +147,19 @@ def gpu_policy(name: str):
     return hm.train()
 
 
-def gpu_rollout(hm, prompts: int, group: int) -> tuple[SequenceBatch, torch.Tensor]:
+def random_rollout(hm, prompts: int, group: int, prompt_len: int = PROMPT_LEN,
+                   completion_len: int = COMPLETION_LEN) -> tuple[SequenceBatch, torch.Tensor]:
+    """A rollout's batch of random tokens on hm's device, every position thinking."""
     V, d = hm.embed.weight.shape
-    B, dev = prompts * group, "cuda"
+    B, dev = prompts * group, hm.lm_weight.device
     g = torch.Generator(device=dev).manual_seed(0)
-    prompt_ids = torch.randint(0, V, (prompts, PROMPT_LEN), device=dev, generator=g).repeat_interleave(group, 0)
+    prompt_ids = torch.randint(0, V, (prompts, prompt_len), device=dev, generator=g).repeat_interleave(group, 0)
     batch = SequenceBatch(
         prompt_ids=prompt_ids, prompt_mask=torch.ones_like(prompt_ids, dtype=torch.bool),
-        completion_ids=torch.randint(0, V, (B, COMPLETION_LEN), device=dev, generator=g),
-        completion_mask=torch.ones(B, COMPLETION_LEN, dtype=torch.bool, device=dev),
-        latents=torch.randn(B, COMPLETION_LEN, d, device=dev, generator=g).to(torch.bfloat16),
-        think_mask=torch.ones(B, COMPLETION_LEN, dtype=torch.bool, device=dev),
+        completion_ids=torch.randint(0, V, (B, completion_len), device=dev, generator=g),
+        completion_mask=torch.ones(B, completion_len, dtype=torch.bool, device=dev),
+        latents=torch.randn(B, completion_len, d, device=dev, generator=g).to(hm.embed.weight.dtype),
+        think_mask=torch.ones(B, completion_len, dtype=torch.bool, device=dev),
     )
     adv = group_advantages(torch.randn(B, device=dev, generator=g), group)
     return batch, adv
@@ -156,62 +171,81 @@ def gpu_rollout(hm, prompts: int, group: int) -> tuple[SequenceBatch, torch.Tens
 @pytest.mark.parametrize("model", list(GPU_MODELS))
 def test_update_gpu(benchmark, model, method, recipe):
     hm = gpu_policy(model)
-    batch, adv = gpu_rollout(hm, *GPU_RECIPES[recipe])
+    batch, adv = random_rollout(hm, *GPU_RECIPES[recipe])
     fn = eager_runner(hm, batch, adv) if method == "eager" else hrpo_update(hm, batch, adv, COMPLETION_LEN)
     fn()  # warm-up: kernels compiled and autotuned, the allocator's pools filled
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated()
     benchmark.name = f"update-{method}-cuda-{model}-{recipe}"
-    benchmark.pedantic(lambda: None, rounds=1)
-    record(benchmark, method, "cuda", model, recipe, batch, seconds=seconds, peak_gb=peak / 2**30,
+    benchmark.pedantic(synced(fn), rounds=1)
+    peak = torch.cuda.max_memory_allocated()
+    record(benchmark, method, "cuda", model, recipe, batch, peak_gb=peak / 2**30,
            peak_above_weights_gb=(peak - resident) / 2**30, device_name=torch.cuda.get_device_name())
     del hm
 
 
+def step_rollout(method: str, hm, prompts: list[list[int]]):
+    """rollout(new_tokens) of one whole step. eager_baseline: the eager loop of
+    benchmarks/eager_reference.py (HF forward with its cache, full logits, a host-side re-decode
+    of every row each step; the embedded tokenizer's decode on folded ids); hrpo: the engine.
+    Both blend at every position (the marker never completes) and never stop early."""
+    if method == "eager_baseline":
+        decoder, gen = FoldedDecode(tiny_tokenizer(), 0), torch.Generator(device=hm.lm_weight.device).manual_seed(0)
+        return lambda new: eager_rollout(hm, decoder, prompts, new, TEMPERATURE, TOP_K, generator=gen)
+    engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], 0, EngineOptions())
+    return lambda new: engine.generate(prompts, SamplingConfig(new, TEMPERATURE, TOP_K), seed=0)
+
+
+def whole_step(benchmark, method: str, hm, batch: SequenceBatch, adv: torch.Tensor) -> dict:
+    """Time one whole step, rollout for the batch's full completion length then update, as the
+    benchmark's one round; returns each part's seconds. Warm-up beforehand: hrpo's full step
+    (its kernels compile, its graphs are captured for this length); the eager baseline's
+    update and an 8-token rollout (eager ops compile nothing: the first steps only set up the
+    BLAS handles and the allocator, and its every step is alike)."""
+    new = batch.completion_ids.shape[1]
+    rollout = step_rollout(method, hm, batch.prompt_ids.tolist())
+    update = eager_runner(hm, batch, adv) if method == "eager_baseline" else hrpo_update(hm, batch, adv, new)
+    sync = torch.cuda.synchronize if hm.lm_weight.is_cuda else (lambda: None)
+    parts: dict[str, float] = {}
+
+    def step(rollout_tokens: int = new):
+        for name, mode, run in (("rollout_s", hm.eval, lambda: rollout(rollout_tokens)),
+                                ("update_s", hm.train, update)):
+            mode()
+            start = time.perf_counter()
+            run()
+            sync()
+            parts[name] = time.perf_counter() - start
+
+    step(new if method == "hrpo" else 8)
+    benchmark.pedantic(step, rounds=1)
+    return parts
+
+
+@pytest.mark.parametrize("method", ["eager_baseline", "hrpo"])
+def test_step_vs_eager_cpu(benchmark, method):
+    """whole_step on the CPU with the embedded model standing in for the GPU's: 2 prompts x 4
+    completions of 32 + 24 random tokens."""
+    torch.manual_seed(0)
+    hm = build_policy(load_base_model(None, torch.device("cpu"), torch.float32)[0], config_for("arith"))
+    batch, adv = random_rollout(hm, 2, 4, 32, 24)
+    parts = whole_step(benchmark, method, hm, batch, adv)
+    benchmark.name = f"step-{method}-cpu-tiny-random"
+    benchmark.extra_info.update(method=method, device="cpu", model="tiny", **parts,
+                                seconds_per_step=benchmark.stats.stats.median, new_tokens=24)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU training-step benchmarks need CUDA")
-@pytest.mark.parametrize("method", ["official", "hrpo"])
+@pytest.mark.parametrize("method", ["eager_baseline", "hrpo"])
 def test_step_gpu(benchmark, method):
     """The whole step of the GSM8K recipe at Qwen2.5-1.5B shapes (2 prompts x 4 completions of
-    256 + 512 tokens): rollout plus update. official: the original code's rollout
-    (benchmarks/eager_reference.py, timed at the rollout benchmark's BASELINE_TOKENS new tokens
-    and scaled per token to 512: its per-step cost does not fall with length) plus the eager
-    update; hrpo: the engine's 512-token rollout plus hrpo.update. The goal is 5x."""
-    from benchmarks.eager_reference import eager_rollout
-    from benchmarks.test_rollout_bench import BASELINE_TOKENS, FoldedDecode, never_marker, tiny_tokenizer
-    from hrpo.engine import EngineOptions, RolloutEngine
-    from hrpo.rollout import SamplingConfig
-
+    256 + 512 tokens), both sides run for real: eager_baseline, the eager rollout loop for all
+    512 tokens then the eager update; hrpo, the engine's rollout then hrpo.update. The goal is 5x."""
     hm = gpu_policy("qwen2.5-1.5b")
-    batch, adv = gpu_rollout(hm, 2, 4)
-    prompts = batch.prompt_ids.tolist()
-    matcher = never_marker(hm.lm_weight.shape[0])
-    if method == "official":
-        new = BASELINE_TOKENS
-        rollout = lambda: eager_rollout(hm.eval(), FoldedDecode(tiny_tokenizer(), 0), prompts, new, TEMPERATURE, 50,
-                                        generator=torch.Generator(device="cuda").manual_seed(0))  # noqa: E731
-        update = eager_runner(hm.train(), batch, adv)
-    else:
-        new = COMPLETION_LEN
-        engine = RolloutEngine(hm, matcher, [], 0, EngineOptions())
-        cfg = SamplingConfig(new, TEMPERATURE, 50)
-        rollout = lambda: engine.generate(prompts, cfg, seed=0)  # noqa: E731
-        update = hrpo_update(hm.train(), batch, adv, COMPLETION_LEN)
-    timings = []
-    for part in (rollout, update):
-        part()  # warm-up (compilation, graph capture, autotuning)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        part()
-        torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    rollout_s = timings[0] * COMPLETION_LEN / new
+    batch, adv = random_rollout(hm, 2, 4)
+    parts = whole_step(benchmark, method, hm, batch, adv)
     benchmark.name = f"step-{method}-cuda-qwen2.5-1.5b-gsm8k"
-    benchmark.pedantic(lambda: None, rounds=1)
-    benchmark.extra_info.update(method=method, device="cuda", rollout_s=rollout_s, update_s=timings[1],
-                                seconds_per_step=rollout_s + timings[1], measured_new_tokens=new)
+    benchmark.extra_info.update(method=method, device="cuda", model="qwen2.5-1.5b", **parts,
+                                seconds_per_step=benchmark.stats.stats.median, new_tokens=COMPLETION_LEN,
+                                device_name=torch.cuda.get_device_name())

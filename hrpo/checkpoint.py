@@ -26,6 +26,7 @@ from .runs import fsync_dir, write_durably
 
 FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
 STEP_PREFIX = "step-"
+TMP_PREFIX = ".hrpo-tmp-"  # a save's temporary folders: the only dot-entries pruning removes
 
 
 class CheckpointError(ModelError):
@@ -84,14 +85,14 @@ def _atomic_folder(path: Path, write) -> Path:
     existing `path` is replaced). Any failure removes the temporary folder and is re-raised
     as one line naming `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}new-{path.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         write(tmp)
         fsync_dir(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
             os.rename(path, old)
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -302,7 +303,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Keep the newest `keep`; also clear temporary folders a killed save left behind (one
-    trainer writes here, and it has just finished a save)."""
-    for old in complete_checkpoints(root)[:-keep] + [p for p in root.iterdir() if p.name.startswith(".")]:
+    """Keep the newest `keep`; also clear the temporary folders a killed save left behind (one
+    trainer writes here, and it has just finished a save). Nothing else is touched."""
+    leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir() and not p.is_symlink()]
+    for old in complete_checkpoints(root)[:-keep] + leftovers:
         shutil.rmtree(old, ignore_errors=True)

@@ -117,7 +117,7 @@ class RunDir:
                               "--overwrite to replace it")
         _probe_writable(self.root, "--output-dir")
         self._old_files = list(self.files)
-        self._created: Path | None = None  # the topmost folder open() created
+        self._created: list[Path] = []  # the folders open() created, the run folder first
         self._stash: Path | None = None  # where the replaced run's files wait until started()
         self._stashed: list[str] = []
         self._new: list[str] = []  # entered by this process (rollback removes them)
@@ -134,11 +134,11 @@ class RunDir:
         return files
 
     def open(self) -> RunDir:
-        if not self.root.exists():
-            self._created = self.root.absolute()
-            while not self._created.parent.exists():
-                self._created = self._created.parent
-            self.root.mkdir(parents=True)
+        folder = self.root.absolute()
+        while not folder.exists():
+            self._created.append(folder)
+            folder = folder.parent
+        self.root.mkdir(parents=True, exist_ok=True)
         if self.holds_run and self.overwrite:
             # Moved aside, not deleted, until the new run makes progress; the stash itself is
             # in the manifest, so a later --overwrite clears it if this process dies first.
@@ -171,14 +171,15 @@ class RunDir:
             self.files.remove(self._stash.name)
             self._save_manifest()
             self._stash = None
-        self._new = []
+        self._new, self._created = [], []
 
     def rollback(self) -> None:
         """Put the folder back as open() found it (a run that failed before its first step)."""
         for name in reversed(self._new):
             _remove(self.root / name)
-        if self._created is not None:
-            shutil.rmtree(self._created, ignore_errors=True)
+        if self._created:
+            (self.root / MANIFEST).unlink(missing_ok=True)
+            _remove_empty(self._created)
             return
         self.files = [f for f in self.files if f not in self._new]
         if self._stash is not None:
@@ -192,6 +193,16 @@ class RunDir:
         else:
             (self.root / MANIFEST).unlink(missing_ok=True)
         self._new = []
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders open() created, deepest first, each only while it is empty: another
+    process may have written beside the run meanwhile, and its files stay."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _remove(path: Path) -> None:

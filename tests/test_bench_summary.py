@@ -39,8 +39,12 @@ def test_training_step_tables(tmp_path, capsys):
         entry("step-hrpo_grpo-cpu-tiny-arith", 0.5, method="hrpo_grpo", seconds_per_step=0.5),
         entry("step-hrpo_hybrid-cpu-tiny-arith", 0.6, method="hrpo_hybrid", seconds_per_step=0.6),
         entry("step-trl_grpo-cpu-tiny-arith", 1.5, method="trl_grpo", seconds_per_step=1.5),
-        entry("step-official-cuda-q-gsm8k", 0.0, method="official", device="cuda", seconds_per_step=40.0),
-        entry("step-hrpo-cuda-q-gsm8k", 0.0, method="hrpo", device="cuda", seconds_per_step=5.0),
+        entry("step-eager_baseline-cuda-q-gsm8k", 40.0, method="eager_baseline", device="cuda", model="q",
+              rollout_s=36.0, update_s=3.5, seconds_per_step=40.0),
+        entry("step-hrpo-cuda-q-gsm8k", 5.0, method="hrpo", device="cuda", model="q", rollout_s=3.0, update_s=1.75,
+              seconds_per_step=5.0),
+        entry("step-hrpo-cpu-tiny-random", 0.25, method="hrpo", device="cpu", model="tiny", rollout_s=0.1,
+              update_s=0.15, seconds_per_step=0.25),
     ]
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"machine_info": {}, "benchmarks": rows}))
@@ -49,5 +53,6 @@ def test_training_step_tables(tmp_path, capsys):
     # 9000 / 3000 = 3x faster; 40 / 4 = a tenth of the memory; TRL 1.5 s against 0.5 and 0.6 s.
     assert "| cuda | m | gsm8k | 3,000 | 9,000 | 3.00x | 40.00 | 4.00 | 1/10.0 |" in out
     assert "| cpu, embedded, arith | 0.600 | 0.500 | 1.500 | 3.00x | 2.50x |" in out
-    assert "| rollout + update | 40.00 | 5.00 | 8.0x |" in out  # 40 / 5
+    assert "| cuda, q | 40.00 (36.00 + 3.50) | 5.00 (3.00 + 1.75) | 8.0x |" in out  # 40 / 5
+    assert "| cpu, tiny |  | 0.25 (0.10 + 0.15) |  |" in out  # no baseline in this file: no ratio
     assert "step-" not in out  # whole-step entries are not listed as ops

@@ -3,9 +3,11 @@ reproduces the uninterrupted run, metric for metric and bit for bit."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from conftest import small_config
 from safetensors.torch import load_file
 
-from hrpo.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint
+from hrpo.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint, prune_checkpoints, step_folder
 from hrpo.eval import main as eval_main
 from hrpo.reporting import json_safe
 from hrpo.train import Trainer
@@ -167,18 +169,31 @@ def test_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
 
 
-def test_full_tmpfs(model_dir, tmp_path):
-    """The same on a real full file system (a small tmpfs), where mounting is allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
+SMALL_FS = "HRPO_TEST_SMALL_FS"  # opt-in: a folder on a small file system that is already mounted
+
+
+def test_full_small_filesystem(model_dir, tmp_path):
+    """The same on a real file system that fills up. Runs only where HRPO_TEST_SMALL_FS names a
+    folder on an already-mounted small file system (under 256 MiB free); the test never mounts
+    anything. It fills the space beyond 1.5 checkpoints with a file of its own, removed after."""
+    where = os.environ.get(SMALL_FS)
+    if not where:
+        pytest.skip(f"{SMALL_FS} is not set (the patched-write test above covers the logic)")
+    if not Path(where).is_dir():
+        pytest.fail(f"{SMALL_FS}={where}: no such folder")
+    free = shutil.disk_usage(where).free
+    if free > 256 * 2**20:
+        pytest.fail(f"{SMALL_FS}={where}: {free >> 20} MiB free; name a small file system (under 256 MiB free)")
     trainer = _trainer(model_dir, tmp_path / "probe")
     trainer.open_run()
     size = sum(f.stat().st_size for f in trainer.checkpoint().iterdir())
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs is not permitted here (the monkeypatched test above covers the logic)")
+    work = Path(tempfile.mkdtemp(dir=where, prefix="hrpo-test-"))
     try:
-        trainer = _trainer(model_dir, mnt / "run")
+        with open(work / "filler", "wb") as filler:
+            while shutil.disk_usage(work).free > size * 1.5:
+                filler.write(bytes(min(2**20, int(shutil.disk_usage(work).free - size * 1.5) + 4096)))
+                filler.flush()
+        trainer = _trainer(model_dir, work / "run")
         trainer.open_run()
         first = trainer.checkpoint()
         trainer.state.step = 1
@@ -187,7 +202,34 @@ def test_full_tmpfs(model_dir, tmp_path):
         assert [p.name for p in trainer.ckpt_root.iterdir()] == ["step-00000000"]
         load_checkpoint(_trainer(model_dir, tmp_path / "fresh").hm, first)
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        shutil.rmtree(work)
+
+
+def test_pruning_removes_old_steps_and_its_own_leftovers_only(tmp_path):
+    """A save killed mid-write (SIGKILL inside write) leaves its temporary folder; the next
+    prune removes it and the steps beyond `keep`, and nothing else in checkpoints/."""
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (step_folder(root, step)).mkdir(parents=True)
+    (root / ".mine").mkdir()
+    (root / ".mine" / "keep.txt").write_text("not hrpo's")
+    (root / ".hrpo-notes").write_text("a file, not a save's folder")
+    (root / "step-9-notes").mkdir()
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from hrpo.checkpoint import _atomic_folder
+        def write(tmp):
+            (tmp / "adapter.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), 9)
+        _atomic_folder(Path({str(root)!r}) / "step-00000004", write)
+    """)], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len([p for p in root.iterdir() if p.name not in {".mine", ".hrpo-notes", "step-9-notes"}]) == 4
+    prune_checkpoints(root, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [".hrpo-notes", ".mine", "step-00000002", "step-00000003",
+                                                      "step-9-notes"]
+    assert (root / ".mine" / "keep.txt").read_text() == "not hrpo's"
 
 
 def test_corrupt_checkpoint_files_are_one_line_errors(model_dir, tmp_path, capsys):

@@ -51,6 +51,19 @@ def test_a_new_folder_is_removed_by_rollback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_rollback_keeps_what_others_wrote_beside_the_new_folders(tmp_path):
+    """Only folders the run created, and only while empty: a/ held another file before the
+    run, b/ gets one while it runs; both stay, with their files, and run/ goes."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "other.txt").write_text("another run's")
+    rd = RunDir(tmp_path / "a" / "b" / "c" / "run").open()
+    rd.path("config.json").write_text("x")
+    (tmp_path / "a" / "b" / "late.txt").write_text("written meanwhile")
+    rd.rollback()
+    assert snapshot(tmp_path) == {"a": None, "a/b": None, "a/b/late.txt": b"written meanwhile",
+                                  "a/other.txt": b"another run's"}
+
+
 @pytest.mark.parametrize("setup,kwargs,message", [
     (lambda p: (p.mkdir(), (p / "config.json").write_text("{}")), {"overwrite": True},
      "is not empty and holds no hrpo run (no hrpo-run.json)"),
@@ -104,11 +117,13 @@ def test_a_run_failing_at_its_first_step_puts_the_folder_back(model_dir, tmp_pat
     def wrong_count(completions, answers):
         return [0.0] * (len(completions) - 1)
 
-    # A new folder disappears again.
-    out = tmp_path / "new"
+    # New folders disappear again; the folder above them, which holds another file, stays.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "other.txt").write_text("mine")
+    out = tmp_path / "a" / "b" / "c"
     with pytest.raises(ValueError, match=r"^reward function wrong_count returned 7 values for 8 completions$"):
         train(small_config(model_dir, out), reward_fn=wrong_count, progress=False)
-    assert not out.exists()
+    assert snapshot(tmp_path / "a") == {"other.txt": b"mine"}
     # An existing run replaced with --overwrite comes back byte for byte.
     out = tmp_path / "old"
     train(small_config(model_dir, out, max_steps=1), progress=False)

@@ -178,9 +178,13 @@ class Trainer:
         self.poisoned = False  # a micro-batch of this accumulation window had a non-finite loss
         if cfg.gradient_checkpointing:
             self.hm.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Prefix sharing runs the body once or twice per micro-batch depending on its data (its
+        # completions' width); under FSDP each run is a collective, so there it is off: one
+        # body run per micro-batch, real or padding, on every rank.
+        sharded = cfg.fsdp and self.group.active
         self.update = UpdateSettings(cfg.temperature, cfg.hybrid, cfg.beta, cfg.epsilon, cfg.loss_norm,
                                      cfg.max_completion_length, cfg.micro_batch_tokens,
-                                     share_prefix=not cfg.gradient_checkpointing)
+                                     share_prefix=not (cfg.gradient_checkpointing or sharded))
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -167,11 +167,14 @@ def shard_layers(hm, group: Group) -> None:
     """FSDP2 (fully_shard) on each decoder layer: its frozen base weights and its adapters are
     split across the ranks and gathered layer by layer in the forward and backward. The
     embeddings, the final norm, the lm-head and the gate stay whole on every rank (the
-    rollout and the loss read them directly; the gate's gradients are all-reduced)."""
+    rollout and the loss read them directly; the gate's gradients are all-reduced).
+    Each layer is its own FSDP root (nothing above it is wrapped), and a root keeps its
+    parameters gathered after its forward unless told otherwise: reshard_after_forward=True
+    frees them after every forward, so every forward of a layer is an all-gather."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in hm.body.layers:
-        fully_shard(layer)
+        fully_shard(layer, reshard_after_forward=True)
 
 
 def _is_sharded(t) -> bool:

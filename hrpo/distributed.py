@@ -121,11 +121,13 @@ def init_group(device: str = "auto") -> Group:
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=_collective_timeout())
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=collective_timeout())
     return Group(rank=rank, world=world, local_rank=local)
 
 
-def _collective_timeout() -> timedelta | None:
+def collective_timeout() -> timedelta | None:
+    """How long a collective may wait for the other ranks (HRPO_COLLECTIVE_TIMEOUT_S), None:
+    torch's default."""
     value = os.environ.get(TIMEOUT_ENV)
     if not value:
         return None

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from hrpo.distributed import TIMEOUT_ENV
+from hrpo.distributed import TIMEOUT_ENV, collective_timeout
 from hrpo.engine import EngineOptions, make_engine
 from hrpo.marker import MarkerMatcher
 from hrpo.model import HybridModel
@@ -239,6 +240,17 @@ def test_a_killed_distributed_run_resumes(model_dir, single, tmp_path, fsdp):
     assert proc.returncode != 0 and "this run has 1 (resume with the same number of processes)" in err
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan"])
+def test_the_collective_timeout_must_be_seconds(value, monkeypatch):
+    monkeypatch.setenv(TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=f"^{TIMEOUT_ENV} must be a number of seconds > 0, got '{value}'$"):
+        collective_timeout()
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert collective_timeout() == timedelta(seconds=2.5)
+    monkeypatch.delenv(TIMEOUT_ENV)
+    assert collective_timeout() is None  # torch's default
+
+
 def plans(out: Path) -> dict[int, list[list[int]]]:
     """Each rank's [step, micro-batches, rollout width] per step (the PLANS hook's log)."""
     return {r: [json.loads(line) for line in Path(f"{out}-plans-{r}.jsonl").read_text().splitlines()]
@@ -291,7 +303,7 @@ def test_evaluation_shards_over_ranks_and_merges(single, tmp_path):
     """Two ranks evaluate a share each; rank 0 writes every sample: the same results as one."""
     args = ["-m", "hrpo.eval", "--task", "arith", "--checkpoint", str(single / "checkpoint"), "--limit", "7",
             "--batch-size", "2", "--max-new-tokens", "6", "--max-prompt-length", "256", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
     runs = {}
     for procs in (1, 2):
         out = tmp_path / f"eval{procs}"

@@ -43,6 +43,7 @@ class TrainConfig:
     beta: float = 0.005
     epsilon: float = 0.2
     num_iterations: int = 1  # updates per rollout; > 1 uses the clipped ratio
+    tis: float | None = None  # cap C of truncated importance sampling against the engine's log-probs (None: off)
     loss_norm: str = "grpo"
     # The update's memory: micro-batches of at most this many (padded) tokens, whole groups.
     micro_batch_tokens: int = 16384
@@ -166,6 +167,12 @@ def validate_config(cfg: TrainConfig) -> None:
     floats("beta", 0, None)
     floats("epsilon", 0, 1, lo_open=True, hi_open=True)
     ints("num_iterations", 1)
+    if cfg.tis is not None:
+        floats("tis", 0, None, lo_open=True)
+        if cfg.logprob_temperature not in (None, cfg.temperature):
+            raise ConfigError(f"--tis compares the training forward's log-probs with the rollout's, so it needs them at "
+                              f"the sampling temperature: --logprob-temperature {cfg.logprob_temperature} differs "
+                              f"from --temperature {cfg.temperature}")
     ints("micro_batch_tokens", 1)
     choice("loss_norm", NORMS)
     ints("lora_rank", 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,14 @@ class Group:
 
     def any(self, flag: bool) -> bool:
         return self.sum([float(bool(flag))])[0] > 0 if self.active else bool(flag)
+
+    def max(self, value: int) -> int:
+        """The largest of every rank's `value`."""
+        if not self.active:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def gather(self, obj) -> list:
         """Every rank's JSON-able `obj`, in rank order, on every rank."""
@@ -97,9 +106,13 @@ class Group:
         return torch.device("cpu")
 
 
+TIMEOUT_ENV = "HRPO_COLLECTIVE_TIMEOUT_S"
+
+
 def init_group(device: str = "auto") -> Group:
     """Join the process group torchrun set up (env:// rendezvous), or a group of one. NCCL
-    when this rank has a GPU, gloo otherwise."""
+    when this rank has a GPU, gloo otherwise. HRPO_COLLECTIVE_TIMEOUT_S (seconds) bounds each
+    collective, so that ranks out of step fail instead of hanging (torch's default otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Group()
@@ -108,8 +121,31 @@ def init_group(device: str = "auto") -> Group:
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=collective_timeout())
     return Group(rank=rank, world=world, local_rank=local)
+
+
+def collective_timeout() -> timedelta | None:
+    """How long a collective may wait for the other ranks (HRPO_COLLECTIVE_TIMEOUT_S), None:
+    torch's default."""
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
+def forward_group(module: torch.nn.Module) -> Group | None:
+    """The group over which every forward of `module` is a collective (its parameters are
+    FSDP-sharded: each layer's forward all-gathers them), else None."""
+    if not (dist.is_available() and dist.is_initialized()) or not any(_is_sharded(p) for p in module.parameters()):
+        return None
+    return Group(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def shard(items: list, group: Group) -> list:
@@ -133,11 +169,14 @@ def shard_layers(hm, group: Group) -> None:
     """FSDP2 (fully_shard) on each decoder layer: its frozen base weights and its adapters are
     split across the ranks and gathered layer by layer in the forward and backward. The
     embeddings, the final norm, the lm-head and the gate stay whole on every rank (the
-    rollout and the loss read them directly; the gate's gradients are all-reduced)."""
+    rollout and the loss read them directly; the gate's gradients are all-reduced).
+    Each layer is its own FSDP root (nothing above it is wrapped), and a root keeps its
+    parameters gathered after its forward unless told otherwise: reshard_after_forward=True
+    frees them after every forward, so every forward of a layer is an all-gather."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in hm.body.layers:
-        fully_shard(layer)
+        fully_shard(layer, reshard_after_forward=True)
 
 
 def _is_sharded(t) -> bool:

@@ -24,11 +24,14 @@ def per_token_terms(
     old_logp: torch.Tensor | None = None,
     beta: float = 0.005,
     epsilon: float = 0.2,
+    tis: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token loss, per-token k3 KL, per-token "clipped" flags), all (B, T).
 
     Without old_logp the ratio is exp(logp - logp.detach()) (one update per rollout: value
-    1, gradient of logp); with it, the PPO-clipped ratio against the rollout's log-probs."""
+    1, gradient of logp); with it, the PPO-clipped ratio against the rollout's log-probs.
+    tis: (B, T) truncated importance weights (see tis_weights) multiplying the policy term,
+    not the KL term (as TRL's GRPOTrainer applies its importance_sampling_ratio)."""
     adv = advantages[:, None]
     if old_logp is None:
         obj = torch.exp(logp - logp.detach()) * adv
@@ -38,13 +41,23 @@ def per_token_terms(
         bounded = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
         obj = torch.minimum(ratio * adv, bounded * adv)
         clipped = (ratio * adv > bounded * adv).detach()
-    per_token = -obj
+    per_token = -obj if tis is None else -obj * tis
     kl = torch.zeros_like(logp)
     if ref_logp is not None and beta:
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
     return per_token, kl, clipped
+
+
+def tis_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling: min(exp(train_logp - rollout_logp), cap) per token, with
+    train_logp the training forward's log-probs of the rollout's tokens and rollout_logp the
+    sampler's. The engine samples from merged, rounded weights, so its distribution is not
+    quite the trained policy's; this reweights each token's policy term towards the latter,
+    as TRL's GRPOTrainer does with vllm_importance_sampling_correction (cap:
+    vllm_importance_sampling_cap, default 2.0 there)."""
+    return torch.exp(train_logp - rollout_logp).clamp(max=cap)
 
 
 def token_weights(mask: torch.Tensor, norm: str = "grpo", max_completion_length: int | None = None,
@@ -76,11 +89,12 @@ def grpo_loss(
     epsilon: float = 0.2,
     norm: str = "grpo",
     max_completion_length: int | None = None,
+    tis: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss to minimise, and metrics. logp, ref_logp, old_logp, mask: (B, T); advantages: (B,).
-    The loss is sum(token_weights * per_token_terms) (see both)."""
+    """Loss to minimise, and metrics. logp, ref_logp, old_logp, mask, tis: (B, T); advantages:
+    (B,). The loss is sum(token_weights * per_token_terms) (see both)."""
     weights = token_weights(mask, norm, max_completion_length)
-    per_token, kl, clipped = per_token_terms(logp, advantages, ref_logp, old_logp, beta, epsilon)
+    per_token, kl, clipped = per_token_terms(logp, advantages, ref_logp, old_logp, beta, epsilon, tis)
     loss = (per_token * weights).sum()
     m = mask.float()
     metrics = {

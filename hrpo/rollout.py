@@ -13,6 +13,10 @@ rank's share of a data-parallel batch), and draw that batch's noise. share_prefi
 to its duplicates. compact_below: when the fraction of live rows falls under it, finished
 rows leave the cache and the step state; results still land at their original rows.
 Finished rows record pad tokens, log-prob 0, a zero latent and no thinking.
+
+Under FSDP every forward of the body is a collective, so a rank whose rows have all finished
+keeps stepping (on finished rows) until every rank's have; its result is still cut at the
+step its own rows finished, so the rollout is the one a single process draws.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from transformers import DynamicCache
 
 from hrpo_kernels import sample_and_mix
 
+from .distributed import forward_group
 from .marker import MarkerMatcher
 from .model import HybridModel, SequenceBatch, positions_from_mask
 
@@ -142,6 +147,8 @@ def rollout(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     gate_sum = torch.zeros(B, device=device)
     gate_n = torch.zeros(B, device=device)
+    peers = forward_group(hm)  # ranks that must decode as many steps as this one
+    steps = None  # the steps this rank's own rows took
     tokens, alive, logps, latents, thinks = [], [], [], [], []
     for step in range(cfg.max_new_tokens):
         noise = {}
@@ -170,11 +177,15 @@ def rollout(
         gate_sum.index_add_(0, act, torch.where(think, a.mean(-1), 0.0))
         gate_n.index_add_(0, act, think.to(gate_n.dtype))
         finished = finished | torch.isin(tok, eos)
-        if bool(finished.all()):
+        done = bool(finished.all())
+        if done and steps is None:
+            steps = step + 1
+        if done if peers is None else not peers.any(not done):
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         live = ~finished
-        if compact_below > 0 and float(live.sum()) < compact_below * B and not bool(live.all()):
+        n_live = int(live.sum())
+        if compact_below > 0 and 0 < n_live < compact_below * B and n_live < live.numel():
             keep = live.nonzero().squeeze(-1)
             cache_index_select(cache, keep)
             act, states, finished = act[keep], states[keep], finished[keep]
@@ -183,13 +194,14 @@ def rollout(
         hidden = hm.decoder(x[:, None], attn, pos, cache)[:, -1]
         pos = pos + 1
 
+    T = steps or len(tokens)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
-        completion_ids=torch.stack(tokens, 1),
-        completion_mask=torch.stack(alive, 1),
-        latents=torch.stack(latents, 1),
-        think_mask=torch.stack(thinks, 1),
-        logprobs=torch.stack(logps, 1),
+        completion_ids=torch.stack(tokens[:T], 1),
+        completion_mask=torch.stack(alive[:T], 1),
+        latents=torch.stack(latents[:T], 1),
+        think_mask=torch.stack(thinks[:T], 1),
+        logprobs=torch.stack(logps[:T], 1),
         gate_mean=torch.where(gate_n > 0, gate_sum / gate_n.clamp_min(1), float("nan")),
     )

@@ -38,7 +38,7 @@ from .distributed import clip_grad_norm, finish_group, init_group, shard, shard_
 from .engine import make_engine
 from .eval import decode_completions, evaluate
 from .loading import build_policy, eos_token_ids, load_base_model, recorded_name, resolve_device, resolve_dtype
-from .loss import group_advantages
+from .loss import group_advantages, tis_weights
 from .marker import MarkerMatcher
 from .model import HybridModel
 from .plots import plot_curves
@@ -48,7 +48,7 @@ from .reward_guard import all_finite, score
 from .rollout import SamplingConfig
 from .runs import RunDir, write_json
 from .signals import StopRequests
-from .update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
+from .update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs
 from .tasks import get_task, load_examples, user_messages
 
 
@@ -186,10 +186,14 @@ class Trainer:
         self.poisoned = False  # a micro-batch of this accumulation window had a non-finite loss
         if cfg.gradient_checkpointing:
             self.hm.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Prefix sharing runs the body once or twice per micro-batch depending on its data (its
+        # completions' width); under FSDP each run is a collective, so there it is off: one
+        # body run per micro-batch, real or padding, on every rank.
+        sharded = cfg.fsdp and self.group.active
         logprob_t = cfg.temperature if cfg.logprob_temperature is None else cfg.logprob_temperature
         self.update = UpdateSettings(logprob_t, cfg.hybrid, cfg.beta, cfg.epsilon, cfg.loss_norm,
                                      cfg.max_completion_length, cfg.micro_batch_tokens,
-                                     share_prefix=not cfg.gradient_checkpointing)
+                                     share_prefix=not (cfg.gradient_checkpointing or sharded))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -313,9 +317,10 @@ class Trainer:
         reward_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)
 
         plan = micro_batches(out, cfg.micro_batch_tokens)
+        length = group.max(len(plan))  # under FSDP each micro-batch is a collective: every rank runs as many
         t = time.perf_counter()
         with peak_memory(self.device) as mem_ref:
-            ref = reference_logprobs(hm, out, plan, self.update) if skipped is None and cfg.beta else None
+            ref = reference_logprobs(hm, out, plan, self.update, length) if skipped is None and cfg.beta else None
         times["time_reference_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -326,11 +331,16 @@ class Trainer:
         total_tokens = group.sum([n_tokens])[0]  # the dapo normalisation's count: the whole batch's
         policy_s = 0.0
         with peak_memory(self.device) as mem_policy:
+            # The training forward's own log-probs before any update: the clipped ratio's "old"
+            # side (the engine's come from other, merged and rounded, weights) and TIS's numerator.
+            old = (policy_logprobs(hm, out, plan, self.update, length)
+                   if skipped is None and (cfg.num_iterations > 1 or cfg.tis is not None) else None)
+            tis = tis_weights(old, out.logprobs, cfg.tis) if old is not None and cfg.tis is not None else None
             for _ in range(cfg.num_iterations):
                 if skipped is None:
                     loss_value, info, finite = policy_backward(
-                        hm, out, plan, adv, ref, out.logprobs if cfg.num_iterations > 1 else None, self.update,
-                        scale=1.0 / cfg.grad_accum, rows=cfg.batch_size, tokens=total_tokens)
+                        hm, out, plan, adv, ref, old if cfg.num_iterations > 1 else None, self.update,
+                        scale=1.0 / cfg.grad_accum, rows=cfg.batch_size, tokens=total_tokens, length=length, tis=tis)
                     if group.any(not finite):
                         skipped, self.poisoned = "non-finite loss", True
                 policy_s = time.perf_counter() - t

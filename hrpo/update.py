@@ -11,9 +11,14 @@ over a rollout, lean in memory and time.
   (hrpo_kernels.token_logprobs: fused on the GPU, chunked with recompute on the CPU).
 - The loss is sum(token_weights * per_token_terms), with weights computed on the whole batch,
   so the micro-batched gradient is the whole batch's gradient.
+- Every rank runs the same number of micro-batches (`length`, agreed by the caller): under
+  FSDP each forward is an all-gather and each backward a reduce-scatter, so a rank with a
+  shorter plan pads it with zero-weight micro-batches (one row's forward and a backward of
+  zero) rather than leave the others waiting.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +65,14 @@ def trim(batch: SequenceBatch, rows: torch.Tensor) -> SequenceBatch:
                          sub.completion_mask[:, :t], sub.latents[:, :t], sub.think_mask[:, :t])
 
 
+def padded(plan: list[torch.Tensor], length: int | None) -> Iterator[tuple[torch.Tensor, bool]]:
+    """(rows, real) for each of `length` micro-batches (None: the plan's own length): the
+    plan's, then zero-weight ones on the plan's first row that only make the collectives."""
+    yield from ((rows, True) for rows in plan)
+    for _ in range(len(plan), length or 0):
+        yield plan[0][:1], False
+
+
 @dataclass
 class UpdateSettings:
     temperature: float
@@ -73,41 +86,64 @@ class UpdateSettings:
 
 
 @torch.no_grad()
-def reference_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s: UpdateSettings) -> torch.Tensor:
+def _logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s: UpdateSettings, hybrid: bool,
+              length: int | None) -> torch.Tensor:
+    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
+    for rows, real in padded(plan, length):
+        sub = trim(batch, rows)
+        logp = hm.sequence_logprobs(sub, s.temperature, hybrid, s.share_prefix)
+        if real:
+            out[rows, : sub.completion_ids.shape[1]] = logp
+    return out
+
+
+def reference_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s: UpdateSettings,
+                       length: int | None = None) -> torch.Tensor:
     """The reference policy's log-probs (B, T): the base model (adapters off) on plain tokens."""
-    ref = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
     with hm.adapters_disabled():
-        for rows in plan:
-            sub = trim(batch, rows)
-            ref[rows, : sub.completion_ids.shape[1]] = hm.sequence_logprobs(sub, s.temperature, False, s.share_prefix)
-    return ref
+        return _logprobs(hm, batch, plan, s, False, length)
+
+
+def policy_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s: UpdateSettings,
+                    length: int | None = None) -> torch.Tensor:
+    """The policy's log-probs (B, T) from the training forward (adapters on, hybrid as in the
+    update), without gradient: the "old" log-probs of a rollout's updates, and the training
+    side of its importance-sampling correction."""
+    return _logprobs(hm, batch, plan, s, s.hybrid, length)
 
 
 def policy_backward(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], advantages: torch.Tensor,
                     ref: torch.Tensor | None, old: torch.Tensor | None, s: UpdateSettings, scale: float = 1.0,
-                    rows: int | None = None, tokens: int | None = None) -> tuple[float, dict, bool]:
-    """Forward and backward of the policy over every micro-batch, gradients accumulated into
-    the parameters' .grad (times `scale`). rows, tokens: the whole batch's totals when this is
-    a share of it (for the loss normalisation). Returns (loss, metrics, finite); on a
-    non-finite micro-batch loss it stops there (the caller drops the update)."""
+                    rows: int | None = None, tokens: int | None = None, length: int | None = None,
+                    tis: torch.Tensor | None = None) -> tuple[float, dict, bool]:
+    """Forward and backward of the policy over `length` micro-batches (the plan, padded),
+    gradients accumulated into the parameters' .grad (times `scale`). rows, tokens: the whole
+    batch's totals when this is a share of it (for the loss normalisation); tis: (B, T)
+    importance weights of the policy terms. Returns (loss, metrics, finite). A non-finite
+    micro-batch loss makes it non-finite, but the remaining micro-batches still run (their
+    collectives): the caller agrees on it with the other ranks and drops the update."""
     weights = token_weights(batch.completion_mask, s.loss_norm, s.max_completion_length, rows, tokens)
-    total, kl_sum, clipped, n_tokens = 0.0, 0.0, 0.0, 0.0
-    for idx in plan:
+    total, kl_sum, clipped, n_tokens, finite = 0.0, 0.0, 0.0, 0.0, True
+    for idx, real in padded(plan, length):
         sub = trim(batch, idx)
         t = sub.completion_ids.shape[1]
         logp = hm.sequence_logprobs(sub, s.temperature, s.hybrid, s.share_prefix)
+        if not real:
+            (logp.sum() * 0.0).backward()
+            continue
         per_token, kl, clip = per_token_terms(
             logp, advantages[idx], None if ref is None else ref[idx, :t], None if old is None else old[idx, :t],
-            s.beta, s.epsilon,
+            s.beta, s.epsilon, None if tis is None else tis[idx, :t],
         )
         loss = (per_token * weights[idx, :t]).sum()
-        if not torch.isfinite(loss):
-            return float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, False
+        finite = finite and bool(torch.isfinite(loss))
         (loss * scale).backward()
         m = sub.completion_mask.float()
         total += loss.item()
         kl_sum += float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).sum())
         clipped += float((clip.float() * m).sum())
         n_tokens += float(m.sum())
+    if not finite:
+        return float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, False
     n_rows = batch.completion_ids.shape[0]
     return total, {"kl": kl_sum / max(n_rows, 1), "clip_frac": clipped / max(n_tokens, 1.0)}, True

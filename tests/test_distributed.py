@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from hrpo.distributed import TIMEOUT_ENV, collective_timeout
 from hrpo.engine import EngineOptions, make_engine
 from hrpo.marker import MarkerMatcher
 from hrpo.model import HybridModel
@@ -25,25 +27,77 @@ CLOCKS = ("elapsed_s", "rollout_tokens_per_s", "time_", "mem_")
 
 # One training process (or one rank of several): the embedded task's reward replaced by one
 # that varies with the text, so the advantages (and the policy gradient) are not all zero.
+# Test hooks, set by environment variables of the launch (none is a production flag):
+# PLANS logs each step's micro-batch count and rollout width per rank; NAN_STEP makes every
+# loss term of that step non-finite (on rank NAN_RANK only, if set); EOS_RANK ends every
+# completion of that rank at its first token (any token counts as EOS there).
 RUNNER = textwrap.dedent("""
-    import os, sys, time
+    import json, os, sys, time
     from pathlib import Path
     sys.path.insert(0, os.environ["TESTS"])
     from conftest import small_config
+    import hrpo.train, hrpo.update
     from hrpo.train import train
 
     out = Path(os.environ["OUT"])
+    env = os.environ.get
+    rank = env("RANK", "0")
+    step = [None]
 
     def reward(completions, answers):
-        hang = os.environ.get("HANG_AFTER")
+        hang = env("HANG_AFTER")
         if hang and (out / "checkpoints" / hang).is_dir():
             time.sleep(600)
         return [float(len(c) % 3 == 0) for c in completions]
 
-    extra = {"fsdp": True} if os.environ.get("FSDP") == "1" else {}
-    cfg = small_config(os.environ["MODEL"], out, max_steps=4, save_every=1, keep_checkpoints=4, train_limit=40,
+    def hook(module, name, wrap):
+        setattr(module, name, wrap(getattr(module, name)))
+
+    def log_step(real):
+        def device_step(self, s):
+            step[0] = s
+            return real(self, s)
+        return device_step
+
+    def log_plan(real):
+        def micro_batches(batch, max_tokens):
+            plan = real(batch, max_tokens)
+            with open(f"{out}-plans-{rank}.jsonl", "a") as fh:
+                fh.write(json.dumps([step[0], len(plan), batch.completion_ids.shape[1]]) + "\\n")
+            return plan
+        return micro_batches
+
+    def poison(real):
+        def per_token_terms(*args, **kwargs):
+            per_token, kl, clip = real(*args, **kwargs)
+            if step[0] == int(env("NAN_STEP")) and env("NAN_RANK", rank) == rank:
+                per_token = per_token * float("nan")
+            return per_token, kl, clip
+        return per_token_terms
+
+    def early_eos(real):
+        def make_engine(*args, **kwargs):
+            engine = real(*args, **kwargs)
+            if env("EOS_RANK") == rank:
+                engine.eos_ids = list(range(engine.hm.embed.weight.shape[0]))
+            return engine
+        return make_engine
+
+    hook(hrpo.train.Trainer, "device_step", log_step)
+    if env("PLANS"):
+        hook(hrpo.train, "micro_batches", log_plan)
+    if env("NAN_STEP"):
+        hook(hrpo.update, "per_token_terms", poison)
+    if env("EOS_RANK"):
+        hook(hrpo.train, "make_engine", early_eos)
+
+    extra = {"fsdp": True} if env("FSDP") == "1" else {}
+    for name, kind in (("micro_batch_tokens", int), ("engine", str)):
+        if env(name.upper()):
+            extra[name] = kind(env(name.upper()))
+    cfg = small_config(env("MODEL"), out, max_steps=4, save_every=1, keep_checkpoints=4, train_limit=40,
                        eval_limit=4, batch_size=8, group_size=2, max_completion_length=10,
-                       resume=os.environ.get("RESUME") == "1", **extra)
+                       resume=env("RESUME") == "1", **extra)
     train(cfg, reward_fn=reward, progress=False)
 """)
 
@@ -56,7 +110,8 @@ def free_port() -> int:
 
 def launch(model_dir, out, procs: int, **env):
     full = {**os.environ, "TESTS": str(ROOT / "tests"), "MODEL": str(model_dir), "OUT": str(out),
-            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in env.items()}}
+            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60",  # ranks out of step fail, not hang
+            **{k: str(v) for k, v in env.items()}}
     cmd = [sys.executable, "-c", RUNNER]
     if procs > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
@@ -185,11 +240,70 @@ def test_a_killed_distributed_run_resumes(model_dir, single, tmp_path, fsdp):
     assert proc.returncode != 0 and "this run has 1 (resume with the same number of processes)" in err
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan"])
+def test_the_collective_timeout_must_be_seconds(value, monkeypatch):
+    monkeypatch.setenv(TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=f"^{TIMEOUT_ENV} must be a number of seconds > 0, got '{value}'$"):
+        collective_timeout()
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert collective_timeout() == timedelta(seconds=2.5)
+    monkeypatch.delenv(TIMEOUT_ENV)
+    assert collective_timeout() is None  # torch's default
+
+
+def plans(out: Path) -> dict[int, list[list[int]]]:
+    """Each rank's [step, micro-batches, rollout width] per step (the PLANS hook's log)."""
+    return {r: [json.loads(line) for line in Path(f"{out}-plans-{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)}
+
+
+@pytest.mark.parametrize("fsdp", ["0", "1"])
+def test_ranks_with_different_micro_batch_plans_equal_one_process(model_dir, single, tmp_path, fsdp):
+    """A budget of 330 tokens packs a rank's two groups into one micro-batch only when its
+    prompts are short enough, so at some steps one rank plans one micro-batch and the other
+    two (under FSDP each is a collective). Every rank runs as many, and the run equals one
+    process (whose whole step is one micro-batch)."""
+    out = tmp_path / "plans"
+    finish(launch(model_dir, out, 2, FSDP=fsdp, MICRO_BATCH_TOKENS=330, PLANS=1))
+    p = plans(out)
+    assert [s[0] for s in p[0]] == [s[0] for s in p[1]] == [0, 1, 2, 3]
+    assert any(a[1] != b[1] for a, b in zip(p[0], p[1]))
+    assert_same_training(single, out)
+
+
+@pytest.fixture(scope="module")
+def single_poisoned(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "single-nan"
+    finish(launch(model_dir, out, 1, NAN_STEP=2))
+    return out
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank(model_dir, single_poisoned, tmp_path):
+    """Rank 1's loss terms at step 2 are NaN, from the first of its two micro-batches (a budget
+    of one token: a group each): under FSDP both ranks still finish that step's collectives,
+    agree, and skip the update, as one process whose loss is NaN at step 2."""
+    out = tmp_path / "nan"
+    finish(launch(model_dir, out, 2, FSDP=1, NAN_STEP=2, NAN_RANK=1, MICRO_BATCH_TOKENS=1))
+    assert [r["skipped"] for r in metrics(out)] == [None, None, "non-finite loss", None]
+    assert [r["skipped"] for r in metrics(single_poisoned)] == [None, None, "non-finite loss", None]
+    assert_same_training(single_poisoned, out)
+
+
+def test_reference_loop_under_fsdp_decodes_until_every_rank_is_done(model_dir, tmp_path):
+    """Under FSDP each step of the reference loop is a collective; rank 1's completions end at
+    their first token and rank 0's run on, and the run still finishes."""
+    out = tmp_path / "ref"
+    finish(launch(model_dir, out, 2, FSDP=1, ENGINE="reference", EOS_RANK=1, PLANS=1))
+    p = plans(out)
+    assert [s[2] for s in p[1]] == [1, 1, 1, 1] and all(s[2] > 1 for s in p[0])
+    assert [r["step"] for r in metrics(out)] == [0, 1, 2, 3]
+
+
 def test_evaluation_shards_over_ranks_and_merges(single, tmp_path):
     """Two ranks evaluate a share each; rank 0 writes every sample: the same results as one."""
     args = ["-m", "hrpo.eval", "--task", "arith", "--checkpoint", str(single / "checkpoint"), "--limit", "7",
             "--batch-size", "2", "--max-new-tokens", "6", "--max-prompt-length", "256", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
     runs = {}
     for procs in (1, 2):
         out = tmp_path / f"eval{procs}"

@@ -6,10 +6,10 @@ from conftest import ARCHS, build_model
 
 from hrpo.config import config_for
 from hrpo.loading import build_policy
-from hrpo.loss import grpo_loss, token_weights
+from hrpo.loss import grpo_loss, per_token_terms, token_weights
 from hrpo.model import SequenceBatch
 from hrpo.rollout import left_pad
-from hrpo.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs, trim
+from hrpo.update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs, trim
 
 PROMPTS = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 3 + [[11, 12, 13]] * 2  # three groups, ragged prompts
 
@@ -165,3 +165,161 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_dir, tmp_path):
     assert got[True].keys() == got[False].keys() and got[True]
     for n in got[False]:
         torch.testing.assert_close(got[True][n], got[False][n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def counting(hm):
+    """hm.sequence_logprobs, counted: one call per micro-batch forward."""
+    calls = []
+    real = hm.sequence_logprobs
+
+    def forward(*args, **kwargs):
+        calls.append(args[0].completion_ids.shape[0])
+        return real(*args, **kwargs)
+
+    hm.sequence_logprobs = forward
+    return calls
+
+
+def test_padding_micro_batches_run_forwards_and_leave_the_gradient_alone():
+    """A rank whose plan is shorter than the agreed length runs one-row micro-batches that
+    make the forward and backward (FSDP's collectives) but add nothing."""
+    hm, batch = policy("qwen2"), rollout_batch()
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
+    s = UpdateSettings(0.7, True, beta=0.5, epsilon=0.2, loss_norm="grpo", max_completion_length=6, max_tokens=10**6)
+    plan = micro_batches(batch, 36)  # two micro-batches
+    calls = counting(hm)
+    ref = reference_logprobs(hm, batch, plan, s)
+    loss, info, _ = policy_backward(hm, batch, plan, adv, ref, None, s)
+    want = grads(hm)
+    assert calls == [3, 5, 3, 5]
+    calls.clear()
+    ref_padded = reference_logprobs(hm, batch, plan, s, length=4)
+    loss_padded, info_padded, finite = policy_backward(hm, batch, plan, adv, ref_padded, None, s, length=4)
+    got = grads(hm)
+    assert calls == [3, 5, 1, 1, 3, 5, 1, 1]
+    assert torch.equal(ref_padded, ref) and finite and loss_padded == loss and info_padded == info
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+
+
+def test_a_non_finite_micro_batch_still_runs_the_others():
+    """Its loss is reported non-finite, and the later micro-batches still run (on several
+    ranks their collectives are awaited); the caller drops the update."""
+    hm, batch = policy("qwen2"), rollout_batch()
+    adv = torch.tensor([float("nan"), -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
+    s = UpdateSettings(0.7, True, beta=0.0, epsilon=0.2, loss_norm="grpo", max_completion_length=6, max_tokens=10**6)
+    plan = micro_batches(batch, 1)  # rows 0-2 (the NaN) first, then 3-5 and 6-7
+    calls = counting(hm)
+    loss, info, finite = policy_backward(hm, batch, plan, adv, None, None, s, length=4)
+    assert calls == [3, 3, 2, 1] and not finite
+    assert loss != loss and info["kl"] != info["kl"]
+
+
+def test_policy_logprobs_are_the_training_forward_without_gradient():
+    hm, batch = policy("llama"), rollout_batch()
+    s = UpdateSettings(0.7, True, 0.5, 0.2, "grpo", 6, 10**6)
+    got = policy_logprobs(hm, batch, micro_batches(batch, 1), s)
+    assert not got.requires_grad
+    with torch.no_grad():
+        want = hm.sequence_logprobs(batch, 0.7, hybrid=True)
+        plain = hm.sequence_logprobs(batch, 0.7, hybrid=False)
+    m = batch.completion_mask
+    torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-6)
+    assert (plain - got)[m].abs().max() > 1e-3  # the blend is in: hybrid as in the update
+
+
+
+def text_reward(completions, answers):
+    return [float(sum(map(ord, c)) % 2) for c in completions]  # mixed rewards: live advantages
+
+
+def first_step(model_dir, out, monkeypatch, shift=0.0, **kw):
+    """Step 0 of a Trainer on the tiny model, watched: its rollout and advantages, the
+    gradients at the first optimizer step, what each policy pass returned, logp - old in each
+    clipped ratio, and the calls of policy_logprobs. `shift` is added to the engine's
+    log-probs of even rows and taken from odd ones (a sampler that disagrees with training)."""
+    import hrpo.train
+    import hrpo.update
+    from conftest import small_config
+
+    from hrpo.train import Trainer
+
+    t = Trainer(small_config(model_dir, out, **kw), text_reward, progress=False)
+    seen = {"passes": [], "logp_minus_old": [], "policy_logprobs": 0}
+    generate, optimizer_step, group_advantages = t.engine.generate, t.optimizer_step, hrpo.train.group_advantages
+
+    def shifted(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        sign = 1 - 2 * (torch.arange(out.logprobs.shape[0]) % 2)
+        out.logprobs = out.logprobs + shift * sign[:, None]
+        seen["rollout"] = out
+        return out
+
+    def capture():
+        if "grads" not in seen:
+            seen["grads"] = {n: p.grad.clone() for n, p in t.hm.named_parameters() if p.grad is not None}
+        return optimizer_step()
+
+    def advantages(*args):
+        seen["adv"] = group_advantages(*args)
+        return seen["adv"]
+
+    def terms(logp, adv, ref, old, *args):
+        if old is not None:
+            seen["logp_minus_old"].append(logp.detach() - old)
+        return per_token_terms(logp, adv, ref, old, *args)
+
+    def backward(*args, **kwargs):
+        seen["passes"].append(policy_backward(*args, **kwargs))
+        return seen["passes"][-1]
+
+    def old_logprobs(*args, **kwargs):
+        seen["policy_logprobs"] += 1
+        return policy_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(hrpo.train, "group_advantages", advantages)
+    monkeypatch.setattr(hrpo.train, "policy_backward", backward)
+    monkeypatch.setattr(hrpo.train, "policy_logprobs", old_logprobs)
+    monkeypatch.setattr(hrpo.update, "per_token_terms", terms)
+    t.engine.generate, t.optimizer_step = shifted, capture
+    t.device_step(0)
+    return t, seen
+
+
+def test_more_iterations_start_from_the_training_forwards_log_probs(model_dir, tmp_path, monkeypatch):
+    """--num-iterations 2: the old log-probs are the training forward's (computed once per
+    rollout), so the first pass's ratio is exactly 1, nothing is clipped, and its gradient is
+    the one-iteration gradient; one iteration computes no old log-probs at all."""
+    _, one = first_step(model_dir, tmp_path / "one", monkeypatch, beta=0.0)
+    _, two = first_step(model_dir, tmp_path / "two", monkeypatch, beta=0.0, num_iterations=2)
+    assert one["policy_logprobs"] == 0 and one["logp_minus_old"] == []
+    assert two["policy_logprobs"] == 1 and len(two["passes"]) == 2
+    half = len(two["logp_minus_old"]) // 2
+    first, second = two["logp_minus_old"][:half], two["logp_minus_old"][half:]
+    assert first and all(torch.equal(d, torch.zeros_like(d)) for d in first)
+    assert two["passes"][0][1]["clip_frac"] == 0.0
+    assert max(float(d.abs().max()) for d in second) > 0  # the second pass: after an update, the same old
+    assert torch.equal(two["rollout"].completion_ids, one["rollout"].completion_ids)
+    assert two["adv"].abs().max() > 0 and one["grads"].keys() == two["grads"].keys()
+    for n in one["grads"]:
+        torch.testing.assert_close(two["grads"][n], one["grads"][n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_tis_weights_each_token_by_the_capped_ratio_to_the_sampler(model_dir, tmp_path, monkeypatch):
+    """--tis 1.3 with a sampler whose log-probs are 0.5 above the training forward's on even
+    rows and 0.5 below on odd ones: the gradient is the policy gradient with each token
+    weighted min(exp(train - sampler), 1.3), i.e. about exp(-0.5) on even rows and 1.3 on odd."""
+    t, seen = first_step(model_dir, tmp_path / "tis", monkeypatch, shift=0.5, beta=0.0, tis=1.3, grad_accum=2)
+    assert "grads" not in seen  # grad_accum 2: no optimizer step yet, the weights are the rollout's
+    out, adv, hm = seen["rollout"], seen["adv"], t.hm
+    params = {n: p for n, p in hm.named_parameters() if p.grad is not None}
+    logp = hm.sequence_logprobs(out, t.cfg.temperature, hybrid=True)
+    w = torch.clamp(torch.exp(logp.detach() - out.logprobs), max=1.3)
+    m = out.completion_mask.float()
+    assert (w[m.bool()] == 1.3).any() and (w[m.bool()] < 0.7).any() and adv.abs().max() > 0
+    # grpo: each completion's tokens averaged, then the batch; grad_accum 2 halves the step's share
+    loss = -((w * adv[:, None] * logp * m).sum(-1) / m.sum(-1)).mean() / 2
+    hand = torch.autograd.grad(loss, list(params.values()))
+    for (n, p), g in zip(params.items(), hand):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7, msg=n)

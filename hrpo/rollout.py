@@ -73,35 +73,16 @@ def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
     return rep, [first[tuple(p)] for p in prompts]
 
 
-def _cache_layers_kv(cache) -> list[tuple[object, str, str]]:
-    """(holder, key attribute, value attribute) per layer, for the cache APIs of transformers
-    4.5x (key_cache / value_cache lists) and 5.x (cache.layers[i].keys / .values)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        out = []
-        for layer in layers:
-            if not (hasattr(layer, "keys") and hasattr(layer, "values")):
-                raise NotImplementedError(f"rollout: cannot select rows of a {type(layer).__name__} cache layer")
-            out.append((layer, "keys", "values"))
-        return out
-    if hasattr(cache, "key_cache") and hasattr(cache, "value_cache"):
-        return [(i, "key_cache", "value_cache") for i in range(len(cache.key_cache))]
-    raise NotImplementedError(f"rollout: unknown cache layout {type(cache).__name__}")
-
-
 def cache_index_select(cache, idx: torch.Tensor) -> None:
-    """Keep (or replicate) the batch rows `idx` of every layer's key/value tensors, in place."""
-    for holder, k_attr, v_attr in _cache_layers_kv(cache):
-        if isinstance(holder, int):  # transformers 4.x: parallel lists on the cache
-            for attr in (k_attr, v_attr):
-                lst = getattr(cache, attr)
-                if torch.is_tensor(lst[holder]) and lst[holder].numel() > 0:
-                    lst[holder] = lst[holder].index_select(0, idx.to(lst[holder].device))
-            continue
-        for attr in (k_attr, v_attr):
-            t = getattr(holder, attr)
+    """Keep (or replicate) the batch rows `idx` of every layer's key/value tensors, in place
+    (transformers 5's cache: cache.layers[i].keys / .values)."""
+    for layer in cache.layers:
+        if not (hasattr(layer, "keys") and hasattr(layer, "values")):
+            raise NotImplementedError(f"rollout: cannot select rows of a {type(layer).__name__} cache layer")
+        for attr in ("keys", "values"):
+            t = getattr(layer, attr)
             if torch.is_tensor(t) and t.numel() > 0:
-                setattr(holder, attr, t.index_select(0, idx.to(t.device)))
+                setattr(layer, attr, t.index_select(0, idx.to(t.device)))
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from hrpo.prompts import format_prompt
 from hrpo.rollout import SamplingConfig, rollout
 from hrpo.synthetic import synthetic_split
 from hrpo.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
-from hrpo_kernels._common import GPU_PATH_ENV, StandInGraph, gpu_path_mode, on_gpu_path, use_fused
+from hrpo_kernels._common import GPU_PATH_ENV, StandInGraph, gpu_path_mode, on_gpu_path, stream_capturing, use_fused
 from hrpo_kernels._ext import ext_for, load_extension
 
 TEMP = 0.8
@@ -214,13 +214,15 @@ def test_mode_switch_and_bad_values(monkeypatch):
         use_fused(x)
 
 
-def test_stand_in_graph_rejects_a_host_sync():
+def test_stand_in_graph_replays_as_captured_and_rejects_a_host_sync():
     t = torch.arange(4)
-    graph = StandInGraph(lambda: t.add_(1))
-    assert torch.equal(t, torch.arange(4))  # capture records, it does not run
+    seen = []
+    graph = StandInGraph(lambda: seen.append(stream_capturing(t.add_(1))))
+    assert torch.equal(t, torch.arange(4)) and not seen  # capture records, it does not run
     graph.replay()
     graph.replay()
-    assert torch.equal(t, torch.arange(4) + 2)
+    assert torch.equal(t, torch.arange(4) + 2) and seen == [True, True]  # ops see a capture
+    assert not stream_capturing(t)
     for sync in (lambda: int(t.sum()), lambda: t.nonzero(), lambda: bool(t.any())):
         with pytest.raises(RuntimeError, match="syncs with the host"):
             StandInGraph(sync).replay()

@@ -196,7 +196,15 @@ def test_rollout_and_update_on_the_gpu_path(which, dtype, monkeypatch):
     torch.testing.assert_close(ref_fused[m], ref_eager[m], atol=0.1, rtol=0)
 
 
-def test_mode_switch_and_bad_values(monkeypatch):
+def test_mode_switch_and_bad_values(tokenizer, monkeypatch):
+    hm = build_policy(build_model("llama", len(tokenizer)), config_for("arith", lora_rank=4, lora_alpha=8))
+    args = (hm, MarkerMatcher(tokenizer), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    cpu = RolloutEngine(*args)
+    with gpu_path_mode():
+        gpu = RolloutEngine(*args)
+    # as on CUDA: graphs, a host check every 16 steps, the torch decoder body (its kernels)
+    assert (gpu.graphs, gpu.check_every, gpu.dec.ext, gpu.impl) == (True, 16, None, None)
+    assert (cpu.graphs, cpu.check_every, cpu.impl) == (False, 1, "ext") and cpu.dec.ext is not None
     x = torch.zeros(2)
     assert not on_gpu_path(x) and not use_fused(x) and ext_for(x, None) is None
     with gpu_path_mode():

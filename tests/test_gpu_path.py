@@ -6,11 +6,13 @@ step on it (hrpo.update with the fused token_logprobs / gated_blend / lora_linea
 against the reference loop and the eager update, in fp32 and bf16, on the embedded model and
 a random Llama. Spies on the launchers make sure the GPU branches ran."""
 import importlib
+import os
 
 import pytest
 import torch
 from conftest import build_model, build_tokenizer
 
+import hrpo.engine
 from hrpo.config import config_for
 from hrpo.engine import EngineOptions, RolloutEngine
 from hrpo.loading import build_policy, load_base_model
@@ -205,6 +207,12 @@ def test_mode_switch_and_bad_values(tokenizer, monkeypatch):
     # as on CUDA: graphs, a host check every 16 steps, the torch decoder body (its kernels)
     assert (gpu.graphs, gpu.check_every, gpu.dec.ext, gpu.impl) == (True, 16, None, None)
     assert (cpu.graphs, cpu.check_every, cpu.impl) == (False, 1, "ext") and cpu.dec.ext is not None
+    # without the extension the step controller syncs: no graphs, a host check every step
+    monkeypatch.setattr(hrpo.engine, "load_extension", lambda: None)
+    monkeypatch.setenv(GPU_PATH_ENV, "0")
+    with gpu_path_mode(), pytest.warns(UserWarning, match="the CUDA extension did not load"):
+        bare = RolloutEngine(*args)
+    assert (bare.graphs, bare.check_every) == (False, 1) and os.environ[GPU_PATH_ENV] == "0"
     x = torch.zeros(2)
     assert not on_gpu_path(x) and not use_fused(x) and ext_for(x, None) is None
     with gpu_path_mode():

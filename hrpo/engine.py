@@ -9,9 +9,7 @@ draws the same tokens. One decode step is
            -> FastDecoder.decode (our own model body over the static cache) -> hidden
 
 with no host synchronisation on CUDA, so the whole step is captured once per batch size in
-a CUDA graph and replayed. Under HRPO_GPU_PATH=cpu (hrpo_kernels/_common.py) a CPU model
-runs this GPU path: the torch decoder body and the fused kernels, seeded noise, graphs
-through a StandInGraph, rather than the CPU's C++ step. The host reads the live-row count every `check_every` steps (a
+a CUDA graph and replayed. The host reads the live-row count every `check_every` steps (a
 few extra steps past the last finish are harmless no-ops), and when the live fraction
 falls to `compact_below` it moves the live rows to the front and continues with a smaller
 batch (and graph). Rows keep their Philox noise through compaction (row_ids), so neither
@@ -20,6 +18,10 @@ prefix sharing nor compaction changes a rollout.
 The stored latent is h_hat rounded to `latent_dtype` (bf16 by default), and the gate is
 fed that rounded latent, so the training forward, which re-blends the stored latent,
 reproduces the rollout's inputs exactly.
+
+Under HRPO_GPU_PATH=cpu (hrpo_kernels/_common.py) a CPU model runs this GPU path (the torch
+decoder body and the fused kernels, seeded noise, graphs through a StandInGraph) rather
+than the CPU's C++ step, so that CI runs it.
 
 `make_engine` returns the reference loop behind the same interface, with a one-line
 warning, for a model FastDecoder cannot run.

@@ -19,6 +19,10 @@ The stored latent is h_hat rounded to `latent_dtype` (bf16 by default), and the 
 fed that rounded latent, so the training forward, which re-blends the stored latent,
 reproduces the rollout's inputs exactly.
 
+Under HRPO_GPU_PATH=cpu (hrpo_kernels/_common.py) a CPU model runs this GPU path (the torch
+decoder body and the fused kernels, seeded noise, graphs through a StandInGraph) rather
+than the CPU's C++ step, so that CI runs it.
+
 `make_engine` returns the reference loop behind the same interface, with a one-line
 warning, for a model FastDecoder cannot run.
 """
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 from hrpo_kernels import sample_and_mix, step_controller
 from hrpo_kernels.sample_and_mix import sampling_is_fused
-from hrpo_kernels._common import next_pow2
+from hrpo_kernels._common import StandInGraph, next_pow2, on_gpu_path
 from hrpo_kernels._ext import load_extension
 from hrpo_kernels.step_controller import StepBuffers
 
@@ -71,7 +75,7 @@ class _State:
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
         self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph | StandInGraph] = {}
 
     def fits(self, batch: int, cols: int, slots: int) -> bool:
         return self.batch >= batch and self.cols >= cols and self.slots >= slots
@@ -100,13 +104,15 @@ class RolloutEngine:
                  options: EngineOptions | None = None):
         self.hm = hm
         self.opts = options or EngineOptions()
-        self.dec = FastDecoder(hm.causal_lm, cpu_body=self.opts.cpu_kernels)
+        dev = hm.embed.weight.device
+        self.gpu_path = on_gpu_path(dev)  # CUDA, or the CPU under HRPO_GPU_PATH=cpu
+        # the GPU path decodes in torch ops and the kernels, never in the CPU's C++ body
+        self.dec = FastDecoder(hm.causal_lm, cpu_body=self.opts.cpu_kernels and not self.gpu_path)
         self.pad_id = int(pad_id)
-        dev = self.dec.device
         self.table = matcher.table.to(dev).contiguous()
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], dtype=torch.int64, device=dev)
-        self.graphs = dev.type == "cuda" and self.opts.cuda_graphs and load_extension() is not None
-        if dev.type == "cuda" and self.opts.cuda_graphs and not self.graphs:
+        self.graphs = self.gpu_path and self.opts.cuda_graphs and load_extension() is not None
+        if self.gpu_path and self.opts.cuda_graphs and not self.graphs:
             warnings.warn("hrpo engine: the CUDA extension did not load, so the step controller syncs with the "
                           "host and CUDA graphs are off", stacklevel=2)
         self.check_every = self.opts.check_every or (16 if self.graphs else 1)
@@ -153,9 +159,9 @@ class RolloutEngine:
 
     def _run(self, n: int, steps: int, B: int, cfg: SamplingConfig, generator, seeded: bool, host_len: int) -> None:
         if not self._capturable(cfg):
-            cpu = self.dec.device.type == "cpu"  # CPU attention scans only the slots in use; the kernels skip the rest
+            trim = not self.gpu_path  # CPU attention scans only the slots in use; the kernels skip the rest
             for i in range(steps):
-                self._step(n, B, cfg, generator, seeded, host_len + i + 1 if cpu else None)
+                self._step(n, B, cfg, generator, seeded, host_len + i + 1 if trim else None)
             return
         key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, seeded)
         graph = self.state.graphs.get(key)
@@ -170,9 +176,11 @@ class RolloutEngine:
         for _ in range(steps):
             graph.replay()
 
-    @staticmethod
-    def _capture(step) -> torch.cuda.CUDAGraph:
-        """A CUDA graph of `step`: recorded here, run by each replay()."""
+    def _capture(self, step) -> torch.cuda.CUDAGraph | StandInGraph:
+        """A CUDA graph of `step`: recorded here, run by each replay() (on the CPU's GPU path,
+        its stand-in)."""
+        if self.dec.device.type == "cpu":
+            return StandInGraph(step)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
@@ -215,7 +223,7 @@ class RolloutEngine:
         s = self.state
         first, total = rows or (0, B)
         s.reset(B, self.pad_id, first)
-        seeded = seed is not None or dev.type == "cuda" or self.impl == "ext"
+        seeded = seed is not None or self.gpu_path or self.impl == "ext"
         if seeded:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))

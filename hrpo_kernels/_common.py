@@ -1,10 +1,24 @@
-"""Helpers shared by the op files: dispatch policy, Triton availability, launch geometry."""
+"""Helpers shared by the op files: dispatch policy, Triton availability, launch geometry, and
+the GPU path on the CPU (HRPO_GPU_PATH=cpu).
+
+The GPU path on the CPU: with HRPO_GPU_PATH=cpu (and TRITON_INTERPRET=1, set before triton
+is imported), CPU tensors take every op's CUDA branch: the Triton kernels run in the
+interpreter, the extension's C++ twins stand in for its .cu kernels, and the rollout engine
+runs as on CUDA (seeded noise, host checks every 16 steps, the decode step "captured" into a
+StandInGraph and replayed). Only what needs a real device is skipped or replaced (device
+properties, cuBLAS's fp32-output GEMM, real graph capture, flash-attn). It exists so that CI
+runs the code a GPU runs; the mode is never on unless asked for.
+"""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GPU_PATH_ENV = "HRPO_GPU_PATH"
 
 
 def triton_available() -> bool:
@@ -17,12 +31,98 @@ def forced_reference() -> bool:
 
 
 def use_fused(*tensors: torch.Tensor) -> bool:
-    """The dispatch rule of every op: fused kernels for CUDA tensors, the reference otherwise."""
-    return not forced_reference() and all(t.is_cuda for t in tensors) and triton_available()
+    """The dispatch rule of every op: fused kernels on the GPU path (CUDA tensors, or CPU ones
+    under HRPO_GPU_PATH=cpu), the reference otherwise."""
+    return not forced_reference() and on_gpu_path(*tensors) and triton_available()
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def gpu_path_on_cpu() -> bool:
+    """Whether HRPO_GPU_PATH=cpu is set (see the module docstring); a one-line error for any
+    other value, or when the Triton interpreter that the mode runs the kernels in is off."""
+    value = os.environ.get(GPU_PATH_ENV, "").strip().lower()
+    if value in ("", "0"):
+        return False
+    if value != "cpu":
+        raise ValueError(f"{GPU_PATH_ENV}={value!r}: the only mode is 'cpu' (unset it for the normal dispatch)")
+    if not (interpreting() and triton_available()):
+        raise RuntimeError(f"{GPU_PATH_ENV}=cpu runs the Triton kernels in its interpreter: install triton and set "
+                           "TRITON_INTERPRET=1 before triton is imported")
+    return True
+
+
+@contextlib.contextmanager
+def gpu_path_mode():
+    """HRPO_GPU_PATH=cpu inside the block, its previous value restored after (for tests)."""
+    before = os.environ.get(GPU_PATH_ENV)
+    os.environ[GPU_PATH_ENV] = "cpu"
+    try:
+        gpu_path_on_cpu()  # fail here, not at the first op, when the mode cannot run
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GPU_PATH_ENV, None)
+        else:
+            os.environ[GPU_PATH_ENV] = before
+
+
+def on_gpu_path(*where: torch.Tensor | torch.device) -> bool:
+    """Whether work on these tensors (or devices) takes the CUDA branches: all on CUDA, or all
+    on the CPU under HRPO_GPU_PATH=cpu."""
+    devices = [x.device if isinstance(x, torch.Tensor) else torch.device(x) for x in where]
+    if all(d.type == "cuda" for d in devices):
+        return True
+    return all(d.type == "cpu" for d in devices) and gpu_path_on_cpu()
+
+
+# Ops that make the host wait for the device (a value read on the host, or an output whose
+# size depends on the data): a CUDA graph cannot hold them.
+_HOST_SYNC_OPS = frozenset({
+    torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.equal, torch.ops.aten.is_nonzero,
+    torch.ops.aten.masked_select, torch.ops.aten._unique2, torch.ops.aten.unique_dim,
+    torch.ops.aten.unique_consecutive,
+})
+
+
+class _NoHostSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in _HOST_SYNC_OPS:
+            raise RuntimeError(f"{GPU_PATH_ENV}=cpu: {func.overloadpacket.__name__} in a captured step syncs with "
+                               "the host, which a CUDA graph cannot hold")
+        return func(*args, **(kwargs or {}))
+
+
+_replaying = False  # inside StandInGraph.replay
+
+
+class StandInGraph:
+    """The CUDA graph of the GPU path on the CPU. Capture records the step without running it,
+    as torch.cuda.graph does; replay() runs it as a real replay runs the recorded kernels:
+    with ops taking their under-capture branches (stream_capturing is true) and a host sync
+    an error, as real capture makes it. What it cannot see: a host value frozen at capture
+    (the step's Python runs again at each replay)."""
+
+    def __init__(self, step):
+        self._step = step
+
+    def replay(self) -> None:
+        global _replaying
+        _replaying = True
+        try:
+            with _NoHostSync():
+                self._step()
+        finally:
+            _replaying = False
+
+
+def stream_capturing(t: torch.Tensor) -> bool:
+    """Whether work on t is being recorded into a CUDA graph (on the CPU: a StandInGraph replay)."""
+    if t.is_cuda:
+        return torch.cuda.is_current_stream_capturing()
+    return _replaying
 
 
 def empty(*shape, **kwargs) -> torch.Tensor:

@@ -26,7 +26,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from ._common import forced_reference
+from ._common import forced_reference, on_gpu_path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("bindings.cpp", "topk_sample_cpu.cpp", "step_controller_cpu.cpp", "gated_blend_cpu.cpp",
@@ -225,13 +225,14 @@ def set_extension(mod) -> None:
 
 def ext_for(t, impl: str | None):
     """The module to run an op on tensor t with, or None for the reference.
-    impl: None (CUDA tensors -> extension, CPU -> reference), "ext" (the extension on either
-    device, an error if it is unavailable), "reference"."""
+    impl: None (CUDA tensors -> extension, CPU -> reference; CPU under HRPO_GPU_PATH=cpu -> the
+    extension's C++ twins), "ext" (the extension on either device, an error if it is
+    unavailable), "reference"."""
     if impl not in (None, "ext", "reference"):
         raise ValueError(f"impl must be None, 'ext' or 'reference', got {impl!r}")
     if impl == "reference" or (impl is None and forced_reference()):
         return None
-    if impl is None and not t.is_cuda:
+    if impl is None and not on_gpu_path(t):
         return None
     mod = load_extension()
     if mod is None and impl == "ext":

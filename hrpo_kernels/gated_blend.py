@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import empty as _empty
-from ._common import use_fused
+from ._common import stream_capturing, use_fused
 from ._ext import load_extension
 
 GATE_C = 8.0
@@ -177,7 +177,7 @@ _CAT_CACHE: dict = {}
 
 def _cat_weights(w_r, b_r, w_i, b_i):
     params = (w_r, b_r, w_i, b_i)
-    if w_r.is_cuda and torch.cuda.is_current_stream_capturing():
+    if stream_capturing(w_r):
         # Recorded into the graph, so each replay concatenates the weights as they are then;
         # a cached copy would freeze the gate at its capture-time values across updates.
         return torch.cat([w_r.detach(), w_i.detach()], 0).float(), torch.cat([b_r.detach(), b_i.detach()], 0).float()

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (cdiv, interpreting, mm_f32, next_pow2, num_sms, row_ids_tensor, sample_outputs, seed_offset,
-                      use_fused)
+from ._common import (cdiv, interpreting, mm_f32, next_pow2, num_sms, on_gpu_path, row_ids_tensor, sample_outputs,
+                      seed_offset, use_fused)
 from ._ext import load_extension
 from ._triton_helpers import helpers
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
@@ -340,7 +340,7 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
 
 def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits (B, V): one cuBLAS GEMM in the weights' dtype with fp32 output."""
-    if lm_weight.dtype == torch.float32 or hidden.device.type != "cuda":
+    if lm_weight.dtype == torch.float32 or not on_gpu_path(hidden):
         return hidden.float() @ lm_weight.float().T
     return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
 
@@ -350,7 +350,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
     extension's one-block-per-row kernel (radix select, race, gathered mixture); otherwise
     torch.topk and one Triton program per row for the full-vocabulary log-prob, the race
     among the k candidates and the gathered mixture."""
-    if logits.is_cuda and k <= MAX_TOPK and load_extension() is not None:
+    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None:
         return topk_sample_mix(
             logits, embedding, k, temperature, greedy, seed=seed, offset=offset, row_ids=row_ids, out=out
         )

@@ -27,7 +27,7 @@ def token_logprobs_reference(
     out = []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
-        logits = (h @ weight.T).float() / temperature
+        logits = mm_f32(h, weight.T) / temperature  # fp32 logits, as the sampler's: 16-bit ones are off by ~1/256
         t = targets[start : start + chunk_size, None]
         out.append((logits.gather(-1, t) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
@@ -350,7 +350,7 @@ class _ChunkedLogprobsFn(torch.autograd.Function):
         lp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(lp)
         for lo in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[lo : lo + chunk_size] @ weight.T).float() / temperature  # the reference's math
+            logits = mm_f32(hidden[lo : lo + chunk_size], weight.T) / temperature  # the reference's math
             lse[lo : lo + chunk_size] = torch.logsumexp(logits, dim=-1)
             lp[lo : lo + chunk_size] = logits.gather(-1, targets[lo : lo + chunk_size, None]).squeeze(-1)
         lp -= lse
@@ -367,7 +367,7 @@ class _ChunkedLogprobsFn(torch.autograd.Function):
         for lo in range(0, hidden.shape[0], ctx.chunk_size):
             h, t = hidden[lo : lo + ctx.chunk_size], targets[lo : lo + ctx.chunk_size]
             # d log p(t) / d logits = (onehot(t) - softmax) / T for logits scaled by 1/T
-            p = torch.exp((h @ weight.T).float() / ctx.temperature - lse[lo : lo + ctx.chunk_size, None])
+            p = torch.exp(mm_f32(h, weight.T) / ctx.temperature - lse[lo : lo + ctx.chunk_size, None])
             gc = g[lo : lo + ctx.chunk_size, None] / ctx.temperature
             gl = p.mul_(-gc).scatter_add_(-1, t[:, None], gc)
             if need_h:

@@ -66,3 +66,18 @@ def test_the_backward_keeps_no_logits(monkeypatch):
     assert saved and not any(shape[-1] == V for shape in saved), saved  # the reference saves (16, V) chunks
     lp.sum().backward()
     assert h.grad.shape == (N, d)
+
+
+@pytest.mark.parametrize("fn", [token_logprobs_reference, token_logprobs_chunked])
+def test_16bit_logits_are_accumulated_and_kept_in_fp32(fn):
+    """bf16 hidden states and head: the log-probs are those of the exact fp32 logits (every bf16
+    product is exact in fp32), as the sampler computes them, not of logits rounded to bf16
+    (which moves a logit of 8 by up to 1/32 and log-probs by as much)."""
+    torch.manual_seed(0)
+    h = (torch.randn(7, 48) * 2).to(torch.bfloat16)
+    w = (torch.randn(300, 48) * 0.5).to(torch.bfloat16)
+    t = torch.randint(0, 300, (7,))
+    want = torch.log_softmax(h.double() @ w.double().T / 0.7, -1).gather(-1, t[:, None])[:, 0]
+    got = fn(h, w, t, 0.7, 4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)

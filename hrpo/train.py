@@ -245,10 +245,17 @@ class Trainer:
         """Accuracy on `examples`, each rank evaluating its share, the samples merged."""
         cfg = self.cfg
         mine = shard(list(range(len(examples))), self.group)
-        result = evaluate(self.hm.eval(), self.tokenizer, get_task(cfg.task), [examples[i] for i in mine], how,
+        run = mine
+        if cfg.fsdp and self.group.active:
+            # Generation under FSDP makes collectives (the engine's gathers, the reference loop's
+            # forwards): every rank runs as many examples, so as many batches; the repeats of the
+            # last example that fill a shorter share are dropped below.
+            run = mine + [mine[-1] if mine else 0] * (-(-len(examples) // self.group.world) - len(mine))
+        result = evaluate(self.hm.eval(), self.tokenizer, get_task(cfg.task), [examples[i] for i in run], how,
                           self.engine, progress=self.show, max_prompt_length=cfg.max_prompt_length,
                           system=self.system, batch_size=cfg.eval_batch_size, seed=cfg.seed, reward_fn=self.reward_fn,
-                          reward_timeout=cfg.reward_timeout, indices=mine)
+                          reward_timeout=cfg.reward_timeout, indices=run)
+        result["samples"] = result["samples"][: len(mine)]
         if self.group.active:
             samples = sorted((s for part in self.group.gather(result["samples"]) for s in part), key=lambda s: s["index"])
             n = max(len(samples), 1)

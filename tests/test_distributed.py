@@ -92,12 +92,12 @@ RUNNER = textwrap.dedent("""
         hook(hrpo.train, "make_engine", early_eos)
 
     extra = {"fsdp": True} if env("FSDP") == "1" else {}
-    for name, kind in (("micro_batch_tokens", int), ("engine", str)):
+    for name, kind in (("micro_batch_tokens", int), ("engine", str), ("eval_limit", int), ("eval_batch_size", int)):
         if env(name.upper()):
             extra[name] = kind(env(name.upper()))
+    extra.setdefault("eval_limit", 4)
     cfg = small_config(env("MODEL"), out, max_steps=4, save_every=1, keep_checkpoints=4, train_limit=40,
-                       eval_limit=4, batch_size=8, group_size=2, max_completion_length=10,
-                       resume=env("RESUME") == "1", **extra)
+                       batch_size=8, group_size=2, max_completion_length=10, resume=env("RESUME") == "1", **extra)
     train(cfg, reward_fn=reward, progress=False)
 """)
 
@@ -319,3 +319,18 @@ def test_evaluation_shards_over_ranks_and_merges(single, tmp_path):
     assert [s["completion"] for s in two] == [s["completion"] for s in one]
     assert r2["benchmarks"]["arith"]["value"] == r1["benchmarks"]["arith"]["value"]
     assert r2["benchmarks"]["arith"]["n"] == 7
+
+
+def test_fsdp_evaluation_with_uneven_shares_finishes(model_dir, tmp_path):
+    """5 held-out examples over 2 ranks in batches of 2: shares of 3 and 2 would be 2 and 1
+    batches; under FSDP the reference loop's every forward is a collective (the engine's
+    refresh too, when the weights changed), so the shorter share is filled to the same number
+    of examples (and the fill dropped): the run finishes with 5 samples, each once, and the
+    same accuracy as one process on the same examples."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(launch(model_dir, one, 1, EVAL_LIMIT=5, EVAL_BATCH_SIZE=2, ENGINE="reference"))
+    finish(launch(model_dir, two, 2, FSDP=1, EVAL_LIMIT=5, EVAL_BATCH_SIZE=2, ENGINE="reference"))
+    for when in ("eval_before.json", "eval_after.json"):
+        a, b = (json.loads((run / when).read_text()) for run in (one, two))
+        assert [s["index"] for s in b["samples"]] == [0, 1, 2, 3, 4]
+        assert b["n"] == 5 and b["accuracy"] == a["accuracy"]

@@ -158,3 +158,9 @@ def test_data_prepare_usage_names_the_command_once():
     usage = out.stdout.split("\n\n")[0]
     assert usage.startswith("usage: python -m hrpo.data prepare [-h] --task")
     assert usage.count("prepare") == 1
+
+
+def test_no_flag_name_is_split_across_lines(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    split = [line for line in train_parser().format_help().splitlines() if re.search(r"\w-$", line)]
+    assert split == []

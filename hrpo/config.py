@@ -29,7 +29,7 @@ REPORT_TO = ("none", "tensorboard")
 
 
 def loss_norms() -> tuple[str, ...]:
-    from .loss import NORMS  # here, not at the top: hrpo.loss brings torch, which the data CLIs importing this skip
+    from .loss import NORMS  # here, not at the top: hrpo.loss imports torch, which `hrpo.data prepare` never needs
 
     return NORMS
 
@@ -282,7 +282,9 @@ def default_text(name: str) -> str:
     def text(value):
         if isinstance(value, bool):
             return "on" if value else "off"
-        return "none" if value is None else " ".join(value) if isinstance(value, tuple) else str(value)
+        if value is None:
+            return "none"
+        return " ".join(value) if isinstance(value, tuple) else str(value)
 
     default = TrainConfig.__dataclass_fields__[name].default
     values: dict[str, list[str]] = {}

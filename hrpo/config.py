@@ -6,79 +6,142 @@ import argparse
 import dataclasses
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .tasks import task_names
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# The command line's sections, in the order --help lists them.
+MODEL, ROLLOUT, LOSS, OPTIM, RUNS, LOGGING, DISTRIBUTED = GROUPS = (
+    "model and data", "rollout", "loss", "optimisation", "runs and checkpoints", "logging and evaluation",
+    "distributed")
+# What a step is, wherever an option counts them.
+STEPS = ("A device step rolls out --batch-size completions (over all processes) and runs --num-iterations "
+         "backward passes on them; an optimizer step is taken every --grad-accum backward passes (with "
+         "--num-iterations 1: every --grad-accum device steps).")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENGINES = ("fast", "reference")
+REPORT_TO = ("none", "tensorboard")
+
+
+def loss_norms() -> tuple[str, ...]:
+    from .loss import NORMS  # here, not at the top: hrpo.loss imports torch, which `hrpo.data prepare` never needs
+
+    return NORMS
+
+
+def option(default, group: str, help: str, choices=None):
+    """A TrainConfig field with its command-line help, section and choices: a tuple, or a
+    function giving one when the parser is built. add_config_args builds the parser from them;
+    the default it shows comes from the dataclass and RECIPES."""
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
-    task: str = "arith"
-    model: str | None = None  # hub name or local folder; None: the embedded tiny model
-    data: str | None = None  # local file/folder or hub dataset name (not needed for arith)
-    eval_data: str | None = None  # held-out split; default: the task's test split
-    output_dir: str = "runs/hrpo"
-    overwrite: bool = False  # replace the run in output_dir (only the files an hrpo run wrote)
-    resume: bool = False  # continue the run in output_dir from its latest complete checkpoint
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
-    hybrid: bool = True
-    engine: str = "fast"  # rollouts: "fast" (hrpo.engine) or "reference" (hrpo.rollout's plain loop)
-    # Rollout and batch shape (reference recipe: GSM8K's).
-    group_size: int = 4
-    batch_size: int = 8  # completions per device step
-    grad_accum: int = 4
-    max_prompt_length: int = 1024
-    max_completion_length: int = 1024
-    temperature: float = 0.5
-    # The training forward's log-probs: None at the sampling temperature (the distribution the
-    # rollout sampled from); 1 reproduces the original, which scores raw logits.
-    logprob_temperature: float | None = None
-    top_k: int = 50
-    marker: str = "####"
-    system_prompt: bool = True
-    # Objective.
-    beta: float = 0.005
-    epsilon: float = 0.2
-    num_iterations: int = 1  # updates per rollout; > 1 uses the clipped ratio
-    tis: float | None = None  # cap C of truncated importance sampling against the engine's log-probs (None: off)
-    loss_norm: str = "grpo"
-    # The update's memory: micro-batches of at most this many (padded) tokens, whole groups.
-    micro_batch_tokens: int = 16384
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
-    fsdp: bool = False  # under torchrun: shard the decoder layers (base weights and adapters) with FSDP2
-    # Optimisation.
-    lora_rank: int = 32
-    lora_alpha: int = 64
-    lr_lora: float = 5e-6
-    lr_gate: float = 1e-4
-    lr_lambda: float = 1e-3
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    warmup_ratio: float = 0.1
-    # HF Trainer's warm-up, the original's: ceil(ratio x steps) warm-up steps, the first at lr 0.
-    hf_warmup: bool = False
-    max_grad_norm: float = 0.1
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; default: one epoch of the training set
-    r_min: float = 0.99
-    r_max: float = 0.999
-    # Data sizes and evaluation.
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    eval_batch_size: int = 64
-    lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)
-    # Checkpoints, faults and monitoring.
-    save_every: int = 50  # optimizer steps between resumable checkpoints (0: only the final one)
-    keep_checkpoints: int = 2  # resumable checkpoints kept (the oldest go first)
-    max_skipped_in_a_row: int = 5  # non-finite rewards / losses / gradients tolerated in a row
-    reward_timeout: float = 60.0  # seconds one reward-function call may take (0: no limit)
-    eval_every: int = 0  # optimizer steps between held-out evaluations during training (0: none)
-    eval_every_limit: int = 100  # examples in each of those evaluations (greedy)
-    report_to: str = "none"  # "tensorboard" also writes TensorBoard events (metrics.jsonl always)
+    task: str = option("arith", MODEL, "what to train on: arith (generated on the fly, runs on a CPU), gsm8k, math, "
+                       "mmlu, rag-qa, or a benchmark of `python -m hrpo.eval` (trained with its family's recipe)",
+                       task_names)
+    model: str | None = option(None, MODEL, "the base model: a local folder, a .gguf file, a hub name or an alias "
+                               "(smollm2-135m); none: the embedded tiny model")
+    data: str | None = option(None, MODEL, "the training data: a local file or folder, or a hub dataset name; "
+                              "none: the task's hub dataset (arith generates its own)")
+    eval_data: str | None = option(None, MODEL, "the held-out data; none: the test split of --data (needed when "
+                                   "--data is a single file) or of the task's hub dataset")
+    output_dir: str = option("runs/hrpo", RUNS, "the run's folder: config, metrics, checkpoints, evaluations")
+    overwrite: bool = option(False, RUNS, "replace the run in --output-dir (deleting only the files an hrpo run "
+                             "wrote)")
+    resume: bool = option(False, RUNS, "continue the run in --output-dir from its latest complete checkpoint with "
+                          "its saved config (only the checkpoint, fault, evaluation, logging, memory and device "
+                          "options may change)")
+    seed: int = option(0, RUNS, "seeds the data order, the initial adapters and gate, and the sampling")
+    device: str = option("auto", DISTRIBUTED, "auto (this process's GPU, cuda:LOCAL_RANK under torchrun, if there "
+                         "is one, else the CPU), cpu, cuda or cuda:N")
+    dtype: str = option("auto", MODEL, "the base model's weights; auto: float32 on a CPU, bfloat16 on a GPU "
+                        "(the gate is always float32)", DTYPES)
+    hybrid: bool = option(True, MODEL, "HRPO: while the model reasons, feed it the gated blend of the sampled "
+                          "token's embedding and the probability-weighted embedding mixture; --no-hybrid: plain "
+                          "GRPO (token embeddings only)")
+    engine: str = option("fast", ROLLOUT, "the rollout's decoder: fast (hrpo.engine; falls back to reference, "
+                         "with a warning, for a model it cannot run) or reference (hrpo.rollout's plain loop)",
+                         ENGINES)
+    group_size: int = option(4, ROLLOUT, "completions sampled per prompt; advantages are taken within each group")
+    batch_size: int = option(8, ROLLOUT, "completions per device step, over all processes (a multiple of "
+                             "--group-size: batch-size / group-size prompts per device step)")
+    grad_accum: int = option(4, OPTIM, "backward passes per optimizer step (with --num-iterations 1: device "
+                             "steps per optimizer step)")
+    max_prompt_length: int = option(1024, MODEL, "tokens of a rendered prompt; a longer one is an error before "
+                                    "training starts, never cut")
+    max_completion_length: int = option(1024, ROLLOUT, "new tokens per completion")
+    temperature: float = option(0.5, ROLLOUT, "sampling temperature of the rollouts and of the sampled held-out "
+                                "accuracy")
+    logprob_temperature: float | None = option(
+        None, LOSS, "temperature of the training forward's log-probs; none: --temperature (the distribution the "
+        "rollout sampled from); 1: raw logits, as the original scores them (trl/trainer/grpo_trainer.py:480-487)")
+    top_k: int = option(50, ROLLOUT, "sample among the k most likely tokens (0: the whole vocabulary)")
+    marker: str = option("####", ROLLOUT, "the answer marker: a completion reasons (hybrid inputs) until its text "
+                         "holds this string")
+    system_prompt: bool = option(True, MODEL, "put the original's system prompt before each question "
+                                 "(utils.py:6-11)")
+    beta: float = option(0.005, LOSS, "weight of the k3 KL penalty against the frozen base model (0: no "
+                         "reference forward)")
+    epsilon: float = option(0.2, LOSS, "clip range of the policy ratio (used with --num-iterations > 1)")
+    num_iterations: int = option(1, LOSS, "backward passes per rollout; > 1 uses the clipped ratio against the "
+                                 "rollout-time policy")
+    tis: float | None = option(None, LOSS, "cap C of truncated importance sampling, min(ratio, C) per token, of the "
+                               "training forward's log-probs against the rollout engine's; none: off")
+    loss_norm: str = option("grpo", LOSS, "how token losses are averaged: grpo (per completion, then over the "
+                            "batch), dapo (over all of the batch's tokens), dr_grpo (sum over tokens / (batch x "
+                            "--max-completion-length))", loss_norms)
+    micro_batch_tokens: int = option(16384, OPTIM, "the update's memory: each backward pass runs in micro-batches "
+                                     "of at most this many padded tokens, whole groups (a larger group goes alone)")
+    gradient_checkpointing: bool = option(False, OPTIM, "recompute each decoder layer in the backward: less "
+                                          "memory, more time")
+    fsdp: bool = option(False, DISTRIBUTED, "under torchrun: shard the decoder layers (base weights and adapters) "
+                        "over the processes with FSDP2")
+    lora_rank: int = option(32, MODEL, "rank of the LoRA adapters")
+    lora_alpha: int = option(64, MODEL, "LoRA scaling numerator (the adapters' scale is alpha / rank)")
+    lr_lora: float = option(5e-6, OPTIM, "learning rate of the LoRA adapters")
+    lr_gate: float = option(1e-4, OPTIM, "learning rate of the gate's two linear layers")
+    lr_lambda: float = option(1e-3, OPTIM, "learning rate of the gate's Lambda")
+    weight_decay: float = option(0.1, OPTIM, "AdamW weight decay, on every trained parameter")
+    adam_beta1: float = option(0.9, OPTIM, "AdamW beta1")
+    adam_beta2: float = option(0.99, OPTIM, "AdamW beta2")
+    warmup_ratio: float = option(0.1, OPTIM, "fraction of the optimizer steps spent warming the learning rates up "
+                                 "linearly; a cosine decay to 0 follows")
+    hf_warmup: bool = option(False, OPTIM, "HF Trainer's warm-up, the original's: ceil(ratio x steps) warm-up "
+                             "steps, the first at learning rate 0 (transformers/optimization.py:137); without it "
+                             "the first update already moves the weights")
+    max_grad_norm: float = option(0.1, OPTIM, "clip the gradient's global norm to this before each optimizer step")
+    epochs: int = option(1, OPTIM, "passes over the training set (each in its own shuffled order)")
+    max_steps: int | None = option(None, OPTIM, "stop after this many optimizer steps' worth of device steps, i.e. "
+                                   "max-steps x --grad-accum device steps (the run is shorter if --epochs ends "
+                                   "first); none: --epochs passes over the training set")
+    r_min: float = option(0.99, MODEL, "the gate's start: per channel u = sigmoid(Lambda)^c is drawn "
+                          "uniformly from [r-min, r-max], and a = u^r (r in (0, 1), from the input) weighs the "
+                          "token embedding: near 1, the blend starts close to plain tokens")
+    r_max: float = option(0.999, MODEL, "the upper end of that draw (see --r-min)")
+    train_limit: int | None = option(None, MODEL, "use at most this many training examples (the first usable "
+                                     "ones; arith: how many to generate, none: 20000)")
+    eval_limit: int | None = option(None, LOGGING, "held-out examples evaluated before and after training (the "
+                                    "first usable ones; arith: how many to generate, none: 500)")
+    eval_batch_size: int = option(64, LOGGING, "prompts per generation batch in held-out evaluations")
+    lora_targets: tuple[str, ...] = option(LORA_TARGETS, MODEL, "the projections that get LoRA adapters")
+    save_every: int = option(50, RUNS, "optimizer steps between resumable checkpoints (0: only the final one)")
+    keep_checkpoints: int = option(2, RUNS, "resumable checkpoints kept (the oldest are deleted first)")
+    max_skipped_in_a_row: int = option(5, RUNS, "stop (after a checkpoint) when this many updates in a row were "
+                                       "skipped for a non-finite reward, loss or gradient")
+    reward_timeout: float = option(60.0, RUNS, "seconds one reward-function call may take before its completions "
+                                   "score 0 (0: no limit)")
+    eval_every: int = option(0, LOGGING, "optimizer steps between greedy held-out evaluations during training "
+                             "(0: none)")
+    eval_every_limit: int = option(100, LOGGING, "held-out examples in each of those evaluations (the first ones)")
+    report_to: str = option("none", LOGGING, "also log to: tensorboard (events in --output-dir/tensorboard); "
+                            "metrics.jsonl is always written", REPORT_TO)
 
 
 # Group size, completions per device step, gradient accumulation, prompt / completion limits
@@ -213,19 +276,52 @@ def config_for(task: str, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def default_text(name: str) -> str:
+    """The default --help shows for a field: the dataclass's, or each recipe's where RECIPES
+    sets it (recipes sharing a value named together)."""
+    def text(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if value is None:
+            return "none"
+        return " ".join(value) if isinstance(value, tuple) else str(value)
+
+    default = TrainConfig.__dataclass_fields__[name].default
+    values: dict[str, list[str]] = {}
+    for recipe in sorted(RECIPES, key=lambda r: r != TrainConfig.task):  # the default task's first
+        values.setdefault(text(RECIPES[recipe].get(name, default)), []).append(recipe)
+    if len(values) == 1:
+        return f"default: {next(iter(values))}"
+    return "default: the task's recipe (" + ", ".join(f"{'/'.join(r)}: {v}" for v, r in values.items()) + ")"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; option help wrapped at spaces only, never inside a flag
+    name such as --max-completion-length."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def add_config_args(parser: argparse.ArgumentParser, fields: list[str] | None = None) -> None:
-    """One --flag per TrainConfig field (booleans get --x / --no-x), all defaulting to None
-    so that only what the user typed overrides the task's recipe."""
+    """One --flag per TrainConfig field (booleans get --x / --no-x), in its section, with its
+    help, default and choices; all default to None so that only what the user typed overrides
+    the task's recipe."""
+    groups = {title: parser.add_argument_group(title) for title in GROUPS}
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "task" or (fields is not None and f.name not in fields):
+        if fields is not None and f.name not in fields:
             continue
-        if f.type in ("bool",):
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None)
+        choices = f.metadata["choices"]
+        choices = choices() if callable(choices) else choices
+        help = f"{f.metadata['help']} ({default_text(f.name)})".replace("%", "%%")  # argparse formats help with %
+        group = groups[f.metadata["group"]]
+        if f.type == "bool":
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help)
         elif f.name == "lora_targets":
-            parser.add_argument(flag(f.name), nargs="+", default=None)
+            group.add_argument(flag(f.name), nargs="+", default=None, help=help)
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            parser.add_argument(flag(f.name), type=kind, default=None)
+            group.add_argument(flag(f.name), type=kind, default=None, choices=choices, help=help)
 
 
 # ---------------------------------------------------------------- resuming a run

@@ -55,19 +55,27 @@ def prepare(task: str, inputs: list[str], split: str = "train", corpus: str | No
     return [prepared_record(ex, task) for ex in examples], report
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m hrpo.data` with its one command, prepare: a subcommand, so that its usage
+    line names it once."""
+    p = argparse.ArgumentParser(prog="python -m hrpo.data", description="Data tools; `COMMAND --help` explains one.")
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="the command to run")
+    prepare_cmd = commands.add_parser("prepare", help="turn source files into the project's record form",
+                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prepare_cmd.add_argument("--task", required=True, choices=[n for n in task_names() if get_task(n).convert],
+                             help="the task whose loader checks the records")
+    prepare_cmd.add_argument("--input", nargs="+", required=True, help="source files (or folders, or hub names)")
+    prepare_cmd.add_argument("--split", default="train", help="the split of a folder or hub input (default: train)")
+    prepare_cmd.add_argument("--output", required=True, help="JSONL in the project's record form")
+    prepare_cmd.add_argument("--corpus", help="QA: retrieve the top 3 passages (BM25) for records without contexts")
+    prepare_cmd.add_argument("--overwrite", action="store_true",
+                             help="replace --output and its report if they exist")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hrpo.data prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["prepare"])
-    p.add_argument("--task", required=True, help=", ".join(n for n in task_names() if n != "arith"))
-    p.add_argument("--input", nargs="+", required=True, help="source files (or folders, or hub names)")
-    p.add_argument("--split", default="train", help="the split of a folder or hub input")
-    p.add_argument("--output", required=True, help="JSONL in the project's record form")
-    p.add_argument("--corpus", help="QA: retrieve the top 3 passages (BM25) for records without contexts")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        get_task(args.task)
         out = check_writable(args.output, args.overwrite)
         report_file = check_writable(f"{args.output}.report.json", args.overwrite)
         records, report = prepare(args.task, args.input, args.split, args.corpus)

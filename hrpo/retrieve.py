@@ -293,9 +293,8 @@ def prepared_record(ex: Example) -> dict:
     return {**ex.meta, "question": ex.question, "golden_answers": ex.answer, "contexts": ex.contexts or []}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hrpo.runs import check_writable, replace_file
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m hrpo.retrieve`."""
     p = argparse.ArgumentParser(prog="python -m hrpo.retrieve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="passages: JSONL of {id, contents} or {title, text}")
@@ -304,11 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", help="split of a folder or hub dataset (default: test)")
     p.add_argument("--output", required=True, help="the prepared records (JSONL: question, golden_answers, contexts)")
     p.add_argument("--k", type=int, default=TOP_K, help=f"passages per question (default: {TOP_K})")
-    p.add_argument("--method", choices=METHODS, default="bm25")
+    p.add_argument("--method", choices=METHODS, default="bm25",
+                   help="bm25 (lexical, no weights) or dense (an E5-style encoder: --encoder) (default: bm25)")
     p.add_argument("--encoder", help="--method dense: an E5-style encoder (folder or hub name)")
     p.add_argument("--cache-dir", help="where the index is cached (default: beside the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hrpo.runs import check_writable, replace_file
+
+    args = build_parser().parse_args(argv)
     try:
         check_options(args.method, args.encoder, args.k)
         if get_task(args.task).recipe != "rag-qa":

@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -32,8 +33,8 @@ from tqdm import tqdm
 from .checkpoint import (all_ranks_rng, capture_rng, complete_checkpoints, load_checkpoint, load_training_state,
                          policy_tensors, prune_checkpoints,
                          save_checkpoint, save_training_checkpoint, step_folder)
-from .config import (ConfigError, TrainConfig, add_config_args, check_resumable, config_for, resume_config,
-                     saved_config, validate_config)
+from .config import (STEPS, ConfigError, HelpFormatter, TrainConfig, add_config_args, check_resumable, config_for,
+                     resume_config, saved_config, validate_config)
 from .distributed import clip_grad_norm, finish_group, init_group, shard, shard_layers
 from .engine import make_engine
 from .eval import decode_completions, evaluate
@@ -541,13 +542,19 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hrpo.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default=None, help="arith (embedded, the default), gsm8k, math, mmlu, rag-qa, or a "
-                   "benchmark of `python -m hrpo.eval` (trained with its family's recipe)")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per TrainConfig field, in sections, each with its help,
+    default and choices (hrpo.config documents them)."""
+    steps = textwrap.fill(f"{STEPS} A benchmark task trains with its family's recipe.", width=100,
+                          break_on_hyphens=False)
+    p = argparse.ArgumentParser(prog="python -m hrpo.train", description=f"{__doc__}\n{steps}",
+                                formatter_class=HelpFormatter)
     add_config_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     try:
         if given.get("resume"):

@@ -81,7 +81,7 @@ class TrainConfig:
                                 "accuracy")
     logprob_temperature: float | None = option(
         None, LOSS, "temperature of the training forward's log-probs; none: --temperature (the distribution the "
-        "rollout sampled from); 1: raw logits, as the original scores them (trl/trainer/grpo_trainer.py:480-487)")
+        "rollout sampled from); 1: raw logits, as the original scores them (unsloth/models/rl_replacements.py:237-246)")
     top_k: int = option(50, ROLLOUT, "sample among the k most likely tokens (0: the whole vocabulary)")
     marker: str = option("####", ROLLOUT, "the answer marker: a completion reasons (hybrid inputs) until its text "
                          "holds this string")

@@ -1,15 +1,16 @@
 # Metadata lives in pyproject.toml; this file adds the optional C++/CUDA extension
-# `hrpo_kernels._C` (csrc/). It is built only when torch sees CUDA and nvcc is found, or when
-# HRPO_BUILD_CUDA=1 forces it (HRPO_BUILD_CUDA=0 disables it). Otherwise the package installs
-# without an extension and nothing is compiled; hrpo_kernels/_ext.py then JIT-builds csrc/ on
-# first use, or falls back to the pure-torch references.
+# `hrpo_kernels._C` (hrpo_kernels/csrc/, shipped as package data). It is built only when torch
+# sees CUDA and nvcc is found, or when HRPO_BUILD_CUDA=1 forces it (HRPO_BUILD_CUDA=0 disables
+# it). Otherwise the package installs without an extension and nothing is compiled;
+# hrpo_kernels/_ext.py then JIT-builds those sources on first use, or falls back to the
+# pure-torch references.
 # torch must be importable at build time: `pip install --no-build-isolation -e .` on GPU hosts.
 import os
 import shutil
 
 from setuptools import setup
 
-CSRC = "csrc"
+CSRC = "hrpo_kernels/csrc"  # relative: setuptools rejects absolute source paths
 SOURCES = [
     f"{CSRC}/bindings.cpp",
     f"{CSRC}/topk_sample_cpu.cpp",

@@ -178,13 +178,15 @@ def table(rows: dict[str, dict], columns: list[str] | None = None) -> str:
              "|---|---|" + "---|" * (len(columns or ["value", "n"]) + 1)]
     for name, row in rows.items():
         cells = [f"{100 * row['value']:.1f}", str(row["n"])] if columns is None else \
-            [("" if row.get(c) is None else f"{100 * row[c]:.1f}") for c in columns]
+            [("" if row.get(c) is None else row[c] if isinstance(row[c], str) else f"{100 * row[c]:.1f}")
+             for c in columns]
         lines.append(f"| {name} | {row['metric']} | " + " | ".join(cells) + f" | {PAPER_BEST.get(name, '')} |")
     return "\n".join(lines)
 
 
-def compare(dirs: list[str], png: str, overwrite: bool) -> int:
-    """Results of several evaluation folders side by side, printed and drawn."""
+def compare(dirs: list[str], png: str | None, overwrite: bool) -> int:
+    """Results of several evaluation folders side by side, printed and drawn (by default into
+    the first folder's comparison.png, never the current folder)."""
     from .runs import check_writable
 
     results = {}
@@ -196,31 +198,57 @@ def compare(dirs: list[str], png: str, overwrite: bool) -> int:
             raise ValueError(f"--compare: cannot read {file} ({type(err).__name__})") from None
     names = [b for b in BENCHMARKS if any(b in r for r in results.values())]
     names += sorted({b for r in results.values() for b in r} - set(names))
+    # per benchmark: its metric and, per run, (value, n) or None where the run lacks it
     merged = {b: {"metric": next(r[b]["metric"] for r in results.values() if b in r),
-                  **{run: r[b]["value"] if b in r else None for run, r in results.items()}} for b in names}
-    print(table(merged, list(results)))
-    out = check_writable(png, overwrite)
+                  **{run: (r[b]["value"], r[b]["n"]) if b in r else None for run, r in results.items()}}
+              for b in names}
+    shown = {b: {c: f"{100 * v[0]:.1f} (n={v[1]})" if isinstance(v, tuple) else v for c, v in row.items()}
+             for b, row in merged.items()}
+    print(table(shown, list(results)))
+    out = check_writable(png or Path(dirs[0]) / "comparison.png", overwrite)
     _plot_comparison(merged, list(results), out)
     print(f"chart: {out}")
     return 0
 
 
 def _plot_comparison(rows: dict, runs: list[str], path: Path) -> None:
+    """Grouped bars (one group per benchmark: each run, then the paper's best), each labelled
+    with its value; a zero draws a mark on the axis, a missing result says n/a."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 3.8))
-    width = 0.8 / (len(runs) + 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows)), 4.2))
+    slots = len(runs) + 1  # the paper's mark takes the last slot of each group
+    width = 0.8 / slots
+    offset = [(k - (slots - 1) / 2) * width for k in range(slots)]  # centred on the group's tick
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
-        xs = [j + i * width for j in range(len(rows))]
-        ax.bar(xs, [100 * (r[run] or 0) for r in rows.values()], width, label=run)
-    ax.scatter([j + len(runs) * width for j in range(len(rows))], [PAPER_BEST.get(b, float("nan")) for b in rows],
-               marker="_", s=200, color="black", label="paper (best)", zorder=3)
-    ax.set_xticks([j + (len(runs) - 1) * width / 2 for j in range(len(rows))], list(rows), rotation=30, ha="right")
+        for j, row in enumerate(rows.values()):
+            x, color = j + offset[i], colors[i % len(colors)]
+            if row[run] is None:
+                ax.text(x, 0.5, "n/a", ha="center", va="bottom", fontsize=7, color="gray", rotation=90)
+                continue
+            value = 100 * row[run][0]
+            ax.bar(x, value, width, color=color, label=run if j == 0 else None)
+            ax.plot([x - width / 2, x + width / 2], [0, 0], color=color, lw=4, solid_capstyle="butt",
+                     clip_on=False, zorder=4)  # a zero bar has no height: this keeps it visible
+            ax.text(x, value, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
+    paper = [(j + offset[-1], PAPER_BEST[b]) for j, b in enumerate(rows) if b in PAPER_BEST]
+    if paper:
+        ax.scatter(*zip(*paper), marker="_", s=250, linewidths=2, color="black", label="paper (best)", zorder=3)
+    labels = []
+    for b, row in rows.items():
+        ns = [str(row[run][1]) for run in runs if row[run] is not None]
+        labels.append(f"{b}\nn={ns[0]}" if len(set(ns)) == 1 else f"{b}\nn={' / '.join(ns)}")
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    top = max([100 * row[run][0] for row in rows.values() for run in runs if row[run] is not None]
+              + [v for _, v in paper] + [1.0])
+    ax.set_ylim(0, top * 1.15)
     ax.set_ylabel("accuracy / exact match (%)")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{' vs '.join(runs)}: score per benchmark (n = examples scored per run)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -376,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="fast", choices=("fast", "reference"), help="rollout loop (default: fast)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print and draw the results of these evaluation folders")
-    p.add_argument("--png", default="comparison.png", help="the chart --compare draws")
+    p.add_argument("--png", help="the chart --compare draws (default: comparison.png in the first compared folder)")
     args = p.parse_args(argv)
     try:
         code = compare(args.compare, args.png, args.overwrite) if args.compare else run(args)

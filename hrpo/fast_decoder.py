@@ -20,7 +20,7 @@ every LoRA Linear through hrpo_kernels.lora_linear):
   engine would sample a policy that lags the one being trained.
 On the CPU in fp32 the packed matrices are also reordered for oneDNN's prepacked GEMM
 (2-2.4x faster than F.linear at decode shapes), and a decode step runs as one call into the
-extension's C++ body (csrc/decode_body_cpu.cpp, the same math with the ~45 small torch ops
+extension's C++ body (hrpo_kernels/csrc/decode_body_cpu.cpp, the same math with the ~45 small torch ops
 per layer fused into loops) when the extension loads.
 Anything this file cannot run exactly is named by `unsupported_reason`, and the engine
 falls back to the reference loop.

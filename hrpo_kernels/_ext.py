@@ -1,4 +1,4 @@
-"""Loader of the C++/CUDA extension (csrc/).
+"""Loader of the C++/CUDA extension (its sources: csrc/ beside this file, package data).
 
 load_extension() returns the module, trying in order: the prebuilt `hrpo_kernels._C`
 (setup.py with CUDA), a JIT build of csrc/ (the CUDA kernels when torch sees CUDA and nvcc
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ._common import forced_reference, on_gpu_path
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parent / "csrc"  # inside the package: wheels and sdists carry it
 CPU_SOURCES = ("bindings.cpp", "topk_sample_cpu.cpp", "step_controller_cpu.cpp", "gated_blend_cpu.cpp",
                "decode_body_cpu.cpp")
 CUDA_SOURCES = ("topk_sample.cu", "step_controller.cu")

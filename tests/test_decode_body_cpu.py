@@ -1,4 +1,4 @@
-"""The extension's C++ decoder body (csrc/decode_body_cpu.cpp) against FastDecoder's torch
+"""The extension's C++ decoder body (hrpo_kernels/csrc/decode_body_cpu.cpp) against FastDecoder's torch
 ops, on shapes the tiny test models do not have: head dims that are not a multiple of the
 body's 16-lane dot, three query heads per kv head, Qwen3's q/k norms, attention bias, rows
 at scattered lengths, cache slots past each row poisoned with NaN, and a batch of fewer

@@ -7,9 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -208,6 +210,47 @@ def test_stale_temporary_folders_are_ignored_and_old_ones_removed(tmp_path, monk
     assert mod.file == tmp_path / name / f"{name}.so"
     assert not old_tmp.exists() and not old_bad.exists()
     assert fresh_tmp.exists()  # it may belong to a build still running
+
+
+# ---------------------------------------------------------------------------------- packaging
+
+def _copy_project(dest: Path) -> Path:
+    """What setuptools packages, copied from the checkout (builds never write into it)."""
+    junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.so")
+    dest.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(REPO / name, dest / name)
+    for name in ("hrpo", "hrpo_kernels"):
+        shutil.copytree(REPO / name, dest / name, ignore=junk)
+    return dest
+
+
+def test_wheel_and_sdist_carry_the_extension_sources(tmp_path):
+    """A regular install keeps the C++ extension: the wheel and the sdist hold every file of the
+    checkout's hrpo_kernels/csrc/, and the loader of an unpacked wheel finds its sources there
+    (a wheel without them left the first use with "No such file ... site-packages/csrc/...")."""
+    src = _copy_project(tmp_path / "src")
+    sources = sorted(p.name for p in (REPO / "hrpo_kernels" / "csrc").iterdir())
+    assert {"bindings.cpp", "philox.h", "topk_sample.cu"} <= set(sources)
+    env = dict(os.environ, HRPO_BUILD_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path / 'dist')!r})"],
+                   cwd=src, check=True, env=env, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("hrpo-*.whl")
+    (sdist,) = (tmp_path / "dist").glob("hrpo-*.tar.gz")
+    with zipfile.ZipFile(wheel) as z:
+        in_wheel = sorted(n.split("/")[-1] for n in z.namelist() if n.startswith("hrpo_kernels/csrc/"))
+        z.extractall(tmp_path / "site")
+    with tarfile.open(sdist) as t:
+        in_sdist = sorted(n.split("/")[-1] for n in t.getnames() if "/hrpo_kernels/csrc/" in n)
+    assert in_wheel == sources and in_sdist == sources
+    script = ("from hrpo_kernels import _ext\n"
+              "print(_ext.CSRC, *[s for s in _ext.CPU_SOURCES + _ext.CUDA_SOURCES if not (_ext.CSRC / s).is_file()])\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(tmp_path / "site" / "hrpo_kernels" / "csrc")]
 
 
 # ---------------------------------------------------------------------------------- real build

@@ -1,11 +1,10 @@
 """The C++ twins of the extension (CPU-only JIT build) against the pure-torch references,
-Philox known answers, and a compile check of every csrc/*.cu with nvcc."""
+Philox known answers, and a compile check of every hrpo_kernels/csrc/*.cu with nvcc."""
 from __future__ import annotations
 
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from hrpo_kernels.sample_and_mix import sample_and_mix, sample_and_mix_reference
 from hrpo_kernels.step_controller import StepBuffers, step_controller, step_controller_reference
 from hrpo_kernels.topk_sample import topk_sample_mix, topk_sample_mix_reference
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = _ext.CSRC  # the extension's sources, inside the package
 BUILD_BUDGET_S = 120.0
 
 

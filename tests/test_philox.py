@@ -1,5 +1,5 @@
 """hrpo_kernels.philox (pure torch) against Random123's known answers and the C++ twin of
-csrc/philox.h; the seeded sampling reference against the extension's tokens."""
+hrpo_kernels/csrc/philox.h; the seeded sampling reference against the extension's tokens."""
 from __future__ import annotations
 
 import pytest

@@ -129,6 +129,7 @@ def chart(traces: list[Trace], agg: dict) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for t in traces:
@@ -141,6 +142,8 @@ def chart(traces: list[Trace], agg: dict) -> bytes:
         left.legend(fontsize=7)
     left.set_title("gate coefficient (mean of a over channels)")
     left.set_xlabel("completion position")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # positions are tokens: no 2.5
+    left.set_ylabel("gate coefficient")
     left.ticklabel_format(axis="y", style="plain", useOffset=False)
     left.grid(alpha=0.3)
     shares = agg["nearest_scripts"]

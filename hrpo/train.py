@@ -600,10 +600,10 @@ def main(argv: list[str] | None = None) -> int:
             if given.get("resume"):
                 output_dir = given.get("output_dir", TrainConfig.output_dir)
                 done = finished_step(output_dir)
+                cfg = resume_config(output_dir, given)  # a changed flag is refused, finished or not
                 if done is not None:
                     print(f"hrpo: {output_dir} finished at step {done}; nothing to do")
                     return 0
-                cfg = resume_config(output_dir, given)
             else:
                 cfg = config_for(given.pop("task", "arith"), **given)
                 check_model_given(cfg)

@@ -154,6 +154,8 @@ def test_resume_of_a_finished_run_does_nothing(run, capsys):
     steps = json.loads((run / "summary.json").read_text())["device_steps"]
     assert steps == 1 and capsys.readouterr().out == f"hrpo: {run} finished at step 1; nothing to do\n"
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert train_main(["--resume", "--output-dir", str(run), "--seed", "7"]) == 2  # a changed flag is still refused
+    assert capsys.readouterr().err == "error: --seed 7 differs from the run's config (0); a resumed run keeps its config\n"
 
 
 def test_thread_count_follows_the_environment():

@@ -451,7 +451,7 @@ class Trainer:
             return Interrupted(f"stopped by {name} before the first step; nothing to resume", signum)
         found = complete_checkpoints(self.ckpt_root)
         where = f"continue with --resume from {found[-1]}" if found else "nothing to resume"
-        return Interrupted(f"stopped by {name} after {self.state.step} steps; {where}", signum)
+        return Interrupted(f"stopped by {name} after {_steps(self.state.step)}; {where}", signum)
 
     def _loop(self, log: MetricsLog, stop: StopRequests) -> None:
         cfg = self.cfg
@@ -484,7 +484,7 @@ class Trainer:
                 path = self.checkpoint()
                 name = signal.Signals(stop.signum or signal.SIGTERM).name
                 bar.close()
-                raise Interrupted(f"stopped by {name} after {self.state.step} steps; checkpoint {path}; "
+                raise Interrupted(f"stopped by {name} after {_steps(self.state.step)}; checkpoint {path}; "
                                   "continue with --resume", stop.signum or signal.SIGTERM)
             if boundary and cfg.save_every and self.state.opt_step % cfg.save_every == 0 and s + 1 < self.device_steps:
                 self.checkpoint()
@@ -542,6 +542,10 @@ class Trainer:
             "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9),
             "update_tokens_per_s": total("update_tokens") / max(update_s, 1e-9),
         }
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
 
 
 def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:

@@ -148,6 +148,29 @@ def test_a_signal_before_the_first_step_is_one_line(model_dir, tmp_path, capsys,
     assert capsys.readouterr().err == f"error: nothing to resume in {out}\n"
 
 
+def test_ctrl_c_in_training_names_the_steps_done_and_their_checkpoint(model_dir, tmp_path, capsys, monkeypatch):
+    real = hrpo.train.Trainer.device_step
+
+    def step_then_ctrl_c(self, s):
+        record = real(self, s)
+        os.kill(os.getpid(), signal.SIGINT)  # during the step: it finishes, is saved, and the run stops
+        return record
+
+    monkeypatch.setattr(hrpo.train.Trainer, "device_step", step_then_ctrl_c)
+    out = tmp_path / "r"
+    argv = ["--model", str(model_dir), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8",
+            "--group-size", "4", "--max-completion-length", "4", "--eval-limit", "2", "--lora-rank", "2",
+            "--max-prompt-length", "256", "--train-limit", "24"]
+    assert train_main(argv) == 130
+    err = capsys.readouterr().err.splitlines()
+    # on a line of its own, not glued to the progress bar's
+    assert "hrpo: SIGINT: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without " \
+           "saving)" in err
+    assert err[-1] == (f"hrpo: stopped by SIGINT after 1 step; checkpoint {out / 'checkpoints' / 'step-00000001'}; "
+                       "continue with --resume")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
 def test_resume_of_a_finished_run_does_nothing(run, capsys):
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     assert train_main(["--resume", "--output-dir", str(run)]) == 0

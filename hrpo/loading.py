@@ -40,7 +40,11 @@ def cpu_threads(env: Mapping[str, str] | None = None, cpus: int | None = None) -
     """Torch's intra-op thread count for this process: OMP_NUM_THREADS when the user set it;
     under torchrun (LOCAL_WORLD_SIZE processes on this machine) one share of the cores each,
     os.cpu_count() // LOCAL_WORLD_SIZE, at least 1, so that the processes do not fight over
-    the cores; else every core. `env` and `cpus` default to this process's."""
+    the cores; else every core. `env` and `cpus` default to this process's.
+
+    torchrun itself exports OMP_NUM_THREADS=1 to its workers when the user set none and
+    starts more than one (torch/distributed/run.py), which this keeps: export
+    OMP_NUM_THREADS=(cores / processes) beside torchrun for more threads per process."""
     env = os.environ if env is None else env
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
     if env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:

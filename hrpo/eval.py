@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .config import HelpFormatter
 from .distributed import finish_group, init_group, shard
 from .engine import make_engine
 from .marker import MarkerMatcher
@@ -227,8 +228,8 @@ def _plot_comparison(rows: dict, runs: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, each flag's default after its help."""
+class DefaultsHelpFormatter(HelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """hrpo.train's help layout, with each flag's default after its help."""
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -394,7 +395,8 @@ def run(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hrpo.eval", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m hrpo.eval", description=__doc__,
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--task", help=f"one of {', '.join(BENCHMARKS)}, another registered task, or all "
                                   "(None: the checkpoint's task, else gsm8k)")
     p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate) or a finished training run's "

@@ -630,5 +630,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} ({gain:+.3f}); run in {cfg.output_dir}")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..eval import HelpFormatter, describe_policy, recorded_settings, resolve_checkpoint
+from ..eval import DefaultsHelpFormatter, describe_policy, recorded_settings, resolve_checkpoint
 from ..prompts import SYSTEM_PROMPT, encode_prompts
 from ..tasks import get_task
 from .report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
@@ -147,7 +147,8 @@ def collect(args) -> list[Trace]:
 def parser() -> argparse.ArgumentParser:
     from . import __doc__ as doc
 
-    p = argparse.ArgumentParser(prog="python -m hrpo.inspect", description=doc, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m hrpo.inspect", description=doc,
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate) or a finished training run's "
                                         "folder; None: the base model alone")
     p.add_argument("--model", help="base model (hub name or folder); None: the checkpoint's base, else the "

@@ -264,6 +264,27 @@ def validate_config(cfg: TrainConfig) -> None:
     ints("eval_every", 0)
     ints("eval_every_limit", 1)
     choice("report_to", ("none", "tensorboard"))
+    _check_data_sources(cfg)
+
+
+def _check_data_sources(cfg: TrainConfig) -> None:
+    """--data / --eval-data: read by the task, and present when they name local paths."""
+    for name in ("data", "eval_data"):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if cfg.task == "arith":
+            raise ConfigError(f"{flag(name)} {value}: the arith task generates its examples and reads no data; "
+                              f"drop {flag(name)} or choose another --task")
+        if not Path(value).expanduser().exists() and not _hub_name(value):
+            raise ConfigError(f"{flag(name)} {value}: no such file or folder")
+
+
+def _hub_name(value: str) -> bool:
+    """owner/name or owner/name:config, as hub datasets are named (not a path)."""
+    owner, _, rest = value.partition("/")
+    return bool(owner) and not value.startswith((".", "~")) and "/" not in rest and bool(rest) \
+        and not rest.endswith((".jsonl", ".json", ".parquet"))
 
 
 def config_for(task: str, **overrides) -> TrainConfig:

@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .config import HelpFormatter
 from .distributed import finish_group, init_group, shard
 from .engine import make_engine
 from .marker import MarkerMatcher
-from .prompts import SYSTEM_PROMPT, Example, encode_prompts
+from .prompts import ANSWER_MARKER, SYSTEM_PROMPT, Example, encode_prompts
 from .reporting import json_safe
 from .reward_guard import score as guarded_score
 from .rollout import SamplingConfig
@@ -255,6 +256,48 @@ def _plot_comparison(rows: dict, runs: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+class DefaultsHelpFormatter(HelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """hrpo.train's help layout, with each flag's default after its help."""
+
+
+def resolve_checkpoint(path: str) -> str:
+    """--checkpoint as given, or inside a training run's folder: its final `checkpoint`; an
+    unfinished run is refused naming its latest resumable checkpoint."""
+    from .checkpoint import complete_checkpoints
+    from .config import ConfigError
+
+    root = Path(path)
+    if (root / "checkpoint.json").is_file() or not root.is_dir():
+        return path
+    if (root / "checkpoint" / "checkpoint.json").is_file():
+        return str(root / "checkpoint")
+    found = complete_checkpoints(root / "checkpoints")
+    if found:
+        raise ConfigError(f"--checkpoint {path} is an unfinished run; pick one of its checkpoints, the latest: "
+                          f"--checkpoint {found[-1]}")
+    return path
+
+
+def recorded_settings(args, meta: dict) -> None:
+    """The decoding settings the user left unset (None) as the checkpoint was trained: hybrid
+    latents, system prompt, and the answer marker that ends thinking (earlier checkpoints
+    record no system prompt: on)."""
+    if args.hybrid is None:
+        args.hybrid = meta.get("hybrid", True)
+    if args.system_prompt is None:
+        args.system_prompt = meta.get("system_prompt", True)
+    args.marker = meta.get("marker", ANSWER_MARKER)
+
+
+def describe_policy(verb: str, args, task: str | None) -> str:
+    """The one line naming what a command evaluates or inspects."""
+    what = f"checkpoint {args.checkpoint}" if args.checkpoint else "the base model"
+    task_part = f"task {task}, " if task else ""
+    return (f"{verb} {what} ({task_part}base model {args.base_model or 'embedded'}, "
+            f"hybrid {'on' if args.hybrid else 'off'}, system prompt {'on' if args.system_prompt else 'off'}, "
+            f"marker {args.marker!r})")
+
+
 def _check_args(args) -> None:
     from .config import ConfigError
 
@@ -293,14 +336,20 @@ def run(args) -> int:
     from .model import HybridModel
     from .runs import MANIFEST, RunDir, write_json
 
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
+    recorded_settings(args, meta or {})
+    args.task = args.task or (meta or {}).get("task") or "gsm8k"
+    args.base_model = args.model or (meta["base_model"] if meta else None)
     _check_args(args)
     tasks = list(BENCHMARKS) if args.task == "all" else [args.task]
     # An evaluation folder is continued by default: its finished examples are kept.
     resume = (Path(args.output_dir) / MANIFEST).is_file() and not args.overwrite
     out = RunDir(args.output_dir, overwrite=args.overwrite, resume=resume, kind="eval")
     group = init_group(args.device)  # under torchrun each rank evaluates a share; rank 0 writes
-    meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
-    args.base_model = args.model or (meta["base_model"] if meta else None)
+    if group.main:
+        print(describe_policy("evaluating", args, args.task))
     device = resolve_device(args.device, group.local_rank)
     model, tokenizer = load_base_model(args.base_model, device, resolve_dtype(args.dtype, device))
     if meta:
@@ -317,7 +366,7 @@ def run(args) -> int:
             if name in keys and row.get("key") != keys[name]:
                 raise ValueError(f"--output-dir {args.output_dir} holds {name} evaluated with other settings; "
                                  "choose another folder or pass --overwrite")
-    matcher = MarkerMatcher(tokenizer, "####", model.config.vocab_size)
+    matcher = MarkerMatcher(tokenizer, args.marker, model.config.vocab_size)
     eos = eos_token_ids(model, tokenizer)
     engine = make_engine(hm.eval(), matcher, eos, tokenizer.pad_token_id, kind=args.engine)
     if group.main:
@@ -373,48 +422,68 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hrpo.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="gsm8k", help=f"one of {', '.join(BENCHMARKS)}, another registered task, or all")
-    p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate); default: the base model")
-    p.add_argument("--model", help="base model (hub name or folder); default: the checkpoint's base, else the embedded model")
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--task", help=f"one of {', '.join(BENCHMARKS)}, another registered task, or all "
+                                  "(None: the checkpoint's task, else gsm8k)")
+    p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate) or a finished training run's "
+                                        "folder; None: the base model")
+    p.add_argument("--model", help="base model (hub name or folder); None: the checkpoint's base, else the "
+                                   "embedded model")
     p.add_argument("--data", help="one benchmark's evaluation file (or folder, or hub name)")
     p.add_argument("--data-root", help="a folder laid out like the project's shared data: each benchmark's file is found there")
-    p.add_argument("--split", default="test", help="split of a folder or hub dataset (default test)")
+    p.add_argument("--split", default="test", help="split of a folder or hub dataset")
     p.add_argument("--corpus", help="a passage corpus (FlashRAG form); QA records without contexts get their top 3 by BM25")
     p.add_argument("--output-dir", default="evals/run", help="results.json and samples.jsonl (resumed if interrupted)")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation with other settings in --output-dir")
     p.add_argument("--protocol", default="paper", choices=PROTOCOLS,
                    help="how answers are scored: paper (our readers, last marker), official (the paper's own "
                         "eval scripts, bugs included), strict (the training reward: exactly one marker)")
-    p.add_argument("--limit", type=int, help="evaluate this many examples, drawn with --seed (the same subset each time)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction, default=True,
-                   help="the paper's system prompt (the embedded task is asked without one)")
+    p.add_argument("--limit", type=int, help="evaluate this many examples, drawn with --seed (the same subset each "
+                                             "time); None: all")
+    p.add_argument("--seed", type=int, default=0, help="draws the --limit subset and seeds sampling")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
+                   help="blend latents into thinking inputs; None: as the checkpoint was trained, else on")
+    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction,
+                   help="the paper's system prompt where the task's recipe uses one (the embedded task is asked "
+                        "without one); None: as the checkpoint was trained, else on")
     p.add_argument("--sample", action="store_true", help="sample at --temperature / --top-k instead of greedy")
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, help="default: the protocol's (512; 1024 for math and math500)")
-    p.add_argument("--max-prompt-length", type=int, help="default: the task recipe's prompt limit")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--engine", default="fast", choices=("fast", "reference"), help="rollout loop (default: fast)")
+    p.add_argument("--temperature", type=float, default=0.5, help="of sampling (--sample) and of the distribution "
+                                                                  "latents mix")
+    p.add_argument("--top-k", type=int, default=50, help="of sampling and of the distribution latents mix (0: all)")
+    p.add_argument("--max-new-tokens", type=int, help="None: the protocol's (512; 1024 for math and math500)")
+    p.add_argument("--max-prompt-length", type=int, help="None: the task recipe's prompt limit")
+    p.add_argument("--batch-size", type=int, default=64, help="examples generated together")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
+    p.add_argument("--engine", default="fast", choices=("fast", "reference"), help="rollout loop")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="show third-party warnings and model-loading progress bars")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print and draw the results of these evaluation folders")
-    p.add_argument("--png", help="the chart --compare draws (default: comparison.png in the first compared folder)")
-    args = p.parse_args(argv)
+    p.add_argument("--png", help="the chart --compare draws; None: comparison.png in the first compared folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .loading import cpu_threads, quiet_libraries
+    from .signals import SignalStop, stop_at_once
+
+    args = parser().parse_args(argv)
+    torch.set_num_threads(cpu_threads())
     try:
-        code = compare(args.compare, args.png, args.overwrite) if args.compare else run(args)
+        with stop_at_once(), quiet_libraries(args.verbose):
+            code = compare(args.compare, args.png, args.overwrite) if args.compare else run(args)
+    except SignalStop as err:  # finished examples are in samples.jsonl already: a rerun continues
+        print(f"hrpo.eval: stopped by {err}; run the same command again to continue", file=sys.stderr)
+        finish_group(ok=False)
+        return 128 + err.signum
     except (ValueError, OSError) as err:  # ConfigError, DataError, ModelError, CheckpointError, a full disk...
         print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
         finish_group(ok=False)
         return 2
     finish_group()
     return code
-
 
 if __name__ == "__main__":
     sys.exit(main())

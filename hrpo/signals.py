@@ -1,32 +1,69 @@
 """Stopping a run cleanly on a signal."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 
+from tqdm import tqdm
+
+
+class SignalStop(BaseException):
+    """SIGINT or SIGTERM that stops the process where it is (a BaseException, as
+    KeyboardInterrupt, so that no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise(signum, frame):
+    raise SignalStop(signum)
+
+
+@contextlib.contextmanager
+def stop_at_once():
+    """SIGINT and SIGTERM raise SignalStop while this is active (the default SIGTERM would
+    kill the process without rolling its output folder back)."""
+    with _handlers(_raise):
+        yield
+
+
+@contextlib.contextmanager
+def _handlers(handler):
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
 
 class StopRequests:
     """SIGTERM and the first Ctrl-C ask the run to stop after the current device step (with a
-    checkpoint); a second Ctrl-C aborts at once."""
+    checkpoint); a second Ctrl-C stops at once (SignalStop)."""
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous: dict = {}
+        self._installed = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._installed = _handlers(self._handle)
+        self._installed.__enter__()
         return self
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SignalStop(signum)
         self.signum = signum
-        print(f"\nhrpo: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
-              + (" (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+        # tqdm.write: on a line of its own, not after the progress bar's
+        tqdm.write(f"hrpo: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
+                   + (" (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""),
+                   file=sys.stderr)
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._installed.__exit__(*exc)

@@ -38,7 +38,8 @@ from .config import (STEPS, ConfigError, HelpFormatter, TrainConfig, add_config_
 from .distributed import clip_grad_norm, finish_group, init_group, shard, shard_layers
 from .engine import make_engine
 from .eval import decode_completions, evaluate
-from .loading import build_policy, eos_token_ids, load_base_model, recorded_name, resolve_device, resolve_dtype
+from .loading import (ALIASES, build_policy, cpu_threads, eos_token_ids, load_base_model, quiet_libraries,
+                      recorded_name, resolve_device, resolve_dtype)
 from .loss import group_advantages, tis_weights
 from .marker import MarkerMatcher
 from .model import HybridModel
@@ -47,8 +48,8 @@ from .prompts import SYSTEM_PROMPT, encode_prompts
 from .reporting import MetricsLog, json_safe, peak_memory
 from .reward_guard import all_finite, score
 from .rollout import SamplingConfig
-from .runs import RunDir, write_json
-from .signals import StopRequests
+from .runs import MANIFEST, RunDir, write_json
+from .signals import SignalStop, StopRequests, stop_at_once
 from .update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs
 from .tasks import get_task, load_examples, user_messages
 
@@ -171,7 +172,8 @@ class Trainer:
         if cfg.resume:
             found = complete_checkpoints(self.ckpt_root)
             if not found:
-                raise ConfigError(f"--resume: {self.ckpt_root} holds no complete checkpoint; start over with --overwrite")
+                raise ConfigError(f"nothing to resume in {self.run_dir.root} (no complete checkpoint); "
+                                  "start over with --overwrite")
             self.resume_from = found[-1]
             load_checkpoint(self.hm, self.resume_from)  # the policy, before any sharding
         if cfg.fsdp and self.group.active:
@@ -233,7 +235,8 @@ class Trainer:
         return path
 
     def _policy_meta(self) -> dict:
-        return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "marker": self.cfg.marker, "step": self.state.step}
+        return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "marker": self.cfg.marker,
+                "system_prompt": self.cfg.system_prompt, "step": self.state.step}
 
     def _plot(self) -> None:
         if self.records:
@@ -435,10 +438,20 @@ class Trainer:
             if self.main:
                 write_json(run.path("summary.json"), self._summary(status=f"stopped: {err}"))
             raise
-        except BaseException:
+        except BaseException as err:
             if not self.progressed and self.main:
                 run.rollback()
+            if isinstance(err, SignalStop):  # a second Ctrl-C, or a signal outside the training loop
+                raise self._stopped(err.signum) from None
             raise
+
+    def _stopped(self, signum: int) -> Interrupted:
+        name = signal.Signals(signum).name
+        if not self.progressed:
+            return Interrupted(f"stopped by {name} before the first step; nothing to resume", signum)
+        found = complete_checkpoints(self.ckpt_root)
+        where = f"continue with --resume from {found[-1]}" if found else "nothing to resume"
+        return Interrupted(f"stopped by {name} after {_steps(self.state.step)}; {where}", signum)
 
     def _loop(self, log: MetricsLog, stop: StopRequests) -> None:
         cfg = self.cfg
@@ -470,8 +483,9 @@ class Trainer:
             if self.group.any(stop.signum is not None):  # a signal to any process stops them all here
                 path = self.checkpoint()
                 name = signal.Signals(stop.signum or signal.SIGTERM).name
-                raise Interrupted(f"stopped by {name} after step {s}; checkpoint {path}; continue with --resume",
-                                  stop.signum)
+                bar.close()
+                raise Interrupted(f"stopped by {name} after {_steps(self.state.step)}; checkpoint {path}; "
+                                  "continue with --resume", stop.signum or signal.SIGTERM)
             if boundary and cfg.save_every and self.state.opt_step % cfg.save_every == 0 and s + 1 < self.device_steps:
                 self.checkpoint()
         bar.close()
@@ -530,6 +544,10 @@ class Trainer:
         }
 
 
+def _steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
 def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
     """Run HRPO (or plain GRPO with cfg.hybrid False); returns the summary it writes."""
     validate_config(cfg)
@@ -540,6 +558,26 @@ def train(cfg: TrainConfig, reward_fn=None, progress: bool = True) -> dict:
         raise
     finish_group()
     return summary
+
+
+def finished_step(output_dir: str) -> int | None:
+    """For --resume: the step a finished run in output_dir ended at, None for an unfinished
+    one; ConfigError when the folder holds nothing to resume."""
+    root = Path(output_dir)
+    if not (root / MANIFEST).is_file() or not (root / "config.json").is_file():
+        raise ConfigError(f"nothing to resume in {root}")
+    try:
+        summary = json.loads((root / "summary.json").read_text())
+    except (OSError, ValueError):  # no summary yet: the run is unfinished
+        return None
+    return summary.get("device_steps") if isinstance(summary, dict) and summary.get("status") == "finished" else None
+
+
+def check_model_given(cfg: TrainConfig) -> None:
+    """Only the embedded task is meant for the embedded model: a real task needs --model."""
+    if cfg.task != "arith" and cfg.model is None:
+        raise ConfigError(f"--task {cfg.task} needs --model (a hub name, a folder, a .gguf, or "
+                          f"{' or '.join(ALIASES)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -554,14 +592,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    p = build_parser()
+    # not a TrainConfig field: how the command talks, not what the run is
+    p.add_argument("--verbose", action="store_true", help="show third-party warnings and model-loading progress bars")
+    args = p.parse_args(argv)
+    verbose = args.verbose
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "verbose"}
+    torch.set_num_threads(cpu_threads())
     try:
-        if given.get("resume"):
-            cfg = resume_config(given.get("output_dir", TrainConfig.output_dir), given)
-        else:
-            cfg = config_for(given.pop("task", "arith"), **given)
-        summary = train(cfg)
+        with stop_at_once(), quiet_libraries(verbose):
+            if given.get("resume"):
+                output_dir = given.get("output_dir", TrainConfig.output_dir)
+                done = finished_step(output_dir)
+                cfg = resume_config(output_dir, given)  # a changed flag is refused, finished or not
+                if done is not None:
+                    print(f"hrpo: {output_dir} finished at step {done}; nothing to do")
+                    return 0
+            else:
+                cfg = config_for(given.pop("task", "arith"), **given)
+                check_model_given(cfg)
+            summary = train(cfg)
+    except SignalStop as err:  # before the run took its folder: loading the model or the data
+        print(f"hrpo: stopped by {signal.Signals(err.signum).name} before the first step; nothing to resume",
+              file=sys.stderr)
+        return 128 + err.signum
     except Interrupted as err:
         print(f"hrpo: {err}", file=sys.stderr)
         return 128 + err.signum

@@ -119,7 +119,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_reproduces_the_run(model_dir, uni
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "SIGTERM: saving a checkpoint after this step" in err
-    assert "stopped by SIGTERM after step 2" in err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM after 3 steps; checkpoint" in err.strip().splitlines()[-1]
+    assert err.strip().splitlines()[-1].split("; ")[1].endswith("step-00000003")
     # The step under way finished, was saved, and nothing after it ran.
     assert [r["step"] for r in training_metrics(out)] == [0, 1, 2]
     assert complete_checkpoints(out / "checkpoints")[-1].name == "step-00000003"

@@ -109,7 +109,7 @@ def test_mistyped_data_with_overwrite_leaves_a_finished_run_untouched(model_dir,
     argv = ["--task", "gsm8k", "--model", str(model_dir), "--data", str(tmp_path / "typo.jsonl"),
             "--eval-data", str(tmp_path / "typo.jsonl"), "--output-dir", str(run), "--overwrite"]
     assert train_main(argv) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tmp_path / 'typo.jsonl'}: no such file"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --data {tmp_path / 'typo.jsonl'}: no such file or folder"
     assert snapshot(run) == before
 
 

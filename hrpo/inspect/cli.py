@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..eval import DefaultsHelpFormatter, describe_policy, recorded_settings, resolve_checkpoint
 from ..prompts import SYSTEM_PROMPT, encode_prompts
 from ..tasks import get_task
 from .report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
@@ -102,17 +103,23 @@ def _system(task: str, on: bool) -> tuple[str | None, int]:
 
 
 def collect(args) -> list[Trace]:
+    from ..checkpoint import read_checkpoint_meta
     from ..engine import make_engine
     from ..loading import eos_token_ids, resolve_device
     from ..marker import MarkerMatcher
-    from ..prompts import ANSWER_MARKER
     from ..rollout import SamplingConfig
 
     _check(args)
     samples = read_samples(args.samples, args.limit) if args.samples else None
-    hm, tokenizer, meta = load_policy(args.checkpoint, args.model, resolve_device(args.device))
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else {}
+    recorded_settings(args, meta)
+    args.base_model = args.model or meta.get("base_model")
     default_task = args.task or meta.get("task") or "arith"
-    matcher = MarkerMatcher(tokenizer, ANSWER_MARKER, hm.config.vocab_size)
+    print(describe_policy("inspecting", args, None if samples and not args.task else default_task))
+    hm, tokenizer, meta = load_policy(args.checkpoint, args.model, resolve_device(args.device))
+    matcher = MarkerMatcher(tokenizer, args.marker, hm.config.vocab_size)
     if samples is None:  # greedy generation, as evaluation decodes
         task = get_task(default_task)
         system, limit = _system(task.name, args.system_prompt)
@@ -141,44 +148,55 @@ def parser() -> argparse.ArgumentParser:
     from . import __doc__ as doc
 
     p = argparse.ArgumentParser(prog="python -m hrpo.inspect", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate); default: the base model alone")
-    p.add_argument("--model", help="base model (hub name or folder); default: the checkpoint's base, else the "
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate) or a finished training run's "
+                                        "folder; None: the base model alone")
+    p.add_argument("--model", help="base model (hub name or folder); None: the checkpoint's base, else the "
                                    "embedded model")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", nargs="+", metavar="TEXT", help="user messages to answer greedily")
     source.add_argument("--samples", metavar="FILE", help="an evaluation's samples.jsonl: replay its completions")
-    p.add_argument("--limit", type=int, help="inspect the first N samples of --samples")
-    p.add_argument("--task", help="task whose system prompt and limits apply (default: the sample's, the "
-                                  "checkpoint's, else arith)")
-    p.add_argument("--max-new-tokens", type=int, help="generate (or replay) at most N tokens (default: the task's "
-                                                      "evaluation budget; --samples: the whole completion)")
-    p.add_argument("--top-k-nearest", type=int, default=5, help="nearest tokens shown per latent (default 5)")
-    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True,
-                   help="blend latents into thinking inputs (default); --no-hybrid: plain tokens")
-    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction, default=True,
-                   help="the paper's system prompt where the task's recipe uses one (as hrpo.eval)")
-    p.add_argument("--temperature", type=float, default=0.5, help="of the distribution h_hat mixes (default 0.5)")
-    p.add_argument("--top-k", type=int, default=50, help="of the distribution h_hat mixes (default 50; 0: all)")
+    p.add_argument("--limit", type=int, help="inspect the first N samples of --samples; None: all")
+    p.add_argument("--task", help="task whose system prompt and limits apply; None: the sample's, the "
+                                  "checkpoint's, else arith")
+    p.add_argument("--max-new-tokens", type=int, help="generate (or replay) at most N tokens; None: the task's "
+                                                      "evaluation budget (--samples: the whole completion)")
+    p.add_argument("--top-k-nearest", type=int, default=5, help="nearest tokens shown per latent")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
+                   help="blend latents into thinking inputs (--no-hybrid: plain tokens); None: as the checkpoint "
+                        "was trained, else on")
+    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction,
+                   help="the paper's system prompt where the task's recipe uses one (as hrpo.eval); None: as the "
+                        "checkpoint was trained, else on")
+    p.add_argument("--temperature", type=float, default=0.5, help="of the distribution h_hat mixes")
+    p.add_argument("--top-k", type=int, default=50, help="of the distribution h_hat mixes (0: all)")
     p.add_argument("--max-rows", type=int, default=40, help="positions per sample in the terminal table")
     p.add_argument("--html", help="write a self-contained HTML page here")
     p.add_argument("--json", help="write the aggregates and every position as JSON here")
     p.add_argument("--png", help="write a chart (gate over positions, script shares) here")
     p.add_argument("--overwrite", action="store_true", help="replace existing --html / --json / --png files")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda:N")
+    p.add_argument("--verbose", action="store_true", help="show third-party warnings and model-loading progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..loading import cpu_threads, quiet_libraries
     from ..runs import check_writable, replace_file, write_json
+    from ..signals import SignalStop, stop_at_once
 
     args = parser().parse_args(argv)
+    torch.set_num_threads(cpu_threads())
     try:
-        outputs = {k: check_writable(getattr(args, k), args.overwrite)
-                   for k in ("html", "json", "png") if getattr(args, k)}
-        traces = collect(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        with stop_at_once(), quiet_libraries(args.verbose):
+            outputs = {k: check_writable(getattr(args, k), args.overwrite)
+                       for k in ("html", "json", "png") if getattr(args, k)}
+            traces = collect(args)
+    except SignalStop as err:
+        print(f"hrpo.inspect: stopped by {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (ValueError, OSError) as err:  # one line, as every hrpo command
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
         return 2
     agg = aggregates(traces)
     for i, t in enumerate(traces):

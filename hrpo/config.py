@@ -118,9 +118,9 @@ class TrainConfig:
                              "the first update already moves the weights")
     max_grad_norm: float = option(0.1, OPTIM, "clip the gradient's global norm to this before each optimizer step")
     epochs: int = option(1, OPTIM, "passes over the training set (each in its own shuffled order)")
-    max_steps: int | None = option(None, OPTIM, "stop after this many optimizer steps' worth of device steps, i.e. "
-                                   "max-steps x --grad-accum device steps (the run is shorter if --epochs ends "
-                                   "first); none: --epochs passes over the training set")
+    max_steps: int | None = option(None, OPTIM, "stop after this many optimizer steps: max-steps x --grad-accum / "
+                                   "--num-iterations device steps, rounded up (the run is shorter if --epochs "
+                                   "ends first); none: --epochs passes over the training set")
     r_min: float = option(0.99, MODEL, "the gate's start: per channel u = sigmoid(Lambda)^c is drawn "
                           "uniformly from [r-min, r-max], and a = u^r (r in (0, 1), from the input) weighs the "
                           "token embedding: near 1, the blend starts close to plain tokens")

@@ -162,7 +162,8 @@ class Trainer:
         self.order = [i for _ in range(cfg.epochs) for i in random.sample(range(len(self.train_ex)), len(self.train_ex))]
         self.device_steps = len(self.order) // self.prompts_per_step
         if cfg.max_steps is not None:
-            self.device_steps = min(self.device_steps, cfg.max_steps * cfg.grad_accum)
+            # each device step makes num_iterations passes, and grad_accum passes make an optimizer step
+            self.device_steps = min(self.device_steps, math.ceil(cfg.max_steps * cfg.grad_accum / cfg.num_iterations))
         if self.device_steps == 0:
             raise ConfigError(f"{len(self.train_ex)} training examples make no step of {self.prompts_per_step} prompts "
                               f"(--batch-size {cfg.batch_size} / --group-size {cfg.group_size})")

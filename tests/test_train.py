@@ -11,7 +11,7 @@ from hrpo.config import config_for
 from hrpo.loading import attach_lora, build_policy
 from hrpo.model import HybridModel, ModelError
 from hrpo.train import main as train_main
-from hrpo.train import lr_schedule, make_optimizer, train
+from hrpo.train import Trainer, lr_schedule, make_optimizer, train
 
 
 def test_optimizer_groups_and_learning_rates():
@@ -136,3 +136,14 @@ def test_hf_warmup_flag_reaches_the_optimizer():
     cfg = config_for("gsm8k", hf_warmup=True)
     opt, _ = make_optimizer(build_policy(build_model("qwen2", 320), cfg), cfg, total_steps=100)
     assert all(g["lr"] == 0.0 for g in opt.param_groups)  # HF's first step: rate 0
+
+
+@pytest.mark.parametrize("iterations,grad_accum,device_steps", [(1, 2, 6), (2, 2, 3), (2, 4, 6), (3, 2, 2)])
+def test_max_steps_counts_optimizer_steps(model_dir, tmp_path, iterations, grad_accum, device_steps):
+    """--max-steps 3: each device step makes `iterations` passes and every grad_accum passes
+    step the optimizer, so 3 x grad_accum / iterations device steps, rounded up (3 x 2 / 3 = 2)."""
+    cfg = small_config(model_dir, tmp_path / "run", max_steps=3, num_iterations=iterations, grad_accum=grad_accum,
+                       train_limit=200)
+    t = Trainer(cfg, None, progress=False)
+    assert t.device_steps == device_steps
+    assert t.opt_steps == 3

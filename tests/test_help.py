@@ -108,7 +108,7 @@ def test_help_shows_defaults_choices_and_what_a_step_is(monkeypatch):
         "(default: the task's recipe (arith: off, gsm8k/math/mmlu/rag-qa: on))")
     assert option_line(text, "--hybrid").endswith("(default: on)")
     max_steps = option_line(text, "--max-steps")
-    assert "optimizer steps" in max_steps and "max-steps x --grad-accum device steps" in max_steps
+    assert "optimizer steps" in max_steps and "max-steps x --grad-accum / --num-iterations device steps" in max_steps
     assert max_steps.endswith("(default: the task's recipe (arith: 150, gsm8k/math/mmlu/rag-qa: none))")
     for name in ("--save-every", "--eval-every", "--grad-accum"):
         assert "optimizer step" in option_line(text, name), name

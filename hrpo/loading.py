@@ -36,11 +36,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
 
 
-def cpu_threads(env: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
+def cpu_threads(env: Mapping[str, str] | None = None, cpus: int | None = None, busy: float | None = None) -> int:
     """Torch's intra-op thread count for this process: OMP_NUM_THREADS when the user set it;
-    under torchrun (LOCAL_WORLD_SIZE processes on this machine) one share of the cores each,
-    os.cpu_count() // LOCAL_WORLD_SIZE, at least 1, so that the processes do not fight over
-    the cores; else every core. `env` and `cpus` default to this process's.
+    else the cores other work is not already using (`busy`: the 1-minute load average when
+    the program starts), at least 1, and under torchrun (LOCAL_WORLD_SIZE processes on this
+    machine) one share of those each. More threads than free cores make the C++ steps wait on
+    each other: the default run on two cores with another process busy took 9 min 47 s with
+    2 threads and 2 min 2 s with 1. `env`, `cpus` and `busy` default to this process's.
 
     torchrun itself exports OMP_NUM_THREADS=1 to its workers when the user set none and
     starts more than one (torch/distributed/run.py), which this keeps: export
@@ -49,8 +51,10 @@ def cpu_threads(env: Mapping[str, str] | None = None, cpus: int | None = None) -
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
     if env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
         return int(env["OMP_NUM_THREADS"])
+    busy = os.getloadavg()[0] if busy is None else busy
+    free = max(1, cpus - round(busy))
     local = env.get("LOCAL_WORLD_SIZE", "").strip()
-    return max(1, cpus // int(local)) if local.isdigit() and int(local) > 0 else max(1, cpus)
+    return max(1, free // int(local)) if local.isdigit() and int(local) > 0 else free
 
 
 @contextlib.contextmanager

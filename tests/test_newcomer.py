@@ -182,13 +182,21 @@ def test_resume_of_a_finished_run_does_nothing(run, capsys):
 
 
 def test_thread_count_follows_the_environment():
-    assert cpu_threads({}, 16) == 16
-    assert cpu_threads({"OMP_NUM_THREADS": "3"}, 16) == 3
-    assert cpu_threads({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "8"}, 16) == 3  # the user's word wins
-    assert cpu_threads({"LOCAL_WORLD_SIZE": "4"}, 16) == 4
-    assert cpu_threads({"LOCAL_WORLD_SIZE": "3"}, 16) == 5  # 16 // 3
-    assert cpu_threads({"LOCAL_WORLD_SIZE": "8"}, 2) == 1  # more processes than cores: at least one
-    assert cpu_threads({"OMP_NUM_THREADS": "", "LOCAL_WORLD_SIZE": "2"}, 6) == 3
+    assert cpu_threads({}, 16, busy=0.0) == 16
+    assert cpu_threads({"OMP_NUM_THREADS": "3"}, 16, busy=0.0) == 3
+    assert cpu_threads({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "8"}, 16, busy=0.0) == 3  # the user's word wins
+    assert cpu_threads({"OMP_NUM_THREADS": "3"}, 2, busy=5.0) == 3  # even on a busy machine
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "4"}, 16, busy=0.0) == 4
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "3"}, 16, busy=0.0) == 5  # 16 // 3
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "8"}, 2, busy=0.0) == 1  # more processes than cores: at least one
+    assert cpu_threads({"OMP_NUM_THREADS": "", "LOCAL_WORLD_SIZE": "2"}, 6, busy=0.0) == 3
+    # Busy cores are left to their work: 2 cores with a load of 2.5 -> 1 thread; 16 with 10.4
+    # busy -> 6 free, 3 each for 2 processes; a machine loaded past its cores still gets 1.
+    assert cpu_threads({}, 2, busy=2.5) == 1
+    assert cpu_threads({}, 2, busy=0.4) == 2
+    assert cpu_threads({}, 16, busy=10.4) == 6
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "2"}, 16, busy=10.4) == 3
+    assert cpu_threads({}, 4, busy=9.0) == 1
 
 
 @pytest.mark.parametrize("make", [eval_parser, inspect_parser])

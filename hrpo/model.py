@@ -136,8 +136,6 @@ class HybridModel(nn.Module):
             # Position P-1+t holds the input that predicts completion token t.
             h = self.decoder(embeds, mask, positions_from_mask(mask))[:, batch.prompt_ids.shape[1] - 1 :]
         else:
-            from .rollout import cache_index_select
-
             cache = DynamicCache(config=self.config)
             pm = batch.prompt_mask[rep]
             last = self.decoder(self.embed(batch.prompt_ids[rep]), pm, positions_from_mask(pm), cache)[:, -1:]
@@ -175,3 +173,15 @@ def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order), device=ids.device)
     return first[order], rank[inverse]
+
+
+def cache_index_select(cache, idx: torch.Tensor) -> None:
+    """Keep (or replicate) the batch rows `idx` of every layer's key/value tensors, in place
+    (transformers 5's cache: cache.layers[i].keys / .values)."""
+    for layer in cache.layers:
+        if not (hasattr(layer, "keys") and hasattr(layer, "values")):
+            raise NotImplementedError(f"rollout: cannot select rows of a {type(layer).__name__} cache layer")
+        for attr in ("keys", "values"):
+            t = getattr(layer, attr)
+            if torch.is_tensor(t) and t.numel() > 0:
+                setattr(layer, attr, t.index_select(0, idx.to(t.device)))

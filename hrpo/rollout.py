@@ -29,7 +29,7 @@ from hrpo_kernels import sample_and_mix
 
 from .distributed import forward_group
 from .marker import MarkerMatcher
-from .model import HybridModel, SequenceBatch, positions_from_mask
+from .model import HybridModel, SequenceBatch, cache_index_select, positions_from_mask
 
 
 @dataclass
@@ -71,18 +71,6 @@ def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
         if first.setdefault(tuple(p), len(rep)) == len(rep):
             rep.append(row)
     return rep, [first[tuple(p)] for p in prompts]
-
-
-def cache_index_select(cache, idx: torch.Tensor) -> None:
-    """Keep (or replicate) the batch rows `idx` of every layer's key/value tensors, in place
-    (transformers 5's cache: cache.layers[i].keys / .values)."""
-    for layer in cache.layers:
-        if not (hasattr(layer, "keys") and hasattr(layer, "values")):
-            raise NotImplementedError(f"rollout: cannot select rows of a {type(layer).__name__} cache layer")
-        for attr in ("keys", "values"):
-            t = getattr(layer, attr)
-            if torch.is_tensor(t) and t.numel() > 0:
-                setattr(layer, attr, t.index_select(0, idx.to(t.device)))
 
 
 @torch.no_grad()

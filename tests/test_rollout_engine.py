@@ -5,8 +5,8 @@ import torch
 from conftest import build_model
 
 from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel
-from hrpo.rollout import SamplingConfig, cache_index_select, rollout
+from hrpo.model import HybridModel, cache_index_select
+from hrpo.rollout import SamplingConfig, rollout
 
 PROMPTS = ["Tom has 12 apples", "3 * 4 = 12, then", "Café #### déjà", "x"]
 G = 4

@@ -213,8 +213,8 @@ def validate_config(cfg: TrainConfig) -> None:
     ints("seed", 0)
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
            "auto, cpu, cuda or cuda:N", cfg.device)
-    choice("dtype", ("auto", "float32", "bfloat16", "float16"))
-    choice("engine", ("fast", "reference"))
+    choice("dtype", DTYPES)
+    choice("engine", ENGINES)
     ints("group_size", 2)
     ints("batch_size", cfg.group_size if isinstance(cfg.group_size, int) else 2)
     if cfg.batch_size % cfg.group_size:
@@ -263,7 +263,7 @@ def validate_config(cfg: TrainConfig) -> None:
     floats("reward_timeout", 0, None)
     ints("eval_every", 0)
     ints("eval_every_limit", 1)
-    choice("report_to", ("none", "tensorboard"))
+    choice("report_to", REPORT_TO)
     _check_data_sources(cfg)
 
 

@@ -1,4 +1,4 @@
-"""The continuous-batching scheduler (hrpo.scheduler) against the engine run on each request alone.
+"""The continuous-batching scheduler (hrpo.engine.scheduler) against the engine run on each request alone.
 
 Requests arrive at random step boundaries into a busy batch, with mixed settings (greedy and
 seeded sampling, hybrid and plain, n > 1, different lengths and top_k); every choice must be
@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import build_model
 
-from hrpo.engine import RolloutEngine
-from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel
-from hrpo.rollout import SamplingConfig
-from hrpo.scheduler import QueueFull, Request, RequestError, Scheduler
+from hrpo.engine.rollout_engine import RolloutEngine
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel
+from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.scheduler import QueueFull, Request, RequestError, Scheduler
 
 # A slice of the vocabulary ends rows, so rows finish (and leave the batch) at scattered steps.
 EOS = list(range(150, 175))

@@ -4,7 +4,7 @@ A persistent batch of `max_batch` rows over one static KV cache. Requests join a
 boundaries: a new request's prompt is prefilled once, alone, into a scratch cache and
 copied into free rows for its `n` choices; a finished, stopped or cancelled row leaves at
 once (the last live row moves into its place, so live rows stay rows [0, n) as
-FastDecoder.decode wants). One step is the engine's step (hrpo/engine.py `_step`) with
+FastDecoder.decode wants). One step is the engine's step (rollout_engine.py `_step`) with
 per-row settings:
 
     hidden -> sample_and_mix, once per group of rows sharing (greedy, temperature, top_k,
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from hrpo_kernels import sample_and_mix, step_controller
 from hrpo_kernels.step_controller import StepBuffers
 
-from .engine import RolloutEngine
+from .rollout_engine import RolloutEngine
 
 # step_controller's own length limit, past any request's: a row's max_tokens is applied here.
 _NO_LIMIT = 2**62

@@ -81,11 +81,11 @@ def read_samples(path: str, limit: int | None) -> list[tuple[int, dict]]:
     return out
 
 
-def load_policy(checkpoint: str | None, model: str | None, device: torch.device):
+def load_policy(checkpoint: str | None, model: str | None, device: torch.device, dtype: str = "auto"):
     """(policy, tokenizer, checkpoint metadata): the base model (the checkpoint's unless
     `model` names one; the embedded model without either) with the checkpoint's adapters and gate."""
     meta = read_checkpoint_meta(checkpoint) if checkpoint else {}
-    base, tokenizer = load_base_model(model or meta.get("base_model"), device, resolve_dtype("auto", device))
+    base, tokenizer = load_base_model(model or meta.get("base_model"), device, resolve_dtype(dtype, device))
     if not checkpoint:
         return HybridModel(base).eval(), tokenizer, meta
     lora = meta["lora"]

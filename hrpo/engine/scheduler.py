@@ -400,10 +400,10 @@ class Scheduler:
         for req in {id(q): q for q in failed}.values():
             self._fail(req, "the model produced non-finite logits")
         for req, ups in updates.values():
+            if req.error is None and all(c.finish for c in req.choices):
+                req.done.set()  # before the update: a consumer woken by it sees the request done
             if req.error is None and req.on_update is not None:
                 req.on_update(req, ups)
-            if req.error is None and all(c.finish for c in req.choices):
-                req.done.set()
         self._remove(sorted(set(ended) | {i for i, r in enumerate(self.rows) if r.request.error}))
 
     # ------------------------------------------------------------------ leaving the batch

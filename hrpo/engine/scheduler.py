@@ -95,6 +95,7 @@ class Request:
     seed: int = 0
     hybrid: bool = True
     top_logprobs: int | None = None  # None: no log-probs; k: the chosen token's and k alternatives
+    ignore_eos: bool = False  # run to max_tokens past end-of-sequence tokens (load tests)
     stop: Callable[[int, list[int]], bool] | None = None
     on_update: Callable[["Request", list[Update]], None] | None = None
     choices: list[Choice] = field(default_factory=list)
@@ -197,6 +198,13 @@ class Scheduler:
             req.cancelled = True
             self.lock.notify_all()
 
+    def cancel_all(self) -> None:
+        """Cancel every running and waiting request (a shutdown past its grace period)."""
+        with self.lock:
+            for req in list(self.waiting) + [r.request for r in self.rows]:
+                req.cancelled = True
+            self.lock.notify_all()
+
     @staticmethod
     def _cost(req: Request) -> int:
         return req.n * (len(req.prompt) + req.max_tokens)
@@ -226,9 +234,7 @@ class Scheduler:
         if self._thread is None:
             return
         self._thread.join(timeout)
-        with self.lock:
-            for req in list(self.waiting) + [r.request for r in self.rows]:
-                req.cancelled = True
+        self.cancel_all()
         self._thread.join()
 
     def _loop(self) -> None:
@@ -353,6 +359,7 @@ class Scheduler:
                 return
         top = self._top(n)
         tok, lp, h = self._sample(n)
+        self.finished[:n] = False  # rows past an eos they ignore decode on
         self.t.zero_()  # one-column buffers: every step writes column 0
         bufs = StepBuffers(*(x[:n] for x in self.bufs.tensors()[:-1]), n_live=self.bufs.n_live)
         tokens, think, _ = step_controller(self.engine.table, self.match[:n], self.finished[:n], tok, lp, h,
@@ -388,7 +395,7 @@ class Scheduler:
             if thinks[i]:
                 c.thinking_tokens += 1
                 c.gate_sum += gates[i]
-            if eos[i] or (req.stop is not None and req.stop(r.choice, c.tokens)):
+            if (eos[i] and not req.ignore_eos) or (req.stop is not None and req.stop(r.choice, c.tokens)):
                 c.finish = "stop"
             elif r.steps >= req.max_tokens:
                 c.finish = "length"

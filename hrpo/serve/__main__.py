@@ -7,11 +7,13 @@ import ipaddress
 import os
 import signal
 import sys
+import threading
 
 import torch
 import uvicorn
 
 from hrpo.core.errors import ConfigError
+from hrpo.engine.scheduler import Scheduler
 from hrpo.model.loading import cpu_threads, quiet_libraries
 from hrpo.serve.app import build_app
 from hrpo.serve.llm import GREEDY_TEMPERATURE, TOP_K, LLM
@@ -72,6 +74,24 @@ def loopback(host: str) -> bool:
         return False
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown cancels what still runs just before its grace period
+    ends, so each open stream ends with an error event and [DONE] rather than a cut connection."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace: float):
+        super().__init__(config)
+        self.scheduler, self.grace = scheduler, grace
+
+    async def shutdown(self, sockets=None) -> None:
+        timer = threading.Timer(max(self.grace - 0.5, 0.0), self.scheduler.cancel_all)
+        timer.daemon = True
+        timer.start()
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(cpu_threads())
@@ -92,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(llm, key, args.max_request_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                             access_log=args.verbose, timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+    server = Server(config, llm.scheduler, args.shutdown_timeout)
     llm.scheduler.start()
     print(f"hrpo.serve: {llm.name} on http://{args.host}:{args.port}/v1 (hybrid {'on' if llm.hybrid else 'off'} by "
           f"default, max batch {args.max_batch}, max model len {llm.max_model_len})", flush=True)

@@ -3,8 +3,8 @@ worker thread: the event loop only parses, queues and streams, never computes.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text). Errors are OpenAI's shape, {"error": {"message", "type",
-"param", "code"}}, with no stack trace or path. Extension fields: request `top_k` and
-`hybrid` (false: plain tokens, true: the gated latent), response per choice `hrpo`:
+"param", "code"}}, with no stack trace or path. Extension fields: request `top_k`,
+`hybrid` (false: plain tokens, true: the gated latent) and `ignore_eos`, response per choice `hrpo`:
 {"thinking_tokens", "gate_mean"}.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hrpo.serve.llm import LLM
 from hrpo.serve.metrics import Metrics
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream", "stream_options",
-          "user", "hybrid", "logprobs"}
+          "user", "hybrid", "ignore_eos", "logprobs"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 ROLES = ("system", "user", "assistant")
@@ -135,6 +135,9 @@ class Parsed:
         hybrid = body.get("hybrid")
         if hybrid is not None and not isinstance(hybrid, bool):
             raise ApiError(400, "hybrid must be true or false", "hybrid")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "ignore_eos must be true or false", "ignore_eos")
         user = body.get("user")
         if user is not None and not isinstance(user, str):
             raise ApiError(400, "user must be a string", "user")
@@ -142,7 +145,7 @@ class Parsed:
         self.n = _int(body, "n", 1, llm.scheduler.max_batch, 1)
         self.settings = dict(max_tokens=max_tokens, n=self.n, temperature=_number(body, "temperature", 0.0, 2.0),
                              top_k=_int(body, "top_k", 0), seed=_int(body, "seed", 0, 2**63 - 1), hybrid=hybrid,
-                             stop=self.stops, top_logprobs=self.top_logprobs)
+                             stop=self.stops, top_logprobs=self.top_logprobs, ignore_eos=ignore_eos)
 
 
 # ---------------------------------------------------------------------------- the app

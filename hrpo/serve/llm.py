@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
@@ -46,7 +47,7 @@ class LLM:
                  temperature: float = GREEDY_TEMPERATURE, top_k: int = TOP_K):
         checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
         hm, self.tokenizer, meta = load_policy(checkpoint, model, resolve_device(device), dtype)
-        self.name = checkpoint or model or EMBEDDED_NAME
+        self.name = served_name(checkpoint or model)
         self.hybrid = bool(meta.get("hybrid", True))  # as the checkpoint was trained (hrpo.eval's default)
         use_system = meta.get("system_prompt", True) if system_prompt is None else system_prompt
         self.system = SYSTEM_PROMPT if use_system else None
@@ -76,7 +77,8 @@ class LLM:
     # ------------------------------------------------------------------ requests
     def request(self, prompt: list[int], *, max_tokens: int | None = None, n: int = 1, temperature: float | None = None,
                 top_k: int | None = None, seed: int | None = None, hybrid: bool | None = None,
-                stop: list[str] | None = None, top_logprobs: int | None = None, on_update=None) -> Request:
+                stop: list[str] | None = None, top_logprobs: int | None = None, ignore_eos: bool = False,
+                on_update=None) -> Request:
         """A scheduler request. temperature None or 0: greedy (the latent mixture and the
         log-probs at the server's temperature, as hrpo.eval decodes); > 0: sampling, seeded
         by `seed` or, without one, a seed drawn here. max_tokens None: the rest of the context."""
@@ -92,6 +94,7 @@ class LLM:
             seed=random.getrandbits(62) if seed is None and not greedy else (seed or 0),
             hybrid=self.hybrid if hybrid is None else hybrid,
             top_logprobs=top_logprobs,
+            ignore_eos=ignore_eos,
             stop=(lambda j, tokens: self.cut(tokens, stops) is not None) if stops else None,
             on_update=on_update,
         )
@@ -146,6 +149,14 @@ class LLM:
         while self.scheduler.busy():
             self.scheduler.step()
         return [self.completions(r, stop) for r in reqs]
+
+
+def served_name(source: str | None) -> str:
+    """The model id clients name: a local checkpoint's or model's folder name (never its path,
+    which an error message would otherwise show), a hub name as it is."""
+    if source is None:
+        return EMBEDDED_NAME
+    return Path(source).name if Path(source).exists() else source
 
 
 def stop_at(text: str, stops: list[str]) -> int | None:

@@ -287,15 +287,17 @@ def test_checkpoint_served_gives_the_text_of_hrpo_eval(server, checkpoint, tmp_p
 
 
 def test_a_client_that_leaves_mid_stream_cancels_its_rows(server):
-    before = server.metrics()['hrpo_requests_total{outcome="cancelled"}']
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 120, "stream": True}
+    before = server.metrics()
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 130, "stream": True,
+            "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert server.metrics()["hrpo_running_rows"] == 1
     m = server.idle()
-    assert m['hrpo_requests_total{outcome="cancelled"}'] == before + 1
+    for name in ('hrpo_requests_total{outcome="cancelled"}', "hrpo_dropped_requests_total"):
+        assert m[name] == before[name] + 1, name
 
 
 def test_full_queue_503_then_sigterm_mid_stream_exits_0():

@@ -83,6 +83,8 @@ class Metrics:
                 ("hrpo_prompt_tokens_total", "Prompt tokens of accepted requests.", "counter", self.prompt_tokens),
                 ("hrpo_generation_tokens_total", "Tokens generated for requests answered.", "counter",
                  self.completion_tokens),
+                ("hrpo_dropped_requests_total", "Requests the batch dropped: their client left or the server stopped.",
+                 "counter", s.stats["cancelled"]),
                 ("hrpo_running_rows", "Rows decoding in the batch now.", "gauge", s.running),
                 ("hrpo_waiting_requests", "Requests queued for room in the batch.", "gauge", s.queued),
                 ("hrpo_batch_slots", "Rows the batch holds (--max-batch).", "gauge", s.max_batch),

@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     llm.scheduler.start()
     print(f"hrpo.serve: {llm.name} on http://{args.host}:{args.port}/v1 (hybrid {'on' if llm.hybrid else 'off'} by "
           f"default, max batch {args.max_batch}, max model len {llm.max_model_len})", flush=True)
-    # uvicorn re-raises the SIGTERM it handled once it has shut down; this handler takes it, so
-    # a stop by SIGTERM (refuse new connections, let running requests finish) exits 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # uvicorn re-raises the SIGTERM / SIGINT it handled once it has shut down; these handlers
+    # take it, so a stop (refuse new connections, let running requests finish) exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     try:
         server.run()
     finally:

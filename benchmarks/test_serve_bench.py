@@ -1,0 +1,127 @@
+"""Serving throughput and latency on the CPU: `pytest benchmarks/test_serve_bench.py -s`.
+
+Three servers on the embedded model, one after another on 127.0.0.1, each driven by
+benchmarks/serve_load.py at 1, 8 and 32 concurrent clients (streamed chat completions,
+greedy, MAX_TOKENS new tokens, REQUESTS_PER_CLIENT requests per client, bounded by
+SECONDS per level):
+- hrpo.serve hybrid (the gate blends thinking inputs; requests ask {"hybrid": true}),
+- hrpo.serve plain ({"hybrid": false}: token embeddings only),
+- `transformers serve --continuous-batching` on the same model folder (skipped when the
+  installed transformers has no `serve` command), with a KV cache sized for this run
+  (its default reserves ~9 GB and is killed for memory on a 23 GB machine).
+hrpo.serve runs without the paper's system prompt here, so both servers see the same prompt
+tokens. Each server gets OMP_NUM_THREADS (default 2). The table (markdown), the raw numbers
+(JSON) and a PNG (throughput and p99 request latency against clients) go to
+HRPO_SERVE_BENCH_OUT (default benchmarks/serve_out/); the ratios are of the same run.
+Not a timed test: nothing is asserted about speed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.serve_load import launch, run
+from hrpo.model.hybrid import EMBEDDED_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(os.environ.get("HRPO_SERVE_BENCH_OUT", ROOT / "benchmarks" / "serve_out"))
+CLIENTS = (1, 8, 32)
+MAX_TOKENS = int(os.environ.get("HRPO_SERVE_BENCH_TOKENS", 64))
+REQUESTS_PER_CLIENT = int(os.environ.get("HRPO_SERVE_BENCH_REQUESTS", 4))
+SECONDS = float(os.environ.get("HRPO_SERVE_BENCH_SECONDS", 60))
+THREADS = os.environ.get("HRPO_SERVE_BENCH_THREADS", "2")
+PORT = 8391
+
+
+def transformers_cli() -> str | None:
+    cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    return cli if Path(cli).exists() else None
+
+
+def servers() -> dict[str, tuple[list[str], dict]]:
+    """name -> (command, extra request fields)."""
+    hrpo = [sys.executable, "-m", "hrpo.serve", "--port", str(PORT), "--max-batch", "32", "--system-prompt", "none"]
+    out = {"hrpo.serve hybrid": (hrpo, {"hybrid": True}), "hrpo.serve plain": (hrpo, {"hybrid": False})}
+    cli = transformers_cli()
+    if cli is not None:
+        out["transformers serve --continuous-batching"] = (
+            [cli, "serve", "--continuous-batching", "--cb-num-blocks", "256", "--cb-block-size", "32",
+             "--host", "127.0.0.1", "--port", str(PORT), "--log-level", "warning", str(EMBEDDED_MODEL)], {})
+    return out
+
+
+def measure(cmd: list[str], extra: dict) -> list[dict]:
+    url = f"http://127.0.0.1:{PORT}"
+    env = {"OMP_NUM_THREADS": THREADS, "PYTHONPATH": str(ROOT)}
+    with (OUT / "server.log").open("a") as log:
+        proc = launch(cmd, url, env, log)
+        try:
+            rows = []
+            model = str(EMBEDDED_MODEL) if "transformers" in Path(cmd[0]).name else "hrpo-embedded"
+            asyncio.run(run(url, model, 1, 2, SECONDS, MAX_TOKENS, extra=extra))  # warm-up
+            for c in CLIENTS:
+                res = asyncio.run(run(url, model, c, c * REQUESTS_PER_CLIENT, SECONDS, MAX_TOKENS, extra=extra))
+                rows.append(res.summary())
+            return rows
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    plain = {r["clients"]: r["tokens_per_s"] for r in results.get("hrpo.serve plain", [])}
+    head = ("| server | clients | requests | output tok/s | vs plain | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+            "| latency p50 / p99 (s) |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for name, rows in results.items():
+        for r in rows:
+            ratio = r["tokens_per_s"] / plain[r["clients"]] if plain.get(r["clients"]) else float("nan")
+            lines.append(f"| {name} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | {ratio:.2f} | "
+                         f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {1e3 * r['itl_p50']:.1f} / "
+                         f"{1e3 * r['itl_p99']:.1f} | {r['latency_p50']:.2f} / {r['latency_p99']:.2f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in results.items():
+        xs = [r["clients"] for r in rows]
+        a.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=name)
+        b.plot(xs, [r["latency_p99"] for r in rows], marker="o", label=name)
+    for ax, label in ((a, "output tokens / s"), (b, "request latency p99 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(CLIENTS, [str(c) for c in CLIENTS])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    fig.suptitle(f"Serving the embedded model on the CPU ({MAX_TOKENS} new tokens, greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def test_serve_throughput_table():
+    pytest.importorskip("fastapi")
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, (cmd, extra) in servers().items():
+        results[name] = measure(cmd, extra)
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    (OUT / "serve_bench.json").write_text(json.dumps(results, indent=1))
+    text = table(results)
+    (OUT / "serve_bench.md").write_text(text)
+    plot(results, OUT / "serve_cpu.png")
+    print(text)
+    assert all(r["errors"] == 0 for rows in results.values() for r in rows)

@@ -10,7 +10,7 @@ SECONDS per level):
   installed transformers has no `serve` command), with a KV cache sized for this run
   (its default reserves ~9 GB and is killed for memory on a 23 GB machine).
 hrpo.serve runs without the paper's system prompt here, so both servers see the same prompt
-tokens. Each server gets OMP_NUM_THREADS (default 2). The table (markdown), the raw numbers
+tokens. Each server gets HRPO_SERVE_BENCH_THREADS threads (default 1). The table (markdown), the raw numbers
 (JSON) and a PNG (throughput and p99 request latency against clients) go to
 HRPO_SERVE_BENCH_OUT (default benchmarks/serve_out/); the ratios are of the same run.
 Not a timed test: nothing is asserted about speed.
@@ -35,13 +35,14 @@ CLIENTS = (1, 8, 32)
 MAX_TOKENS = int(os.environ.get("HRPO_SERVE_BENCH_TOKENS", 64))
 REQUESTS_PER_CLIENT = int(os.environ.get("HRPO_SERVE_BENCH_REQUESTS", 4))
 SECONDS = float(os.environ.get("HRPO_SERVE_BENCH_SECONDS", 60))
-THREADS = os.environ.get("HRPO_SERVE_BENCH_THREADS", "2")
+THREADS = os.environ.get("HRPO_SERVE_BENCH_THREADS", "1")
 PORT = 8391
 
 
 def transformers_cli() -> str | None:
-    cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
-    return cli if Path(cli).exists() else None
+    """The `transformers` command beside this Python (the environment's own), else on PATH."""
+    beside = Path(sys.executable).with_name("transformers")
+    return str(beside) if beside.exists() else shutil.which("transformers")
 
 
 def servers() -> dict[str, tuple[list[str], dict]]:

@@ -22,6 +22,8 @@ from hrpo.eval import main as eval_main
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.model.loading import build_policy, load_base_model
 from hrpo.serve import LLM
+from hrpo.serve.__main__ import loopback
+from hrpo.serve.__main__ import main as serve_main
 from hrpo.training.checkpoint import save_checkpoint
 from hrpo.training.config import config_for
 
@@ -343,3 +345,13 @@ def test_python_api_and_light_imports():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True"
+
+
+def test_flags_checked_before_loading_and_loopback_detection(capsys):
+    for argv, flag in [(["--max-batch", "0"], "--max-batch"), (["--port", "70000"], "--port"),
+                       (["--temperature", "0"], "--temperature")]:
+        assert serve_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and flag in err and len(err.splitlines()) == 1
+    assert all(loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com"))

@@ -22,6 +22,7 @@ needs them), so the step is not captured in a CUDA graph here.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -383,7 +384,7 @@ class Scheduler:
         ended, failed = [], []
         for i, r in enumerate(self.rows):
             req, c = r.request, r.request.choices[r.choice]
-            if not torch.isfinite(torch.tensor(lps[i])):
+            if not math.isfinite(lps[i]):
                 failed.append(req)
                 continue
             r.steps += 1

@@ -277,13 +277,24 @@ class _Reply:
         return {"index": j, **body, "logprobs": lp, "finish_reason": c.finish, "hrpo": self._hrpo(j)}
 
     async def _next(self, events: asyncio.Queue, request: HttpRequest):
-        """The next step's updates; a client gone cancels the request."""
+        """The next step's updates; a client gone raises ConnectionAbortedError (a stream
+        learns it from its next send instead: see stream())."""
         while True:
             try:
                 return await asyncio.wait_for(events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     raise ConnectionAbortedError from None
+
+    @staticmethod
+    async def _pending(events: asyncio.Queue) -> tuple[float, list[Update]]:
+        """Every step's updates queued so far (at least one step's): a stream that fell
+        behind the batch catches up in one chunk per choice."""
+        t, updates = await events.get()
+        while not events.empty():
+            t, more = events.get_nowait()
+            updates = updates + more
+        return t, updates
 
     def _failed(self) -> None:
         err = self.req.error
@@ -328,7 +339,7 @@ class _Reply:
             while not all(ended):
                 if self.req.error is not None:
                     break
-                t, updates = await self._next(events, request)
+                t, updates = await self._pending(events)
                 self.track.tokens(t, len(updates))
                 for j in sorted({u.choice for u in updates}):
                     c = self.req.choices[j]

@@ -9,6 +9,9 @@ SECONDS per level):
 - `transformers serve --continuous-batching` on the same model folder (skipped when the
   installed transformers has no `serve` command), with a KV cache sized for this run
   (its default reserves ~9 GB and is killed for memory on a 23 GB machine).
+For scale, the same run first times the engine alone, offline, on the same 32 chat prompts
+(one `RolloutEngine.generate` of 32 rows, MAX_TOKENS tokens, greedy, no early stop): what the
+batch could give with no server around it on this machine at that moment.
 hrpo.serve runs without the paper's system prompt here, so both servers see the same prompt
 tokens. Each server gets HRPO_SERVE_BENCH_THREADS threads (default 1). The table (markdown), the raw numbers
 (JSON) and a PNG (throughput and p99 request latency against clients) go to
@@ -25,9 +28,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.serve_load import launch, run
+from benchmarks.serve_load import PROMPTS, launch, run
+from hrpo.engine.rollout import SamplingConfig
 from hrpo.model.hybrid import EMBEDDED_MODEL
+from hrpo.serve import LLM
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("HRPO_SERVE_BENCH_OUT", ROOT / "benchmarks" / "serve_out"))
@@ -75,6 +81,23 @@ def measure(cmd: list[str], extra: dict) -> list[dict]:
             proc.wait(60)
 
 
+def offline(hybrid: bool) -> float:
+    """Tokens/s of the engine alone on 32 of the load's prompts (best of 3 rounds)."""
+    torch.set_num_threads(int(THREADS))
+    llm = LLM(system_prompt=False)
+    prompts = [llm.chat_prompt([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(32)]
+    engine = llm.scheduler.engine
+    eos, engine.eos = engine.eos, torch.tensor([-1])  # no early stop: 64 tokens a row, as ignore_eos would
+    try:
+        best = 0.0
+        for _ in range(3):
+            out = engine.generate(prompts, SamplingConfig(MAX_TOKENS, 0.5, 50, greedy=True, hybrid=hybrid))
+            best = max(best, out.stats["tokens_per_s"])
+        return best
+    finally:
+        engine.eos = eos
+
+
 def table(results: dict[str, list[dict]]) -> str:
     plain = {r["clients"]: r["tokens_per_s"] for r in results.get("hrpo.serve plain", [])}
     head = ("| server | clients | requests | output tok/s | vs plain | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
@@ -117,11 +140,12 @@ def test_serve_throughput_table():
     pytest.importorskip("fastapi")
     OUT.mkdir(parents=True, exist_ok=True)
     results = {}
+    engine = {f"engine alone, offline, {'hybrid' if h else 'plain'}": offline(h) for h in (True, False)}
     for name, (cmd, extra) in servers().items():
         results[name] = measure(cmd, extra)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    (OUT / "serve_bench.json").write_text(json.dumps(results, indent=1))
-    text = table(results)
+    (OUT / "serve_bench.json").write_text(json.dumps({"engine": engine, "servers": results}, indent=1))
+    text = table(results) + "".join(f"\n{name}, 32 rows: {tps:.0f} output tok/s" for name, tps in engine.items()) + "\n"
     (OUT / "serve_bench.md").write_text(text)
     plot(results, OUT / "serve_cpu.png")
     print(text)

@@ -149,22 +149,38 @@ class Parsed:
 
 
 # ---------------------------------------------------------------------------- the app
+class Guard:
+    """Who may call, and how much they may send: the API key on every path but /health
+    (compared in constant time) and the declared body size. A plain ASGI middleware, not
+    FastAPI's @middleware("http"), which would pass every streamed chunk through its own
+    memory stream."""
+
+    def __init__(self, app, api_key: str | None, max_request_bytes: int):
+        self.app, self.expected, self.limit = app, f"Bearer {api_key}".encode() if api_key else None, max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] != "/health" and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            reply = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                   kind="authentication_error")
+            return await reply(scope, receive, send)
+        size = headers.get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.limit):
+            reply = error_response(413, f"the request body is over {self.limit} bytes (--max-request-bytes)")
+            return await reply(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def build_app(llm: LLM, api_key: str | None = None, max_request_bytes: int = 1 << 20) -> FastAPI:
     """The app; the caller starts llm.scheduler's thread (and stops it at shutdown)."""
     app = FastAPI(title="hrpo.serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(llm.scheduler)
     app.state.llm, app.state.metrics = llm, metrics
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", kind="authentication_error")
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_request_bytes):
-            return error_response(413, f"the request body is over {max_request_bytes} bytes (--max-request-bytes)")
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key, max_request_bytes=max_request_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):

@@ -4,9 +4,9 @@
 
 `clients` workers each send streamed chat completions one after another (greedy, `max_tokens`
 new tokens) until `requests` were sent in all or `seconds` passed. Measured: output tokens/s
-(tokens streamed / wall time of the run), time to first token, time between tokens, and
-request latency, p50 and p99. A token is a streamed content chunk (one per decode step in
-hrpo.serve and transformers serve); the count is the server's usage when it reports one.
+(tokens streamed / wall time of the run), time to first token, time between streamed content
+chunks (a chunk is one token, or several when a stream fell behind), and request latency, p50
+and p99. Tokens are counted from the server's usage when it reports one, else as chunks.
 """
 from __future__ import annotations
 

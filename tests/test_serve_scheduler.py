@@ -72,6 +72,7 @@ def test_random_arrivals_into_a_busy_batch_equal_each_request_alone(setup):
             ended_by_eos = want[-1] in EOS + [tok.eos_token_id]
             assert c.finish == ("stop" if ended_by_eos else "length")
     assert sched.running == 0 and sched.queued == 0
+    assert sched.stats["prefills"] < len(reqs)  # some requests joined together, prefilled as one padded batch
     # the hybrid requests blended something, the plain ones nothing
     assert any(c.thinking_tokens for r in reqs if r.hybrid for c in r.choices)
     assert all(c.thinking_tokens == 0 and c.gate_mean is None for r in reqs if not r.hybrid for c in r.choices)

@@ -26,3 +26,10 @@ class StaticKVCache:
             for layer in cache:
                 layer[:n, :upto] = layer[src, :upto]
         self.seqlens[:n] = self.seqlens[src]
+
+    def rows_from(self, first: int) -> "StaticKVCache":
+        """The cache of rows [first, batch) of this one, as views: what is written there lands
+        here (a serving batch prefills joining requests after its running rows)."""
+        view = StaticKVCache.__new__(StaticKVCache)
+        view.k, view.v, view.seqlens = self.k[:, first:], self.v[:, first:], self.seqlens[first:]
+        return view

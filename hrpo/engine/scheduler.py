@@ -1,8 +1,8 @@
 """Continuous batching over the rollout engine's pieces, for serving (no HTTP here).
 
 A persistent batch of `max_batch` rows over one static KV cache. Requests join at step
-boundaries: a new request's prompt is prefilled once, alone, into a scratch cache and
-copied into free rows for its `n` choices; a finished, stopped or cancelled row leaves at
+boundaries: the distinct prompts of the requests joining at a step are prefilled together
+into the rows after the running ones, and copied to the rows of each request's `n` choices; a finished, stopped or cancelled row leaves at
 once (the last live row moves into its place, so live rows stay rows [0, n) as
 FastDecoder.decode wants). One step is the engine's step (rollout_engine.py `_step`) with
 per-row settings:
@@ -13,10 +13,12 @@ per-row settings:
            -> gated_blend of E[token] and h_hat on the rows of hybrid requests
            -> FastDecoder.decode over the rows' own cache lengths -> hidden
 
-Why a request's output does not depend on the batch around it: its prompt is prefilled
-alone, as the engine prefills a single prompt; its rows draw the noise the engine gives row j
-of a lone n-row batch at step t, u = philox_uniform(seed, (t * n + j) * V + v) (offset 0,
-row id t * n + j); every other op is row-wise. The host reads each step's tokens (streaming
+Why a request's output does not depend on the batch around it: its prompt is prefilled as the
+engine prefills a batch (right-padded, each row attending to its own tokens only); its rows
+draw the noise the engine gives row j of a lone n-row batch at step t,
+u = philox_uniform(seed, (t * n + j) * V + v) (offset 0, row id t * n + j); every other op is
+row-wise. (Tokens are what the engine gives the request alone; values agree to rounding, as
+between any two batch shapes of the engine.) The host reads each step's tokens (streaming
 needs them), so the step is not captured in a CUDA graph here.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from hrpo_kernels import sample_and_mix, step_controller
 from hrpo_kernels.step_controller import StepBuffers
 
+from .rollout import distinct_prompts
 from .rollout_engine import RolloutEngine
 
 # step_controller's own length limit, past any request's: a row's max_tokens is applied here.
@@ -134,7 +137,6 @@ class Scheduler:
         self.vocab = self.hm.embed.weight.shape[0]
         dev, d = self.dec.device, self.hm.embed.weight.shape[1]
         self.cache = self.dec.new_cache(max_batch, max_model_len)
-        self.scratch = self.dec.new_cache(1, max_model_len)  # a prompt's lone prefill
         self.bufs = StepBuffers.allocate(max_batch, 1, d, dev, engine.opts.latent_dtype, engine.pad_id)
         self.hidden = torch.zeros(max_batch, d, dtype=self.dec.dtype, device=dev)
         self.match = torch.zeros(max_batch, dtype=torch.int64, device=dev)
@@ -147,7 +149,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
         self.dec.refresh()
-        self.stats = dict(requests=0, failed=0, cancelled=0, prompt_tokens=0, generated_tokens=0, steps=0)
+        self.stats = dict(requests=0, failed=0, cancelled=0, prompt_tokens=0, generated_tokens=0, steps=0, prefills=0)
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -276,37 +278,50 @@ class Scheduler:
 
     def _admit(self) -> None:
         in_use = sum(self._cost(r.request) for r in self.rows if r.choice == 0)
-        while True:
-            with self.lock:
-                if not self.waiting:
-                    return
+        joining, rows = [], len(self.rows)
+        with self.lock:
+            while self.waiting:
                 req = self.waiting[0]
-                if len(self.rows) + req.n > self.max_batch or in_use + self._cost(req) > self.token_budget:
-                    return  # first come, first served: later requests wait behind it
+                if rows + req.n > self.max_batch or in_use + self._cost(req) > self.token_budget:
+                    break  # first come, first served: later requests wait behind it
                 self.waiting.popleft()
-            in_use += self._cost(req)
-            self._prefill(req)
+                joining.append(req)
+                rows, in_use = rows + req.n, in_use + self._cost(req)
+        if joining:
+            self._prefill(joining)
+            self.stats["prefills"] += 1
 
-    def _prefill(self, req: Request) -> None:
-        """The prompt through the body once, alone (as the engine prefills a lone prompt), its
-        cache copied into rows [n, n + req.n)."""
-        P, n, m = len(req.prompt), len(self.rows), req.n
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.dec.device)
-        h = self.dec.prefill(F.embedding(ids, self.hm.embed.weight), torch.tensor([P], device=self.dec.device),
-                             self.scratch)
-        if not torch.isfinite(h).all():
-            self._fail(req, "the model produced non-finite values for this prompt")
-            return
-        self.cache.k[:, n : n + m, :P] = self.scratch.k[:, :1, :P]
-        self.cache.v[:, n : n + m, :P] = self.scratch.v[:, :1, :P]
-        self.cache.seqlens[n : n + m] = P
-        self.hidden[n : n + m] = h
-        self.match[n : n + m] = 0
-        self.finished[n : n + m] = False
-        self.hybrid[n : n + m] = req.hybrid
-        self.rows += [_Row(req, j) for j in range(m)]
-        self.lengths += [P] * m
-        self.stats["prompt_tokens"] += P
+    def _prefill(self, reqs: list[Request]) -> None:
+        """The joining requests' distinct prompts through the body together, right-padded (as
+        the engine prefills a batch), into the rows after the running ones; then each request's
+        rows, one per choice, copied from its prompt's."""
+        n0, dev = len(self.rows), self.dec.device
+        prompts = [r.prompt for r in reqs for _ in range(r.n)]
+        rep, inverse = distinct_prompts(prompts)
+        P = max(len(r.prompt) for r in reqs)
+        ids = torch.full((len(rep), P), self.engine.pad_id, dtype=torch.long)
+        for i, row in enumerate(rep):
+            ids[i, : len(prompts[row])] = torch.tensor(prompts[row])
+        lens = torch.tensor([len(prompts[row]) for row in rep], device=dev)
+        tail = self.cache.rows_from(n0)
+        h = self.dec.prefill(F.embedding(ids.to(dev), self.hm.embed.weight), lens, tail)
+        m = len(prompts)
+        if len(rep) < m:
+            src = torch.tensor(inverse, device=dev)
+            tail.gather_rows(src, P)
+            h = h[src]
+        self.hidden[n0 : n0 + m] = h
+        self.match[n0 : n0 + m] = 0
+        self.finished[n0 : n0 + m] = False
+        self.hybrid[n0 : n0 + m] = torch.tensor([r.hybrid for r in reqs for _ in range(r.n)], device=dev)
+        self.rows += [_Row(r, j) for r in reqs for j in range(r.n)]
+        self.lengths += [len(p) for p in prompts]
+        self.stats["prompt_tokens"] += sum(len(r.prompt) for r in reqs)
+        bad = (~torch.isfinite(h).all(-1)).nonzero().squeeze(-1).tolist()
+        if bad:
+            for req in {id(self.rows[n0 + i].request): self.rows[n0 + i].request for i in bad}.values():
+                self._fail(req, "the model produced non-finite values for this prompt")
+            self._remove([i for i, r in enumerate(self.rows) if r.request.error])
 
     def _sample(self, n: int):
         """Tokens, log-probs and latents (n,), (n,), (n, d) of rows [0, n): one

@@ -73,7 +73,7 @@ class Stepper(Setup):
         idx = shard(self.order[s * self.prompts_per_step : (s + 1) * self.prompts_per_step], group)
         prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.group_size)]
         answers = [self.train_ex[i].answer for i in idx for _ in range(cfg.group_size)]
-        rows = (group.rank * len(prompts), cfg.batch_size)  # where this rank's rows sit in the whole batch
+        row_span = (group.rank * len(prompts), cfg.batch_size)  # where this rank's rows sit in the whole batch
         rng_before = capture_rng(self.generator)
         failure = None
         try:
@@ -81,7 +81,7 @@ class Stepper(Setup):
             t = time.perf_counter()
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
             with peak_memory(self.device) as mem_rollout:
-                out = self.engine.generate(prompts, self.sampling, seed=seed, rows=rows)
+                out = self.engine.generate(prompts, self.sampling, seed=seed, rows=row_span)
             times["time_rollout_s"] = time.perf_counter() - t
             times["mem_rollout_gb"] = mem_rollout()
             t = time.perf_counter()

@@ -290,7 +290,8 @@ def run(args) -> int:
         job = TaskRun(args, name, examples, _settings(args, name, data), keys[name], out.root / "samples.jsonl")
         seconds = job.run(hm, tokenizer, engine, group)
         if group.main:
-            previous = results.get(name, {}).get("seconds", 0.0) if results.get(name, {}).get("key") == keys[name] else 0.0
+            earlier = results.get(name, {})
+            previous = earlier.get("seconds", 0.0) if earlier.get("key") == keys[name] else 0.0
             results[name] = {**job.summary(previous + seconds), "key": keys[name]}
             write_json(results_file, {"benchmarks": results})
             out.started()

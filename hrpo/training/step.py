@@ -104,7 +104,8 @@ class Stepper(Setup):
         loss, info, grad_norm = float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, None
         reward_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)
         adv = group_advantages(reward_t, cfg.group_size) if skipped is None else None
-        total_tokens = group.sum([float(out.completion_mask.sum())])[0]  # the dapo normalisation's count: the whole batch's
+        # the dapo normalisation's count: the whole batch's tokens
+        total_tokens = group.sum([float(out.completion_mask.sum())])[0]
         policy_s = 0.0
         with peak_memory(self.device) as mem_policy:
             # The training forward's own log-probs before any update: the clipped ratio's "old"

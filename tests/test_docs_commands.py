@@ -219,6 +219,19 @@ def test_a_wrong_flag_is_caught():
     assert parse_error(hrpo_parser("hrpo.inspect"), ("--prompt", "2 + 3 =")) is None
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_mark_sits_on_a_block_that_can_run(page):
+    """A runs-in-ci mark before prose, or before a block of another language, would run nothing."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines):
+        if line.strip() != RUNS_IN_CI:
+            continue
+        following = next((x.strip() for x in lines[n + 1:] if x.strip()), "")
+        opening = FENCE.match(following)
+        assert opening and opening.group(1).lower() in (*SHELLS, "python"), \
+            f"{page.relative_to(ROOT)}:{n + 1}: {RUNS_IN_CI} is not followed by a shell or python block"
+
+
 # --------------------------------------------------------------------------- every command parses
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.program.startswith("hrpo")], ids=lambda c: c.where)

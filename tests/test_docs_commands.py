@@ -9,7 +9,8 @@ command, `\\` continuations joined and comments dropped:
 - a block whose previous line is `<!-- runs-in-ci -->` also runs for real, command by
   command, in a temporary folder, and each command exits 0 (an hrpo program also says
   something: one that exits 0 silently did not run its main).
-Python blocks compile and their imports resolve; a marked one also runs in a temporary folder.
+Python blocks compile and their imports resolve (a third-party package only when installed); a
+marked one also runs in a temporary folder.
 Shell variables (`$NODE_RANK`) stand for values the reader supplies and are read as 0.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import ast
 import contextlib
 import importlib
+import importlib.util
 import io
 import os
 import re
@@ -72,8 +74,17 @@ def read_blocks(text: str, page: str) -> list[Block]:
     return blocks
 
 
+def open_quote(text: str) -> bool:
+    try:
+        shlex.split(text, comments=True)
+    except ValueError:  # "No closing quotation"
+        return True
+    return False
+
+
 def shell_lines(block: Block) -> list[tuple[str, str]]:
-    """(where, line) for each command line of a shell block, continuations joined."""
+    """(where, line) for each command of a shell block: `\\` continuations joined, and a quote
+    left open (a JSON body) carried on to the line that closes it. Heredocs are not read."""
     page, first = block.where.rsplit(":", 1)
     out, pending, start = [], "", 0
     for n, line in enumerate(block.body.splitlines()):
@@ -86,10 +97,15 @@ def shell_lines(block: Block) -> list[tuple[str, str]]:
         if line.rstrip().endswith("\\"):
             pending += line.rstrip()[:-1] + " "
             continue
+        if open_quote(pending + line):
+            pending += line + "\n"
+            continue
         joined = (pending + line).strip()
         pending = ""
         if joined and not joined.startswith("#"):
             out.append((f"{page}:{int(first) + start}", joined))
+    if pending:
+        out.append((f"{page}:{int(first) + start}", pending.strip()))  # unreadable: reported by a test
     return out
 
 
@@ -111,8 +127,13 @@ def program_of(tokens: list[str]) -> tuple[str, list[str]] | None:
 
 
 def line_commands(where: str, line: str) -> list[Command]:
-    """The checked commands of one shell line (`a && b` holds two)."""
-    tokens = [re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", "0", t) for t in shlex.split(line, comments=True)]
+    """The checked commands of one shell line (`a && b` holds two); a line shlex cannot read is
+    one `unreadable` command."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError as err:
+        return [Command(where, line, "unreadable", (str(err),))]
+    tokens = [re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", "0", t) for t in words]
     simple: list[list[str]] = [[]]
     for token in tokens:
         if token in SEPARATORS:
@@ -139,8 +160,8 @@ PYTHON_BLOCKS = [b for b in BLOCKS if b.lang == "python"]
 
 def hrpo_parser(program: str) -> argparse.ArgumentParser:
     """The parser a program's main() uses: build_parser() or parser() in its module, or in the
-    `cli` module of a package (hrpo.inspect)."""
-    for name in (program, f"{program}.cli"):
+    `cli` (hrpo.inspect) or guarded `__main__` (hrpo.serve) module of a package."""
+    for name in (program, f"{program}.cli", f"{program}.__main__"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
@@ -150,7 +171,7 @@ def hrpo_parser(program: str) -> argparse.ArgumentParser:
         for attr in ("build_parser", "parser"):
             if callable(getattr(module, attr, None)):
                 return getattr(module, attr)()
-    raise AssertionError(f"{program}: no build_parser() or parser() in it or in {program}.cli")
+    raise AssertionError(f"{program}: no build_parser() or parser() in it, its cli or its __main__")
 
 
 def parse_error(parser: argparse.ArgumentParser, args: tuple[str, ...]) -> str | None:
@@ -168,8 +189,9 @@ def parse_error(parser: argparse.ArgumentParser, args: tuple[str, ...]) -> str |
 # --------------------------------------------------------------------------- the extraction
 
 def test_extraction_reads_every_form_the_pages_use():
-    """Continuations, comments, console prompts and their output, env prefixes, `&&`, torchrun,
-    scripts, a runs-in-ci mark and a block that is not shell, on a page written by hand."""
+    """Continuations, comments, a quote open over lines, console prompts and their output, env
+    prefixes, `&&`, torchrun, scripts, a runs-in-ci mark and a block that is not shell, on a page
+    written by hand."""
     page = """Intro.
 <!-- runs-in-ci -->
 ```bash
@@ -178,6 +200,10 @@ python -m hrpo.train --max-steps 2 \\
     --output-dir runs/x   # trailing comment
 OMP_NUM_THREADS=1 python -m hrpo.eval --limit 4 && pytest -q tests/test_loss.py
 pip install gguf
+curl -d '{
+  "a": 1
+}' http://x
+python -m hrpo.retrieve --k 1
 ```
 
 ```console
@@ -191,17 +217,19 @@ import hrpo
 """
     blocks = read_blocks(page, "page.md")
     assert [(b.where, b.lang, b.runs) for b in blocks] == [
-        ("page.md:4", "bash", True), ("page.md:12", "console", False), ("page.md:17", "python", False)]
+        ("page.md:4", "bash", True), ("page.md:16", "console", False), ("page.md:21", "python", False)]
     got = [(c.where, c.program, c.args) for b in blocks[:2] for c in read_commands(b)]
     assert got == [
         ("page.md:5", "hrpo.train", ("--max-steps", "2", "--output-dir", "runs/x")),
         ("page.md:7", "hrpo.eval", ("--limit", "4")),
         ("page.md:7", "pytest", ("-q", "tests/test_loss.py")),
-        ("page.md:12", "torchrun", ("--nproc-per-node", "2", "--node-rank", "0", "-m", "hrpo.train", "--fsdp")),
-        ("page.md:14", "script", ("benchmarks/gpu_check.sh", "check")),
+        ("page.md:12", "hrpo.retrieve", ("--k", "1")),
+        ("page.md:16", "torchrun", ("--nproc-per-node", "2", "--node-rank", "0", "-m", "hrpo.train", "--fsdp")),
+        ("page.md:18", "script", ("benchmarks/gpu_check.sh", "check")),
     ]
     joined = "python -m hrpo.train --max-steps 2 " + " " * 5 + "--output-dir runs/x   # trailing comment"
     assert shell_lines(blocks[0])[0] == ("page.md:5", joined)
+    assert shell_lines(blocks[0])[3] == ("page.md:9", "curl -d '{\n  \"a\": 1\n}' http://x")
 
 
 def test_the_readme_shows_the_three_commands_and_runs_a_short_loop():
@@ -217,6 +245,11 @@ def test_a_wrong_flag_is_caught():
     assert "--no-such-flag" in parse_error(hrpo_parser("hrpo.train"), ("--no-such-flag",))
     assert "invalid choice" in parse_error(hrpo_parser("hrpo.eval"), ("--protocol", "loose"))
     assert parse_error(hrpo_parser("hrpo.inspect"), ("--prompt", "2 + 3 =")) is None
+
+
+def test_every_shell_line_reads():
+    unreadable = [f"{c.where}: {c.args[0]}" for c in COMMANDS if c.program == "unreadable"]
+    assert not unreadable, unreadable
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -291,13 +324,21 @@ def test_marked_shell_block_runs(block, tmp_path):
         assert not runs_hrpo or said, f"{where}: `{line}` exited 0 without a word: did its main() run?"
 
 
+def checked(module: str) -> bool:
+    """The project's modules always; a third-party one when installed (a page may show a client,
+    such as openai, that it asks the reader to install)."""
+    top = module.split(".")[0]
+    return top in ("hrpo", "hrpo_kernels") or importlib.util.find_spec(top) is not None
+
+
 def resolve_imports(tree: ast.AST) -> None:
     """Import every module a snippet imports and find every name it takes from one."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                importlib.import_module(alias.name)
-        elif isinstance(node, ast.ImportFrom):
+                if checked(alias.name):
+                    importlib.import_module(alias.name)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and checked(node.module):
             module = importlib.import_module(node.module)
             for alias in node.names:
                 if not hasattr(module, alias.name):

@@ -52,7 +52,7 @@ class Block:
 class Command:
     where: str  # page:line of the command's first line
     line: str  # as a shell reads it: continuations joined
-    program: str  # hrpo.train, torchrun, pytest, script
+    program: str  # hrpo.train, torchrun, pytest, script, or unreadable (shlex could not split it)
     args: tuple[str, ...]
 
 

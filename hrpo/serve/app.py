@@ -208,37 +208,36 @@ def build_app(llm: LLM, api_key: str | None = None, max_request_bytes: int = 1 <
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
-        return await _complete(request, chat=True)
+        return await answer(request, True, llm, metrics, max_request_bytes)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        return await _complete(request, chat=False)
-
-    async def _complete(request: HttpRequest, chat: bool):
-        body = await _read_json(request, max_request_bytes)
-        parsed = Parsed(body, chat, llm)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def on_update(req: Request, updates: list[Update]) -> None:  # on the scheduler's thread
-            loop.call_soon_threadsafe(events.put_nowait, (time.perf_counter(), updates))
-
-        settings = dict(parsed.settings, stop=parsed.stops)
-        try:
-            req = llm.scheduler.submit(llm.request(parsed.prompt, on_update=on_update, **settings))
-        except RequestError as err:
-            field = parsed.max_field if err.field == "max_tokens" else ("prompt" if not chat and err.field == "messages"
-                                                                      else err.field)
-            raise ApiError(400, str(err), field) from None
-        except QueueFull as err:
-            metrics.rejected += 1
-            raise ApiError(503, f"server busy: {err}", kind="server_error", headers={"Retry-After": "1"}) from None
-        track = metrics.start(len(parsed.prompt))
-        reply = _Reply(llm, parsed, req, track)
-        if parsed.stream:
-            return StreamingResponse(reply.stream(events, request), media_type="text/event-stream")
-        return await reply.whole(events, request)
+        return await answer(request, False, llm, metrics, max_request_bytes)
 
     return app
+
+
+async def answer(request: HttpRequest, chat: bool, llm: LLM, metrics: Metrics, max_request_bytes: int):
+    """A completion request: checked, queued on the scheduler, answered whole or streamed."""
+    parsed = Parsed(await _read_json(request, max_request_bytes), chat, llm)
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def on_update(req: Request, updates: list[Update]) -> None:  # on the scheduler's thread
+        loop.call_soon_threadsafe(events.put_nowait, (time.perf_counter(), updates))
+
+    try:
+        req = llm.scheduler.submit(llm.request(parsed.prompt, on_update=on_update, **parsed.settings))
+    except RequestError as err:
+        field = parsed.max_field if err.field == "max_tokens" else ("prompt" if not chat and err.field == "messages"
+                                                                  else err.field)
+        raise ApiError(400, str(err), field) from None
+    except QueueFull as err:
+        metrics.rejected += 1
+        raise ApiError(503, f"server busy: {err}", kind="server_error", headers={"Retry-After": "1"}) from None
+    reply = _Reply(llm, parsed, req, metrics.start(len(parsed.prompt)))
+    if parsed.stream:
+        return StreamingResponse(reply.stream(events, request), media_type="text/event-stream")
+    return await reply.whole(events, request)
 
 
 async def _read_json(request: HttpRequest, limit: int) -> dict:

@@ -7,7 +7,7 @@ from conftest import ARCHS, build_model
 from hrpo.training.config import config_for
 from hrpo.model.loading import build_policy
 from hrpo.training.loss import grpo_loss, per_token_terms, token_weights
-from hrpo.model.hybrid import SequenceBatch
+from hrpo.model.hybrid import SequenceBatch, distinct_prompts
 from hrpo.engine.rollout import left_pad
 from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs, trim
 
@@ -79,6 +79,18 @@ def test_trim_drops_padding_columns():
     sub = trim(batch, torch.tensor([6, 7]))
     assert sub.prompt_ids.tolist() == [[11, 12, 13]] * 2  # the 4-wide prompt padding dropped
     assert sub.completion_ids.shape == (2, 5) and sub.completion_mask.sum().item() == 2 + 5
+
+
+def test_distinct_prompts_by_hand():
+    # Left-padded with pad id 0, [7] and [0, 7] have the same ids: only the mask tells them apart.
+    # First appearance ([9], [0, 7], [7]) is not unique()'s sorted order.
+    prompts = [[9], [0, 7], [9], [7], [0, 7]]
+    first, inverse = distinct_prompts(*left_pad(prompts, 0))
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+    ids = torch.tensor([[9, 0], [0, 7], [9, 0], [7, 0], [0, 7]])  # the same prompts right-padded
+    mask = torch.tensor([[1, 0], [1, 1], [1, 0], [1, 0], [1, 1]], dtype=torch.bool)
+    first, inverse = distinct_prompts(ids, mask)
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
 
 
 def test_token_weights_by_hand():

@@ -29,7 +29,7 @@ from hrpo_kernels import sample_and_mix
 
 from hrpo.core.distributed import forward_group
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel, SequenceBatch, cache_index_select, positions_from_mask
+from hrpo.model.hybrid import HybridModel, SequenceBatch, cache_index_select, distinct_prompts, positions_from_mask
 
 
 @dataclass
@@ -62,17 +62,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
-def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
-    """(the first row of each distinct prompt, the distinct prompt of every row): prefix
-    sharing prefills the first list once and copies its cache rows by the second."""
-    first: dict[tuple[int, ...], int] = {}
-    rep: list[int] = []
-    for row, p in enumerate(prompts):
-        if first.setdefault(tuple(p), len(rep)) == len(rep):
-            rep.append(row)
-    return rep, [first[tuple(p)] for p in prompts]
-
-
 @torch.no_grad()
 def rollout(
     hm: HybridModel,
@@ -99,8 +88,7 @@ def rollout(
     cache = DynamicCache(config=hm.config)
     attn = prompt_mask
     if share_prefix:
-        rep, inverse = distinct_prompts(prompts)
-        inverse = torch.tensor(inverse, device=device)
+        rep, inverse = distinct_prompts(prompt_ids, prompt_mask)
         u_ids, u_mask = prompt_ids[rep], prompt_mask[rep]  # same width: the layout of the full batch
         hidden = hm.decoder(hm.embed(u_ids), u_mask, positions_from_mask(u_mask), cache)[:, -1]
         if len(rep) < B:

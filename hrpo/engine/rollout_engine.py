@@ -43,8 +43,8 @@ from hrpo_kernels.step_controller import StepBuffers
 
 from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel
-from hrpo.engine.rollout import Rollout, SamplingConfig, distinct_prompts, left_pad, rollout
+from hrpo.model.hybrid import HybridModel, distinct_prompts
+from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout
 
 
 @dataclass
@@ -231,8 +231,8 @@ class RolloutEngine:
 
         # Prefill: distinct prompts once, right-padded (the cache holds each row from slot 0).
         if self.opts.share_prefix:
-            rep, inverse = distinct_prompts(prompts)
-            distinct, inverse = [prompts[r] for r in rep], torch.tensor(inverse, device=dev)
+            rep, inverse = distinct_prompts(*left_pad(prompts, self.pad_id))
+            distinct, inverse = [prompts[r] for r in rep.tolist()], inverse.to(dev)
         else:
             distinct, inverse = prompts, None
         ids = torch.full((len(distinct), P), self.pad_id, dtype=torch.long)

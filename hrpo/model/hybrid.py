@@ -130,7 +130,7 @@ class HybridModel(nn.Module):
         if hybrid:
             comp, _ = self.gate(comp, batch.latents[:, :-1], batch.think_mask[:, :-1])
         mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)
-        rep, inverse = distinct_rows(batch.prompt_ids) if share_prefix else (None, None)
+        rep, inverse = distinct_prompts(batch.prompt_ids, batch.prompt_mask) if share_prefix else (None, None)
         if rep is None or len(rep) == B:
             embeds = torch.cat([self.embed(batch.prompt_ids), comp], dim=1)
             # Position P-1+t holds the input that predicts completion token t.
@@ -163,10 +163,12 @@ def _lora_forward(mod, x, *args, **kwargs):
                        mod.scaling[name])
 
 
-def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the first row of each distinct row of `ids`, in order of first appearance; the index
-    into that list of every row)."""
-    _, inverse = torch.unique(ids, dim=0, return_inverse=True)
+def distinct_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's distinct prompts (the tokens of `ids` under `mask`, padded either side):
+    (the first row of each, in order of first appearance; the index into that list of every
+    row). Prefix sharing runs the first list once and copies its results by the second."""
+    keys = ids.masked_fill(~mask.bool(), -1)  # no token id is -1: a pad-id token never matches padding
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), ids.shape[0], dtype=torch.long, device=ids.device)
     first.scatter_reduce_(0, inverse, torch.arange(ids.shape[0], device=ids.device), "amin")
     order = torch.argsort(first)  # unique's sorted order -> order of first appearance

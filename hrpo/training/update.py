@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from hrpo.training.loss import per_token_terms, token_weights
-from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_rows
+from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_prompts
 
 
 def group_rows(batch: SequenceBatch) -> list[list[int]]:
     """The rows of each distinct prompt (a GRPO group), in order of first appearance."""
     groups: dict[int, list[int]] = {}
-    for row, g in enumerate(distinct_rows(batch.prompt_ids)[1].tolist()):
+    for row, g in enumerate(distinct_prompts(batch.prompt_ids, batch.prompt_mask)[1].tolist()):
         groups.setdefault(g, []).append(row)
     return list(groups.values())
 

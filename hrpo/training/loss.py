@@ -96,9 +96,19 @@ def grpo_loss(
     weights = token_weights(mask, norm, max_completion_length)
     per_token, kl, clipped = per_token_terms(logp, advantages, ref_logp, old_logp, beta, epsilon, tis)
     loss = (per_token * weights).sum()
+    return loss, metrics(metric_sums(kl, clipped, mask), mask.shape[0])
+
+
+def metric_sums(kl: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """(the sum over rows of each row's mean k3 KL, the clipped tokens, the tokens) under mask:
+    sums, so micro-batches add them up before `metrics` turns them into means."""
     m = mask.float()
-    metrics = {
-        "kl": float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()),
-        "clip_frac": float((clipped.float() * m).sum() / m.sum().clamp_min(1)) if old_logp is not None else 0.0,
-    }
-    return loss, metrics
+    return (float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).sum()), float((clipped.float() * m).sum()),
+            float(m.sum()))
+
+
+def metrics(sums: tuple[float, float, float], n_rows: int) -> dict[str, float]:
+    """The logged metrics from metric_sums over a batch of n_rows: "kl", the mean over rows of
+    each row's mean KL; "clip_frac", the fraction of tokens whose ratio was clipped."""
+    kl_sum, n_clipped, n_tokens = sums
+    return {"kl": kl_sum / max(n_rows, 1), "clip_frac": n_clipped / max(n_tokens, 1.0)}

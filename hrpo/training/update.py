@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hrpo.training.loss import per_token_terms, token_weights
+from hrpo.training.loss import metric_sums, metrics, per_token_terms, token_weights
 from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_prompts
 
 
@@ -123,7 +123,7 @@ def policy_backward(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tens
     micro-batch loss makes it non-finite, but the remaining micro-batches still run (their
     collectives): the caller agrees on it with the other ranks and drops the update."""
     weights = token_weights(batch.completion_mask, s.loss_norm, s.max_completion_length, rows, tokens)
-    total, kl_sum, clipped, n_tokens, finite = 0.0, 0.0, 0.0, 0.0, True
+    total, sums, finite = 0.0, (0.0, 0.0, 0.0), True
     for idx, real in padded(plan, length):
         sub = trim(batch, idx)
         t = sub.completion_ids.shape[1]
@@ -138,12 +138,8 @@ def policy_backward(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tens
         loss = (per_token * weights[idx, :t]).sum()
         finite = finite and bool(torch.isfinite(loss))
         (loss * scale).backward()
-        m = sub.completion_mask.float()
         total += loss.item()
-        kl_sum += float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).sum())
-        clipped += float((clip.float() * m).sum())
-        n_tokens += float(m.sum())
+        sums = tuple(a + b for a, b in zip(sums, metric_sums(kl, clip, sub.completion_mask)))
     if not finite:
         return float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, False
-    n_rows = batch.completion_ids.shape[0]
-    return total, {"kl": kl_sum / max(n_rows, 1), "clip_frac": clipped / max(n_tokens, 1.0)}, True
+    return total, metrics(sums, batch.completion_ids.shape[0]), True

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from hrpo.core.errors import error_line
 from hrpo.model.hybrid import EMBEDDED_MODEL, HybridModel, ModelError
 
 
@@ -145,7 +146,7 @@ def load_base_model(name_or_path: str | None, device: torch.device, dtype: torch
         with _gguf_bar(src.gguf_file is not None and not hf_logging.is_progress_bar_enabled()):
             model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **kw)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {src.name!r}: {_first_line(err)}") from None
+        raise ModelError(f"cannot load model {src.name!r}: {error_line(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = True
@@ -167,11 +168,6 @@ def _gguf_bar(off: bool):
         yield
     finally:
         gguf_utils.tqdm = drawn
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from hrpo.core.errors import error_line
 from hrpo.model.hybrid import HybridModel, ModelError
 from hrpo.training.runs import fsync_dir, write_durably
 
@@ -119,7 +120,7 @@ def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {error_line(err)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return data
@@ -131,7 +132,7 @@ def _read_tensors(file: Path, device="cpu") -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error_line(err)})") from None
 
 
 def _require_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:

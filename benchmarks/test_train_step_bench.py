@@ -53,10 +53,10 @@ PROMPT_LEN, COMPLETION_LEN, TEMPERATURE, BETA = 256, 512, 0.5, 0.005
 
 
 def hrpo_update(hm, batch: SequenceBatch, adv: torch.Tensor, max_completion_length: int):
-    s = UpdateSettings(TEMPERATURE, True, BETA, 0.2, "grpo", max_completion_length, max_tokens=16384)
+    s = UpdateSettings(TEMPERATURE, True, BETA, 0.2, "grpo", max_completion_length, micro_batch_tokens=16384)
 
     def run():
-        plan = micro_batches(batch, s.max_tokens)
+        plan = micro_batches(batch, s.micro_batch_tokens)
         ref = reference_logprobs(hm, batch, plan, s)
         policy_backward(hm, batch, plan, adv, ref, None, s)
         hm.zero_grad(set_to_none=True)

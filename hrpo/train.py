@@ -331,7 +331,7 @@ class Trainer:
         idx = shard(self.order[s * self.prompts_per_step : (s + 1) * self.prompts_per_step], group)
         prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.group_size)]
         answers = [self.train_ex[i].answer for i in idx for _ in range(cfg.group_size)]
-        rows = (group.rank * len(prompts), cfg.batch_size)
+        row_span = (group.rank * len(prompts), cfg.batch_size)
         rng_before = capture_rng(self.generator)
         times, failure = {}, None
         try:  # nothing has touched the weights or gradients yet: a failure here can be checkpointed
@@ -339,7 +339,7 @@ class Trainer:
             t = time.perf_counter()
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
             with peak_memory(self.device) as mem_rollout:
-                out = self.engine.generate(prompts, self.sampling, seed=seed, rows=rows)
+                out = self.engine.generate(prompts, self.sampling, seed=seed, row_span=row_span)
             times["time_rollout_s"] = time.perf_counter() - t
             times["mem_rollout_gb"] = mem_rollout()
             t = time.perf_counter()
@@ -379,7 +379,7 @@ class Trainer:
                 if skipped is None:
                     loss_value, info, finite = policy_backward(
                         hm, out, plan, adv, ref, old if cfg.num_iterations > 1 else None, self.update,
-                        scale=1.0 / cfg.grad_accum, rows=cfg.batch_size, tokens=total_tokens, length=length, tis=tis)
+                        scale=1.0 / cfg.grad_accum, n_rows=cfg.batch_size, n_tokens=total_tokens, length=length, tis=tis)
                     if group.any(not finite):
                         skipped, self.poisoned = "non-finite loss", True
                 policy_s = time.perf_counter() - t

@@ -433,14 +433,14 @@ class FastDecoder:
         n = x.shape[0]
         pos = cache.seqlens[:n]
         slot = pos.long()
-        rows = torch.arange(n, device=x.device)
+        row_idx = torch.arange(n, device=x.device)
         cos, sin = self._cos[slot, None], self._sin[slot, None]  # (n, 1, Dh)
         lengths = pos + 1
         h = x
         for i, w in enumerate(self.layers):
             q, k, v = self._qkv(w, rms_norm(h, w.ln1, w.eps1), cos, sin)
-            cache.k[i].index_put_((rows, slot), k)
-            cache.v[i].index_put_((rows, slot), v)
+            cache.k[i].index_put_((row_idx, slot), k)
+            cache.v[i].index_put_((row_idx, slot), v)
             att = decode_attention(q, cache.k[i, :n], cache.v[i, :n], lengths, self.scale, max_len=max_len)
             h = h + w.linear("o", att.reshape(n, -1))
             h = self._mlp(w, h)

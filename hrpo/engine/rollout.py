@@ -8,7 +8,7 @@ E[x_t], as the next input.
 seed given: step t's race noise is philox_uniform(seed, t * B * V + row * V + token) with
 `row` the row's index in the call's batch (hrpo_kernels.philox), a function of (seed, row,
 step, token) only, so prefix sharing and compaction leave every draw, hence every token,
-unchanged. rows=(first, total): the call's rows are rows first.. of a batch of `total` (one
+unchanged. row_span=(first, total): the call's rows are rows first.. of a batch of `total` (one
 rank's share of a data-parallel batch), and draw that batch's noise. share_prefix: each distinct prompt is prefilled once and its cache rows copied
 to its duplicates. compact_below: when the fraction of live rows falls under it, finished
 rows leave the cache and the step state; results still land at their original rows.
@@ -75,11 +75,11 @@ def rollout(
     seed: int | None = None,
     share_prefix: bool = False,
     compact_below: float = 0.0,
-    rows: tuple[int, int] | None = None,
+    row_span: tuple[int, int] | None = None,
 ) -> Rollout:
     device = hm.lm_weight.device
     B = len(prompts)
-    first, total = rows or (0, B)
+    first, total = row_span or (0, B)
     V = hm.lm_weight.shape[0]
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     eos = torch.tensor(eos_ids, device=device)

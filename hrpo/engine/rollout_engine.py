@@ -189,11 +189,11 @@ class RolloutEngine:
     # ------------------------------------------------------------------ a rollout
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], cfg: SamplingConfig, generator: torch.Generator | None = None,
-                 seed: int | None = None, rows: tuple[int, int] | None = None) -> Rollout:
+                 seed: int | None = None, row_span: tuple[int, int] | None = None) -> Rollout:
         """Roll out every prompt once (repeat a prompt G times for a group). seed: the Philox
         noise of hrpo_kernels (tokens reproducible across batch layouts); without it the
         noise comes from `generator` (on CUDA and in the CPU C++ path: one seed drawn from it
-        per call). rows=(first, total): these prompts are rows first.. of a batch of `total`
+        per call). row_span=(first, total): these prompts are rows first.. of a batch of `total`
         (a rank's share): they draw that batch's noise, so the tokens are the whole batch's."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("engine.generate: every prompt needs at least one token")
@@ -221,7 +221,7 @@ class RolloutEngine:
             self.state = None  # free the old buffers (and graphs) before allocating
             self.state = _State(dec, B, T, slots, d, self.opts.latent_dtype, self.pad_id)
         s = self.state
-        first, total = rows or (0, B)
+        first, total = row_span or (0, B)
         s.reset(B, self.pad_id, first)
         seeded = seed is not None or self.gpu_path or self.impl == "ext"
         if seeded:
@@ -301,11 +301,11 @@ class ReferenceEngine:
         self.opts = options or EngineOptions()
         self.last_stats: dict = {}
 
-    def generate(self, prompts, cfg: SamplingConfig, generator=None, seed=None, rows=None) -> Rollout:
+    def generate(self, prompts, cfg: SamplingConfig, generator=None, seed=None, row_span=None) -> Rollout:
         t0 = time.perf_counter()
         out = rollout(self.hm, prompts, cfg, self.matcher, self.eos_ids, self.pad_id, generator,
                       latent_dtype=self.opts.latent_dtype, seed=seed, share_prefix=self.opts.share_prefix,
-                      compact_below=self.opts.compact_below, rows=rows)
+                      compact_below=self.opts.compact_below, row_span=row_span)
         self.last_stats = {}
         return _with_throughput(out, self.last_stats, t0)
 

@@ -61,22 +61,22 @@ def tis_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float
 
 
 def token_weights(mask: torch.Tensor, norm: str = "grpo", max_completion_length: int | None = None,
-                  rows: int | None = None, tokens: int | None = None) -> torch.Tensor:
+                  n_rows: int | None = None, n_tokens: int | None = None) -> torch.Tensor:
     """(B, T) weights with loss = sum(weights * per_token): "grpo" averages each completion's
     tokens, then the batch; "dapo" averages all tokens of the batch; "dr_grpo" sums tokens
-    and divides by B * max_completion_length. rows and tokens: the batch's totals when
+    and divides by B * max_completion_length. n_rows and n_tokens: the batch's totals when
     `mask` is only part of it (a micro-batch, one rank's share)."""
     if norm not in NORMS:
         raise ValueError(f"loss norm must be one of {NORMS}, got {norm!r}")
     mask = mask.float()
-    rows = mask.shape[0] if rows is None else rows
+    n_rows = mask.shape[0] if n_rows is None else n_rows
     if norm == "grpo":
-        return mask / mask.sum(-1, keepdim=True).clamp_min(1) / rows
+        return mask / mask.sum(-1, keepdim=True).clamp_min(1) / n_rows
     if norm == "dapo":
-        return mask / max(float(mask.sum()) if tokens is None else tokens, 1.0)
+        return mask / max(float(mask.sum()) if n_tokens is None else n_tokens, 1.0)
     if not max_completion_length:
         raise ValueError("dr_grpo normalisation needs max_completion_length")
-    return mask / (rows * max_completion_length)
+    return mask / (n_rows * max_completion_length)
 
 
 def grpo_loss(

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from hrpo.core.errors import error_line
+from hrpo.model import lora
 from hrpo.model.hybrid import EMBEDDED_MODEL, HybridModel, ModelError
 
 
@@ -180,14 +181,11 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def attach_lora(model, rank: int, alpha: int, targets: tuple[str, ...]):
-    from peft import LoraConfig, get_peft_model
-
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in present]
     if missing:
         raise ModelError(f"{type(model).__name__} has no modules named {missing} for LoRA (targets {list(targets)})")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
-    return get_peft_model(model, cfg)
+    return lora.attach(model, rank, alpha, targets)
 
 
 def build_policy(model, cfg) -> HybridModel:

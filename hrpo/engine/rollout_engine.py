@@ -230,8 +230,9 @@ class RolloutEngine:
             s.seed.fill_(int(seed))
 
         # Prefill: distinct prompts once, right-padded (the cache holds each row from slot 0).
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)  # the Rollout's too
         if self.opts.share_prefix:
-            rep, inverse = distinct_prompts(*left_pad(prompts, self.pad_id))
+            rep, inverse = distinct_prompts(prompt_ids, prompt_mask)
             distinct, inverse = [prompts[r] for r in rep.tolist()], inverse.to(dev)
         else:
             distinct, inverse = prompts, None
@@ -267,9 +268,9 @@ class RolloutEngine:
                 stats["compactions"] += 1
         sync()
         stats["decode_s"] = time.perf_counter() - t_start - stats["prefill_s"]
-        return _with_throughput(self._collect(prompts, B), stats, t_start)
+        return _with_throughput(self._collect(prompt_ids, prompt_mask, B), stats, t_start)
 
-    def _collect(self, prompts, B: int) -> Rollout:
+    def _collect(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, B: int) -> Rollout:
         """The rollout in the callers' row order, trimmed to the longest completion, with
         log-probs and latents of positions past a row's end zeroed."""
         s = self.state
@@ -278,11 +279,10 @@ class RolloutEngine:
         width = max(int(mask.sum(1).max()), 1)
         mask = mask[:, :width]
         b = s.bufs
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, mask.device)
         gate_n = s.gate_n[:B][back]
         return Rollout(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
+            prompt_ids=prompt_ids.to(mask.device),
+            prompt_mask=prompt_mask.to(mask.device),
             completion_ids=b.tokens[:B][back, :width],
             completion_mask=mask,
             latents=b.latents[:B][back, :width].masked_fill(~mask[..., None], 0.0),

@@ -53,7 +53,7 @@ def test_the_doorway_lists_every_peft_name_it_touches():
     name in getattr/hasattr) is in its lists or read with a default."""
     source = (ROOT / "hrpo" / "model" / "lora.py").read_text()
     read = set(re.findall(r"\b(?:mod|m|model)\.(\w+)", source)) | set(re.findall(r"(?:has|get)attr\(\w+, \"(\w+)\"", source))
-    own = {"modules", "forward"}  # nn.Module's, not peft's
+    own = {"modules", "forward", "__dict__"}  # nn.Module's and Python's, not peft's
     # Read with a default: older peft lacks some variant fields; unexpected_keys is checked by
     # test_adapter_state_round_trip.
     with_default = {"lora_variant", "use_dora", "lora_bias", "unexpected_keys"}
@@ -109,6 +109,9 @@ def test_fused_forward_equals_pefts_and_settings_see_changes():
     want = type(mod).forward(mod, x)
     lora.use_fused_forward(model)
     torch.testing.assert_close(mod(x), want, rtol=1e-5, atol=1e-5)
+    with lora.peft_forward(model):  # peft's own forward back inside, the fused one after
+        assert "forward" not in mod.__dict__ and torch.equal(mod(x), want)
+    assert mod.forward.func is lora._fused_forward
     before = lora.settings(mod)
     with lora.adapters_disabled(model):
         assert lora.settings(mod) != before

@@ -139,6 +139,18 @@ def use_fused_forward(model: nn.Module) -> None:
             mod.forward = functools.partial(_fused_forward, mod)
 
 
+@contextlib.contextmanager
+def peft_forward(model: nn.Module):
+    """Within: every LoRA layer runs peft's own forward again (what use_fused_forward replaced;
+    the benchmarks' baseline, the layers the common trainers run)."""
+    saved = {m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__}
+    try:
+        yield
+    finally:
+        for m, fn in saved.items():
+            m.forward = fn
+
+
 def _fused_forward(mod, x, *args, **kwargs):
     """A LoRA layer's forward through lora_linear (fewer passes over the activations);
     anything but one plain active adapter without dropout on a frozen base (adapters off,

@@ -62,6 +62,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
+# long: the reference decode loop, kept whole so each step reads in order against the fast engine it checks
 @torch.no_grad()
 def rollout(
     hm: HybridModel,

@@ -199,6 +199,19 @@ class DefaultsHelpFormatter(HelpFormatter, argparse.ArgumentDefaultsHelpFormatte
     """hrpo.train's help layout, with each flag's default after its help."""
 
 
+def load_policy(checkpoint: str | None, model: str | None, device: torch.device, dtype: str = "auto"):
+    """(policy, tokenizer, checkpoint metadata): the base model (the checkpoint's unless
+    `model` names one; the embedded model without either) with the checkpoint's adapters and gate
+    (hrpo.inspect's and hrpo.serve's loading)."""
+    meta = read_checkpoint_meta(checkpoint) if checkpoint else {}
+    base, tokenizer = load_base_model(model or meta.get("base_model"), device, resolve_dtype(dtype, device))
+    if not checkpoint:
+        return HybridModel(base).eval(), tokenizer, meta
+    lora = meta["lora"]
+    cfg = config_for("arith", lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=tuple(lora["targets"]))
+    return load_checkpoint(build_policy(base, cfg), checkpoint).eval(), tokenizer, meta
+
+
 def resolve_checkpoint(path: str) -> str:
     """--checkpoint as given, or inside a training run's folder: its final `checkpoint`; an
     unfinished run is refused naming its latest resumable checkpoint."""

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +35,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from hrpo.model.hybrid import distinct_prompts
 from hrpo_kernels import sample_and_mix, step_controller
 from hrpo_kernels.step_controller import StepBuffers
 
-from .rollout import distinct_prompts
+from .rollout import left_pad
 from .rollout_engine import RolloutEngine
 
 # step_controller's own length limit, past any request's: a row's max_tokens is applied here.
@@ -259,6 +262,7 @@ class Scheduler:
             if self.rows:
                 self._decode()
         except Exception as err:  # a fault of the batch: fail what runs, keep serving
+            traceback.print_exc(file=sys.stderr)  # for the operator; clients get one line
             for req in {id(r.request): r.request for r in self.rows}.values():
                 self._fail(req, f"generation failed: {type(err).__name__}")
             self.rows, self.lengths = [], []
@@ -297,7 +301,8 @@ class Scheduler:
         rows, one per choice, copied from its prompt's."""
         n0, dev = len(self.rows), self.dec.device
         prompts = [r.prompt for r in reqs for _ in range(r.n)]
-        rep, inverse = distinct_prompts(prompts)
+        rep, inverse = distinct_prompts(*left_pad(prompts, self.engine.pad_id))
+        rep = rep.tolist()
         P = max(len(r.prompt) for r in reqs)
         ids = torch.full((len(rep), P), self.engine.pad_id, dtype=torch.long)
         for i, row in enumerate(rep):
@@ -307,7 +312,7 @@ class Scheduler:
         h = self.dec.prefill(F.embedding(ids.to(dev), self.hm.embed.weight), lens, tail)
         m = len(prompts)
         if len(rep) < m:
-            src = torch.tensor(inverse, device=dev)
+            src = inverse.to(dev)
             tail.gather_rows(src, P)
             h = h[src]
         self.hidden[n0 : n0 + m] = h

@@ -14,22 +14,18 @@ from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
 from hrpo.core.signals import SignalStop, stop_at_once
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
-from hrpo.eval import DefaultsHelpFormatter, describe_policy, recorded_settings, resolve_checkpoint
+from hrpo.eval import DefaultsHelpFormatter, describe_policy, load_policy, recorded_settings, resolve_checkpoint
 import hrpo.inspect
 from hrpo.inspect.report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
 from hrpo.inspect.trace import Trace, describe, teacher_force
-from hrpo.model.hybrid import HybridModel
 from hrpo.model.loading import (
-    build_policy,
     cpu_threads,
     eos_token_ids,
-    load_base_model,
     quiet_libraries,
     resolve_device,
-    resolve_dtype,
 )
 from hrpo.tasks import get_task
-from hrpo.training.checkpoint import load_checkpoint, read_checkpoint_meta
+from hrpo.training.checkpoint import read_checkpoint_meta
 from hrpo.training.config import config_for
 from hrpo.training.runs import check_writable, replace_file, write_json
 
@@ -79,18 +75,6 @@ def read_samples(path: str, limit: int | None) -> list[tuple[int, dict]]:
     if not out:
         raise InputError(f"--samples {path}: no samples in the file")
     return out
-
-
-def load_policy(checkpoint: str | None, model: str | None, device: torch.device, dtype: str = "auto"):
-    """(policy, tokenizer, checkpoint metadata): the base model (the checkpoint's unless
-    `model` names one; the embedded model without either) with the checkpoint's adapters and gate."""
-    meta = read_checkpoint_meta(checkpoint) if checkpoint else {}
-    base, tokenizer = load_base_model(model or meta.get("base_model"), device, resolve_dtype(dtype, device))
-    if not checkpoint:
-        return HybridModel(base).eval(), tokenizer, meta
-    lora = meta["lora"]
-    cfg = config_for("arith", lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=tuple(lora["targets"]))
-    return load_checkpoint(build_policy(base, cfg), checkpoint).eval(), tokenizer, meta
 
 
 def _check(args) -> None:

@@ -12,8 +12,7 @@ from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT
 from hrpo.engine.rollout_engine import RolloutEngine, make_engine
 from hrpo.engine.scheduler import Request, RequestError, Scheduler
-from hrpo.eval import resolve_checkpoint
-from hrpo.inspect.cli import load_policy
+from hrpo.eval import load_policy, resolve_checkpoint
 from hrpo.model.loading import eos_token_ids, resolve_device
 
 EMBEDDED_NAME = "hrpo-embedded"

@@ -21,7 +21,7 @@ import torch
 from ._common import (cdiv, interpreting, mm_f32, next_pow2, num_sms, on_gpu_path, row_ids_tensor, sample_outputs,
                       seed_offset, use_fused)
 from ._ext import load_extension
-from ._triton_helpers import helpers
+from ._triton_helpers import lazy_kernels
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
 
@@ -59,11 +59,7 @@ def sample_and_mix_reference(
 # graph) and advances the offset by at least B * V per decode step.
 # ---------------------------------------------------------------------------------------
 
-triton = None  # imported on first use (so that TRITON_INTERPRET may be set late, and
-tl = None  # `import hrpo_kernels` works without triton)
-_KERNELS = None
-_philox_uniform = None  # @triton.jit helper, defined with the kernels
-_dot_p = None  # _triton_helpers.dot_p, bound with the kernels
+triton = tl = dot_p = philox_uniform = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -76,24 +72,7 @@ def full_vocab_fits(d: int, weight: torch.Tensor) -> bool:
     return d <= MAX_D_FULL_VOCAB.get(weight.element_size(), 0)
 
 
-def _kernels():
-    """Import triton and define the kernels once, at the first launch."""
-    global triton, tl, _KERNELS, _philox_uniform, _dot_p  # the kernels find tl and helpers as module globals
-    if _KERNELS is not None:
-        return _KERNELS
-    import triton as _triton
-    import triton.language as _tl
-
-    triton, tl = _triton, _tl
-    _dot_p = helpers()["dot_p"]
-
-    @triton.jit
-    def _philox_uniform(seed, ctr):
-        """philox_uniform(seed, ctr) of hrpo_kernels/philox.py: tl.randint is Philox4x32-10 with
-        counter words (ctr lo, ctr hi, 0, 0), key (seed lo, seed hi), and returns word 0."""
-        r0 = tl.randint(seed, ctr).to(tl.uint32, bitcast=True)  # logical shift below
-        return ((r0 >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # exact, in (0, 1)
-
+def _define_kernels() -> dict:
     @triton.jit
     def _full_partial_kernel(
         h_ptr, w_ptr, e_ptr, seed_ptr, off_ptr, rid_ptr,
@@ -147,7 +126,7 @@ def _kernels():
             if GREEDY:
                 score = tl.where(col_ok[None, :], logits, float("-inf"))
             else:
-                u = _philox_uniform(seed, ctr_row[:, None] + cols[None, :])
+                u = philox_uniform(seed, ctr_row[:, None] + cols[None, :])
                 score = scaled - tl.log(-tl.log(u))  # log(p_v / x_v) + const
             t_best = tl.max(score, axis=1)
             t_arg = tl.argmax(score, axis=1)
@@ -166,7 +145,7 @@ def _kernels():
                 e = w  # the tile read for the logits serves the mixture too
             else:
                 e = tl.load(e_ptr + cols[:, None].to(tl.int64) * stride_e + ks[None, :], mask=tile_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot_p(pe, e, FP32_DOT)
+            acc = acc * alpha[:, None] + dot_p(pe, e, FP32_DOT)
             m = m_new
 
         slot = split * B + rows
@@ -262,7 +241,7 @@ def _kernels():
                 rid = tl.load(rid_ptr + row)
             else:
                 rid = row.to(tl.int64)
-            u = _philox_uniform(tl.load(seed_ptr), tl.load(off_ptr) + rid * V + ids)
+            u = philox_uniform(tl.load(seed_ptr), tl.load(off_ptr) + rid * V + ids)
             score = tl.where(kok, scaled - tl.log(-tl.log(u)), float("-inf"))
             best = tl.max(score, axis=0)
             tok = tl.min(tl.where(kok & (score == best), ids, V), axis=0)
@@ -276,8 +255,10 @@ def _kernels():
             hv = tl.sum(p[:, None] * e.to(tl.float32), axis=0) * inv_norm
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
-    _KERNELS = dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
-    return _KERNELS
+    return dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
+
+
+_kernels = lazy_kernels(globals(), _define_kernels)
 
 
 def full_vocab_config(D: int) -> dict:

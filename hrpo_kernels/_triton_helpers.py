@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-triton = None  # module globals: the shared helpers' bodies find tl here
-tl = None
+triton = tl = philox_uniform = None  # module globals: the shared helpers' bodies find them here
 _SHARED: dict = {}
 
 
@@ -47,13 +46,23 @@ def _shared() -> dict:
         r0 = tl.randint(seed, ctr).to(tl.uint32, bitcast=True)  # logical shift below
         return ((r0 >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # exact, in (0, 1)
 
-    _SHARED.update(dot_p=dot_p, philox_uniform=philox_uniform)
+    globals()["philox_uniform"] = philox_uniform  # where gaussian's body finds it
+
+    @triton.jit
+    def gaussian(key, ctr):
+        """A standard normal by Box-Muller on philox_uniform(key, ctr) and (key, ctr + 1), as
+        latent_input.gaussian_noise."""
+        u1 = philox_uniform(key, ctr)
+        u2 = philox_uniform(key, ctr + 1)
+        return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+
+    _SHARED.update(dot_p=dot_p, philox_uniform=philox_uniform, gaussian=gaussian)
     return _SHARED
 
 
 def lazy_kernels(namespace: dict, define: Callable[[], dict]) -> Callable[[], dict]:
     """A function returning `define()`'s kernels, run once at the first call after binding
-    triton, tl and the shared helpers (dot_p, philox_uniform) into `namespace` (the op module's
+    triton, tl and the shared helpers (dot_p, philox_uniform, gaussian) into `namespace` (the op module's
     globals()). Usage: `_kernels = lazy_kernels(globals(), _define_kernels)`."""
     kernels: dict = {}
 

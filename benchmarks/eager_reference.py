@@ -3,7 +3,7 @@ rollout (eager_rollout) and a training update (eager_update).
 
 Eager ops through the Hugging Face model with its KV cache, full logits, multinomial
 sampling, and, every step, a host-side decode of each row's whole text to look for the
-answer marker. It computes the same kind of rollout as hrpo.rollout; only the speed differs.
+answer marker. It computes the same kind of rollout as hrpo.engine.rollout; only the speed differs.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from hrpo.loss import grpo_loss
-from hrpo.model import positions_from_mask
-from hrpo.rollout import left_pad
+from hrpo.training.loss import grpo_loss
+from hrpo.model.hybrid import positions_from_mask
+from hrpo.engine.rollout import left_pad
 
 
 @torch.no_grad()

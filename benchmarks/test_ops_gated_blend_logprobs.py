@@ -37,7 +37,7 @@ def _record(benchmark, copy_gbps, ms, nbytes, flops=None, flop_dtype=None, **inf
 @pytest.mark.parametrize("d", [1536, 2048])
 @pytest.mark.parametrize("method", ["fused", "reference"])
 def test_gated_blend(benchmark, copy_gbps, method, d, batch):
-    from hrpo.gate import HybridGate
+    from hrpo.model.gate import HybridGate
     from hrpo_kernels.gated_blend import gated_blend_reference, gated_blend_triton
 
     torch.manual_seed(0)

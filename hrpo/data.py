@@ -1,330 +1,92 @@
-"""Reading task data: a local file, a directory or a hub dataset, each record kept with where
-it came from and turned into an :class:`hrpo.prompts.Example` by its task's converter
-(hrpo.tasks: one module per benchmark family).
+"""`python -m hrpo.data prepare`: turn source files into the project's record form.
 
-Each field a converter uses is checked for type and emptiness first (the checks below). A
-record that fails is rejected with a reason, never coerced; rejections are counted by reason
-in a :class:`LoadReport` and summarised in one warning (a DataError when nothing is left).
+    python -m hrpo.data prepare --task gsm8k --input gsm8k/train.jsonl --output prepared/gsm8k_train.jsonl
+    python -m hrpo.data prepare --task mmlu --input mmlu_aux_train.jsonl arc/train.jsonl --output prepared/mc.jsonl
+    python -m hrpo.data prepare --task nq --input nq_train.jsonl --corpus wiki18.jsonl --output prepared/nq.jsonl
 
-Only the standard library is needed for JSON/JSONL; ``pyarrow`` (parquet) and ``datasets``
-(hub names) are imported lazily so the package works without them.
+Every record of every input is validated by its task's loader; rejects are reported by reason
+with the first place each occurs, duplicates (the same prompt and answer) are dropped and
+conflicts (the same prompt with another answer: the first is kept) are reported. The output is
+JSONL that every loader reads as is, plus `<output>.report.json`.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import warnings
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+import sys
 
-from hrpo.prompts import Example
+from hrpo.tasks import get_task, task_names
+from hrpo.tasks.records import DataError, load_records, prepared_record
+from hrpo.tasks.registry import convert_records
+from hrpo.tasks.retrieval import attach_contexts
+from hrpo.training.runs import check_writable, replace_file, write_json
 
-__all__ = ["DataError", "LoadReport", "Raw", "Rejected", "convert_records", "load_task", "load_records"]
 
-
-class DataError(ValueError):
-    """A one-line, user-facing problem with the input data (file, line or record named)."""
-
-
-MAX_OPTIONS = 10  # multiple-choice options, lettered A-J
-
-
-# ---------------------------------------------------------------- reading raw records
-
-
-class Raw(NamedTuple):
-    """One record as read, with where it came from: ``path:line`` in a JSONL file (the
-    physical line, blank lines counted) or ``path: record N`` in a JSON list, a parquet
-    table or a hub split (N counts from 0, an index into the list or table)."""
-
-    where: str
-    record: Any  # a dict when the file is well formed; anything else is rejected later
-
-
-def _decode(data: bytes, path: str) -> str:
-    """UTF-8 text with a leading BOM (as some editors write) dropped; any other undecodable
-    byte is an error naming the file and line rather than a bare UnicodeDecodeError."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 (save the file as UTF-8)") from None
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-def _read_jsonl(path: str) -> list[Raw]:
-    records = []
-    # Split on "\n" only, so line numbers are the ones an editor or `sed -n Np` shows.
-    for lineno, line in enumerate(_decode(_read_bytes(path), path).split("\n"), 1):
-        if not line.strip():  # tolerate blank lines, e.g. a trailing newline
-            continue
-        try:
-            records.append(Raw(f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-    return records
-
-
-def _read_json(path: str) -> list[Raw]:
-    try:
-        data = json.loads(_decode(_read_bytes(path), path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {kind(data)}")
-    return [Raw(f"{path}: record {i}", rec) for i, rec in enumerate(data)]
-
-
-def _read_parquet(path: str) -> list[Raw]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {e})".splitlines()[0]) from None
-    return [Raw(f"{path}: record {i}", rec) for i, rec in enumerate(rows)]
-
-
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
-
-
-def _read_file(path: str) -> list[Raw]:
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in _READERS:
-        raise DataError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json or .parquet)")
-    return _READERS[ext](path)
-
-
-def _read_hub(name: str, split: str) -> list[Raw]:
-    try:
-        import datasets  # optional dependency, only for hub names
-    except ImportError:
-        raise DataError(
-            f"{name!r} is not a local path and loading hub datasets needs `pip install datasets`"
-        ) from None
-    repo, _, config = name.partition(":")
-    try:
-        ds = datasets.load_dataset(repo, config or None, split=split)
-    except Exception as e:  # network, missing split, unknown repo: keep it to one line
-        raise DataError(f"{name}: cannot load split {split!r} from the hub ({type(e).__name__}: {e})".splitlines()[0]) from None
-    return [Raw(f"{name}[{split}]: record {i}", dict(r)) for i, r in enumerate(ds)]
-
-
-def load_records(path: str, split: str = "train") -> tuple[list[Raw], str]:
-    """Raw records, each with its location, and the name to cite in errors (the file
-    actually read, or the hub name)."""
-    if os.path.isdir(path):
-        for ext in (".jsonl", ".parquet", ".json"):
-            candidate = os.path.join(path, split + ext)
-            if os.path.isfile(candidate):
-                path = candidate
-                break
-        else:
-            raise DataError(f"{path}: no {split}.jsonl or {split}.parquet in this directory")
-    if os.path.isfile(path):
-        records, source = _read_file(path), path
-    elif path.lower().endswith(tuple(_READERS)) or path.startswith((".", "/", "~")):
-        # Looks like a file path, not a hub name: say so instead of asking the hub.
-        raise DataError(f"{path}: no such file")
-    else:
-        records, source = _read_hub(path, split), f"{path}[{split}]"
-    if not records:
-        raise DataError(f"{source}: dataset is empty")
-    return records, source
-
-
-# ---------------------------------------------------------------- field checks
-
-
-class Rejected(Exception):
-    """A record the converter cannot use; the message is the reason, without the location."""
-
-
-def kind(value: Any) -> str:
-    """The JSON name of a value's type, as the user reading the file would call it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string" if value.strip() else "empty string"  # whitespace only counts as empty
-    if isinstance(value, list):
-        return "list" if value else "empty list"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__  # parquet/hub types with no JSON name (bytes, datetime)
-
-
-def expected(name: str, what: str, value: Any) -> Rejected:
-    return Rejected(f"field {name!r}: expected {what}, got {kind(value)}")
-
-
-def is_text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def get_field(obj: dict, key: str, name: str | None = None) -> Any:
-    if key not in obj:
-        raise Rejected(f"missing field {name or key!r}")
-    return obj[key]
-
-
-def text_field(obj: dict, key: str) -> str:
-    value = get_field(obj, key)
-    if not is_text(value):
-        raise expected(key, "a non-empty string", value)
-    return value
-
-
-def options_field(value: Any, name: str) -> list[str]:
-    """A list of 2-10 non-empty strings (MMLU choices, ARC texts and labels)."""
-    what = f"a list of 2-{MAX_OPTIONS} non-empty strings"
-    if not isinstance(value, list):
-        raise expected(name, what, value)
-    if not 2 <= len(value) <= MAX_OPTIONS:
-        raise Rejected(f"field {name!r}: expected {what}, got a list of {len(value)}")
-    for j, item in enumerate(value):
-        if not is_text(item):
-            raise expected(f"{name}[{j}]", "a non-empty string", item)
-    return value
-
-
-@dataclass
-class LoadReport:
-    """What converting a source kept and rejected: rejections counted by reason, with the
-    location of the first record rejected for each reason."""
-
-    source: str
-    kept: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    first_at: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def rejected(self) -> int:
-        return sum(self.reasons.values())
-
-    @property
-    def total(self) -> int:
-        return self.kept + self.rejected
-
-    def reject(self, reason: str, where: str) -> None:
-        self.reasons[reason] += 1
-        self.first_at.setdefault(reason, where)
-
-    def summary(self) -> str:
-        """One line: ``{source}: kept K of N records; rejected R: C x <reason> (first at <where>); ...``."""
-        line = f"{self.source}: kept {self.kept} of {self.total} records"
-        if not self.rejected:
-            return line
-        groups = "; ".join(
-            f"{n} x {reason} (first at {self.first_at[reason]})" for reason, n in self.reasons.most_common()
-        )
-        return f"{line}; rejected {self.rejected}: {groups}"
-
-
-# ---------------------------------------------------------------- the project's own record form
-
-PREPARED = "hrpo_task"  # marks a record written by `python -m hrpo.data prepare`; its value names the task
-
-
-def prepared_record(ex: Example, task: str) -> dict:
-    """An Example as a JSON record of the project's own form (what `prepare` writes)."""
-    rec = {PREPARED: task, "question": ex.question, "answer": ex.answer}
-    for name in ("choices", "contexts"):
-        if getattr(ex, name) is not None:
-            rec[name] = getattr(ex, name)
-    if ex.meta:
-        rec["meta"] = ex.meta
-    return rec
-
-
-def from_prepared(rec: dict, task: str) -> Example:
-    """A record of the project's form, every field checked like a source's."""
-    from hrpo.tasks import get_task, task_names
-
-    made_for = rec[PREPARED]
-    if not isinstance(made_for, str) or made_for not in task_names() or get_task(made_for).recipe != get_task(task).recipe:
-        raise Rejected(f"field {PREPARED!r}: expected a task of the {get_task(task).recipe} family, got {made_for!r:.40}")
-    question = text_field(rec, "question")
-    answer = get_field(rec, "answer")
-    if not (is_text(answer) or (isinstance(answer, list) and answer and all(is_text(a) for a in answer))):
-        raise expected("answer", "a non-empty string or a list of non-empty strings", answer)
-    choices = options_field(rec["choices"], "choices") if rec.get("choices") is not None else None
-    contexts = rec.get("contexts")
-    if contexts is not None:
-        if not isinstance(contexts, list):
-            raise expected("contexts", "a list of passages", contexts)
-        for j, c in enumerate(contexts):
-            if not (isinstance(c, dict) and is_text(c.get("text")) and isinstance(c.get("title", ""), str)):
-                raise expected(f"contexts[{j}]", "an object with a non-empty 'text' and a string 'title'", c)
-        contexts = [{**c, "title": c.get("title", "")} for c in contexts]
-    meta = rec.get("meta", {})
-    if not isinstance(meta, dict):
-        raise expected("meta", "an object", meta)
-    return Example(question=question, answer=answer, choices=choices, contexts=contexts, meta=meta)
-
-
-def convert_records(
-    task: str, records: list[Raw], source: str, limit: int | None = None
-) -> tuple[list[Example], LoadReport]:
-    """Examples for ``task`` (a name in hrpo.tasks) from located raw records (stopping once
-    ``limit`` are kept) and the report of what was rejected; a record that fails a check is
-    rejected, never coerced. Records of the project's own form are read as such."""
-    from hrpo.tasks import get_task
-
-    convert = get_task(task).convert
-    report = LoadReport(source)
-    examples = []
-    for where, rec in records:
-        if limit is not None and len(examples) >= limit:
-            break
-        try:
-            if not isinstance(rec, dict):
-                raise Rejected(f"expected a JSON object, got {kind(rec)}")
-            examples.append(from_prepared(rec, task) if PREPARED in rec else convert(rec))
-        except Rejected as reason:
-            report.reject(str(reason), where)
-    report.kept = len(examples)
-    return examples, report
-
-
-def load_task(task: str, path: str | None = None, split: str = "train", limit: int | None = None) -> list[Example]:
-    """Load ``task`` from ``path`` (.jsonl/.json/.parquet file, a directory holding
-    ``{split}.jsonl``/``{split}.parquet``, or a hub name; None: the task's hub dataset),
-    keeping the first ``limit`` usable records. Rejected records are summarised in one
-    warning; if none is usable, a DataError."""
-    from hrpo.tasks import get_task
-
+def prepare(task: str, inputs: list[str], split: str = "train", corpus: str | None = None) -> tuple[list[dict], dict]:
+    """(records in the project's form, the report: per input kept/rejected by reason, and the
+    duplicates and conflicts dropped across all inputs)."""
     spec = get_task(task)
     if spec.convert is None:
-        raise DataError(f"task {task!r} is generated, not loaded from data")
-    if path is None:
-        if spec.hub is None:
-            raise DataError(f"task {task!r} has no default dataset; pass a path")
-        path = spec.hub
-    records, source = load_records(os.fspath(path), split)
-    examples, report = convert_records(task, records, source, limit)
-    if report.rejected and not examples:
-        raise DataError(report.summary())
-    if report.rejected:
-        warnings.warn(report.summary(), stacklevel=2)
-    return examples
+        raise DataError(f"task {task!r} is generated, not prepared from files")
+    report = {"task": task, "inputs": [], "duplicates": 0, "conflicts": 0, "conflict_examples": []}
+    seen: dict[str, object] = {}
+    examples = []
+    for path in inputs:
+        records, source = load_records(path, split)
+        converted, load_report = convert_records(task, records, source)
+        print(load_report.summary(), file=sys.stderr)
+        report["inputs"].append({"source": source, "records": load_report.total, "kept": load_report.kept,
+                                 "rejected": dict(load_report.reasons), "first_at": load_report.first_at})
+        for ex in converted:
+            key = spec.render(ex)
+            if key in seen:
+                if seen[key] == ex.answer:
+                    report["duplicates"] += 1
+                else:
+                    report["conflicts"] += 1
+                    if len(report["conflict_examples"]) < 5:
+                        report["conflict_examples"].append({"prompt": key[:200], "kept": seen[key], "dropped": ex.answer})
+                continue
+            seen[key] = ex.answer
+            examples.append(ex)
+    if corpus:
+        examples = attach_contexts(examples, corpus, k=3)
+    report["written"] = len(examples)
+    return [prepared_record(ex, task) for ex in examples], report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m hrpo.data` with its one command, prepare: a subcommand, so that its usage
+    line names it once."""
+    p = argparse.ArgumentParser(prog="python -m hrpo.data", description="Data tools; `COMMAND --help` explains one.")
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="the command to run")
+    prepare_cmd = commands.add_parser("prepare", help="turn source files into the project's record form",
+                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prepare_cmd.add_argument("--task", required=True, choices=[n for n in task_names() if get_task(n).convert],
+                             help="the task whose loader checks the records")
+    prepare_cmd.add_argument("--input", nargs="+", required=True, help="source files (or folders, or hub names)")
+    prepare_cmd.add_argument("--split", default="train", help="the split of a folder or hub input (default: train)")
+    prepare_cmd.add_argument("--output", required=True, help="JSONL in the project's record form")
+    prepare_cmd.add_argument("--corpus", help="QA: retrieve the top 3 passages (BM25) for records without contexts")
+    prepare_cmd.add_argument("--overwrite", action="store_true",
+                             help="replace --output and its report if they exist")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .prepare import main as prepare_main
-
-    return prepare_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    args = build_parser().parse_args(argv)
+    try:
+        out = check_writable(args.output, args.overwrite)
+        report_file = check_writable(f"{args.output}.report.json", args.overwrite)
+        records, report = prepare(args.task, args.input, args.split, args.corpus)
+        if not records:
+            raise DataError("no usable record in any input")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_json(report_file, report)
+    except (ValueError, OSError) as err:
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"{args.task}: wrote {len(records)} records to {out} ({report['duplicates']} duplicates and "
+          f"{report['conflicts']} conflicts dropped; report {report_file})")
+    return 0

@@ -30,15 +30,30 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import HelpFormatter
-from .distributed import finish_group, init_group, shard
-from .engine import make_engine
-from .marker import MarkerMatcher
-from .prompts import ANSWER_MARKER, SYSTEM_PROMPT, Example, encode_prompts
-from .reporting import json_safe
-from .reward_guard import score as guarded_score
-from .rollout import SamplingConfig
-from .tasks import PROTOCOLS, Task, get_task
+from hrpo.core.distributed import finish_group, init_group, shard
+from hrpo.core.errors import ConfigError
+from hrpo.core.marker import MarkerMatcher
+from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT, Example, encode_prompts
+from hrpo.core.signals import SignalStop, stop_at_once
+from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout_engine import make_engine
+from hrpo.model.hybrid import HybridModel
+from hrpo.model.loading import (
+    build_policy,
+    cpu_threads,
+    eos_token_ids,
+    load_base_model,
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+)
+from hrpo.tasks import PROTOCOLS, Task, get_task, load_examples
+from hrpo.tasks.retrieval import attach_contexts
+from hrpo.tasks.reward_guard import score as guarded_score
+from hrpo.training.checkpoint import complete_checkpoints, load_checkpoint, read_checkpoint_meta
+from hrpo.training.config import HelpFormatter, config_for
+from hrpo.training.reporting import json_safe
+from hrpo.training.runs import MANIFEST, RunDir, check_writable, write_json
 
 # The table of the paper, in its order, with its best reported number per row (percent).
 BENCHMARKS = ("gsm8k", "math", "math500", "mmlu-stem", "arc-c", "nq", "triviaqa", "hotpotqa", "2wiki", "bamboogle")
@@ -188,8 +203,6 @@ def table(rows: dict[str, dict], columns: list[str] | None = None) -> str:
 def compare(dirs: list[str], png: str | None, overwrite: bool) -> int:
     """Results of several evaluation folders side by side, printed and drawn (by default into
     the first folder's comparison.png, never the current folder)."""
-    from .runs import check_writable
-
     results = {}
     for d in dirs:
         file = Path(d) / "results.json"
@@ -263,9 +276,6 @@ class DefaultsHelpFormatter(HelpFormatter, argparse.ArgumentDefaultsHelpFormatte
 def resolve_checkpoint(path: str) -> str:
     """--checkpoint as given, or inside a training run's folder: its final `checkpoint`; an
     unfinished run is refused naming its latest resumable checkpoint."""
-    from .checkpoint import complete_checkpoints
-    from .config import ConfigError
-
     root = Path(path)
     if (root / "checkpoint.json").is_file() or not root.is_dir():
         return path
@@ -299,8 +309,6 @@ def describe_policy(verb: str, args, task: str | None) -> str:
 
 
 def _check_args(args) -> None:
-    from .config import ConfigError
-
     for name in ("limit", "batch_size", "max_new_tokens", "max_prompt_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -317,25 +325,14 @@ def _check_args(args) -> None:
 
 def _load(task: str, args):
     """(examples, where they came from): --data, else --data-root's layout, else the hub."""
-    from .config import config_for
-    from .tasks import load_examples
-
     data = args.data or (str(Path(args.data_root) / DATA_LAYOUT[task]) if args.data_root and task in DATA_LAYOUT else None)
     examples = load_examples(config_for(task), args.split, data)
     if args.corpus:
-        from .retrieve import attach_contexts
-
         examples = attach_contexts(examples, args.corpus, k=3)
     return examples, data
 
 
 def run(args) -> int:
-    from .checkpoint import load_checkpoint, read_checkpoint_meta
-    from .config import config_for
-    from .loading import build_policy, eos_token_ids, load_base_model, resolve_device, resolve_dtype
-    from .model import HybridModel
-    from .runs import MANIFEST, RunDir, write_json
-
     if args.checkpoint:
         args.checkpoint = resolve_checkpoint(args.checkpoint)
     meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
@@ -466,9 +463,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .loading import cpu_threads, quiet_libraries
-    from .signals import SignalStop, stop_at_once
-
     args = parser().parse_args(argv)
     torch.set_num_threads(cpu_threads())
     try:

@@ -30,28 +30,57 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (all_ranks_rng, capture_rng, complete_checkpoints, load_checkpoint, load_training_state,
-                         policy_tensors, prune_checkpoints,
-                         save_checkpoint, save_training_checkpoint, step_folder)
-from .config import (STEPS, ConfigError, HelpFormatter, TrainConfig, add_config_args, check_resumable, config_for,
-                     resume_config, saved_config, validate_config)
-from .distributed import clip_grad_norm, finish_group, init_group, shard, shard_layers
-from .engine import make_engine
-from .eval import decode_completions, evaluate
-from .loading import (ALIASES, build_policy, cpu_threads, eos_token_ids, load_base_model, quiet_libraries,
-                      recorded_name, resolve_device, resolve_dtype)
-from .loss import group_advantages, tis_weights
-from .marker import MarkerMatcher
-from .model import HybridModel
-from .plots import plot_curves
-from .prompts import SYSTEM_PROMPT, encode_prompts
-from .reporting import MetricsLog, json_safe, peak_memory
-from .reward_guard import all_finite, score
-from .rollout import SamplingConfig
-from .runs import MANIFEST, RunDir, write_json
-from .signals import SignalStop, StopRequests, stop_at_once
-from .update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs
-from .tasks import get_task, load_examples, user_messages
+from hrpo.core.distributed import clip_grad_norm, finish_group, init_group, shard, shard_layers
+from hrpo.core.errors import ConfigError
+from hrpo.core.marker import MarkerMatcher
+from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
+from hrpo.core.signals import SignalStop, StopRequests, stop_at_once
+from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout_engine import make_engine
+from hrpo.eval import decode_completions, evaluate
+from hrpo.model.hybrid import HybridModel
+from hrpo.model.loading import (
+    ALIASES,
+    build_policy,
+    cpu_threads,
+    eos_token_ids,
+    load_base_model,
+    quiet_libraries,
+    recorded_name,
+    resolve_device,
+    resolve_dtype,
+)
+from hrpo.tasks import get_task, load_examples, user_messages
+from hrpo.tasks.reward_guard import all_finite, score
+from hrpo.tasks.rewards import get_reward_fn
+from hrpo.training.checkpoint import (
+    all_ranks_rng,
+    capture_rng,
+    complete_checkpoints,
+    load_checkpoint,
+    load_training_state,
+    policy_tensors,
+    prune_checkpoints,
+    save_checkpoint,
+    save_training_checkpoint,
+    step_folder,
+)
+from hrpo.training.config import (
+    STEPS,
+    HelpFormatter,
+    TrainConfig,
+    add_config_args,
+    check_resumable,
+    config_for,
+    resume_config,
+    saved_config,
+    validate_config,
+)
+from hrpo.training.loss import group_advantages, tis_weights
+from hrpo.training.plots import plot_curves
+from hrpo.training.reporting import MetricsLog, json_safe, peak_memory
+from hrpo.training.runs import MANIFEST, RunDir, write_json
+from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs
 
 
 class TrainingStopped(RuntimeError):
@@ -138,8 +167,6 @@ class Trainer:
             check_resumable(saved_config(self.run_dir.root), cfg)
         if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'hrpo[tensorboard]'")
-        from .rewards import get_reward_fn
-
         self.reward_fn = reward_fn or get_reward_fn(cfg.task)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -583,7 +610,7 @@ def check_model_given(cfg: TrainConfig) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per TrainConfig field, in sections, each with its help,
-    default and choices (hrpo.config documents them)."""
+    default and choices (hrpo.training.config documents them)."""
     steps = textwrap.fill(f"{STEPS} A benchmark task trains with its family's recipe.", width=100,
                           break_on_hyphens=False)
     p = argparse.ArgumentParser(prog="python -m hrpo.train", description=f"{__doc__}\n{steps}",

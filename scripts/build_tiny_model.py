@@ -1,5 +1,5 @@
 """Build the tiny embedded model of hrpo/assets/tiny: a BPE tokenizer and a small Qwen2 model,
-supervised fine-tuned briefly on synthetic arithmetic word problems (hrpo.synthetic).
+supervised fine-tuned briefly on synthetic arithmetic word problems (hrpo.tasks.synthetic).
 
 Only part of the SFT corpus writes the answer after the marker (the rest in prose), so the
 warm-started model is partly right and RL has both reward signal and room to improve (see the
@@ -24,14 +24,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from hrpo.prompts import ANSWER_MARKER, format_prompt
+from hrpo.core.prompts import ANSWER_MARKER, format_prompt
 
 # The instruction the tokenizer's corpus was built with (kept so that the build stays reproducible).
 SYSTEM_PROMPT = (
     "Think through the problem step by step, then write the final answer on the last line "
     f"after '{ANSWER_MARKER}', for example '{ANSWER_MARKER} 42'."
 )
-from hrpo.synthetic import synthetic_split
+from hrpo.tasks.synthetic import synthetic_split
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "hrpo" / "assets" / "tiny"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -184,7 +184,7 @@ model = AutoModelForCausalLM.from_pretrained("hrpo/assets/tiny")
 
 ## Task
 
-Synthetic multi-step arithmetic word problems from `hrpo.synthetic` (2-4 steps of +, - and
+Synthetic multi-step arithmetic word problems from `hrpo.tasks.synthetic` (2-4 steps of +, - and
 x2/x3 on small non-negative integers), answered as `7 + 5 = 12. 12 - 3 = 9. #### 9`.
 Prompts are `format_prompt(tokenizer, question, system=None)` (no system turn).
 

@@ -11,8 +11,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from hrpo.config import config_for
-from hrpo.runs import RunDir, write_json
+from hrpo.training.config import config_for
+from hrpo.training.runs import RunDir, write_json
 from hrpo.train import train
 
 MODES = {"HRPO": True, "GRPO (--no-hybrid)": False}

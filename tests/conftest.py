@@ -103,7 +103,7 @@ def model_dir(tmp_path_factory):
 def small_config(model_dir, out, **kw):
     """The embedded arithmetic task's recipe shrunk to seconds: 2 optimizer steps of 8
     completions of 8 tokens on the tiny model, 8 held-out problems."""
-    from hrpo.config import config_for
+    from hrpo.training.config import config_for
 
     values = dict(model=str(model_dir), output_dir=str(out), max_steps=2, batch_size=8, group_size=4,
                   max_completion_length=8, max_prompt_length=256, train_limit=16, eval_limit=8, lora_rank=4,

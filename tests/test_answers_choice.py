@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.data import load_task
-from hrpo.prompts import ANSWER_MARKER
+from hrpo.tasks.registry import load_task
+from hrpo.core.prompts import ANSWER_MARKER
 from hrpo.tasks import get_task
 from hrpo.tasks.choice import LETTERS, convert, read_choice
 

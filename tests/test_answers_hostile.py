@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from hrpo.prompts import ANSWER_MARKER as M
-from hrpo.rewards import get_reward_fn
+from hrpo.core.prompts import ANSWER_MARKER as M
+from hrpo.tasks.rewards import get_reward_fn
 from hrpo.tasks import PROTOCOLS, get_task
 
 MB = 1_000_000

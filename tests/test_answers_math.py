@@ -12,9 +12,9 @@ import pytest
 from conftest import DATA, needs_data
 
 import hrpo.tasks.math as math_task
-from hrpo.data import load_task
-from hrpo.prompts import ANSWER_MARKER
-from hrpo.reward_guard import RewardTimeout, time_limit
+from hrpo.tasks.registry import load_task
+from hrpo.core.prompts import ANSWER_MARKER
+from hrpo.tasks.reward_guard import RewardTimeout, time_limit
 from hrpo.tasks import get_task
 from hrpo.tasks.base import last_boxed
 from hrpo.tasks.math import math_equal, normalize_math, read_latex

@@ -7,8 +7,8 @@ import time
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.data import load_task
-from hrpo.prompts import ANSWER_MARKER
+from hrpo.tasks.registry import load_task
+from hrpo.core.prompts import ANSWER_MARKER
 from hrpo.tasks import get_task
 from hrpo.tasks.gsm8k import exact_value, number_score, read_number
 

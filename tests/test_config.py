@@ -5,7 +5,8 @@ import math
 import pytest
 from conftest import small_config
 
-from hrpo.config import ConfigError, config_for, validate_config
+from hrpo.core.errors import ConfigError
+from hrpo.training.config import config_for, validate_config
 from hrpo.train import main as train_main
 
 BAD = [

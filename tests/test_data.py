@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.data import DataError, convert_records, load_records, load_task
+from hrpo.tasks.records import DataError, load_records
+
+from hrpo.tasks.registry import convert_records, load_task
 from hrpo.tasks.base import last_boxed
 from hrpo.tasks.choice import render as render_choice
 from hrpo.tasks.qa import render as render_qa
-from hrpo.prompts import Example
+from hrpo.core.prompts import Example
 
 
 def _write_jsonl(path: Path, records: list) -> Path:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hrpo.fast_decoder import FastDecoder
+from hrpo.engine.fast_decoder import FastDecoder
 
 SHAPES = {
     "qwen2-dh12-g3": dict(model_type="qwen2", hidden_size=72, num_attention_heads=6, num_key_value_heads=2),

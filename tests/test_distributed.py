@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hrpo.distributed import TIMEOUT_ENV, collective_timeout
-from hrpo.engine import EngineOptions, make_engine
-from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel
-from hrpo.rollout import SamplingConfig
+from hrpo.core.distributed import TIMEOUT_ENV, collective_timeout
+from hrpo.engine.rollout_engine import EngineOptions, make_engine
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel
+from hrpo.engine.rollout import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCKS = ("elapsed_s", "rollout_tokens_per_s", "time_", "mem_")
@@ -36,7 +36,7 @@ RUNNER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, os.environ["TESTS"])
     from conftest import small_config
-    import hrpo.train, hrpo.update
+    import hrpo.train, hrpo.training.update
     from hrpo.train import train
 
     out = Path(os.environ["OUT"])
@@ -87,7 +87,7 @@ RUNNER = textwrap.dedent("""
     if env("PLANS"):
         hook(hrpo.train, "micro_batches", log_plan)
     if env("NAN_STEP"):
-        hook(hrpo.update, "per_token_terms", poison)
+        hook(hrpo.training.update, "per_token_terms", poison)
     if env("EOS_RANK"):
         hook(hrpo.train, "make_engine", early_eos)
 
@@ -180,7 +180,7 @@ def single(model_dir, tmp_path_factory):
 
 def test_rows_of_a_shared_batch_draw_the_whole_batchs_tokens(model_dir):
     """A rank's rows (first, total) sample what those rows sample in the whole batch."""
-    from hrpo.loading import load_base_model
+    from hrpo.model.loading import load_base_model
 
     model, tok = load_base_model(str(model_dir), torch.device("cpu"), torch.float32)
     hm = HybridModel(model)

@@ -1,4 +1,4 @@
-"""The rollout engine (hrpo.engine) against the reference loop (hrpo.rollout) and HF's forward.
+"""The rollout engine (hrpo.engine.rollout_engine) against the reference loop (hrpo.engine.rollout) and HF's forward.
 
 Under one seed both draw the same Philox noise per (row, step, token), so every token,
 think flag and finish must agree exactly and log-probs / latents to rounding, whatever
@@ -11,11 +11,11 @@ from test_rollout import mix_strongly
 from test_rollout_engine import EXTRA_EOS, PROMPTS, assert_same
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hrpo.engine import EngineOptions, ReferenceEngine, RolloutEngine, make_engine
-from hrpo.fast_decoder import FastDecoder, unsupported_reason
-from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel, positions_from_mask
-from hrpo.rollout import SamplingConfig, left_pad, rollout
+from hrpo.engine.rollout_engine import EngineOptions, ReferenceEngine, RolloutEngine, make_engine
+from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel, positions_from_mask
+from hrpo.engine.rollout import SamplingConfig, left_pad, rollout
 
 G = 4
 F32 = dict(latent_dtype=torch.float32)
@@ -244,8 +244,8 @@ def test_graph_bookkeeping_matches_eager_steps(tokenizer, monkeypatch):
     engine = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts)
     engine.graphs = True
     monkeypatch.setattr(engine, "_capture", ReplayByCalling)
-    import hrpo.engine
-    monkeypatch.setattr(hrpo.engine, "sampling_is_fused", lambda *a: True)  # as on a GPU
+    import hrpo.engine.rollout_engine
+    monkeypatch.setattr(hrpo.engine.rollout_engine, "sampling_is_fused", lambda *a: True)  # as on a GPU
     out = engine.generate(prompts, cfg(), seed=4)
     assert_same(eager, out)
     sizes = 1 + out.stats["compactions"]  # one graph per batch size
@@ -256,7 +256,7 @@ def test_graph_bookkeeping_matches_eager_steps(tokenizer, monkeypatch):
     assert_same(eager, again)
     # Sampling that would run the reference (full vocabulary past the kernel's widths) syncs
     # with the host: the engine must not capture it, and says so once.
-    monkeypatch.setattr(hrpo.engine, "sampling_is_fused", lambda *a: False)
+    monkeypatch.setattr(hrpo.engine.rollout_engine, "sampling_is_fused", lambda *a: False)
     full = cfg(top_k=0)
     want = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts).generate(prompts, full, seed=4)
     with pytest.warns(UserWarning, match="CUDA graphs are off"):
@@ -269,9 +269,9 @@ def test_engine_on_the_fused_kernels_equals_reference(tokenizer, monkeypatch):
     """The engine's GPU-path ops (Triton sample_and_mix with row ids, Triton split-KV
     attention on the cache views, Triton gated_blend) under the interpreter draw the
     reference loop's tokens, compaction on."""
-    import hrpo.engine
-    import hrpo.fast_decoder
-    import hrpo.gate
+    import hrpo.engine.rollout_engine
+    import hrpo.engine.fast_decoder
+    import hrpo.model.gate
     from hrpo_kernels.decode_attention import decode_attention
     from hrpo_kernels.gated_blend import gated_blend_triton
     from hrpo_kernels.sample_and_mix import sample_and_mix_triton
@@ -281,10 +281,10 @@ def test_engine_on_the_fused_kernels_equals_reference(tokenizer, monkeypatch):
     matcher, eos = MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + WIDE_EOS
     sampling = cfg(max_new_tokens=24)
     ref = rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=7)
-    monkeypatch.setattr(hrpo.engine, "sample_and_mix", sample_and_mix_triton)
-    monkeypatch.setattr(hrpo.fast_decoder, "decode_attention",
+    monkeypatch.setattr(hrpo.engine.rollout_engine, "sample_and_mix", sample_and_mix_triton)
+    monkeypatch.setattr(hrpo.engine.fast_decoder, "decode_attention",
                         lambda *a, max_len=None: decode_attention(*a, impl="triton", max_len=max_len))
-    monkeypatch.setattr(hrpo.gate, "gated_blend", lambda *a, impl=None: gated_blend_triton(*a))
+    monkeypatch.setattr(hrpo.model.gate, "gated_blend", lambda *a, impl=None: gated_blend_triton(*a))
     opts = EngineOptions(compact_below=0.9, cpu_kernels=False, **F32)  # the torch body, which calls decode_attention
     out = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts).generate(prompts, sampling, seed=7)
     assert out.stats["compactions"] >= 1 and out.think_mask.any()

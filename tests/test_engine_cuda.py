@@ -6,9 +6,9 @@ from conftest import build_model
 from test_engine import G, PROMPTS, WIDE_EOS, policy
 from test_rollout_engine import assert_same
 
-from hrpo.engine import EngineOptions, RolloutEngine
-from hrpo.marker import MarkerMatcher
-from hrpo.rollout import SamplingConfig, rollout
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.core.marker import MarkerMatcher
+from hrpo.engine.rollout import SamplingConfig, rollout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's GPU path needs CUDA")
 

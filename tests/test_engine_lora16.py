@@ -22,13 +22,13 @@ from conftest import build_model
 from peft import LoraConfig, get_peft_model
 from test_distributed import free_port
 
-import hrpo.model
-from hrpo.engine import EngineOptions, RolloutEngine
-from hrpo.fast_decoder import FastDecoder
-from hrpo.loading import load_base_model
-from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel, positions_from_mask
-from hrpo.rollout import SamplingConfig
+import hrpo.model.hybrid
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.engine.fast_decoder import FastDecoder
+from hrpo.model.loading import load_base_model
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel, positions_from_mask
+from hrpo.engine.rollout import SamplingConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 B_STD = 2e-5  # lora_B after a few AdamW steps at lr 5e-6 (each step moves an entry by about lr)
@@ -118,7 +118,7 @@ def test_sampling_logprobs_follow_the_training_forward(bf16, monkeypatch):
     assert out.think_mask.sum() > 50
     with torch.no_grad():
         bf16_scored = hm.sequence_logprobs(out, 0.8, hybrid=True)
-        monkeypatch.setattr(hrpo.model, "token_logprobs", sampler_logprobs)
+        monkeypatch.setattr(hrpo.model.hybrid, "token_logprobs", sampler_logprobs)
         on = hm.sequence_logprobs(out, 0.8, hybrid=True)
         with hm.adapters_disabled():
             off = hm.sequence_logprobs(out, 0.8, hybrid=True)
@@ -196,10 +196,10 @@ FSDP_RUNNER = textwrap.dedent("""
     sys.path.insert(0, os.environ["TESTS"])
     from conftest import build_tokenizer
     from test_engine_lora16 import bf16_policy
-    from hrpo.distributed import finish_group, init_group, shard_layers
-    from hrpo.engine import EngineOptions, RolloutEngine
-    from hrpo.marker import MarkerMatcher
-    from hrpo.rollout import SamplingConfig
+    from hrpo.core.distributed import finish_group, init_group, shard_layers
+    from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+    from hrpo.core.marker import MarkerMatcher
+    from hrpo.engine.rollout import SamplingConfig
 
     group = init_group("cpu")
     sharded, tok = bf16_policy("embedded", build_tokenizer())

@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import DATA, build_model, build_tokenizer, needs_data
 
-from hrpo.config import config_for
+from hrpo.training.config import config_for
 from hrpo.eval import main as eval_main
 from hrpo.eval import select
 from hrpo.train import train
@@ -53,11 +53,11 @@ def test_eval_checkpoint_writes_results_and_samples(trained, tmp_path, hybrid):
 
 
 def test_interrupted_eval_resumes_without_recomputing(trained, tmp_path, monkeypatch):
-    import hrpo.engine
+    import hrpo.engine.rollout_engine
 
     out = tmp_path / "eval"
     calls = []
-    real = hrpo.engine.RolloutEngine.generate
+    real = hrpo.engine.rollout_engine.RolloutEngine.generate
 
     def flaky(self, prompts, *a, **k):
         calls.append(len(prompts))
@@ -65,7 +65,7 @@ def test_interrupted_eval_resumes_without_recomputing(trained, tmp_path, monkeyp
             raise OSError("disk unplugged")
         return real(self, prompts, *a, **k)
 
-    monkeypatch.setattr(hrpo.engine.RolloutEngine, "generate", flaky)
+    monkeypatch.setattr(hrpo.engine.rollout_engine.RolloutEngine, "generate", flaky)
     args = arith_args(trained, out, "--batch-size", "2")
     assert eval_main(args) == 2
     first = samples_of(out)

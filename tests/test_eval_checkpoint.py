@@ -4,12 +4,12 @@ in-memory policy's engine decodes, in bf16 (adapters applied unmerged) and fp32 
 import pytest
 import torch
 
-from hrpo.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from hrpo.config import config_for
-from hrpo.engine import make_engine
-from hrpo.loading import build_policy, eos_token_ids, load_base_model
-from hrpo.marker import MarkerMatcher
-from hrpo.rollout import SamplingConfig
+from hrpo.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from hrpo.training.config import config_for
+from hrpo.engine.rollout_engine import make_engine
+from hrpo.model.loading import build_policy, eos_token_ids, load_base_model
+from hrpo.core.marker import MarkerMatcher
+from hrpo.engine.rollout import SamplingConfig
 
 
 def loaded_as_eval_does(path, dtype):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from hrpo.marker import kmp_automaton
+from hrpo.core.marker import kmp_automaton
 from hrpo_kernels import _ext
 from hrpo_kernels.gated_blend import gated_blend, gated_blend_reference
 from hrpo_kernels.latent_input import LatentParams
@@ -416,7 +416,7 @@ def test_step_controller_twin_matches_reference(ext, table_dtype, state_dtype, l
 
 
 def test_step_controller_matches_rollout_semantics(ext):
-    """The controller's buffers equal the loop of hrpo/rollout.py on one scripted batch."""
+    """The controller's buffers equal the loop of hrpo/engine/rollout.py on one scripted batch."""
     table = _table(torch.int64)
     seq = torch.tensor([[5, 2, 3, 8, 1, 14], [4, 6, 2, 9, 8, 14], [11, 5, 5, 5, 5, 5]])
     Bn, T = seq.shape

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import small_config
 
-from hrpo.reward_guard import RewardFnError, score
-from hrpo.rewards import get_reward_fn
+from hrpo.tasks.reward_guard import RewardFnError, score
+from hrpo.tasks.rewards import get_reward_fn
 from hrpo.train import Trainer, TrainingStopped, train
 
 arith = get_reward_fn("arith")
@@ -66,25 +66,25 @@ def test_too_many_skips_in_a_row_stop_the_run_with_a_checkpoint(model_dir, tmp_p
 
 
 def test_non_finite_loss_and_gradient_skip_the_update(model_dir, tmp_path, monkeypatch):
-    import hrpo.update
+    import hrpo.training.update
 
     # Micro-batches of one group each: the second one's loss is NaN after the first one's
     # backward has already run, and the whole update must still be dropped.
     trainer = Trainer(small_config(model_dir, tmp_path / "run", max_steps=4, micro_batch_tokens=1), None, progress=False)
     trainer.open_run()
-    real, calls = hrpo.update.per_token_terms, []
+    real, calls = hrpo.training.update.per_token_terms, []
 
     def nan_on_second(*a, **k):
         calls.append(1)
         per_token, kl, clip = real(*a, **k)
         return (per_token * math.nan if len(calls) == 2 else per_token), kl, clip
 
-    monkeypatch.setattr(hrpo.update, "per_token_terms", nan_on_second)
+    monkeypatch.setattr(hrpo.training.update, "per_token_terms", nan_on_second)
     before = trainable(trainer.hm)
     rec = trainer.device_step(0)
     assert rec["skipped"] == "non-finite loss" and len(calls) == 2
     assert all(torch.equal(before[n], p) for n, p in trainable(trainer.hm).items())
-    monkeypatch.setattr(hrpo.update, "per_token_terms", real)
+    monkeypatch.setattr(hrpo.training.update, "per_token_terms", real)
     # A gradient that overflows to inf on one LoRA weight: the whole update is dropped.
     lora = next(p for n, p in trainer.hm.named_parameters() if "lora_A" in n)
     lora.register_hook(lambda g: g * math.inf)

@@ -1,6 +1,6 @@
 import torch
 
-from hrpo.gate import HybridGate, lambda_init
+from hrpo.model.gate import HybridGate, lambda_init
 from hrpo_kernels import gated_blend_reference
 
 C = 8.0  # the paper's constant, written here rather than read from the module under test

@@ -2,7 +2,7 @@
 rollout of the engine as it runs on CUDA (Triton kernels in the interpreter, the extension's
 twins of its .cu kernels, the decode step captured into a stand-in graph and replayed, seeded
 noise, host checks every check_every steps, prefix sharing, compaction) and one training
-step on it (hrpo.update with the fused token_logprobs / gated_blend / lora_linear), checked
+step on it (hrpo.training.update with the fused token_logprobs / gated_blend / lora_linear), checked
 against the reference loop and the eager update, in fp32 and bf16, on the embedded model and
 a random Llama. Spies on the launchers make sure the GPU branches ran."""
 import importlib
@@ -12,15 +12,15 @@ import pytest
 import torch
 from conftest import build_model, build_tokenizer
 
-import hrpo.engine
-from hrpo.config import config_for
-from hrpo.engine import EngineOptions, RolloutEngine
-from hrpo.loading import build_policy, load_base_model
-from hrpo.marker import MarkerMatcher
-from hrpo.prompts import format_prompt
-from hrpo.rollout import SamplingConfig, rollout
-from hrpo.synthetic import synthetic_split
-from hrpo.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
+import hrpo.engine.rollout_engine
+from hrpo.training.config import config_for
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.model.loading import build_policy, load_base_model
+from hrpo.core.marker import MarkerMatcher
+from hrpo.core.prompts import format_prompt
+from hrpo.engine.rollout import SamplingConfig, rollout
+from hrpo.tasks.synthetic import synthetic_split
+from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 from hrpo_kernels._common import GPU_PATH_ENV, StandInGraph, gpu_path_mode, on_gpu_path, stream_capturing, use_fused
 from hrpo_kernels._ext import ext_for, load_extension
 
@@ -208,7 +208,7 @@ def test_mode_switch_and_bad_values(tokenizer, monkeypatch):
     assert (gpu.graphs, gpu.check_every, gpu.dec.ext, gpu.impl) == (True, 16, None, None)
     assert (cpu.graphs, cpu.check_every, cpu.impl) == (False, 1, "ext") and cpu.dec.ext is not None
     # without the extension the step controller syncs: no graphs, a host check every step
-    monkeypatch.setattr(hrpo.engine, "load_extension", lambda: None)
+    monkeypatch.setattr(hrpo.engine.rollout_engine, "load_extension", lambda: None)
     monkeypatch.setenv(GPU_PATH_ENV, "0")
     with gpu_path_mode(), pytest.warns(UserWarning, match="the CUDA extension did not load"):
         bare = RolloutEngine(*args)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hrpo.config import ConfigError, TrainConfig, config_for, flag, validate_config
-from hrpo.prepare import build_parser as data_parser
+from hrpo.core.errors import ConfigError
+from hrpo.training.config import TrainConfig, config_for, flag, validate_config
+from hrpo.data import build_parser as data_parser
 from hrpo.retrieve import build_parser as retrieve_parser
 from hrpo.train import build_parser as train_parser
 

@@ -10,17 +10,17 @@ from conftest import build_model, build_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from hrpo.checkpoint import save_checkpoint
-from hrpo.config import config_for
-from hrpo.engine import make_engine
+from hrpo.training.checkpoint import save_checkpoint
+from hrpo.training.config import config_for
+from hrpo.engine.rollout_engine import make_engine
 from hrpo.inspect import Position, Trace, aggregates, describe, html_page, nearest_tokens, teacher_force, text_script
 from hrpo.inspect.cli import main
 from hrpo.inspect.scripts import cross_lingual
-from hrpo.loading import build_policy, eos_token_ids, load_base_model
-from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel
-from hrpo.prompts import encode_prompts
-from hrpo.rollout import SamplingConfig
+from hrpo.model.loading import build_policy, eos_token_ids, load_base_model
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel
+from hrpo.core.prompts import encode_prompts
+from hrpo.engine.rollout import SamplingConfig
 
 C = 8.0  # the paper's constant, written here rather than read from the module under test
 ROOT = Path(__file__).resolve().parents[1]

@@ -208,7 +208,7 @@ def test_seed_offset_reproducible(top_k):
 
 def test_dispatcher_cpu_uses_reference(monkeypatch):
     """CPU tensors (and HRPO_KERNELS=reference) take the reference, positional signature
-    of hrpo/rollout.py and the new keywords both accepted."""
+    of hrpo/engine/rollout.py and the new keywords both accepted."""
     h, w, e = _inputs(4, 50, 16, torch.float32, True, 1)
     h, w, e = h.cpu(), w.cpu(), e.cpu()
     want = sample_and_mix_reference(h, w, e, 0.7, 5, False, torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import hrpo
-from hrpo.loading import load_base_model
+from hrpo.model.loading import load_base_model
 
 EMBEDDED = Path(hrpo.__file__).parent / "assets" / "tiny"
 

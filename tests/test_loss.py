@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from hrpo.config import ConfigError, config_for, validate_config
-from hrpo.loss import group_advantages, grpo_loss, tis_weights
+from hrpo.core.errors import ConfigError
+from hrpo.training.config import config_for, validate_config
+from hrpo.training.loss import group_advantages, grpo_loss, tis_weights
 from hrpo.train import main
 
 

@@ -2,7 +2,7 @@ import random
 
 import torch
 
-from hrpo.marker import MarkerMatcher, kmp_automaton
+from hrpo.core.marker import MarkerMatcher, kmp_automaton
 
 MARKER = "####"
 

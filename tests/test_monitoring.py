@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import small_config
 
-from hrpo.plots import moving_average, plot_curves
+from hrpo.training.plots import moving_average, plot_curves
 from hrpo.train import train
 
 PHASES = ("time_rollout_s", "time_reward_s", "time_reference_s", "time_update_s")

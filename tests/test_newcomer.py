@@ -17,7 +17,7 @@ from hrpo.eval import main as eval_main
 from hrpo.eval import parser as eval_parser
 from hrpo.inspect.cli import main as inspect_main
 from hrpo.inspect.cli import parser as inspect_parser
-from hrpo.loading import build_policy, cpu_threads, load_base_model, quiet_libraries
+from hrpo.model.loading import build_policy, cpu_threads, load_base_model, quiet_libraries
 from hrpo.train import main as train_main
 from hrpo.train import train
 

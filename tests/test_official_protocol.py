@@ -226,7 +226,7 @@ def test_eval_official_end_to_end(tmp_path):
 def test_real_golds_and_their_bugs():
     """On the real test sets: GSM8K's 14 golds with a thousands comma fail a right answer
     written without it; ARC's 22 questions keyed "1"-"4" fail the right letter."""
-    from hrpo.data import load_task
+    from hrpo.tasks.registry import load_task
 
     gsm8k, task = load_task("gsm8k", str(DATA / "gsm8k"), "test"), get_task("gsm8k")
     as_written = [task.reward(f"#### {e.meta['final']}", task.gold(e, "official"), "official") for e in gsm8k]

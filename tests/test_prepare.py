@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.data import load_task
+from hrpo.tasks.registry import load_task
 from hrpo.data import main as data_main
 
 

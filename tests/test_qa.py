@@ -8,8 +8,8 @@ import warnings
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.data import load_task
-from hrpo.rewards import get_reward_fn
+from hrpo.tasks.registry import load_task
+from hrpo.tasks.rewards import get_reward_fn
 from hrpo.tasks import get_task
 from hrpo.tasks.qa import exact_match, f1_score, render
 

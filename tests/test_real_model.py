@@ -14,15 +14,15 @@ import torch
 from conftest import DATA, needs_data
 from safetensors.torch import load_file
 
-import hrpo.loading
+import hrpo.model.loading
 import hrpo.train
-from hrpo.config import config_for
-from hrpo.engine import make_engine
+from hrpo.training.config import config_for
+from hrpo.engine.rollout_engine import make_engine
 from hrpo.eval import main as eval_main
-from hrpo.loading import ALIASES, ModelError, build_policy, eos_token_ids, resolve_model
-from hrpo.marker import MarkerMatcher
-from hrpo.prompts import SYSTEM_PROMPT, encode_prompts
-from hrpo.rollout import SamplingConfig
+from hrpo.model.loading import ALIASES, ModelError, build_policy, eos_token_ids, resolve_model
+from hrpo.core.marker import MarkerMatcher
+from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
+from hrpo.engine.rollout import SamplingConfig
 from hrpo.train import train
 from hrpo_kernels import sample_and_mix, sample_and_mix_reference
 
@@ -36,7 +36,7 @@ QUESTIONS = ["Tom has 3 apples and buys 5 more. How many apples does he have?", 
 @pytest.fixture(scope="module")
 def smol():
     """(fp32 model, tokenizer), loaded once: dequantising the GGUF takes ~15 s on two cores."""
-    return hrpo.loading.load_base_model("smollm2-135m", torch.device("cpu"), torch.float32)
+    return hrpo.model.loading.load_base_model("smollm2-135m", torch.device("cpu"), torch.float32)
 
 
 def policy(model, dtype=torch.float32, open_gate=False):
@@ -68,8 +68,8 @@ def test_the_three_ways_to_name_it(tmp_path):
     (folder / file.name).symlink_to(file)
     assert resolve_model(str(folder / file.name)).gguf_file == file.name
     assert resolve_model(str(folder)) == resolve_model(str(folder / file.name))
-    assert hrpo.loading.recorded_name("smollm2-135m") == "smollm2-135m"
-    assert hrpo.loading.recorded_name(str(folder)) == str(folder.resolve() / file.name)
+    assert hrpo.model.loading.recorded_name("smollm2-135m") == "smollm2-135m"
+    assert hrpo.model.loading.recorded_name(str(folder)) == str(folder.resolve() / file.name)
 
 
 def test_naming_mistakes_are_one_line(tmp_path, monkeypatch):
@@ -200,7 +200,7 @@ def test_eval_paper_protocol_on_real_questions(smol, tmp_path, monkeypatch, task
     """hrpo.eval as a user runs it (the paper's system prompt and user turn, greedy): each
     stored completion is the model's own greedy continuation of the prompt the task renders."""
     model, tok = smol
-    monkeypatch.setattr(hrpo.loading, "load_base_model", lambda *a: (copy.deepcopy(model), tok))
+    monkeypatch.setattr(hrpo.model.loading, "load_base_model", lambda *a: (copy.deepcopy(model), tok))
     out = tmp_path / task
     assert eval_main(["--model", "smollm2-135m", "--task", task, "--data", str(DATA / data), "--limit", "2",
                       "--max-new-tokens", "24", "--no-hybrid", "--output-dir", str(out), "--quiet"]) == 0

@@ -17,9 +17,9 @@ import torch
 from conftest import small_config
 from safetensors.torch import load_file
 
-from hrpo.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint, prune_checkpoints, step_folder
+from hrpo.training.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint, prune_checkpoints, step_folder
 from hrpo.eval import main as eval_main
-from hrpo.reporting import json_safe
+from hrpo.training.reporting import json_safe
 from hrpo.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ RUNNER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, os.environ["TESTS"])
     from conftest import small_config
-    from hrpo.rewards import get_reward_fn
+    from hrpo.tasks.rewards import get_reward_fn
     from hrpo.train import train
 
     base = get_reward_fn("arith")
@@ -151,7 +151,7 @@ def test_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(
     first = trainer.checkpoint()
     before = {p.name: p.read_bytes() for p in first.iterdir()}
     trainer.state.step = 1
-    import hrpo.runs
+    import hrpo.training.runs
 
     real_write, written = os.write, []
 
@@ -161,7 +161,7 @@ def test_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(
         written.append(len(data))
         return real_write(fd, data)
 
-    monkeypatch.setattr(hrpo.runs.os, "write", filling_write)
+    monkeypatch.setattr(hrpo.training.runs.os, "write", filling_write)
     with pytest.raises(CheckpointError) as err:
         trainer.checkpoint()
     monkeypatch.undo()
@@ -219,7 +219,7 @@ def test_pruning_removes_old_steps_and_its_own_leftovers_only(tmp_path):
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import os
         from pathlib import Path
-        from hrpo.checkpoint import _atomic_folder
+        from hrpo.training.checkpoint import _atomic_folder
         def write(tmp):
             (tmp / "adapter.safetensors").write_bytes(b"half")
             os.kill(os.getpid(), 9)

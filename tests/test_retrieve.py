@@ -13,9 +13,11 @@ from conftest import DATA, needs_data
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from hrpo import retrieve
-from hrpo.data import DataError, load_task
-from hrpo.prompts import Example
-from hrpo.retrieve import BM25Index, attach_contexts, main, open_index, rank, read_corpus
+from hrpo.tasks.records import DataError
+from hrpo.tasks.registry import load_task
+from hrpo.core.prompts import Example
+from hrpo.tasks.retrieval import BM25Index, attach_contexts, open_index, rank, read_corpus
+from hrpo.retrieve import main
 
 WIKI18 = DATA / "wiki_corpus" / "flashrag_wiki18_sample.jsonl"
 WIKI2 = DATA / "wiki_corpus" / "hipporag_2wiki_dev_corpus.jsonl"

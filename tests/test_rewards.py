@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.data import load_task
+from hrpo.tasks.registry import load_task
 from hrpo.tasks.base import last_boxed
-from hrpo.prompts import ANSWER_MARKER
-from hrpo.rewards import extract_answer, get_reward_fn
+from hrpo.core.prompts import ANSWER_MARKER
+from hrpo.tasks.rewards import extract_answer, get_reward_fn
 from hrpo.tasks.math import math_equal, normalize_math
 from hrpo.tasks.qa import normalize_qa
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from conftest import build_model
 
-from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel, positions_from_mask
-from hrpo.rollout import SamplingConfig, left_pad, rollout
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel, positions_from_mask
+from hrpo.engine.rollout import SamplingConfig, left_pad, rollout
 
 PROMPTS = ["Tom has 12 apples", "3 * 4 = 12, then", "Café #### déjà", "x"]
 

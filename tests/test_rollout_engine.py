@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import build_model
 
-from hrpo.marker import MarkerMatcher
-from hrpo.model import HybridModel, cache_index_select
-from hrpo.rollout import SamplingConfig, rollout
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel, cache_index_select
+from hrpo.engine.rollout import SamplingConfig, rollout
 
 PROMPTS = ["Tom has 12 apples", "3 * 4 = 12, then", "Café #### déjà", "x"]
 G = 4

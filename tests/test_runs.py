@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from conftest import small_config
 
-from hrpo.config import ConfigError
-from hrpo.runs import MANIFEST, RunDir
+from hrpo.core.errors import ConfigError
+from hrpo.training.runs import MANIFEST, RunDir
 from hrpo.train import main as train_main
 from hrpo.train import train
 

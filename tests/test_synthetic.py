@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrpo.prompts import ANSWER_MARKER, Example, format_prompt
-from hrpo.synthetic import apply_op, make_example, synthetic_split
+from hrpo.core.prompts import ANSWER_MARKER, Example, format_prompt
+from hrpo.tasks.synthetic import apply_op, make_example, synthetic_split
 
 TINY = Path(__file__).resolve().parents[1] / "hrpo" / "assets" / "tiny"
 

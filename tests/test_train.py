@@ -6,10 +6,10 @@ import torch
 from conftest import build_model, small_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hrpo.checkpoint import load_checkpoint, save_checkpoint
-from hrpo.config import config_for
-from hrpo.loading import attach_lora, build_policy
-from hrpo.model import HybridModel, ModelError
+from hrpo.training.checkpoint import load_checkpoint, save_checkpoint
+from hrpo.training.config import config_for
+from hrpo.model.loading import attach_lora, build_policy
+from hrpo.model.hybrid import HybridModel, ModelError
 from hrpo.train import main as train_main
 from hrpo.train import Trainer, lr_schedule, make_optimizer, train
 

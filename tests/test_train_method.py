@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from conftest import small_config
 from transformers import AutoModelForCausalLM
 
-from hrpo.gate import HybridGate
-from hrpo.rollout import Rollout, left_pad
+from hrpo.model.gate import HybridGate
+from hrpo.engine.rollout import Rollout, left_pad
 from hrpo.train import Trainer
 
 T_SAMPLE, BETA, G = 0.7, 0.5, 4

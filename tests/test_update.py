@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import ARCHS, build_model
 
-from hrpo.config import config_for
-from hrpo.loading import build_policy
-from hrpo.loss import grpo_loss, per_token_terms, token_weights
-from hrpo.model import SequenceBatch
-from hrpo.rollout import left_pad
-from hrpo.update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs, trim
+from hrpo.training.config import config_for
+from hrpo.model.loading import build_policy
+from hrpo.training.loss import grpo_loss, per_token_terms, token_weights
+from hrpo.model.hybrid import SequenceBatch
+from hrpo.engine.rollout import left_pad
+from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs, trim
 
 PROMPTS = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 3 + [[11, 12, 13]] * 2  # three groups, ragged prompts
 
@@ -240,7 +240,7 @@ def first_step(model_dir, out, monkeypatch, shift=0.0, **kw):
     clipped ratio, and the calls of policy_logprobs. `shift` is added to the engine's
     log-probs of even rows and taken from odd ones (a sampler that disagrees with training)."""
     import hrpo.train
-    import hrpo.update
+    import hrpo.training.update
     from conftest import small_config
 
     from hrpo.train import Trainer
@@ -281,7 +281,7 @@ def first_step(model_dir, out, monkeypatch, shift=0.0, **kw):
     monkeypatch.setattr(hrpo.train, "group_advantages", advantages)
     monkeypatch.setattr(hrpo.train, "policy_backward", backward)
     monkeypatch.setattr(hrpo.train, "policy_logprobs", old_logprobs)
-    monkeypatch.setattr(hrpo.update, "per_token_terms", terms)
+    monkeypatch.setattr(hrpo.training.update, "per_token_terms", terms)
     t.engine.generate, t.optimizer_step = shifted, capture
     t.device_step(0)
     return t, seen

@@ -14,7 +14,7 @@ latents and gates are those this model produces along that text, whatever decodi
 are shown beside the replay. A completion decoded without its EOS replays without it, and a
 text may re-tokenize differently from the ids that produced it.
 
-What position t shows (hrpo/rollout.py's step t): the token x_t drawn from p_t; T when the
+What position t shows (hrpo/engine/rollout.py's step t): the token x_t drawn from p_t; T when the
 row is still thinking after x_t (the marker not yet in the text); the gate coefficient
 mean_channels(a_t), a_t = exp(-c softplus(-Lambda) sigmoid(W_r E[x_t] + b_r)), of the blend
 a_t E[x_t] + sqrt(1 - a_t^2) (i_t h_hat_t) that is the input of step t + 1 (blank where the
@@ -26,8 +26,8 @@ Aggregates: gate coefficients over blended positions, completion lengths, and th
 (hrpo.inspect.scripts) of the tokens nearest to thinking latents; the cross-lingual share is
 the part of those written in letters that is in another script than the prompt's.
 """
-from .report import aggregates, html_page
-from .scripts import text_script
-from .trace import Position, Trace, describe, nearest_tokens, teacher_force
+from hrpo.inspect.report import aggregates, html_page
+from hrpo.inspect.scripts import text_script
+from hrpo.inspect.trace import Position, Trace, describe, nearest_tokens, teacher_force
 
 __all__ = ["Position", "Trace", "aggregates", "describe", "html_page", "nearest_tokens", "teacher_force", "text_script"]

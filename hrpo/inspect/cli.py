@@ -8,11 +8,30 @@ from pathlib import Path
 
 import torch
 
-from ..eval import DefaultsHelpFormatter, describe_policy, recorded_settings, resolve_checkpoint
-from ..prompts import SYSTEM_PROMPT, encode_prompts
-from ..tasks import get_task
-from .report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
-from .trace import Trace, describe, teacher_force
+from hrpo.core.errors import ConfigError
+from hrpo.core.marker import MarkerMatcher
+from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
+from hrpo.core.signals import SignalStop, stop_at_once
+from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout_engine import make_engine
+from hrpo.eval import DefaultsHelpFormatter, describe_policy, recorded_settings, resolve_checkpoint
+import hrpo.inspect
+from hrpo.inspect.report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
+from hrpo.inspect.trace import Trace, describe, teacher_force
+from hrpo.model.hybrid import HybridModel
+from hrpo.model.loading import (
+    build_policy,
+    cpu_threads,
+    eos_token_ids,
+    load_base_model,
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+)
+from hrpo.tasks import get_task
+from hrpo.training.checkpoint import load_checkpoint, read_checkpoint_meta
+from hrpo.training.config import config_for
+from hrpo.training.runs import check_writable, replace_file, write_json
 
 # Fields of a samples.jsonl line this tool reads (others are ignored): name -> (types, required).
 FIELDS = {"prompt": ((str,), True), "completion": ((str,), True), "task": ((str,), False),
@@ -65,11 +84,6 @@ def read_samples(path: str, limit: int | None) -> list[tuple[int, dict]]:
 def load_policy(checkpoint: str | None, model: str | None, device: torch.device):
     """(policy, tokenizer, checkpoint metadata): the base model (the checkpoint's unless
     `model` names one; the embedded model without either) with the checkpoint's adapters and gate."""
-    from ..checkpoint import load_checkpoint, read_checkpoint_meta
-    from ..config import config_for
-    from ..loading import build_policy, load_base_model, resolve_dtype
-    from ..model import HybridModel
-
     meta = read_checkpoint_meta(checkpoint) if checkpoint else {}
     base, tokenizer = load_base_model(model or meta.get("base_model"), device, resolve_dtype("auto", device))
     if not checkpoint:
@@ -80,8 +94,6 @@ def load_policy(checkpoint: str | None, model: str | None, device: torch.device)
 
 
 def _check(args) -> None:
-    from ..config import ConfigError
-
     for name, lo in (("limit", 1), ("max_new_tokens", 1), ("top_k_nearest", 1), ("max_rows", 0), ("top_k", 0)):
         value = getattr(args, name)
         if value is not None and value < lo:
@@ -96,19 +108,11 @@ def _check(args) -> None:
 
 def _system(task: str, on: bool) -> tuple[str | None, int]:
     """(system prompt, prompt-length limit) under which `task` is asked, as hrpo.eval does."""
-    from ..config import config_for
-
     recipe = config_for(task)
     return (SYSTEM_PROMPT if on and recipe.system_prompt else None), recipe.max_prompt_length
 
 
 def collect(args) -> list[Trace]:
-    from ..checkpoint import read_checkpoint_meta
-    from ..engine import make_engine
-    from ..loading import eos_token_ids, resolve_device
-    from ..marker import MarkerMatcher
-    from ..rollout import SamplingConfig
-
     _check(args)
     samples = read_samples(args.samples, args.limit) if args.samples else None
     if args.checkpoint:
@@ -145,9 +149,7 @@ def collect(args) -> list[Trace]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __doc__ as doc
-
-    p = argparse.ArgumentParser(prog="python -m hrpo.inspect", description=doc,
+    p = argparse.ArgumentParser(prog="python -m hrpo.inspect", description=hrpo.inspect.__doc__,
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate) or a finished training run's "
                                         "folder; None: the base model alone")
@@ -181,10 +183,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..loading import cpu_threads, quiet_libraries
-    from ..runs import check_writable, replace_file, write_json
-    from ..signals import SignalStop, stop_at_once
-
     args = parser().parse_args(argv)
     torch.set_num_threads(cpu_threads())
     try:

@@ -8,8 +8,8 @@ import io
 import unicodedata
 from collections import Counter
 
-from .scripts import NON_LETTER, cross_lingual, text_script
-from .trace import Trace
+from hrpo.inspect.scripts import NON_LETTER, cross_lingual, text_script
+from hrpo.inspect.trace import Trace
 
 
 def visible(text: str) -> str:

@@ -1,6 +1,6 @@
 """Per-position traces of a hybrid completion.
 
-Conventions (those of hrpo/rollout.py): at step t the model's distribution p_t gives the
+Conventions (those of hrpo/engine/rollout.py): at step t the model's distribution p_t gives the
 token x_t and the latent h_hat_t = (p_t @ E) / ||p_t||; the next input is the gate's blend
 
     input_{t+1} = a_t * E[x_t] + sqrt(1 - a_t^2) * (i_t * h_hat_t),
@@ -23,9 +23,9 @@ from transformers import DynamicCache
 
 from hrpo_kernels import sample_and_mix
 
-from ..engine import EngineOptions
-from ..marker import MarkerMatcher
-from ..model import HybridModel, SequenceBatch, positions_from_mask
+from hrpo.engine.rollout_engine import EngineOptions
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel, SequenceBatch, positions_from_mask
 
 
 @dataclass
@@ -95,7 +95,7 @@ def describe(hm: HybridModel, tokenizer, matcher: MarkerMatcher, batch: Sequence
 def teacher_force(hm: HybridModel, prompt: list[int], completion: list[int], matcher: MarkerMatcher,
                   temperature: float, top_k: int, hybrid: bool = True,
                   latent_dtype: torch.dtype = EngineOptions.latent_dtype) -> SequenceBatch:
-    """The hybrid recurrence of hrpo.rollout with the tokens given instead of drawn: the
+    """The hybrid recurrence of hrpo.engine.rollout with the tokens given instead of drawn: the
     latents and blends are those this model produces along `completion` (one row). h_hat
     depends on temperature and top_k (as in the rollout), the drawn token never does."""
     device = hm.lm_weight.device

@@ -1,4 +1,4 @@
-"""The embedded task: synthetic multi-step arithmetic (hrpo.synthetic), answered like GSM8K."""
+"""The embedded task: synthetic multi-step arithmetic (hrpo.tasks.synthetic), answered like GSM8K."""
 from __future__ import annotations
 
 from .base import Task, question_only, register

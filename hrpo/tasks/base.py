@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hrpo.prompts import ANSWER_MARKER, Example
+from hrpo.core.prompts import ANSWER_MARKER, Example
 
 PROTOCOLS = ("paper", "official", "strict")
 
@@ -34,7 +34,7 @@ class Official:
 @dataclass(frozen=True)
 class Task:
     name: str
-    recipe: str  # the training recipe in hrpo.config.RECIPES this task uses
+    recipe: str  # the training recipe in hrpo.training.config.RECIPES this task uses
     convert: Callable[[dict], Example] | None  # a source record -> Example (raises data.Rejected)
     render: Callable[[Example], str]  # the user turn
     read: Callable[[str], Any]  # the answer in the text after the marker (None: unreadable)

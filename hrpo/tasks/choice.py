@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from hrpo.data import Rejected, get_field, kind, options_field, text_field
-from hrpo.prompts import Example
+from hrpo.tasks.records import Rejected, get_field, kind, options_field, text_field
+from hrpo.core.prompts import Example
 
 from .base import Official, Task, first_line, official_text, official_trim, register, unwrap
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from hrpo.data import Rejected, text_field
-from hrpo.prompts import ANSWER_MARKER, Example
+from hrpo.tasks.records import Rejected, text_field
+from hrpo.core.prompts import ANSWER_MARKER, Example
 
 from .base import Official, Task, first_line, official_text, official_trim, question_only, register, unwrap
 

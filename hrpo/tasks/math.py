@@ -21,9 +21,9 @@ import functools
 import logging
 import re
 
-from hrpo.data import Rejected, expected, text_field
-from hrpo.prompts import Example
-from hrpo.reward_guard import RewardTimeout, time_limit
+from hrpo.tasks.records import Rejected, expected, text_field
+from hrpo.core.prompts import Example
+from hrpo.tasks.reward_guard import RewardTimeout, time_limit
 
 from .base import Official, Task, first_line, last_boxed, official_text, official_trim, question_only, register, unwrap
 from .gsm8k import exact_value

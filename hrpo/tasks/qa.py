@@ -21,9 +21,9 @@ One converter reads every form, recognised by its fields:
 Passages: `contexts` in our form are taken as retrieved, best first. A record's own
 paragraph set (the distractor setting: official `context`, IRCoT's `contexts`) comes in no
 meaningful order, so it is ranked by BM25 against the question over those paragraphs alone
-(ties keep file order; see hrpo.retrieve.rank) and the prompt shows the top 3; each keeps
+(ties keep file order; see hrpo.tasks.retrieval.rank) and the prompt shows the top 3; each keeps
 `supporting` when the record marks it, for recall. Records without passages get them from a
-corpus (hrpo.retrieve.attach_contexts, `--corpus`).
+corpus (hrpo.tasks.retrieval.attach_contexts, `--corpus`).
 """
 from __future__ import annotations
 
@@ -32,57 +32,13 @@ import string
 from collections import Counter
 from typing import Any
 
-from hrpo.data import Rejected, expected, get_field, is_text, text_field
-from hrpo.prompts import Example
+from hrpo.core.prompts import Example
+from hrpo.tasks.records import Rejected, expected, get_field, given, is_text, text_field
+from hrpo.tasks.retrieval import TOP_K, passage, rank
 
 from .base import Official, Task, first_line, official_text, register, unwrap
 
-TOP_K = 3  # passages shown, as in the paper
 FLASHRAG = "RUC-NLPIR/FlashRAG_datasets"  # the test sets FlashRAG and Search-R1 (so HRPO) evaluate on
-
-
-def _at(name: str, key: str) -> str:
-    return f"{name}.{key}" if name else key
-
-
-def _given(obj: dict, key: str) -> bool:
-    """An optional field counts only when not null (a table fills a missing column with null)."""
-    return obj.get(key) is not None
-
-
-def split_contents(contents: str) -> tuple[str, str]:
-    """FlashRAG's `contents`: the title (quoted) on the first line, then the text."""
-    if "\n" not in contents:
-        return "", contents
-    title, text = contents.split("\n", 1)
-    return title.strip().strip('"'), text
-
-
-def passage(ctx: Any, name: str) -> dict:
-    """One passage: a string, or an object {title, text} ({title, paragraph_text} in IRCoT's
-    form, {contents} in FlashRAG's), with `supporting` (or `is_supporting`) kept if given."""
-    if is_text(ctx):
-        return {"title": "", "text": ctx}
-    if not isinstance(ctx, dict):
-        raise expected(name, "a non-empty string or an object with 'text'", ctx)
-    key = next((k for k in ("text", "paragraph_text", "contents") if k in ctx), "text")
-    text = ctx.get(key)
-    if not is_text(text):
-        raise expected(_at(name, key), "a non-empty string", text)
-    title = ctx.get("title")
-    if title is not None and not isinstance(title, str):
-        raise expected(_at(name, "title"), "a string", title)
-    if key == "contents" and title is None:
-        title, text = split_contents(text)
-        if not is_text(text):
-            raise expected(_at(name, key), "text after the title line", text)
-    doc = {"title": title or "", "text": text}
-    for flag in ("supporting", "is_supporting"):
-        if _given(ctx, flag):
-            if not isinstance(ctx[flag], bool):
-                raise expected(_at(name, flag), "true or false", ctx[flag])
-            doc["supporting"] = ctx[flag]
-    return doc
 
 
 def golden_answers(value: Any, name: str) -> list[str]:
@@ -130,7 +86,7 @@ def _golden(rec: dict) -> list[str]:
         if isinstance(answer, dict):  # TriviaQA on the hub: answer {aliases, normalized_aliases, value, ...}
             return golden_answers(get_field(answer, "aliases", "answer.aliases"), "answer.aliases")
         golds = golden_answers(answer, "answer")
-        if _given(rec, "aliases"):  # llm-foundry's TriviaQA: the answer and its aliases
+        if given(rec, "aliases"):  # llm-foundry's TriviaQA: the answer and its aliases
             golds += [a for a in golden_answers(rec["aliases"], "aliases") if a not in golds]
         return golds
     if "Answer" in rec:
@@ -183,7 +139,7 @@ def _supporting_titles(facts: Any) -> set[str]:
 
 def _distractor(rec: dict) -> list[dict]:
     """The paragraphs of a HotpotQA / 2Wiki `context`, sentences joined by a space, in file order."""
-    support = _supporting_titles(rec["supporting_facts"]) if _given(rec, "supporting_facts") else None
+    support = _supporting_titles(rec["supporting_facts"]) if given(rec, "supporting_facts") else None
     docs = []
     for title, sentences, title_name, body_name in _pairs(rec["context"]):
         if not is_text(title):
@@ -200,15 +156,9 @@ def _distractor(rec: dict) -> list[dict]:
     return docs
 
 
-def _ranked(question: str, docs: list[dict]) -> list[dict]:
-    from hrpo.retrieve import rank  # hrpo.retrieve imports hrpo.tasks, so not at module level
-
-    return rank(question, docs)
-
-
 def _contexts(rec: dict, question: str) -> list[dict] | None:
     """The record's passages, best first; None when it has none of its own."""
-    if _given(rec, "contexts"):
+    if given(rec, "contexts"):
         contexts = rec["contexts"]
         if isinstance(contexts, list):
             docs = [passage(ctx, f"contexts[{j}]") for j, ctx in enumerate(contexts)]
@@ -216,11 +166,11 @@ def _contexts(rec: dict, question: str) -> list[dict] | None:
             docs = [passage(contexts, "contexts")]
         else:
             raise expected("contexts", "a list of passages or a string", contexts)
-        return _ranked(question, docs) if "question_text" in rec else docs  # IRCoT's are a distractor set
-    if not _given(rec, "context"):
+        return rank(question, docs) if "question_text" in rec else docs  # IRCoT's are a distractor set
+    if not given(rec, "context"):
         return None
     if not isinstance(rec["context"], str):
-        return _ranked(question, _distractor(rec))
+        return rank(question, _distractor(rec))
     if any(key in rec for key in QUESTION_KEYS):  # one passage string (SQuAD's form) is none of ours
         raise expected("context", "a list of [title, sentences] pairs", rec["context"])
     return None  # llm-foundry's TriviaQA: `context` held the question
@@ -228,7 +178,7 @@ def _contexts(rec: dict, question: str) -> list[dict] | None:
 
 def _record_id(rec: dict) -> dict:
     for key in ("id", "_id", "question_id", "idx"):
-        if _given(rec, key):
+        if given(rec, key):
             value = rec[key]
             if not (is_text(value) or isinstance(value, int) and not isinstance(value, bool)):
                 raise expected(key, "a non-empty string or an integer", value)

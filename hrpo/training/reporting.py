@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .runs import replace_file
+from hrpo.training.runs import replace_file
 
 
 def json_safe(record: dict) -> dict:

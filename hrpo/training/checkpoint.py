@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .model import HybridModel, ModelError
-from .runs import fsync_dir, write_durably
+from hrpo.model.hybrid import HybridModel, ModelError
+from hrpo.training.runs import fsync_dir, write_durably
 
 FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
 STEP_PREFIX = "step-"

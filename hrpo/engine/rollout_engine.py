@@ -1,6 +1,6 @@
 """The rollout engine: hybrid (or plain) sampling over a static KV cache, built for speed.
 
-It computes what the reference loop (hrpo/rollout.py) computes; under the same `seed` it
+It computes what the reference loop (hrpo/engine/rollout.py) computes; under the same `seed` it
 draws the same tokens. One decode step is
 
     hidden -> sample_and_mix (lm-head, top-k / full vocabulary, race, log-prob, h_hat)
@@ -41,10 +41,10 @@ from hrpo_kernels._common import StandInGraph, next_pow2, on_gpu_path
 from hrpo_kernels._ext import load_extension
 from hrpo_kernels.step_controller import StepBuffers
 
-from .fast_decoder import FastDecoder, unsupported_reason
-from .marker import MarkerMatcher
-from .model import HybridModel
-from .rollout import Rollout, SamplingConfig, distinct_prompts, left_pad, rollout
+from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel
+from hrpo.engine.rollout import Rollout, SamplingConfig, distinct_prompts, left_pad, rollout
 
 
 @dataclass

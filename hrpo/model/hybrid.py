@@ -18,9 +18,9 @@ from transformers import DynamicCache
 
 from hrpo_kernels import lora_linear, token_logprobs
 
-from .gate import HybridGate
+from hrpo.model.gate import HybridGate
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 
 
 class ModelError(ValueError):

@@ -10,7 +10,9 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tasks import task_names
+from hrpo.core.errors import ConfigError
+from hrpo.tasks import get_task, task_names
+from hrpo.training.loss import NORMS
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -29,8 +31,6 @@ REPORT_TO = ("none", "tensorboard")
 
 
 def loss_norms() -> tuple[str, ...]:
-    from .loss import NORMS  # here, not at the top: hrpo.loss imports torch, which `hrpo.data prepare` never needs
-
     return NORMS
 
 
@@ -66,8 +66,8 @@ class TrainConfig:
     hybrid: bool = option(True, MODEL, "HRPO: while the model reasons, feed it the gated blend of the sampled "
                           "token's embedding and the probability-weighted embedding mixture; --no-hybrid: plain "
                           "GRPO (token embeddings only)")
-    engine: str = option("fast", ROLLOUT, "the rollout's decoder: fast (hrpo.engine; falls back to reference, "
-                         "with a warning, for a model it cannot run) or reference (hrpo.rollout's plain loop)",
+    engine: str = option("fast", ROLLOUT, "the rollout's decoder: fast (hrpo.engine.rollout_engine; falls back to reference, "
+                         "with a warning, for a model it cannot run) or reference (hrpo.engine.rollout's plain loop)",
                          ENGINES)
     group_size: int = option(4, ROLLOUT, "completions sampled per prompt; advantages are taken within each group")
     batch_size: int = option(8, ROLLOUT, "completions per device step, over all processes (a multiple of "
@@ -170,10 +170,6 @@ RESUMABLE_OVERRIDES = ("save_every", "keep_checkpoints", "max_skipped_in_a_row",
                        "micro_batch_tokens", "gradient_checkpointing", "fsdp")
 
 
-class ConfigError(ValueError):
-    """An option outside its allowed range, named by its command-line flag, in one line."""
-
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -185,8 +181,6 @@ def _check(ok: bool, name: str, allowed: str, value) -> None:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Every option checked against its allowed range before any work starts (ConfigError)."""
-    from .loss import NORMS
-
     def ints(name, lo, hi=None, optional=False):
         v = getattr(cfg, name)
         if optional and v is None:
@@ -203,8 +197,6 @@ def validate_config(cfg: TrainConfig) -> None:
 
     def choice(name, options):
         _check(getattr(cfg, name) in options, name, "one of " + ", ".join(map(str, options)), getattr(cfg, name))
-
-    from .tasks import task_names
 
     choice("task", task_names())
     _check(isinstance(cfg.output_dir, str) and cfg.output_dir.strip() != "", "output_dir", "a folder path", cfg.output_dir)
@@ -289,8 +281,6 @@ def _hub_name(value: str) -> bool:
 
 def config_for(task: str, **overrides) -> TrainConfig:
     """The task's recipe (a benchmark uses its family's: math500 trains as math) with overrides."""
-    from .tasks import get_task, task_names
-
     if task not in task_names():
         raise ConfigError(f"--task must be one of {', '.join(task_names())}, got {task!r}")
     values = {**RECIPES[get_task(task).recipe], **{k: v for k, v in overrides.items() if v is not None}, "task": task}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from hrpo.prompts import ANSWER_MARKER, Example
+from hrpo.core.prompts import ANSWER_MARKER, Example
 
 NAMES = [("Tom", "he", "his"), ("Anna", "she", "her"), ("Ben", "he", "his"), ("Lily", "she", "her"),
          ("Sam", "he", "his"), ("Maria", "she", "her"), ("Leo", "he", "his"), ("Emma", "she", "her")]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .model import EMBEDDED_MODEL, HybridModel, ModelError
+from hrpo.model.hybrid import EMBEDDED_MODEL, HybridModel, ModelError
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:

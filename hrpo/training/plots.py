@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from .runs import replace_file
+from hrpo.training.runs import replace_file
 
 PANELS = (
     ("reward", "mean reward"),

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import per_token_terms, token_weights
-from .model import HybridModel, SequenceBatch, distinct_rows
+from hrpo.training.loss import per_token_terms, token_weights
+from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_rows
 
 
 def group_rows(batch: SequenceBatch) -> list[list[int]]:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError
+from hrpo.core.errors import ConfigError
 
 MANIFEST = "hrpo-run.json"
 

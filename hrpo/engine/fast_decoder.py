@@ -9,7 +9,7 @@ outputs agree to rounding; tests hold it to the HF forward.
 Weights are packed for generation (q|k|v and gate|up fused into one matrix each), and
 `refresh()` re-reads them from the live modules when a parameter or adapter setting changed
 since the last one, so a refresh before each rollout keeps generation in step with
-training. How LoRA adapters are applied follows the training forward (hrpo/model.py routes
+training. How LoRA adapters are applied follows the training forward (hrpo/model/hybrid.py routes
 every LoRA Linear through hrpo_kernels.lora_linear):
 - fp32: merged into the packed copy, W + sum of s B A in fp32 (lora_linear merges too, and
   the merge is exact up to fp32 rounding).
@@ -35,7 +35,7 @@ from hrpo_kernels import decode_attention
 from hrpo_kernels._common import forced_reference
 from hrpo_kernels._ext import load_extension
 
-from .kv_cache import StaticKVCache
+from hrpo.engine.kv_cache import StaticKVCache
 
 ARCHS = ("qwen2", "qwen3", "llama")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")

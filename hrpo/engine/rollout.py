@@ -27,9 +27,9 @@ from transformers import DynamicCache
 
 from hrpo_kernels import sample_and_mix
 
-from .distributed import forward_group
-from .marker import MarkerMatcher
-from .model import HybridModel, SequenceBatch, cache_index_select, positions_from_mask
+from hrpo.core.distributed import forward_group
+from hrpo.core.marker import MarkerMatcher
+from hrpo.model.hybrid import HybridModel, SequenceBatch, cache_index_select, positions_from_mask
 
 
 @dataclass

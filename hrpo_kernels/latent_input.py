@@ -84,6 +84,12 @@ class LatentParams:
             raise ValueError(f"latent gumbel_tau must be > 0, got {self.gumbel_tau}")
 
     @property
+    def is_h_hat(self) -> bool:
+        """Whether this is HRPO's own latent h_hat (the sampler's distribution, no nucleus),
+        which every sampling path computes without the latent op."""
+        return self.mode == "hrpo" and self.temperature is None and self.top_p == 1
+
+    @property
     def mode_id(self) -> int:
         return MODE_ID[self.mode]
 

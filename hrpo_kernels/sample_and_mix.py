@@ -513,6 +513,8 @@ def sample_and_mix(
     latent: the latent mode (hrpo_kernels/latent_input.py) whose next input is the third
     output; None is hrpo's h_hat. A nucleus (top_p < 1) runs the reference."""
     V = lm_weight.shape[0]
+    if latent is not None and latent.is_h_hat:
+        latent = None  # the paths' own h_hat, and the unseeded reference's draws unchanged
     if (impl == "ext" and not hidden.is_cuda and seed is not None and 0 < top_k <= MAX_TOPK and top_k < V
             and (latent is None or latent.top_p == 1)):
         logits = _lm_logits(hidden, lm_weight)

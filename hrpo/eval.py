@@ -54,6 +54,7 @@ from hrpo.training.checkpoint import complete_checkpoints, load_checkpoint, read
 from hrpo.training.config import HelpFormatter, config_for
 from hrpo.training.reporting import json_safe
 from hrpo.training.runs import MANIFEST, RunDir, check_writable, write_json
+from hrpo_kernels.latent_input import MODES, LatentParams
 
 # The table of the paper, in its order, with its best reported number per row (percent).
 BENCHMARKS = ("gsm8k", "math", "math500", "mmlu-stem", "arc-c", "nq", "triviaqa", "hotpotqa", "2wiki", "bamboogle")
@@ -148,6 +149,29 @@ def select(n_total: int, limit: int | None, seed: int) -> list[int]:
 # ---------------------------------------------------------------- the command line
 
 
+def add_latent_arguments(p: argparse.ArgumentParser) -> None:
+    """--latent-mode and its numbers (hrpo_kernels/latent_input.py, docs/latent-modes.md)."""
+    p.add_argument("--latent-mode", default="hrpo", choices=MODES,
+                   help="what a thinking position's input is: hrpo (the gate's blend of the token and h_hat), soft "
+                        "(Soft Thinking's p @ E), moi (Mixture of Inputs), soft-noise (soft tokens: p @ E plus "
+                        "Gaussian noise), gumbel-soft (SofT-GRPO's Gumbel-Softmax mixture)")
+    p.add_argument("--latent-temperature", type=float,
+                   help="temperature of the mixture's distribution; None: --temperature (fuzzy tokens: small)")
+    p.add_argument("--latent-top-p", type=float, default=1.0, help="nucleus of the mixture (1: off)")
+    p.add_argument("--moi-beta", type=float, default=1.0, help="Mixture of Inputs' concentration beta")
+    p.add_argument("--noise-std", type=float, default=0.1, help="soft-noise's standard deviation (embedding units)")
+    p.add_argument("--gumbel-tau", type=float, default=0.1, help="gumbel-soft's Gumbel-Softmax temperature")
+
+
+def latent_params(args) -> LatentParams:
+    """The LatentParams of add_latent_arguments' flags; a bad value is a one-line ConfigError."""
+    try:
+        return LatentParams(args.latent_mode, args.latent_temperature, args.latent_top_p, args.moi_beta,
+                            args.noise_std, args.gumbel_tau)
+    except ValueError as err:
+        raise ConfigError(f"--latent-mode {args.latent_mode}: {err}") from None
+
+
 def _settings(args, task: str, data: str | None) -> dict:
     """What makes two evaluations the same: a resumed one must match it exactly."""
     spec = get_task(task)
@@ -155,7 +179,8 @@ def _settings(args, task: str, data: str | None) -> dict:
         "task": task, "protocol": args.protocol, "model": args.base_model, "checkpoint": args.checkpoint,
         "data": data, "corpus": args.corpus, "limit": args.limit, "seed": args.seed,
         "decoding": {"greedy": not args.sample, "temperature": args.temperature, "top_k": args.top_k,
-                     "max_new_tokens": args.max_new_tokens or spec.max_new_tokens, "hybrid": args.hybrid},
+                     "max_new_tokens": args.max_new_tokens or spec.max_new_tokens, "hybrid": args.hybrid,
+                     **({} if latent_params(args).is_h_hat else {"latent": vars(latent_params(args))})},
         "system_prompt": args.system_prompt,
     }
 
@@ -317,6 +342,7 @@ def _check_args(args) -> None:
         raise ConfigError(f"--temperature must be a number in (0, inf), got {args.temperature}")
     if args.top_k < 0 or args.seed < 0:
         raise ConfigError(f"--top-k and --seed must be >= 0, got {args.top_k} and {args.seed}")
+    latent_params(args)
     if args.task != "all":
         get_task(args.task)
     if args.data and args.task == "all":
@@ -382,7 +408,7 @@ def run(args) -> int:
         todo = [i for i in chosen if i not in done]
         recipe = config_for(name)
         sampling = SamplingConfig(settings["decoding"]["max_new_tokens"], args.temperature, args.top_k,
-                                  greedy=not args.sample, hybrid=args.hybrid)
+                                  greedy=not args.sample, hybrid=args.hybrid, latent=latent_params(args))
         system = SYSTEM_PROMPT if args.system_prompt and recipe.system_prompt else None
         bar = tqdm(total=len(chosen), initial=len(chosen) - len(todo), desc=name, disable=args.quiet or not group.main)
         start = time.perf_counter()
@@ -449,6 +475,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.5, help="of sampling (--sample) and of the distribution "
                                                                   "latents mix")
     p.add_argument("--top-k", type=int, default=50, help="of sampling and of the distribution latents mix (0: all)")
+    add_latent_arguments(p)
     p.add_argument("--max-new-tokens", type=int, help="None: the protocol's (512; 1024 for math and math500)")
     p.add_argument("--max-prompt-length", type=int, help="None: the task recipe's prompt limit")
     p.add_argument("--batch-size", type=int, default=64, help="examples generated together")

@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ._common import row_ids_tensor
 from .philox import philox_uniform
@@ -112,6 +113,50 @@ def _scalar(x, default: int = 0) -> int:
     return default if x is None else int(torch.as_tensor(x).reshape(-1)[0])
 
 
+def mixture_weights(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    params: LatentParams,
+    temperature: float,
+    top_k: int = 0,
+    greedy: bool = False,
+    *,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, V) fp32 weights w with the next input w @ E (plus soft-noise's Gaussian noise):
+    p / ||p|| (hrpo), p (soft, soft-noise), MoI's posterior mean, the Gumbel-Softmax weights.
+    What the inspector shows as the tokens an input mixed."""
+    B, V = logits.shape
+    if not greedy and params.mode in ("soft-noise", "gumbel-soft") and seed is None:
+        raise ValueError(f"latent_input: mode {params.mode} draws Philox noise and needs a seed")
+    logits = logits.float()
+    x = logits / params.mix_temperature(temperature)
+    support = torch.ones_like(x, dtype=torch.bool)
+    if 0 < top_k < V:
+        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+    p = torch.softmax(x.masked_fill(~support, float("-inf")), dim=-1)
+    if params.top_p < 1:
+        p = _nucleus(p, params.top_p)
+        support = p > 0
+    if params.mode == "hrpo":
+        return p / p.norm(dim=-1, keepdim=True)
+    if params.mode == "moi":
+        H = -(p * torch.log(p.clamp_min(1e-30))).sum(-1, keepdim=True) / math.log(V)
+        lam = H / (params.beta + 1)
+        return lam * p + (1 - lam) * F.one_hot(tokens.long(), V).to(p.dtype)
+    if params.mode == "gumbel-soft":
+        g = torch.zeros_like(x)
+        if not greedy:
+            rid = _row_ids(row_ids, B, logits.device)
+            u = philox_uniform(_scalar(seed), _scalar(offset) + rid[:, None] * V + torch.arange(V, device=x.device))
+            g = -torch.log(-torch.log(u))
+        logp = torch.log(p.clamp_min(1e-30))
+        return torch.softmax(((logp + g) / params.gumbel_tau).masked_fill(~support, float("-inf")), dim=-1)
+    return p
+
+
 def latent_input_reference(
     logits: torch.Tensor,
     embedding: torch.Tensor,
@@ -128,40 +173,17 @@ def latent_input_reference(
     """logits (B, V), embedding (V, d), tokens (B,) the sampler's draw -> the next input (B, d)
     fp32 of `params.mode` (the module docstring is the definition). seed / offset / row_ids:
     the shared Philox noise; a noisy mode without greedy needs the seed."""
-    B, V = logits.shape
-    D = embedding.shape[1]
-    noisy = not greedy and params.mode in ("soft-noise", "gumbel-soft")
-    if noisy and seed is None:
-        raise ValueError(f"latent_input: mode {params.mode} draws Philox noise and needs a seed")
-    logits = logits.float()
-    E = embedding.float()
-    seed_i, off = _scalar(seed), _scalar(offset)
-    rid = torch.arange(B, device=logits.device) if row_ids is None else row_ids_tensor(row_ids, B, logits.device)
-    x = logits / params.mix_temperature(temperature)
-    support = torch.ones_like(x, dtype=torch.bool)
-    if 0 < top_k < V:
-        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
-    p = torch.softmax(x.masked_fill(~support, float("-inf")), dim=-1)
-    if params.top_p < 1:
-        p = _nucleus(p, params.top_p)
-        support = p > 0
-    if params.mode == "gumbel-soft":
-        g = torch.zeros_like(x)
-        if noisy:
-            u = philox_uniform(seed_i, off + rid[:, None] * V + torch.arange(V, device=x.device))
-            g = -torch.log(-torch.log(u))
-        logp = torch.log(p.clamp_min(1e-30))
-        p = torch.softmax(((logp + g) / params.gumbel_tau).masked_fill(~support, float("-inf")), dim=-1)
-    mix = p @ E
-    if params.mode == "hrpo":
-        return mix / p.norm(dim=-1, keepdim=True)
-    if params.mode == "moi":
-        H = -(p * torch.log(p.clamp_min(1e-30))).sum(-1, keepdim=True) / math.log(V)
-        lam = H / (params.beta + 1)
-        return lam * mix + (1 - lam) * E[tokens.long()]
-    if params.mode == "soft-noise" and noisy:
-        return mix + params.noise_std * gaussian_noise(seed_i, off, rid, D, V)
-    return mix
+    noise = dict(seed=seed, offset=offset, row_ids=row_ids)
+    x = mixture_weights(logits, tokens, params, temperature, top_k, greedy, **noise) @ embedding.float()
+    if params.mode == "soft-noise" and not greedy:
+        B, V = logits.shape
+        rid = _row_ids(row_ids, B, logits.device)
+        x = x + params.noise_std * gaussian_noise(_scalar(seed), _scalar(offset), rid, embedding.shape[1], V)
+    return x
+
+
+def _row_ids(row_ids, B: int, device) -> torch.Tensor:
+    return torch.arange(B, device=device) if row_ids is None else row_ids_tensor(row_ids, B, device)
 
 
 def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:

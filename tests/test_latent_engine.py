@@ -2,6 +2,11 @@
 the same tokens and store the same latents (each mode's next input) for every mode, with the
 engine's C++ step and its torch step, compaction on; and the thinking positions' inputs are
 those latents."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import build_model
@@ -12,6 +17,7 @@ from hrpo.engine.rollout import thinking_input
 from hrpo.engine.rollout_engine import EngineOptions
 from hrpo_kernels.latent_input import LatentParams
 
+ROOT = Path(__file__).resolve().parents[1]
 MODES = [LatentParams("soft"), LatentParams("moi", beta=0.5), LatentParams("soft-noise", noise_std=0.3),
          LatentParams("gumbel-soft", gumbel_tau=0.5), LatentParams("soft", temperature=0.05)]
 
@@ -47,3 +53,48 @@ def test_thinking_input_is_the_latent_at_thinking_positions_only(tokenizer):
     assert torch.equal(x[0], lat[0]) and torch.equal(x[1], e[1]) and torch.equal(x[2], lat[2])
     x, a = thinking_input(hm, e, lat, think, LatentParams("hrpo"))
     assert a is not None and torch.equal(x[1], e[1]) and not torch.allclose(x[0], lat[0])
+
+
+def test_replay_under_soft_feeds_the_mixture_and_shows_its_tokens(tokenizer):
+    """The inspector's replay under soft: position 0's weights are softmax(logits / T) over the
+    top-k of the prompt's last logits (computed here from HF's forward), its latent is their
+    mixture of E, and position 1's weights come from the model fed that latent as an input."""
+    from hrpo.core.marker import MarkerMatcher
+    from hrpo.inspect import replay
+
+    hm = policy(build_model("qwen2", len(tokenizer))).eval()
+    matcher = MarkerMatcher(tokenizer, "####", len(tokenizer))
+    prompt, completion = tokenizer.encode("Tom has 12 apples"), tokenizer.encode(" so 19")
+    batch, mixed = replay(hm, prompt, completion, matcher, 0.7, 6, latent=LatentParams("soft"), k=6,
+                          latent_dtype=torch.float32)
+    E = hm.embed.weight
+    lm = hm.causal_lm
+    with torch.no_grad():
+        logits0 = lm(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+        top = (logits0 / 0.7).topk(6)
+        w0 = torch.softmax(top.values, -1)
+        assert mixed[0][0] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(mixed[0][1]), w0)
+        torch.testing.assert_close(batch.latents[0, 0], w0 @ E[top.indices].float(), atol=1e-6, rtol=1e-5)
+        embeds = torch.cat([E[torch.tensor(prompt)], batch.latents[0, :1].to(E.dtype)])[None]
+        logits1 = lm(inputs_embeds=embeds).logits[0, -1].float()
+        top1 = (logits1 / 0.7).topk(6)
+        assert mixed[1][0] == top1.indices.tolist()
+        torch.testing.assert_close(torch.tensor(mixed[1][1]), torch.softmax(top1.values, -1), atol=1e-5, rtol=1e-4)
+
+
+def test_inspect_cli_shows_what_each_input_mixed(tmp_path):
+    """`python -m hrpo.inspect --latent-mode moi` on the embedded model: no gate anywhere, and
+    every thinking position lists the tokens its input mixed, weights summing to at most 1."""
+    out = tmp_path / "inspect.json"
+    cmd = [sys.executable, "-m", "hrpo.inspect", "--prompt", "Tom has 3 apples and buys 4 more.", "--max-new-tokens",
+           "8", "--latent-mode", "moi", "--moi-beta", "0.5", "--json", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "input mixed (weight)" in run.stdout
+    positions = json.loads(out.read_text())["samples"][0]["positions"]
+    thinking = [p for p in positions if p["thinking"]]
+    assert thinking and all(p["gate"] is None for p in positions)
+    assert all(len(p["mixed"]) == 5 and 0 < sum(w for _, w in p["mixed"]) <= 1 + 1e-6 for p in thinking)
+    bad = subprocess.run(cmd[:-2] + ["--gumbel-tau", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "gumbel_tau" in bad.stderr

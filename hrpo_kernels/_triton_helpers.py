@@ -50,10 +50,10 @@ def _shared() -> dict:
 
     @triton.jit
     def gaussian(key, ctr):
-        """A standard normal by Box-Muller on philox_uniform(key, ctr) and (key, ctr + 1), as
+        """A standard normal by Box-Muller on philox_uniform(key, ctr) and (key + 1, ctr), as
         latent_input.gaussian_noise."""
         u1 = philox_uniform(key, ctr)
-        u2 = philox_uniform(key, ctr + 1)
+        u2 = philox_uniform(key + 1, ctr)
         return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
 
     _SHARED.update(dot_p=dot_p, philox_uniform=philox_uniform, gaussian=gaussian)

@@ -33,9 +33,9 @@ T_mix = LatentParams.temperature, or the sampler's temperature when None. Then:
 
 Noise (the seeded convention of every sampling path, hrpo_kernels/philox.py): the race and
 the Gumbel noise of (row b, token v) use u = philox_uniform(seed, offset + row_ids[b] * V + v);
-the Gaussian noise of (row b, dimension c) is Box-Muller on the uniforms of counters
-offset + row_ids[b] * V + 2c and 2c + 1 under the key seed ^ NOISE_KEY (a second stream;
-needs 2d <= V so that rows never share counters). So (seed, offset, row_ids) fix every input,
+the Gaussian noise of (row b, dimension c) is Box-Muller on the uniforms of the counter
+offset + row_ids[b] * V + c under the keys k = seed ^ NOISE_KEY and k + 1 (two more streams;
+needs d <= V so that rows never share counters). So (seed, offset, row_ids) fix every input,
 whatever the batch layout. greedy draws no noise at all: soft-noise adds none and gumbel-soft
 uses g = 0.
 """
@@ -52,7 +52,7 @@ from .philox import philox_uniform
 
 MODES = ("hrpo", "soft", "moi", "soft-noise", "gumbel-soft")
 MODE_ID = {m: i for i, m in enumerate(MODES)}  # the kernels' MODE constexpr and TopkArgs.mode
-NOISE_KEY = 0x5DEECE66D  # seed ^ NOISE_KEY keys the Gaussian stream
+NOISE_KEY = 0x5DEECE66D  # seed ^ NOISE_KEY (and that + 1) key the Gaussian streams
 
 
 @dataclass(frozen=True)
@@ -98,14 +98,18 @@ class LatentParams:
         return self.temperature if self.temperature is not None else sampler_temperature
 
 
+def check_noise_width(D: int, V: int) -> None:
+    if D > V:
+        raise ValueError(f"latent soft-noise: the Gaussian stream needs d <= V, got d {D}, V {V}")
+
+
 def gaussian_noise(seed: int, offset: int, row_ids: torch.Tensor, D: int, V: int) -> torch.Tensor:
     """(B, D) fp32 standard normals of the soft-noise mode (Box-Muller, see the module doc)."""
-    if 2 * D > V:
-        raise ValueError(f"latent soft-noise: the Gaussian stream needs 2 * d <= V, got d {D}, V {V}")
+    check_noise_width(D, V)
     c = torch.arange(D, device=row_ids.device, dtype=torch.int64)
-    base = offset + row_ids.to(torch.int64)[:, None] * V + 2 * c
+    ctr = offset + row_ids.to(torch.int64)[:, None] * V + c
     key = int(seed) ^ NOISE_KEY
-    u1, u2 = philox_uniform(key, base), philox_uniform(key, base + 1)
+    u1, u2 = philox_uniform(key, ctr), philox_uniform(key + 1, ctr)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 

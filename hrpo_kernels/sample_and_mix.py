@@ -22,7 +22,7 @@ from ._common import (cdiv, interpreting, mm_f32, next_pow2, num_sms, on_gpu_pat
                       seed_offset, use_fused)
 from ._ext import load_extension
 from ._triton_helpers import lazy_kernels
-from .latent_input import NOISE_KEY, LatentParams, kernel_args, latent_input_reference
+from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
 
@@ -240,7 +240,7 @@ def _define_kernels() -> dict:
                 hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok,
                                                       other=0.0).to(tl.float32)
             if MODE == 3 and not GREEDY:
-                hv += sigma * gaussian(seed ^ noise_key, ctr + 2 * dk)
+                hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
     @triton.jit
@@ -324,7 +324,7 @@ def _define_kernels() -> dict:
                 hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok,
                                                       other=0.0).to(tl.float32)
             if MODE == 3 and not GREEDY:
-                hv += sigma * gaussian(seed ^ noise_key, ctr + 2 * dk)
+                hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
     return dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
@@ -458,6 +458,8 @@ def sample_and_mix_triton(
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     V = lm_weight.shape[0]
+    if latent is not None and latent.mode == "soft-noise":
+        check_noise_width(hidden.shape[1], V)
     seed, offset = seed_offset(seed, offset, generator, hidden.device)
     row_ids = row_ids_tensor(row_ids, hidden.shape[0], hidden.device)
     if 0 < top_k < V:

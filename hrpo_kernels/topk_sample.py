@@ -23,7 +23,7 @@ import torch
 
 from . import _ext
 from ._common import row_ids_tensor, sample_outputs, seed_offset
-from .latent_input import NOISE_KEY, LatentParams, kernel_args, latent_input_reference
+from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
 from .philox import philox_uniform
 
 MAX_TOPK = 128
@@ -162,8 +162,8 @@ def topk_sample_mix(
         embedding = embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "topk_sample_mix")
     mode = kernel_args(latent, temperature, V)
-    if mode["MODE"] == 3 and 2 * D > V:
-        raise ValueError(f"latent soft-noise: the Gaussian stream needs 2 * d <= V, got d {D}, V {V}")
+    if mode["MODE"] == 3:
+        check_noise_width(D, V)
     mod.topk_sample_mix(
         logits, embedding, int(min(k, V)), float(temperature), bool(greedy), seed, offset, row_ids, tok, lp, h,
         mode["MODE"], mode["inv_tm"], mode["inv_tau"], mode["beta"], mode["sigma"], mode["inv_logv"], NOISE_KEY,

@@ -73,8 +73,8 @@ def test_gumbel_soft_noise_is_the_race_noise():
 def test_soft_noise_adds_sigma_box_muller_normals():
     seed, offset, sigma = 5, 100, 0.3
     key = seed ^ NOISE_KEY
-    u1 = philox_uniform(key, offset + torch.tensor([0, 2]))  # row 0, dims 0 and 1: counters 2c, 2c + 1
-    u2 = philox_uniform(key, offset + torch.tensor([1, 3]))
+    u1 = philox_uniform(key, offset + torch.tensor([0, 1]))  # row 0, dims 0 and 1: counters offset + c
+    u2 = philox_uniform(key + 1, offset + torch.tensor([0, 1]))  # under the second key
     z = torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
     got = _ref(LatentParams("soft-noise", noise_std=sigma), greedy=False, seed=seed, offset=offset)
     assert torch.allclose(got, torch.tensor([[0.5, 0.375]]) + sigma * z, atol=1e-6)

@@ -9,7 +9,7 @@
 // the definition): the mixture p = softmax(x) over the selected, x = logit / T_mix
 // (gumbel-soft: (logit / T_mix + g) / tau, g the race's Gumbel noise), then hrpo p/||p||,
 // soft p, moi (H p + (beta + 1 - H) onehot(token)) / (beta + 1), soft-noise p plus
-// sigma * N(0, 1) from the Box-Muller stream keyed by seed ^ noise_key.
+// sigma * N(0, 1) by Box-Muller on the streams keyed by seed ^ noise_key and that + 1.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -140,8 +140,8 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
       } else if (a.mode == 3 && !a.greedy) {
         const uint64_t key = seed ^ a.noise_key;
         for (int64_t c = 0; c < D; ++c) {
-          const float u1 = philox_uniform(key, base + 2 * static_cast<uint64_t>(c));
-          const float u2 = philox_uniform(key, base + 2 * static_cast<uint64_t>(c) + 1);
+          const float u1 = philox_uniform(key, base + static_cast<uint64_t>(c));
+          const float u2 = philox_uniform(key + 1, base + static_cast<uint64_t>(c));
           h[c] += a.sigma * std::sqrt(-2.f * std::log(u1)) * std::cos(6.283185307179586f * u2);
         }
       }

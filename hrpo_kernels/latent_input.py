@@ -119,7 +119,7 @@ def _scalar(x, default: int = 0) -> int:
 
 def mixture_weights(
     logits: torch.Tensor,
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | None,
     params: LatentParams,
     temperature: float,
     top_k: int = 0,
@@ -184,6 +184,20 @@ def latent_input_reference(
         rid = _row_ids(row_ids, B, logits.device)
         x = x + params.noise_std * gaussian_noise(_scalar(seed), _scalar(offset), rid, embedding.shape[1], V)
     return x
+
+
+def noisy_input_logdensity(logits: torch.Tensor, embedding: torch.Tensor, inputs: torch.Tensor,
+                           params: LatentParams, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """(N,) log N(inputs; mu, noise_std^2 I) with mu = p @ E the soft-noise mixture of `logits`
+    (N, V) (latent_input's p: T_mix, the top-k, the nucleus): the log-density of a soft token
+    under the policy (Soft Tokens, Hard Truths, Sec. 3: the thinking positions' term of the
+    policy gradient). Differentiable in logits and embedding."""
+    if params.mode != "soft-noise" or not params.noise_std > 0:
+        raise ValueError(f"noisy_input_logdensity: needs the soft-noise mode with noise_std > 0, got {params}")
+    mu = mixture_weights(logits, None, params, temperature, top_k, greedy=True) @ embedding.float()
+    var = params.noise_std ** 2
+    d = inputs.shape[-1]
+    return -((inputs.float() - mu) ** 2).sum(-1) / (2 * var) - 0.5 * d * math.log(2 * math.pi * var)
 
 
 def _row_ids(row_ids, B: int, device) -> torch.Tensor:

@@ -98,3 +98,33 @@ def test_inspect_cli_shows_what_each_input_mixed(tmp_path):
     assert all(len(p["mixed"]) == 5 and 0 < sum(w for _, w in p["mixed"]) <= 1 + 1e-6 for p in thinking)
     bad = subprocess.run(cmd[:-2] + ["--gumbel-tau", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "gumbel_tau" in bad.stderr
+
+
+def test_training_forward_replays_the_soft_token_rollout(tokenizer):
+    """Soft tokens: the training forward fed the stored noisy inputs reproduces the rollout's
+    answer-token log-probs, and at thinking positions its mean mixture is the rollout's: the
+    stored input minus the policy's mean is exactly sigma times the Philox normals the rollout
+    drew (recomputed here from the seed), so the log-density is -|z|^2 / 2 - d/2 log(2 pi sigma^2)."""
+    import math
+
+    from hrpo.core.marker import MarkerMatcher
+    from hrpo.engine.rollout import SamplingConfig, rollout
+    from hrpo_kernels.latent_input import gaussian_noise
+
+    hm = policy(build_model("qwen2", len(tokenizer))).eval()
+    params = LatentParams("soft-noise", noise_std=0.05)
+    prompts = grouped(tokenizer)[:6]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.8, top_k=20, latent=params)
+    eos = [tokenizer.eos_token_id] + WIDE_EOS
+    matcher = MarkerMatcher(tokenizer, "e", len(tokenizer))  # a marker the random model writes early: answers too
+    out = rollout(hm, prompts, cfg, matcher, eos, tokenizer.pad_token_id, seed=5)
+    with torch.no_grad():
+        lp = hm.sequence_logprobs(out, 0.8, hybrid=True, latent=params, top_k=20)
+    think, m = out.think_mask & out.completion_mask, out.completion_mask
+    answer = m & ~think
+    assert think.sum() > 10 and answer.sum() > 0
+    torch.testing.assert_close(lp[answer], out.logprobs[answer], atol=1e-4, rtol=0)
+    B, V, d = len(prompts), hm.lm_weight.shape[0], hm.embed.weight.shape[1]
+    z = torch.stack([gaussian_noise(5, t * B * V, torch.arange(B), d, V) for t in range(out.latents.shape[1])], 1)
+    want = -0.5 * (z ** 2).sum(-1) - 0.5 * d * math.log(2 * math.pi * 0.05 ** 2)
+    torch.testing.assert_close(lp[think], want[think], atol=2e-3, rtol=1e-5)

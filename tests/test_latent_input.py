@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hrpo_kernels._common import triton_available
-from hrpo_kernels.latent_input import MODES, NOISE_KEY, LatentParams, latent_input_reference
+from hrpo_kernels.latent_input import MODES, NOISE_KEY, LatentParams, latent_input_reference, noisy_input_logdensity
 from hrpo_kernels.philox import philox_uniform
 from hrpo_kernels.sample_and_mix import sample_and_mix, sample_and_mix_reference, sample_and_mix_triton
 
@@ -174,3 +174,18 @@ def test_dispatcher_routes_a_nucleus_to_the_reference():
     keep = (sp.cumsum(-1) - sp) < 0.6
     q = torch.zeros_like(p).scatter_(-1, idx, sp * keep)
     assert torch.allclose(x, (q / q.sum(-1, keepdim=True)) @ e, atol=1e-6)
+
+
+def test_noisy_input_logdensity_by_hand():
+    # mu = p @ E = (0.5, 0.375); x - mu = (0.1, -0.2): -0.05 / (2 * 0.25) - (2 / 2) log(2 pi 0.25)
+    params = LatentParams("soft-noise", noise_std=0.5)
+    x = torch.tensor([[0.6, 0.175]])
+    want = -0.1 - math.log(math.pi / 2)
+    got = noisy_input_logdensity(L4, E4, x, params, 1.0)
+    assert got.shape == (1,) and abs(float(got) - want) < 1e-6
+    # gradient: d/dlogits flows through p (the mean), not zero
+    logits = L4.clone().requires_grad_(True)
+    noisy_input_logdensity(logits, E4, x, params, 1.0).sum().backward()
+    assert logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="soft-noise"):
+        noisy_input_logdensity(L4, E4, x, LatentParams("soft"), 1.0)

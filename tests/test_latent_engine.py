@@ -128,3 +128,16 @@ def test_training_forward_replays_the_soft_token_rollout(tokenizer):
     z = torch.stack([gaussian_noise(5, t * B * V, torch.arange(B), d, V) for t in range(out.latents.shape[1])], 1)
     want = -0.5 * (z ** 2).sum(-1) - 0.5 * d * math.log(2 * math.pi * 0.05 ** 2)
     torch.testing.assert_close(lp[think], want[think], atol=2e-3, rtol=1e-5)
+
+
+def test_comparison_script_pass_at_k_by_hand():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_latent_modes", ROOT / "scripts" / "compare_latent_modes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert mod.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3, 2) / C(4, 2)
+    assert mod.pass_at_k(8, 2, 4) == pytest.approx(1 - 15 / 70)  # 1 - C(6, 4) / C(8, 4)
+    assert mod.pass_at_k(4, 0, 4) == 0.0 and mod.pass_at_k(4, 3, 2) == 1.0
+    assert mod.ks(8) == [1, 2, 4, 8] and mod.ks(5) == [1, 2, 4]

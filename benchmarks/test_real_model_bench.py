@@ -12,6 +12,17 @@ decode step is compute-bound on two cores, so each row reports its FLOP rate
 2048^3 matmul of the same dtype reaches in the same run (`peak-*` rows). `step-parts-*` times
 the pieces of one engine decode step at B = 32: the decoder body, the lm-head + sampling +
 mixture, and the gate.
+
+Training on it, fp32, LoRA r32 / alpha 64 on every projection (the arith recipe's policy):
+- `update-{eager,hrpo}-cpu-smollm2`: the reference pass plus the policy's forward and backward
+  over one real rollout of 2 prompts x 8 completions of 64 new tokens (eager: HF's forward with
+  full logits, as the common trainers do; hrpo: hrpo.training.update);
+- `step-{eager_baseline,hrpo}-cpu-smollm2`: one whole step, a rollout of 2 prompts x 4 for 64
+  new tokens then the update (eager_baseline: our re-implementation of the original's loop,
+  benchmarks/eager_reference.py, and the eager update; hrpo: the engine and hrpo.training.update);
+- `trainer-{hrpo_grpo,trl_grpo}-cpu-smollm2`: seconds per optimizer step of the whole arith
+  recipe (4 prompts x 8, 64 new tokens, rewards, reference pass, update) in hrpo's trainer with
+  plain tokens and in TRL's GRPOTrainer (benchmarks/trl_peer.py; when trl is installed).
 """
 from __future__ import annotations
 
@@ -25,6 +36,10 @@ import torch.nn.functional as F
 
 from benchmarks.eager_reference import eager_rollout
 from benchmarks.test_rollout_bench import never_marker
+from benchmarks.test_train_step_bench import eager_runner, hrpo_update, random_rollout
+from hrpo.model.loading import build_policy
+from hrpo.training.config import config_for
+from hrpo.training.loss import group_advantages
 from hrpo.engine.rollout_engine import RolloutEngine
 from hrpo.model.loading import load_base_model
 from hrpo.model.hybrid import HybridModel
@@ -151,3 +166,87 @@ def test_step_parts_cpu_smollm2(benchmark, dtype):
     total = sum(parts.values())
     benchmark.extra_info.update(method="step_parts", dtype=dtype, batch=32, parts_ms=parts,
                                 shares={k: v / total for k, v in parts.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def smol_policy():
+    """The arith recipe's policy on SmolLM2 (fp32, LoRA on every projection) with adapters moved
+    off zero, as a few steps of training leave them."""
+    model, tok = load_base_model("smollm2-135m", torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    hm = build_policy(model, config_for("arith"))
+    with torch.no_grad():
+        for n, p in hm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-3)
+    return hm, tok
+
+
+@pytest.mark.parametrize("method", ["eager", "hrpo"])
+def test_update_cpu_smollm2(benchmark, method):
+    hm, tok = smol_policy()
+    prompts = batch_prompts(tok, 16)
+    engine = RolloutEngine(hm.eval(), never_marker(hm.lm_weight.shape[0]), [], tok.pad_token_id)
+    out = engine.generate(prompts, SamplingConfig(NEW, TEMPERATURE, TOP_K), seed=0)
+    adv = group_advantages(torch.randn(len(prompts), generator=torch.Generator().manual_seed(0)), GROUP)
+    fn = eager_runner(hm.train(), out, adv) if method == "eager" else hrpo_update(hm.train(), out, adv, NEW)
+    benchmark.name = f"update-{method}-cpu-smollm2"
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    tokens = int(out.prompt_mask.sum() + out.completion_mask.sum())
+    benchmark.extra_info.update(method=method, device="cpu", model="smollm2-135m", seconds=benchmark.stats.stats.median,
+                                tokens=tokens, tokens_per_s=tokens / benchmark.stats.stats.median)
+
+
+@pytest.mark.parametrize("method", ["eager_baseline", "hrpo"])
+def test_step_cpu_smollm2(benchmark, method):
+    """A whole step, timed as one round after a warm-up step: the rollout (every position
+    blended, no early stop) then the update on a batch of the same shape."""
+    hm, tok = smol_policy()
+    prompts = [p for p in batch_prompts(tok, 16)[::GROUP] for _ in range(4)]  # 2 prompts x 4
+    batch, adv = random_rollout(hm, 2, 4, len(prompts[0]), NEW)
+    gen = torch.Generator().manual_seed(0)
+    if method == "eager_baseline":
+        def rollout():
+            return eager_rollout(hm, tok, prompts, NEW, TEMPERATURE, TOP_K, generator=gen)
+        update = eager_runner(hm, batch, adv)
+    else:
+        engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], tok.pad_token_id)
+
+        def rollout():
+            return engine.generate(prompts, SamplingConfig(NEW, TEMPERATURE, TOP_K), gen)
+        update = hrpo_update(hm, batch, adv, NEW)
+    parts: dict[str, float] = {}
+
+    def step():
+        for name, mode, run in (("rollout_s", hm.eval, rollout), ("update_s", hm.train, update)):
+            mode()
+            start = time.perf_counter()
+            run()
+            parts[name] = time.perf_counter() - start
+
+    step()
+    benchmark.name = f"step-{method}-cpu-smollm2"
+    benchmark.pedantic(step, rounds=1)
+    benchmark.extra_info.update(method=method, device="cpu", model="smollm2-135m", new_tokens=NEW, **parts,
+                                seconds_per_step=benchmark.stats.stats.median)
+
+
+@pytest.mark.parametrize("method", ["hrpo_grpo", "trl_grpo"])
+def test_trainer_cpu_smollm2(benchmark, tmp_path, method):
+    """Seconds per optimizer step of the arith recipe on SmolLM2, hrpo's trainer against TRL's."""
+    if method == "trl_grpo":
+        pytest.importorskip("trl", reason="trl is not a dependency; pip install trl to measure it")
+        from benchmarks.trl_peer import trl_step_seconds
+
+        seconds = benchmark.pedantic(trl_step_seconds, kwargs={"steps": 5, "workdir": tmp_path,
+                                                                "model": "smollm2-135m"}, rounds=1)
+    else:
+        from hrpo.train import Trainer
+
+        cfg = config_for("arith", model="smollm2-135m", output_dir=str(tmp_path / "run"), eval_limit=8, hybrid=False)
+        t = Trainer(cfg, None, progress=False)
+        steps = iter(range(10**6))
+        benchmark.pedantic(lambda: t.device_step(next(steps)), rounds=3, warmup_rounds=2)
+        seconds = benchmark.stats.stats.median
+    benchmark.name = f"trainer-{method}-cpu-smollm2"
+    benchmark.extra_info.update(method=method, model="smollm2-135m", seconds_per_step=seconds)

@@ -1,5 +1,6 @@
-"""TRL's GRPOTrainer on the embedded model and task with the arith recipe, for the whole-step
-comparison (benchmarks/test_train_step_bench.py). trl is not a dependency of hrpo: this file is
+"""TRL's GRPOTrainer on the arith task with the arith recipe (the embedded model, or `model`: a name
+`hrpo.model.loading.load_base_model` reads, e.g. smollm2-135m), for the whole-step comparisons
+(benchmarks/test_train_step_bench.py, test_real_model_bench.py). trl is not a dependency of hrpo: this file is
 imported only when it is installed.
 
 Matched: the model and tokenizer, LoRA rank 32 / alpha 64 on every projection, 4 prompts x 8
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 
-def trl_step_seconds(steps: int, workdir: Path) -> float:
+def trl_step_seconds(steps: int, workdir: Path, model: str | None = None) -> float:
     """The median wall time of TRL's optimizer steps after the first two (seconds)."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -29,7 +30,7 @@ def trl_step_seconds(steps: int, workdir: Path) -> float:
     from hrpo.tasks.synthetic import synthetic_split
 
     torch.manual_seed(0)
-    model, tok = load_base_model(None, torch.device("cpu"), torch.float32)
+    model, tok = load_base_model(model, torch.device("cpu"), torch.float32)
     examples = synthetic_split("train", 4000, seed=0)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": ex.question}], "answer": ex.answer} for ex in examples])
     score = get_reward_fn("arith")

@@ -90,3 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.task}: wrote {len(records)} records to {out} ({report['duplicates']} duplicates and "
           f"{report['conflicts']} conflicts dropped; report {report_file})")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

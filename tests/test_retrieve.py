@@ -12,7 +12,7 @@ import torch
 from conftest import DATA, needs_data
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from hrpo import retrieve
+from hrpo.tasks import retrieval
 from hrpo.tasks.records import DataError
 from hrpo.tasks.registry import load_task
 from hrpo.core.prompts import Example
@@ -99,7 +99,7 @@ def test_cache_keyed_by_corpus_and_free_of_pickle(tmp_path, monkeypatch):
     for f in cache.glob("*.npy"):
         np.load(f, allow_pickle=False)  # plain arrays: loading runs nothing
     key = json.loads((cache / "key.json").read_text())
-    assert key["corpus_sha256"] == retrieve.file_digest(corpus) and key["method"] == "bm25"
+    assert key["corpus_sha256"] == retrieval.file_digest(corpus) and key["method"] == "bm25"
 
     with monkeypatch.context() as m:  # the second open loads the cache
         _no_build(m)
@@ -161,7 +161,7 @@ def test_attach_contexts(tmp_path, monkeypatch):
     assert [d["title"] for d in out[0].contexts] == ["Berlin", "Paris"] and out[2].contexts[0]["title"] == "Danube"
     assert examples[0].contexts is None and examples[2].contexts == []  # inputs unchanged
     with monkeypatch.context() as m:  # nothing missing: no index is opened, not even the corpus
-        m.setattr(retrieve, "open_index", None)
+        m.setattr(retrieval, "open_index", None)
         assert attach_contexts(out, tmp_path / "missing.jsonl") == out
 
 
@@ -247,7 +247,7 @@ def test_dense_mechanics(tmp_path, monkeypatch):
     cache = tmp_path / "corpus.jsonl.dense"
     assert sorted(f.name for f in cache.iterdir()) == ["embeddings.safetensors", "key.json"]
     with monkeypatch.context() as m:  # cached: the passages are not encoded again
-        m.setattr(retrieve.DenseIndex, "build", None)
+        m.setattr(retrieval.DenseIndex, "build", None)
         assert torch.equal(open_index(corpus, method="dense", encoder=encoder, progress=False).embeddings, index.embeddings)
     key = json.loads((cache / "key.json").read_text())
     other = _tiny_encoder(tmp_path / "other", texts + ["extra"])

@@ -72,6 +72,7 @@ from hrpo.training.config import (
     add_config_args,
     check_resumable,
     config_for,
+    latent_for,
     resume_config,
     saved_config,
     validate_config,
@@ -182,7 +183,8 @@ class Trainer:
         encode_prompts(self.tokenizer, user_messages(cfg.task, self.eval_ex), cfg.max_prompt_length, self.system)
         self.matcher = MarkerMatcher(self.tokenizer, cfg.marker, model.config.vocab_size)
         self.eos = eos_token_ids(model, self.tokenizer)
-        self.sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False, hybrid=cfg.hybrid)
+        self.sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False, hybrid=cfg.hybrid,
+                                       latent=latent_for(cfg))
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
         self.engine = make_engine(self.hm, self.matcher, self.eos, self.tokenizer.pad_token_id, kind=cfg.engine)
 
@@ -224,7 +226,8 @@ class Trainer:
         logprob_t = cfg.temperature if cfg.logprob_temperature is None else cfg.logprob_temperature
         self.update = UpdateSettings(logprob_t, cfg.hybrid, cfg.beta, cfg.epsilon, cfg.loss_norm,
                                      cfg.max_completion_length, cfg.micro_batch_tokens,
-                                     share_prefix=not (cfg.gradient_checkpointing or sharded))
+                                     share_prefix=not (cfg.gradient_checkpointing or sharded), latent=latent_for(cfg),
+                                     top_k=cfg.top_k)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -263,8 +266,8 @@ class Trainer:
         return path
 
     def _policy_meta(self) -> dict:
-        return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "marker": self.cfg.marker,
-                "system_prompt": self.cfg.system_prompt, "step": self.state.step}
+        return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "method": self.cfg.method,
+                "marker": self.cfg.marker, "system_prompt": self.cfg.system_prompt, "step": self.state.step}
 
     def _plot(self) -> None:
         if self.records:

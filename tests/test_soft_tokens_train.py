@@ -91,3 +91,22 @@ def test_method_option():
         validate_config(config_for("arith", method="soft-tokens", tis=2.0))
     with pytest.raises(ConfigError, match="noise"):
         validate_config(config_for("arith", method="soft-tokens", noise_std=0.0))
+
+
+def test_soft_tokens_run_end_to_end(model_dir, tmp_path):
+    """Two optimizer steps of --method soft-tokens on the embedded model: finite losses, the
+    checkpoint records the method, no gate ran (gate_a is not a number)."""
+    import json
+
+    from conftest import small_config
+
+    from hrpo.train import train
+    from hrpo.training.checkpoint import read_checkpoint_meta
+
+    out = tmp_path / "run"
+    train(small_config(model_dir, out, method="soft-tokens", noise_std=0.05), progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert all(r["gate_a"] is None or math.isnan(r["gate_a"]) for r in records)
+    assert read_checkpoint_meta(out / "checkpoint")["method"] == "soft-tokens"

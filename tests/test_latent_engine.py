@@ -2,7 +2,9 @@
 the same tokens and store the same latents (each mode's next input) for every mode, with the
 engine's C++ step and its torch step, compaction on; and the thinking positions' inputs are
 those latents."""
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +15,11 @@ from conftest import build_model
 from test_engine import F32, WIDE_EOS, both, grouped, policy
 from test_rollout_engine import assert_same
 
-from hrpo.engine.rollout import thinking_input
+from hrpo.core.marker import MarkerMatcher
+from hrpo.engine.rollout import SamplingConfig, rollout, thinking_input
 from hrpo.engine.rollout_engine import EngineOptions
-from hrpo_kernels.latent_input import LatentParams
+from hrpo.inspect import replay
+from hrpo_kernels.latent_input import LatentParams, gaussian_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = [LatentParams("soft"), LatentParams("moi", beta=0.5), LatentParams("soft-noise", noise_std=0.3),
@@ -59,9 +63,6 @@ def test_replay_under_soft_feeds_the_mixture_and_shows_its_tokens(tokenizer):
     """The inspector's replay under soft: position 0's weights are softmax(logits / T) over the
     top-k of the prompt's last logits (computed here from HF's forward), its latent is their
     mixture of E, and position 1's weights come from the model fed that latent as an input."""
-    from hrpo.core.marker import MarkerMatcher
-    from hrpo.inspect import replay
-
     hm = policy(build_model("qwen2", len(tokenizer))).eval()
     matcher = MarkerMatcher(tokenizer, "####", len(tokenizer))
     prompt, completion = tokenizer.encode("Tom has 12 apples"), tokenizer.encode(" so 19")
@@ -105,12 +106,6 @@ def test_training_forward_replays_the_soft_token_rollout(tokenizer):
     answer-token log-probs, and at thinking positions its mean mixture is the rollout's: the
     stored input minus the policy's mean is exactly sigma times the Philox normals the rollout
     drew (recomputed here from the seed), so the log-density is -|z|^2 / 2 - d/2 log(2 pi sigma^2)."""
-    import math
-
-    from hrpo.core.marker import MarkerMatcher
-    from hrpo.engine.rollout import SamplingConfig, rollout
-    from hrpo_kernels.latent_input import gaussian_noise
-
     hm = policy(build_model("qwen2", len(tokenizer))).eval()
     params = LatentParams("soft-noise", noise_std=0.05)
     prompts = grouped(tokenizer)[:6]
@@ -131,8 +126,6 @@ def test_training_forward_replays_the_soft_token_rollout(tokenizer):
 
 
 def test_comparison_script_pass_at_k_by_hand():
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("compare_latent_modes", ROOT / "scripts" / "compare_latent_modes.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

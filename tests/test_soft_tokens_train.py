@@ -7,16 +7,19 @@ the Gaussian log-density by its formula):
 with lp the answer tokens' log-probs at the sampling temperature and, at thinking positions,
 log N(stored input; p @ E, sigma^2 I), p the top-k softmax of the position's logits; the
 thinking inputs are the stored noisy inputs themselves. Also the option's checks."""
+import json
 import math
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, small_config
 from test_engine import WIDE_EOS, grouped, policy
 
 from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import SamplingConfig, rollout
+from hrpo.train import train
+from hrpo.training.checkpoint import read_checkpoint_meta
 from hrpo.training.config import config_for, latent_for, validate_config
 from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 from hrpo_kernels.latent_input import LatentParams
@@ -96,13 +99,6 @@ def test_method_option():
 def test_soft_tokens_run_end_to_end(model_dir, tmp_path):
     """Two optimizer steps of --method soft-tokens on the embedded model: finite losses, the
     checkpoint records the method, no gate ran (gate_a is not a number)."""
-    import json
-
-    from conftest import small_config
-
-    from hrpo.train import train
-    from hrpo.training.checkpoint import read_checkpoint_meta
-
     out = tmp_path / "run"
     train(small_config(model_dir, out, method="soft-tokens", noise_std=0.05), progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -151,15 +151,17 @@ def select(n_total: int, limit: int | None, seed: int) -> list[int]:
 
 def add_latent_arguments(p: argparse.ArgumentParser) -> None:
     """--latent-mode and its numbers (hrpo_kernels/latent_input.py, docs/latent-modes.md)."""
-    p.add_argument("--latent-mode", default="hrpo", choices=MODES,
+    p.add_argument("--latent-mode", choices=MODES,
                    help="what a thinking position's input is: hrpo (the gate's blend of the token and h_hat), soft "
                         "(Soft Thinking's p @ E), moi (Mixture of Inputs), soft-noise (soft tokens: p @ E plus "
-                        "Gaussian noise), gumbel-soft (SofT-GRPO's Gumbel-Softmax mixture)")
+                        "Gaussian noise), gumbel-soft (SofT-GRPO's Gumbel-Softmax mixture); None: the checkpoint's "
+                        "(soft-noise for --method soft-tokens), else hrpo")
     p.add_argument("--latent-temperature", type=float,
                    help="temperature of the mixture's distribution; None: --temperature (fuzzy tokens: small)")
     p.add_argument("--latent-top-p", type=float, default=1.0, help="nucleus of the mixture (1: off)")
     p.add_argument("--moi-beta", type=float, default=1.0, help="Mixture of Inputs' concentration beta")
-    p.add_argument("--noise-std", type=float, default=0.1, help="soft-noise's standard deviation (embedding units)")
+    p.add_argument("--noise-std", type=float, help="soft-noise's standard deviation (embedding units); None: the "
+                   "checkpoint's, else 0.1")
     p.add_argument("--gumbel-tau", type=float, default=0.1, help="gumbel-soft's Gumbel-Softmax temperature")
 
 
@@ -315,12 +317,16 @@ def resolve_checkpoint(path: str) -> str:
 
 def recorded_settings(args, meta: dict) -> None:
     """The decoding settings the user left unset (None) as the checkpoint was trained: hybrid
-    latents, system prompt, and the answer marker that ends thinking (earlier checkpoints
-    record no system prompt: on)."""
+    latents, their latent mode (and soft-noise's sigma), system prompt, and the answer marker
+    that ends thinking (earlier checkpoints record no system prompt: on; no mode: hrpo)."""
     if args.hybrid is None:
         args.hybrid = meta.get("hybrid", True)
     if args.system_prompt is None:
         args.system_prompt = meta.get("system_prompt", True)
+    if args.latent_mode is None:
+        args.latent_mode = meta.get("latent_mode", "hrpo")
+    if args.noise_std is None:
+        args.noise_std = meta.get("noise_std", LatentParams.noise_std)
     args.marker = meta.get("marker", ANSWER_MARKER)
 
 
@@ -329,7 +335,7 @@ def describe_policy(verb: str, args, task: str | None) -> str:
     what = f"checkpoint {args.checkpoint}" if args.checkpoint else "the base model"
     task_part = f"task {task}, " if task else ""
     return (f"{verb} {what} ({task_part}base model {args.base_model or 'embedded'}, "
-            f"hybrid {'on' if args.hybrid else 'off'}, system prompt {'on' if args.system_prompt else 'off'}, "
+            f"hybrid {f'on ({args.latent_mode})' if args.hybrid else 'off'}, system prompt {'on' if args.system_prompt else 'off'}, "
             f"marker {args.marker!r})")
 
 

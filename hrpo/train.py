@@ -266,7 +266,9 @@ class Trainer:
         return path
 
     def _policy_meta(self) -> dict:
+        latent = latent_for(self.cfg)
         return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "method": self.cfg.method,
+                "latent_mode": latent.mode, "noise_std": latent.noise_std,
                 "marker": self.cfg.marker, "system_prompt": self.cfg.system_prompt, "step": self.state.step}
 
     def _plot(self) -> None:

@@ -18,6 +18,8 @@ from test_engine import WIDE_EOS, grouped, policy
 from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import SamplingConfig, rollout
+from hrpo.eval import latent_params, recorded_settings
+from hrpo.eval import parser as eval_parser
 from hrpo.train import train
 from hrpo.training.checkpoint import read_checkpoint_meta
 from hrpo.training.config import config_for, latent_for, validate_config
@@ -105,4 +107,12 @@ def test_soft_tokens_run_end_to_end(model_dir, tmp_path):
     assert [r["step"] for r in records] == [0, 1]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert all(r["gate_a"] is None or math.isnan(r["gate_a"]) for r in records)
-    assert read_checkpoint_meta(out / "checkpoint")["method"] == "soft-tokens"
+    meta = read_checkpoint_meta(out / "checkpoint")
+    assert meta["method"] == "soft-tokens"
+    # evaluation and the inspector decode it as trained unless told otherwise
+    args = eval_parser().parse_args(["--checkpoint", str(out / "checkpoint")])
+    recorded_settings(args, meta)
+    assert latent_params(args) == LatentParams("soft-noise", noise_std=0.05)
+    args = eval_parser().parse_args(["--checkpoint", str(out / "checkpoint"), "--latent-mode", "soft"])
+    recorded_settings(args, meta)
+    assert latent_params(args).mode == "soft"

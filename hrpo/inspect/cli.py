@@ -105,7 +105,6 @@ def _check(args) -> None:
         raise ConfigError("--limit applies to --samples")
     if args.task:
         get_task(args.task)
-    latent_params(args)
 
 
 def _system(task: str, on: bool) -> tuple[str | None, int]:
@@ -121,6 +120,7 @@ def collect(args) -> list[Trace]:
         args.checkpoint = resolve_checkpoint(args.checkpoint)
     meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else {}
     recorded_settings(args, meta)
+    latent = latent_params(args)  # checked before the model loads
     args.base_model = args.model or meta.get("base_model")
     default_task = args.task or meta.get("task") or "arith"
     print(describe_policy("inspecting", args, None if samples and not args.task else default_task))
@@ -131,7 +131,6 @@ def collect(args) -> list[Trace]:
         system, limit = _system(task.name, args.system_prompt)
         prompts = encode_prompts(tokenizer, args.prompt, limit, system)
         engine = make_engine(hm, matcher, eos_token_ids(hm.causal_lm, tokenizer), tokenizer.pad_token_id)
-        latent = latent_params(args)
         sampling = SamplingConfig(args.max_new_tokens or task.max_new_tokens, args.temperature, args.top_k,
                                   greedy=True, hybrid=args.hybrid, latent=latent)
         out = engine.generate(prompts, sampling, torch.Generator(device=hm.lm_weight.device).manual_seed(0))
@@ -148,7 +147,6 @@ def collect(args) -> list[Trace]:
         except ValueError as err:
             raise InputError(f"{args.samples}:{number}: {err}") from None
         ids = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"][: args.max_new_tokens]
-        latent = latent_params(args)
         batch, mixed = replay(hm, prompt, ids, matcher, args.temperature, args.top_k, args.hybrid, latent,
                               k=args.top_k_nearest)
         recorded = {k: rec[k] for k in RECORDED if k in rec}

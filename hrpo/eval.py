@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import random
 import sys
 import time
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from hrpo.core.distributed import finish_group, init_group, shard
 from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
-from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT, Example, encode_prompts
+from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT
 from hrpo.core.signals import SignalStop, stop_at_once
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
@@ -47,12 +46,11 @@ from hrpo.model.loading import (
     resolve_device,
     resolve_dtype,
 )
-from hrpo.tasks import PROTOCOLS, Task, get_task, load_examples
+from hrpo.tasks import PROTOCOLS, get_task, load_examples
 from hrpo.tasks.retrieval import attach_contexts
-from hrpo.tasks.reward_guard import score as guarded_score
 from hrpo.training.checkpoint import complete_checkpoints, load_checkpoint, read_checkpoint_meta
 from hrpo.training.config import HelpFormatter, config_for
-from hrpo.training.reporting import json_safe
+from hrpo.training.evaluation import scored_batches, summarise
 from hrpo.training.runs import MANIFEST, RunDir, check_writable, write_json
 from hrpo_kernels.latent_input import MODES, LatentParams
 
@@ -74,68 +72,6 @@ DATA_LAYOUT = {
     "2wiki": "2wikimultihopqa/dev_questions_answers.jsonl",
     "bamboogle": "bamboogle/test.jsonl",
 }
-
-
-def decode_completions(tokenizer, out) -> list[str]:
-    rows = [ids[mask].tolist() for ids, mask in zip(out.completion_ids, out.completion_mask)]
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-
-@torch.no_grad()
-def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, engine, *,
-                   max_prompt_length: int, system: str | None, batch_size: int, seed: int, protocol: str = "strict",
-                   reward_fn=None, reward_timeout: float = 60.0, indices: list[int] | None = None):
-    """Generate for `examples` batch by batch and yield each batch's samples (one dict per
-    example: its index, prompt, completion, extracted answer, golds, correct, completion
-    tokens, mean gate coefficient). `correct` is the task's score under `protocol`, or
-    `reward_fn`'s reward when one is given (the trainer's held-out check)."""
-    indices = list(range(len(examples))) if indices is None else indices
-    official = protocol == "official" and reward_fn is None  # samples show the golds the paper's script compares
-    messages = [task.render(ex) for ex in examples]
-    prompts = encode_prompts(tokenizer, messages, max_prompt_length, system)
-    generator = torch.Generator(device=hm.lm_weight.device).manual_seed(seed)
-    for lo in range(0, len(examples), batch_size):
-        batch = examples[lo : lo + batch_size]
-        out = engine.generate(prompts[lo : lo + batch_size], sampling, generator)
-        texts = decode_completions(tokenizer, out)
-        if reward_fn is None:
-            golds = [task.gold(ex, protocol) for ex in batch]  # official: what the paper's script reads
-            correct = [task.reward(t, g, protocol) for t, g in zip(texts, golds)]
-        else:
-            golds = [ex.answer for ex in batch]
-            correct, _ = guarded_score(reward_fn, texts, golds, reward_timeout)
-        samples = []
-        lengths, gates = out.lengths.tolist(), out.gate_mean.tolist()  # one host read per batch
-        for j, (ex, text, ok) in enumerate(zip(batch, texts, correct)):
-            extracted = task.answer(text, protocol)
-            samples.append(json_safe({
-                "index": indices[lo + j], "prompt": messages[lo + j], "completion": text,
-                "extracted": None if extracted is None else str(extracted), "golds": ex.answer,
-                "correct": float(ok) if math.isfinite(ok) else 0.0,  # a non-finite reward credits nothing
-                **({"official_golds": task.official.golds(golds[j])} if official else {}),
-                **(task.details("" if extracted is None else str(extracted), ex.answer) if task.details else {}),
-                "completion_tokens": lengths[j], "gate_mean": gates[j],
-            }))
-        yield samples
-
-
-def evaluate(hm, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, engine, *,
-             progress: bool = True, **kwargs) -> dict:
-    """Accuracy (mean of `correct`), mean completion length, seconds and the samples."""
-    samples, start = [], time.perf_counter()
-    bar = tqdm(total=len(examples), desc=f"eval {task.name}", disable=not progress, leave=False)
-    for batch in scored_batches(hm, tokenizer, task, examples, sampling, engine, **kwargs):
-        samples.extend(batch)
-        bar.update(len(batch))
-    bar.close()
-    n = max(len(samples), 1)
-    return {
-        "accuracy": sum(s["correct"] for s in samples) / n,
-        "n": len(samples),
-        "mean_completion_tokens": sum(s["completion_tokens"] for s in samples) / n,
-        "seconds": time.perf_counter() - start,
-        "samples": samples,
-    }
 
 
 def select(n_total: int, limit: int | None, seed: int) -> list[int]:
@@ -203,16 +139,6 @@ def _done(samples_file: Path, task: str, key: str) -> dict[int, dict]:
             if rec.get("task") == task and rec.get("key") == key:
                 done[rec["index"]] = rec
     return done
-
-
-def summarise(task: Task, samples: list[dict], settings: dict, seconds: float) -> dict:
-    n = len(samples)
-    value = sum(s["correct"] for s in samples) / n if n else float("nan")
-    row = {"metric": task.metric, "value": value, "n": n, **settings, "seconds": seconds}
-    if samples and "f1" in samples[0]:
-        row["f1"] = sum(s["f1"] for s in samples) / n
-    row["mean_completion_tokens"] = sum(s["completion_tokens"] for s in samples) / n if n else None
-    return row
 
 
 def table(rows: dict[str, dict], columns: list[str] | None = None) -> str:
@@ -365,13 +291,9 @@ def _load(task: str, args):
 
 
 def run(args) -> int:
-    if args.checkpoint:
-        args.checkpoint = resolve_checkpoint(args.checkpoint)
-    meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
-    recorded_settings(args, meta or {})
-    args.task = args.task or (meta or {}).get("task") or "gsm8k"
-    args.base_model = args.model or (meta["base_model"] if meta else None)
-    _check_args(args)
+    """Evaluate the policy `args` name on each task, continuing an interrupted evaluation in
+    the same folder; rank 0 prints the results table."""
+    meta = _resolve(args)
     tasks = list(BENCHMARKS) if args.task == "all" else [args.task]
     # An evaluation folder is continued by default: its finished examples are kept.
     resume = (Path(args.output_dir) / MANIFEST).is_file() and not args.overwrite
@@ -381,20 +303,11 @@ def run(args) -> int:
         print(describe_policy("evaluating", args, args.task))
     device = resolve_device(args.device, group.local_rank)
     model, tokenizer = load_base_model(args.base_model, device, resolve_dtype(args.dtype, device))
-    if meta:
-        cfg = config_for(tasks[0], lora_rank=meta["lora"]["rank"], lora_alpha=meta["lora"]["alpha"],
-                         lora_targets=tuple(meta["lora"]["targets"]))
-        hm = load_checkpoint(build_policy(model, cfg), args.checkpoint)
-    else:
-        hm = HybridModel(model)
+    hm = _policy(model, meta, args.checkpoint, tasks[0])
     loaded = {t: _load(t, args) for t in tasks}  # every input checked before the folder is touched
     keys = {t: _key(_settings(args, t, loaded[t][1])) for t in tasks}
-    earlier = Path(args.output_dir) / "results.json"
-    if resume and earlier.is_file():
-        for name, row in json.loads(earlier.read_text()).get("benchmarks", {}).items():
-            if name in keys and row.get("key") != keys[name]:
-                raise ValueError(f"--output-dir {args.output_dir} holds {name} evaluated with other settings; "
-                                 "choose another folder or pass --overwrite")
+    if resume:
+        _check_earlier(args.output_dir, keys)
     matcher = MarkerMatcher(tokenizer, args.marker, model.config.vocab_size)
     eos = eos_token_ids(model, tokenizer)
     engine = make_engine(hm.eval(), matcher, eos, tokenizer.pad_token_id, kind=args.engine)
@@ -402,53 +315,110 @@ def run(args) -> int:
         out.open()
         out.path("results.json"), out.path("samples.jsonl")
     group.sum([0.0])  # the others wait until rank 0 has taken the folder
-    results_file, samples_file = out.root / "results.json", out.root / "samples.jsonl"
+    results_file = out.root / "results.json"
     results = json.loads(results_file.read_text())["benchmarks"] if results_file.is_file() else {}
     for name in tasks:
-        task = get_task(name)
         examples, data = loaded[name]
-        settings = _settings(args, name, data)
-        key = keys[name]
-        chosen = select(len(examples), args.limit, args.seed)
-        done = _done(samples_file, name, key)
-        todo = [i for i in chosen if i not in done]
-        recipe = config_for(name)
-        sampling = SamplingConfig(settings["decoding"]["max_new_tokens"], args.temperature, args.top_k,
-                                  greedy=not args.sample, hybrid=args.hybrid, latent=latent_params(args))
-        system = SYSTEM_PROMPT if args.system_prompt and recipe.system_prompt else None
-        bar = tqdm(total=len(chosen), initial=len(chosen) - len(todo), desc=name, disable=args.quiet or not group.main)
-        start = time.perf_counter()
-        correct = [done[i]["correct"] for i in chosen if i in done]
-        mine = shard(todo, group)
-        batches = scored_batches(hm, tokenizer, task, [examples[i] for i in mine], sampling, engine,
-                                 max_prompt_length=args.max_prompt_length or recipe.max_prompt_length,
-                                 system=system, batch_size=args.batch_size, seed=args.seed, protocol=args.protocol,
-                                 indices=mine)
-        # Ranks go batch by batch together (a rank with a shorter share sends empty batches at
-        # the end); rank 0 appends every rank's finished samples.
-        rounds = -(-len(todo) // group.world) // args.batch_size + bool(-(-len(todo) // group.world) % args.batch_size)
-        with samples_file.open("a", encoding="utf-8") if group.main else contextlib.nullcontext() as fh:
-            for _ in range(rounds):
-                batch = [s for part in group.gather(next(batches, [])) for s in part]
-                for s in batch:
-                    s.update(task=name, key=key)
-                    correct.append(s["correct"])
-                if fh is not None:
-                    fh.write("".join(json.dumps(s) + "\n" for s in batch))
-                    fh.flush()
-                bar.update(len(batch))
-                bar.set_postfix({task.metric: f"{sum(correct) / max(len(correct), 1):.3f}"})
-        bar.close()
+        job = TaskRun(args, name, examples, _settings(args, name, data), keys[name], out.root / "samples.jsonl")
+        seconds = job.run(hm, tokenizer, engine, group)
         if group.main:
-            finished = [rec for rec in _done(samples_file, name, key).values() if rec["index"] in set(chosen)]
-            previous = results.get(name, {}).get("seconds", 0.0) if results.get(name, {}).get("key") == key else 0.0
-            results[name] = {**summarise(task, finished, settings, previous + time.perf_counter() - start), "key": key}
+            earlier = results.get(name, {})
+            previous = earlier.get("seconds", 0.0) if earlier.get("key") == keys[name] else 0.0
+            results[name] = {**job.summary(previous + seconds), "key": keys[name]}
             write_json(results_file, {"benchmarks": results})
             out.started()
     if group.main:
         print(table({n: results[n] for n in tasks}))
         print(f"results: {results_file}")
     return 0
+
+
+def _resolve(args) -> dict | None:
+    """The checkpoint's metadata (None for the base model), with the settings the user left
+    unset filled in from it, and every argument checked."""
+    if args.checkpoint:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
+    recorded_settings(args, meta or {})
+    args.task = args.task or (meta or {}).get("task") or "gsm8k"
+    args.base_model = args.model or (meta["base_model"] if meta else None)
+    _check_args(args)
+    return meta
+
+
+def _policy(model, meta: dict | None, checkpoint: str | None, task: str) -> HybridModel:
+    """The checkpoint's policy on `model` (LoRA of its recorded shape), or the base model."""
+    if not meta:
+        return HybridModel(model)
+    cfg = config_for(task, lora_rank=meta["lora"]["rank"], lora_alpha=meta["lora"]["alpha"],
+                     lora_targets=tuple(meta["lora"]["targets"]))
+    return load_checkpoint(build_policy(model, cfg), checkpoint)
+
+
+def _check_earlier(output_dir: str, keys: dict[str, str]) -> None:
+    """A continued folder must hold each task evaluated with the same settings, if at all."""
+    results_file = Path(output_dir) / "results.json"
+    if not results_file.is_file():
+        return
+    for name, row in json.loads(results_file.read_text()).get("benchmarks", {}).items():
+        if name in keys and row.get("key") != keys[name]:
+            raise ValueError(f"--output-dir {output_dir} holds {name} evaluated with other settings; "
+                             "choose another folder or pass --overwrite")
+
+
+class TaskRun:
+    """One task's evaluation: the examples chosen (--limit, --seed), those still to score, and
+    the finished samples appended to `samples_file` batch by batch."""
+
+    def __init__(self, args, name: str, examples: list, settings: dict, key: str, samples_file: Path):
+        self.args, self.name, self.examples, self.settings, self.key = args, name, examples, settings, key
+        self.task, self.samples_file = get_task(name), samples_file
+        self.chosen = select(len(examples), args.limit, args.seed)
+        done = _done(samples_file, name, key)
+        self.todo = [i for i in self.chosen if i not in done]
+        self.correct = [done[i]["correct"] for i in self.chosen if i in done]
+
+    def run(self, hm, tokenizer, engine, group) -> float:
+        """Score this rank's share of the examples still to do; returns the seconds taken."""
+        args, recipe = self.args, config_for(self.name)
+        sampling = SamplingConfig(self.settings["decoding"]["max_new_tokens"], args.temperature, args.top_k,
+                                  greedy=not args.sample, hybrid=args.hybrid, latent=latent_params(args))
+        system = SYSTEM_PROMPT if args.system_prompt and recipe.system_prompt else None
+        bar = tqdm(total=len(self.chosen), initial=len(self.chosen) - len(self.todo), desc=self.name,
+                   disable=args.quiet or not group.main)
+        start = time.perf_counter()
+        mine = shard(self.todo, group)
+        batches = scored_batches(hm, tokenizer, self.task, [self.examples[i] for i in mine], sampling, engine,
+                                 max_prompt_length=args.max_prompt_length or recipe.max_prompt_length,
+                                 system=system, batch_size=args.batch_size, seed=args.seed, protocol=args.protocol,
+                                 indices=mine)
+        # Ranks go batch by batch together (a rank with a shorter share sends empty batches at
+        # the end); rank 0 appends every rank's finished samples.
+        share = -(-len(self.todo) // group.world)
+        rounds = share // args.batch_size + bool(share % args.batch_size)
+        with self.samples_file.open("a", encoding="utf-8") if group.main else contextlib.nullcontext() as fh:
+            for _ in range(rounds):
+                batch = [s for part in group.gather(next(batches, [])) for s in part]
+                self._record(batch, fh)
+                bar.update(len(batch))
+                bar.set_postfix({self.task.metric: f"{sum(self.correct) / max(len(self.correct), 1):.3f}"})
+        bar.close()
+        return time.perf_counter() - start
+
+    def _record(self, batch: list[dict], fh) -> None:
+        """Tag a finished batch with its task and settings and append it (rank 0: `fh`)."""
+        for s in batch:
+            s.update(task=self.name, key=self.key)
+            self.correct.append(s["correct"])
+        if fh is not None:
+            fh.write("".join(json.dumps(s) + "\n" for s in batch))
+            fh.flush()
+
+    def summary(self, seconds: float) -> dict:
+        """The results row of every chosen example finished so far (this run's and earlier)."""
+        chosen = set(self.chosen)
+        finished = [rec for rec in _done(self.samples_file, self.name, self.key).values() if rec["index"] in chosen]
+        return summarise(self.task, finished, self.settings, seconds)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -71,10 +71,10 @@ def test_recipes_and_defaults_are_valid():
 ])
 def test_cli_refuses_bad_options_before_any_work(args, message, model_dir, tmp_path, monkeypatch, capsys):
     """The error comes before the model is loaded, and no folder is created."""
-    import hrpo.train
+    import hrpo.training.setup
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hrpo.train, "load_base_model", lambda *a: pytest.fail("loaded the model before validating"))
+    monkeypatch.setattr(hrpo.training.setup, "load_base_model", lambda *a: pytest.fail("loaded the model before validating"))
     out = tmp_path / "run"
     argv = ["--model", str(model_dir), "--output-dir", str(out)] + args
     assert train_main(argv) == 2

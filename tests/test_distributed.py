@@ -36,7 +36,7 @@ RUNNER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, os.environ["TESTS"])
     from conftest import small_config
-    import hrpo.train, hrpo.training.update
+    import hrpo.train, hrpo.training.setup, hrpo.training.step, hrpo.training.update
     from hrpo.train import train
 
     out = Path(os.environ["OUT"])
@@ -85,11 +85,11 @@ RUNNER = textwrap.dedent("""
 
     hook(hrpo.train.Trainer, "device_step", log_step)
     if env("PLANS"):
-        hook(hrpo.train, "micro_batches", log_plan)
+        hook(hrpo.training.step, "micro_batches", log_plan)
     if env("NAN_STEP"):
         hook(hrpo.training.update, "per_token_terms", poison)
     if env("EOS_RANK"):
-        hook(hrpo.train, "make_engine", early_eos)
+        hook(hrpo.training.setup, "make_engine", early_eos)
 
     extra = {"fsdp": True} if env("FSDP") == "1" else {}
     for name, kind in (("micro_batch_tokens", int), ("engine", str), ("eval_limit", int), ("eval_batch_size", int)):

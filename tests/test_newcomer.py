@@ -13,6 +13,7 @@ import pytest
 from conftest import small_config
 
 import hrpo.train
+import hrpo.training.setup
 from hrpo.eval import main as eval_main
 from hrpo.eval import parser as eval_parser
 from hrpo.inspect.cli import main as inspect_main
@@ -124,14 +125,14 @@ def test_a_folder_that_is_no_model_is_one_line(tmp_path, capsys, command):
 def test_a_signal_before_the_first_step_is_one_line(model_dir, tmp_path, capsys, monkeypatch, signum, where):
     """Ctrl-C during the evaluation before training, SIGTERM while the model loads: one line,
     exit 128 + signal, the folder rolled back, and --resume says there is nothing to resume."""
-    real = getattr(hrpo.train, where) if where == "load_base_model" else hrpo.train.Trainer.heldout_both
+    real = getattr(hrpo.training.setup, where) if where == "load_base_model" else hrpo.train.Trainer.heldout_both
 
     def interrupted(*a, **kw):
         os.kill(os.getpid(), signum)  # the handler hrpo installed runs here, in the main thread
         return real(*a, **kw)
 
     if where == "load_base_model":
-        monkeypatch.setattr(hrpo.train, where, interrupted)
+        monkeypatch.setattr(hrpo.training.setup, where, interrupted)
     else:
         monkeypatch.setattr(hrpo.train.Trainer, where, interrupted)
     out = tmp_path / "r"

@@ -14,8 +14,9 @@ import torch
 from conftest import DATA, needs_data
 from safetensors.torch import load_file
 
+import hrpo.eval
 import hrpo.model.loading
-import hrpo.train
+import hrpo.training.setup
 from hrpo.training.config import config_for
 from hrpo.engine.rollout_engine import make_engine
 from hrpo.eval import main as eval_main
@@ -172,7 +173,7 @@ def test_train_two_steps_and_resume(smol, tmp_path, monkeypatch):
     from its step-1 checkpoint ends with the same step-2 metrics and bit-identical adapters;
     the checkpoint names the model by its alias."""
     model, tok = smol
-    monkeypatch.setattr(hrpo.train, "load_base_model", lambda *a: (copy.deepcopy(model), tok))
+    monkeypatch.setattr(hrpo.training.setup, "load_base_model", lambda *a: (copy.deepcopy(model), tok))
     values = dict(model="smollm2-135m", max_steps=2, batch_size=4, group_size=2, max_completion_length=8,
                   max_prompt_length=128, train_limit=8, eval_limit=2, lora_rank=4, lora_alpha=8, save_every=1,
                   keep_checkpoints=2)
@@ -200,7 +201,7 @@ def test_eval_paper_protocol_on_real_questions(smol, tmp_path, monkeypatch, task
     """hrpo.eval as a user runs it (the paper's system prompt and user turn, greedy): each
     stored completion is the model's own greedy continuation of the prompt the task renders."""
     model, tok = smol
-    monkeypatch.setattr(hrpo.model.loading, "load_base_model", lambda *a: (copy.deepcopy(model), tok))
+    monkeypatch.setattr(hrpo.eval, "load_base_model", lambda *a: (copy.deepcopy(model), tok))
     out = tmp_path / task
     assert eval_main(["--model", "smollm2-135m", "--task", task, "--data", str(DATA / data), "--limit", "2",
                       "--max-new-tokens", "24", "--no-hybrid", "--output-dir", str(out), "--quiet"]) == 0

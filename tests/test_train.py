@@ -11,7 +11,8 @@ from hrpo.training.config import config_for
 from hrpo.model.loading import attach_lora, build_policy
 from hrpo.model.hybrid import HybridModel, ModelError
 from hrpo.train import main as train_main
-from hrpo.train import Trainer, lr_schedule, make_optimizer, train
+from hrpo.train import Trainer, train
+from hrpo.training.setup import lr_schedule, make_optimizer
 
 
 def test_optimizer_groups_and_learning_rates():

@@ -239,7 +239,7 @@ def first_step(model_dir, out, monkeypatch, shift=0.0, **kw):
     gradients at the first optimizer step, what each policy pass returned, logp - old in each
     clipped ratio, and the calls of policy_logprobs. `shift` is added to the engine's
     log-probs of even rows and taken from odd ones (a sampler that disagrees with training)."""
-    import hrpo.train
+    import hrpo.training.step
     import hrpo.training.update
     from conftest import small_config
 
@@ -247,7 +247,7 @@ def first_step(model_dir, out, monkeypatch, shift=0.0, **kw):
 
     t = Trainer(small_config(model_dir, out, **kw), text_reward, progress=False)
     seen = {"passes": [], "logp_minus_old": [], "policy_logprobs": 0}
-    generate, optimizer_step, group_advantages = t.engine.generate, t.optimizer_step, hrpo.train.group_advantages
+    generate, optimizer_step, group_advantages = t.engine.generate, t.optimizer_step, hrpo.training.step.group_advantages
 
     def shifted(*args, **kwargs):
         out = generate(*args, **kwargs)
@@ -278,9 +278,9 @@ def first_step(model_dir, out, monkeypatch, shift=0.0, **kw):
         seen["policy_logprobs"] += 1
         return policy_logprobs(*args, **kwargs)
 
-    monkeypatch.setattr(hrpo.train, "group_advantages", advantages)
-    monkeypatch.setattr(hrpo.train, "policy_backward", backward)
-    monkeypatch.setattr(hrpo.train, "policy_logprobs", old_logprobs)
+    monkeypatch.setattr(hrpo.training.step, "group_advantages", advantages)
+    monkeypatch.setattr(hrpo.training.step, "policy_backward", backward)
+    monkeypatch.setattr(hrpo.training.step, "policy_logprobs", old_logprobs)
     monkeypatch.setattr(hrpo.training.update, "per_token_terms", terms)
     t.engine.generate, t.optimizer_step = shifted, capture
     t.device_step(0)

@@ -85,6 +85,7 @@ def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
     return rep, [first[tuple(p)] for p in prompts]
 
 
+# long: the reference decode loop, kept whole so each step reads in order against the fast engine it checks
 @torch.no_grad()
 def rollout(
     hm: HybridModel,

@@ -188,6 +188,7 @@ class RolloutEngine:
         return graph
 
     # ------------------------------------------------------------------ a rollout
+    # long: checks, prefill and chunked decode share one persistent state; a split is the engine owner's (issue 15)
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], cfg: SamplingConfig, generator: torch.Generator | None = None,
                  seed: int | None = None, rows: tuple[int, int] | None = None) -> Rollout:

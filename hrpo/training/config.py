@@ -187,6 +187,27 @@ def _check(ok: bool, name: str, allowed: str, value) -> None:
         raise ConfigError(f"{flag(name)} must be {allowed}, got {value!r}")
 
 
+def _ints(cfg: TrainConfig, name: str, lo: int, hi: int | None = None, optional: bool = False) -> None:
+    v = getattr(cfg, name)
+    if optional and v is None:
+        return
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi), name, allowed, v)
+
+
+def _floats(cfg: TrainConfig, name: str, lo: float, hi: float | None, lo_open: bool = False,
+            hi_open: bool = False) -> None:
+    v = getattr(cfg, name)
+    number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = number and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    allowed = f"a number in {'(' if lo_open else '['}{lo}, {'inf)' if hi is None else str(hi) + (')' if hi_open else ']')}"
+    _check(ok, name, allowed, v)
+
+
+def _choice(cfg: TrainConfig, name: str, options) -> None:
+    _check(getattr(cfg, name) in options, name, "one of " + ", ".join(map(str, options)), getattr(cfg, name))
+
+
 def latent_for(cfg: TrainConfig) -> LatentParams:
     """The latent mode the method rolls out and trains (hrpo_kernels/latent_input.py)."""
     if cfg.method == "soft-tokens":
@@ -195,90 +216,99 @@ def latent_for(cfg: TrainConfig) -> LatentParams:
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    """Every option checked against its allowed range before any work starts (ConfigError)."""
-    def ints(name, lo, hi=None, optional=False):
-        v = getattr(cfg, name)
-        if optional and v is None:
-            return
-        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi), name, allowed, v)
+    """Every option checked against its allowed range before any work starts (ConfigError),
+    section by section in the order of the flags."""
+    _check_run(cfg)
+    _check_sampling(cfg)
+    _check_update(cfg)
+    _check_optimizer(cfg)
+    _check_evaluation_and_saving(cfg)
+    _check_data_sources(cfg)
 
-    def floats(name, lo, hi, lo_open=False, hi_open=False):
-        v = getattr(cfg, name)
-        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        ok = number and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-        allowed = f"a number in {'(' if lo_open else '['}{lo}, {'inf)' if hi is None else str(hi) + (')' if hi_open else ']')}"
-        _check(ok, name, allowed, v)
 
-    def choice(name, options):
-        _check(getattr(cfg, name) in options, name, "one of " + ", ".join(map(str, options)), getattr(cfg, name))
-
-    choice("task", task_names())
+def _check_run(cfg: TrainConfig) -> None:
+    """The task, the output folder, the seed and device, the batch's shape."""
+    _choice(cfg, "task", task_names())
     _check(isinstance(cfg.output_dir, str) and cfg.output_dir.strip() != "", "output_dir", "a folder path", cfg.output_dir)
     if cfg.overwrite and cfg.resume:
         raise ConfigError("--overwrite and --resume contradict each other: replace the run, or continue it")
-    ints("seed", 0)
+    _ints(cfg, "seed", 0)
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
            "auto, cpu, cuda or cuda:N", cfg.device)
-    choice("dtype", DTYPES)
-    choice("engine", ENGINES)
-    choice("method", METHODS)
-    floats("noise_std", 0, None, lo_open=True)
+    _choice(cfg, "dtype", DTYPES)
+    _choice(cfg, "engine", ENGINES)
+    _choice(cfg, "method", METHODS)
+    _floats(cfg, "noise_std", 0, None, lo_open=True)
     if cfg.method == "soft-tokens" and not cfg.hybrid:
         raise ConfigError("--method soft-tokens trains thinking inputs: it needs --hybrid (--no-hybrid is plain GRPO)")
-    if cfg.method == "soft-tokens" and cfg.tis is not None:
-        raise ConfigError("--tis compares token log-probs with the rollout's; soft tokens' thinking positions have a "
-                          "log-density the rollout does not record: leave --tis unset with --method soft-tokens")
-    ints("group_size", 2)
-    ints("batch_size", cfg.group_size if isinstance(cfg.group_size, int) else 2)
+    _ints(cfg, "group_size", 2)
+    _ints(cfg, "batch_size", cfg.group_size if isinstance(cfg.group_size, int) else 2)
     if cfg.batch_size % cfg.group_size:
         raise ConfigError(f"--batch-size must be a multiple of --group-size ({cfg.group_size}), got {cfg.batch_size}")
-    ints("grad_accum", 1)
-    ints("max_prompt_length", 1)
-    ints("max_completion_length", 1)
-    floats("temperature", 0, None, lo_open=True)
+    _ints(cfg, "grad_accum", 1)
+
+
+def _check_sampling(cfg: TrainConfig) -> None:
+    """Prompt and completion lengths, temperatures, top-k and the answer marker."""
+    _ints(cfg, "max_prompt_length", 1)
+    _ints(cfg, "max_completion_length", 1)
+    _floats(cfg, "temperature", 0, None, lo_open=True)
     if cfg.logprob_temperature is not None:
-        floats("logprob_temperature", 0, None, lo_open=True)
-    ints("top_k", 0)
+        _floats(cfg, "logprob_temperature", 0, None, lo_open=True)
+    _ints(cfg, "top_k", 0)
     _check(isinstance(cfg.marker, str) and cfg.marker.strip() != "", "marker", "a non-empty string", cfg.marker)
-    floats("beta", 0, None)
-    floats("epsilon", 0, 1, lo_open=True, hi_open=True)
-    ints("num_iterations", 1)
+
+
+def _check_update(cfg: TrainConfig) -> None:
+    """The loss (KL weight, clipping, iterations, TIS, normalisation) and its micro-batches."""
+    _floats(cfg, "beta", 0, None)
+    _floats(cfg, "epsilon", 0, 1, lo_open=True, hi_open=True)
+    _ints(cfg, "num_iterations", 1)
     if cfg.tis is not None:
-        floats("tis", 0, None, lo_open=True)
+        _floats(cfg, "tis", 0, None, lo_open=True)
         if cfg.logprob_temperature not in (None, cfg.temperature):
             raise ConfigError(f"--tis compares the training forward's log-probs with the rollout's, so it needs them at "
                               f"the sampling temperature: --logprob-temperature {cfg.logprob_temperature} differs "
                               f"from --temperature {cfg.temperature}")
-    ints("micro_batch_tokens", 1)
-    choice("loss_norm", NORMS)
-    ints("lora_rank", 1)
-    floats("lora_alpha", 0, None, lo_open=True)
-    for name in ("lr_lora", "lr_gate", "lr_lambda", "weight_decay"):
-        floats(name, 0, None)
-    floats("adam_beta1", 0, 1, hi_open=True)
-    floats("adam_beta2", 0, 1, hi_open=True)
-    floats("warmup_ratio", 0, 1)
-    floats("max_grad_norm", 0, None, lo_open=True)
-    ints("epochs", 1)
-    ints("max_steps", 1, optional=True)
-    floats("r_min", 0, 1, lo_open=True, hi_open=True)
-    floats("r_max", 0, 1, lo_open=True, hi_open=True)
-    if cfg.r_min > cfg.r_max:
-        raise ConfigError(f"--r-min ({cfg.r_min}) must not exceed --r-max ({cfg.r_max})")
-    ints("train_limit", 1, optional=True)
-    ints("eval_limit", 1, optional=True)
-    ints("eval_batch_size", 1)
+    if cfg.method == "soft-tokens" and cfg.tis is not None:
+        raise ConfigError("--tis compares token log-probs with the rollout's; soft tokens' thinking positions have a "
+                          "log-density the rollout does not record: leave --tis unset with --method soft-tokens")
+    _ints(cfg, "micro_batch_tokens", 1)
+    _choice(cfg, "loss_norm", NORMS)
+
+
+def _check_optimizer(cfg: TrainConfig) -> None:
+    """LoRA's shape and targets, the learning rates and AdamW, the schedule's length, the gate's range."""
+    _ints(cfg, "lora_rank", 1)
+    _floats(cfg, "lora_alpha", 0, None, lo_open=True)
     _check(len(cfg.lora_targets) > 0 and all(isinstance(t, str) and t for t in cfg.lora_targets), "lora_targets",
            "one or more module names", cfg.lora_targets)
-    ints("save_every", 0)
-    ints("keep_checkpoints", 1)
-    ints("max_skipped_in_a_row", 1)
-    floats("reward_timeout", 0, None)
-    ints("eval_every", 0)
-    ints("eval_every_limit", 1)
-    choice("report_to", REPORT_TO)
-    _check_data_sources(cfg)
+    for name in ("lr_lora", "lr_gate", "lr_lambda", "weight_decay"):
+        _floats(cfg, name, 0, None)
+    _floats(cfg, "adam_beta1", 0, 1, hi_open=True)
+    _floats(cfg, "adam_beta2", 0, 1, hi_open=True)
+    _floats(cfg, "warmup_ratio", 0, 1)
+    _floats(cfg, "max_grad_norm", 0, None, lo_open=True)
+    _ints(cfg, "epochs", 1)
+    _ints(cfg, "max_steps", 1, optional=True)
+    _floats(cfg, "r_min", 0, 1, lo_open=True, hi_open=True)
+    _floats(cfg, "r_max", 0, 1, lo_open=True, hi_open=True)
+    if cfg.r_min > cfg.r_max:
+        raise ConfigError(f"--r-min ({cfg.r_min}) must not exceed --r-max ({cfg.r_max})")
+
+
+def _check_evaluation_and_saving(cfg: TrainConfig) -> None:
+    """Data limits, held-out checks, checkpoints, fault limits and the metrics backend."""
+    _ints(cfg, "train_limit", 1, optional=True)
+    _ints(cfg, "eval_limit", 1, optional=True)
+    _ints(cfg, "eval_batch_size", 1)
+    _ints(cfg, "save_every", 0)
+    _ints(cfg, "keep_checkpoints", 1)
+    _ints(cfg, "max_skipped_in_a_row", 1)
+    _floats(cfg, "reward_timeout", 0, None)
+    _ints(cfg, "eval_every", 0)
+    _ints(cfg, "eval_every_limit", 1)
+    _choice(cfg, "report_to", REPORT_TO)
 
 
 def _check_data_sources(cfg: TrainConfig) -> None:

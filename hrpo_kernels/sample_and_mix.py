@@ -90,13 +90,15 @@ def _define_kernels() -> dict:
         B, V, D, n_rb, v_per_split, inv_t, inv_tm, inv_tau,
         stride_h, stride_w, stride_e,
         TIED: tl.constexpr, GREEDY: tl.constexpr, FP32_DOT: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
-        MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        MODE: tl.constexpr, MIX_SHARED: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One (row block, V-split) program: a single pass over its lm_weight rows keeping,
         per row, the sampler's online softmax state (m, s = sum e^(l/T-m)), the race winner,
         and the latent mixture's state (latent_input.py) over its scores x = l/T_mix
         (gumbel-soft: (l/T_mix + g)/tau): mx, sx = sum e^(x-mx), qx = sum e^(2(x-mx)),
-        rx = sum e^(x-mx) (x-mx) (MoI's entropy) and acc = sum e^(x-mx) E[v]."""
+        rx = sum e^(x-mx) (x-mx) (MoI's entropy) and acc = sum e^(x-mx) E[v]. MIX_SHARED (the
+        mixture's scores are the sampler's: T_mix = T, no Gumbel): one state serves both."""
         pid = tl.program_id(0)
         rb = pid % n_rb  # row blocks of one split are neighbours: they share its tiles in L2
         split = pid // n_rb
@@ -153,13 +155,15 @@ def _define_kernels() -> dict:
             tok = tl.where(upd, v0 + t_arg, tok)
             blogit = tl.where(upd, t_logit, blogit)
 
-            m_new = tl.maximum(m, tl.max(scaled, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(scaled - m_new[:, None]), axis=1)
-            m = m_new
-
-            xs = tl.where(col_ok[None, :], logits * inv_tm, float("-inf"))
-            if MODE == 4:  # gumbel-soft
-                xs = (xs + g) * inv_tau
+            if MIX_SHARED:
+                xs = scaled
+            else:
+                m_new = tl.maximum(m, tl.max(scaled, axis=1))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(scaled - m_new[:, None]), axis=1)
+                m = m_new
+                xs = tl.where(col_ok[None, :], logits * inv_tm, float("-inf"))
+                if MODE == 4:  # gumbel-soft
+                    xs = (xs + g) * inv_tau
             mx_new = tl.maximum(mx, tl.max(xs, axis=1))
             ax = tl.exp(mx - mx_new)
             px = tl.exp(xs - mx_new[:, None])
@@ -175,6 +179,8 @@ def _define_kernels() -> dict:
             acc = acc * ax[:, None] + dot_p(px, e, FP32_DOT)
             mx = mx_new
 
+        if MIX_SHARED:
+            m, s = mx, sx
         slot = split * B + rows
         tl.store(ws_m + slot, m, mask=row_ok)
         tl.store(ws_s + slot, s, mask=row_ok)
@@ -379,6 +385,7 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
         B, V, D, n_rb, per_split, 1.0 / temperature, mode["inv_tm"], mode["inv_tau"],
         hidden.stride(0), w.stride(0), e.stride(0),
         TIED=tied, GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None, MODE=mode["MODE"],
+        MIX_SHARED=mode["MODE"] != 4 and mode["inv_tm"] == 1.0 / temperature,
         # the interpreter's bf16 tl.dot is wrong (triton 3.9): fp32 dots there; fp16 tests cover the split
         FP32_DOT=w.dtype == torch.float32 or (interpreting() and w.dtype == torch.bfloat16),
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=cfg["block_d"],

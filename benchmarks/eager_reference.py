@@ -7,8 +7,6 @@ answer marker. It computes the same kind of rollout as hrpo.engine.rollout; only
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -50,18 +48,6 @@ def eager_rollout(hm, tokenizer, prompts, max_new_tokens, temperature, top_k, ma
         out = model(inputs_embeds=x[:, None], attention_mask=mask.long(), position_ids=pos, past_key_values=cache, use_cache=True)
         pos = pos + 1
     return generated
-
-
-@contextlib.contextmanager
-def peft_lora_forward(hm):
-    """peft's own LoRA Linear forward inside the block (HybridModel routes them through
-    hrpo_kernels.lora_linear): the baseline runs the layers the common trainers run."""
-    saved = {m: m.__dict__.pop("forward") for m in hm.model.modules() if "forward" in m.__dict__}
-    try:
-        yield
-    finally:
-        for m, fn in saved.items():
-            m.forward = fn
 
 
 def eager_update(hm, batch, advantages, temperature, beta):

@@ -36,12 +36,13 @@ import pytest
 import torch
 
 from benchmarks.conftest import synced
-from benchmarks.eager_reference import eager_rollout, eager_update, peft_lora_forward
+from benchmarks.eager_reference import eager_rollout, eager_update
 from benchmarks.test_rollout_bench import TOP_K, FoldedDecode, never_marker, tiny_tokenizer
 from hrpo.training.config import config_for
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
 from hrpo.model.loading import build_policy, load_base_model
 from hrpo.training.loss import group_advantages
+from hrpo.model import lora
 from hrpo.model.hybrid import SequenceBatch
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
@@ -53,10 +54,10 @@ PROMPT_LEN, COMPLETION_LEN, TEMPERATURE, BETA = 256, 512, 0.5, 0.005
 
 
 def hrpo_update(hm, batch: SequenceBatch, adv: torch.Tensor, max_completion_length: int):
-    s = UpdateSettings(TEMPERATURE, True, BETA, 0.2, "grpo", max_completion_length, max_tokens=16384)
+    s = UpdateSettings(TEMPERATURE, True, BETA, 0.2, "grpo", max_completion_length, micro_batch_tokens=16384)
 
     def run():
-        plan = micro_batches(batch, s.max_tokens)
+        plan = micro_batches(batch, s.micro_batch_tokens)
         ref = reference_logprobs(hm, batch, plan, s)
         policy_backward(hm, batch, plan, adv, ref, None, s)
         hm.zero_grad(set_to_none=True)
@@ -66,7 +67,7 @@ def hrpo_update(hm, batch: SequenceBatch, adv: torch.Tensor, max_completion_leng
 
 def eager_runner(hm, batch, adv):
     def run():
-        with peft_lora_forward(hm):
+        with lora.peft_forward(hm.model):
             eager_update(hm, batch, adv, TEMPERATURE, BETA).backward()
         hm.zero_grad(set_to_none=True)
 

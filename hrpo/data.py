@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from hrpo.core.errors import error_line
 from hrpo.tasks import get_task, task_names
 from hrpo.tasks.records import DataError, load_records, prepared_record
 from hrpo.tasks.registry import convert_records
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         replace_file(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         write_json(report_file, report)
     except (ValueError, OSError) as err:
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     print(f"{args.task}: wrote {len(records)} records to {out} ({report['duplicates']} duplicates and "
           f"{report['conflicts']} conflicts dropped; report {report_file})")

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from hrpo.core.distributed import finish_group, init_group, shard
-from hrpo.core.errors import ConfigError
+from hrpo.core.errors import ConfigError, error_line
 from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT
 from hrpo.core.signals import SignalStop, stop_at_once
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         finish_group(ok=False)
         return 128 + err.signum
     except (ValueError, OSError) as err:  # ConfigError, DataError, ModelError, CheckpointError, a full disk...
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         finish_group(ok=False)
         return 2
     finish_group()

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from hrpo.core.errors import ConfigError
+from hrpo.core.errors import ConfigError, error_line
 from hrpo.core.prompts import Example
 from hrpo.tasks import get_task
 from hrpo.tasks.records import DataError
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         examples = attach_contexts(examples, args.corpus, args.k, args.method, args.encoder, args.cache_dir)
         replace_file(out, "".join(json.dumps(prepared_record(ex), ensure_ascii=False) + "\n" for ex in examples))
     except (ValueError, OSError) as err:  # DataError and ConfigError are ValueErrors
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     print(f"{args.task}: {len(examples)} questions, passages retrieved for {missing} from {args.corpus} -> {out}")
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hrpo.core.distributed import finish_group
-from hrpo.core.errors import ConfigError
+from hrpo.core.errors import ConfigError, error_line
 from hrpo.core.signals import SignalStop, stop_at_once
 from hrpo.model.loading import ALIASES, cpu_threads, quiet_libraries
 from hrpo.training.config import (
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     except (ValueError, OSError) as err:  # ConfigError, DataError, ModelError, CheckpointError, a full disk...
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     gain = summary["accuracy_after"] - summary["accuracy_before"]
     if summary["world_size"] == 1 or os.environ.get("RANK", "0") == "0":

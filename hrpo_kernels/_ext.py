@@ -26,6 +26,8 @@ import uuid
 import warnings
 from pathlib import Path
 
+import torch
+
 from ._common import forced_reference, on_gpu_path
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # inside the package: wheels and sdists carry it
@@ -45,8 +47,6 @@ last_build_seconds: float | None = None  # the last build_extension call: compil
 
 
 def cuda_buildable() -> bool:
-    import torch
-
     return torch.cuda.is_available() and shutil.which("nvcc") is not None and torch.version.cuda is not None
 
 
@@ -55,8 +55,6 @@ def build_key(cpu_only: bool, cflags: list[str], cuda_cflags: list[str], ldflags
     """sha256 (hex) of what a build's output depends on: the content of every source and header
     in csrc/ (an edited header must rebuild too), which sources are compiled, the flags, and the
     torch, CUDA and Python versions/ABI the module binds to. The checkout's path is not in it."""
-    import torch
-
     csrc = Path(csrc) if csrc is not None else CSRC
     digest = hashlib.sha256()
     for path in sorted(p for p in csrc.rglob("*") if p.suffix in KEYED_SUFFIXES):

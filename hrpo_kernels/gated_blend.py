@@ -10,6 +10,8 @@ every gate parameter); fused kernels must match it.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -183,8 +185,6 @@ def _cat_weights(w_r, b_r, w_i, b_i):
         w_cat = torch.cat([w_r.detach(), w_i.detach()], 0).float().contiguous()
         b_cat = torch.cat([b_r.detach(), b_i.detach()], 0).float().contiguous()
     try:
-        import weakref
-
         refs = tuple(weakref.ref(p) for p in params)
     except TypeError:
         return w_cat, b_cat

@@ -5,7 +5,7 @@ import math
 import pytest
 from conftest import small_config
 
-from hrpo.core.errors import ConfigError
+from hrpo.core.errors import ConfigError, error_line
 from hrpo.training.config import config_for, validate_config
 from hrpo.train import main as train_main
 
@@ -85,3 +85,9 @@ def test_cli_refuses_bad_options_before_any_work(args, message, model_dir, tmp_p
 
 def test_small_config_is_valid(model_dir, tmp_path):
     validate_config(small_config(model_dir, tmp_path / "x"))
+
+
+def test_error_line_quotes_an_error_in_one_line():
+    assert error_line(ValueError("  --lr must be positive\n  (got -1)\n")) == "--lr must be positive"
+    assert error_line(KeyError()) == "KeyError"  # no message: its type
+    assert error_line(OSError("\n")) == "OSError"

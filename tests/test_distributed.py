@@ -60,8 +60,8 @@ RUNNER = textwrap.dedent("""
         return device_step
 
     def log_plan(real):
-        def micro_batches(batch, max_tokens):
-            plan = real(batch, max_tokens)
+        def micro_batches(batch, micro_batch_tokens):
+            plan = real(batch, micro_batch_tokens)
             with open(f"{out}-plans-{rank}.jsonl", "a") as fh:
                 fh.write(json.dumps([step[0], len(plan), batch.completion_ids.shape[1]]) + "\\n")
             return plan
@@ -190,7 +190,7 @@ def test_rows_of_a_shared_batch_draw_the_whole_batchs_tokens(model_dir):
         engine = make_engine(hm, MarkerMatcher(tok, "####", model.config.vocab_size), [tok.eos_token_id],
                              tok.pad_token_id, EngineOptions(), kind=kind)
         whole = engine.generate(prompts, cfg, seed=7)
-        halves = [engine.generate(prompts[lo : lo + 4], cfg, seed=7, rows=(lo, 8)) for lo in (0, 4)]
+        halves = [engine.generate(prompts[lo : lo + 4], cfg, seed=7, row_span=(lo, 8)) for lo in (0, 4)]
         width = whole.completion_ids.shape[1]
         got = torch.cat([torch.nn.functional.pad(h.completion_ids, (0, width - h.completion_ids.shape[1]),
                                                  value=tok.pad_token_id) for h in halves])

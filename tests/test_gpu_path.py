@@ -90,8 +90,8 @@ def setup(which: str, dtype: torch.dtype):
 def update(hm, batch, max_completion_length):
     """One training step's gradients (the gate's and LoRA's) on a rollout, two micro-batches."""
     s = UpdateSettings(temperature=TEMP, hybrid=True, beta=0.04, epsilon=0.2, loss_norm="grpo",
-                       max_completion_length=max_completion_length, max_tokens=1)  # one group each
-    plan = micro_batches(batch, s.max_tokens)
+                       max_completion_length=max_completion_length, micro_batch_tokens=1)  # one group each
+    plan = micro_batches(batch, s.micro_batch_tokens)
     assert len(plan) == 2
     ref = reference_logprobs(hm, batch, plan, s)
     hm.zero_grad(set_to_none=True)

@@ -51,7 +51,10 @@ def test_grpo_loss_value_and_gradient_by_hand():
     g = -adv[0].item() + 0.005 * (1 - math.exp(ref[0, 0].item() - logp[0, 0].item()))
     assert logp.grad[0, 0].item() == pytest.approx(g / 3 / 2, rel=1e-5)
     assert logp.grad[1, 2].item() == 0.0
-    assert metrics["kl"] > 0
+    # The logged KL: each row's mean k3 over its tokens, then the mean over rows.
+    k3 = [[math.exp(r - lp) - (r - lp) - 1 for lp, r in zip(*rows)] for rows in zip(logp.tolist(), ref.tolist())]
+    assert metrics["kl"] == pytest.approx((sum(k3[0]) / 3 + sum(k3[1][:2]) / 2) / 2, rel=1e-5)
+    assert metrics["clip_frac"] == 0.0
 
 
 def test_clipped_ratio_and_token_norms():

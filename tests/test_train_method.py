@@ -107,7 +107,7 @@ def step_gradients(trainer, monkeypatch):
     hm = trainer.hm
     captured, out_holder = {}, {}
 
-    def generate(prompts, sampling, generator=None, seed=None, rows=None):
+    def generate(prompts, sampling, generator=None, seed=None, row_span=None):
         assert sampling.temperature == T_SAMPLE and sampling.hybrid and not sampling.greedy
         out_holder["out"] = fixed_rollout(prompts, hm.embed.weight.shape[0], hm.embed.weight.shape[1],
                                           trainer.tokenizer.pad_token_id)

@@ -7,7 +7,7 @@ from conftest import ARCHS, build_model
 from hrpo.training.config import config_for
 from hrpo.model.loading import build_policy
 from hrpo.training.loss import grpo_loss, per_token_terms, token_weights
-from hrpo.model.hybrid import SequenceBatch
+from hrpo.model.hybrid import SequenceBatch, distinct_prompts
 from hrpo.engine.rollout import left_pad
 from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs, trim
 
@@ -81,6 +81,18 @@ def test_trim_drops_padding_columns():
     assert sub.completion_ids.shape == (2, 5) and sub.completion_mask.sum().item() == 2 + 5
 
 
+def test_distinct_prompts_by_hand():
+    # Left-padded with pad id 0, [7] and [0, 7] have the same ids: only the mask tells them apart.
+    # First appearance ([9], [0, 7], [7]) is not unique()'s sorted order.
+    prompts = [[9], [0, 7], [9], [7], [0, 7]]
+    first, inverse = distinct_prompts(*left_pad(prompts, 0))
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+    ids = torch.tensor([[9, 0], [0, 7], [9, 0], [7, 0], [0, 7]])  # the same prompts right-padded
+    mask = torch.tensor([[1, 0], [1, 1], [1, 0], [1, 0], [1, 1]], dtype=torch.bool)
+    first, inverse = distinct_prompts(ids, mask)
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+
+
 def test_token_weights_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
 
@@ -92,8 +104,8 @@ def test_token_weights_by_hand():
     torch.testing.assert_close(w("dr_grpo", max_completion_length=4),
                                torch.tensor([[1 / 8, 1 / 8, 0], [1 / 8] * 3], dtype=torch.float64))
     # A share of a larger batch (one rank's rows): its totals come from outside.
-    torch.testing.assert_close(w("grpo", rows=4), torch.tensor([[1 / 8, 1 / 8, 0], [1 / 12] * 3], dtype=torch.float64))
-    torch.testing.assert_close(w("dapo", tokens=10)[1], torch.tensor([0.1] * 3, dtype=torch.float64))
+    torch.testing.assert_close(w("grpo", n_rows=4), torch.tensor([[1 / 8, 1 / 8, 0], [1 / 12] * 3], dtype=torch.float64))
+    torch.testing.assert_close(w("dapo", n_tokens=10)[1], torch.tensor([0.1] * 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("norm", ["grpo", "dapo", "dr_grpo"])
@@ -101,7 +113,7 @@ def test_token_weights_by_hand():
 def test_micro_batched_update_equals_the_whole_batch(norm, clipped):
     hm, batch = policy("qwen2"), rollout_batch()
     adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
-    s = UpdateSettings(0.7, True, beta=0.5, epsilon=0.2, loss_norm=norm, max_completion_length=6, max_tokens=10**6)
+    s = UpdateSettings(0.7, True, beta=0.5, epsilon=0.2, loss_norm=norm, max_completion_length=6, micro_batch_tokens=10**6)
     old = None
     if clipped:
         with torch.no_grad():
@@ -113,8 +125,8 @@ def test_micro_batched_update_equals_the_whole_batch(norm, clipped):
     want_loss, want_info = grpo_loss(logp, adv, batch.completion_mask, ref, old, 0.5, 0.2, norm, 6)
     want_loss.backward()
     want = grads(hm)
-    for max_tokens in (10**6, 1):  # one micro-batch; one group per micro-batch
-        plan = micro_batches(batch, max_tokens)
+    for micro_batch_tokens in (10**6, 1):  # one micro-batch; one group per micro-batch
+        plan = micro_batches(batch, micro_batch_tokens)
         ref_mb = reference_logprobs(hm, batch, plan, s)
         m = batch.completion_mask  # positions past a completion's end are never read
         torch.testing.assert_close(ref_mb[m], ref[m], rtol=1e-5, atol=1e-6)
@@ -185,7 +197,7 @@ def test_padding_micro_batches_run_forwards_and_leave_the_gradient_alone():
     make the forward and backward (FSDP's collectives) but add nothing."""
     hm, batch = policy("qwen2"), rollout_batch()
     adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
-    s = UpdateSettings(0.7, True, beta=0.5, epsilon=0.2, loss_norm="grpo", max_completion_length=6, max_tokens=10**6)
+    s = UpdateSettings(0.7, True, beta=0.5, epsilon=0.2, loss_norm="grpo", max_completion_length=6, micro_batch_tokens=10**6)
     plan = micro_batches(batch, 36)  # two micro-batches
     calls = counting(hm)
     ref = reference_logprobs(hm, batch, plan, s)
@@ -208,7 +220,7 @@ def test_a_non_finite_micro_batch_still_runs_the_others():
     ranks their collectives are awaited); the caller drops the update."""
     hm, batch = policy("qwen2"), rollout_batch()
     adv = torch.tensor([float("nan"), -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
-    s = UpdateSettings(0.7, True, beta=0.0, epsilon=0.2, loss_norm="grpo", max_completion_length=6, max_tokens=10**6)
+    s = UpdateSettings(0.7, True, beta=0.0, epsilon=0.2, loss_norm="grpo", max_completion_length=6, micro_batch_tokens=10**6)
     plan = micro_batches(batch, 1)  # rows 0-2 (the NaN) first, then 3-5 and 6-7
     calls = counting(hm)
     loss, info, finite = policy_backward(hm, batch, plan, adv, None, None, s, length=4)

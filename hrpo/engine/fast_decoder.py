@@ -9,7 +9,7 @@ outputs agree to rounding; tests hold it to the HF forward.
 Weights are packed for generation (q|k|v and gate|up fused into one matrix each), and
 `refresh()` re-reads them from the live modules when a parameter or adapter setting changed
 since the last one, so a refresh before each rollout keeps generation in step with
-training. How LoRA adapters are applied follows the training forward (hrpo/model/hybrid.py routes
+training. How LoRA adapters are applied follows the training forward (hrpo/model/lora.py routes
 every LoRA Linear through hrpo_kernels.lora_linear):
 - fp32: merged into the packed copy, W + sum of s B A in fp32 (lora_linear merges too, and
   the merge is exact up to fp32 rounding).
@@ -36,29 +36,22 @@ from hrpo_kernels._common import forced_reference
 from hrpo_kernels._ext import load_extension
 
 from hrpo.engine.kv_cache import StaticKVCache
+from hrpo.model import lora
 
 ARCHS = ("qwen2", "qwen3", "llama")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def _base(mod: nn.Module) -> nn.Linear:
-    """The plain Linear of a projection (inside its LoRA wrapper, if any)."""
-    return getattr(mod, "base_layer", mod)
-
-
 def _lora_reason(mod: nn.Module, name: str) -> str | None:
     """Why the engine cannot apply a projection (None: a plain Linear or vanilla LoRA on one)."""
-    base = _base(mod)
+    base = lora.base_linear(mod)
     if base is mod:
         return None if type(mod) is nn.Linear else f"{name} is a {type(mod).__name__}, not a Linear"
     if type(base) is not nn.Linear:
         return f"{name} wraps a {type(base).__name__}, not a Linear"
-    if getattr(mod, "lora_variant", None) or any(getattr(mod, "use_dora", {}).values()):
-        return f"{name} uses a LoRA variant (DoRA, ...) the engine does not apply"
-    if any(getattr(mod, "lora_bias", {}).values()):
-        return f"{name} uses lora_bias"
-    return None
+    kind = lora.variant(mod)
+    return f"{name} uses {kind}, which the engine does not apply" if kind else None
 
 
 def unsupported_reason(lm: nn.Module) -> str | None:
@@ -92,25 +85,18 @@ def unsupported_reason(lm: nn.Module) -> str | None:
     return None
 
 
-def applied(mod: nn.Module) -> list[str]:
-    """The adapters a projection applies on top of its base weight now (none for a plain
-    Linear, adapters switched off, or adapters peft merged into the base weight)."""
-    if _base(mod) is mod or getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
-        return []
-    return [a for a in mod.active_adapters if a in mod.lora_A]
-
-
 def effective_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) a Linear or a LoRA-wrapped Linear applies now: base + active deltas,
     summed in fp32 and rounded once to the base dtype."""
-    base = _base(mod)
+    base = lora.base_linear(mod)
     w, b = whole(base.weight), whole(base.bias)
-    names = applied(mod)
+    names = lora.applied(mod)
     if not names:
         return w, b
     acc = w.float()  # w itself when fp32: added out of place
-    for a in names:  # on whole tensors: peft's get_delta_weight would multiply FSDP shards
-        acc = acc + (whole(mod.lora_B[a].weight).float() @ whole(mod.lora_A[a].weight).float()) * mod.scaling[a]
+    for name in names:  # on whole tensors: peft's get_delta_weight would multiply FSDP shards
+        a, b_factor, scale = lora.factors(mod, name)
+        acc = acc + (whole(b_factor).float() @ whole(a).float()) * scale
     return acc.to(w.dtype), b
 
 
@@ -166,7 +152,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def _layout(mods: list[nn.Module]) -> tuple:
     """Every adapter each projection holds, with its rank (active or not)."""
-    return tuple(tuple((a, m.lora_A[a].out_features) for a in getattr(m, "lora_A", {})) for m in mods)
+    return tuple(lora.layout(m) for m in mods)
 
 
 class _Adapters:
@@ -183,15 +169,15 @@ class _Adapters:
     def __init__(self, mods: list[nn.Module], where: str):
         self.mods, self.where = mods, where
         self.layout = _layout(mods)
-        adapters = [m.lora_A[a] for m, part in zip(mods, self.layout) for a, _ in part]
-        dtype = adapters[0].weight.dtype
-        for lin in adapters:
-            dtype = torch.promote_types(dtype, lin.weight.dtype)
-        base = _base(mods[0]).weight
+        factors = [lora.factors(m, a)[0] for m, part in zip(mods, self.layout) for a, _ in part]
+        dtype = factors[0].dtype
+        for a in factors:
+            dtype = torch.promote_types(dtype, a.dtype)
+        base = lora.base_linear(mods[0]).weight
         rank = sum(r for part in self.layout for _, r in part)
-        outs = sum(_base(m).out_features for m in mods)
+        outs = sum(lora.base_linear(m).out_features for m in mods)
         new = dict(dtype=dtype, device=base.device)
-        self.a = torch.zeros(rank, _base(mods[0]).in_features, **new)
+        self.a = torch.zeros(rank, lora.base_linear(mods[0]).in_features, **new)
         self.b = torch.zeros(outs, rank, **new)
         self.scale = torch.zeros(rank, dtype=torch.float32, device=base.device)
 
@@ -202,14 +188,15 @@ class _Adapters:
                              f"{_layout(self.mods)} since it was built; build a new engine")
         row = col = 0
         for mod, part in zip(self.mods, self.layout):
-            on = applied(mod)
-            out = _base(mod).out_features
-            for a, r in part:
+            on = lora.applied(mod)
+            out = lora.base_linear(mod).out_features
+            for name, r in part:
                 rows, cols = slice(row, row + r), slice(col, col + out)
-                if a in on:
-                    self.a[rows].copy_(whole(mod.lora_A[a].weight))
-                    self.b[cols, rows].copy_(whole(mod.lora_B[a].weight))
-                    self.scale[rows] = mod.scaling[a]
+                if name in on:
+                    a, b, scale = lora.factors(mod, name)
+                    self.a[rows].copy_(whole(a))
+                    self.b[cols, rows].copy_(whole(b))
+                    self.scale[rows] = scale
                 else:
                     self.a[rows].zero_()
                     self.b[cols, rows].zero_()
@@ -242,10 +229,10 @@ class _Layer:
         new = dict(dtype=dtype, device=device)
         self.w, self.b = {}, {}
         for name, mods in self.parts.items():
-            bases = [_base(m) for m in mods]
+            bases = [lora.base_linear(m) for m in mods]
             self.w[name] = torch.empty(sum(l.out_features for l in bases), bases[0].in_features, **new)
             self.b[name] = torch.empty(self.w[name].shape[0], **new) if bases[0].bias is not None else None
-        self.inter = _base(layer.mlp.gate_proj).out_features
+        self.inter = lora.base_linear(layer.mlp.gate_proj).out_features
         self.lora = {name: _Adapters(mods, f"layer {index} {name}")
                      if unmerged and any(_layout(mods)) else None for name, mods in self.parts.items()}
         self.refresh(base=True, adapters=True)
@@ -270,7 +257,7 @@ class _Layer:
         self.k_norm = (whole(kn.weight), kn.variance_epsilon) if kn is not None else None
         for name, mods in self.parts.items():
             if self.unmerged:
-                ws, bs = zip(*((whole(_base(m).weight), whole(_base(m).bias)) for m in mods))
+                ws, bs = zip(*((whole(lora.base_linear(m).weight), whole(lora.base_linear(m).bias)) for m in mods))
             else:
                 ws, bs = zip(*(effective_weight(m) for m in mods))
             torch.cat(ws, out=self.w[name])
@@ -342,11 +329,8 @@ class FastDecoder:
                 # An FSDP shard: its local storage, and both version counters (an in-place op on
                 # the DTensor advances its own, one on the local tensor only the local one's).
                 t = p.to_local() if hasattr(p, "to_local") else p
-                (adapters if ".lora_" in name else base).append((id(p), t.data_ptr(), t._version, p._version))
-            for mod in layer.modules():
-                if hasattr(mod, "lora_A"):
-                    adapters.append((tuple(mod.active_adapters), bool(getattr(mod, "disable_adapters", False)),
-                                     bool(getattr(mod, "merged", False)), tuple(sorted(mod.scaling.items()))))
+                (adapters if lora.is_adapter_parameter(name) else base).append((id(p), t.data_ptr(), t._version, p._version))
+            adapters += [lora.settings(mod) for mod in layer.modules() if lora.is_lora_layer(mod)]
         return tuple(base), tuple(adapters)
 
     def _refresh_ext_args(self) -> None:
@@ -433,14 +417,14 @@ class FastDecoder:
         n = x.shape[0]
         pos = cache.seqlens[:n]
         slot = pos.long()
-        rows = torch.arange(n, device=x.device)
+        row_idx = torch.arange(n, device=x.device)
         cos, sin = self._cos[slot, None], self._sin[slot, None]  # (n, 1, Dh)
         lengths = pos + 1
         h = x
         for i, w in enumerate(self.layers):
             q, k, v = self._qkv(w, rms_norm(h, w.ln1, w.eps1), cos, sin)
-            cache.k[i].index_put_((rows, slot), k)
-            cache.v[i].index_put_((rows, slot), v)
+            cache.k[i].index_put_((row_idx, slot), k)
+            cache.v[i].index_put_((row_idx, slot), v)
             att = decode_attention(q, cache.k[i, :n], cache.v[i, :n], lengths, self.scale, max_len=max_len)
             h = h + w.linear("o", att.reshape(n, -1))
             h = self._mlp(w, h)

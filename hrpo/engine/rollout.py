@@ -8,7 +8,7 @@ E[x_t], as the next input.
 seed given: step t's race noise is philox_uniform(seed, t * B * V + row * V + token) with
 `row` the row's index in the call's batch (hrpo_kernels.philox), a function of (seed, row,
 step, token) only, so prefix sharing and compaction leave every draw, hence every token,
-unchanged. rows=(first, total): the call's rows are rows first.. of a batch of `total` (one
+unchanged. row_span=(first, total): the call's rows are rows first.. of a batch of `total` (one
 rank's share of a data-parallel batch), and draw that batch's noise. share_prefix: each distinct prompt is prefilled once and its cache rows copied
 to its duplicates. compact_below: when the fraction of live rows falls under it, finished
 rows leave the cache and the step state; results still land at their original rows.
@@ -30,7 +30,7 @@ from hrpo_kernels.latent_input import LatentParams
 
 from hrpo.core.distributed import forward_group
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel, SequenceBatch, cache_index_select, positions_from_mask
+from hrpo.model.hybrid import HybridModel, SequenceBatch, cache_index_select, distinct_prompts, positions_from_mask
 
 
 @dataclass
@@ -74,17 +74,6 @@ def thinking_input(hm: HybridModel, e: torch.Tensor, latent: torch.Tensor, think
     return torch.where(think[:, None], latent.to(e.dtype), e), None
 
 
-def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
-    """(the first row of each distinct prompt, the distinct prompt of every row): prefix
-    sharing prefills the first list once and copies its cache rows by the second."""
-    first: dict[tuple[int, ...], int] = {}
-    rep: list[int] = []
-    for row, p in enumerate(prompts):
-        if first.setdefault(tuple(p), len(rep)) == len(rep):
-            rep.append(row)
-    return rep, [first[tuple(p)] for p in prompts]
-
-
 # long: the reference decode loop, kept whole so each step reads in order against the fast engine it checks
 @torch.no_grad()
 def rollout(
@@ -99,11 +88,11 @@ def rollout(
     seed: int | None = None,
     share_prefix: bool = False,
     compact_below: float = 0.0,
-    rows: tuple[int, int] | None = None,
+    row_span: tuple[int, int] | None = None,
 ) -> Rollout:
     device = hm.lm_weight.device
     B = len(prompts)
-    first, total = rows or (0, B)
+    first, total = row_span or (0, B)
     V = hm.lm_weight.shape[0]
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     eos = torch.tensor(eos_ids, device=device)
@@ -112,8 +101,7 @@ def rollout(
     cache = DynamicCache(config=hm.config)
     attn = prompt_mask
     if share_prefix:
-        rep, inverse = distinct_prompts(prompts)
-        inverse = torch.tensor(inverse, device=device)
+        rep, inverse = distinct_prompts(prompt_ids, prompt_mask)
         u_ids, u_mask = prompt_ids[rep], prompt_mask[rep]  # same width: the layout of the full batch
         hidden = hm.decoder(hm.embed(u_ids), u_mask, positions_from_mask(u_mask), cache)[:, -1]
         if len(rep) < B:

@@ -43,8 +43,8 @@ from hrpo_kernels.step_controller import StepBuffers
 
 from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel
-from hrpo.engine.rollout import Rollout, SamplingConfig, distinct_prompts, left_pad, rollout, thinking_input
+from hrpo.model.hybrid import HybridModel, distinct_prompts
+from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout, thinking_input
 
 
 @dataclass
@@ -191,11 +191,11 @@ class RolloutEngine:
     # long: checks, prefill and chunked decode share one persistent state; a split is the engine owner's (issue 15)
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], cfg: SamplingConfig, generator: torch.Generator | None = None,
-                 seed: int | None = None, rows: tuple[int, int] | None = None) -> Rollout:
+                 seed: int | None = None, row_span: tuple[int, int] | None = None) -> Rollout:
         """Roll out every prompt once (repeat a prompt G times for a group). seed: the Philox
         noise of hrpo_kernels (tokens reproducible across batch layouts); without it the
         noise comes from `generator` (on CUDA and in the CPU C++ path: one seed drawn from it
-        per call). rows=(first, total): these prompts are rows first.. of a batch of `total`
+        per call). row_span=(first, total): these prompts are rows first.. of a batch of `total`
         (a rank's share): they draw that batch's noise, so the tokens are the whole batch's."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("engine.generate: every prompt needs at least one token")
@@ -223,7 +223,7 @@ class RolloutEngine:
             self.state = None  # free the old buffers (and graphs) before allocating
             self.state = _State(dec, B, T, slots, d, self.opts.latent_dtype, self.pad_id)
         s = self.state
-        first, total = rows or (0, B)
+        first, total = row_span or (0, B)
         s.reset(B, self.pad_id, first)
         seeded = seed is not None or self.gpu_path or self.impl == "ext"
         if seeded:
@@ -232,9 +232,10 @@ class RolloutEngine:
             s.seed.fill_(int(seed))
 
         # Prefill: distinct prompts once, right-padded (the cache holds each row from slot 0).
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)  # the Rollout's too
         if self.opts.share_prefix:
-            rep, inverse = distinct_prompts(prompts)
-            distinct, inverse = [prompts[r] for r in rep], torch.tensor(inverse, device=dev)
+            rep, inverse = distinct_prompts(prompt_ids, prompt_mask)
+            distinct, inverse = [prompts[r] for r in rep.tolist()], inverse.to(dev)
         else:
             distinct, inverse = prompts, None
         ids = torch.full((len(distinct), P), self.pad_id, dtype=torch.long)
@@ -269,9 +270,9 @@ class RolloutEngine:
                 stats["compactions"] += 1
         sync()
         stats["decode_s"] = time.perf_counter() - t_start - stats["prefill_s"]
-        return _with_throughput(self._collect(prompts, B), stats, t_start)
+        return _with_throughput(self._collect(prompt_ids, prompt_mask, B), stats, t_start)
 
-    def _collect(self, prompts, B: int) -> Rollout:
+    def _collect(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, B: int) -> Rollout:
         """The rollout in the callers' row order, trimmed to the longest completion, with
         log-probs and latents of positions past a row's end zeroed."""
         s = self.state
@@ -280,11 +281,10 @@ class RolloutEngine:
         width = max(int(mask.sum(1).max()), 1)
         mask = mask[:, :width]
         b = s.bufs
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, mask.device)
         gate_n = s.gate_n[:B][back]
         return Rollout(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
+            prompt_ids=prompt_ids.to(mask.device),
+            prompt_mask=prompt_mask.to(mask.device),
             completion_ids=b.tokens[:B][back, :width],
             completion_mask=mask,
             latents=b.latents[:B][back, :width].masked_fill(~mask[..., None], 0.0),
@@ -303,11 +303,11 @@ class ReferenceEngine:
         self.opts = options or EngineOptions()
         self.last_stats: dict = {}
 
-    def generate(self, prompts, cfg: SamplingConfig, generator=None, seed=None, rows=None) -> Rollout:
+    def generate(self, prompts, cfg: SamplingConfig, generator=None, seed=None, row_span=None) -> Rollout:
         t0 = time.perf_counter()
         out = rollout(self.hm, prompts, cfg, self.matcher, self.eos_ids, self.pad_id, generator,
                       latent_dtype=self.opts.latent_dtype, seed=seed, share_prefix=self.opts.share_prefix,
-                      compact_below=self.opts.compact_below, rows=rows)
+                      compact_below=self.opts.compact_below, row_span=row_span)
         self.last_stats = {}
         return _with_throughput(out, self.last_stats, t0)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hrpo.core.errors import ConfigError
+from hrpo.core.errors import ConfigError, error_line
 from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
 from hrpo.core.signals import SignalStop, stop_at_once
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hrpo.inspect: stopped by {err}", file=sys.stderr)
         return 128 + err.signum
     except (ValueError, OSError) as err:  # one line, as every hrpo command
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     agg = aggregates(traces)
     for i, t in enumerate(traces):

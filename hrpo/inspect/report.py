@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import unicodedata
 from collections import Counter
 
 from hrpo.inspect.scripts import NON_LETTER, cross_lingual, text_script
 from hrpo.inspect.trace import Trace
+from hrpo.training.plots import integer_ticks, png, pyplot
 
 
 def visible(text: str) -> str:
@@ -129,13 +129,7 @@ def terminal_aggregates(agg: dict) -> str:
 
 def chart(traces: list[Trace], agg: dict) -> bytes:
     """PNG: the gate coefficient over positions (each sample and the mean), script shares."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.6))
     for t in traces:
         points = [(i, p.gate) for i, p in enumerate(t.positions) if p.gate is not None]
         if points:
@@ -146,7 +140,7 @@ def chart(traces: list[Trace], agg: dict) -> bytes:
         left.legend(fontsize=7)
     left.set_title("gate coefficient (mean of a over channels)")
     left.set_xlabel("completion position")
-    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # positions are tokens: no 2.5
+    integer_ticks(left.xaxis)  # positions are tokens
     left.set_ylabel("gate coefficient")
     left.ticklabel_format(axis="y", style="plain", useOffset=False)
     left.grid(alpha=0.3)
@@ -156,10 +150,7 @@ def chart(traces: list[Trace], agg: dict) -> bytes:
     right.set_xlabel("% of nearest tokens")
     right.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig, 100)
 
 
 STYLE = """

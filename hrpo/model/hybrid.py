@@ -6,8 +6,6 @@ whose head is a plain bias-free linear map works (Qwen2/2.5/3, Llama, Mistral, .
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +14,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from hrpo_kernels import lora_linear, token_logprobs
+from hrpo_kernels import token_logprobs
 from hrpo_kernels.latent_input import LatentParams, noisy_input_logdensity
 
+from hrpo.model import lora
 from hrpo.model.gate import HybridGate
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny"
@@ -71,15 +70,12 @@ class HybridModel(nn.Module):
         self.embed = lm.get_input_embeddings()
         self.gate = gate if gate is not None else HybridGate(self.embed.weight.shape[1], **gate_kwargs)
         self.gate.to(self.embed.weight.device)
-        for mod in self.model.modules():
-            if hasattr(mod, "lora_A") and isinstance(getattr(mod, "base_layer", None), nn.Linear):
-                mod.forward = functools.partial(_lora_forward, mod)
+        lora.use_fused_forward(self.model)
 
     @property
     def causal_lm(self) -> nn.Module:
         """The transformers model inside an optional peft wrapper."""
-        inner = getattr(self.model, "get_base_model", None)
-        return inner() if callable(inner) else self.model
+        return lora.inner_model(self.model)
 
     @property
     def config(self):
@@ -89,20 +85,9 @@ class HybridModel(nn.Module):
     def lm_weight(self) -> torch.Tensor:
         return self.head.weight
 
-    @contextlib.contextmanager
     def adapters_disabled(self):
-        """Context for the reference policy: the base model without its LoRA adapters. It flips
-        each adapter layer's switch only: peft's own disable_adapter() also toggles the
-        adapters' requires_grad, which under FSDP leaves the sharded parameters frozen."""
-        layers = [m for m in self.model.modules() if hasattr(m, "_disable_adapters")]
-        before = [m._disable_adapters for m in layers]
-        for m in layers:
-            m._disable_adapters = True
-        try:
-            yield
-        finally:
-            for m, b in zip(layers, before):
-                m._disable_adapters = b
+        """Context for the reference policy: the base model without its LoRA adapters."""
+        return lora.adapters_disabled(self.model)
 
     def decoder(self, inputs_embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
         """Last hidden states (after the final norm) of the decoder body."""
@@ -139,7 +124,7 @@ class HybridModel(nn.Module):
         elif hybrid:
             comp = torch.where(batch.think_mask[:, :-1, None], batch.latents[:, :-1].to(comp.dtype), comp)
         mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)
-        rep, inverse = distinct_rows(batch.prompt_ids) if share_prefix else (None, None)
+        rep, inverse = distinct_prompts(batch.prompt_ids, batch.prompt_mask) if share_prefix else (None, None)
         if rep is None or len(rep) == B:
             embeds = torch.cat([self.embed(batch.prompt_ids), comp], dim=1)
             # Position P-1+t holds the input that predicts completion token t.
@@ -163,25 +148,12 @@ class HybridModel(nn.Module):
         return lp
 
 
-def _lora_forward(mod, x, *args, **kwargs):
-    """A peft LoRA Linear's forward through hrpo_kernels.lora_linear (fewer passes over the
-    activations); anything but one plain active adapter without dropout on a frozen base
-    (adapters off, merged, DoRA, mixed batches, ...) takes peft's own forward."""
-    active = [a for a in mod.active_adapters if a in mod.lora_A]
-    plain = (not (args or kwargs or mod.disable_adapters or mod.merged) and len(active) == 1
-             and active[0] not in getattr(mod, "lora_variant", {}) and isinstance(mod.lora_dropout[active[0]], nn.Identity)
-             and not mod.base_layer.weight.requires_grad)
-    if not plain:
-        return type(mod).forward(mod, x, *args, **kwargs)
-    name = active[0]
-    return lora_linear(x, mod.base_layer.weight, mod.base_layer.bias, mod.lora_A[name].weight, mod.lora_B[name].weight,
-                       mod.scaling[name])
-
-
-def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the first row of each distinct row of `ids`, in order of first appearance; the index
-    into that list of every row)."""
-    _, inverse = torch.unique(ids, dim=0, return_inverse=True)
+def distinct_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's distinct prompts (the tokens of `ids` under `mask`, padded either side):
+    (the first row of each, in order of first appearance; the index into that list of every
+    row). Prefix sharing runs the first list once and copies its results by the second."""
+    keys = ids.masked_fill(~mask.bool(), -1)  # no token id is -1: a pad-id token never matches padding
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), ids.shape[0], dtype=torch.long, device=ids.device)
     first.scatter_reduce_(0, inverse, torch.arange(ids.shape[0], device=ids.device), "amin")
     order = torch.argsort(first)  # unique's sorted order -> order of first appearance

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from hrpo.core.errors import error_line
+from hrpo.model import lora
 from hrpo.model.hybrid import EMBEDDED_MODEL, HybridModel, ModelError
 
 
@@ -145,7 +147,7 @@ def load_base_model(name_or_path: str | None, device: torch.device, dtype: torch
         with _gguf_bar(src.gguf_file is not None and not hf_logging.is_progress_bar_enabled()):
             model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **kw)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {src.name!r}: {_first_line(err)}") from None
+        raise ModelError(f"cannot load model {src.name!r}: {error_line(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = True
@@ -169,11 +171,6 @@ def _gguf_bar(off: bool):
         gguf_utils.tqdm = drawn
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's eos and the generation config's."""
     ids = {tokenizer.eos_token_id}
@@ -184,14 +181,11 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def attach_lora(model, rank: int, alpha: int, targets: tuple[str, ...]):
-    from peft import LoraConfig, get_peft_model
-
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in present]
     if missing:
         raise ModelError(f"{type(model).__name__} has no modules named {missing} for LoRA (targets {list(targets)})")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
-    return get_peft_model(model, cfg)
+    return lora.attach(model, rank, alpha, targets)
 
 
 def build_policy(model, cfg) -> HybridModel:

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from hrpo.core.errors import error_line
 from hrpo.core.prompts import Example
 
 
@@ -85,7 +86,7 @@ def _read_parquet(path: str) -> list[Raw]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {error_line(e)})") from None
     return [Raw(f"{path}: record {i}", rec) for i, rec in enumerate(rows)]
 
 
@@ -110,7 +111,7 @@ def _read_hub(name: str, split: str) -> list[Raw]:
     try:
         ds = datasets.load_dataset(repo, config or None, split=split)
     except Exception as e:  # network, missing split, unknown repo: keep it to one line
-        raise DataError(f"{name}: cannot load split {split!r} from the hub ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise DataError(f"{name}: cannot load split {split!r} from the hub ({type(e).__name__}: {error_line(e)})") from None
     return [Raw(f"{name}[{split}]: record {i}", dict(r)) for i, r in enumerate(ds)]
 
 

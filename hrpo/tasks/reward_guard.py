@@ -18,6 +18,8 @@ import warnings
 from contextlib import contextmanager
 from numbers import Real
 
+from hrpo.core.errors import error_line
+
 
 class RewardFnError(ValueError):
     """A reward function that breaks its contract (one number per completion), in one line."""
@@ -103,17 +105,12 @@ def score(fn, completions: list, answers: list, timeout: float = 0.0) -> tuple[l
     if failed:
         i, err = failed[0]
         warnings.warn(f"reward function {_name(fn)}: {len(failed)} of {len(completions)} completions scored 0 because "
-                      f"the call failed (first: completion {i}, {type(err).__name__}: {_first_line(err)})",
+                      f"the call failed (first: completion {i}, {type(err).__name__}: {error_line(err)[:200]})",
                       RuntimeWarning, stacklevel=2)
     else:  # only the batch call failed: say so, the scores stand
         warnings.warn(f"reward function {_name(fn)} failed on the batch ({type(batch_err).__name__}: "
-                      f"{_first_line(batch_err)}) but not on any single completion", RuntimeWarning, stacklevel=2)
+                      f"{error_line(batch_err)[:200]}) but not on any single completion", RuntimeWarning, stacklevel=2)
     return rewards, len(failed)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else "no message"
 
 
 def all_finite(values: list[float]) -> bool:

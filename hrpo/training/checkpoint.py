@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from hrpo.core.errors import error_line
+from hrpo.model import lora
 from hrpo.model.hybrid import HybridModel, ModelError
 from hrpo.training.runs import fsync_dir, write_durably
 
@@ -60,9 +62,7 @@ def _tensors(state: dict) -> dict[str, torch.Tensor]:
 
 
 def policy_tensors(hm: HybridModel) -> tuple[dict, dict]:
-    from peft import get_peft_model_state_dict
-
-    return _tensors(get_peft_model_state_dict(hm.model)), _tensors(hm.gate.state_dict())
+    return _tensors(lora.adapter_state(hm.model)), _tensors(hm.gate.state_dict())
 
 
 def _write_policy(hm: HybridModel, folder: Path, base_model: str | None, extra: dict | None,
@@ -70,11 +70,10 @@ def _write_policy(hm: HybridModel, folder: Path, base_model: str | None, extra: 
     adapters, gate = tensors or policy_tensors(hm)
     write_durably(folder / "adapter.safetensors", safetensors_bytes(adapters))
     write_durably(folder / "gate.safetensors", safetensors_bytes(gate))
-    lora = hm.model.peft_config["default"]
     meta = {
         "base_model": base_model,
         "base_fingerprint": base_fingerprint(hm),
-        "lora": {"rank": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)},
+        "lora": lora.config(hm.model),
         **(extra or {}),
     }
     write_durably(folder / "checkpoint.json", json.dumps(meta, indent=2).encode())
@@ -119,7 +118,7 @@ def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {error_line(err)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return data
@@ -131,7 +130,7 @@ def _read_tensors(file: Path, device="cpu") -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error_line(err)})") from None
 
 
 def _require_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -148,9 +147,9 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     for key, kind in (("base_model", (str, type(None))), ("base_fingerprint", dict), ("lora", dict)):
         if key not in meta or not isinstance(meta[key], kind):
             raise CheckpointError(f"{meta_file}: field {key!r} missing or of the wrong type")
-    lora = meta["lora"]
-    if not (isinstance(lora.get("rank"), int) and isinstance(lora.get("alpha"), (int, float))
-            and isinstance(lora.get("targets"), list)):
+    recorded = meta["lora"]
+    if not (isinstance(recorded.get("rank"), int) and isinstance(recorded.get("alpha"), (int, float))
+            and isinstance(recorded.get("targets"), list)):
         raise CheckpointError(f"{meta_file}: field 'lora' needs rank, alpha and targets")
     return meta
 
@@ -158,8 +157,6 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 def load_checkpoint(hm: HybridModel, path: str | Path) -> HybridModel:
     """Load adapters and gate into a policy built on the same base model (checked); a file
     that is corrupt, truncated or holds non-finite weights is refused in one line."""
-    from peft import set_peft_model_state_dict
-
     path = Path(path)
     meta = read_checkpoint_meta(path)
     have = base_fingerprint(hm)
@@ -174,8 +171,7 @@ def load_checkpoint(hm: HybridModel, path: str | Path) -> HybridModel:
     gate = _read_tensors(path / "gate.safetensors", device)
     _require_finite(path / "adapter.safetensors", adapters)
     _require_finite(path / "gate.safetensors", gate)
-    result = set_peft_model_state_dict(hm.model, adapters)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    unexpected = lora.load_adapter_state(hm.model, adapters)
     if unexpected:
         raise CheckpointError(f"checkpoint {path}: adapter tensors {unexpected[:3]} do not fit this model")
     try:

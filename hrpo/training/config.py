@@ -32,10 +32,6 @@ METHODS = ("hrpo", "soft-tokens")  # plain GRPO is --no-hybrid
 REPORT_TO = ("none", "tensorboard")
 
 
-def loss_norms() -> tuple[str, ...]:
-    return NORMS
-
-
 def option(default, group: str, help: str, choices=None):
     """A TrainConfig field with its command-line help, section and choices: a tuple, or a
     function giving one when the parser is built. add_config_args builds the parser from them;
@@ -104,7 +100,7 @@ class TrainConfig:
                                "training forward's log-probs against the rollout engine's; none: off")
     loss_norm: str = option("grpo", LOSS, "how token losses are averaged: grpo (per completion, then over the "
                             "batch), dapo (over all of the batch's tokens), dr_grpo (sum over tokens / (batch x "
-                            "--max-completion-length))", loss_norms)
+                            "--max-completion-length))", NORMS)
     micro_batch_tokens: int = option(16384, OPTIM, "the update's memory: each backward pass runs in micro-batches "
                                      "of at most this many padded tokens, whole groups (a larger group goes alone)")
     gradient_checkpointing: bool = option(False, OPTIM, "recompute each decoder layer in the backward: less "

@@ -61,22 +61,22 @@ def tis_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float
 
 
 def token_weights(mask: torch.Tensor, norm: str = "grpo", max_completion_length: int | None = None,
-                  rows: int | None = None, tokens: int | None = None) -> torch.Tensor:
+                  n_rows: int | None = None, n_tokens: int | None = None) -> torch.Tensor:
     """(B, T) weights with loss = sum(weights * per_token): "grpo" averages each completion's
     tokens, then the batch; "dapo" averages all tokens of the batch; "dr_grpo" sums tokens
-    and divides by B * max_completion_length. rows and tokens: the batch's totals when
+    and divides by B * max_completion_length. n_rows and n_tokens: the batch's totals when
     `mask` is only part of it (a micro-batch, one rank's share)."""
     if norm not in NORMS:
         raise ValueError(f"loss norm must be one of {NORMS}, got {norm!r}")
     mask = mask.float()
-    rows = mask.shape[0] if rows is None else rows
+    n_rows = mask.shape[0] if n_rows is None else n_rows
     if norm == "grpo":
-        return mask / mask.sum(-1, keepdim=True).clamp_min(1) / rows
+        return mask / mask.sum(-1, keepdim=True).clamp_min(1) / n_rows
     if norm == "dapo":
-        return mask / max(float(mask.sum()) if tokens is None else tokens, 1.0)
+        return mask / max(float(mask.sum()) if n_tokens is None else n_tokens, 1.0)
     if not max_completion_length:
         raise ValueError("dr_grpo normalisation needs max_completion_length")
-    return mask / (rows * max_completion_length)
+    return mask / (n_rows * max_completion_length)
 
 
 def grpo_loss(
@@ -96,9 +96,19 @@ def grpo_loss(
     weights = token_weights(mask, norm, max_completion_length)
     per_token, kl, clipped = per_token_terms(logp, advantages, ref_logp, old_logp, beta, epsilon, tis)
     loss = (per_token * weights).sum()
+    return loss, metrics(metric_sums(kl, clipped, mask), mask.shape[0])
+
+
+def metric_sums(kl: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """(the sum over rows of each row's mean k3 KL, the clipped tokens, the tokens) under mask:
+    sums, so micro-batches add them up before `metrics` turns them into means."""
     m = mask.float()
-    metrics = {
-        "kl": float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()),
-        "clip_frac": float((clipped.float() * m).sum() / m.sum().clamp_min(1)) if old_logp is not None else 0.0,
-    }
-    return loss, metrics
+    return (float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).sum()), float((clipped.float() * m).sum()),
+            float(m.sum()))
+
+
+def metrics(sums: tuple[float, float, float], n_rows: int) -> dict[str, float]:
+    """The logged metrics from metric_sums over a batch of n_rows: "kl", the mean over rows of
+    each row's mean KL; "clip_frac", the fraction of tokens whose ratio was clipped."""
+    kl_sum, n_clipped, n_tokens = sums
+    return {"kl": kl_sum / max(n_rows, 1), "clip_frac": n_clipped / max(n_tokens, 1.0)}

@@ -24,15 +24,35 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
+def pyplot():
+    """matplotlib.pyplot drawing to files only (the Agg backend: no display needed), imported
+    when the first picture is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def integer_ticks(axis) -> None:
+    """Ticks at whole numbers only (steps and positions: no 2.5)."""
     from matplotlib.ticker import MaxNLocator
 
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def png(fig, dpi: int) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
     panels = [(k, label) for k, label in PANELS if any(r.get(k) is not None for r in records)]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.4), squeeze=False)
+    fig, axes = pyplot().subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.4), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         steps, values = [p[0] for p in points], [float(p[1]) for p in points]
@@ -44,7 +64,7 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
             ax.plot(steps, moving_average(values, window), lw=1.8, label=f"moving average ({window} steps)")
         ax.set_title(label)
         ax.set_xlabel("device step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_ticks(ax.xaxis)
         ax.set_ylabel(label)
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)  # 0.997, not 1e-3 + 0.996
         ax.grid(alpha=0.3)
@@ -52,7 +72,4 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    replace_file(path, buf.getvalue())  # redrawn at each checkpoint: never a half-written PNG
+    replace_file(path, png(fig, 110))  # redrawn at each checkpoint: never a half-written PNG

@@ -81,7 +81,7 @@ class Stepper(Setup):
             t = time.perf_counter()
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
             with peak_memory(self.device) as mem_rollout:
-                out = self.engine.generate(prompts, self.sampling, seed=seed, rows=row_span)
+                out = self.engine.generate(prompts, self.sampling, seed=seed, row_span=row_span)
             times["time_rollout_s"] = time.perf_counter() - t
             times["mem_rollout_gb"] = mem_rollout()
             t = time.perf_counter()
@@ -117,7 +117,7 @@ class Stepper(Setup):
                 if skipped is None:
                     loss, info, finite = policy_backward(
                         self.hm, out, plan, adv, ref, old if cfg.num_iterations > 1 else None, self.update,
-                        scale=1.0 / cfg.grad_accum, rows=cfg.batch_size, tokens=total_tokens, length=length, tis=tis)
+                        scale=1.0 / cfg.grad_accum, n_rows=cfg.batch_size, n_tokens=total_tokens, length=length, tis=tis)
                     if group.any(not finite):
                         skipped, self.poisoned = "non-finite loss", True
                 policy_s = time.perf_counter() - t

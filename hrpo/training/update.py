@@ -3,7 +3,7 @@ over a rollout, lean in memory and time.
 
 - Micro-batches are sized by tokens, not rows: whole GRPO groups, longest first, packed while
   their padded size (distinct prompts x prompt width + rows x completion width) fits
-  `max_tokens`, so long completions cannot blow memory; each micro-batch is trimmed to its
+  `micro_batch_tokens`, so long completions cannot blow memory; each micro-batch is trimmed to its
   own widths, so little is spent on padding.
 - Within a micro-batch each distinct prompt runs through the body once (HybridModel's
   share_prefix), not once per completion of its group.
@@ -23,43 +23,43 @@ from dataclasses import dataclass
 
 import torch
 
-from hrpo.training.loss import per_token_terms, token_weights
-from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_rows
+from hrpo.training.loss import metric_sums, metrics, per_token_terms, token_weights
+from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_prompts
 from hrpo_kernels.latent_input import LatentParams
 
 
 def group_rows(batch: SequenceBatch) -> list[list[int]]:
     """The rows of each distinct prompt (a GRPO group), in order of first appearance."""
     groups: dict[int, list[int]] = {}
-    for row, g in enumerate(distinct_rows(batch.prompt_ids)[1].tolist()):
+    for row, g in enumerate(distinct_prompts(batch.prompt_ids, batch.prompt_mask)[1].tolist()):
         groups.setdefault(g, []).append(row)
     return list(groups.values())
 
 
-def micro_batches(batch: SequenceBatch, max_tokens: int) -> list[torch.Tensor]:
+def micro_batches(batch: SequenceBatch, micro_batch_tokens: int) -> list[torch.Tensor]:
     """Row indices of each micro-batch: whole groups, longest first, packed while the padded
-    token count stays within max_tokens (a group larger than that goes alone)."""
+    token count stays within micro_batch_tokens (a group larger than that goes alone)."""
     prompt_len = batch.prompt_mask.sum(-1).tolist()  # read once: no host sync per group
     comp_len = batch.completion_mask.sum(-1).tolist()
-    groups = [(rows, prompt_len[rows[0]], max(comp_len[r] for r in rows)) for rows in group_rows(batch)]
+    groups = [(row_idx, prompt_len[row_idx[0]], max(comp_len[r] for r in row_idx)) for row_idx in group_rows(batch)]
     groups.sort(key=lambda g: -(g[1] + g[2]))
     plans, current, widths = [], [], (0, 0, 0, 0)  # distinct prompts, rows, prompt width, completion width
-    for rows, p, t in groups:
-        n_d, n_r, wp, wt = widths[0] + 1, widths[1] + len(rows), max(widths[2], p), max(widths[3], t)
-        if current and n_d * wp + n_r * wt > max_tokens:
+    for row_idx, p, t in groups:
+        n_d, n_r, wp, wt = widths[0] + 1, widths[1] + len(row_idx), max(widths[2], p), max(widths[3], t)
+        if current and n_d * wp + n_r * wt > micro_batch_tokens:
             plans.append(torch.tensor(current, device=batch.prompt_ids.device))
-            current, (n_d, n_r, wp, wt) = [], (1, len(rows), p, t)
-        current += rows
+            current, (n_d, n_r, wp, wt) = [], (1, len(row_idx), p, t)
+        current += row_idx
         widths = (n_d, n_r, wp, wt)
     if current:
         plans.append(torch.tensor(current, device=batch.prompt_ids.device))
     return plans
 
 
-def trim(batch: SequenceBatch, rows: torch.Tensor) -> SequenceBatch:
-    """The rows of `batch`, without the prompt columns that are padding in all of them (left)
+def trim(batch: SequenceBatch, row_idx: torch.Tensor) -> SequenceBatch:
+    """The rows `row_idx` of `batch`, without the prompt columns that are padding in all of them (left)
     and the completion columns past their longest completion (right)."""
-    sub = batch.select(rows)
+    sub = batch.select(row_idx)
     p = int(sub.prompt_mask.sum(-1).max())
     t = max(int(sub.completion_mask.sum(-1).max()), 1)
     return SequenceBatch(sub.prompt_ids[:, -p:], sub.prompt_mask[:, -p:], sub.completion_ids[:, :t],
@@ -67,9 +67,9 @@ def trim(batch: SequenceBatch, rows: torch.Tensor) -> SequenceBatch:
 
 
 def padded(plan: list[torch.Tensor], length: int | None) -> Iterator[tuple[torch.Tensor, bool]]:
-    """(rows, real) for each of `length` micro-batches (None: the plan's own length): the
+    """(row_idx, real) for each of `length` micro-batches (None: the plan's own length): the
     plan's, then zero-weight ones on the plan's first row that only make the collectives."""
-    yield from ((rows, True) for rows in plan)
+    yield from ((row_idx, True) for row_idx in plan)
     for _ in range(len(plan), length or 0):
         yield plan[0][:1], False
 
@@ -82,7 +82,7 @@ class UpdateSettings:
     epsilon: float
     loss_norm: str
     max_completion_length: int
-    max_tokens: int  # per micro-batch
+    micro_batch_tokens: int  # padded tokens per micro-batch (--micro-batch-tokens)
     share_prefix: bool = True  # off with gradient checkpointing (it needs the body's KV cache)
     latent: LatentParams = LatentParams()  # the method's thinking inputs (soft tokens: soft-noise)
     top_k: int = 0  # the rollout's, which the soft tokens' mixture was taken over
@@ -94,66 +94,64 @@ class UpdateSettings:
 
 
 @torch.no_grad()
-def _logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s: UpdateSettings, hybrid: bool,
+def _logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings, hybrid: bool,
               length: int | None) -> torch.Tensor:
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
-    for rows, real in padded(plan, length):
-        sub = trim(batch, rows)
-        logp = hm.sequence_logprobs(sub, s.temperature, hybrid, s.share_prefix, s.latent, s.top_k)
+    for row_idx, real in padded(plan, length):
+        sub = trim(batch, row_idx)
+        logp = hm.sequence_logprobs(sub, settings.temperature, hybrid, settings.share_prefix, settings.latent,
+                                    settings.top_k)
         if real:
-            out[rows, : sub.completion_ids.shape[1]] = logp
+            out[row_idx, : sub.completion_ids.shape[1]] = logp
     return out
 
 
-def reference_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s: UpdateSettings,
+def reference_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings,
                        length: int | None = None) -> torch.Tensor:
     """The reference policy's log-probs (B, T): the base model (adapters off) on plain tokens;
     under soft tokens on the rollout's inputs, so that its thinking positions hold the same
     action's log-density as the policy's (the KL compares like with like)."""
     with hm.adapters_disabled():
-        return _logprobs(hm, batch, plan, s, s.latent_inputs, length)
+        return _logprobs(hm, batch, plan, settings, settings.latent_inputs, length)
 
 
-def policy_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s: UpdateSettings,
+def policy_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings,
                     length: int | None = None) -> torch.Tensor:
     """The policy's log-probs (B, T) from the training forward (adapters on, hybrid as in the
     update), without gradient: the "old" log-probs of a rollout's updates, and the training
     side of its importance-sampling correction."""
-    return _logprobs(hm, batch, plan, s, s.hybrid, length)
+    return _logprobs(hm, batch, plan, settings, settings.hybrid, length)
 
 
 def policy_backward(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], advantages: torch.Tensor,
-                    ref: torch.Tensor | None, old: torch.Tensor | None, s: UpdateSettings, scale: float = 1.0,
-                    rows: int | None = None, tokens: int | None = None, length: int | None = None,
+                    ref: torch.Tensor | None, old: torch.Tensor | None, settings: UpdateSettings, scale: float = 1.0,
+                    n_rows: int | None = None, n_tokens: int | None = None, length: int | None = None,
                     tis: torch.Tensor | None = None) -> tuple[float, dict, bool]:
     """Forward and backward of the policy over `length` micro-batches (the plan, padded),
-    gradients accumulated into the parameters' .grad (times `scale`). rows, tokens: the whole
+    gradients accumulated into the parameters' .grad (times `scale`). n_rows, n_tokens: the whole
     batch's totals when this is a share of it (for the loss normalisation); tis: (B, T)
     importance weights of the policy terms. Returns (loss, metrics, finite). A non-finite
     micro-batch loss makes it non-finite, but the remaining micro-batches still run (their
     collectives): the caller agrees on it with the other ranks and drops the update."""
-    weights = token_weights(batch.completion_mask, s.loss_norm, s.max_completion_length, rows, tokens)
-    total, kl_sum, clipped, n_tokens, finite = 0.0, 0.0, 0.0, 0.0, True
-    for idx, real in padded(plan, length):
-        sub = trim(batch, idx)
+    weights = token_weights(batch.completion_mask, settings.loss_norm, settings.max_completion_length, n_rows, n_tokens)
+    total, sums, finite = 0.0, (0.0, 0.0, 0.0), True
+    for row_idx, real in padded(plan, length):
+        sub = trim(batch, row_idx)
         t = sub.completion_ids.shape[1]
-        logp = hm.sequence_logprobs(sub, s.temperature, s.hybrid, s.share_prefix, s.latent, s.top_k)
+        logp = hm.sequence_logprobs(sub, settings.temperature, settings.hybrid, settings.share_prefix,
+                                    settings.latent, settings.top_k)
         if not real:
             (logp.sum() * 0.0).backward()
             continue
         per_token, kl, clip = per_token_terms(
-            logp, advantages[idx], None if ref is None else ref[idx, :t], None if old is None else old[idx, :t],
-            s.beta, s.epsilon, None if tis is None else tis[idx, :t],
+            logp, advantages[row_idx], None if ref is None else ref[row_idx, :t], None if old is None else old[row_idx, :t],
+            settings.beta, settings.epsilon, None if tis is None else tis[row_idx, :t],
         )
-        loss = (per_token * weights[idx, :t]).sum()
+        loss = (per_token * weights[row_idx, :t]).sum()
         finite = finite and bool(torch.isfinite(loss))
         (loss * scale).backward()
-        m = sub.completion_mask.float()
         total += loss.item()
-        kl_sum += float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).sum())
-        clipped += float((clip.float() * m).sum())
-        n_tokens += float(m.sum())
+        sums = tuple(a + b for a, b in zip(sums, metric_sums(kl, clip, sub.completion_mask)))
     if not finite:
         return float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}, False
-    n_rows = batch.completion_ids.shape[0]
-    return total, {"kl": kl_sum / max(n_rows, 1), "clip_frac": clipped / max(n_tokens, 1.0)}, True
+    return total, metrics(sums, batch.completion_ids.shape[0]), True

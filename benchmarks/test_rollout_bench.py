@@ -4,7 +4,9 @@ Names are `{method}-{device}-{model}-b{batch}`; each entry's extra_info carries 
 (new tokens / wall time of one rollout) and, on GPU, the bandwidth floor of the same run.
 Methods: eager_reference (the original code's style: eager ops, full logits, a host-side
 re-decode of every row each step), hf_generate (plain sampling through HF `generate`),
-reference_loop (hrpo.engine.rollout), engine_plain and engine_hybrid (hrpo.engine.rollout_engine).
+reference_loop (hrpo.engine.rollout), engine_plain and engine_hybrid (hrpo.engine.rollout_engine),
+and on the CPU engine_{soft,moi,soft-noise,gumbel-soft}: the engine under each training-free
+latent mode (docs/latent-modes.md), whose thinking inputs are the mode's mixture.
 
 GPU: Qwen2.5-1.5B / 3B shapes from ../shared/model_shapes.json with random bf16 weights
 (speed does not depend on their values), prompts of 256 random tokens in groups of 8,
@@ -38,6 +40,7 @@ from hrpo.model.hybrid import HybridModel
 from hrpo.core.prompts import format_prompt
 from hrpo.engine.rollout import SamplingConfig, left_pad, rollout
 from hrpo.tasks.synthetic import synthetic_split
+from hrpo_kernels.latent_input import MODES, LatentParams
 
 SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
 GPU_MODELS = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-3b": "Qwen2.5-3B-Instruct"}
@@ -48,6 +51,7 @@ BASELINE_TOKENS = int(os.environ.get("HRPO_BENCH_BASELINE_TOKENS", 128))
 PROMPT_LEN, GROUP = 256, 8
 TEMPERATURE, TOP_K = 0.5, 50
 METHODS = ["eager_reference", "hf_generate", "engine_plain", "engine_hybrid"]
+LATENT_METHODS = [f"engine_{mode}" for mode in MODES[1:]]  # the training-free modes
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +97,9 @@ def _runner(method, hm, prompts, new_tokens, matcher, decoder_tok, pad_id, gener
                                          temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens,
                                          min_new_tokens=new_tokens, pad_token_id=pad_id)
         return run
-    cfg = SamplingConfig(new_tokens, TEMPERATURE, TOP_K, hybrid=method != "engine_plain")
+    mode = method.removeprefix("engine_")
+    cfg = SamplingConfig(new_tokens, TEMPERATURE, TOP_K, hybrid=method != "engine_plain",
+                         latent=LatentParams(mode if mode in MODES else "hrpo"))
     if method == "reference_loop":
         return lambda: rollout(hm, prompts, cfg, matcher, [], pad_id, generator)
     return lambda: engine.generate(prompts, cfg, generator)
@@ -109,7 +115,8 @@ def tiny():
 
 
 @pytest.mark.parametrize("batch", [8, 32])
-@pytest.mark.parametrize("method", ["eager_reference", "hf_generate", "reference_loop", "engine_plain", "engine_hybrid"])
+@pytest.mark.parametrize("method", ["eager_reference", "hf_generate", "reference_loop", "engine_plain", "engine_hybrid",
+                                    *LATENT_METHODS])
 def test_rollout_cpu(benchmark, tiny, method, batch):
     hm, tok = tiny
     new = 64

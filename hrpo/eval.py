@@ -52,6 +52,7 @@ from hrpo.training.checkpoint import complete_checkpoints, load_checkpoint, read
 from hrpo.training.config import HelpFormatter, config_for
 from hrpo.training.evaluation import scored_batches, summarise
 from hrpo.training.runs import MANIFEST, RunDir, check_writable, write_json
+from hrpo_kernels.latent_input import MODES, LatentParams
 
 # The table of the paper, in its order, with its best reported number per row (percent).
 BENCHMARKS = ("gsm8k", "math", "math500", "mmlu-stem", "arc-c", "nq", "triviaqa", "hotpotqa", "2wiki", "bamboogle")
@@ -84,6 +85,31 @@ def select(n_total: int, limit: int | None, seed: int) -> list[int]:
 # ---------------------------------------------------------------- the command line
 
 
+def add_latent_arguments(p: argparse.ArgumentParser) -> None:
+    """--latent-mode and its numbers (hrpo_kernels/latent_input.py, docs/latent-modes.md)."""
+    p.add_argument("--latent-mode", choices=MODES,
+                   help="what a thinking position's input is: hrpo (the gate's blend of the token and h_hat), soft "
+                        "(Soft Thinking's p @ E), moi (Mixture of Inputs), soft-noise (soft tokens: p @ E plus "
+                        "Gaussian noise), gumbel-soft (SofT-GRPO's Gumbel-Softmax mixture); None: the checkpoint's "
+                        "(soft-noise for --method soft-tokens), else hrpo")
+    p.add_argument("--latent-temperature", type=float,
+                   help="temperature of the mixture's distribution; None: --temperature (fuzzy tokens: small)")
+    p.add_argument("--latent-top-p", type=float, default=1.0, help="nucleus of the mixture (1: off)")
+    p.add_argument("--moi-beta", type=float, default=1.0, help="Mixture of Inputs' concentration beta")
+    p.add_argument("--noise-std", type=float, help="soft-noise's standard deviation (embedding units); None: the "
+                   "checkpoint's, else 0.1")
+    p.add_argument("--gumbel-tau", type=float, default=0.1, help="gumbel-soft's Gumbel-Softmax temperature")
+
+
+def latent_params(args) -> LatentParams:
+    """The LatentParams of add_latent_arguments' flags; a bad value is a one-line ConfigError."""
+    try:
+        return LatentParams(args.latent_mode, args.latent_temperature, args.latent_top_p, args.moi_beta,
+                            args.noise_std, args.gumbel_tau)
+    except ValueError as err:
+        raise ConfigError(f"--latent-mode {args.latent_mode}: {err}") from None
+
+
 def _settings(args, task: str, data: str | None) -> dict:
     """What makes two evaluations the same: a resumed one must match it exactly."""
     spec = get_task(task)
@@ -91,7 +117,8 @@ def _settings(args, task: str, data: str | None) -> dict:
         "task": task, "protocol": args.protocol, "model": args.base_model, "checkpoint": args.checkpoint,
         "data": data, "corpus": args.corpus, "limit": args.limit, "seed": args.seed,
         "decoding": {"greedy": not args.sample, "temperature": args.temperature, "top_k": args.top_k,
-                     "max_new_tokens": args.max_new_tokens or spec.max_new_tokens, "hybrid": args.hybrid},
+                     "max_new_tokens": args.max_new_tokens or spec.max_new_tokens, "hybrid": args.hybrid,
+                     **({} if latent_params(args).is_h_hat else {"latent": vars(latent_params(args))})},
         "system_prompt": args.system_prompt,
     }
 
@@ -229,12 +256,16 @@ def resolve_checkpoint(path: str) -> str:
 
 def recorded_settings(args, meta: dict) -> None:
     """The decoding settings the user left unset (None) as the checkpoint was trained: hybrid
-    latents, system prompt, and the answer marker that ends thinking (earlier checkpoints
-    record no system prompt: on)."""
+    latents, their latent mode (and soft-noise's sigma), system prompt, and the answer marker
+    that ends thinking (earlier checkpoints record no system prompt: on; no mode: hrpo)."""
     if args.hybrid is None:
         args.hybrid = meta.get("hybrid", True)
     if args.system_prompt is None:
         args.system_prompt = meta.get("system_prompt", True)
+    if args.latent_mode is None:
+        args.latent_mode = meta.get("latent_mode", "hrpo")
+    if args.noise_std is None:
+        args.noise_std = meta.get("noise_std", LatentParams.noise_std)
     args.marker = meta.get("marker", ANSWER_MARKER)
 
 
@@ -243,7 +274,7 @@ def describe_policy(verb: str, args, task: str | None) -> str:
     what = f"checkpoint {args.checkpoint}" if args.checkpoint else "the base model"
     task_part = f"task {task}, " if task else ""
     return (f"{verb} {what} ({task_part}base model {args.base_model or 'embedded'}, "
-            f"hybrid {'on' if args.hybrid else 'off'}, system prompt {'on' if args.system_prompt else 'off'}, "
+            f"hybrid {f'on ({args.latent_mode})' if args.hybrid else 'off'}, system prompt {'on' if args.system_prompt else 'off'}, "
             f"marker {args.marker!r})")
 
 
@@ -256,6 +287,7 @@ def _check_args(args) -> None:
         raise ConfigError(f"--temperature must be a number in (0, inf), got {args.temperature}")
     if args.top_k < 0 or args.seed < 0:
         raise ConfigError(f"--top-k and --seed must be >= 0, got {args.top_k} and {args.seed}")
+    latent_params(args)
     if args.task != "all":
         get_task(args.task)
     if args.data and args.task == "all":
@@ -363,7 +395,7 @@ class TaskRun:
         """Score this rank's share of the examples still to do; returns the seconds taken."""
         args, recipe = self.args, config_for(self.name)
         sampling = SamplingConfig(self.settings["decoding"]["max_new_tokens"], args.temperature, args.top_k,
-                                  greedy=not args.sample, hybrid=args.hybrid)
+                                  greedy=not args.sample, hybrid=args.hybrid, latent=latent_params(args))
         system = SYSTEM_PROMPT if args.system_prompt and recipe.system_prompt else None
         bar = tqdm(total=len(self.chosen), initial=len(self.chosen) - len(self.todo), desc=self.name,
                    disable=args.quiet or not group.main)
@@ -432,6 +464,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.5, help="of sampling (--sample) and of the distribution "
                                                                   "latents mix")
     p.add_argument("--top-k", type=int, default=50, help="of sampling and of the distribution latents mix (0: all)")
+    add_latent_arguments(p)
     p.add_argument("--max-new-tokens", type=int, help="None: the protocol's (512; 1024 for math and math500)")
     p.add_argument("--max-prompt-length", type=int, help="None: the task recipe's prompt limit")
     p.add_argument("--batch-size", type=int, default=64, help="examples generated together")

@@ -4,6 +4,7 @@ trainer and rollout call: fused kernels for CUDA tensors, the reference otherwis
 (HRPO_KERNELS=reference forces the reference everywhere)."""
 from .decode_attention import decode_attention, decode_attention_reference
 from .gated_blend import GATE_C, gated_blend, gated_blend_reference
+from .latent_input import LatentParams, latent_input_reference
 from .lora_linear import lora_linear, lora_linear_reference
 from .sample_and_mix import sample_and_mix, sample_and_mix_reference
 from .step_controller import StepBuffers, step_controller, step_controller_reference
@@ -17,6 +18,8 @@ __all__ = [
     "StepBuffers",
     "gated_blend",
     "gated_blend_reference",
+    "LatentParams",
+    "latent_input_reference",
     "lora_linear",
     "lora_linear_reference",
     "sample_and_mix",

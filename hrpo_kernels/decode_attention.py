@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import cdiv, interpreting, next_pow2, num_sms, use_fused
-from ._triton_helpers import helpers
+from ._triton_helpers import lazy_kernels
 from ._common import empty as _empty
 
 
@@ -86,25 +86,12 @@ def decode_attention_reference(q, k_cache, v_cache, seqlens, scale, *, max_len: 
 # capturable in a CUDA graph); chunks at or beyond a row's length do no work and write
 # nothing, and the reduce reads only the chunks below the length.
 # ----------------------------------------------------------------------------------------
-triton = None  # imported on first use (TRITON_INTERPRET may be set late; `import
-tl = None  # hrpo_kernels` works without triton)
-_KERNELS = None
-_dot_p = None  # _triton_helpers.dot_p, bound with the kernels
+triton = tl = dot_p = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 4  # split the slots until B * Hkv * n_splits reaches this many per SM
 
 
-def _kernels():
-    """Import triton and define the kernels once, at the first launch."""
-    global triton, tl, _KERNELS, _dot_p  # the kernels find tl and helpers as module globals
-    if _KERNELS is not None:
-        return _KERNELS
-    import triton as _triton
-    import triton.language as _tl
-
-    triton, tl = _triton, _tl
-    _dot_p = helpers()["dot_p"]
-
+def _define_kernels() -> dict:
     @triton.jit
     def _partial_kernel(
         q_ptr, k_ptr, v_ptr, len_ptr, ws_acc, ws_m, ws_l,
@@ -146,7 +133,7 @@ def _kernels():
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
             vt = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=tile, other=0.0)
-            acc = acc * alpha[:, None] + _dot_p(p, vt, FP32_DOT)
+            acc = acc * alpha[:, None] + dot_p(p, vt, FP32_DOT)
             m = m_new
         slot = (b64 * H + heads) * n_splits + split
         ok = g < tl.where(lo < hi, G, 0)  # the real heads, of a chunk that did work
@@ -179,8 +166,10 @@ def _kernels():
         o = tl.sum(acc * w[:, None], axis=0) / tl.where(l > 0, l, 1.0)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
-    _KERNELS = dict(partial=_partial_kernel, reduce=_reduce_kernel)
-    return _KERNELS
+    return dict(partial=_partial_kernel, reduce=_reduce_kernel)
+
+
+_kernels = lazy_kernels(globals(), _define_kernels)
 
 
 def split_plan(B: int, Hkv: int, T: int, block_t: int, device: torch.device, n_splits: int | None = None):

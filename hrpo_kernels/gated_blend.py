@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ._common import empty as _empty
 from ._common import stream_capturing, use_fused
 from ._ext import load_extension
+from ._triton_helpers import lazy_kernels
 
 GATE_C = 8.0
 SQRT_EPS = 1e-8
@@ -54,9 +55,7 @@ def gated_blend_reference(
 # so `import hrpo_kernels` works where it is missing and TRITON_INTERPRET set by a test
 # module after this file was imported still takes effect.
 # ----------------------------------------------------------------------------------------
-triton = None  # set by _kernels(); module globals so that the jitted bodies can see them
-tl = None
-_KERNELS: dict = {}
+triton = tl = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
 
 FWD_BLOCK_M, FWD_BLOCK_D = 16, 128  # 2048 elements per program, 4 warps
 BWD_BLOCK_M, BWD_BLOCK_D = 32, 128  # taller tiles: fewer Lambda partial rows to reduce
@@ -157,17 +156,11 @@ def _gated_blend_bwd_kernel(
         tl.store(dh_ptr + r64 * stride_dh + cols[None, :], gom * s * i, mask=tile)
 
 
-def _kernels() -> dict:
-    """Import triton and jit the kernels, once."""
-    if not _KERNELS:
-        global triton, tl
-        import triton as _triton
-        import triton.language as _tl
+def _define_kernels() -> dict:
+    return dict(fwd=triton.jit(_gated_blend_fwd_kernel), bwd=triton.jit(_gated_blend_bwd_kernel))
 
-        triton, tl = _triton, _tl
-        _KERNELS["fwd"] = triton.jit(_gated_blend_fwd_kernel)
-        _KERNELS["bwd"] = triton.jit(_gated_blend_bwd_kernel)
-    return _KERNELS
+
+_kernels = lazy_kernels(globals(), _define_kernels)
 
 
 # The concatenated (2d, d) weight and (2d,) bias, kept while the parameters are unchanged:

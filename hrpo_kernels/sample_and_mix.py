@@ -21,7 +21,8 @@ import torch
 from ._common import (cdiv, interpreting, mm_f32, next_pow2, num_sms, on_gpu_path, row_ids_tensor, sample_outputs,
                       seed_offset, use_fused)
 from ._ext import load_extension
-from ._triton_helpers import helpers
+from ._triton_helpers import lazy_kernels
+from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
 
@@ -37,16 +38,25 @@ def sample_and_mix_reference(
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
+    latent: LatentParams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (B, d), lm_weight (V, d), embedding (V, d) -> tokens (B,) int64,
-    logprobs (B,) fp32, h_hat (B, d) fp32. seed given: u[b, v] = philox_uniform(seed,
-    offset + row_ids[b] * V + v) (every path's convention), else a `generator` draw."""
+    logprobs (B,) fp32, h_hat (B, d) fp32 (with `latent`: that mode's next input,
+    latent_input.py). seed given: u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v)
+    (every path's convention), else a `generator` draw (a latent mode: one seed drawn from it,
+    so that the race and the mode's noise share the draw)."""
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     logits = hidden.float() @ lm_weight.float().T
-    return sample_from_logits_reference(
+    if latent is not None and seed is None and not greedy:
+        seed, offset = seed_offset(None, offset, generator, logits.device)
+    tok, lp, h = sample_from_logits_reference(
         logits, embedding, top_k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
     )
+    if latent is not None:
+        h = latent_input_reference(logits, embedding, tok, latent, temperature, top_k, greedy, seed=seed,
+                                   offset=offset, row_ids=row_ids)
+    return tok, lp, h
 
 
 # ---------------------------------------------------------------------------------------
@@ -59,11 +69,7 @@ def sample_and_mix_reference(
 # graph) and advances the offset by at least B * V per decode step.
 # ---------------------------------------------------------------------------------------
 
-triton = None  # imported on first use (so that TRITON_INTERPRET may be set late, and
-tl = None  # `import hrpo_kernels` works without triton)
-_KERNELS = None
-_philox_uniform = None  # @triton.jit helper, defined with the kernels
-_dot_p = None  # _triton_helpers.dot_p, bound with the kernels
+triton = tl = dot_p = philox_uniform = gaussian = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -76,36 +82,23 @@ def full_vocab_fits(d: int, weight: torch.Tensor) -> bool:
     return d <= MAX_D_FULL_VOCAB.get(weight.element_size(), 0)
 
 
-def _kernels():
-    """Import triton and define the kernels once, at the first launch."""
-    global triton, tl, _KERNELS, _philox_uniform, _dot_p  # the kernels find tl and helpers as module globals
-    if _KERNELS is not None:
-        return _KERNELS
-    import triton as _triton
-    import triton.language as _tl
-
-    triton, tl = _triton, _tl
-    _dot_p = helpers()["dot_p"]
-
-    @triton.jit
-    def _philox_uniform(seed, ctr):
-        """philox_uniform(seed, ctr) of hrpo_kernels/philox.py: tl.randint is Philox4x32-10 with
-        counter words (ctr lo, ctr hi, 0, 0), key (seed lo, seed hi), and returns word 0."""
-        r0 = tl.randint(seed, ctr).to(tl.uint32, bitcast=True)  # logical shift below
-        return ((r0 >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # exact, in (0, 1)
-
+def _define_kernels() -> dict:
     @triton.jit
     def _full_partial_kernel(
         h_ptr, w_ptr, e_ptr, seed_ptr, off_ptr, rid_ptr,
-        ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
-        B, V, D, n_rb, v_per_split, inv_t,
+        ws_acc, ws_m, ws_s, ws_mx, ws_sx, ws_qx, ws_rx, ws_score, ws_tok, ws_logit,
+        B, V, D, n_rb, v_per_split, inv_t, inv_tm, inv_tau,
         stride_h, stride_w, stride_e,
         TIED: tl.constexpr, GREEDY: tl.constexpr, FP32_DOT: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
+        MODE: tl.constexpr, MIX_SHARED: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One (row block, V-split) program: a single pass over its lm_weight rows keeping,
-        per row, the online softmax state (m, s = sum e^(l-m), q = sum e^(2(l-m)), the
-        partial mixture acc = sum e^(l-m) E[v]) and the race winner."""
+        per row, the sampler's online softmax state (m, s = sum e^(l/T-m)), the race winner,
+        and the latent mixture's state (latent_input.py) over its scores x = l/T_mix
+        (gumbel-soft: (l/T_mix + g)/tau): mx, sx = sum e^(x-mx), qx = sum e^(2(x-mx)),
+        rx = sum e^(x-mx) (x-mx) (MoI's entropy) and acc = sum e^(x-mx) E[v]. MIX_SHARED (the
+        mixture's scores are the sampler's: T_mix = T, no Gumbel): one state serves both."""
         pid = tl.program_id(0)
         rb = pid % n_rb  # row blocks of one split are neighbours: they share its tiles in L2
         split = pid // n_rb
@@ -129,7 +122,10 @@ def _kernels():
 
         m = tl.full([BLOCK_B], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_B], tl.float32)
-        q = tl.zeros([BLOCK_B], tl.float32)
+        mx = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        sx = tl.zeros([BLOCK_B], tl.float32)
+        qx = tl.zeros([BLOCK_B], tl.float32)
+        rx = tl.zeros([BLOCK_B], tl.float32)
         best = tl.full([BLOCK_B], float("-inf"), tl.float32)
         tok = tl.zeros([BLOCK_B], tl.int32)
         blogit = tl.zeros([BLOCK_B], tl.float32)
@@ -146,9 +142,11 @@ def _kernels():
             scaled = tl.where(col_ok[None, :], logits * inv_t, float("-inf"))
             if GREEDY:
                 score = tl.where(col_ok[None, :], logits, float("-inf"))
+                g = tl.zeros([BLOCK_B, BLOCK_V], tl.float32)
             else:
-                u = _philox_uniform(seed, ctr_row[:, None] + cols[None, :])
-                score = scaled - tl.log(-tl.log(u))  # log(p_v / x_v) + const
+                u = philox_uniform(seed, ctr_row[:, None] + cols[None, :])
+                g = -tl.log(-tl.log(u))  # Gumbel noise: the race and gumbel-soft's weights
+                score = scaled + g  # log(p_v / x_v) + const
             t_best = tl.max(score, axis=1)
             t_arg = tl.argmax(score, axis=1)
             t_logit = tl.sum(tl.where(lane[None, :] == t_arg[:, None], scaled, 0.0), axis=1)
@@ -157,22 +155,39 @@ def _kernels():
             tok = tl.where(upd, v0 + t_arg, tok)
             blogit = tl.where(upd, t_logit, blogit)
 
-            m_new = tl.maximum(m, tl.max(scaled, axis=1))
-            alpha = tl.exp(m - m_new)
-            pe = tl.exp(scaled - m_new[:, None])
-            s = s * alpha + tl.sum(pe, axis=1)
-            q = q * alpha * alpha + tl.sum(pe * pe, axis=1)
+            if MIX_SHARED:
+                xs = scaled
+            else:
+                m_new = tl.maximum(m, tl.max(scaled, axis=1))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(scaled - m_new[:, None]), axis=1)
+                m = m_new
+                xs = tl.where(col_ok[None, :], logits * inv_tm, float("-inf"))
+                if MODE == 4:  # gumbel-soft
+                    xs = (xs + g) * inv_tau
+            mx_new = tl.maximum(mx, tl.max(xs, axis=1))
+            ax = tl.exp(mx - mx_new)
+            px = tl.exp(xs - mx_new[:, None])
+            if MODE == 2:  # moi: the entropy's sum, rescaled to the new max (0 before any column)
+                rx = tl.where(sx > 0, ax * (rx + (mx - mx_new) * sx), 0.0)
+                rx += tl.sum(tl.where(col_ok[None, :], px * (xs - mx_new[:, None]), 0.0), axis=1)
+            sx = sx * ax + tl.sum(px, axis=1)
+            qx = qx * ax * ax + tl.sum(px * px, axis=1)
             if TIED:
                 e = w  # the tile read for the logits serves the mixture too
             else:
                 e = tl.load(e_ptr + cols[:, None].to(tl.int64) * stride_e + ks[None, :], mask=tile_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot_p(pe, e, FP32_DOT)
-            m = m_new
+            acc = acc * ax[:, None] + dot_p(px, e, FP32_DOT)
+            mx = mx_new
 
+        if MIX_SHARED:
+            m, s = mx, sx
         slot = split * B + rows
         tl.store(ws_m + slot, m, mask=row_ok)
         tl.store(ws_s + slot, s, mask=row_ok)
-        tl.store(ws_q + slot, q, mask=row_ok)
+        tl.store(ws_mx + slot, mx, mask=row_ok)
+        tl.store(ws_sx + slot, sx, mask=row_ok)
+        tl.store(ws_qx + slot, qx, mask=row_ok)
+        tl.store(ws_rx + slot, rx, mask=row_ok)
         tl.store(ws_score + slot, best, mask=row_ok)
         tl.store(ws_tok + slot, tok, mask=row_ok)
         tl.store(ws_logit + slot, blogit, mask=row_ok)
@@ -180,48 +195,72 @@ def _kernels():
 
     @triton.jit
     def _full_reduce_kernel(
-        ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
-        tok_out, lp_out, h_out,
-        B, D, n_splits, stride_ho,
+        ws_acc, ws_m, ws_s, ws_mx, ws_sx, ws_qx, ws_rx, ws_score, ws_tok, ws_logit,
+        tok_out, lp_out, h_out, e_ptr, seed_ptr, off_ptr, rid_ptr,
+        B, V, D, n_splits, stride_ho, stride_e, beta, sigma, inv_logv, noise_key,
+        MODE: tl.constexpr, GREEDY: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One row: merge the per-split states (rescaled by e^(m_split - m)) into the
-        token, its full-vocabulary log-prob and h_hat = acc / sqrt(q)."""
+        token, its full-vocabulary log-prob and the mode's next input (latent_input.py)."""
         row = tl.program_id(0)
         sp = tl.arange(0, BLOCK_S)
         ok = sp < n_splits
         slot = sp * B + row
         m = tl.load(ws_m + slot, mask=ok, other=float("-inf"))
         m_all = tl.max(m, axis=0)
-        w = tl.where(ok, tl.exp(m - m_all), 0.0)
-        s = tl.sum(tl.load(ws_s + slot, mask=ok, other=0.0) * w, axis=0)
-        q = tl.sum(tl.load(ws_q + slot, mask=ok, other=0.0) * w * w, axis=0)
+        s = tl.sum(tl.load(ws_s + slot, mask=ok, other=0.0) * tl.where(ok, tl.exp(m - m_all), 0.0), axis=0)
+        mx = tl.load(ws_mx + slot, mask=ok, other=float("-inf"))
+        mx_all = tl.max(mx, axis=0)
+        w = tl.where(ok, tl.exp(mx - mx_all), 0.0)
+        sx_sp = tl.load(ws_sx + slot, mask=ok, other=0.0)
+        sx = tl.sum(sx_sp * w, axis=0)
         score = tl.load(ws_score + slot, mask=ok, other=float("-inf"))
         win = tl.argmax(score, axis=0)  # ties: the lowest split, i.e. the lowest token
         tok = tl.sum(tl.where(sp == win, tl.load(ws_tok + slot, mask=ok, other=0), 0), axis=0)
         logit = tl.sum(tl.where(sp == win, tl.load(ws_logit + slot, mask=ok, other=0.0), 0.0), axis=0)
         tl.store(tok_out + row, tok.to(tl.int64))
         tl.store(lp_out + row, logit - (m_all + tl.log(s)))
-        inv_norm = 1.0 / tl.sqrt(q)  # (acc/s) / (sqrt(q)/s)
+        if MODE == 0:  # hrpo: (acc/s) / (sqrt(q)/s)
+            scale = 1.0 / tl.sqrt(tl.sum(tl.load(ws_qx + slot, mask=ok, other=0.0) * w * w, axis=0))
+        else:
+            scale = 1.0 / sx
+        lam = 1.0
+        if MODE == 2:  # moi: sum p log p = r/s - log s, merged as r + (m_split - m) s per split
+            r_sp = tl.load(ws_rx + slot, mask=ok, other=0.0) + tl.where(ok, (mx - mx_all) * sx_sp, 0.0)
+            H = -(tl.sum(r_sp * w, axis=0) / sx - tl.log(sx)) * inv_logv
+            lam = H / (beta + 1.0)
+        seed = tl.load(seed_ptr)
+        if HAS_ROW_IDS:
+            rid = tl.load(rid_ptr + row)
+        else:
+            rid = row.to(tl.int64)
+        ctr = tl.load(off_ptr) + rid * V
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
-            a = tl.load(
-                ws_acc + slot[:, None].to(tl.int64) * D + dk[None, :],
-                mask=ok[:, None] & (dk < D)[None, :], other=0.0,
-            )
-            tl.store(h_out + row * stride_ho + dk, tl.sum(a * w[:, None], axis=0) * inv_norm, mask=dk < D)
+            dok = dk < D
+            a = tl.load(ws_acc + slot[:, None].to(tl.int64) * D + dk[None, :], mask=ok[:, None] & dok[None, :],
+                        other=0.0)
+            hv = tl.sum(a * w[:, None], axis=0) * scale
+            if MODE == 2:
+                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok,
+                                                      other=0.0).to(tl.float32)
+            if MODE == 3 and not GREEDY:
+                hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
+            tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
     @triton.jit
     def _topk_tail_kernel(
         logits_ptr, vals_ptr, idx_ptr, e_ptr, seed_ptr, off_ptr, rid_ptr,
         tok_out, lp_out, h_out,
-        V, D, K, inv_t,
+        V, D, K, inv_t, inv_tm, inv_tau, beta, sigma, inv_logv, noise_key,
         stride_l, stride_k, stride_e, stride_ho,
-        GREEDY: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
+        GREEDY: tl.constexpr, HAS_ROW_IDS: tl.constexpr, MODE: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One row: logsumexp over the full vocabulary (and the greedy argmax), softmax over
-        the k selected logits, the race among them, h_hat = sum_j p_j E[id_j] / ||p||."""
+        """One row: logsumexp over the full vocabulary (and the greedy argmax), the race
+        among the k selected logits, and the mode's next input from the mixture p over them
+        (latent_input.py; hrpo: h_hat = sum_j p_j E[id_j] / ||p||)."""
         row = tl.program_id(0)
         lane = tl.arange(0, BLOCK_V)
         lrow = logits_ptr + row.to(tl.int64) * stride_l
@@ -250,34 +289,54 @@ def _kernels():
         vals = tl.load(vals_ptr + row * stride_k + kk, mask=kok, other=float("-inf"))
         ids = tl.load(idx_ptr + row * stride_k + kk, mask=kok, other=0).to(tl.int32)
         scaled = vals * inv_t
-        pe = tl.where(kok, tl.exp(scaled - tl.max(scaled, axis=0)), 0.0)
-        p = pe / tl.sum(pe, axis=0)
-        inv_norm = 1.0 / tl.sqrt(tl.sum(p * p, axis=0))
+        seed = tl.load(seed_ptr)
+        if HAS_ROW_IDS:
+            rid = tl.load(rid_ptr + row)
+        else:
+            rid = row.to(tl.int64)
+        ctr = tl.load(off_ptr) + rid * V
         if GREEDY:
             g_best = tl.max(gv, axis=0)
             tok = tl.min(tl.where(gv == g_best, gi, V), axis=0)
             tok_logit = g_best * inv_t
+            g = tl.zeros([BLOCK_K], tl.float32)
         else:
-            if HAS_ROW_IDS:
-                rid = tl.load(rid_ptr + row)
-            else:
-                rid = row.to(tl.int64)
-            u = _philox_uniform(tl.load(seed_ptr), tl.load(off_ptr) + rid * V + ids)
-            score = tl.where(kok, scaled - tl.log(-tl.log(u)), float("-inf"))
+            g = -tl.log(-tl.log(philox_uniform(seed, ctr + ids)))
+            score = tl.where(kok, scaled + g, float("-inf"))
             best = tl.max(score, axis=0)
             tok = tl.min(tl.where(kok & (score == best), ids, V), axis=0)
             tok_logit = tl.max(tl.where(kok & (ids == tok), scaled, float("-inf")), axis=0)
         tl.store(tok_out + row, tok.to(tl.int64))
         tl.store(lp_out + row, tok_logit - lse)
+
+        xs = vals * inv_tm
+        if MODE == 4:  # gumbel-soft
+            xs = (xs + g) * inv_tau
+        xs = tl.where(kok, xs, float("-inf"))
+        pe = tl.where(kok, tl.exp(xs - tl.max(xs, axis=0)), 0.0)
+        p = pe / tl.sum(pe, axis=0)
+        if MODE == 0:
+            p = p / tl.sqrt(tl.sum(p * p, axis=0))
+        lam = 1.0
+        if MODE == 2:  # moi
+            H = -tl.sum(tl.where(p > 0, p * tl.log(p), 0.0), axis=0) * inv_logv
+            lam = H / (beta + 1.0)
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             dok = dk < D
             e = tl.load(e_ptr + ids[:, None].to(tl.int64) * stride_e + dk[None, :], mask=kok[:, None] & dok[None, :], other=0.0)
-            hv = tl.sum(p[:, None] * e.to(tl.float32), axis=0) * inv_norm
+            hv = tl.sum(p[:, None] * e.to(tl.float32), axis=0)
+            if MODE == 2:
+                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok,
+                                                      other=0.0).to(tl.float32)
+            if MODE == 3 and not GREEDY:
+                hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
-    _KERNELS = dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
-    return _KERNELS
+    return dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
+
+
+_kernels = lazy_kernels(globals(), _define_kernels)
 
 
 def full_vocab_config(D: int) -> dict:
@@ -291,7 +350,7 @@ def full_vocab_config(D: int) -> dict:
 
 
 def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids=None, out=None,
-                block_b=None, block_v=None, splits=None):
+                latent=None, block_b=None, block_v=None, splits=None):
     B, D = hidden.shape
     V = lm_weight.shape[0]
     dev = hidden.device
@@ -314,24 +373,28 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
     n_splits = cdiv(V, per_split)
     f32 = dict(dtype=torch.float32, device=dev)
     ws_acc = torch.empty(n_splits, B, D, **f32)
-    ws_m, ws_s, ws_q, ws_score, ws_logit = (torch.empty(n_splits, B, **f32) for _ in range(5))
+    ws_m, ws_s, ws_mx, ws_sx, ws_qx, ws_rx, ws_score, ws_logit = (torch.empty(n_splits, B, **f32) for _ in range(8))
     ws_tok = torch.empty(n_splits, B, dtype=torch.int32, device=dev)
     tok, lp, h = sample_outputs(out, B, D, dev, "sample_and_mix")
     k = _kernels()
+    mode = kernel_args(latent, temperature, V)
+    rid = seed if row_ids is None else row_ids  # any pointer when unused
+    ws = (ws_acc, ws_m, ws_s, ws_mx, ws_sx, ws_qx, ws_rx, ws_score, ws_tok, ws_logit)
     k["full_partial"][(n_rb * n_splits,)](
-        hidden, w, e, seed, offset, seed if row_ids is None else row_ids,  # any pointer when unused
-        ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
-        B, V, D, n_rb, per_split, 1.0 / temperature,
+        hidden, w, e, seed, offset, rid, *ws,
+        B, V, D, n_rb, per_split, 1.0 / temperature, mode["inv_tm"], mode["inv_tau"],
         hidden.stride(0), w.stride(0), e.stride(0),
-        TIED=tied, GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None,
+        TIED=tied, GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None, MODE=mode["MODE"],
+        MIX_SHARED=mode["MODE"] != 4 and mode["inv_tm"] == 1.0 / temperature,
         # the interpreter's bf16 tl.dot is wrong (triton 3.9): fp32 dots there; fp16 tests cover the split
         FP32_DOT=w.dtype == torch.float32 or (interpreting() and w.dtype == torch.bfloat16),
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=cfg["block_d"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     k["full_reduce"][(B,)](
-        ws_acc, ws_m, ws_s, ws_q, ws_score, ws_tok, ws_logit,
-        tok, lp, h, B, D, n_splits, h.stride(0),
+        *ws, tok, lp, h, e, seed, offset, rid,
+        B, V, D, n_splits, h.stride(0), e.stride(0), mode["beta"], mode["sigma"], mode["inv_logv"], NOISE_KEY,
+        MODE=mode["MODE"], GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None,
         BLOCK_S=next_pow2(max(n_splits, 2)), BLOCK_D=min(next_pow2(max(D, 16)), 128 if n_splits <= 64 else 32),
         num_warps=4 if n_splits <= 128 else 8,
     )
@@ -345,14 +408,16 @@ def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
     return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
 
 
-def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=None, out=None):
+def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=None, out=None, latent=None):
     """Top-k tail on fp32 logits (B, V). On CUDA with k <= 128 and the extension built, the
     extension's one-block-per-row kernel (radix select, race, gathered mixture); otherwise
     torch.topk and one Triton program per row for the full-vocabulary log-prob, the race
     among the k candidates and the gathered mixture."""
-    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None:
+    hrpo_mode = latent is None or latent.mode == "hrpo"  # the CUDA kernel knows no other mode
+    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None and (hrpo_mode or not logits.is_cuda):
         return topk_sample_mix(
-            logits, embedding, k, temperature, greedy, seed=seed, offset=offset, row_ids=row_ids, out=out
+            logits, embedding, k, temperature, greedy, seed=seed, offset=offset, row_ids=row_ids, out=out,
+            latent=latent,
         )
     B, V = logits.shape
     D = embedding.shape[1]
@@ -361,11 +426,13 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     interp = interpreting()
+    mode = kernel_args(latent, temperature, V)
     _kernels()["topk_tail"][(B,)](
         logits, vals.contiguous(), idx.contiguous(), e, seed, offset, seed if row_ids is None else row_ids,
-        tok, lp, h, V, D, k, 1.0 / temperature,
+        tok, lp, h, V, D, k, 1.0 / temperature, mode["inv_tm"], mode["inv_tau"], mode["beta"], mode["sigma"],
+        mode["inv_logv"], NOISE_KEY,
         logits.stride(0), k, e.stride(0), h.stride(0),
-        GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None,
+        GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None, MODE=mode["MODE"],
         BLOCK_V=256 if interp else 2048, BLOCK_K=next_pow2(max(k, 16)),
         BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256), num_warps=4 if interp else 8,
     )
@@ -385,34 +452,41 @@ def sample_and_mix_triton(
     offset: torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    latent: LatentParams | None = None,
     **tiles,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused path (CUDA, or CPU tensors under TRITON_INTERPRET=1). Same outputs as the
     seeded reference: the noise is philox_uniform(seed, offset + row_ids[row] * V + token)
     (row_ids: (B,) int64, default arange(B)); a missing seed is drawn from `generator`.
-    `out` takes preallocated outputs; `tiles` overrides tile sizes of the full-vocabulary
-    kernel (block_b, block_v, splits)."""
+    `out` takes preallocated outputs; `latent` the mode whose next input is the third output
+    (None: hrpo's h_hat); `tiles` overrides tile sizes of the full-vocabulary kernel
+    (block_b, block_v, splits)."""
     _kernels()
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     V = lm_weight.shape[0]
+    if latent is not None and latent.mode == "soft-noise":
+        check_noise_width(hidden.shape[1], V)
     seed, offset = seed_offset(seed, offset, generator, hidden.device)
     row_ids = row_ids_tensor(row_ids, hidden.shape[0], hidden.device)
     if 0 < top_k < V:
         if top_k > MAX_TOPK_TRITON:
             raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")
         logits = _lm_logits(hidden, lm_weight)
-        return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out)
+        return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out, latent)
     if not full_vocab_fits(hidden.shape[1], lm_weight):
         raise NotImplementedError(f"sample_and_mix_triton: the full-vocabulary kernel takes d <= 2048 (16-bit "
                                   f"weights) or 1024 (fp32), got d {hidden.shape[1]} in {lm_weight.dtype}")
-    return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, **tiles)
+    return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, latent, **tiles)
 
 
-def sampling_is_fused(hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int) -> bool:
+def sampling_is_fused(hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int,
+                      latent: LatentParams | None = None) -> bool:
     """Whether sample_and_mix runs its fused kernels for these inputs, the path with no host
     sync (the reference reads the seed on the host, so a CUDA graph cannot hold it)."""
     if not (0 < top_k < lm_weight.shape[0]) and not full_vocab_fits(hidden.shape[-1], lm_weight):
+        return False
+    if latent is not None and latent.top_p < 1:  # the kernels do not cut a nucleus
         return False
     return use_fused(hidden)
 
@@ -430,6 +504,7 @@ def sample_and_mix(
     offset: torch.Tensor | int | None = None,
     row_ids: torch.Tensor | None = None,
     impl: str | None = None,
+    latent: LatentParams | None = None,
 ):
     """Dispatcher: the Triton kernels for CUDA tensors, the reference otherwise (and under
     HRPO_KERNELS=reference). impl="ext" on CPU tensors with 1 <= top_k <= 128 < V and a
@@ -442,17 +517,24 @@ def sample_and_mix(
     drawn from `generator` per call (offset 0). The reference path ignores them and draws
     its noise from `generator` unless `seed` is given. Seeded, both paths draw
     u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v) and sample the same tokens
-    (row_ids default arange(B); stable row ids keep a row's noise when rows are removed)."""
+    (row_ids default arange(B); stable row ids keep a row's noise when rows are removed).
+
+    latent: the latent mode (hrpo_kernels/latent_input.py) whose next input is the third
+    output; None is hrpo's h_hat. A nucleus (top_p < 1) runs the reference."""
     V = lm_weight.shape[0]
-    if impl == "ext" and not hidden.is_cuda and seed is not None and 0 < top_k <= MAX_TOPK and top_k < V:
+    if latent is not None and latent.is_h_hat:
+        latent = None  # the paths' own h_hat, and the unseeded reference's draws unchanged
+    if (impl == "ext" and not hidden.is_cuda and seed is not None and 0 < top_k <= MAX_TOPK and top_k < V
+            and (latent is None or latent.top_p == 1)):
         logits = _lm_logits(hidden, lm_weight)
         return topk_sample_mix(logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids,
-                               impl="ext")
-    if sampling_is_fused(hidden, lm_weight, top_k):
+                               impl="ext", latent=latent)
+    if sampling_is_fused(hidden, lm_weight, top_k, latent):
         return sample_and_mix_triton(
             hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset,
-            row_ids=row_ids,
+            row_ids=row_ids, latent=latent,
         )
     return sample_and_mix_reference(
-        hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
+        hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset,
+        row_ids=row_ids, latent=latent,
     )

@@ -10,6 +10,7 @@ import torch
 
 from ._common import empty as _empty
 from ._common import forced_reference, interpreting, mm_f32, num_sms, use_fused
+from ._triton_helpers import lazy_kernels
 
 
 def token_logprobs_reference(
@@ -44,9 +45,7 @@ def token_logprobs_reference(
 # The only (., V)-shaped buffer is (N, vc) with N * vc <= max(V, N) * d: memory stays
 # O(N d + V d). Triton is imported on first use (see gated_blend.py).
 # ----------------------------------------------------------------------------------------
-triton = None
-tl = None
-_KERNELS: dict = {}
+triton = tl = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
 
 # Defaults when not autotuning (and in the interpreter): 64 x 128 tiles, K step 64.
 DEFAULT_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64)
@@ -182,20 +181,17 @@ def _autotune_configs(grouped: bool):
     return cfgs
 
 
-def _kernels() -> dict:
-    if not _KERNELS:
-        global triton, tl
-        import triton as _triton
-        import triton.language as _tl
+def _define_kernels() -> dict:
+    fwd = triton.jit(_tlp_fwd_kernel)
+    gl = triton.jit(_tlp_grad_logits_kernel)
+    kernels = dict(fwd=fwd, gl=gl)
+    if not interpreting():
+        kernels["fwd_tuned"] = triton.autotune(_autotune_configs(False), key=["V", "D"])(fwd)
+        kernels["gl_tuned"] = triton.autotune(_autotune_configs(True), key=["vc", "D"])(gl)
+    return kernels
 
-        triton, tl = _triton, _tl
-        fwd = triton.jit(_tlp_fwd_kernel)
-        gl = triton.jit(_tlp_grad_logits_kernel)
-        _KERNELS.update(fwd=fwd, gl=gl)
-        if not interpreting():
-            _KERNELS["fwd_tuned"] = triton.autotune(_autotune_configs(False), key=["V", "D"])(fwd)
-            _KERNELS["gl_tuned"] = triton.autotune(_autotune_configs(True), key=["vc", "D"])(gl)
-    return _KERNELS
+
+_kernels = lazy_kernels(globals(), _define_kernels)
 
 
 def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

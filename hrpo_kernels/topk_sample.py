@@ -23,6 +23,7 @@ import torch
 
 from . import _ext
 from ._common import row_ids_tensor, sample_outputs, seed_offset
+from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
 from .philox import philox_uniform
 
 MAX_TOPK = 128
@@ -124,6 +125,7 @@ def topk_sample_mix(
     row_ids: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     impl: str | None = None,
+    latent: LatentParams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatcher. CUDA tensors -> the CUDA kernel when the extension loaded; CPU tensors ->
     the reference, or the C++ twin with impl="ext"; impl="reference" or HRPO_KERNELS=reference
@@ -131,7 +133,8 @@ def topk_sample_mix(
     host sync; the caller advances offset by >= B * V per step); a missing seed is drawn
     from `generator`. row_ids: (B,) int64 stable row identities (default arange(B)).
     `out` = preallocated (tokens, logprobs, h_hat). The reference ignores seed / offset /
-    row_ids unless a seed is given, then draws the shared Philox noise from them."""
+    row_ids unless a seed is given, then draws the shared Philox noise from them. `latent`:
+    the third output is that mode's next input (latent_input.py; CPU twin and reference only)."""
     if temperature <= 0:
         raise ValueError(f"topk_sample_mix: temperature must be > 0, got {temperature}")
     B, V = logits.shape
@@ -141,6 +144,9 @@ def topk_sample_mix(
         res = topk_sample_mix_reference(
             logits, embedding, k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
         )
+        if latent is not None:
+            res = res[:2] + (latent_input_reference(logits, embedding, res[0], latent, temperature, k, greedy,
+                                                    seed=seed, offset=offset, row_ids=row_ids),)
         if out is None:
             return res
         for o, r in zip(out, res):
@@ -155,7 +161,11 @@ def topk_sample_mix(
     if embedding.stride(-1) != 1:
         embedding = embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "topk_sample_mix")
+    mode = kernel_args(latent, temperature, V)
+    if mode["MODE"] == 3:
+        check_noise_width(D, V)
     mod.topk_sample_mix(
-        logits, embedding, int(min(k, V)), float(temperature), bool(greedy), seed, offset, row_ids, tok, lp, h
+        logits, embedding, int(min(k, V)), float(temperature), bool(greedy), seed, offset, row_ids, tok, lp, h,
+        mode["MODE"], mode["inv_tm"], mode["inv_tau"], mode["beta"], mode["sigma"], mode["inv_logv"], NOISE_KEY,
     )
     return tok, lp, h

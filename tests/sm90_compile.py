@@ -65,6 +65,10 @@ def main() -> int:
     from hrpo_kernels.gated_blend import gated_blend_triton
     from hrpo_kernels.sample_and_mix import full_vocab_fits, sample_and_mix_triton
     from hrpo_kernels.token_logprobs import token_logprobs_triton
+    from hrpo_kernels.latent_input import LatentParams
+
+    LATENT_VARIANTS = [LatentParams("soft", temperature=0.3), LatentParams("moi"), LatentParams("soft-noise"),
+                       LatentParams("gumbel-soft")]  # soft at its own temperature: the unshared softmax
 
     seed, offset = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
     V, B = 4096, 8  # neither is a compile-time constant of any kernel
@@ -94,6 +98,10 @@ def main() -> int:
                         print(json.dumps(dict(case=CONTEXT["case"], refused=True)), flush=True)
                     continue
                 sample_and_mix_triton(*args, seed=seed, offset=offset)
+                if d == 2048:  # each latent mode is its own specialisation of the same tiles
+                    for latent in LATENT_VARIANTS:
+                        CONTEXT["case"] = f"sample_and_mix {name} d{d} top_k{top_k} {latent.mode}"
+                        sample_and_mix_triton(*args, seed=seed, offset=offset, latent=latent)
         for H, Hkv, Dh in ((12, 2, 128), (16, 2, 128), (32, 8, 64), (24, 8, 128)):
             CONTEXT["case"] = f"decode_attention {name} H{H} Hkv{Hkv} Dh{Dh}"
             k = torch.randn(B, 512, Hkv, Dh, dtype=dt)

@@ -12,6 +12,7 @@ import torch
 from hrpo.core.marker import kmp_automaton
 from hrpo_kernels import _ext
 from hrpo_kernels.gated_blend import gated_blend, gated_blend_reference
+from hrpo_kernels.latent_input import LatentParams
 from hrpo_kernels.sample_and_mix import sample_and_mix, sample_and_mix_reference
 from hrpo_kernels.step_controller import StepBuffers, step_controller, step_controller_reference
 from hrpo_kernels.topk_sample import topk_sample_mix, topk_sample_mix_reference
@@ -257,6 +258,30 @@ def test_sample_and_mix_ext_path_matches_reference(ext, monkeypatch):
         assert torch.equal(tok, tok_ref)
         torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+
+
+LATENT_MODES = [LatentParams("hrpo", temperature=0.6), LatentParams("soft"), LatentParams("moi", beta=0.7),
+                LatentParams("soft-noise", noise_std=0.25), LatentParams("gumbel-soft", gumbel_tau=0.4)]
+
+
+@pytest.mark.parametrize("params", LATENT_MODES, ids=lambda p: p.mode)
+@pytest.mark.parametrize("emb_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_topk_twin_latent_modes_match_reference(ext, params, emb_dtype, greedy):
+    """The C++ twin's next input of every latent mode (hrpo_kernels/latent_input.py) against the
+    reference, with stable row ids, on poisoned outputs; k 13 of V 300, d 40."""
+    g = torch.Generator().manual_seed(params.mode_id + 10 * greedy)
+    logits = torch.randn(B, V, generator=g) * 2
+    emb = torch.randn(V, D, generator=g).to(emb_dtype)
+    rid = torch.tensor([4, 0, 2])
+    out = _poisoned(B, D)
+    tok, lp, x = topk_sample_mix(logits, emb, 13, 0.9, greedy, seed=_seed(8), offset=_seed(3 * V), row_ids=rid,
+                                 out=out, impl="ext", latent=params)
+    rtok, rlp, rx = topk_sample_mix(logits, emb, 13, 0.9, greedy, seed=_seed(8), offset=_seed(3 * V), row_ids=rid,
+                                    impl="reference", latent=params)
+    assert torch.equal(tok, rtok)
+    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x, rx, rtol=1e-5, atol=2e-5)
 
 
 def _gate_float64(e, h, w_r, b_r, w_i, b_i, lam):

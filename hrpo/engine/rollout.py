@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from hrpo_kernels import sample_and_mix
+from hrpo_kernels.latent_input import LatentParams
 
 from hrpo.core.distributed import forward_group
 from hrpo.core.marker import MarkerMatcher
@@ -38,7 +39,8 @@ class SamplingConfig:
     temperature: float = 0.5
     top_k: int = 50
     greedy: bool = False
-    hybrid: bool = True
+    hybrid: bool = True  # thinking positions take a latent input (else every input is E[token])
+    latent: LatentParams = LatentParams()  # what that input is (hrpo_kernels/latent_input.py)
 
 
 @dataclass
@@ -60,6 +62,16 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
         ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[row, width - len(p) :] = True
     return ids.to(device), mask.to(device)
+
+
+def thinking_input(hm: HybridModel, e: torch.Tensor, latent: torch.Tensor, think: torch.Tensor,
+                   params: LatentParams, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The next inputs from the token embeddings e (B, d) and the stored latents (B, d): at
+    thinking positions, the gate's blend (hrpo; also its coefficients a) or the latent itself
+    (the training-free modes, whose latent is the next input); elsewhere e."""
+    if params.mode == "hrpo":
+        return hm.gate(e, latent, think, impl=impl)
+    return torch.where(think[:, None], latent.to(e.dtype), e), None
 
 
 # long: the reference decode loop, kept whole so each step reads in order against the fast engine it checks
@@ -113,7 +125,7 @@ def rollout(
         if seed is not None:
             noise = dict(seed=int(seed), offset=step * total * V, row_ids=act + first if compacted or first else None)
         tok, lp, h_hat = sample_and_mix(
-            hidden, hm.lm_weight, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise
+            hidden, hm.lm_weight, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise, latent=cfg.latent
         )
         tok = tok.masked_fill(finished, pad_id)
         states = matcher.advance(states, tok)
@@ -130,10 +142,11 @@ def rollout(
         logps.append(lp_f)
         latents.append(lat_f)
         thinks.append(think_f)
-        # The gate sees the latent as stored, so the training forward re-creates this input.
-        x, a = hm.gate(hm.embed(tok), lat, think)
-        gate_sum.index_add_(0, act, torch.where(think, a.mean(-1), 0.0))
-        gate_n.index_add_(0, act, think.to(gate_n.dtype))
+        # The input is made from the latent as stored, so the training forward re-creates it.
+        x, a = thinking_input(hm, hm.embed(tok), lat, think, cfg.latent)
+        if a is not None:
+            gate_sum.index_add_(0, act, torch.where(think, a.mean(-1), 0.0))
+            gate_n.index_add_(0, act, think.to(gate_n.dtype))
         finished = finished | torch.isin(tok, eos)
         done = bool(finished.all())
         if done and steps is None:

@@ -44,7 +44,7 @@ from hrpo_kernels.step_controller import StepBuffers
 from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
 from hrpo.core.marker import MarkerMatcher
 from hrpo.model.hybrid import HybridModel, distinct_prompts
-from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout
+from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout, thinking_input
 
 
 @dataclass
@@ -129,7 +129,7 @@ class RolloutEngine:
         E, W = hm.embed.weight, hm.lm_weight
         noise = dict(seed=s.seed, offset=s.offset, row_ids=s.order[:n]) if seeded else {}
         tok, lp, h = sample_and_mix(s.hidden[:n], W, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise,
-                                    impl=self.impl)
+                                    impl=self.impl, latent=cfg.latent)
         s.offset.add_(B * W.shape[0])
         latent = h.to(self.opts.latent_dtype)
         bufs = StepBuffers(*(x[:n] for x in s.bufs.tensors()[:-1]), n_live=s.bufs.n_live)
@@ -137,9 +137,10 @@ class RolloutEngine:
                                            self.pad_id, s.t, cfg.max_new_tokens, bufs, cfg.hybrid, impl=self.impl)
         e = F.embedding(tokens, E)
         if cfg.hybrid:
-            e, a = hm.gate(e, latent, think, impl=self.impl)
-            s.gate_sum[:n] += torch.where(think, a.mean(-1), 0.0)
-            s.gate_n[:n] += think
+            e, a = thinking_input(hm, e, latent, think, cfg.latent, impl=self.impl)
+            if a is not None:
+                s.gate_sum[:n] += torch.where(think, a.mean(-1), 0.0)
+                s.gate_n[:n] += think
         s.hidden[:n] = self.dec.decode(e, s.cache, max_len)
 
     def _capturable(self, cfg: SamplingConfig) -> bool:
@@ -148,7 +149,7 @@ class RolloutEngine:
         which syncs with the host), else one warning and eager steps."""
         if not self.graphs:
             return False
-        if sampling_is_fused(self.state.hidden, self.hm.lm_weight, cfg.top_k):
+        if sampling_is_fused(self.state.hidden, self.hm.lm_weight, cfg.top_k, cfg.latent):
             return True
         if not self._warned_eager:
             self._warned_eager = True
@@ -163,7 +164,7 @@ class RolloutEngine:
             for i in range(steps):
                 self._step(n, B, cfg, generator, seeded, host_len + i + 1 if trim else None)
             return
-        key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, seeded)
+        key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, cfg.latent, seeded)
         graph = self.state.graphs.get(key)
         if graph is None:
             self._step(n, B, cfg, generator, seeded, None)  # a real step that also compiles this shape's kernels

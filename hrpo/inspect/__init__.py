@@ -28,6 +28,6 @@ the part of those written in letters that is in another script than the prompt's
 """
 from hrpo.inspect.report import aggregates, html_page
 from hrpo.inspect.scripts import text_script
-from hrpo.inspect.trace import Position, Trace, describe, nearest_tokens, teacher_force
+from hrpo.inspect.trace import Position, Trace, describe, nearest_tokens, replay, teacher_force
 
-__all__ = ["Position", "Trace", "aggregates", "describe", "html_page", "nearest_tokens", "teacher_force", "text_script"]
+__all__ = ["Position", "Trace", "aggregates", "describe", "html_page", "nearest_tokens", "replay", "teacher_force", "text_script"]

@@ -14,10 +14,11 @@ from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
 from hrpo.core.signals import SignalStop, stop_at_once
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
-from hrpo.eval import DefaultsHelpFormatter, describe_policy, load_policy, recorded_settings, resolve_checkpoint
+from hrpo.eval import (DefaultsHelpFormatter, add_latent_arguments, describe_policy, latent_params, load_policy,
+                       recorded_settings, resolve_checkpoint)
 import hrpo.inspect
 from hrpo.inspect.report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
-from hrpo.inspect.trace import Trace, describe, teacher_force
+from hrpo.inspect.trace import Trace, describe, replay
 from hrpo.model.loading import (
     cpu_threads,
     eos_token_ids,
@@ -103,6 +104,7 @@ def collect(args) -> list[Trace]:
         args.checkpoint = resolve_checkpoint(args.checkpoint)
     meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else {}
     recorded_settings(args, meta)
+    latent = latent_params(args)  # checked before the model loads
     args.base_model = args.model or meta.get("base_model")
     default_task = args.task or meta.get("task") or "arith"
     print(describe_policy("inspecting", args, None if samples and not args.task else default_task))
@@ -114,9 +116,12 @@ def collect(args) -> list[Trace]:
         prompts = encode_prompts(tokenizer, args.prompt, limit, system)
         engine = make_engine(hm, matcher, eos_token_ids(hm.causal_lm, tokenizer), tokenizer.pad_token_id)
         sampling = SamplingConfig(args.max_new_tokens or task.max_new_tokens, args.temperature, args.top_k,
-                                  greedy=True, hybrid=args.hybrid)
+                                  greedy=True, hybrid=args.hybrid, latent=latent)
         out = engine.generate(prompts, sampling, torch.Generator(device=hm.lm_weight.device).manual_seed(0))
-        rows = describe(hm, tokenizer, matcher, out, args.top_k_nearest)
+        mixed = [replay(hm, p, ids[m].tolist(), matcher, args.temperature, args.top_k, args.hybrid, latent,
+                        k=args.top_k_nearest)[1]
+                 for p, ids, m in zip(prompts, out.completion_ids, out.completion_mask)]  # greedy: the same inputs
+        rows = describe(hm, tokenizer, matcher, out, args.top_k_nearest, latent, mixed)
         return [Trace(text, row) for text, row in zip(args.prompt, rows)]
     traces = []
     for number, rec in samples:  # teacher-forced replay of each recorded completion
@@ -126,9 +131,11 @@ def collect(args) -> list[Trace]:
         except ValueError as err:
             raise InputError(f"{args.samples}:{number}: {err}") from None
         ids = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"][: args.max_new_tokens]
-        batch = teacher_force(hm, prompt, ids, matcher, args.temperature, args.top_k, args.hybrid)
+        batch, mixed = replay(hm, prompt, ids, matcher, args.temperature, args.top_k, args.hybrid, latent,
+                              k=args.top_k_nearest)
         recorded = {k: rec[k] for k in RECORDED if k in rec}
-        traces.append(Trace(rec["prompt"], describe(hm, tokenizer, matcher, batch, args.top_k_nearest)[0], recorded))
+        rows = describe(hm, tokenizer, matcher, batch, args.top_k_nearest, latent, [mixed])
+        traces.append(Trace(rec["prompt"], rows[0], recorded))
     return traces
 
 
@@ -156,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
                         "checkpoint was trained, else on")
     p.add_argument("--temperature", type=float, default=0.5, help="of the distribution h_hat mixes")
     p.add_argument("--top-k", type=int, default=50, help="of the distribution h_hat mixes (0: all)")
+    add_latent_arguments(p)
     p.add_argument("--max-rows", type=int, default=40, help="positions per sample in the terminal table")
     p.add_argument("--html", help="write a self-contained HTML page here")
     p.add_argument("--json", help="write the aggregates and every position as JSON here")

@@ -86,16 +86,20 @@ def _nearest(p, sep: str = ", ") -> str:
     return sep.join(f"{visible(tok)} {sim:.2f}" for tok, sim in p.nearest)
 
 
+def _mixed(p, sep: str = ", ") -> str:
+    return sep.join(f"{visible(tok)} {w:.2f}" for tok, w in p.mixed)
+
+
 def terminal(trace: Trace, index: int, max_rows: int) -> str:
     pos = trace.positions
     lines = [f"sample {index}: {clip(visible(trace.prompt), 100)}",
              f"  completion: {clip(visible(''.join(p.token for p in pos)), 100)}",
              f"  {len(pos)} tokens, {sum(p.thinking for p in pos)} thinking, gate mean {_gate(trace.gate_mean) or '-'}"
              + "".join(f", recorded {k} {v}" for k, v in trace.recorded.items()),
-             f"  {'pos':>4}  {'token':<16} T  {'gate':>8}  nearest to h_hat (cosine)"]
+             f"  {'pos':>4}  {'token':<16} T  {'gate':>8}  nearest to h_hat (cosine)  [input mixed (weight)]"]
     for i, p in enumerate(pos[:max_rows]):
         lines.append(f"  {i:>4}  {clip(visible(p.token), 16):<16} {'T' if p.thinking else ' '}  "
-                     f"{_gate(p.gate):>8}  {_nearest(p)}")
+                     f"{_gate(p.gate):>8}  {_nearest(p)}" + (f"  [{_mixed(p)}]" if p.mixed and p.thinking else ""))
     if not pos:
         lines.append("        (empty completion)")
     if len(pos) > max_rows:
@@ -209,5 +213,5 @@ def html_page(traces: list[Trace], agg: dict, title: str, png: bytes | None = No
 def as_json(traces: list[Trace], agg: dict) -> dict:
     return {"aggregates": agg, "samples": [
         {"prompt": t.prompt, "recorded": t.recorded, "gate_mean": t.gate_mean,
-         "positions": [{"token": p.token, "thinking": p.thinking, "gate": p.gate, "nearest": p.nearest}
+         "positions": [{"token": p.token, "thinking": p.thinking, "gate": p.gate, "nearest": p.nearest, "mixed": p.mixed}
                        for p in t.positions]} for t in traces]}

@@ -11,6 +11,11 @@ row was still thinking after x_t (the marker not yet in the text, x_t included),
 coefficient mean_channels(a_t) of the blend that fed E[x_t] and h_hat_t into step t+1 (None
 where nothing was blended), and the tokens whose input embeddings are nearest (cosine) to
 h_hat_t as stored (rounded to the engine's latent dtype, as the model was fed it).
+
+Under a training-free latent mode (hrpo_kernels/latent_input.py: soft, moi, soft-noise,
+gumbel-soft) the latent is itself the next input at thinking positions (no gate), and a
+Position also shows which tokens that input mixed: the largest weights of w_t, the input
+being w_t @ E (replay() computes them).
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from hrpo_kernels import sample_and_mix
+from hrpo_kernels.latent_input import LatentParams, mixture_weights
 
+from hrpo.engine.rollout import thinking_input
 from hrpo.engine.rollout_engine import EngineOptions
 from hrpo.core.marker import MarkerMatcher
 from hrpo.model.hybrid import HybridModel, SequenceBatch, positions_from_mask
@@ -34,6 +40,7 @@ class Position:
     thinking: bool  # the marker is not yet in the completion, this token included
     gate: float | None  # mean over channels of a_t; None where the input was not blended
     nearest: list[tuple[str, float]]  # (token text, cosine similarity to h_hat_t), best first
+    mixed: list[tuple[str, float]] = field(default_factory=list)  # (token text, weight in w_t), largest first
 
 
 @dataclass
@@ -69,35 +76,49 @@ def thinking_flags(matcher: MarkerMatcher, ids: torch.Tensor) -> list[bool]:
 
 
 @torch.no_grad()
-def describe(hm: HybridModel, tokenizer, matcher: MarkerMatcher, batch: SequenceBatch, k: int) -> list[list[Position]]:
-    """The positions of every completion row of `batch` (a rollout or a teacher-forced replay)."""
+def describe(hm: HybridModel, tokenizer, matcher: MarkerMatcher, batch: SequenceBatch, k: int,
+             latent: LatentParams = LatentParams(), mixed: list | None = None) -> list[list[Position]]:
+    """The positions of every completion row of `batch` (a rollout or a teacher-forced replay);
+    `mixed`: per row, replay()'s (token ids, weights) of each position's mixture."""
     E = hm.embed.weight
     vocab = min(E.shape[0], len(tokenizer))  # rows past the tokenizer's are padding that never decodes
     text = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
     rows = []
-    for ids, mask, latents, blended in zip(batch.completion_ids, batch.completion_mask, batch.latents, batch.think_mask):
+    for r, (ids, mask, latents, blended) in enumerate(zip(batch.completion_ids, batch.completion_mask, batch.latents,
+                                                          batch.think_mask)):
         ids, latents, blended = ids[mask], latents[mask], blended[mask]
         if ids.numel() == 0:
             rows.append([])
             continue
         # a depends only on E[x_t] and the gate; recomputed exactly as the rollout blended it.
         _, a = hm.gate(hm.embed(ids), latents, blended)
+        gated = blended if latent.mode == "hrpo" else torch.zeros_like(blended)  # the other modes have no gate
         sims, near = nearest_tokens(latents, E[:vocab], k)
+        mix = mixed[r] if mixed is not None else [([], [])] * len(ids)
         rows.append([
-            Position(text(t), think, g if b else None, [(text(i), s) for i, s in zip(n_ids, n_sims)])
-            for t, think, b, g, n_ids, n_sims in zip(ids.tolist(), thinking_flags(matcher, ids), blended.tolist(),
-                                                     a.mean(-1).tolist(), near.tolist(), sims.tolist())
+            Position(text(t), think, g if b else None, [(text(i), s) for i, s in zip(n_ids, n_sims)],
+                     [(text(i), w) for i, w in zip(*m)])
+            for t, think, b, g, n_ids, n_sims, m in zip(ids.tolist(), thinking_flags(matcher, ids), gated.tolist(),
+                                                        a.mean(-1).tolist(), near.tolist(), sims.tolist(), mix)
         ])
     return rows
 
 
-@torch.no_grad()
 def teacher_force(hm: HybridModel, prompt: list[int], completion: list[int], matcher: MarkerMatcher,
                   temperature: float, top_k: int, hybrid: bool = True,
                   latent_dtype: torch.dtype = EngineOptions.latent_dtype) -> SequenceBatch:
     """The hybrid recurrence of hrpo.engine.rollout with the tokens given instead of drawn: the
     latents and blends are those this model produces along `completion` (one row). h_hat
     depends on temperature and top_k (as in the rollout), the drawn token never does."""
+    return replay(hm, prompt, completion, matcher, temperature, top_k, hybrid, latent_dtype=latent_dtype)[0]
+
+
+@torch.no_grad()
+def replay(hm: HybridModel, prompt: list[int], completion: list[int], matcher: MarkerMatcher,
+           temperature: float, top_k: int, hybrid: bool = True, latent: LatentParams = LatentParams(),
+           latent_dtype: torch.dtype = EngineOptions.latent_dtype, k: int = 5):
+    """teacher_force under a latent mode (greedy: no noise), and per position the k tokens of
+    largest weight in the mixture w_t its latent is made of: (batch, [(token ids, weights)])."""
     device = hm.lm_weight.device
     ids = torch.tensor([prompt], device=device)
     forced = torch.tensor(completion, dtype=torch.long, device=device)
@@ -105,21 +126,23 @@ def teacher_force(hm: HybridModel, prompt: list[int], completion: list[int], mat
     cache = DynamicCache(config=hm.config)
     hidden = hm.decoder(hm.embed(ids), attn, positions_from_mask(attn), cache)[:, -1]
     state = matcher.initial(1, device)
-    latents, thinks = [], []
+    latents, thinks, mixed = [], [], []
     for t, tok in enumerate(forced):
-        _, _, h_hat = sample_and_mix(hidden, hm.lm_weight, hm.embed.weight, temperature, top_k, greedy=True)
         tok = tok.view(1)
+        w = mixture_weights(hidden.float() @ hm.lm_weight.float().T, tok, latent, temperature, top_k, greedy=True)
+        top = w.topk(min(k, w.shape[-1]), dim=-1)
+        mixed.append((top.indices[0].tolist(), top.values[0].tolist()))
         state = matcher.advance(state, tok)
         think = ~matcher.found(state) if hybrid else torch.zeros(1, dtype=torch.bool, device=device)
-        lat = h_hat.to(latent_dtype)
+        lat = (w @ hm.embed.weight.float()).to(latent_dtype)
         latents.append(lat)
         thinks.append(think)
         if t + 1 < len(forced):
-            x, _ = hm.gate(hm.embed(tok), lat, think)
+            x, _ = thinking_input(hm, hm.embed(tok), lat, think, latent)
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             hidden = hm.decoder(x[:, None], attn, torch.tensor([[len(prompt) + t]], device=device), cache)[:, -1]
     T, d = len(completion), hm.embed.weight.shape[1]
-    return SequenceBatch(
+    batch = SequenceBatch(
         prompt_ids=ids,
         prompt_mask=torch.ones_like(ids, dtype=torch.bool),
         completion_ids=forced.view(1, T),
@@ -127,3 +150,4 @@ def teacher_force(hm: HybridModel, prompt: list[int], completion: list[int], mat
         latents=torch.cat(latents).view(1, T, d) if latents else torch.zeros(1, 0, d, dtype=latent_dtype, device=device),
         think_mask=torch.cat(thinks).view(1, T) if thinks else torch.zeros(1, 0, dtype=torch.bool, device=device),
     )
+    return batch, mixed

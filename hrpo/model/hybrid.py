@@ -15,6 +15,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from hrpo_kernels import token_logprobs
+from hrpo_kernels.latent_input import LatentParams, noisy_input_logdensity
 
 from hrpo.model import lora
 from hrpo.model.gate import HybridGate
@@ -100,11 +101,16 @@ class HybridModel(nn.Module):
         return out.last_hidden_state
 
     def sequence_logprobs(self, batch: SequenceBatch, temperature: float, hybrid: bool = True,
-                          share_prefix: bool = False) -> torch.Tensor:
+                          share_prefix: bool = False, latent: LatentParams | None = None,
+                          top_k: int = 0) -> torch.Tensor:
         """Teacher-forced log-probs (B, T) of the completion tokens at the sampling temperature.
 
         With hybrid on, the input at each thinking position is re-blended by the current
         gate from the stored latent (a constant), so the gate and adapters get gradients.
+        latent: a training-free mode's stored latents are the inputs themselves (no gate); under
+        soft-noise (soft tokens) a thinking position's entry is the log-density of its stored
+        noisy input around the policy's mixture (latent_input.noisy_input_logdensity, with the
+        rollout's top_k) in place of its token's log-prob.
         share_prefix: rows with the same prompt (a GRPO group) run it through the body once and
         attend to its cache (gradients flow back through it once); the values are the same.
         It needs the body's KV cache, so not with gradient checkpointing.
@@ -112,8 +118,11 @@ class HybridModel(nn.Module):
         B, T = batch.completion_ids.shape
         # The last completion token is never an input that predicts anything: leave it out.
         comp = self.embed(batch.completion_ids[:, :-1])
-        if hybrid:
+        gated = hybrid and (latent is None or latent.mode == "hrpo")
+        if gated:
             comp, _ = self.gate(comp, batch.latents[:, :-1], batch.think_mask[:, :-1])
+        elif hybrid:
+            comp = torch.where(batch.think_mask[:, :-1, None], batch.latents[:, :-1].to(comp.dtype), comp)
         mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)
         rep, inverse = distinct_prompts(batch.prompt_ids, batch.prompt_mask) if share_prefix else (None, None)
         if rep is None or len(rep) == B:
@@ -130,7 +139,13 @@ class HybridModel(nn.Module):
                 pos = batch.prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=mask.device)
                 h = torch.cat([h, self.decoder(comp, mask, pos, cache)], dim=1)
         lp = token_logprobs(h.reshape(B * T, -1), self.lm_weight, batch.completion_ids.reshape(-1), temperature)
-        return lp.view(B, T)
+        lp = lp.view(B, T)
+        if hybrid and latent is not None and latent.mode == "soft-noise":
+            soft = batch.think_mask & batch.completion_mask
+            logits = h[soft].float() @ self.lm_weight.float().T
+            dens = noisy_input_logdensity(logits, self.embed.weight, batch.latents[soft], latent, temperature, top_k)
+            lp = lp.masked_scatter(soft, dens)
+        return lp
 
 
 def distinct_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from hrpo.core.errors import ConfigError
 from hrpo.tasks import get_task, task_names
 from hrpo.training.loss import NORMS
+from hrpo_kernels.latent_input import LatentParams
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -27,6 +28,7 @@ STEPS = ("A device step rolls out --batch-size completions (over all processes) 
          "--num-iterations 1: every --grad-accum device steps).")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("fast", "reference")
+METHODS = ("hrpo", "soft-tokens")  # plain GRPO is --no-hybrid
 REPORT_TO = ("none", "tensorboard")
 
 
@@ -62,6 +64,12 @@ class TrainConfig:
     hybrid: bool = option(True, MODEL, "HRPO: while the model reasons, feed it the gated blend of the sampled "
                           "token's embedding and the probability-weighted embedding mixture; --no-hybrid: plain "
                           "GRPO (token embeddings only)")
+    method: str = option("hrpo", MODEL, "what the thinking inputs are and how they are trained: hrpo (the gate's "
+                         "blend); soft-tokens (Butt et al. 2025: the mixture p @ E plus Gaussian noise of "
+                         "--noise-std, trained by the noisy inputs' log-density, answer tokens hard; "
+                         "docs/latent-modes.md)", METHODS)
+    noise_std: float = option(0.1, MODEL, "soft-tokens: the standard deviation of the thinking inputs' noise, in "
+                              "embedding units")
     engine: str = option("fast", ROLLOUT, "the rollout's decoder: fast (hrpo.engine.rollout_engine; falls back to reference, "
                          "with a warning, for a model it cannot run) or reference (hrpo.engine.rollout's plain loop)",
                          ENGINES)
@@ -196,6 +204,13 @@ def _choice(cfg: TrainConfig, name: str, options) -> None:
     _check(getattr(cfg, name) in options, name, "one of " + ", ".join(map(str, options)), getattr(cfg, name))
 
 
+def latent_for(cfg: TrainConfig) -> LatentParams:
+    """The latent mode the method rolls out and trains (hrpo_kernels/latent_input.py)."""
+    if cfg.method == "soft-tokens":
+        return LatentParams("soft-noise", noise_std=cfg.noise_std)
+    return LatentParams()
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Every option checked against its allowed range before any work starts (ConfigError),
     section by section in the order of the flags."""
@@ -218,6 +233,10 @@ def _check_run(cfg: TrainConfig) -> None:
            "auto, cpu, cuda or cuda:N", cfg.device)
     _choice(cfg, "dtype", DTYPES)
     _choice(cfg, "engine", ENGINES)
+    _choice(cfg, "method", METHODS)
+    _floats(cfg, "noise_std", 0, None, lo_open=True)
+    if cfg.method == "soft-tokens" and not cfg.hybrid:
+        raise ConfigError("--method soft-tokens trains thinking inputs: it needs --hybrid (--no-hybrid is plain GRPO)")
     _ints(cfg, "group_size", 2)
     _ints(cfg, "batch_size", cfg.group_size if isinstance(cfg.group_size, int) else 2)
     if cfg.batch_size % cfg.group_size:
@@ -247,6 +266,9 @@ def _check_update(cfg: TrainConfig) -> None:
             raise ConfigError(f"--tis compares the training forward's log-probs with the rollout's, so it needs them at "
                               f"the sampling temperature: --logprob-temperature {cfg.logprob_temperature} differs "
                               f"from --temperature {cfg.temperature}")
+    if cfg.method == "soft-tokens" and cfg.tis is not None:
+        raise ConfigError("--tis compares token log-probs with the rollout's; soft tokens' thinking positions have a "
+                          "log-density the rollout does not record: leave --tis unset with --method soft-tokens")
     _ints(cfg, "micro_batch_tokens", 1)
     _choice(cfg, "loss_norm", NORMS)
 

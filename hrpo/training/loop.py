@@ -31,6 +31,7 @@ from hrpo.training.checkpoint import (
     save_training_checkpoint,
     step_folder,
 )
+from hrpo.training.config import latent_for
 from hrpo.training.evaluation import evaluate
 from hrpo.training.plots import plot_curves
 from hrpo.training.reporting import MetricsLog, json_safe
@@ -205,8 +206,10 @@ class Trainer(Stepper):
         return path
 
     def _policy_meta(self) -> dict:
-        return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "marker": self.cfg.marker,
-                "system_prompt": self.cfg.system_prompt, "step": self.state.step}
+        latent = latent_for(self.cfg)
+        return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "method": self.cfg.method,
+                "latent_mode": latent.mode, "noise_std": latent.noise_std,
+                "marker": self.cfg.marker, "system_prompt": self.cfg.system_prompt, "step": self.state.step}
 
     def _plot(self) -> None:
         if self.records:

@@ -30,7 +30,7 @@ from hrpo.model.loading import build_policy, eos_token_ids, load_base_model, res
 from hrpo.tasks import load_examples, user_messages
 from hrpo.tasks.rewards import get_reward_fn
 from hrpo.training.checkpoint import complete_checkpoints, load_checkpoint, load_training_state
-from hrpo.training.config import TrainConfig, check_resumable, saved_config
+from hrpo.training.config import TrainConfig, check_resumable, latent_for, saved_config
 from hrpo.training.runs import RunDir
 from hrpo.training.update import UpdateSettings
 
@@ -160,7 +160,7 @@ class Setup:
         matcher = MarkerMatcher(self.tokenizer, cfg.marker, model.config.vocab_size)
         eos = eos_token_ids(model, self.tokenizer)
         self.sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False,
-                                       hybrid=cfg.hybrid)
+                                       hybrid=cfg.hybrid, latent=latent_for(cfg))
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
         self.engine = make_engine(self.hm, matcher, eos, self.tokenizer.pad_token_id, kind=cfg.engine)
 
@@ -206,7 +206,8 @@ class Setup:
         logprob_t = cfg.temperature if cfg.logprob_temperature is None else cfg.logprob_temperature
         return UpdateSettings(logprob_t, cfg.hybrid, cfg.beta, cfg.epsilon, cfg.loss_norm,
                               cfg.max_completion_length, cfg.micro_batch_tokens,
-                              share_prefix=not (cfg.gradient_checkpointing or sharded))
+                              share_prefix=not (cfg.gradient_checkpointing or sharded), latent=latent_for(cfg),
+                              top_k=cfg.top_k)
 
     def say(self, line: str, err: bool = False) -> None:
         """A line on the terminal, from rank 0 only."""

@@ -25,6 +25,7 @@ import torch
 
 from hrpo.training.loss import metric_sums, metrics, per_token_terms, token_weights
 from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_prompts
+from hrpo_kernels.latent_input import LatentParams
 
 
 def group_rows(batch: SequenceBatch) -> list[list[int]]:
@@ -83,6 +84,13 @@ class UpdateSettings:
     max_completion_length: int
     micro_batch_tokens: int  # padded tokens per micro-batch (--micro-batch-tokens)
     share_prefix: bool = True  # off with gradient checkpointing (it needs the body's KV cache)
+    latent: LatentParams = LatentParams()  # the method's thinking inputs (soft tokens: soft-noise)
+    top_k: int = 0  # the rollout's, which the soft tokens' mixture was taken over
+
+    @property
+    def latent_inputs(self) -> bool:
+        """Whether the stored latents are themselves the thinking inputs (not blended by a gate)."""
+        return self.hybrid and self.latent.mode != "hrpo"
 
 
 @torch.no_grad()
@@ -91,7 +99,8 @@ def _logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
     for row_idx, real in padded(plan, length):
         sub = trim(batch, row_idx)
-        logp = hm.sequence_logprobs(sub, settings.temperature, hybrid, settings.share_prefix)
+        logp = hm.sequence_logprobs(sub, settings.temperature, hybrid, settings.share_prefix, settings.latent,
+                                    settings.top_k)
         if real:
             out[row_idx, : sub.completion_ids.shape[1]] = logp
     return out
@@ -99,9 +108,11 @@ def _logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], s
 
 def reference_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings,
                        length: int | None = None) -> torch.Tensor:
-    """The reference policy's log-probs (B, T): the base model (adapters off) on plain tokens."""
+    """The reference policy's log-probs (B, T): the base model (adapters off) on plain tokens;
+    under soft tokens on the rollout's inputs, so that its thinking positions hold the same
+    action's log-density as the policy's (the KL compares like with like)."""
     with hm.adapters_disabled():
-        return _logprobs(hm, batch, plan, settings, False, length)
+        return _logprobs(hm, batch, plan, settings, settings.latent_inputs, length)
 
 
 def policy_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings,
@@ -127,7 +138,8 @@ def policy_backward(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tens
     for row_idx, real in padded(plan, length):
         sub = trim(batch, row_idx)
         t = sub.completion_ids.shape[1]
-        logp = hm.sequence_logprobs(sub, settings.temperature, settings.hybrid, settings.share_prefix)
+        logp = hm.sequence_logprobs(sub, settings.temperature, settings.hybrid, settings.share_prefix,
+                                    settings.latent, settings.top_k)
         if not real:
             (logp.sum() * 0.0).backward()
             continue

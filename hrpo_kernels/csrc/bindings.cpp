@@ -56,7 +56,8 @@ DType dtype_of(const torch::Tensor& t, const char* op, const char* name, bool al
 void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding, int64_t k, double temperature,
                      bool greedy, const torch::Tensor& seed, const torch::Tensor& offset,
                      const std::optional<torch::Tensor>& row_ids, torch::Tensor tokens, torch::Tensor logprobs,
-                     torch::Tensor h_hat) {
+                     torch::Tensor h_hat, int64_t mode, double inv_tm, double inv_tau, double beta, double sigma,
+                     double inv_logv, int64_t noise_key) {
   const char* op = "topk_sample_mix";
   HRPO_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.stride(1) == 1, op,
              ": logits must be (B, V) fp32 with unit column stride, got ", logits.sizes(), " ", logits.scalar_type());
@@ -103,6 +104,15 @@ void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding
   a.logprobs = logprobs.data_ptr<float>();
   a.h_hat = h_hat.data_ptr<float>();
   a.ld_h = h_hat.stride(0);
+  HRPO_CHECK(mode >= 0 && mode <= 4, op, ": latent mode id must be in [0, 4], got ", mode);
+  HRPO_CHECK(dev.is_cpu() || mode == 0, op, ": the CUDA kernel takes the hrpo latent mode only, got mode ", mode);
+  a.mode = static_cast<int>(mode);
+  a.inv_tm = static_cast<float>(inv_tm);
+  a.inv_tau = static_cast<float>(inv_tau);
+  a.beta = static_cast<float>(beta);
+  a.sigma = static_cast<float>(sigma);
+  a.inv_logv = static_cast<float>(inv_logv);
+  a.noise_key = static_cast<uint64_t>(noise_key);
   if (B == 0) return;
   if (dev.is_cpu()) {
     hrpo::topk_sample_mix_cpu(a);

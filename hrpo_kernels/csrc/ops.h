@@ -16,6 +16,9 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // row_ids: (B,) int64 in the same memory, or nullptr for arange(B). Row r's noise counter is
 // offset + row_ids[r] * V + token, so a row keeps its noise when a caller compacts the batch.
 // Outputs tokens (B,), logprobs (B,), h_hat (B, d) rows contiguous with stride ld_h.
+// mode: the latent mode of hrpo_kernels/latent_input.py (0 hrpo, 1 soft, 2 moi, 3 soft-noise,
+// 4 gumbel-soft) and its numbers; h_hat then holds that mode's next input. The CUDA kernel
+// takes mode 0 only.
 struct TopkArgs {
   const float* logits;
   int64_t ld_logits;
@@ -33,6 +36,13 @@ struct TopkArgs {
   float* logprobs;
   float* h_hat;
   int64_t ld_h;
+  int mode = 0;
+  float inv_tm = 1.f;    // 1 / the mixture's temperature
+  float inv_tau = 1.f;   // 1 / gumbel_tau
+  float beta = 1.f;      // MoI's concentration
+  float sigma = 0.f;     // soft-noise's standard deviation
+  float inv_logv = 0.f;  // 1 / log V (MoI's normalised entropy)
+  uint64_t noise_key = 0;  // seed ^ noise_key keys the Gaussian stream
 };
 
 // step_controller: see hrpo_kernels/step_controller.py for the semantics.

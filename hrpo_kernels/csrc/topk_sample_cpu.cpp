@@ -4,6 +4,12 @@
 // Selection: with thr the k-th largest float key of the row, the selected set is every
 // logit with key > thr plus the lowest-index logits with key == thr until k are taken;
 // it is kept in increasing token order.
+//
+// The third output is the latent mode's next input (a.mode; hrpo_kernels/latent_input.py is
+// the definition): the mixture p = softmax(x) over the selected, x = logit / T_mix
+// (gumbel-soft: (logit / T_mix + g) / tau, g the race's Gumbel noise), then hrpo p/||p||,
+// soft p, moi (H p + (beta + 1 - H) onehot(token)) / (beta + 1), soft-noise p plus
+// sigma * N(0, 1) by Box-Muller on the streams keyed by seed ^ noise_key and that + 1.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -35,7 +41,7 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
   {
     std::vector<uint32_t> keys(V), work(V);
     std::vector<int64_t> sel(k);
-    std::vector<float> w(k);
+    std::vector<float> w(k), g(k, 0.f);
     std::vector<float> acc(D);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < a.B; ++r) {
@@ -77,31 +83,17 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
           --need;
         }
       }
-      // softmax over the selected, the race, the weights p / ||p||
-      float smax = -std::numeric_limits<float>::infinity();
-      for (int j = 0; j < k; ++j) smax = std::max(smax, x[sel[j]] * a.inv_t);
-      float psum = 0.f;
-      for (int j = 0; j < k; ++j) {
-        w[j] = std::exp(x[sel[j]] * a.inv_t - smax);
-        psum += w[j];
-      }
-      float sq = 0.f;
-      for (int j = 0; j < k; ++j) {
-        w[j] /= psum;
-        sq += w[j] * w[j];
-      }
-      const float inv_norm = 1.f / std::sqrt(sq);
+      // the race (Gumbel noise g, kept for gumbel-soft)
+      const uint64_t base = offset + static_cast<uint64_t>(a.row_ids ? a.row_ids[r] : r) * static_cast<uint64_t>(V);
       int64_t tok;
       if (a.greedy) {
         tok = g_idx;
       } else {
-        const uint64_t base = offset + static_cast<uint64_t>(a.row_ids ? a.row_ids[r] : r) * static_cast<uint64_t>(V);
         float best = -std::numeric_limits<float>::infinity();
         tok = sel[0];
         for (int j = 0; j < k; ++j) {
-          const float u = philox_uniform(seed, base + static_cast<uint64_t>(sel[j]));
-          const float scaled = x[sel[j]] * a.inv_t;
-          const float score = scaled - std::log(-std::log(u));
+          g[j] = -std::log(-std::log(philox_uniform(seed, base + static_cast<uint64_t>(sel[j]))));
+          const float score = x[sel[j]] * a.inv_t + g[j];
           if (score > best) {  // strict: ties keep the lower token
             best = score;
             tok = sel[j];
@@ -110,9 +102,29 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
       }
       a.tokens[r] = tok;
       a.logprobs[r] = x[tok] * a.inv_t - lse;
+      // the mixture p over the selected, then the mode's weights
+      for (int j = 0; j < k; ++j) {
+        w[j] = x[sel[j]] * a.inv_tm;
+        if (a.mode == 4) w[j] = (w[j] + g[j]) * a.inv_tau;
+      }
+      const float smax = *std::max_element(w.begin(), w.end());
+      float psum = 0.f;
+      for (int j = 0; j < k; ++j) {
+        w[j] = std::exp(w[j] - smax);
+        psum += w[j];
+      }
+      float sq = 0.f, plogp = 0.f;
+      for (int j = 0; j < k; ++j) {
+        w[j] /= psum;
+        sq += w[j] * w[j];
+        if (w[j] > 0.f) plogp += w[j] * std::log(w[j]);
+      }
+      float scale = 1.f, lam = 1.f;
+      if (a.mode == 0) scale = 1.f / std::sqrt(sq);
+      if (a.mode == 2) lam = scale = -plogp * a.inv_logv / (a.beta + 1.f);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int j = 0; j < k; ++j) {
-        const float wj = w[j] * inv_norm;
+        const float wj = w[j] * scale;
         const int64_t row_off = sel[j] * a.ld_emb;
         if (a.emb_dtype == DType::kFloat32) {  // a plain loop the compiler vectorises (same order per c)
           const float* e = static_cast<const float*>(a.embedding) + row_off;
@@ -123,6 +135,16 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
       }
       float* h = a.h_hat + r * a.ld_h;
       for (int64_t c = 0; c < D; ++c) h[c] = acc[c];
+      if (a.mode == 2) {
+        for (int64_t c = 0; c < D; ++c) h[c] += (1.f - lam) * load_float(a.embedding, a.emb_dtype, tok * a.ld_emb + c);
+      } else if (a.mode == 3 && !a.greedy) {
+        const uint64_t key = seed ^ a.noise_key;
+        for (int64_t c = 0; c < D; ++c) {
+          const float u1 = philox_uniform(key, base + static_cast<uint64_t>(c));
+          const float u2 = philox_uniform(key + 1, base + static_cast<uint64_t>(c));
+          h[c] += a.sigma * std::sqrt(-2.f * std::log(u1)) * std::cos(6.283185307179586f * u2);
+        }
+      }
     }
   }
 }

@@ -1,0 +1,224 @@
+"""latent_input: the rule that turns one decode step's distribution (and its sampled token)
+into the next input embedding while the model thinks. One op for five latent modes; this
+file holds its parameter object and the pure-torch reference (the specification). The fused
+paths compute the same thing in the pass over the vocabulary that already forms the mixture
+p @ E: the Triton kernels of sample_and_mix.py (MODE constexpr) and the C++ twin of
+csrc/topk_sample_cpu.cpp (TopkArgs.mode). docs/latent-modes.md says the same in prose.
+
+Notation: logits l (B, V) fp32, E (V, d) the input embedding, y the token the sampler drew
+(the exponential race of topk_sample.py; greedy: argmax l), top-k the sampler's candidate set
+(all V tokens when top_k = 0). The mixture distribution is
+
+    p = softmax(l / T_mix) over the top-k set (renormalised), then, when top_p < 1, cut to the
+        smallest set of most probable tokens whose mass reaches top_p and renormalised,
+
+T_mix = LatentParams.temperature, or the sampler's temperature when None. Then:
+
+- hrpo (HRPO, arXiv 2505.18454): x = (p @ E) / ||p||_2, the latent h_hat that the model's
+  gate then blends with E[y] (hrpo/gate.py); the op returns h_hat, not the blend.
+- soft (Soft Thinking, Zhang et al. 2025, arXiv 2505.15778, Sec. 3, the concept token and
+  its embedding): x = p @ E. The token y is only recorded (what the thinking "says"); the
+  cold stop is not part of the op (see docs/latent-modes.md).
+- moi (Mixture of Inputs, Zhuang et al. 2025, arXiv 2505.14827, Sec. 3, the Dirichlet
+  posterior mean): w = (H p + (beta + 1 - H) onehot(y)) / (beta + 1), x = w @ E, with
+  H = -sum_v p_v log p_v / log V, the entropy of p normalised to [0, 1] (our choice: with
+  H in nats, H > beta + 1 would give y a negative weight).
+- soft-noise (soft / fuzzy tokens, Butt et al. 2025, arXiv 2509.19170, Sec. 3): x = p @ E +
+  noise_std * z, z ~ N(0, I_d); fuzzy tokens are this with a small T_mix. noise_std is in
+  embedding units.
+- gumbel-soft (SofT-GRPO, Zheng et al. 2025, arXiv 2511.06411, the Gumbel-Softmax rollout):
+  w = softmax((log p + g) / gumbel_tau) over p's support, g_v = -log(-log u_v), x = w @ E.
+  The uniforms u are the sampler's race noise (below), so the recorded token y is the argmax
+  of w when T_mix is the sampler's temperature (our choice: one draw serves both).
+
+Noise (the seeded convention of every sampling path, hrpo_kernels/philox.py): the race and
+the Gumbel noise of (row b, token v) use u = philox_uniform(seed, offset + row_ids[b] * V + v);
+the Gaussian noise of (row b, dimension c) is Box-Muller on the uniforms of the counter
+offset + row_ids[b] * V + c under the keys k = seed ^ NOISE_KEY and k + 1 (two more streams;
+needs d <= V so that rows never share counters). So (seed, offset, row_ids) fix every input,
+whatever the batch layout. greedy draws no noise at all: soft-noise adds none and gumbel-soft
+uses g = 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._common import row_ids_tensor
+from .philox import philox_uniform
+
+MODES = ("hrpo", "soft", "moi", "soft-noise", "gumbel-soft")
+MODE_ID = {m: i for i, m in enumerate(MODES)}  # the kernels' MODE constexpr and TopkArgs.mode
+NOISE_KEY = 0x5DEECE66D  # seed ^ NOISE_KEY (and that + 1) key the Gaussian streams
+
+
+@dataclass(frozen=True)
+class LatentParams:
+    """The latent mode and its numbers (only the mode's own numbers matter):
+    temperature: T_mix of the mixture, None = the sampler's (fuzzy tokens: small, e.g. 0.01);
+    top_p: the mixture's nucleus (1: off; < 1 runs the reference path, the kernels do not cut);
+    beta: MoI's concentration (its code's default 1.0); noise_std: soft-noise's sigma;
+    gumbel_tau: gumbel-soft's Gumbel-Softmax temperature."""
+
+    mode: str = "hrpo"
+    temperature: float | None = None
+    top_p: float = 1.0
+    beta: float = 1.0
+    noise_std: float = 0.1
+    gumbel_tau: float = 0.1
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"latent mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"latent temperature must be > 0 (or None: the sampler's), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"latent top_p must be in (0, 1], got {self.top_p}")
+        if not self.beta >= 0:
+            raise ValueError(f"latent beta (MoI concentration) must be >= 0, got {self.beta}")
+        if not self.noise_std >= 0:
+            raise ValueError(f"latent noise_std must be >= 0, got {self.noise_std}")
+        if not self.gumbel_tau > 0:
+            raise ValueError(f"latent gumbel_tau must be > 0, got {self.gumbel_tau}")
+
+    @property
+    def is_h_hat(self) -> bool:
+        """Whether this is HRPO's own latent h_hat (the sampler's distribution, no nucleus),
+        which every sampling path computes without the latent op."""
+        return self.mode == "hrpo" and self.temperature is None and self.top_p == 1
+
+    @property
+    def mode_id(self) -> int:
+        return MODE_ID[self.mode]
+
+    def mix_temperature(self, sampler_temperature: float) -> float:
+        return self.temperature if self.temperature is not None else sampler_temperature
+
+
+def check_noise_width(D: int, V: int) -> None:
+    if D > V:
+        raise ValueError(f"latent soft-noise: the Gaussian stream needs d <= V, got d {D}, V {V}")
+
+
+def gaussian_noise(seed: int, offset: int, row_ids: torch.Tensor, D: int, V: int) -> torch.Tensor:
+    """(B, D) fp32 standard normals of the soft-noise mode (Box-Muller, see the module doc)."""
+    check_noise_width(D, V)
+    c = torch.arange(D, device=row_ids.device, dtype=torch.int64)
+    ctr = offset + row_ids.to(torch.int64)[:, None] * V + c
+    key = int(seed) ^ NOISE_KEY
+    u1, u2 = philox_uniform(key, ctr), philox_uniform(key + 1, ctr)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+def _scalar(x, default: int = 0) -> int:
+    return default if x is None else int(torch.as_tensor(x).reshape(-1)[0])
+
+
+def mixture_weights(
+    logits: torch.Tensor,
+    tokens: torch.Tensor | None,
+    params: LatentParams,
+    temperature: float,
+    top_k: int = 0,
+    greedy: bool = False,
+    *,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, V) fp32 weights w with the next input w @ E (plus soft-noise's Gaussian noise):
+    p / ||p|| (hrpo), p (soft, soft-noise), MoI's posterior mean, the Gumbel-Softmax weights.
+    What the inspector shows as the tokens an input mixed."""
+    B, V = logits.shape
+    if not greedy and params.mode in ("soft-noise", "gumbel-soft") and seed is None:
+        raise ValueError(f"latent_input: mode {params.mode} draws Philox noise and needs a seed")
+    logits = logits.float()
+    x = logits / params.mix_temperature(temperature)
+    support = torch.ones_like(x, dtype=torch.bool)
+    if 0 < top_k < V:
+        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+    p = torch.softmax(x.masked_fill(~support, float("-inf")), dim=-1)
+    if params.top_p < 1:
+        p = _nucleus(p, params.top_p)
+        support = p > 0
+    if params.mode == "hrpo":
+        return p / p.norm(dim=-1, keepdim=True)
+    if params.mode == "moi":
+        H = -(p * torch.log(p.clamp_min(1e-30))).sum(-1, keepdim=True) / math.log(V)
+        lam = H / (params.beta + 1)
+        return lam * p + (1 - lam) * F.one_hot(tokens.long(), V).to(p.dtype)
+    if params.mode == "gumbel-soft":
+        g = torch.zeros_like(x)
+        if not greedy:
+            rid = _row_ids(row_ids, B, logits.device)
+            u = philox_uniform(_scalar(seed), _scalar(offset) + rid[:, None] * V + torch.arange(V, device=x.device))
+            g = -torch.log(-torch.log(u))
+        logp = torch.log(p.clamp_min(1e-30))
+        return torch.softmax(((logp + g) / params.gumbel_tau).masked_fill(~support, float("-inf")), dim=-1)
+    return p
+
+
+def latent_input_reference(
+    logits: torch.Tensor,
+    embedding: torch.Tensor,
+    tokens: torch.Tensor,
+    params: LatentParams,
+    temperature: float,
+    top_k: int = 0,
+    greedy: bool = False,
+    *,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits (B, V), embedding (V, d), tokens (B,) the sampler's draw -> the next input (B, d)
+    fp32 of `params.mode` (the module docstring is the definition). seed / offset / row_ids:
+    the shared Philox noise; a noisy mode without greedy needs the seed."""
+    noise = dict(seed=seed, offset=offset, row_ids=row_ids)
+    x = mixture_weights(logits, tokens, params, temperature, top_k, greedy, **noise) @ embedding.float()
+    if params.mode == "soft-noise" and not greedy:
+        B, V = logits.shape
+        rid = _row_ids(row_ids, B, logits.device)
+        x = x + params.noise_std * gaussian_noise(_scalar(seed), _scalar(offset), rid, embedding.shape[1], V)
+    return x
+
+
+def noisy_input_logdensity(logits: torch.Tensor, embedding: torch.Tensor, inputs: torch.Tensor,
+                           params: LatentParams, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """(N,) log N(inputs; mu, noise_std^2 I) with mu = p @ E the soft-noise mixture of `logits`
+    (N, V) (latent_input's p: T_mix, the top-k, the nucleus): the log-density of a soft token
+    under the policy (Soft Tokens, Hard Truths, Sec. 3: the thinking positions' term of the
+    policy gradient). Differentiable in logits and embedding."""
+    if params.mode != "soft-noise" or not params.noise_std > 0:
+        raise ValueError(f"noisy_input_logdensity: needs the soft-noise mode with noise_std > 0, got {params}")
+    mu = mixture_weights(logits, None, params, temperature, top_k, greedy=True) @ embedding.float()
+    var = params.noise_std ** 2
+    d = inputs.shape[-1]
+    return -((inputs.float() - mu) ** 2).sum(-1) / (2 * var) - 0.5 * d * math.log(2 * math.pi * var)
+
+
+def _row_ids(row_ids, B: int, device) -> torch.Tensor:
+    return torch.arange(B, device=device) if row_ids is None else row_ids_tensor(row_ids, B, device)
+
+
+def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """p cut to the smallest set of most probable tokens whose mass reaches top_p (ties: the
+    lower token id first), renormalised."""
+    sp, idx = torch.sort(p, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(sp, dim=-1) - sp  # mass of the tokens ranked above
+    keep = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, idx, before < top_p)
+    q = p * keep
+    return q / q.sum(-1, keepdim=True)
+
+
+def kernel_args(params: LatentParams | None, temperature: float, V: int) -> dict:
+    """The numbers the fused paths take for a mode (Triton kernel arguments, TopkArgs fields)."""
+    params = params or LatentParams()
+    if params.top_p < 1:
+        raise ValueError("latent_input: the fused paths do not cut a nucleus (top_p < 1 runs the reference)")
+    return dict(MODE=params.mode_id, inv_tm=1.0 / params.mix_temperature(temperature),
+                inv_tau=1.0 / params.gumbel_tau, beta=float(params.beta), sigma=float(params.noise_std),
+                inv_logv=1.0 / math.log(V) if V > 1 else 0.0)

@@ -1,0 +1,169 @@
+"""Policies under each decoding mode: plain tokens, HRPO's gate, and the training-free latent
+modes (docs/latent-modes.md), greedy and sampled, with pass@1 and pass@k.
+
+    python scripts/compare_latent_modes.py --task gsm8k --data ../shared/data/gsm8k/test.jsonl \
+        --model HuggingFaceTB/SmolLM2-135M-Instruct --policy hrpo=runs/hrpo/final --limit 100 \
+        --seeds 0 1 2 --samples 8 --output-dir runs/latent_modes
+
+Each policy (the base model, and every --policy NAME=CHECKPOINT) is evaluated under every
+mode: greedy (one completion per question: pass@1 is its accuracy) and sampled (--samples
+completions per question at --temperature: pass@k by the unbiased estimator
+1 - C(n - c, k) / C(n, k), k = 1, 2, 4, ... up to n), once per seed. Writes
+latent_modes.json, latent_modes.md (mean and spread over seeds) and latent_modes.png.
+With few questions and a small model the differences between modes are mostly noise: the
+table shows the spread over seeds so that one can tell.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from hrpo.core.marker import MarkerMatcher
+from hrpo.core.prompts import SYSTEM_PROMPT
+from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout_engine import make_engine
+from hrpo.inspect.cli import load_policy
+from hrpo.model.loading import eos_token_ids, resolve_device
+from hrpo.tasks import get_task, load_examples
+from hrpo.training.config import config_for
+from hrpo.training.evaluation import scored_batches
+from hrpo.training.runs import write_json
+from hrpo_kernels.latent_input import MODES, LatentParams
+
+DECODINGS = ("plain", *MODES)  # plain: no thinking inputs (hybrid off)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def ks(n: int) -> list[int]:
+    return [k for k in (1, 2, 4, 8, 16, 32) if k <= n]
+
+
+def run_mode(hm, tokenizer, task, examples, engine, args, decoding: str, greedy: bool, seed: int) -> dict:
+    """pass@k (greedy: k = 1) of one policy under one decoding and seed."""
+    latent = LatentParams("hrpo" if decoding == "plain" else decoding, noise_std=args.noise_std,
+                          gumbel_tau=args.gumbel_tau, beta=args.moi_beta)
+    n = 1 if greedy else args.samples
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, greedy=greedy,
+                              hybrid=decoding != "plain", latent=latent)
+    recipe = config_for(task.name)
+    repeated = [ex for ex in examples for _ in range(n)]
+    correct: dict[int, int] = {}
+    for batch in scored_batches(hm, tokenizer, task, repeated, sampling, engine,
+                                max_prompt_length=recipe.max_prompt_length,
+                                system=SYSTEM_PROMPT if recipe.system_prompt else None,
+                                batch_size=args.batch_size, seed=seed,
+                                indices=[i for i in range(len(examples)) for _ in range(n)]):
+        for s in batch:
+            correct[s["index"]] = correct.get(s["index"], 0) + int(s["correct"] > 0)
+    return {f"pass@{k}": statistics.mean(pass_at_k(n, c, k) for c in correct.values()) for k in ks(n)}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (policy, decoding, greedy/sampled), mean +- spread over seeds."""
+    metrics = sorted({m for r in rows for m in r["metrics"]}, key=lambda m: int(m.split("@")[1]))
+    out = ["| policy | decoding | | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    keys = dict.fromkeys((r["policy"], r["decoding"], r["how"]) for r in rows)
+    for policy, decoding, how in keys:
+        runs = [r["metrics"] for r in rows if (r["policy"], r["decoding"], r["how"]) == (policy, decoding, how)]
+        cells = []
+        for m in metrics:
+            values = [r[m] for r in runs if m in r]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}" if values else "")
+        out.append(f"| {policy} | {decoding} | {how} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, how, metric in ((axes[0], "greedy", "pass@1"), (axes[1], "sampled", None)):
+        width = 0.8 / max(len(policies), 1)
+        for j, policy in enumerate(policies):
+            means, spreads = [], []
+            for decoding in DECODINGS:
+                runs = [r["metrics"] for r in rows if (r["policy"], r["decoding"], r["how"]) == (policy, decoding, how)]
+                m = metric or max((k for r in runs for k in r), key=lambda k: int(k.split("@")[1]), default="pass@1")
+                values = [r[m] for r in runs if m in r] or [0.0]
+                means.append(statistics.mean(values))
+                spreads.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            x = [i + j * width for i in range(len(DECODINGS))]
+            ax.bar(x, means, width, yerr=spreads, label=policy, capsize=2)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(DECODINGS))], DECODINGS, rotation=20)
+        ax.set_title(f"{how}: {metric or 'pass@k, largest k'}")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy (mean over seeds, bar: spread)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="arith")
+    p.add_argument("--data", help="the task's evaluation file (None: the embedded task's generator or the hub)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--model", help="base model (None: the embedded model)")
+    p.add_argument("--policy", nargs="*", default=[], metavar="NAME=CHECKPOINT", help="trained policies to compare")
+    p.add_argument("--limit", type=int, default=50, help="questions evaluated")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--samples", type=int, default=8, help="sampled completions per question (pass@k up to this)")
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--noise-std", type=float, default=0.1)
+    p.add_argument("--gumbel-tau", type=float, default=0.1)
+    p.add_argument("--moi-beta", type=float, default=1.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output-dir", default="runs/latent_modes")
+    args = p.parse_args(argv)
+    policies = {"base": None}
+    for spec in args.policy:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--policy {spec!r}: expected NAME=CHECKPOINT")
+        policies[name] = path
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(args.task)
+    examples = load_examples(config_for(args.task), args.split, args.data, limit=args.limit)
+    device = resolve_device(args.device)
+    rows = []
+    for name, checkpoint in policies.items():
+        hm, tokenizer, _ = load_policy(checkpoint, args.model, device)
+        matcher = MarkerMatcher(tokenizer, vocab_size=hm.config.vocab_size)
+        engine = make_engine(hm, matcher, eos_token_ids(hm.causal_lm, tokenizer), tokenizer.pad_token_id)
+        for decoding in DECODINGS:
+            for how in ("greedy", "sampled"):
+                for seed in args.seeds if how == "sampled" else args.seeds[:1]:  # greedy: no randomness
+                    metrics = run_mode(hm, tokenizer, task, examples, engine, args, decoding, how == "greedy", seed)
+                    rows.append({"policy": name, "decoding": decoding, "how": how, "seed": seed, "metrics": metrics})
+                    print(name, decoding, how, seed, {k: round(v, 3) for k, v in metrics.items()}, flush=True)
+        del hm, engine
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    write_json(out / "latent_modes.json", {"settings": vars(args), "rows": rows})
+    (out / "latent_modes.md").write_text(table(rows) + "\n")
+    plot(rows, out / "latent_modes.png")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
 """Shared GPU timing for the op benchmarks: median device time and the copy-bandwidth ceiling."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,6 +50,12 @@ def record_bandwidth(benchmark, copy_gbps: float, ms: float, nbytes: int, **info
     """An op entry's extra_info: `info`, the median time, the bytes it must move, the achieved
     bandwidth and its fraction of this run's copy bandwidth, and the time floor those bytes set."""
     achieved = nbytes / (ms * 1e-3) / 1e9
-    benchmark.extra_info.update(info, median_us=ms * 1e3, bytes_min=nbytes, achieved_GBps=achieved,
-                                copy_GBps=copy_gbps, bw_fraction_of_copy=achieved / copy_gbps,
-                                floor_bytes_us=nbytes / (copy_gbps * 1e9) * 1e6)
+    benchmark.extra_info.update(
+        info,
+        median_us=ms * 1e3,
+        bytes_min=nbytes,
+        achieved_GBps=achieved,
+        copy_GBps=copy_gbps,
+        bw_fraction_of_copy=achieved / copy_gbps,
+        floor_bytes_us=nbytes / (copy_gbps * 1e9) * 1e6,
+    )

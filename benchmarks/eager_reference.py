@@ -5,15 +5,16 @@ Eager ops through the Hugging Face model with its KV cache, full logits, multino
 sampling, and, every step, a host-side decode of each row's whole text to look for the
 answer marker. It computes the same kind of rollout as hrpo.engine.rollout; only the speed differs.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from hrpo.training.loss import grpo_loss
-from hrpo.model.hybrid import positions_from_mask
 from hrpo.engine.rollout import left_pad
+from hrpo.model.hybrid import positions_from_mask
+from hrpo.training.loss import grpo_loss
 
 
 @torch.no_grad()
@@ -22,7 +23,13 @@ def eager_rollout(hm, tokenizer, prompts, max_new_tokens, temperature, top_k, ma
     E = hm.embed.weight
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, E.device)
     cache = DynamicCache(config=model.config)
-    out = model(inputs_embeds=hm.embed(ids), attention_mask=mask.long(), position_ids=positions_from_mask(mask), past_key_values=cache, use_cache=True)
+    out = model(
+        inputs_embeds=hm.embed(ids),
+        attention_mask=mask.long(),
+        position_ids=positions_from_mask(mask),
+        past_key_values=cache,
+        use_cache=True,
+    )
     pos = mask.sum(-1, keepdim=True)
     generated = [[] for _ in prompts]
     for _ in range(max_new_tokens):
@@ -43,9 +50,17 @@ def eager_rollout(hm, tokenizer, prompts, max_new_tokens, temperature, top_k, ma
         r = torch.sigmoid(g.w_r(e.float()))
         i = torch.sigmoid(g.w_i(e.float()))
         a = torch.exp(-g.c * F.softplus(-g.lam) * r)
-        x = torch.where(think[:, None], a * e.float() + torch.sqrt(1 - a * a + 1e-8) * (i * h_hat), e.float()).to(e.dtype)
+        x = torch.where(think[:, None], a * e.float() + torch.sqrt(1 - a * a + 1e-8) * (i * h_hat), e.float()).to(
+            e.dtype
+        )
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(inputs_embeds=x[:, None], attention_mask=mask.long(), position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(
+            inputs_embeds=x[:, None],
+            attention_mask=mask.long(),
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
         pos = pos + 1
     return generated
 
@@ -69,6 +84,7 @@ def eager_update(hm, batch, advantages, temperature, beta):
     with torch.no_grad(), hm.adapters_disabled():
         ref = logprobs(embeds)
     comp, _ = hm.gate(embeds[:, P:], batch.latents, batch.think_mask)
-    loss, _ = grpo_loss(logprobs(torch.cat([embeds[:, :P], comp], 1)), advantages, batch.completion_mask, ref,
-                        beta=beta)
+    loss, _ = grpo_loss(
+        logprobs(torch.cat([embeds[:, :P], comp], 1)), advantages, batch.completion_mask, ref, beta=beta
+    )
     return loss

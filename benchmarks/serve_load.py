@@ -8,6 +8,7 @@ new tokens) until `requests` were sent in all or `seconds` passed. Measured: out
 chunks (a chunk is one token, or several when a stream fell behind), and request latency, p50
 and p99. Tokens are counted from the server's usage when it reports one, else as chunks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,16 @@ from urllib.parse import urlparse
 
 import httpx2 as httpx  # the HTTP client of the openai package (a test dependency)
 
-PROMPTS = ["What is 12 plus 30?", "Tom has 3 apples and buys 4 more. How many now?", "Count from one to ten.",
-           "Say something about the sea.", "What is 7 times 8?", "Name three colours.", "Write a short greeting.",
-           "What comes after Tuesday?"]
+PROMPTS = [
+    "What is 12 plus 30?",
+    "Tom has 3 apples and buys 4 more. How many now?",
+    "Count from one to ten.",
+    "Say something about the sea.",
+    "What is 7 times 8?",
+    "Name three colours.",
+    "Write a short greeting.",
+    "What comes after Tuesday?",
+]
 
 
 @dataclass
@@ -46,8 +54,11 @@ class Result:
         tokens = sum(s.tokens for s in self.samples)
         gaps = [g for s in self.samples for g in s.gaps]
         return {
-            "clients": self.clients, "requests": len(self.samples), "errors": self.errors,
-            "output_tokens": tokens, "wall_s": round(self.wall_s, 3),
+            "clients": self.clients,
+            "requests": len(self.samples),
+            "errors": self.errors,
+            "output_tokens": tokens,
+            "wall_s": round(self.wall_s, 3),
             "tokens_per_s": round(tokens / self.wall_s, 1) if self.wall_s else 0.0,
             **{f"ttft_{k}": v for k, v in pcts([s.ttft for s in self.samples]).items()},
             **{f"itl_{k}": v for k, v in pcts(gaps).items()},
@@ -64,10 +75,18 @@ def pcts(xs: list[float]) -> dict[str, float]:
     return {"p50": round(pick(0.50), 4), "p99": round(pick(0.99), 4)}
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, headers,
-              extra: dict) -> Sample:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **extra}
+async def one(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, headers, extra: dict
+) -> Sample:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
     start = time.perf_counter()
     stamps, usage = [], None
     async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
@@ -84,12 +103,24 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
     end = time.perf_counter()
     if not stamps:
         raise RuntimeError("no tokens")
-    return Sample(stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], end - start,
-                  usage if usage is not None else len(stamps))
+    return Sample(
+        stamps[0] - start,
+        [b - a for a, b in zip(stamps, stamps[1:])],
+        end - start,
+        usage if usage is not None else len(stamps),
+    )
 
 
-async def run(url: str, model: str, clients: int, requests: int, seconds: float, max_tokens: int,
-              api_key: str | None = None, extra: dict | None = None) -> Result:
+async def run(
+    url: str,
+    model: str,
+    clients: int,
+    requests: int,
+    seconds: float,
+    max_tokens: int,
+    api_key: str | None = None,
+    extra: dict | None = None,
+) -> Result:
     """`requests` streamed chat completions from `clients` workers; `extra`: more request fields."""
     host = urlparse(url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -107,8 +138,9 @@ async def run(url: str, model: str, clients: int, requests: int, seconds: float,
                 i = sent
                 sent += 1
                 try:
-                    result.samples.append(await one(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens,
-                                                    headers, extra or {}))
+                    result.samples.append(
+                        await one(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, headers, extra or {})
+                    )
                 except (httpx.HTTPError, RuntimeError, json.JSONDecodeError):
                     result.errors += 1
 
@@ -119,8 +151,12 @@ async def run(url: str, model: str, clients: int, requests: int, seconds: float,
 
 def launch(cmd: list[str], url: str, env: dict | None = None, log=None, wait_s: float = 180) -> subprocess.Popen:
     """Start a server command and wait until its /health answers."""
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+    )
     deadline = time.time() + wait_s
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -146,8 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="{}", help="more request fields as JSON, e.g. '{\"hybrid\": false}'")
     args = p.parse_args(argv)
     model = args.model or httpx.get(args.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-    res = asyncio.run(run(args.url, model, args.clients, args.requests, args.seconds, args.max_tokens, args.api_key,
-                          json.loads(args.extra)))
+    res = asyncio.run(
+        run(
+            args.url,
+            model,
+            args.clients,
+            args.requests,
+            args.seconds,
+            args.max_tokens,
+            args.api_key,
+            json.loads(args.extra),
+        )
+    )
     print(json.dumps(res.summary()))
     return 0 if not res.errors else 1
 

@@ -10,6 +10,7 @@ one row per (device, model) of rollout + update against the eager baseline;
 other entries are listed with their median time and the extra_info fields that say how close
 to the floor they are.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,13 +52,20 @@ def rollout_table(rows: dict[tuple, dict]) -> str:
     head = ["device", "model", "batch", *methods, "floor", "hybrid / floor", "hybrid / plain", "hybrid / eager"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (device, model, batch), r in rows.items():
-        def ratio(a, b):
+
+        def ratio(a, b, r=r):
             return f"{r[a] / r[b]:.2f}" if a in r and b in r else ""
 
-        cells = [device, model, str(batch), *(f"{r[m]:,.0f}" if m in r else "" for m in methods),
-                 f"{r['floor']:,.0f}" if "floor" in r else "",
-                 ratio("engine_hybrid", "floor"), ratio("engine_hybrid", "engine_plain"),
-                 ratio("engine_hybrid", "eager_reference")]
+        cells = [
+            device,
+            model,
+            str(batch),
+            *(f"{r[m]:,.0f}" if m in r else "" for m in methods),
+            f"{r['floor']:,.0f}" if "floor" in r else "",
+            ratio("engine_hybrid", "floor"),
+            ratio("engine_hybrid", "engine_plain"),
+            ratio("engine_hybrid", "eager_reference"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -78,34 +86,56 @@ def train_step_table(entries: list[dict]) -> str:
             whole[(info["device"], info["model"])][info["method"]] = info
     lines = []
     if upd:
-        lines += ["| device | model | recipe | eager tok/s | hrpo tok/s | speed-up | eager peak GB | hrpo peak GB | memory ratio |",
-                  "|" + "---|" * 9]
+        lines += [
+            "| device | model | recipe | eager tok/s | hrpo tok/s | speed-up | eager peak GB | hrpo peak GB "
+            "| memory ratio |",
+            "|" + "---|" * 9,
+        ]
         for (device, model, recipe), r in sorted(upd.items()):
             e, h = r.get("eager", {}), r.get("hrpo", {})
             speed = f"{h['tokens_per_s'] / e['tokens_per_s']:.2f}x" if e and h else ""
             me, mh = e.get("peak_above_weights_gb"), h.get("peak_above_weights_gb")
             mem = f"1/{me / mh:.1f}" if me and mh else ""
-            cells = [device, model, recipe, f"{e['tokens_per_s']:,.0f}" if e else "", f"{h['tokens_per_s']:,.0f}" if h else "",
-                     speed, f"{me:.2f}" if me else "", f"{mh:.2f}" if mh else "", mem]
+            cells = [
+                device,
+                model,
+                recipe,
+                f"{e['tokens_per_s']:,.0f}" if e else "",
+                f"{h['tokens_per_s']:,.0f}" if h else "",
+                speed,
+                f"{me:.2f}" if me else "",
+                f"{mh:.2f}" if mh else "",
+                mem,
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     if steps:
         head = [m for m in STEP_METHODS if m in steps]
-        lines += ["", "| s / optimizer step | " + " | ".join(head) + " | TRL / hrpo_grpo | TRL / hrpo_hybrid |",
-                  "|" + "---|" * (len(head) + 3)]
-        ratio = {m: f"{steps['trl_grpo'] / steps[m]:.2f}x" if "trl_grpo" in steps and m in steps else ""
-                 for m in ("hrpo_grpo", "hrpo_hybrid")}
-        lines.append("| cpu, embedded, arith | " + " | ".join(f"{steps[m]:.3f}" for m in head)
-                     + f" | {ratio['hrpo_grpo']} | {ratio['hrpo_hybrid']} |")
+        lines += [
+            "",
+            "| s / optimizer step | " + " | ".join(head) + " | TRL / hrpo_grpo | TRL / hrpo_hybrid |",
+            "|" + "---|" * (len(head) + 3),
+        ]
+        ratio = {
+            m: f"{steps['trl_grpo'] / steps[m]:.2f}x" if "trl_grpo" in steps and m in steps else ""
+            for m in ("hrpo_grpo", "hrpo_hybrid")
+        }
+        lines.append(
+            "| cpu, embedded, arith | "
+            + " | ".join(f"{steps[m]:.3f}" for m in head)
+            + f" | {ratio['hrpo_grpo']} | {ratio['hrpo_hybrid']} |"
+        )
     if whole:
         lines += ["", "| s / step: rollout + update | eager_baseline | hrpo | speed-up |", "|---|---|---|---|"]
         for (device, model), r in sorted(whole.items()):
-            def cell(m):
+
+            def cell(m, r=r):
                 if m not in r:
                     return ""
                 return f"{r[m]['seconds_per_step']:.2f} ({r[m]['rollout_s']:.2f} + {r[m]['update_s']:.2f})"
 
-            speed = (f"{r['eager_baseline']['seconds_per_step'] / r['hrpo']['seconds_per_step']:.1f}x"
-                     if len(r) == 2 else "")
+            speed = (
+                f"{r['eager_baseline']['seconds_per_step'] / r['hrpo']['seconds_per_step']:.1f}x" if len(r) == 2 else ""
+            )
             lines.append(f"| {device}, {model} | {cell('eager_baseline')} | {cell('hrpo')} | {speed} |")
     return "\n".join(lines)
 
@@ -137,8 +167,14 @@ def plot(rows: dict[tuple, dict], path: Path) -> None:
         width = 0.8 / len(series)
         for i, m in enumerate(series):
             vals = [rows[(device, model, b)].get(m, 0) for b in batches]
-            ax.bar([x + i * width for x in range(len(batches))], vals, width, label=m,
-                   hatch="//" if m == "floor" else None, alpha=0.5 if m == "floor" else 1.0)
+            ax.bar(
+                [x + i * width for x in range(len(batches))],
+                vals,
+                width,
+                label=m,
+                hatch="//" if m == "floor" else None,
+                alpha=0.5 if m == "floor" else 1.0,
+            )
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(batches))], [f"B={b}" for b in batches])
         values = [v for b in batches for v in rows[(device, model, b)].values() if v > 0]
         if max(values) > 20 * min(values):  # GPU: baselines and floor span decades
@@ -167,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     training = train_step_table(entries)
     if training:
         print(training + "\n")
-    if any("tokens_per_s" not in e.get("extra_info", {})
-           and e.get("extra_info", {}).get("method") not in STEP_METHODS + WHOLE_STEP_METHODS for e in entries):
+    if any(
+        "tokens_per_s" not in e.get("extra_info", {})
+        and e.get("extra_info", {}).get("method") not in STEP_METHODS + WHOLE_STEP_METHODS
+        for e in entries
+    ):
         print(ops_table(entries))
     return 0
 

@@ -12,6 +12,7 @@ be read (the K and V slots below each row's length; q, the output and the split 
 are < 2% and left out), the achieved bandwidth, the device copy bandwidth of this run and
 the floor bytes / copy bandwidth. Skipped without CUDA.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -65,5 +66,17 @@ def test_decode_attention(benchmark, copy_gbps, method, model, batch, ragged):
         benchmark.name = f"decode_attention-{method}-{model}-b{batch}" + ("-ragged" if ragged else "")
         benchmark.pedantic(synced(fn), rounds=20, warmup_rounds=2)
     nbytes = int(seqlens.clamp(max=T_MAX).sum()) * Hkv * Dh * 2 * 2  # K and V, bf16
-    record_bandwidth(benchmark, copy_gbps, ms, nbytes, method=method, model=model, batch=batch, t_max=T_MAX,
-                     ragged=ragged, H=H, Hkv=Hkv, Dh=Dh)
+    record_bandwidth(
+        benchmark,
+        copy_gbps,
+        ms,
+        nbytes,
+        method=method,
+        model=model,
+        batch=batch,
+        t_max=T_MAX,
+        ragged=ragged,
+        H=H,
+        Hkv=Hkv,
+        Dh=Dh,
+    )

@@ -7,6 +7,7 @@ B = 32/128/256 (names `topk_sample_mix-<cuda|torch>-d1536-b<B>`), and the step c
 events via bench_ms), bytes and bandwidth against the copy (topk), speedup over the reference. The first call builds the
 extension (ninja JIT, minutes) unless `hrpo_kernels._C` was installed by setup.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -42,8 +43,11 @@ def _topk_fns(emb, B):
     logits = torch.randn(B, V, device="cuda", generator=g) * 3.0
     seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
     offset = torch.zeros(1, dtype=torch.int64, device="cuda")
-    out = (torch.empty(B, dtype=torch.int64, device="cuda"), torch.empty(B, device="cuda"),
-           torch.empty(B, D, device="cuda"))
+    out = (
+        torch.empty(B, dtype=torch.int64, device="cuda"),
+        torch.empty(B, device="cuda"),
+        torch.empty(B, D, device="cuda"),
+    )
     gen = torch.Generator(device="cuda").manual_seed(1)
     return logits, {
         "cuda": lambda: topk_sample_mix(logits, emb, K, TEMPERATURE, seed=seed, offset=offset, out=out),
@@ -101,8 +105,21 @@ def test_step_controller(benchmark, ext, impl, B):
     from hrpo_kernels.step_controller import step_controller, step_controller_reference
 
     c = _step_case(B)
-    args = lambda: (c["table"], c["state"], c["finished"], c["tokens"], c["logprobs"], c["h_hat"], c["eos"], 2,  # noqa: E731
-                    c["t"], c["T"] * 4, c["bufs"])
+
+    def args():
+        return (
+            c["table"],
+            c["state"],
+            c["finished"],
+            c["tokens"],
+            c["logprobs"],
+            c["h_hat"],
+            c["eos"],
+            2,
+            c["t"],
+            c["T"] * 4,
+            c["bufs"],
+        )
 
     fn = step_controller if impl == "cuda" else step_controller_reference
 
@@ -113,8 +130,19 @@ def test_step_controller(benchmark, ext, impl, B):
     if impl == "cuda":  # one step against the reference
         ref = _step_case(B)
         step_controller(*args())
-        step_controller_reference(ref["table"], ref["state"], ref["finished"], ref["tokens"], ref["logprobs"],
-                                  ref["h_hat"], ref["eos"], 2, ref["t"], ref["T"] * 4, ref["bufs"])
+        step_controller_reference(
+            ref["table"],
+            ref["state"],
+            ref["finished"],
+            ref["tokens"],
+            ref["logprobs"],
+            ref["h_hat"],
+            ref["eos"],
+            2,
+            ref["t"],
+            ref["T"] * 4,
+            ref["bufs"],
+        )
         for x, y in zip(c["bufs"].tensors(), ref["bufs"].tensors()):
             assert torch.equal(x, y)
         assert torch.equal(c["state"], ref["state"]) and int(c["t"]) == int(ref["t"]) == 1
@@ -125,8 +153,19 @@ def test_step_controller(benchmark, ext, impl, B):
     info = dict(impl=impl, d=D, batch=B, latent_dtype="bf16", device=torch.cuda.get_device_name(), median_us=ms * 1e3)
     if impl == "cuda":
         ref_case = _step_case(B)
-        ref_args = (ref_case["table"], ref_case["state"], ref_case["finished"], ref_case["tokens"], ref_case["logprobs"],
-                    ref_case["h_hat"], ref_case["eos"], 2, ref_case["t"], ref_case["T"] * 4, ref_case["bufs"])
+        ref_args = (
+            ref_case["table"],
+            ref_case["state"],
+            ref_case["finished"],
+            ref_case["tokens"],
+            ref_case["logprobs"],
+            ref_case["h_hat"],
+            ref_case["eos"],
+            2,
+            ref_case["t"],
+            ref_case["T"] * 4,
+            ref_case["bufs"],
+        )
 
         def ref_run():
             ref_case["t"].zero_()

@@ -7,6 +7,7 @@ the device-to-device copy bandwidth measured in the same run, and the floors:
   bytes / copy bandwidth, and for the GEMM-bound parts flops / a nominal dense peak.
 Names: gated_blend-{fused,reference}-d{d}-b{B}, token_logprobs-{fused,reference}-d{d}-n{N}[-wgrad].
 """
+
 from __future__ import annotations
 
 import pytest
@@ -64,9 +65,17 @@ def test_gated_blend(benchmark, copy_gbps, method, d, batch):
     nbytes = 2 * d * d * 4 + 3 * d * 4 + batch * d * (2 + 4 + 2 + 4) + batch
     tf32 = torch.backends.cuda.matmul.allow_tf32
     _record(
-        benchmark, copy_gbps, ms, nbytes, flops=2 * batch * 2 * d * d,
+        benchmark,
+        copy_gbps,
+        ms,
+        nbytes,
+        flops=2 * batch * 2 * d * d,
         flop_dtype="tf32" if tf32 else torch.float32,
-        method=method, d=d, batch=batch, goal_us=30.0, tf32=tf32,
+        method=method,
+        d=d,
+        batch=batch,
+        goal_us=30.0,
+        tf32=tf32,
     )
 
 
@@ -125,7 +134,18 @@ def test_token_logprobs(benchmark, copy_gbps, method, d, weight_grad):
     nbytes += N * V * 2 * (3 if weight_grad else 2)
     gemms = 4 if weight_grad else 3  # forward, recompute, grad_hidden (, grad_weight)
     _record(
-        benchmark, copy_gbps, ms, nbytes, flops=2 * N * V * d * gemms, flop_dtype=torch.bfloat16,
-        method=method, d=d, n_tokens=N, vocab=V, weight_grad=weight_grad,
-        peak_bytes=peak, peak_extra_bytes=peak - base, inputs_bytes=base,
+        benchmark,
+        copy_gbps,
+        ms,
+        nbytes,
+        flops=2 * N * V * d * gemms,
+        flop_dtype=torch.bfloat16,
+        method=method,
+        d=d,
+        n_tokens=N,
+        vocab=V,
+        weight_grad=weight_grad,
+        peak_bytes=peak,
+        peak_extra_bytes=peak - base,
+        inputs_bytes=base,
     )

@@ -12,6 +12,7 @@ rounds are wall clock with a synchronize. extra_info: median ms, modelled bytes,
 GB/s, the device copy bandwidth of this run, the ratio to the GEMM and the speedup over the
 eager tail (goal: fused <= 1.5x GEMM, >= 5x faster than eager). Skipped without CUDA.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -48,7 +49,9 @@ def _case(d, E, B):
     return {
         "gemm": lambda: hidden @ E.T,
         "eager_topk50": lambda: sample_and_mix_reference(hidden, E, E, TEMPERATURE, TOP_K, False, gen),
-        "fused_topk50": lambda: sample_and_mix_triton(hidden, E, E, TEMPERATURE, TOP_K, False, seed=seed, offset=offset),
+        "fused_topk50": lambda: sample_and_mix_triton(
+            hidden, E, E, TEMPERATURE, TOP_K, False, seed=seed, offset=offset
+        ),
         "eager_full": lambda: sample_and_mix_reference(hidden, E, E, TEMPERATURE, 0, False, gen),
         "fused_full": lambda: sample_and_mix_triton(hidden, E, E, TEMPERATURE, 0, False, seed=seed, offset=offset),
     }
@@ -65,7 +68,9 @@ def _bytes(variant: str, d: int, B: int) -> int:
     if variant == "fused_full":
         cfg = full_vocab_config(d)
         n_rb = -(-B // cfg["block_b"])
-        n_splits = max(1, min(-(-V // cfg["block_v"]), -(-2 * torch.cuda.get_device_properties(0).multi_processor_count // n_rb)))
+        n_splits = max(
+            1, min(-(-V // cfg["block_v"]), -(-2 * torch.cuda.get_device_properties(0).multi_processor_count // n_rb))
+        )
         return weights + 2 * n_splits * B * d * 4 + outs  # + the split partials, written and read
     return weights + outs  # eager: compulsory bytes only (its real traffic is several times this)
 
@@ -89,8 +94,15 @@ def test_sample_and_mix_tail(benchmark, head, copy_gbps, variant, B):
     benchmark.name = f"sample_and_mix-{variant}-d{d}-b{B}"
     benchmark.pedantic(synced(fns[variant]), rounds=5, warmup_rounds=1)
     info = dict(
-        variant=variant, d=d, batch=B, vocab=V, dtype="bf16", tied=True, device=torch.cuda.get_device_name(),
-        floor_E_once_us=(V * d * 2) / (copy_gbps * 1e9) * 1e6, ratio_to_gemm=ms / gemm_ms,
+        variant=variant,
+        d=d,
+        batch=B,
+        vocab=V,
+        dtype="bf16",
+        tied=True,
+        device=torch.cuda.get_device_name(),
+        floor_E_once_us=(V * d * 2) / (copy_gbps * 1e9) * 1e6,
+        ratio_to_gemm=ms / gemm_ms,
     )
     if variant.startswith("fused"):
         eager = "eager_topk50" if variant == "fused_topk50" else "eager_full"

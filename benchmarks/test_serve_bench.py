@@ -18,6 +18,7 @@ tokens. Each server gets HRPO_SERVE_BENCH_THREADS threads (default 1). The table
 HRPO_SERVE_BENCH_OUT (default benchmarks/serve_out/); the ratios are of the same run.
 Not a timed test: nothing is asserted about speed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,8 +59,24 @@ def servers() -> dict[str, tuple[list[str], dict]]:
     cli = transformers_cli()
     if cli is not None:
         out["transformers serve --continuous-batching"] = (
-            [cli, "serve", "--continuous-batching", "--cb-num-blocks", "256", "--cb-block-size", "32",
-             "--host", "127.0.0.1", "--port", str(PORT), "--log-level", "warning", str(EMBEDDED_MODEL)], {})
+            [
+                cli,
+                "serve",
+                "--continuous-batching",
+                "--cb-num-blocks",
+                "256",
+                "--cb-block-size",
+                "32",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(PORT),
+                "--log-level",
+                "warning",
+                str(EMBEDDED_MODEL),
+            ],
+            {},
+        )
     return out
 
 
@@ -100,15 +117,19 @@ def offline(hybrid: bool) -> float:
 
 def table(results: dict[str, list[dict]]) -> str:
     plain = {r["clients"]: r["tokens_per_s"] for r in results.get("hrpo.serve plain", [])}
-    head = ("| server | clients | requests | output tok/s | vs plain | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
-            "| latency p50 / p99 (s) |\n|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| server | clients | requests | output tok/s | vs plain | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+        "| latency p50 / p99 (s) |\n|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for name, rows in results.items():
         for r in rows:
             ratio = r["tokens_per_s"] / plain[r["clients"]] if plain.get(r["clients"]) else float("nan")
-            lines.append(f"| {name} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | {ratio:.2f} | "
-                         f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {1e3 * r['itl_p50']:.1f} / "
-                         f"{1e3 * r['itl_p99']:.1f} | {r['latency_p50']:.2f} / {r['latency_p99']:.2f} |")
+            lines.append(
+                f"| {name} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | {ratio:.2f} | "
+                f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {1e3 * r['itl_p50']:.1f} / "
+                f"{1e3 * r['itl_p99']:.1f} | {r['latency_p50']:.2f} / {r['latency_p99']:.2f} |"
+            )
     return head + "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-"""The update half of a training step, and the whole step: `pytest benchmarks/test_train_step_bench.py --benchmark-only`.
+"""The update half of a training step, and the whole step:
+`pytest benchmarks/test_train_step_bench.py --benchmark-only`.
 
 Update entries `update-{method}-{device}-{model}-{recipe}`: the reference pass plus the
 policy's forward and backward over one rollout, for
@@ -26,6 +27,7 @@ re-implementation of the original code's loop (benchmarks/eager_reference.py) pl
 update; hrpo is the engine plus hrpo.training.update. On CUDA at Qwen2.5-1.5B shapes, the GSM8K
 recipe; on the CPU the embedded model stands in, so the same logic runs without a GPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,13 +40,13 @@ import torch
 from benchmarks.conftest import synced
 from benchmarks.eager_reference import eager_rollout, eager_update
 from benchmarks.test_rollout_bench import TOP_K, FoldedDecode, never_marker, tiny_tokenizer
-from hrpo.training.config import config_for
+from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
-from hrpo.model.loading import build_policy, load_base_model
-from hrpo.training.loss import group_advantages
 from hrpo.model import lora
 from hrpo.model.hybrid import SequenceBatch
-from hrpo.engine.rollout import SamplingConfig
+from hrpo.model.loading import build_policy, load_base_model
+from hrpo.training.config import config_for
+from hrpo.training.loss import group_advantages
 from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 
 SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
@@ -80,8 +82,16 @@ def tokens_of(batch: SequenceBatch) -> int:
 
 def record(benchmark, method, device, model, recipe, batch, seconds=None, **extra):
     seconds = seconds or benchmark.stats.stats.median
-    benchmark.extra_info.update(method=method, device=device, model=model, recipe=recipe, seconds=seconds,
-                                tokens=tokens_of(batch), tokens_per_s=tokens_of(batch) / seconds, **extra)
+    benchmark.extra_info.update(
+        method=method,
+        device=device,
+        model=model,
+        recipe=recipe,
+        seconds=seconds,
+        tokens=tokens_of(batch),
+        tokens_per_s=tokens_of(batch) / seconds,
+        **extra,
+    )
 
 
 # ---------------------------------------------------------------------------------- CPU
@@ -148,15 +158,17 @@ def gpu_policy(name: str):
     return hm.train()
 
 
-def random_rollout(hm, prompts: int, group: int, prompt_len: int = PROMPT_LEN,
-                   completion_len: int = COMPLETION_LEN) -> tuple[SequenceBatch, torch.Tensor]:
+def random_rollout(
+    hm, prompts: int, group: int, prompt_len: int = PROMPT_LEN, completion_len: int = COMPLETION_LEN
+) -> tuple[SequenceBatch, torch.Tensor]:
     """A rollout's batch of random tokens on hm's device, every position thinking."""
     V, d = hm.embed.weight.shape
     B, dev = prompts * group, hm.lm_weight.device
     g = torch.Generator(device=dev).manual_seed(0)
     prompt_ids = torch.randint(0, V, (prompts, prompt_len), device=dev, generator=g).repeat_interleave(group, 0)
     batch = SequenceBatch(
-        prompt_ids=prompt_ids, prompt_mask=torch.ones_like(prompt_ids, dtype=torch.bool),
+        prompt_ids=prompt_ids,
+        prompt_mask=torch.ones_like(prompt_ids, dtype=torch.bool),
         completion_ids=torch.randint(0, V, (B, completion_len), device=dev, generator=g),
         completion_mask=torch.ones(B, completion_len, dtype=torch.bool, device=dev),
         latents=torch.randn(B, completion_len, d, device=dev, generator=g).to(hm.embed.weight.dtype),
@@ -181,8 +193,17 @@ def test_update_gpu(benchmark, model, method, recipe):
     benchmark.name = f"update-{method}-cuda-{model}-{recipe}"
     benchmark.pedantic(synced(fn), rounds=1)
     peak = torch.cuda.max_memory_allocated()
-    record(benchmark, method, "cuda", model, recipe, batch, peak_gb=peak / 2**30,
-           peak_above_weights_gb=(peak - resident) / 2**30, device_name=torch.cuda.get_device_name())
+    record(
+        benchmark,
+        method,
+        "cuda",
+        model,
+        recipe,
+        batch,
+        peak_gb=peak / 2**30,
+        peak_above_weights_gb=(peak - resident) / 2**30,
+        device_name=torch.cuda.get_device_name(),
+    )
     del hm
 
 
@@ -211,8 +232,10 @@ def whole_step(benchmark, method: str, hm, batch: SequenceBatch, adv: torch.Tens
     parts: dict[str, float] = {}
 
     def step(rollout_tokens: int = new):
-        for name, mode, run in (("rollout_s", hm.eval, lambda: rollout(rollout_tokens)),
-                                ("update_s", hm.train, update)):
+        for name, mode, run in (
+            ("rollout_s", hm.eval, lambda: rollout(rollout_tokens)),
+            ("update_s", hm.train, update),
+        ):
             mode()
             start = time.perf_counter()
             run()
@@ -233,8 +256,9 @@ def test_step_vs_eager_cpu(benchmark, method):
     batch, adv = random_rollout(hm, 2, 4, 32, 24)
     parts = whole_step(benchmark, method, hm, batch, adv)
     benchmark.name = f"step-{method}-cpu-tiny-random"
-    benchmark.extra_info.update(method=method, device="cpu", model="tiny", **parts,
-                                seconds_per_step=benchmark.stats.stats.median, new_tokens=24)
+    benchmark.extra_info.update(
+        method=method, device="cpu", model="tiny", **parts, seconds_per_step=benchmark.stats.stats.median, new_tokens=24
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU training-step benchmarks need CUDA")
@@ -247,6 +271,12 @@ def test_step_gpu(benchmark, method):
     batch, adv = random_rollout(hm, 2, 4)
     parts = whole_step(benchmark, method, hm, batch, adv)
     benchmark.name = f"step-{method}-cuda-qwen2.5-1.5b-gsm8k"
-    benchmark.extra_info.update(method=method, device="cuda", model="qwen2.5-1.5b", **parts,
-                                seconds_per_step=benchmark.stats.stats.median, new_tokens=COMPLETION_LEN,
-                                device_name=torch.cuda.get_device_name())
+    benchmark.extra_info.update(
+        method=method,
+        device="cuda",
+        model="qwen2.5-1.5b",
+        **parts,
+        seconds_per_step=benchmark.stats.stats.median,
+        new_tokens=COMPLETION_LEN,
+        device_name=torch.cuda.get_device_name(),
+    )

@@ -8,6 +8,7 @@ completions of up to 64 new tokens sampled at temperature 0.5 / top-k 50, the re
 (betas 0.9 / 0.99, weight decay 0.1, lr 5e-4, cosine with 10% warm-up, clip 1.0), KL 0.005,
 one update per rollout. TRL has no latent reasoning: it is the peer of `hrpo_grpo`.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -24,26 +25,48 @@ def trl_step_seconds(steps: int, workdir: Path, model: str | None = None) -> flo
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from hrpo.training.config import LORA_TARGETS
     from hrpo.model.loading import load_base_model
     from hrpo.tasks.rewards import get_reward_fn
     from hrpo.tasks.synthetic import synthetic_split
+    from hrpo.training.config import LORA_TARGETS
 
     torch.manual_seed(0)
     model, tok = load_base_model(model, torch.device("cpu"), torch.float32)
     examples = synthetic_split("train", 4000, seed=0)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": ex.question}], "answer": ex.answer} for ex in examples])
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": ex.question}], "answer": ex.answer} for ex in examples]
+    )
     score = get_reward_fn("arith")
 
     def reward(prompts, completions, answer, **_):
         return score(completions, answer)
 
     args = GRPOConfig(
-        output_dir=str(workdir / "trl"), per_device_train_batch_size=32, num_generations=8,
-        gradient_accumulation_steps=1, max_completion_length=64, temperature=0.5, top_k=50, learning_rate=5e-4,
-        beta=0.005, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=0.1,
-        max_grad_norm=1.0, num_iterations=1, loss_type="grpo", max_steps=steps, logging_steps=1, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
+        output_dir=str(workdir / "trl"),
+        per_device_train_batch_size=32,
+        num_generations=8,
+        gradient_accumulation_steps=1,
+        max_completion_length=64,
+        temperature=0.5,
+        top_k=50,
+        learning_rate=5e-4,
+        beta=0.005,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        weight_decay=0.1,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        max_grad_norm=1.0,
+        num_iterations=1,
+        loss_type="grpo",
+        max_steps=steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
     )
     ticks: list[float] = []
 
@@ -51,8 +74,14 @@ def trl_step_seconds(steps: int, workdir: Path, model: str | None = None) -> flo
         def on_step_end(self, *a, **k):
             ticks.append(time.perf_counter())
 
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
-                          peft_config=LoraConfig(r=32, lora_alpha=64, target_modules=list(LORA_TARGETS)),
-                          callbacks=[Clock()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=LoraConfig(r=32, lora_alpha=64, target_modules=list(LORA_TARGETS)),
+        callbacks=[Clock()],
+    )
     trainer.train()
     return statistics.median(b - a for a, b in zip(ticks[1:], ticks[2:]))

@@ -9,6 +9,7 @@ with the first place each occurs, duplicates (the same prompt and answer) are dr
 conflicts (the same prompt with another answer: the first is kept) are reported. The output is
 JSONL that every loader reads as is, plus `<output>.report.json`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,15 @@ def prepare(task: str, inputs: list[str], split: str = "train", corpus: str | No
         records, source = load_records(path, split)
         converted, load_report = convert_records(task, records, source)
         print(load_report.summary(), file=sys.stderr)
-        report["inputs"].append({"source": source, "records": load_report.total, "kept": load_report.kept,
-                                 "rejected": dict(load_report.reasons), "first_at": load_report.first_at})
+        report["inputs"].append(
+            {
+                "source": source,
+                "records": load_report.total,
+                "kept": load_report.kept,
+                "rejected": dict(load_report.reasons),
+                "first_at": load_report.first_at,
+            }
+        )
         for ex in converted:
             key = spec.render(ex)
             if key in seen:
@@ -46,7 +54,9 @@ def prepare(task: str, inputs: list[str], split: str = "train", corpus: str | No
                 else:
                     report["conflicts"] += 1
                     if len(report["conflict_examples"]) < 5:
-                        report["conflict_examples"].append({"prompt": key[:200], "kept": seen[key], "dropped": ex.answer})
+                        report["conflict_examples"].append(
+                            {"prompt": key[:200], "kept": seen[key], "dropped": ex.answer}
+                        )
                 continue
             seen[key] = ex.answer
             examples.append(ex)
@@ -61,16 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     line names it once."""
     p = argparse.ArgumentParser(prog="python -m hrpo.data", description="Data tools; `COMMAND --help` explains one.")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="the command to run")
-    prepare_cmd = commands.add_parser("prepare", help="turn source files into the project's record form",
-                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prepare_cmd.add_argument("--task", required=True, choices=[n for n in task_names() if get_task(n).convert],
-                             help="the task whose loader checks the records")
+    prepare_cmd = commands.add_parser(
+        "prepare",
+        help="turn source files into the project's record form",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prepare_cmd.add_argument(
+        "--task",
+        required=True,
+        choices=[n for n in task_names() if get_task(n).convert],
+        help="the task whose loader checks the records",
+    )
     prepare_cmd.add_argument("--input", nargs="+", required=True, help="source files (or folders, or hub names)")
     prepare_cmd.add_argument("--split", default="train", help="the split of a folder or hub input (default: train)")
     prepare_cmd.add_argument("--output", required=True, help="JSONL in the project's record form")
     prepare_cmd.add_argument("--corpus", help="QA: retrieve the top 3 passages (BM25) for records without contexts")
-    prepare_cmd.add_argument("--overwrite", action="store_true",
-                             help="replace --output and its report if they exist")
+    prepare_cmd.add_argument("--overwrite", action="store_true", help="replace --output and its report if they exist")
     return p
 
 
@@ -88,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
-    print(f"{args.task}: wrote {len(records)} records to {out} ({report['duplicates']} duplicates and "
-          f"{report['conflicts']} conflicts dropped; report {report_file})")
+    print(
+        f"{args.task}: wrote {len(records)} records to {out} ({report['duplicates']} duplicates and "
+        f"{report['conflicts']} conflicts dropped; report {report_file})"
+    )
     return 0
 
 

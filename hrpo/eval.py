@@ -15,6 +15,7 @@ holds results.json (per benchmark: metric, n, protocol, model, checkpoint, decod
 and samples.jsonl (one line per example, appended as each batch finishes: an interrupted
 evaluation resumes where it stopped and never recomputes a finished example).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,18 @@ from hrpo_kernels.latent_input import MODES, LatentParams
 
 # The table of the paper, in its order, with its best reported number per row (percent).
 BENCHMARKS = ("gsm8k", "math", "math500", "mmlu-stem", "arc-c", "nq", "triviaqa", "hotpotqa", "2wiki", "bamboogle")
-PAPER_BEST = {"gsm8k": 83.5, "math": 58.6, "math500": 60.2, "mmlu-stem": 59.0, "arc-c": 82.0, "nq": 37.8,
-              "triviaqa": 59.3, "hotpotqa": 31.6, "2wiki": 31.8, "bamboogle": 29.6}
+PAPER_BEST = {
+    "gsm8k": 83.5,
+    "math": 58.6,
+    "math500": 60.2,
+    "mmlu-stem": 59.0,
+    "arc-c": 82.0,
+    "nq": 37.8,
+    "triviaqa": 59.3,
+    "hotpotqa": 31.6,
+    "2wiki": 31.8,
+    "bamboogle": 29.6,
+}
 # Where each benchmark's evaluation file lies in a data folder laid out like the project's
 # shared data (`--data-root`); without it, the task's hub dataset is read.
 DATA_LAYOUT = {
@@ -87,25 +98,35 @@ def select(n_total: int, limit: int | None, seed: int) -> list[int]:
 
 def add_latent_arguments(p: argparse.ArgumentParser) -> None:
     """--latent-mode and its numbers (hrpo_kernels/latent_input.py, docs/latent-modes.md)."""
-    p.add_argument("--latent-mode", choices=MODES,
-                   help="what a thinking position's input is: hrpo (the gate's blend of the token and h_hat), soft "
-                        "(Soft Thinking's p @ E), moi (Mixture of Inputs), soft-noise (soft tokens: p @ E plus "
-                        "Gaussian noise), gumbel-soft (SofT-GRPO's Gumbel-Softmax mixture); None: the checkpoint's "
-                        "(soft-noise for --method soft-tokens), else hrpo")
-    p.add_argument("--latent-temperature", type=float,
-                   help="temperature of the mixture's distribution; None: --temperature (fuzzy tokens: small)")
+    p.add_argument(
+        "--latent-mode",
+        choices=MODES,
+        help="what a thinking position's input is: hrpo (the gate's blend of the token and h_hat), soft "
+        "(Soft Thinking's p @ E), moi (Mixture of Inputs), soft-noise (soft tokens: p @ E plus "
+        "Gaussian noise), gumbel-soft (SofT-GRPO's Gumbel-Softmax mixture); None: the checkpoint's "
+        "(soft-noise for --method soft-tokens), else hrpo",
+    )
+    p.add_argument(
+        "--latent-temperature",
+        type=float,
+        help="temperature of the mixture's distribution; None: --temperature (fuzzy tokens: small)",
+    )
     p.add_argument("--latent-top-p", type=float, default=1.0, help="nucleus of the mixture (1: off)")
     p.add_argument("--moi-beta", type=float, default=1.0, help="Mixture of Inputs' concentration beta")
-    p.add_argument("--noise-std", type=float, help="soft-noise's standard deviation (embedding units); None: the "
-                   "checkpoint's, else 0.1")
+    p.add_argument(
+        "--noise-std",
+        type=float,
+        help="soft-noise's standard deviation (embedding units); None: the checkpoint's, else 0.1",
+    )
     p.add_argument("--gumbel-tau", type=float, default=0.1, help="gumbel-soft's Gumbel-Softmax temperature")
 
 
 def latent_params(args) -> LatentParams:
     """The LatentParams of add_latent_arguments' flags; a bad value is a one-line ConfigError."""
     try:
-        return LatentParams(args.latent_mode, args.latent_temperature, args.latent_top_p, args.moi_beta,
-                            args.noise_std, args.gumbel_tau)
+        return LatentParams(
+            args.latent_mode, args.latent_temperature, args.latent_top_p, args.moi_beta, args.noise_std, args.gumbel_tau
+        )
     except ValueError as err:
         raise ConfigError(f"--latent-mode {args.latent_mode}: {err}") from None
 
@@ -114,11 +135,22 @@ def _settings(args, task: str, data: str | None) -> dict:
     """What makes two evaluations the same: a resumed one must match it exactly."""
     spec = get_task(task)
     return {
-        "task": task, "protocol": args.protocol, "model": args.base_model, "checkpoint": args.checkpoint,
-        "data": data, "corpus": args.corpus, "limit": args.limit, "seed": args.seed,
-        "decoding": {"greedy": not args.sample, "temperature": args.temperature, "top_k": args.top_k,
-                     "max_new_tokens": args.max_new_tokens or spec.max_new_tokens, "hybrid": args.hybrid,
-                     **({} if latent_params(args).is_h_hat else {"latent": vars(latent_params(args))})},
+        "task": task,
+        "protocol": args.protocol,
+        "model": args.base_model,
+        "checkpoint": args.checkpoint,
+        "data": data,
+        "corpus": args.corpus,
+        "limit": args.limit,
+        "seed": args.seed,
+        "decoding": {
+            "greedy": not args.sample,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "max_new_tokens": args.max_new_tokens or spec.max_new_tokens,
+            "hybrid": args.hybrid,
+            **({} if latent_params(args).is_h_hat else {"latent": vars(latent_params(args))}),
+        },
         "system_prompt": args.system_prompt,
     }
 
@@ -143,12 +175,19 @@ def _done(samples_file: Path, task: str, key: str) -> dict[int, dict]:
 
 def table(rows: dict[str, dict], columns: list[str] | None = None) -> str:
     """Markdown table of results (percent), with the paper's best number per benchmark."""
-    lines = ["| benchmark | metric | " + " | ".join(columns or ["value", "n"]) + " | paper best |",
-             "|---|---|" + "---|" * (len(columns or ["value", "n"]) + 1)]
+    lines = [
+        "| benchmark | metric | " + " | ".join(columns or ["value", "n"]) + " | paper best |",
+        "|---|---|" + "---|" * (len(columns or ["value", "n"]) + 1),
+    ]
     for name, row in rows.items():
-        cells = [f"{100 * row['value']:.1f}", str(row["n"])] if columns is None else \
-            [("" if row.get(c) is None else row[c] if isinstance(row[c], str) else f"{100 * row[c]:.1f}")
-             for c in columns]
+        cells = (
+            [f"{100 * row['value']:.1f}", str(row["n"])]
+            if columns is None
+            else [
+                ("" if row.get(c) is None else row[c] if isinstance(row[c], str) else f"{100 * row[c]:.1f}")
+                for c in columns
+            ]
+        )
         lines.append(f"| {name} | {row['metric']} | " + " | ".join(cells) + f" | {PAPER_BEST.get(name, '')} |")
     return "\n".join(lines)
 
@@ -166,11 +205,17 @@ def compare(dirs: list[str], png: str | None, overwrite: bool) -> int:
     names = [b for b in BENCHMARKS if any(b in r for r in results.values())]
     names += sorted({b for r in results.values() for b in r} - set(names))
     # per benchmark: its metric and, per run, (value, n) or None where the run lacks it
-    merged = {b: {"metric": next(r[b]["metric"] for r in results.values() if b in r),
-                  **{run: (r[b]["value"], r[b]["n"]) if b in r else None for run, r in results.items()}}
-              for b in names}
-    shown = {b: {c: f"{100 * v[0]:.1f} (n={v[1]})" if isinstance(v, tuple) else v for c, v in row.items()}
-             for b, row in merged.items()}
+    merged = {
+        b: {
+            "metric": next(r[b]["metric"] for r in results.values() if b in r),
+            **{run: (r[b]["value"], r[b]["n"]) if b in r else None for run, r in results.items()},
+        }
+        for b in names
+    }
+    shown = {
+        b: {c: f"{100 * v[0]:.1f} (n={v[1]})" if isinstance(v, tuple) else v for c, v in row.items()}
+        for b, row in merged.items()
+    }
     print(table(shown, list(results)))
     out = check_writable(png or Path(dirs[0]) / "comparison.png", overwrite)
     _plot_comparison(merged, list(results), out)
@@ -199,8 +244,15 @@ def _plot_comparison(rows: dict, runs: list[str], path: Path) -> None:
                 continue
             value = 100 * row[run][0]
             ax.bar(x, value, width, color=color, label=run if j == 0 else None)
-            ax.plot([x - width / 2, x + width / 2], [0, 0], color=color, lw=4, solid_capstyle="butt",
-                     clip_on=False, zorder=4)  # a zero bar has no height: this keeps it visible
+            ax.plot(
+                [x - width / 2, x + width / 2],
+                [0, 0],
+                color=color,
+                lw=4,
+                solid_capstyle="butt",
+                clip_on=False,
+                zorder=4,
+            )  # a zero bar has no height: this keeps it visible
             ax.text(x, value, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
     paper = [(j + offset[-1], PAPER_BEST[b]) for j, b in enumerate(rows) if b in PAPER_BEST]
     if paper:
@@ -210,8 +262,11 @@ def _plot_comparison(rows: dict, runs: list[str], path: Path) -> None:
         ns = [str(row[run][1]) for run in runs if row[run] is not None]
         labels.append(f"{b}\nn={ns[0]}" if len(set(ns)) == 1 else f"{b}\nn={' / '.join(ns)}")
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
-    top = max([100 * row[run][0] for row in rows.values() for run in runs if row[run] is not None]
-              + [v for _, v in paper] + [1.0])
+    top = max(
+        [100 * row[run][0] for row in rows.values() for run in runs if row[run] is not None]
+        + [v for _, v in paper]
+        + [1.0]
+    )
     ax.set_ylim(0, top * 1.15)
     ax.set_ylabel("accuracy / exact match (%)")
     ax.set_title(f"{' vs '.join(runs)}: score per benchmark (n = examples scored per run)", fontsize=10)
@@ -249,8 +304,10 @@ def resolve_checkpoint(path: str) -> str:
         return str(root / "checkpoint")
     found = complete_checkpoints(root / "checkpoints")
     if found:
-        raise ConfigError(f"--checkpoint {path} is an unfinished run; pick one of its checkpoints, the latest: "
-                          f"--checkpoint {found[-1]}")
+        raise ConfigError(
+            f"--checkpoint {path} is an unfinished run; pick one of its checkpoints, the latest: "
+            f"--checkpoint {found[-1]}"
+        )
     return path
 
 
@@ -273,9 +330,12 @@ def describe_policy(verb: str, args, task: str | None) -> str:
     """The one line naming what a command evaluates or inspects."""
     what = f"checkpoint {args.checkpoint}" if args.checkpoint else "the base model"
     task_part = f"task {task}, " if task else ""
-    return (f"{verb} {what} ({task_part}base model {args.base_model or 'embedded'}, "
-            f"hybrid {f'on ({args.latent_mode})' if args.hybrid else 'off'}, system prompt {'on' if args.system_prompt else 'off'}, "
-            f"marker {args.marker!r})")
+    return (
+        f"{verb} {what} ({task_part}base model {args.base_model or 'embedded'}, "
+        f"hybrid {f'on ({args.latent_mode})' if args.hybrid else 'off'}, "
+        f"system prompt {'on' if args.system_prompt else 'off'}, "
+        f"marker {args.marker!r})"
+    )
 
 
 def _check_args(args) -> None:
@@ -296,7 +356,9 @@ def _check_args(args) -> None:
 
 def _load(task: str, args):
     """(examples, where they came from): --data, else --data-root's layout, else the hub."""
-    data = args.data or (str(Path(args.data_root) / DATA_LAYOUT[task]) if args.data_root and task in DATA_LAYOUT else None)
+    data = args.data or (
+        str(Path(args.data_root) / DATA_LAYOUT[task]) if args.data_root and task in DATA_LAYOUT else None
+    )
     examples = load_examples(config_for(task), args.split, data)
     if args.corpus:
         examples = attach_contexts(examples, args.corpus, k=3)
@@ -363,8 +425,12 @@ def _policy(model, meta: dict | None, checkpoint: str | None, task: str) -> Hybr
     """The checkpoint's policy on `model` (LoRA of its recorded shape), or the base model."""
     if not meta:
         return HybridModel(model)
-    cfg = config_for(task, lora_rank=meta["lora"]["rank"], lora_alpha=meta["lora"]["alpha"],
-                     lora_targets=tuple(meta["lora"]["targets"]))
+    cfg = config_for(
+        task,
+        lora_rank=meta["lora"]["rank"],
+        lora_alpha=meta["lora"]["alpha"],
+        lora_targets=tuple(meta["lora"]["targets"]),
+    )
     return load_checkpoint(build_policy(model, cfg), checkpoint)
 
 
@@ -375,8 +441,10 @@ def _check_earlier(output_dir: str, keys: dict[str, str]) -> None:
         return
     for name, row in json.loads(results_file.read_text()).get("benchmarks", {}).items():
         if name in keys and row.get("key") != keys[name]:
-            raise ValueError(f"--output-dir {output_dir} holds {name} evaluated with other settings; "
-                             "choose another folder or pass --overwrite")
+            raise ValueError(
+                f"--output-dir {output_dir} holds {name} evaluated with other settings; "
+                "choose another folder or pass --overwrite"
+            )
 
 
 class TaskRun:
@@ -394,17 +462,37 @@ class TaskRun:
     def run(self, hm, tokenizer, engine, group) -> float:
         """Score this rank's share of the examples still to do; returns the seconds taken."""
         args, recipe = self.args, config_for(self.name)
-        sampling = SamplingConfig(self.settings["decoding"]["max_new_tokens"], args.temperature, args.top_k,
-                                  greedy=not args.sample, hybrid=args.hybrid, latent=latent_params(args))
+        sampling = SamplingConfig(
+            self.settings["decoding"]["max_new_tokens"],
+            args.temperature,
+            args.top_k,
+            greedy=not args.sample,
+            hybrid=args.hybrid,
+            latent=latent_params(args),
+        )
         system = SYSTEM_PROMPT if args.system_prompt and recipe.system_prompt else None
-        bar = tqdm(total=len(self.chosen), initial=len(self.chosen) - len(self.todo), desc=self.name,
-                   disable=args.quiet or not group.main)
+        bar = tqdm(
+            total=len(self.chosen),
+            initial=len(self.chosen) - len(self.todo),
+            desc=self.name,
+            disable=args.quiet or not group.main,
+        )
         start = time.perf_counter()
         mine = shard(self.todo, group)
-        batches = scored_batches(hm, tokenizer, self.task, [self.examples[i] for i in mine], sampling, engine,
-                                 max_prompt_length=args.max_prompt_length or recipe.max_prompt_length,
-                                 system=system, batch_size=args.batch_size, seed=args.seed, protocol=args.protocol,
-                                 indices=mine)
+        batches = scored_batches(
+            hm,
+            tokenizer,
+            self.task,
+            [self.examples[i] for i in mine],
+            sampling,
+            engine,
+            max_prompt_length=args.max_prompt_length or recipe.max_prompt_length,
+            system=system,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            protocol=args.protocol,
+            indices=mine,
+        )
         # Ranks go batch by batch together (a rank with a shorter share sends empty batches at
         # the end); rank 0 appends every rank's finished samples.
         share = -(-len(self.todo) // group.world)
@@ -434,42 +522,68 @@ class TaskRun:
         return summarise(self.task, finished, self.settings, seconds)
 
 
+# long: one add_argument per flag, in the order --help lists them; split, the command line would be scattered
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hrpo.eval", description=__doc__,
-                                formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--task", help=f"one of {', '.join(BENCHMARKS)}, another registered task, or all "
-                                  "(None: the checkpoint's task, else gsm8k)")
-    p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate) or a finished training run's "
-                                        "folder; None: the base model")
-    p.add_argument("--model", help="base model (hub name or folder); None: the checkpoint's base, else the "
-                                   "embedded model")
+    p = argparse.ArgumentParser(prog="python -m hrpo.eval", description=__doc__, formatter_class=DefaultsHelpFormatter)
+    p.add_argument(
+        "--task",
+        help=f"one of {', '.join(BENCHMARKS)}, another registered task, or all "
+        "(None: the checkpoint's task, else gsm8k)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="an HRPO checkpoint folder (adapters + gate) or a finished training run's folder; None: the base model",
+    )
+    p.add_argument(
+        "--model", help="base model (hub name or folder); None: the checkpoint's base, else the embedded model"
+    )
     p.add_argument("--data", help="one benchmark's evaluation file (or folder, or hub name)")
-    p.add_argument("--data-root", help="a folder laid out like the project's shared data: each benchmark's file is found there")
+    p.add_argument(
+        "--data-root", help="a folder laid out like the project's shared data: each benchmark's file is found there"
+    )
     p.add_argument("--split", default="test", help="split of a folder or hub dataset")
-    p.add_argument("--corpus", help="a passage corpus (FlashRAG form); QA records without contexts get their top 3 by BM25")
+    p.add_argument(
+        "--corpus", help="a passage corpus (FlashRAG form); QA records without contexts get their top 3 by BM25"
+    )
     p.add_argument("--output-dir", default="evals/run", help="results.json and samples.jsonl (resumed if interrupted)")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation with other settings in --output-dir")
-    p.add_argument("--protocol", default="paper", choices=PROTOCOLS,
-                   help="how answers are scored: paper (our readers, last marker), official (the paper's own "
-                        "eval scripts, bugs included), strict (the training reward: exactly one marker)")
-    p.add_argument("--limit", type=int, help="evaluate this many examples, drawn with --seed (the same subset each "
-                                             "time); None: all")
+    p.add_argument(
+        "--protocol",
+        default="paper",
+        choices=PROTOCOLS,
+        help="how answers are scored: paper (our readers, last marker), official (the paper's own "
+        "eval scripts, bugs included), strict (the training reward: exactly one marker)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="evaluate this many examples, drawn with --seed (the same subset each time); None: all",
+    )
     p.add_argument("--seed", type=int, default=0, help="draws the --limit subset and seeds sampling")
-    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
-                   help="blend latents into thinking inputs; None: as the checkpoint was trained, else on")
-    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction,
-                   help="the paper's system prompt where the task's recipe uses one (the embedded task is asked "
-                        "without one); None: as the checkpoint was trained, else on")
+    p.add_argument(
+        "--hybrid",
+        action=argparse.BooleanOptionalAction,
+        help="blend latents into thinking inputs; None: as the checkpoint was trained, else on",
+    )
+    p.add_argument(
+        "--system-prompt",
+        action=argparse.BooleanOptionalAction,
+        help="the paper's system prompt where the task's recipe uses one (the embedded task is asked "
+        "without one); None: as the checkpoint was trained, else on",
+    )
     p.add_argument("--sample", action="store_true", help="sample at --temperature / --top-k instead of greedy")
-    p.add_argument("--temperature", type=float, default=0.5, help="of sampling (--sample) and of the distribution "
-                                                                  "latents mix")
+    p.add_argument(
+        "--temperature", type=float, default=0.5, help="of sampling (--sample) and of the distribution latents mix"
+    )
     p.add_argument("--top-k", type=int, default=50, help="of sampling and of the distribution latents mix (0: all)")
     add_latent_arguments(p)
     p.add_argument("--max-new-tokens", type=int, help="None: the protocol's (512; 1024 for math and math500)")
     p.add_argument("--max-prompt-length", type=int, help="None: the task recipe's prompt limit")
     p.add_argument("--batch-size", type=int, default=64, help="examples generated together")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16"
+    )
     p.add_argument("--engine", default="fast", choices=("fast", "reference"), help="rollout loop")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show third-party warnings and model-loading progress bars")
@@ -494,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finish_group()
     return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

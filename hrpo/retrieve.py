@@ -3,6 +3,7 @@ corpus and write them as prepared records (hrpo.tasks.retrieval builds and cache
 
     python -m hrpo.retrieve --corpus wiki18.jsonl --task nq --input nq/test.jsonl --output nq_ctx.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,16 +27,23 @@ def prepared_record(ex: Example) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m hrpo.retrieve`."""
-    p = argparse.ArgumentParser(prog="python -m hrpo.retrieve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hrpo.retrieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--corpus", required=True, help="passages: JSONL of {id, contents} or {title, text}")
-    p.add_argument("--task", required=True, help="a retrieval-QA task: nq, triviaqa, hotpotqa, 2wiki, bamboogle, rag-qa")
+    p.add_argument(
+        "--task", required=True, help="a retrieval-QA task: nq, triviaqa, hotpotqa, 2wiki, bamboogle, rag-qa"
+    )
     p.add_argument("--input", required=True, help="the questions: a file, a folder or a hub name")
     p.add_argument("--split", default="test", help="split of a folder or hub dataset (default: test)")
     p.add_argument("--output", required=True, help="the prepared records (JSONL: question, golden_answers, contexts)")
     p.add_argument("--k", type=int, default=TOP_K, help=f"passages per question (default: {TOP_K})")
-    p.add_argument("--method", choices=METHODS, default="bm25",
-                   help="bm25 (lexical, no weights) or dense (an E5-style encoder: --encoder) (default: bm25)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="bm25",
+        help="bm25 (lexical, no weights) or dense (an E5-style encoder: --encoder) (default: bm25)",
+    )
     p.add_argument("--encoder", help="--method dense: an E5-style encoder (folder or hub name)")
     p.add_argument("--cache-dir", help="where the index is cached (default: beside the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")

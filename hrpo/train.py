@@ -10,6 +10,7 @@ or Ctrl-C, and when the run stops on faults; `--resume` continues from the lates
 reproduces the uninterrupted run. A non-finite reward, loss or gradient skips that update
 (the weights stay finite); a reward call that raises or times out scores its completions 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,17 +68,18 @@ def finished_step(output_dir: str) -> int | None:
 def check_model_given(cfg: TrainConfig) -> None:
     """Only the embedded task is meant for the embedded model: a real task needs --model."""
     if cfg.task != "arith" and cfg.model is None:
-        raise ConfigError(f"--task {cfg.task} needs --model (a hub name, a folder, a .gguf, or "
-                          f"{' or '.join(ALIASES)})")
+        raise ConfigError(f"--task {cfg.task} needs --model (a hub name, a folder, a .gguf, or {' or '.join(ALIASES)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per TrainConfig field, in sections, each with its help,
     default and choices (hrpo.training.config documents them)."""
-    steps = textwrap.fill(f"{STEPS} A benchmark task trains with its family's recipe.", width=100,
-                          break_on_hyphens=False)
-    p = argparse.ArgumentParser(prog="python -m hrpo.train", description=f"{__doc__}\n{steps}",
-                                formatter_class=HelpFormatter)
+    steps = textwrap.fill(
+        f"{STEPS} A benchmark task trains with its family's recipe.", width=100, break_on_hyphens=False
+    )
+    p = argparse.ArgumentParser(
+        prog="python -m hrpo.train", description=f"{__doc__}\n{steps}", formatter_class=HelpFormatter
+    )
     add_config_args(p)
     return p
 
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                 check_model_given(cfg)
             summary = train(cfg)
     except SignalStop as err:  # before the run took its folder: loading the model or the data
-        print(f"hrpo: stopped by {signal.Signals(err.signum).name} before the first step; nothing to resume",
-              file=sys.stderr)
+        print(
+            f"hrpo: stopped by {signal.Signals(err.signum).name} before the first step; nothing to resume",
+            file=sys.stderr,
+        )
         return 128 + err.signum
     except Interrupted as err:
         print(f"hrpo: {err}", file=sys.stderr)
@@ -118,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     gain = summary["accuracy_after"] - summary["accuracy_before"]
     if summary["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
-        print(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} ({gain:+.3f}); run in {cfg.output_dir}")
+        print(
+            f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} ({gain:+.3f}); "
+            f"run in {cfg.output_dir}"
+        )
     return 0
 
 

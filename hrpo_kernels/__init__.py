@@ -2,6 +2,7 @@
 specification and the CPU path), its Triton or CUDA kernels, and the dispatcher that the
 trainer and rollout call: fused kernels for CUDA tensors, the reference otherwise
 (HRPO_KERNELS=reference forces the reference everywhere)."""
+
 from .decode_attention import decode_attention, decode_attention_reference
 from .gated_blend import GATE_C, gated_blend, gated_blend_reference
 from .latent_input import LatentParams, latent_input_reference

@@ -9,6 +9,7 @@ StandInGraph and replayed). Only what needs a real device is skipped or replaced
 properties, cuBLAS's fp32-output GEMM, real graph capture, flash-attn). It exists so that CI
 runs the code a GPU runs; the mode is never on unless asked for.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,10 @@ def gpu_path_on_cpu() -> bool:
     if value != "cpu":
         raise ValueError(f"{GPU_PATH_ENV}={value!r}: the only mode is 'cpu' (unset it for the normal dispatch)")
     if not (interpreting() and triton_available()):
-        raise RuntimeError(f"{GPU_PATH_ENV}=cpu runs the Triton kernels in its interpreter: install triton and set "
-                           "TRITON_INTERPRET=1 before triton is imported")
+        raise RuntimeError(
+            f"{GPU_PATH_ENV}=cpu runs the Triton kernels in its interpreter: install triton and set "
+            "TRITON_INTERPRET=1 before triton is imported"
+        )
     return True
 
 
@@ -80,18 +83,27 @@ def on_gpu_path(*where: torch.Tensor | torch.device) -> bool:
 
 # Ops that make the host wait for the device (a value read on the host, or an output whose
 # size depends on the data): a CUDA graph cannot hold them.
-_HOST_SYNC_OPS = frozenset({
-    torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.equal, torch.ops.aten.is_nonzero,
-    torch.ops.aten.masked_select, torch.ops.aten._unique2, torch.ops.aten.unique_dim,
-    torch.ops.aten.unique_consecutive,
-})
+_HOST_SYNC_OPS = frozenset(
+    {
+        torch.ops.aten._local_scalar_dense,
+        torch.ops.aten.nonzero,
+        torch.ops.aten.equal,
+        torch.ops.aten.is_nonzero,
+        torch.ops.aten.masked_select,
+        torch.ops.aten._unique2,
+        torch.ops.aten.unique_dim,
+        torch.ops.aten.unique_consecutive,
+    }
+)
 
 
 class _NoHostSync(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in _HOST_SYNC_OPS:
-            raise RuntimeError(f"{GPU_PATH_ENV}=cpu: {func.overloadpacket.__name__} in a captured step syncs with "
-                               "the host, which a CUDA graph cannot hold")
+            raise RuntimeError(
+                f"{GPU_PATH_ENV}=cpu: {func.overloadpacket.__name__} in a captured step syncs with "
+                "the host, which a CUDA graph cannot hold"
+            )
         return func(*args, **(kwargs or {}))
 
 

@@ -12,6 +12,7 @@ load each other's stale builds. It compiles into a private temporary folder and 
 one rename to <root>/hrpo_kernels_ext_{cpu,cuda}_<key[:12]>; a published build is imported
 straight from its file, without a compiler.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,13 @@ import torch
 from ._common import forced_reference, on_gpu_path
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # inside the package: wheels and sdists carry it
-CPU_SOURCES = ("bindings.cpp", "topk_sample_cpu.cpp", "step_controller_cpu.cpp", "gated_blend_cpu.cpp",
-               "decode_body_cpu.cpp")
+CPU_SOURCES = (
+    "bindings.cpp",
+    "topk_sample_cpu.cpp",
+    "step_controller_cpu.cpp",
+    "gated_blend_cpu.cpp",
+    "decode_body_cpu.cpp",
+)
 CUDA_SOURCES = ("topk_sample.cu", "step_controller.cu")
 KEYED_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")  # every file of csrc/ a build can read
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # no FMA contraction: the twins' floats match the
@@ -50,8 +56,9 @@ def cuda_buildable() -> bool:
     return torch.cuda.is_available() and shutil.which("nvcc") is not None and torch.version.cuda is not None
 
 
-def build_key(cpu_only: bool, cflags: list[str], cuda_cflags: list[str], ldflags: list[str],
-              csrc: str | os.PathLike | None = None) -> str:
+def build_key(
+    cpu_only: bool, cflags: list[str], cuda_cflags: list[str], ldflags: list[str], csrc: str | os.PathLike | None = None
+) -> str:
     """sha256 (hex) of what a build's output depends on: the content of every source and header
     in csrc/ (an edited header must rebuild too), which sources are compiled, the flags, and the
     torch, CUDA and Python versions/ABI the module binds to. The checkout's path is not in it."""
@@ -61,9 +68,22 @@ def build_key(cpu_only: bool, cflags: list[str], cuda_cflags: list[str], ldflags
         digest.update(path.relative_to(csrc).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     compiled = CPU_SOURCES if cpu_only else CPU_SOURCES + CUDA_SOURCES
-    digest.update(repr((compiled, cpu_only, cflags, cuda_cflags, ldflags, torch.__version__, torch.version.cuda,
-                        sys.implementation.cache_tag, getattr(sys, "abiflags", ""),
-                        sysconfig.get_config_var("EXT_SUFFIX"))).encode())
+    digest.update(
+        repr(
+            (
+                compiled,
+                cpu_only,
+                cflags,
+                cuda_cflags,
+                ldflags,
+                torch.__version__,
+                torch.version.cuda,
+                sys.implementation.cache_tag,
+                getattr(sys, "abiflags", ""),
+                sysconfig.get_config_var("EXT_SUFFIX"),
+            )
+        ).encode()
+    )
     return digest.hexdigest()
 
 
@@ -78,8 +98,12 @@ def build_root(build_directory: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "hrpo_kernels"
 
 
-def build_extension(cpu_only: bool | None = None, build_directory: str | os.PathLike | None = None,
-                    extra_cflags: list[str] | None = None, verbose: bool = False):
+def build_extension(
+    cpu_only: bool | None = None,
+    build_directory: str | os.PathLike | None = None,
+    extra_cflags: list[str] | None = None,
+    verbose: bool = False,
+):
     """The module of csrc/ built with these settings: imported from its published build when the
     root holds one, else compiled, published and imported (raises on a build error)."""
     global last_build_seconds
@@ -112,8 +136,12 @@ def _load_published(final: Path):
     except Exception as exc:  # ImportError/OSError from a truncated or foreign file
         aside = final.with_name(f".bad-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        warnings.warn(f"hrpo_kernels: the extension build {final} failed to load ({reason}); "
-                      f"moving it aside to {aside.name} and rebuilding", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"hrpo_kernels: the extension build {final} failed to load ({reason}); "
+            f"moving it aside to {aside.name} and rebuilding",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         try:
             os.rename(final, aside)
         except FileNotFoundError:  # another process moved it aside first
@@ -129,8 +157,11 @@ def _compile_and_publish(final: Path, cflags, cuda_cflags, cpu_only: bool, verbo
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
     # a first build takes ~30-60 s: say why nothing happens
-    print(f"hrpo_kernels: compiling the C++ extension ({final.name}) with ninja, once; it takes about a minute",
-          file=sys.stderr, flush=True)
+    print(
+        f"hrpo_kernels: compiling the C++ extension ({final.name}) with ninja, once; it takes about a minute",
+        file=sys.stderr,
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the published build from others sharing the root
     try:
@@ -154,9 +185,18 @@ def _compile(name: str, build_dir: Path, cflags, cuda_cflags, cpu_only: bool, ve
     kwargs = {} if cpu_only else {"extra_cuda_cflags": list(cuda_cflags)}
     # is_python_module=False: build only (torch dlopens the file but imports nothing); the
     # module is imported from the published folder
-    load(name=name, sources=sources, extra_cflags=list(cflags), extra_ldflags=list(LD_FLAGS),
-         extra_include_paths=[str(CSRC)], build_directory=str(build_dir), with_cuda=not cpu_only,
-         verbose=verbose, is_python_module=False, **kwargs)
+    load(
+        name=name,
+        sources=sources,
+        extra_cflags=list(cflags),
+        extra_ldflags=list(LD_FLAGS),
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(build_dir),
+        with_cuda=not cpu_only,
+        verbose=verbose,
+        is_python_module=False,
+        **kwargs,
+    )
 
 
 def _module_file(folder: Path) -> Path:
@@ -205,12 +245,18 @@ def load_extension(**build_kwargs):
             mod = build_extension(**build_kwargs)
         except Exception as exc:  # no compiler, no ninja, a build error: fall back
             reason = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
-            warnings.warn(f"hrpo_kernels: C++/CUDA extension unavailable ({reason[0][:200]}); using the pure-torch fallback",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"hrpo_kernels: C++/CUDA extension unavailable ({reason[0][:200]}); using the pure-torch fallback",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             mod = None
     elif mod is None:
-        warnings.warn("hrpo_kernels: C++/CUDA extension unavailable (HRPO_EXT_NO_JIT set); using the pure-torch fallback",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "hrpo_kernels: C++/CUDA extension unavailable (HRPO_EXT_NO_JIT set); using the pure-torch fallback",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _cached = mod
     return mod
 

@@ -6,9 +6,10 @@ without triton and a TRITON_INTERPRET set late (by a test module) still applies.
 up the names a kernel body uses (`tl`, `triton`, the shared helpers) among its module's
 globals, so `lazy_kernels` binds them there before it defines the kernels.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 triton = tl = philox_uniform = None  # module globals: the shared helpers' bodies find them here
 _SHARED: dict = {}

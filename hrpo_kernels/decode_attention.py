@@ -10,6 +10,7 @@ the engine's cache is a static buffer whose tail is stale or uninitialised.
 `decode_attention_reference` is the specification and the CPU path; the Triton split-KV
 kernels (flash-decoding) are the CUDA path, flash-attn's kernel where it is installed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import cdiv, interpreting, next_pow2, num_sms, use_fused
-from ._triton_helpers import lazy_kernels
 from ._common import empty as _empty
+from ._triton_helpers import lazy_kernels
 
 
 def _check(q, k_cache, v_cache, seqlens) -> tuple[int, int, int, int, int]:
@@ -30,7 +31,8 @@ def _check(q, k_cache, v_cache, seqlens) -> tuple[int, int, int, int, int]:
         raise ValueError(f"{op}: q must be (B, H, Dh), got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
-            f"{op}: k_cache and v_cache must both be (B, Tmax, Hkv, Dh), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+            f"{op}: k_cache and v_cache must both be (B, Tmax, Hkv, Dh), "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
     B, H, Dh = q.shape
     Bc, T, Hkv, Dc = k_cache.shape
@@ -81,7 +83,7 @@ def decode_attention_reference(q, k_cache, v_cache, seqlens, scale, *, max_len: 
 # Triton split-KV path (flash-decoding). Programs (b, kv head, split) each walk one chunk of
 # the row's slots for all G query heads of their KV head, so every K/V tile is read once
 # per group; the G heads ride as rows of tl.dot, padded to 16. Each keeps an online
-# softmax (m, l, acc) in fp32 and writes it as a partial; a reduce kernel merges a row's
+# softmax (m, denom, acc) in fp32 and writes it as a partial; a reduce kernel merges a row's
 # partials. The grid depends on shapes only and seqlens stays on the device (no host sync,
 # capturable in a CUDA graph); chunks at or beyond a row's length do no work and write
 # nothing, and the reduce reads only the chunks below the length.
@@ -94,10 +96,32 @@ PROGRAMS_PER_SM = 4  # split the slots until B * Hkv * n_splits reaches this man
 def _define_kernels() -> dict:
     @triton.jit
     def _partial_kernel(
-        q_ptr, k_ptr, v_ptr, len_ptr, ws_acc, ws_m, ws_l,
-        H, T, Dh, G, chunk, n_splits, qk_scale,
-        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        FP32_DOT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        len_ptr,
+        ws_acc,
+        ws_m,
+        ws_l,
+        H,
+        T,
+        Dh,
+        G,
+        chunk,
+        n_splits,
+        qk_scale,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        FP32_DOT: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One (row, KV head, split): scores in log2 units (qk_scale = scale * log2 e)."""
         b = tl.program_id(0)
@@ -112,11 +136,15 @@ def _define_kernels() -> dict:
         d_ok = d < Dh
         heads = kvh * G + g
         b64 = b.to(tl.int64)
-        q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         k_base = k_ptr + b64 * stride_kb + kvh * stride_kh
         v_base = v_ptr + b64 * stride_vb + kvh * stride_vh
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_G], tl.float32)
+        denom = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         for t0 in range(lo, hi, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
@@ -131,21 +159,32 @@ def _define_kernels() -> dict:
             m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a valid slot
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
+            denom = denom * alpha + tl.sum(p, axis=1)
             vt = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=tile, other=0.0)
             acc = acc * alpha[:, None] + dot_p(p, vt, FP32_DOT)
             m = m_new
         slot = (b64 * H + heads) * n_splits + split
         ok = g < tl.where(lo < hi, G, 0)  # the real heads, of a chunk that did work
         tl.store(ws_m + slot, m, mask=ok)
-        tl.store(ws_l + slot, l, mask=ok)
+        tl.store(ws_l + slot, denom, mask=ok)
         tl.store(ws_acc + slot[:, None] * Dh + d[None, :], acc, mask=ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _reduce_kernel(
-        ws_acc, ws_m, ws_l, len_ptr, out_ptr,
-        H, T, Dh, chunk, n_splits, stride_ob, stride_oh,
-        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        ws_acc,
+        ws_m,
+        ws_l,
+        len_ptr,
+        out_ptr,
+        H,
+        T,
+        Dh,
+        chunk,
+        n_splits,
+        stride_ob,
+        stride_oh,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One (row, head): merge the partials of the chunks below the row's length, each
         rescaled by 2^(m_split - m); an empty row gives zeros."""
@@ -159,11 +198,11 @@ def _define_kernels() -> dict:
         m = tl.load(ws_m + slot, mask=ok, other=float("-inf"))
         m_max = tl.max(m, axis=0)
         w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # skipped chunks: 2^-inf = 0
-        l = tl.sum(tl.load(ws_l + slot, mask=ok, other=0.0) * w, axis=0)
+        denom = tl.sum(tl.load(ws_l + slot, mask=ok, other=0.0) * w, axis=0)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < Dh
         acc = tl.load(ws_acc + slot[:, None] * Dh + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-        o = tl.sum(acc * w[:, None], axis=0) / tl.where(l > 0, l, 1.0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
     return dict(partial=_partial_kernel, reduce=_reduce_kernel)
@@ -182,7 +221,9 @@ def split_plan(B: int, Hkv: int, T: int, block_t: int, device: torch.device, n_s
     return cdiv(n_tiles, tiles_per_split), tiles_per_split * block_t
 
 
-def decode_attention_triton(q, k_cache, v_cache, seqlens, scale, *, n_splits: int | None = None, block_t: int | None = None):
+def decode_attention_triton(
+    q, k_cache, v_cache, seqlens, scale, *, n_splits: int | None = None, block_t: int | None = None
+):
     """The split-KV kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1); same contract as
     the reference. n_splits (an upper bound: chunks are whole tiles) and block_t (a power of
     two >= 16) are for tests and tuning."""
@@ -204,19 +245,52 @@ def decode_attention_triton(q, k_cache, v_cache, seqlens, scale, *, n_splits: in
     ws_l = _empty((B, H, n_splits), dtype=torch.float32, device=dev)
     block_d = next_pow2(max(Dh, 16))
     k["partial"][(B, Hkv, n_splits)](
-        q, k_cache, v_cache, seqlens, ws_acc, ws_m, ws_l,
-        H, T, Dh, G, chunk, n_splits, float(scale) * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        seqlens,
+        ws_acc,
+        ws_m,
+        ws_l,
+        H,
+        T,
+        Dh,
+        G,
+        chunk,
+        n_splits,
+        float(scale) * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         # fp32 caches: exact fp32 dots; the interpreter's bf16 tl.dot is wrong (triton 3.9)
         FP32_DOT=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
-        BLOCK_G=max(16, next_pow2(G)), BLOCK_T=block_t, BLOCK_D=block_d,
-        num_warps=4, num_stages=2,
+        BLOCK_G=max(16, next_pow2(G)),
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        num_warps=4,
+        num_stages=2,
     )
     k["reduce"][(B * H,)](
-        ws_acc, ws_m, ws_l, seqlens, out,
-        H, T, Dh, chunk, n_splits, out.stride(0), out.stride(1),
-        BLOCK_S=next_pow2(n_splits), BLOCK_D=block_d, num_warps=4,
+        ws_acc,
+        ws_m,
+        ws_l,
+        seqlens,
+        out,
+        H,
+        T,
+        Dh,
+        chunk,
+        n_splits,
+        out.stride(0),
+        out.stride(1),
+        BLOCK_S=next_pow2(n_splits),
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     return out
 
@@ -231,7 +305,12 @@ def _flash_installed() -> bool:
 
 def _flash_ok(q: torch.Tensor) -> bool:
     """flash-attn installed, and a dtype and head size its kvcache kernel takes unpadded."""
-    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _flash_installed()
+    return (
+        q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and _flash_installed()
+    )
 
 
 def decode_attention_flash(q, k_cache, v_cache, seqlens, scale):

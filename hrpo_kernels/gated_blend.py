@@ -8,6 +8,7 @@
 `gated_blend_reference` is the specification (pure torch, fp32 math, autograd through
 every gate parameter); fused kernels must match it.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -62,9 +63,23 @@ BWD_BLOCK_M, BWD_BLOCK_D = 32, 128  # taller tiles: fewer Lambda partial rows to
 
 
 def _gated_blend_fwd_kernel(
-    z_ptr, e_ptr, h_ptr, mask_ptr, lam_ptr, out_ptr, a_ptr,
-    M, D, stride_z, stride_e, stride_h, stride_o, stride_a, c,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    z_ptr,
+    e_ptr,
+    h_ptr,
+    mask_ptr,
+    lam_ptr,
+    out_ptr,
+    a_ptr,
+    M,
+    D,
+    stride_z,
+    stride_e,
+    stride_h,
+    stride_o,
+    stride_a,
+    c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """z = [e W_r^T + b_r | e W_i^T + b_i] (M, 2D) fp32 -> out (M, D) e.dtype, a (M, D) fp32."""
     pid_m = tl.program_id(0)
@@ -98,11 +113,34 @@ def _gated_blend_fwd_kernel(
 
 
 def _gated_blend_bwd_kernel(
-    z_ptr, e_ptr, h_ptr, mask_ptr, lam_ptr, go_ptr, ga_ptr,
-    dz_ptr, de_ptr, dh_ptr, dlam_ptr,
-    M, D, stride_z, stride_e, stride_h, stride_go, stride_ga, stride_dz, stride_de, stride_dh, c,
-    HAS_GO: tl.constexpr, HAS_GA: tl.constexpr, NEED_DE: tl.constexpr, NEED_DH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    z_ptr,
+    e_ptr,
+    h_ptr,
+    mask_ptr,
+    lam_ptr,
+    go_ptr,
+    ga_ptr,
+    dz_ptr,
+    de_ptr,
+    dh_ptr,
+    dlam_ptr,
+    M,
+    D,
+    stride_z,
+    stride_e,
+    stride_h,
+    stride_go,
+    stride_ga,
+    stride_dz,
+    stride_de,
+    stride_dh,
+    c,
+    HAS_GO: tl.constexpr,
+    HAS_GA: tl.constexpr,
+    NEED_DE: tl.constexpr,
+    NEED_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Grads w.r.t. z = [z_r | z_i] (M, 2D), the direct part of de, dh, and this row block's
     share of dLambda (one row of dlam_ptr per row block, reduced over blocks by the host)."""
@@ -219,9 +257,24 @@ class _GatedBlendFn(torch.autograd.Function):
         if M > 0:
             grid = (triton.cdiv(M, bm), triton.cdiv(d, bd))
             k["fwd"][grid](
-                z, e2, h2, m, lam_c, out, a,
-                M, d, z.stride(0), e2.stride(0), h2.stride(0), out.stride(0), a.stride(0), float(c),
-                BLOCK_M=bm, BLOCK_D=bd, num_warps=4,
+                z,
+                e2,
+                h2,
+                m,
+                lam_c,
+                out,
+                a,
+                M,
+                d,
+                z.stride(0),
+                e2.stride(0),
+                h2.stride(0),
+                out.stride(0),
+                a.stride(0),
+                float(c),
+                BLOCK_M=bm,
+                BLOCK_D=bd,
+                num_warps=4,
             )
         ctx.save_for_backward(z, e2, h2, m, lam_c, w_cat)
         ctx.c, ctx.blocks, ctx.shape = float(c), blocks, shape
@@ -251,13 +304,35 @@ class _GatedBlendFn(torch.autograd.Function):
         if M > 0:
             grid = (n_blocks, triton.cdiv(d, bd))
             k["bwd"][grid](
-                z, e2, h2, m, lam_c, go if go is not None else dz, ga if ga is not None else dz,
-                dz, de, dh, dlam_part,
-                M, d, z.stride(0), e2.stride(0), h2.stride(0),
-                go.stride(0) if go is not None else 0, ga.stride(0) if ga is not None else 0,
-                dz.stride(0), de.stride(0), dh.stride(0), ctx.c,
-                HAS_GO=go is not None, HAS_GA=ga is not None, NEED_DE=need_e, NEED_DH=need_h,
-                BLOCK_M=bm, BLOCK_D=bd, num_warps=4,
+                z,
+                e2,
+                h2,
+                m,
+                lam_c,
+                go if go is not None else dz,
+                ga if ga is not None else dz,
+                dz,
+                de,
+                dh,
+                dlam_part,
+                M,
+                d,
+                z.stride(0),
+                e2.stride(0),
+                h2.stride(0),
+                go.stride(0) if go is not None else 0,
+                ga.stride(0) if ga is not None else 0,
+                dz.stride(0),
+                de.stride(0),
+                dh.stride(0),
+                ctx.c,
+                HAS_GO=go is not None,
+                HAS_GA=ga is not None,
+                NEED_DE=need_e,
+                NEED_DH=need_h,
+                BLOCK_M=bm,
+                BLOCK_D=bd,
+                num_warps=4,
             )
         grads = [None] * 10
         if need_e:
@@ -281,9 +356,19 @@ class _GatedBlendFn(torch.autograd.Function):
 
 
 def gated_blend_triton(
-    e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C,
-    block_m: int | None = None, block_d: int | None = None,
-    bwd_block_m: int | None = None, bwd_block_d: int | None = None,
+    e,
+    h_hat,
+    mask,
+    w_r,
+    b_r,
+    w_i,
+    b_i,
+    lam,
+    c: float = GATE_C,
+    block_m: int | None = None,
+    block_d: int | None = None,
+    bwd_block_m: int | None = None,
+    bwd_block_d: int | None = None,
 ):
     """The fused op (any device Triton runs on: CUDA, or CPU under TRITON_INTERPRET=1).
     Same contract as `gated_blend_reference`; block sizes (powers of two) are for tests."""
@@ -300,8 +385,10 @@ def gated_blend_ext(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C):
     if mod is None or not hasattr(mod, "gated_blend_cpu"):
         raise RuntimeError("gated_blend: impl='ext' needs the C++ extension with gated_blend_cpu")
     if e.dtype != torch.float32 or e.dim() != 2 or e.shape[-1] != w_r.shape[1] or mask.shape != e.shape[:1]:
-        raise ValueError(f"gated_blend ext: e must be (B, d) fp32 with mask (B,), got e {tuple(e.shape)} {e.dtype}, "
-                         f"mask {tuple(mask.shape)}, w_r {tuple(w_r.shape)}")
+        raise ValueError(
+            f"gated_blend ext: e must be (B, d) fp32 with mask (B,), got e {tuple(e.shape)} {e.dtype}, "
+            f"mask {tuple(mask.shape)}, w_r {tuple(w_r.shape)}"
+        )
     w_cat, b_cat = _cat_weights(w_r, b_r, w_i, b_i)
     with torch.no_grad():
         lin = torch.addmm(b_cat, e.contiguous(), w_cat.T)

@@ -39,6 +39,7 @@ needs d <= V so that rows never share counters). So (seed, offset, row_ids) fix 
 whatever the batch layout. greedy draws no noise at all: soft-noise adds none and gumbel-soft
 uses g = 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -186,8 +187,14 @@ def latent_input_reference(
     return x
 
 
-def noisy_input_logdensity(logits: torch.Tensor, embedding: torch.Tensor, inputs: torch.Tensor,
-                           params: LatentParams, temperature: float, top_k: int = 0) -> torch.Tensor:
+def noisy_input_logdensity(
+    logits: torch.Tensor,
+    embedding: torch.Tensor,
+    inputs: torch.Tensor,
+    params: LatentParams,
+    temperature: float,
+    top_k: int = 0,
+) -> torch.Tensor:
     """(N,) log N(inputs; mu, noise_std^2 I) with mu = p @ E the soft-noise mixture of `logits`
     (N, V) (latent_input's p: T_mix, the top-k, the nucleus): the log-density of a soft token
     under the policy (Soft Tokens, Hard Truths, Sec. 3: the thinking positions' term of the
@@ -195,7 +202,7 @@ def noisy_input_logdensity(logits: torch.Tensor, embedding: torch.Tensor, inputs
     if params.mode != "soft-noise" or not params.noise_std > 0:
         raise ValueError(f"noisy_input_logdensity: needs the soft-noise mode with noise_std > 0, got {params}")
     mu = mixture_weights(logits, None, params, temperature, top_k, greedy=True) @ embedding.float()
-    var = params.noise_std ** 2
+    var = params.noise_std**2
     d = inputs.shape[-1]
     return -((inputs.float() - mu) ** 2).sum(-1) / (2 * var) - 0.5 * d * math.log(2 * math.pi * var)
 
@@ -219,6 +226,11 @@ def kernel_args(params: LatentParams | None, temperature: float, V: int) -> dict
     params = params or LatentParams()
     if params.top_p < 1:
         raise ValueError("latent_input: the fused paths do not cut a nucleus (top_p < 1 runs the reference)")
-    return dict(MODE=params.mode_id, inv_tm=1.0 / params.mix_temperature(temperature),
-                inv_tau=1.0 / params.gumbel_tau, beta=float(params.beta), sigma=float(params.noise_std),
-                inv_logv=1.0 / math.log(V) if V > 1 else 0.0)
+    return dict(
+        MODE=params.mode_id,
+        inv_tm=1.0 / params.mix_temperature(temperature),
+        inv_tau=1.0 / params.gumbel_tau,
+        beta=float(params.beta),
+        sigma=float(params.noise_std),
+        inv_logv=1.0 / math.log(V) if V > 1 else 0.0,
+    )

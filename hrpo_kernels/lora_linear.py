@@ -8,6 +8,7 @@ small x A^T; the backward forms dX with one GEMM against the merged weight (fp32
 and the adapters' gradients from x and the saved x A^T. The base weight and bias are frozen
 (LoRA training): the op gives them no gradient and refuses them requiring one.
 """
+
 from __future__ import annotations
 
 import torch

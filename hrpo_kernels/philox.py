@@ -6,6 +6,7 @@ stays below 2^49, so nothing overflows), and every 32-bit word is kept masked to
 counter as a 64-bit value in words 0-1 (words 2-3 zero), key = the seed's two 32-bit
 halves, u = (2 * (r0 >> 9) + 1) * 2^-24, exact in fp32, never 0 nor 1.
 """
+
 from __future__ import annotations
 
 import torch

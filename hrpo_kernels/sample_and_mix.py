@@ -14,12 +14,23 @@ Conventions the kernels must keep:
   (hrpo_kernels/philox.py) and scores logits/T - log(-log u), ties to the lowest token id,
   so (seed, offset, row_ids) fix the tokens whichever path runs.
 """
+
 from __future__ import annotations
 
 import torch
 
-from ._common import (cdiv, interpreting, mm_f32, next_pow2, num_sms, on_gpu_path, row_ids_tensor, sample_outputs,
-                      seed_offset, use_fused)
+from ._common import (
+    cdiv,
+    interpreting,
+    mm_f32,
+    next_pow2,
+    num_sms,
+    on_gpu_path,
+    row_ids_tensor,
+    sample_outputs,
+    seed_offset,
+    use_fused,
+)
 from ._ext import load_extension
 from ._triton_helpers import lazy_kernels
 from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
@@ -54,8 +65,9 @@ def sample_and_mix_reference(
         logits, embedding, top_k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
     )
     if latent is not None:
-        h = latent_input_reference(logits, embedding, tok, latent, temperature, top_k, greedy, seed=seed,
-                                   offset=offset, row_ids=row_ids)
+        h = latent_input_reference(
+            logits, embedding, tok, latent, temperature, top_k, greedy, seed=seed, offset=offset, row_ids=row_ids
+        )
     return tok, lp, h
 
 
@@ -85,13 +97,42 @@ def full_vocab_fits(d: int, weight: torch.Tensor) -> bool:
 def _define_kernels() -> dict:
     @triton.jit
     def _full_partial_kernel(
-        h_ptr, w_ptr, e_ptr, seed_ptr, off_ptr, rid_ptr,
-        ws_acc, ws_m, ws_s, ws_mx, ws_sx, ws_qx, ws_rx, ws_score, ws_tok, ws_logit,
-        B, V, D, n_rb, v_per_split, inv_t, inv_tm, inv_tau,
-        stride_h, stride_w, stride_e,
-        TIED: tl.constexpr, GREEDY: tl.constexpr, FP32_DOT: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
-        MODE: tl.constexpr, MIX_SHARED: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        h_ptr,
+        w_ptr,
+        e_ptr,
+        seed_ptr,
+        off_ptr,
+        rid_ptr,
+        ws_acc,
+        ws_m,
+        ws_s,
+        ws_mx,
+        ws_sx,
+        ws_qx,
+        ws_rx,
+        ws_score,
+        ws_tok,
+        ws_logit,
+        B,
+        V,
+        D,
+        n_rb,
+        v_per_split,
+        inv_t,
+        inv_tm,
+        inv_tau,
+        stride_h,
+        stride_w,
+        stride_e,
+        TIED: tl.constexpr,
+        GREEDY: tl.constexpr,
+        FP32_DOT: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr,
+        MODE: tl.constexpr,
+        MIX_SHARED: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One (row block, V-split) program: a single pass over its lm_weight rows keeping,
         per row, the sampler's online softmax state (m, s = sum e^(l/T-m)), the race winner,
@@ -108,7 +149,8 @@ def _define_kernels() -> dict:
         k_ok = ks < D
         h = tl.load(
             h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
-            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
         )
         seed = tl.load(seed_ptr)
         if HAS_ROW_IDS:
@@ -195,11 +237,38 @@ def _define_kernels() -> dict:
 
     @triton.jit
     def _full_reduce_kernel(
-        ws_acc, ws_m, ws_s, ws_mx, ws_sx, ws_qx, ws_rx, ws_score, ws_tok, ws_logit,
-        tok_out, lp_out, h_out, e_ptr, seed_ptr, off_ptr, rid_ptr,
-        B, V, D, n_splits, stride_ho, stride_e, beta, sigma, inv_logv, noise_key,
-        MODE: tl.constexpr, GREEDY: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        ws_acc,
+        ws_m,
+        ws_s,
+        ws_mx,
+        ws_sx,
+        ws_qx,
+        ws_rx,
+        ws_score,
+        ws_tok,
+        ws_logit,
+        tok_out,
+        lp_out,
+        h_out,
+        e_ptr,
+        seed_ptr,
+        off_ptr,
+        rid_ptr,
+        B,
+        V,
+        D,
+        n_splits,
+        stride_ho,
+        stride_e,
+        beta,
+        sigma,
+        inv_logv,
+        noise_key,
+        MODE: tl.constexpr,
+        GREEDY: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One row: merge the per-split states (rescaled by e^(m_split - m)) into the
         token, its full-vocabulary log-prob and the mode's next input (latent_input.py)."""
@@ -239,24 +308,50 @@ def _define_kernels() -> dict:
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             dok = dk < D
-            a = tl.load(ws_acc + slot[:, None].to(tl.int64) * D + dk[None, :], mask=ok[:, None] & dok[None, :],
-                        other=0.0)
+            a = tl.load(
+                ws_acc + slot[:, None].to(tl.int64) * D + dk[None, :], mask=ok[:, None] & dok[None, :], other=0.0
+            )
             hv = tl.sum(a * w[:, None], axis=0) * scale
             if MODE == 2:
-                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok,
-                                                      other=0.0).to(tl.float32)
+                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok, other=0.0).to(
+                    tl.float32
+                )
             if MODE == 3 and not GREEDY:
                 hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
     @triton.jit
     def _topk_tail_kernel(
-        logits_ptr, vals_ptr, idx_ptr, e_ptr, seed_ptr, off_ptr, rid_ptr,
-        tok_out, lp_out, h_out,
-        V, D, K, inv_t, inv_tm, inv_tau, beta, sigma, inv_logv, noise_key,
-        stride_l, stride_k, stride_e, stride_ho,
-        GREEDY: tl.constexpr, HAS_ROW_IDS: tl.constexpr, MODE: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        logits_ptr,
+        vals_ptr,
+        idx_ptr,
+        e_ptr,
+        seed_ptr,
+        off_ptr,
+        rid_ptr,
+        tok_out,
+        lp_out,
+        h_out,
+        V,
+        D,
+        K,
+        inv_t,
+        inv_tm,
+        inv_tau,
+        beta,
+        sigma,
+        inv_logv,
+        noise_key,
+        stride_l,
+        stride_k,
+        stride_e,
+        stride_ho,
+        GREEDY: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr,
+        MODE: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One row: logsumexp over the full vocabulary (and the greedy argmax), the race
         among the k selected logits, and the mode's next input from the mixture p over them
@@ -324,11 +419,14 @@ def _define_kernels() -> dict:
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             dok = dk < D
-            e = tl.load(e_ptr + ids[:, None].to(tl.int64) * stride_e + dk[None, :], mask=kok[:, None] & dok[None, :], other=0.0)
+            e = tl.load(
+                e_ptr + ids[:, None].to(tl.int64) * stride_e + dk[None, :], mask=kok[:, None] & dok[None, :], other=0.0
+            )
             hv = tl.sum(p[:, None] * e.to(tl.float32), axis=0)
             if MODE == 2:
-                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok,
-                                                      other=0.0).to(tl.float32)
+                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok, other=0.0).to(
+                    tl.float32
+                )
             if MODE == 3 and not GREEDY:
                 hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
@@ -349,8 +447,21 @@ def full_vocab_config(D: int) -> dict:
     return dict(block_b=16, block_v=block_v, block_d=block_d, num_warps=8 if block_d <= 1024 else 16, num_stages=1)
 
 
-def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids=None, out=None,
-                latent=None, block_b=None, block_v=None, splits=None):
+def _full_vocab(
+    hidden,
+    lm_weight,
+    embedding,
+    temperature,
+    greedy,
+    seed,
+    offset,
+    row_ids=None,
+    out=None,
+    latent=None,
+    block_b=None,
+    block_v=None,
+    splits=None,
+):
     B, D = hidden.shape
     V = lm_weight.shape[0]
     dev = hidden.device
@@ -381,21 +492,61 @@ def _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset,
     rid = seed if row_ids is None else row_ids  # any pointer when unused
     ws = (ws_acc, ws_m, ws_s, ws_mx, ws_sx, ws_qx, ws_rx, ws_score, ws_tok, ws_logit)
     k["full_partial"][(n_rb * n_splits,)](
-        hidden, w, e, seed, offset, rid, *ws,
-        B, V, D, n_rb, per_split, 1.0 / temperature, mode["inv_tm"], mode["inv_tau"],
-        hidden.stride(0), w.stride(0), e.stride(0),
-        TIED=tied, GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None, MODE=mode["MODE"],
+        hidden,
+        w,
+        e,
+        seed,
+        offset,
+        rid,
+        *ws,
+        B,
+        V,
+        D,
+        n_rb,
+        per_split,
+        1.0 / temperature,
+        mode["inv_tm"],
+        mode["inv_tau"],
+        hidden.stride(0),
+        w.stride(0),
+        e.stride(0),
+        TIED=tied,
+        GREEDY=bool(greedy),
+        HAS_ROW_IDS=row_ids is not None,
+        MODE=mode["MODE"],
         MIX_SHARED=mode["MODE"] != 4 and mode["inv_tm"] == 1.0 / temperature,
         # the interpreter's bf16 tl.dot is wrong (triton 3.9): fp32 dots there; fp16 tests cover the split
         FP32_DOT=w.dtype == torch.float32 or (interpreting() and w.dtype == torch.bfloat16),
-        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=cfg["block_d"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_B=block_b,
+        BLOCK_V=block_v,
+        BLOCK_D=cfg["block_d"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     k["full_reduce"][(B,)](
-        *ws, tok, lp, h, e, seed, offset, rid,
-        B, V, D, n_splits, h.stride(0), e.stride(0), mode["beta"], mode["sigma"], mode["inv_logv"], NOISE_KEY,
-        MODE=mode["MODE"], GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None,
-        BLOCK_S=next_pow2(max(n_splits, 2)), BLOCK_D=min(next_pow2(max(D, 16)), 128 if n_splits <= 64 else 32),
+        *ws,
+        tok,
+        lp,
+        h,
+        e,
+        seed,
+        offset,
+        rid,
+        B,
+        V,
+        D,
+        n_splits,
+        h.stride(0),
+        e.stride(0),
+        mode["beta"],
+        mode["sigma"],
+        mode["inv_logv"],
+        NOISE_KEY,
+        MODE=mode["MODE"],
+        GREEDY=bool(greedy),
+        HAS_ROW_IDS=row_ids is not None,
+        BLOCK_S=next_pow2(max(n_splits, 2)),
+        BLOCK_D=min(next_pow2(max(D, 16)), 128 if n_splits <= 64 else 32),
         num_warps=4 if n_splits <= 128 else 8,
     )
     return tok, lp, h
@@ -416,7 +567,15 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
     hrpo_mode = latent is None or latent.mode == "hrpo"  # the CUDA kernel knows no other mode
     if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None and (hrpo_mode or not logits.is_cuda):
         return topk_sample_mix(
-            logits, embedding, k, temperature, greedy, seed=seed, offset=offset, row_ids=row_ids, out=out,
+            logits,
+            embedding,
+            k,
+            temperature,
+            greedy,
+            seed=seed,
+            offset=offset,
+            row_ids=row_ids,
+            out=out,
             latent=latent,
         )
     B, V = logits.shape
@@ -428,13 +587,37 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
     interp = interpreting()
     mode = kernel_args(latent, temperature, V)
     _kernels()["topk_tail"][(B,)](
-        logits, vals.contiguous(), idx.contiguous(), e, seed, offset, seed if row_ids is None else row_ids,
-        tok, lp, h, V, D, k, 1.0 / temperature, mode["inv_tm"], mode["inv_tau"], mode["beta"], mode["sigma"],
-        mode["inv_logv"], NOISE_KEY,
-        logits.stride(0), k, e.stride(0), h.stride(0),
-        GREEDY=bool(greedy), HAS_ROW_IDS=row_ids is not None, MODE=mode["MODE"],
-        BLOCK_V=256 if interp else 2048, BLOCK_K=next_pow2(max(k, 16)),
-        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256), num_warps=4 if interp else 8,
+        logits,
+        vals.contiguous(),
+        idx.contiguous(),
+        e,
+        seed,
+        offset,
+        seed if row_ids is None else row_ids,
+        tok,
+        lp,
+        h,
+        V,
+        D,
+        k,
+        1.0 / temperature,
+        mode["inv_tm"],
+        mode["inv_tau"],
+        mode["beta"],
+        mode["sigma"],
+        mode["inv_logv"],
+        NOISE_KEY,
+        logits.stride(0),
+        k,
+        e.stride(0),
+        h.stride(0),
+        GREEDY=bool(greedy),
+        HAS_ROW_IDS=row_ids is not None,
+        MODE=mode["MODE"],
+        BLOCK_V=256 if interp else 2048,
+        BLOCK_K=next_pow2(max(k, 16)),
+        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
+        num_warps=4 if interp else 8,
     )
     return tok, lp, h
 
@@ -475,13 +658,16 @@ def sample_and_mix_triton(
         logits = _lm_logits(hidden, lm_weight)
         return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out, latent)
     if not full_vocab_fits(hidden.shape[1], lm_weight):
-        raise NotImplementedError(f"sample_and_mix_triton: the full-vocabulary kernel takes d <= 2048 (16-bit "
-                                  f"weights) or 1024 (fp32), got d {hidden.shape[1]} in {lm_weight.dtype}")
+        raise NotImplementedError(
+            f"sample_and_mix_triton: the full-vocabulary kernel takes d <= 2048 (16-bit "
+            f"weights) or 1024 (fp32), got d {hidden.shape[1]} in {lm_weight.dtype}"
+        )
     return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, latent, **tiles)
 
 
-def sampling_is_fused(hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int,
-                      latent: LatentParams | None = None) -> bool:
+def sampling_is_fused(
+    hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int, latent: LatentParams | None = None
+) -> bool:
     """Whether sample_and_mix runs its fused kernels for these inputs, the path with no host
     sync (the reference reads the seed on the host, so a CUDA graph cannot hold it)."""
     if not (0 < top_k < lm_weight.shape[0]) and not full_vocab_fits(hidden.shape[-1], lm_weight):
@@ -524,17 +710,42 @@ def sample_and_mix(
     V = lm_weight.shape[0]
     if latent is not None and latent.is_h_hat:
         latent = None  # the paths' own h_hat, and the unseeded reference's draws unchanged
-    if (impl == "ext" and not hidden.is_cuda and seed is not None and 0 < top_k <= MAX_TOPK and top_k < V
-            and (latent is None or latent.top_p == 1)):
+    if (
+        impl == "ext"
+        and not hidden.is_cuda
+        and seed is not None
+        and 0 < top_k <= MAX_TOPK
+        and top_k < V
+        and (latent is None or latent.top_p == 1)
+    ):
         logits = _lm_logits(hidden, lm_weight)
-        return topk_sample_mix(logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids,
-                               impl="ext", latent=latent)
+        return topk_sample_mix(
+            logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids, impl="ext", latent=latent
+        )
     if sampling_is_fused(hidden, lm_weight, top_k, latent):
         return sample_and_mix_triton(
-            hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset,
-            row_ids=row_ids, latent=latent,
+            hidden,
+            lm_weight,
+            embedding,
+            temperature,
+            top_k,
+            greedy,
+            generator,
+            seed=seed,
+            offset=offset,
+            row_ids=row_ids,
+            latent=latent,
         )
     return sample_and_mix_reference(
-        hidden, lm_weight, embedding, temperature, top_k, greedy, generator, seed=seed, offset=offset,
-        row_ids=row_ids, latent=latent,
+        hidden,
+        lm_weight,
+        embedding,
+        temperature,
+        top_k,
+        greedy,
+        generator,
+        seed=seed,
+        offset=offset,
+        row_ids=row_ids,
+        latent=latent,
     )

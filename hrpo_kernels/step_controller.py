@@ -12,6 +12,7 @@ Per row r, with t the step index (a one-element int64 device tensor):
 then n_live = number of unfinished rows and t += 1. A t outside [0, T) makes the step a
 no-op apart from n_live (so a captured loop may overrun). This mirrors hrpo/rollout.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ class StepBuffers:
     n_live: torch.Tensor  # (1,) int64
 
     @classmethod
-    def allocate(cls, B: int, T: int, d: int, device=None, latent_dtype=torch.float32, pad_id: int = 0) -> "StepBuffers":
+    def allocate(cls, B: int, T: int, d: int, device=None, latent_dtype=torch.float32, pad_id: int = 0) -> StepBuffers:
         return cls(
             tokens=torch.full((B, T), pad_id, dtype=torch.int64, device=device),
             logprobs=torch.zeros(B, T, dtype=torch.float32, device=device),
@@ -46,7 +47,16 @@ class StepBuffers:
         )
 
     def tensors(self):
-        return (self.tokens, self.logprobs, self.think, self.mask, self.latents, self.step_tokens, self.step_think, self.n_live)
+        return (
+            self.tokens,
+            self.logprobs,
+            self.think,
+            self.mask,
+            self.latents,
+            self.step_tokens,
+            self.step_think,
+            self.n_live,
+        )
 
 
 def _eos_tensor(eos_ids, device) -> torch.Tensor:
@@ -56,8 +66,20 @@ def _eos_tensor(eos_ids, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def step_controller_reference(table, state, finished, tokens, logprobs, h_hat, eos_ids, pad_id, t, max_new_tokens,
-                              bufs: StepBuffers, hybrid: bool = True):
+def step_controller_reference(
+    table,
+    state,
+    finished,
+    tokens,
+    logprobs,
+    h_hat,
+    eos_ids,
+    pad_id,
+    t,
+    max_new_tokens,
+    bufs: StepBuffers,
+    hybrid: bool = True,
+):
     """The specification (module docstring); updates state, finished, t and bufs in place and
     returns (step_tokens, step_think, n_live). Syncs on t."""
     T = bufs.tokens.shape[1]
@@ -87,23 +109,54 @@ def step_controller_reference(table, state, finished, tokens, logprobs, h_hat, e
     return bufs.step_tokens, bufs.step_think, bufs.n_live
 
 
-def step_controller(table, state, finished, tokens, logprobs, h_hat, eos_ids, pad_id, t, max_new_tokens,
-                    bufs: StepBuffers, hybrid: bool = True, *, impl: str | None = None):
+def step_controller(
+    table,
+    state,
+    finished,
+    tokens,
+    logprobs,
+    h_hat,
+    eos_ids,
+    pad_id,
+    t,
+    max_new_tokens,
+    bufs: StepBuffers,
+    hybrid: bool = True,
+    *,
+    impl: str | None = None,
+):
     """Dispatcher: the CUDA kernels for CUDA tensors when the extension loaded (no host sync:
     pass eos_ids as a device tensor), the C++ twin for CPU tensors with impl="ext", else the
     reference. Returns (step_tokens, step_think, n_live), views of bufs."""
     mod = _ext.ext_for(state, impl)
     if mod is None:
-        return step_controller_reference(table, state, finished, tokens, logprobs, h_hat, eos_ids, pad_id, t,
-                                         max_new_tokens, bufs, hybrid)
+        return step_controller_reference(
+            table, state, finished, tokens, logprobs, h_hat, eos_ids, pad_id, t, max_new_tokens, bufs, hybrid
+        )
     tokens = tokens.to(torch.int64).contiguous()
     logprobs = logprobs.to(torch.float32).contiguous()
     h_hat = h_hat.to(torch.float32)
     if h_hat.stride(-1) != 1:
         h_hat = h_hat.contiguous()
     mod.step_controller(
-        table.contiguous(), state, finished, tokens, logprobs, h_hat, _eos_tensor(eos_ids, state.device), t,
-        bufs.tokens, bufs.logprobs, bufs.think, bufs.mask, bufs.latents, bufs.step_tokens, bufs.step_think,
-        bufs.n_live, int(pad_id), int(max_new_tokens), bool(hybrid),
+        table.contiguous(),
+        state,
+        finished,
+        tokens,
+        logprobs,
+        h_hat,
+        _eos_tensor(eos_ids, state.device),
+        t,
+        bufs.tokens,
+        bufs.logprobs,
+        bufs.think,
+        bufs.mask,
+        bufs.latents,
+        bufs.step_tokens,
+        bufs.step_think,
+        bufs.n_live,
+        int(pad_id),
+        int(max_new_tokens),
+        bool(hybrid),
     )
     return bufs.step_tokens, bufs.step_think, bufs.n_live

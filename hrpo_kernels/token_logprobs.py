@@ -4,6 +4,7 @@ so that at most (chunk x V) logits exist at once in the forward pass.
 The reference relies on torch autograd, which keeps each chunk's logits for the backward;
 the fused kernel of the kernels issue recomputes them instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,9 +23,7 @@ def token_logprobs_reference(
 ) -> torch.Tensor:
     """hidden (N, d), weight (V, d), targets (N,) -> fp32 log p(target) (N,)."""
     if hidden.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"token_logprobs: {hidden.shape[0]} hidden rows but {targets.shape[0]} targets"
-        )
+        raise ValueError(f"token_logprobs: {hidden.shape[0]} hidden rows but {targets.shape[0]} targets")
     out = []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
@@ -52,13 +51,30 @@ DEFAULT_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64)
 _SPLIT_ALIGN = 256  # V splits and chunks are multiples of every BLOCK_V used
 
 
-
 def _tlp_fwd_kernel(
-    h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, x_ptr, t_ptr,
-    N, V, D, v_per_split,
-    stride_hn, stride_hd, stride_wv, stride_wd, n_splits, inv_t,
-    ENTROPY: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    m_ptr,
+    s_ptr,
+    x_ptr,
+    t_ptr,
+    N,
+    V,
+    D,
+    v_per_split,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    n_splits,
+    inv_t,
+    ENTROPY: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -81,10 +97,16 @@ def _tlp_fwd_kernel(
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + ks
             kmask = kk < D
-            a = tl.load(h_ptr + rows64[:, None] * stride_hn + kk[None, :] * stride_hd,
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_ptr + cols64[None, :] * stride_wv + kk[:, None] * stride_wd,
-                        mask=kmask[:, None] & cmask[None, :], other=0.0)
+            a = tl.load(
+                h_ptr + rows64[:, None] * stride_hn + kk[None, :] * stride_hd,
+                mask=rmask[:, None] & kmask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + cols64[None, :] * stride_wv + kk[:, None] * stride_wd,
+                mask=kmask[:, None] & cmask[None, :],
+                other=0.0,
+            )
             if UPCAST:  # the interpreter's dot reads bf16 as raw int16 bits
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -110,11 +132,32 @@ def _tlp_fwd_kernel(
 
 
 def _tlp_grad_logits_kernel(
-    h_ptr, w_ptr, tgt_ptr, lse_ptr, g_ptr, gent_ptr, ent_ptr, gl_ptr,
-    N, D, v0, vc,
-    stride_hn, stride_hd, stride_wv, stride_wd, stride_gl, inv_t,
-    HAS_G: tl.constexpr, HAS_GENT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    lse_ptr,
+    g_ptr,
+    gent_ptr,
+    ent_ptr,
+    gl_ptr,
+    N,
+    D,
+    v0,
+    vc,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_gl,
+    inv_t,
+    HAS_G: tl.constexpr,
+    HAS_GENT: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
     """gl[:, j] for the vocabulary columns v0 + j, j < vc: one (BLOCK_N x BLOCK_V) tile each."""
     pid = tl.program_id(0)
@@ -138,10 +181,16 @@ def _tlp_grad_logits_kernel(
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + ks
         kmask = kk < D
-        a = tl.load(h_ptr + rows64[:, None] * stride_hn + kk[None, :] * stride_hd,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols64[None, :] * stride_wv + kk[:, None] * stride_wd,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(
+            h_ptr + rows64[:, None] * stride_hn + kk[None, :] * stride_hd,
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + cols64[None, :] * stride_wv + kk[:, None] * stride_wd,
+            mask=kmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -164,15 +213,22 @@ def _tlp_grad_logits_kernel(
         ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
         grad -= ge[:, None] * p * (logp + ent[:, None])
     grad = grad * inv_t
-    tl.store(gl_ptr + rows64[:, None] * stride_gl + lc[None, :], grad.to(gl_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    tl.store(
+        gl_ptr + rows64[:, None] * stride_gl + lc[None, :],
+        grad.to(gl_ptr.dtype.element_ty),
+        mask=rmask[:, None] & cmask[None, :],
+    )
 
 
 def _autotune_configs(grouped: bool):
     cfgs = []
     for bn, bv, bk, warps, stages in [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
-        (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 256, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
     ]:
         meta = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk)
         if grouped:
@@ -226,14 +282,35 @@ class _TokenLogprobsFn(torch.autograd.Function):
         v_per = triton.cdiv(triton.cdiv(V, splits), align) * align
         splits = triton.cdiv(V, v_per)
         part = [_empty((N, splits), dtype=torch.float32, device=dev) for _ in range(4)]
-        args = (hidden, weight, tgt, *part, N, V, D, v_per,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), splits, inv_t)
+        args = (
+            hidden,
+            weight,
+            tgt,
+            *part,
+            N,
+            V,
+            D,
+            v_per,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            splits,
+            inv_t,
+        )
         if tuned:
             k["fwd_tuned"][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)](
-                *args, ENTROPY=want_entropy, IEEE=ieee, UPCAST=interpreting())
+                *args, ENTROPY=want_entropy, IEEE=ieee, UPCAST=interpreting()
+            )
         else:
             k["fwd"][(triton.cdiv(N, blocks["BLOCK_N"]), splits)](
-                *args, ENTROPY=want_entropy, IEEE=ieee, UPCAST=interpreting(), num_warps=cfg.get("num_warps", 4), **blocks)
+                *args,
+                ENTROPY=want_entropy,
+                IEEE=ieee,
+                UPCAST=interpreting(),
+                num_warps=cfg.get("num_warps", 4),
+                **blocks,
+            )
         m, s, xt, t = part
         if splits == 1:
             m, s, xt, t = m[:, 0], s[:, 0], xt[:, 0], t[:, 0]
@@ -284,17 +361,36 @@ class _TokenLogprobsFn(torch.autograd.Function):
         ieee = weight.dtype == torch.float32
         for v0 in range(0, V, vc):
             w = min(vc, V - v0)
-            args = (hidden, weight, tgt, lse, g, ge, ent if g_ent is not None else lse, gl,
-                    N, D, v0, w, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                    gl.stride(0), ctx.inv_t)
+            args = (
+                hidden,
+                weight,
+                tgt,
+                lse,
+                g,
+                ge,
+                ent if g_ent is not None else lse,
+                gl,
+                N,
+                D,
+                v0,
+                w,
+                hidden.stride(0),
+                hidden.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                gl.stride(0),
+                ctx.inv_t,
+            )
             flags = dict(HAS_G=g_lp is not None, HAS_GENT=g_ent is not None, IEEE=ieee, UPCAST=interpreting())
             if tuned:
-                k["gl_tuned"][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)](
-                    *args, **flags)
+                k["gl_tuned"][lambda meta, w=w: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)](
+                    *args, **flags
+                )
             else:
                 grid = (triton.cdiv(N, blocks["BLOCK_N"]) * triton.cdiv(w, blocks["BLOCK_V"]),)
-                k["gl"][grid](*args, **flags, GROUP_N=cfg.get("group_n", 8),
-                              num_warps=cfg.get("num_warps", 4), **blocks)
+                k["gl"][grid](
+                    *args, **flags, GROUP_N=cfg.get("group_n", 8), num_warps=cfg.get("num_warps", 4), **blocks
+                )
             g_chunk = gl[:, :w]
             if need_h:
                 _acc_mm(gh, g_chunk, weight[v0 : v0 + w])

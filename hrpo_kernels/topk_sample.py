@@ -17,6 +17,7 @@ the tokens on every path. The extension's top-k set is the keys above the k-th l
 plus, on exact ties at it, the lowest token ids. The reference below is the specification;
 without a seed it draws its noise from torch (tested statistically) and takes torch.topk's set.
 """
+
 from __future__ import annotations
 
 import torch
@@ -145,8 +146,11 @@ def topk_sample_mix(
             logits, embedding, k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
         )
         if latent is not None:
-            res = res[:2] + (latent_input_reference(logits, embedding, res[0], latent, temperature, k, greedy,
-                                                    seed=seed, offset=offset, row_ids=row_ids),)
+            res = res[:2] + (
+                latent_input_reference(
+                    logits, embedding, res[0], latent, temperature, k, greedy, seed=seed, offset=offset, row_ids=row_ids
+                ),
+            )
         if out is None:
             return res
         for o, r in zip(out, res):
@@ -165,7 +169,23 @@ def topk_sample_mix(
     if mode["MODE"] == 3:
         check_noise_width(D, V)
     mod.topk_sample_mix(
-        logits, embedding, int(min(k, V)), float(temperature), bool(greedy), seed, offset, row_ids, tok, lp, h,
-        mode["MODE"], mode["inv_tm"], mode["inv_tau"], mode["beta"], mode["sigma"], mode["inv_logv"], NOISE_KEY,
+        logits,
+        embedding,
+        int(min(k, V)),
+        float(temperature),
+        bool(greedy),
+        seed,
+        offset,
+        row_ids,
+        tok,
+        lp,
+        h,
+        mode["MODE"],
+        mode["inv_tm"],
+        mode["inv_tau"],
+        mode["beta"],
+        mode["sigma"],
+        mode["inv_logv"],
+        NOISE_KEY,
     )
     return tok, lp, h

@@ -9,6 +9,7 @@ README this writes). Everything is seeded and deterministic, so reruns on the sa
     python scripts/build_tiny_model.py                 # writes hrpo/assets/tiny (800 steps, 40% marker)
     python scripts/build_tiny_model.py --sft-steps 1000 --marker-fraction 0.5 --out /tmp/tiny_other
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,13 @@ from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from hrpo.core.prompts import ANSWER_MARKER, format_prompt
+from hrpo.tasks.synthetic import synthetic_split
 
 # The instruction the tokenizer's corpus was built with (kept so that the build stays reproducible).
 SYSTEM_PROMPT = (
     "Think through the problem step by step, then write the final answer on the last line "
     f"after '{ANSWER_MARKER}', for example '{ANSWER_MARKER} 42'."
 )
-from hrpo.tasks.synthetic import synthetic_split
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "hrpo" / "assets" / "tiny"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -57,26 +58,43 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
     qwen = Qwen2Tokenizer()._tokenizer
     tok = Tokenizer(models.BPE())
     tok.normalizer, tok.pre_tokenizer, tok.decoder = qwen.normalizer, qwen.pre_tokenizer, qwen.decoder
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
     bpe = json.loads(tok.to_str())["model"]
     return Qwen2Tokenizer(
-        vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]],
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
+        vocab=bpe["vocab"],
+        merges=[tuple(m) for m in bpe["merges"]],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,  # else decode would eat the space before '.'
-        model_max_length=512)
+        model_max_length=512,
+    )
 
 
 def build_model(tokenizer, hidden: int, layers: int, seed: int) -> Qwen2ForCausalLM:
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
-        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
 
@@ -97,10 +115,10 @@ def encode_sft(tokenizer, examples, marker_fraction: float = 1.0, seed: int = 0)
     rng = random.Random(seed)
     out = []
     for ex in examples:
-        prompt = tokenizer(format_prompt(tokenizer, ex.question, system=None),
-                           add_special_tokens=False).input_ids
-        target = tokenizer(sft_solution(ex, rng, marker_fraction) + tokenizer.eos_token,
-                           add_special_tokens=False).input_ids
+        prompt = tokenizer(format_prompt(tokenizer, ex.question, system=None), add_special_tokens=False).input_ids
+        target = tokenizer(
+            sft_solution(ex, rng, marker_fraction) + tokenizer.eos_token, add_special_tokens=False
+        ).input_ids
         out.append((prompt, target))
     return out
 
@@ -115,7 +133,7 @@ def collate(pairs, pad_id: int):
     for i, (p, t) in enumerate(pairs):
         n = len(p) + len(t)
         ids[i, :n] = torch.tensor(p + t)
-        labels[i, len(p):n] = torch.tensor(t)
+        labels[i, len(p) : n] = torch.tensor(t)
         mask[i, :n] = 1
     return ids, mask, labels
 
@@ -132,12 +150,17 @@ def accuracy(model, tokenizer, examples, batch_size=100, **gen_kwargs) -> float:
     tokenizer.padding_side = "left"
     hits = 0.0
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
+        chunk = examples[i : i + batch_size]
         prompts = [format_prompt(tokenizer, ex.question, system=None) for ex in chunk]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=48, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **gen_kwargs)
-        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc,
+            max_new_tokens=48,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **gen_kwargs,
+        )
+        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         hits += sum(reward(t, ex.answer) for t, ex in zip(texts, chunk))
     tokenizer.padding_side = "right"
     model.train()
@@ -161,8 +184,9 @@ def benchmark(model, tokenizer) -> dict[str, float]:
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
             t = time.perf_counter()
-            model.generate(**enc, do_sample=False, min_new_tokens=40, max_new_tokens=40,
-                           pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                **enc, do_sample=False, min_new_tokens=40, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id
+            )
             times["decode_64x40_s"] = time.perf_counter() - t
     times["prompt_tokens"] = enc.input_ids.shape[1]
     return times
@@ -231,8 +255,12 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--marker-fraction", type=float, default=0.4,
-                    help="share of SFT solutions that end in '#### N' (the rest: 'The answer is N.')")
+    ap.add_argument(
+        "--marker-fraction",
+        type=float,
+        default=0.4,
+        help="share of SFT solutions that end in '#### N' (the rest: 'The answer is N.')",
+    )
     ap.add_argument("--threads", type=int, default=2, help="fixed, since it can change float sums")
     args = ap.parse_args()
 
@@ -244,8 +272,10 @@ def main() -> None:
     # Tokenizer corpus: problems and solutions, plus the chat markup and default system prompt
     # so that those encode compactly too.
     corpus_rng = random.Random(10_000 + args.seed)
-    corpus = [f"{ex.question}\n{sft_solution(ex, corpus_rng, args.marker_fraction)}"
-              for ex in synthetic_split("train", 5000, seed=10_000 + args.seed)]
+    corpus = [
+        f"{ex.question}\n{sft_solution(ex, corpus_rng, args.marker_fraction)}"
+        for ex in synthetic_split("train", 5000, seed=10_000 + args.seed)
+    ]
     corpus += ["user\nassistant\nsystem\n" + SYSTEM_PROMPT] * 50
     tokenizer = build_tokenizer(corpus, args.vocab_size)
     print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
@@ -255,18 +285,28 @@ def main() -> None:
     print(f"model: {n_params:,} parameters", flush=True)
 
     # Every SFT example is seen once; the eval set comes from the disjoint test split.
-    train = encode_sft(tokenizer, synthetic_split("train", args.sft_steps * args.batch_size, seed=args.seed),
-                       args.marker_fraction, args.seed)
+    train = encode_sft(
+        tokenizer,
+        synthetic_split("train", args.sft_steps * args.batch_size, seed=args.seed),
+        args.marker_fraction,
+        args.seed,
+    )
     test = synthetic_split("test", args.eval_n, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.sft_steps // 10)
     # Linear warmup, then cosine decay to 10% of the peak learning rate.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
-        1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, args.sft_steps - warmup))))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(
+            (s + 1) / warmup,
+            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, args.sft_steps - warmup)))),
+        ),
+    )
     model.train()
     for step in range(args.sft_steps):
-        ids, mask, labels = collate(train[step * args.batch_size:(step + 1) * args.batch_size],
-                                    tokenizer.pad_token_id)
+        ids, mask, labels = collate(
+            train[step * args.batch_size : (step + 1) * args.batch_size], tokenizer.pad_token_id
+        )
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -274,8 +314,10 @@ def main() -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == args.sft_steps - 1:
-            print(f"sft step {step + 1}/{args.sft_steps} loss {loss.item():.4f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"sft step {step + 1}/{args.sft_steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
 
     greedy = accuracy(model, tokenizer, test, do_sample=False)
     torch.manual_seed(args.seed)
@@ -284,8 +326,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.pad_token_id)
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id
+    )
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     # What others load must tokenize exactly as the model was trained.
@@ -296,11 +338,25 @@ def main() -> None:
     build_min = (time.perf_counter() - start) / 60
     times = benchmark(model, tokenizer)
     print(f"timings: {times}", flush=True)
-    (args.out / "README.md").write_text(README.format(
-        params=n_params, hidden=args.hidden, layers=args.layers, vocab=len(tokenizer),
-        steps=args.sft_steps, batch=args.batch_size, marker_fraction=args.marker_fraction,
-        marker_pct=100 * args.marker_fraction, lr=args.lr, build_min=build_min,
-        threads=args.threads, n_eval=args.eval_n, greedy=greedy, sampled=sampled, **times))
+    (args.out / "README.md").write_text(
+        README.format(
+            params=n_params,
+            hidden=args.hidden,
+            layers=args.layers,
+            vocab=len(tokenizer),
+            steps=args.sft_steps,
+            batch=args.batch_size,
+            marker_fraction=args.marker_fraction,
+            marker_pct=100 * args.marker_fraction,
+            lr=args.lr,
+            build_min=build_min,
+            threads=args.threads,
+            n_eval=args.eval_n,
+            greedy=greedy,
+            sampled=sampled,
+            **times,
+        )
+    )
     print(f"wrote {args.out} in {build_min:.1f} min (before the timing benchmark)", flush=True)
 
 

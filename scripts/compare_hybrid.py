@@ -5,15 +5,16 @@
 Runs `hrpo.train` once per (mode, seed) with the task's recipe, then writes
 `comparison.json`, `comparison.md` (the table for the README) and `comparison.png`.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 from pathlib import Path
 
+from hrpo.train import train
 from hrpo.training.config import config_for
 from hrpo.training.runs import RunDir, write_json
-from hrpo.train import train
 
 MODES = {"HRPO": True, "GRPO (--no-hybrid)": False}
 
@@ -30,7 +31,12 @@ def plot(rows: list[dict], path: Path) -> None:
         for j, key in enumerate(("accuracy_before", "accuracy_after")):
             x = i * 3 + j
             values = [r[key] for r in runs]
-            ax.bar(x, statistics.mean(values), color=("#bbbbbb", "#3b7dd8")[j], label=("before", "after")[j] if i == 0 else None)
+            ax.bar(
+                x,
+                statistics.mean(values),
+                color=("#bbbbbb", "#3b7dd8")[j],
+                label=("before", "after")[j] if i == 0 else None,
+            )
             ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
     ax.set_xticks([0.5, 3.5], list(MODES))
     ax.set_ylabel("held-out accuracy (greedy)")
@@ -58,7 +64,10 @@ def main() -> None:
             run.started()
             rows.append({"mode": mode, **summary})
             write_json(run.path("summary.json"), rows)
-    lines = ["| method | seed | greedy before | greedy after | sampled before | sampled after | minutes |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | seed | greedy before | greedy after | sampled before | sampled after | minutes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['seed']} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | "

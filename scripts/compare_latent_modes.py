@@ -13,6 +13,7 @@ latent_modes.json, latent_modes.md (mean and spread over seeds) and latent_modes
 With few questions and a small model the differences between modes are mostly noise: the
 table shows the spread over seeds so that one can tell.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,19 +51,32 @@ def ks(n: int) -> list[int]:
 
 def run_mode(hm, tokenizer, task, examples, engine, args, decoding: str, greedy: bool, seed: int) -> dict:
     """pass@k (greedy: k = 1) of one policy under one decoding and seed."""
-    latent = LatentParams("hrpo" if decoding == "plain" else decoding, noise_std=args.noise_std,
-                          gumbel_tau=args.gumbel_tau, beta=args.moi_beta)
+    latent = LatentParams(
+        "hrpo" if decoding == "plain" else decoding,
+        noise_std=args.noise_std,
+        gumbel_tau=args.gumbel_tau,
+        beta=args.moi_beta,
+    )
     n = 1 if greedy else args.samples
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, greedy=greedy,
-                              hybrid=decoding != "plain", latent=latent)
+    sampling = SamplingConfig(
+        args.max_new_tokens, args.temperature, args.top_k, greedy=greedy, hybrid=decoding != "plain", latent=latent
+    )
     recipe = config_for(task.name)
     repeated = [ex for ex in examples for _ in range(n)]
     correct: dict[int, int] = {}
-    for batch in scored_batches(hm, tokenizer, task, repeated, sampling, engine,
-                                max_prompt_length=recipe.max_prompt_length,
-                                system=SYSTEM_PROMPT if recipe.system_prompt else None,
-                                batch_size=args.batch_size, seed=seed,
-                                indices=[i for i in range(len(examples)) for _ in range(n)]):
+    for batch in scored_batches(
+        hm,
+        tokenizer,
+        task,
+        repeated,
+        sampling,
+        engine,
+        max_prompt_length=recipe.max_prompt_length,
+        system=SYSTEM_PROMPT if recipe.system_prompt else None,
+        batch_size=args.batch_size,
+        seed=seed,
+        indices=[i for i in range(len(examples)) for _ in range(n)],
+    ):
         for s in batch:
             correct[s["index"]] = correct.get(s["index"], 0) + int(s["correct"] > 0)
     return {f"pass@{k}": statistics.mean(pass_at_k(n, c, k) for c in correct.values()) for k in ks(n)}

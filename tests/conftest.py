@@ -1,4 +1,5 @@
 """Tiny random models and a byte-level BPE tokenizer, built in-process (no hub)."""
+
 from __future__ import annotations
 
 import os
@@ -105,8 +106,18 @@ def small_config(model_dir, out, **kw):
     completions of 8 tokens on the tiny model, 8 held-out problems."""
     from hrpo.training.config import config_for
 
-    values = dict(model=str(model_dir), output_dir=str(out), max_steps=2, batch_size=8, group_size=4,
-                  max_completion_length=8, max_prompt_length=256, train_limit=16, eval_limit=8, lora_rank=4,
-                  lora_alpha=8)
+    values = dict(
+        model=str(model_dir),
+        output_dir=str(out),
+        max_steps=2,
+        batch_size=8,
+        group_size=4,
+        max_completion_length=8,
+        max_prompt_length=256,
+        train_limit=16,
+        eval_limit=8,
+        lora_rank=4,
+        lora_alpha=8,
+    )
     values.update(kw)
     return config_for("arith", **values)

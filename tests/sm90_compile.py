@@ -9,6 +9,7 @@ instead of timed. The ops' launchers run as on a GPU (interpreting() is false) a
 kernels; their outputs are never read. The interpreter runs fp32 dots only, so this is what
 checks the bf16 tl.dot paths, tile shapes and shared memory of the real configurations.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,19 @@ CONTEXT = {"case": ""}
 def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _jit_run(self, *args, grid=grid, warmup=True, **kwargs)
     md = kernel.metadata
-    print(json.dumps(dict(case=CONTEXT["case"], kernel=self.fn.__name__, warps=md.num_warps, stages=md.num_stages,
-                          shared=md.shared, ok=md.shared <= SHARED_LIMIT)), flush=True)
+    print(
+        json.dumps(
+            dict(
+                case=CONTEXT["case"],
+                kernel=self.fn.__name__,
+                warps=md.num_warps,
+                stages=md.num_stages,
+                shared=md.shared,
+                ok=md.shared <= SHARED_LIMIT,
+            )
+        ),
+        flush=True,
+    )
     return kernel
 
 
@@ -63,12 +75,16 @@ def main() -> int:
 
     from hrpo_kernels.decode_attention import decode_attention_triton
     from hrpo_kernels.gated_blend import gated_blend_triton
+    from hrpo_kernels.latent_input import LatentParams
     from hrpo_kernels.sample_and_mix import full_vocab_fits, sample_and_mix_triton
     from hrpo_kernels.token_logprobs import token_logprobs_triton
-    from hrpo_kernels.latent_input import LatentParams
 
-    LATENT_VARIANTS = [LatentParams("soft", temperature=0.3), LatentParams("moi"), LatentParams("soft-noise"),
-                       LatentParams("gumbel-soft")]  # soft at its own temperature: the unshared softmax
+    LATENT_VARIANTS = [
+        LatentParams("soft", temperature=0.3),
+        LatentParams("moi"),
+        LatentParams("soft-noise"),
+        LatentParams("gumbel-soft"),
+    ]  # soft at its own temperature: the unshared softmax
 
     seed, offset = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
     V, B = 4096, 8  # neither is a compile-time constant of any kernel
@@ -79,8 +95,16 @@ def main() -> int:
         e = torch.randn(B, d, dtype=dt, requires_grad=True)
         w = [torch.randn(d, d, requires_grad=True) for _ in range(2)]
         b = [torch.randn(d, requires_grad=True) for _ in range(2)]
-        out, a = gated_blend_triton(e, torch.randn(B, d, dtype=dt), torch.ones(B, dtype=torch.bool),
-                                    w[0], b[0], w[1], b[1], torch.randn(d, requires_grad=True))
+        out, a = gated_blend_triton(
+            e,
+            torch.randn(B, d, dtype=dt),
+            torch.ones(B, dtype=torch.bool),
+            w[0],
+            b[0],
+            w[1],
+            b[1],
+            torch.randn(d, requires_grad=True),
+        )
         (out.float().sum() + a.sum()).backward()
         CONTEXT["case"] = f"token_logprobs {name}"  # every autotune candidate, forward and backward
         W = torch.randn(V, d, dtype=dt, requires_grad=True)

@@ -1,32 +1,66 @@
 """Multiple-choice answers: the option letter read after the marker, for 3 to 10 options and
 for ARC's numerically labelled items, and every gold letter of ARC-Challenge and MMLU-STEM
 round-tripping."""
+
 from __future__ import annotations
 
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.tasks.registry import load_task
 from hrpo.core.prompts import ANSWER_MARKER
 from hrpo.tasks import get_task
 from hrpo.tasks.choice import LETTERS, convert, read_choice
+from hrpo.tasks.registry import load_task
 
 OURS = ("paper", "strict")  # the protocols our readers serve; "official": test_official_protocol.py
 
 READS = [
-    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("[D]", "D"), ("D: text", "D"), ("B) Vitamin C", "B"), ("**B**", "B"),
-    ("\\boxed{B}", "B"), ("$\\boxed{\\text{B}}$", "B"), ("J", "J"), ("(J)", "J"),
-    ("The answer is B", "B"), ("Answer: (C) text", "C"), ("Answer:B", "B"), ("The correct option is E.", "E"),
-    ("The answer is (B), not (A)", "B"), ("I think A is wrong; the answer is C", "C"), ("(B) because (A) is wrong", "B"),
+    ("B", "B"),
+    ("(B)", "B"),
+    ("B.", "B"),
+    ("[D]", "D"),
+    ("D: text", "D"),
+    ("B) Vitamin C", "B"),
+    ("**B**", "B"),
+    ("\\boxed{B}", "B"),
+    ("$\\boxed{\\text{B}}$", "B"),
+    ("J", "J"),
+    ("(J)", "J"),
+    ("The answer is B", "B"),
+    ("Answer: (C) text", "C"),
+    ("Answer:B", "B"),
+    ("The correct option is E.", "E"),
+    ("The answer is (B), not (A)", "B"),
+    ("I think A is wrong; the answer is C", "C"),
+    ("(B) because (A) is wrong", "B"),
     # "A" the article and "I" the pronoun are not letters when another letter is there
-    ("A good answer is C", "C"), ("A tough one, but C", "C"), ("I pick D", "D"), ("A is correct", "A"),
-    ("B because", "B"), ("C\nbecause A", "C"),
+    ("A good answer is C", "C"),
+    ("A tough one, but C", "C"),
+    ("I pick D", "D"),
+    ("A is correct", "A"),
+    ("B because", "B"),
+    ("C\nbecause A", "C"),
     # lower case: the whole line, or a leading letter marked as an option; never prose
-    ("c", "C"), ("(b)", "B"), ("d.", "D"), ("a) 12 N", "A"), ("**c**", "C"), ("\\boxed{c}", "C"), ("j", "J"),
-    ("c. 42 N", "C"), ("a total of 5 apples", None), ("i.e. B", "B"), ("e.g. the second", None), ("k", None),
+    ("c", "C"),
+    ("(b)", "B"),
+    ("d.", "D"),
+    ("a) 12 N", "A"),
+    ("**c**", "C"),
+    ("\\boxed{c}", "C"),
+    ("j", "J"),
+    ("c. 42 N", "C"),
+    ("a total of 5 apples", None),
+    ("i.e. B", "B"),
+    ("e.g. the second", None),
+    ("k", None),
     # unreadable: lower case, numerals, option text, several letters, nothing
-    ("the answer is a", None), ("2", None), ("Planetary days will become shorter.", None), ("B or C", None),
-    ("Both", None), ("", None), ("\uff22", None),
+    ("the answer is a", None),
+    ("2", None),
+    ("Planetary days will become shorter.", None),
+    ("B or C", None),
+    ("Both", None),
+    ("", None),
+    ("\uff22", None),
 ]
 
 
@@ -51,8 +85,10 @@ def test_three_to_ten_options(n):
 def test_numeric_labels_are_asked_and_answered_as_letters():
     """An ARC item labelled 1-4 is shown lettered A-D and its gold mapped onto the letters;
     the numeral itself is not an answer to the question as asked."""
-    rec = {"question": {"stem": "q", "choices": [{"text": t, "label": str(i + 1)} for i, t in enumerate("wxyz")]},
-           "answerKey": "2"}
+    rec = {
+        "question": {"stem": "q", "choices": [{"text": t, "label": str(i + 1)} for i, t in enumerate("wxyz")]},
+        "answerKey": "2",
+    }
     ex = convert(rec)
     task = get_task("arc-c")
     assert ex.answer == "B" and "\nB. x" in task.render(ex)
@@ -69,6 +105,8 @@ def test_gold_letters_round_trip(task, path):
     for e in examples:
         for letter in LETTERS[: len(e.choices)]:
             for protocol in OURS:
-                assert spec.reward(f"reasoning\n{ANSWER_MARKER} {letter}", e.answer, protocol) == float(letter == e.answer)
+                assert spec.reward(f"reasoning\n{ANSWER_MARKER} {letter}", e.answer, protocol) == float(
+                    letter == e.answer
+                )
     if task == "arc-c":
         assert len(examples) == 1172 and {len(e.choices) for e in examples} == {3, 4, 5}

@@ -1,6 +1,7 @@
 """Hostile completions: whatever a policy writes, reading and scoring it in every answer family
 (numeric, MATH, multiple choice) neither raises nor takes a second, under every protocol and
 through the training reward."""
+
 from __future__ import annotations
 
 import time
@@ -8,8 +9,8 @@ import time
 import pytest
 
 from hrpo.core.prompts import ANSWER_MARKER as M
-from hrpo.tasks.rewards import get_reward_fn
 from hrpo.tasks import PROTOCOLS, get_task
+from hrpo.tasks.rewards import get_reward_fn
 
 MB = 1_000_000
 HOSTILE = {

@@ -2,6 +2,7 @@
 plain math-verify, measured in the same run), math-verify used without eval on model text,
 per-comparison time limits that keep the reward call's deadline, and MATH-500's reference
 answers judged equal to the boxed answers of their solutions."""
+
 from __future__ import annotations
 
 import re
@@ -12,12 +13,12 @@ import pytest
 from conftest import DATA, needs_data
 
 import hrpo.tasks.math as math_task
-from hrpo.tasks.registry import load_task
 from hrpo.core.prompts import ANSWER_MARKER
-from hrpo.tasks.reward_guard import RewardTimeout, time_limit
 from hrpo.tasks import get_task
 from hrpo.tasks.base import last_boxed
 from hrpo.tasks.math import math_equal, normalize_math, read_latex
+from hrpo.tasks.registry import load_task
+from hrpo.tasks.reward_guard import RewardTimeout, time_limit
 
 OURS = ("paper", "strict")  # the protocols our readers serve; "official": test_official_protocol.py
 
@@ -180,13 +181,29 @@ LABELLED = [
 ]
 
 READS = [
-    ("\\frac{3}{4}", "\\frac{3}{4}"), ("$\\frac{3}{4}$", "\\frac{3}{4}"), ("The answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
-    ("x = \\boxed{5}, not $6$", "5"), ("\\boxed{5} at first, but \\boxed{6}", "6"), ("so $x$ is $7$", "7"),
-    ("\\(\\sqrt{2}\\)", "\\sqrt{2}"), ("\\[ \\frac12 \\]", "\\frac12"), ("$$ 7 $$", "7"), ("\\$5", "\\$5"),
-    ("x = 5", "x = 5"), ("(1, 2)", "(1, 2)"), ("The answer is 5 cm.", "5"), ("Answer: (1, 2)", "(1, 2)"),
-    ("the final answer is: 12", "12"), ("\\frac{3}{4} cup", "\\frac{3}{4}"), ("5\\text{ cm}", "5\\text{ cm}"),
-    ("Evelyn", "Evelyn"), ("\\text{Monday}", "\\text{Monday}"), ("\\frac{1}{7}\\triangle ABC", "\\frac{1}{7}\\triangle ABC"),
-    ("-2 \\text{ or } -12", "-2 \\text{ or } -12"), ("18\nthen $2 \\cdot 9$", "2 \\cdot 9"), ("", None),
+    ("\\frac{3}{4}", "\\frac{3}{4}"),
+    ("$\\frac{3}{4}$", "\\frac{3}{4}"),
+    ("The answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
+    ("x = \\boxed{5}, not $6$", "5"),
+    ("\\boxed{5} at first, but \\boxed{6}", "6"),
+    ("so $x$ is $7$", "7"),
+    ("\\(\\sqrt{2}\\)", "\\sqrt{2}"),
+    ("\\[ \\frac12 \\]", "\\frac12"),
+    ("$$ 7 $$", "7"),
+    ("\\$5", "\\$5"),
+    ("x = 5", "x = 5"),
+    ("(1, 2)", "(1, 2)"),
+    ("The answer is 5 cm.", "5"),
+    ("Answer: (1, 2)", "(1, 2)"),
+    ("the final answer is: 12", "12"),
+    ("\\frac{3}{4} cup", "\\frac{3}{4}"),
+    ("5\\text{ cm}", "5\\text{ cm}"),
+    ("Evelyn", "Evelyn"),
+    ("\\text{Monday}", "\\text{Monday}"),
+    ("\\frac{1}{7}\\triangle ABC", "\\frac{1}{7}\\triangle ABC"),
+    ("-2 \\text{ or } -12", "-2 \\text{ or } -12"),
+    ("18\nthen $2 \\cdot 9$", "2 \\cdot 9"),
+    ("", None),
 ]
 
 
@@ -210,7 +227,8 @@ def test_labelled_equivalence_at_least_math_verify():
     plain = [_plain_math_verify(gold, pred) == label for gold, pred, label in LABELLED]
     for (gold, pred, label), o, p in zip(LABELLED, ours, plain):
         if not (o and p):
-            print(f"{'ours wrong' if not o else '':10} {'math-verify wrong' if not p else '':17} {gold!r} vs {pred!r}: {label}")
+            verdicts = f"{'ours wrong' if not o else '':10} {'math-verify wrong' if not p else '':17}"
+            print(f"{verdicts} {gold!r} vs {pred!r}: {label}")
     accuracy, baseline = sum(ours) / len(ours), sum(plain) / len(plain)
     print(f"labelled set of {len(LABELLED)}: ours {accuracy:.3f}, plain math-verify {baseline:.3f}")
     assert accuracy >= baseline and accuracy >= 0.95
@@ -227,8 +245,20 @@ def test_no_string_reaches_sympys_parser_but_numbers(monkeypatch):
     monkeypatch.setattr(sympy_parser, "parse_expr", lambda s, *a, **k: seen.append(s) or real(s, *a, **k))
     for cached in (math_task._parsed, math_verify.parser.parse_latex_cached, math_verify.parser.extract_latex):
         cached.cache_clear()
-    hostile = ["__import__('os').system('true')", "\\operatorname{eval}(1)", "\\mathrm{lambda: 1}", "x.__class__",
-               "\\text{exec(1)}", "1_000", "0x1F", "1e5", "\\$5", "12\\%", "0,111", "1,234.5"]
+    hostile = [
+        "__import__('os').system('true')",
+        "\\operatorname{eval}(1)",
+        "\\mathrm{lambda: 1}",
+        "x.__class__",
+        "\\text{exec(1)}",
+        "1_000",
+        "0x1F",
+        "1e5",
+        "\\$5",
+        "12\\%",
+        "0,111",
+        "1,234.5",
+    ]
     for gold, pred, _ in LABELLED + [("1", h, False) for h in hostile]:
         math_equal(pred, gold)
     assert seen and all(re.fullmatch(r"[0-9.,]+", s) for s in seen), sorted(set(seen))
@@ -298,12 +328,17 @@ def test_math500_reference_answers_equal_their_boxed_solutions():
     examples = load_task("math", str(DATA / "math" / "math500.jsonl"))
     assert len(examples) == 500
     start = time.perf_counter()
-    unequal = [(e.answer, last_boxed(e.meta["solution"])) for e in examples
-               if not math_equal(last_boxed(e.meta["solution"]), e.answer)]
+    unequal = [
+        (e.answer, last_boxed(e.meta["solution"]))
+        for e in examples
+        if not math_equal(last_boxed(e.meta["solution"]), e.answer)
+    ]
     assert not unequal, unequal
     task = get_task("math500")
     for protocol in OURS:
-        assert all(task.reward(f"{e.meta['solution']}\n{ANSWER_MARKER} {e.answer}", e.answer, protocol) for e in examples)
+        assert all(
+            task.reward(f"{e.meta['solution']}\n{ANSWER_MARKER} {e.answer}", e.answer, protocol) for e in examples
+        )
     # Each answer against the next item's, which the library mostly decides: only the pairs
     # that are the same answer written alike (5 and x=5) may be equal.
     golds = [e.answer for e in examples]

@@ -1,14 +1,15 @@
 """The structure the code promises: no import hidden inside a function (where it could dodge a
 cycle that import-linter would otherwise see), and docs/architecture.md's layer list equal to the
 import-linter contract in pyproject.toml."""
+
 from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("hrpo", "hrpo_kernels")
@@ -32,7 +33,10 @@ HEAVY_OR_OPTIONAL = {
 }
 # One file may import a module the list above leaves out, for the reason given.
 FILE_EXCEPTIONS = {
-    ("hrpo/tasks/retrieval.py", "torch"): "the dense encoder; BM25 retrieval (python -m hrpo.retrieve) runs without torch",
+    (
+        "hrpo/tasks/retrieval.py",
+        "torch",
+    ): "the dense encoder; BM25 retrieval (python -m hrpo.retrieve) runs without torch",
 }
 
 
@@ -48,7 +52,8 @@ def _allowed(module: str, path: str) -> bool:
     if module.startswith(".") or module.split(".")[0] in PACKAGES:
         return False  # the project's own modules: always at the top
     return (path, module) in FILE_EXCEPTIONS or any(
-        module == name or module.startswith(name + ".") for name in HEAVY_OR_OPTIONAL)
+        module == name or module.startswith(name + ".") for name in HEAVY_OR_OPTIONAL
+    )
 
 
 def function_imports(source: str, path: str) -> list[str]:
@@ -59,7 +64,9 @@ def function_imports(source: str, path: str) -> list[str]:
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
-                found.extend(f"{path}:{child.lineno}: import {m}" for m in _imported_modules(child) if not _allowed(m, path))
+                found.extend(
+                    f"{path}:{child.lineno}: import {m}" for m in _imported_modules(child) if not _allowed(m, path)
+                )
             visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
     visit(ast.parse(source, filename=path), False)
@@ -70,17 +77,25 @@ def test_no_import_hidden_in_a_function():
     sources = sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
     assert len(sources) > 40, f"only {len(sources)} sources found under {ROOT}"
     found = [hit for p in sources for hit in function_imports(p.read_text(), p.relative_to(ROOT).as_posix())]
-    assert not found, "imports inside functions (move them to the top, or justify in HEAVY_OR_OPTIONAL):\n" + "\n".join(found)
+    assert not found, "imports inside functions (move them to the top, or justify in HEAVY_OR_OPTIONAL):\n" + "\n".join(
+        found
+    )
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("def f():\n    from hrpo.core import marker\n", ["x.py:2: import hrpo.core"]),
-    ("class A:\n    def m(self):\n        if True:\n            from . import gate\n", ["x.py:4: import .gate"]),
-    ("def f():\n    def g():\n        import hrpo_kernels, json\n", ["x.py:3: import hrpo_kernels", "x.py:3: import json"]),
-    ("def f():\n    import torch\n", ["x.py:2: import torch"]),
-    ("def f():\n    import matplotlib.pyplot\n    from torch.distributed.tensor import DTensor\n", []),
-    ("import hrpo.core\nfrom . import gate\n\nclass A:\n    import json\n", []),  # module and class level
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("def f():\n    from hrpo.core import marker\n", ["x.py:2: import hrpo.core"]),
+        ("class A:\n    def m(self):\n        if True:\n            from . import gate\n", ["x.py:4: import .gate"]),
+        (
+            "def f():\n    def g():\n        import hrpo_kernels, json\n",
+            ["x.py:3: import hrpo_kernels", "x.py:3: import json"],
+        ),
+        ("def f():\n    import torch\n", ["x.py:2: import torch"]),
+        ("def f():\n    import matplotlib.pyplot\n    from torch.distributed.tensor import DTensor\n", []),
+        ("import hrpo.core\nfrom . import gate\n\nclass A:\n    import json\n", []),  # module and class level
+    ],
+)
 def test_function_imports_finds_what_it_should(source, expected):
     assert function_imports(source, "x.py") == expected
 
@@ -97,10 +112,15 @@ def contract_layers(pyproject: str) -> list[set[str]]:
     contracts = tomllib.loads(pyproject)["tool"]["importlinter"]["contracts"]
     (layered,) = [c for c in contracts if c["type"] == "layers"]
     (container,) = layered["containers"]
-    layers = [{f"{container}.{tail.strip().strip('()')}" for tail in re.split(r"[|:]", layer)}
-              for layer in reversed(layered["layers"])]
-    below = [c for c in contracts if c["type"] == "forbidden" and c["source_modules"] == ["hrpo_kernels"]
-             and container in c["forbidden_modules"]]
+    layers = [
+        {f"{container}.{tail.strip().strip('()')}" for tail in re.split(r"[|:]", layer)}
+        for layer in reversed(layered["layers"])
+    ]
+    below = [
+        c
+        for c in contracts
+        if c["type"] == "forbidden" and c["source_modules"] == ["hrpo_kernels"] and container in c["forbidden_modules"]
+    ]
     return [{"hrpo_kernels"}] + layers if below else layers
 
 
@@ -132,5 +152,8 @@ source_modules = ["hrpo_kernels"]
 forbidden_modules = ["hrpo"]
 """
     assert contract_layers(pyproject) == [{"hrpo_kernels"}, {"hrpo.e"}, {"hrpo.c", "hrpo.d"}, {"hrpo.a", "hrpo.b"}]
-    markdown = "## Layers\nBottom up.\n\n1. `hrpo_kernels`: x\n2. `hrpo.e` (uses `torch`)\n3. `hrpo.c`, `hrpo.d`\n\n## Next\n4. `hrpo.z`\n"
+    markdown = (
+        "## Layers\nBottom up.\n\n1. `hrpo_kernels`: x\n2. `hrpo.e` (uses `torch`)\n3. `hrpo.c`, `hrpo.d`\n\n"
+        "## Next\n4. `hrpo.z`\n"
+    )
     assert doc_layers(markdown) == [{"hrpo_kernels"}, {"hrpo.e"}, {"hrpo.c", "hrpo.d"}]

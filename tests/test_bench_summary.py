@@ -1,4 +1,5 @@
 """benchmarks/summarize.py turns pytest-benchmark JSON into the tables and chart of RESULTS.md."""
+
 import json
 
 from benchmarks.summarize import main
@@ -10,12 +11,36 @@ def entry(name, seconds, **info):
 
 def test_rollout_table_ratios_and_chart(tmp_path, capsys):
     rows = [
-        entry("eager_reference-cuda-m-b32", 2.0, method="eager_reference", device="cuda", model="m", batch=32,
-              tokens_per_s=1000.0, floor_tokens_per_s=40000.0),
-        entry("engine_plain-cuda-m-b32", 1.0, method="engine_plain", device="cuda", model="m", batch=32,
-              tokens_per_s=21000.0, floor_tokens_per_s=40000.0),
-        entry("engine_hybrid-cuda-m-b32", 1.0, method="engine_hybrid", device="cuda", model="m", batch=32,
-              tokens_per_s=20000.0, floor_tokens_per_s=40000.0),
+        entry(
+            "eager_reference-cuda-m-b32",
+            2.0,
+            method="eager_reference",
+            device="cuda",
+            model="m",
+            batch=32,
+            tokens_per_s=1000.0,
+            floor_tokens_per_s=40000.0,
+        ),
+        entry(
+            "engine_plain-cuda-m-b32",
+            1.0,
+            method="engine_plain",
+            device="cuda",
+            model="m",
+            batch=32,
+            tokens_per_s=21000.0,
+            floor_tokens_per_s=40000.0,
+        ),
+        entry(
+            "engine_hybrid-cuda-m-b32",
+            1.0,
+            method="engine_hybrid",
+            device="cuda",
+            model="m",
+            batch=32,
+            tokens_per_s=20000.0,
+            floor_tokens_per_s=40000.0,
+        ),
         entry("gated_blend-fused-d8-b4", 1e-5, median_us=10.0, achieved_GBps=100.0),
     ]
     path = tmp_path / "bench.json"
@@ -32,19 +57,59 @@ def test_rollout_table_ratios_and_chart(tmp_path, capsys):
 
 def test_training_step_tables(tmp_path, capsys):
     rows = [
-        entry("update-eager-cuda-m-gsm8k", 2.0, method="eager", device="cuda", model="m", recipe="gsm8k",
-              tokens_per_s=3000.0, peak_above_weights_gb=40.0),
-        entry("update-hrpo-cuda-m-gsm8k", 0.5, method="hrpo", device="cuda", model="m", recipe="gsm8k",
-              tokens_per_s=9000.0, peak_above_weights_gb=4.0),
+        entry(
+            "update-eager-cuda-m-gsm8k",
+            2.0,
+            method="eager",
+            device="cuda",
+            model="m",
+            recipe="gsm8k",
+            tokens_per_s=3000.0,
+            peak_above_weights_gb=40.0,
+        ),
+        entry(
+            "update-hrpo-cuda-m-gsm8k",
+            0.5,
+            method="hrpo",
+            device="cuda",
+            model="m",
+            recipe="gsm8k",
+            tokens_per_s=9000.0,
+            peak_above_weights_gb=4.0,
+        ),
         entry("step-hrpo_grpo-cpu-tiny-arith", 0.5, method="hrpo_grpo", seconds_per_step=0.5),
         entry("step-hrpo_hybrid-cpu-tiny-arith", 0.6, method="hrpo_hybrid", seconds_per_step=0.6),
         entry("step-trl_grpo-cpu-tiny-arith", 1.5, method="trl_grpo", seconds_per_step=1.5),
-        entry("step-eager_baseline-cuda-q-gsm8k", 40.0, method="eager_baseline", device="cuda", model="q",
-              rollout_s=36.0, update_s=3.5, seconds_per_step=40.0),
-        entry("step-hrpo-cuda-q-gsm8k", 5.0, method="hrpo", device="cuda", model="q", rollout_s=3.0, update_s=1.75,
-              seconds_per_step=5.0),
-        entry("step-hrpo-cpu-tiny-random", 0.25, method="hrpo", device="cpu", model="tiny", rollout_s=0.1,
-              update_s=0.15, seconds_per_step=0.25),
+        entry(
+            "step-eager_baseline-cuda-q-gsm8k",
+            40.0,
+            method="eager_baseline",
+            device="cuda",
+            model="q",
+            rollout_s=36.0,
+            update_s=3.5,
+            seconds_per_step=40.0,
+        ),
+        entry(
+            "step-hrpo-cuda-q-gsm8k",
+            5.0,
+            method="hrpo",
+            device="cuda",
+            model="q",
+            rollout_s=3.0,
+            update_s=1.75,
+            seconds_per_step=5.0,
+        ),
+        entry(
+            "step-hrpo-cpu-tiny-random",
+            0.25,
+            method="hrpo",
+            device="cpu",
+            model="tiny",
+            rollout_s=0.1,
+            update_s=0.15,
+            seconds_per_step=0.25,
+        ),
     ]
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"machine_info": {}, "benchmarks": rows}))

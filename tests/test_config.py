@@ -1,4 +1,5 @@
 """Every option is checked before any work starts, with one line naming its flag and range."""
+
 import dataclasses
 import math
 
@@ -6,8 +7,8 @@ import pytest
 from conftest import small_config
 
 from hrpo.core.errors import ConfigError, error_line
-from hrpo.training.config import config_for, validate_config
 from hrpo.train import main as train_main
+from hrpo.training.config import config_for, validate_config
 
 BAD = [
     ("max_steps", -3, "--max-steps must be an integer >= 1, got -3"),
@@ -60,21 +61,30 @@ def test_recipes_and_defaults_are_valid():
         validate_config(config_for(task))
     with pytest.raises(ConfigError, match="--overwrite and --resume contradict"):
         validate_config(config_for("arith", overwrite=True, resume=True))
-    with pytest.raises(ConfigError, match="--task must be one of 2wiki, arc-c, arith, bamboogle, gsm8k, hotpotqa, math, math500, mmlu, mmlu-stem, nq, rag-qa, triviaqa, got 'gsm9k'"):
+    with pytest.raises(
+        ConfigError,
+        match="--task must be one of 2wiki, arc-c, arith, bamboogle, gsm8k, hotpotqa, math, math500, mmlu, "
+        "mmlu-stem, nq, rag-qa, triviaqa, got 'gsm9k'",
+    ):
         config_for("gsm9k")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--max-steps", "-3"], "error: --max-steps must be an integer >= 1, got -3"),
-    (["--group-size", "0"], "error: --group-size must be an integer >= 2, got 0"),
-    (["--output-dir", ""], "error: --output-dir must be a folder path, got ''"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-steps", "-3"], "error: --max-steps must be an integer >= 1, got -3"),
+        (["--group-size", "0"], "error: --group-size must be an integer >= 2, got 0"),
+        (["--output-dir", ""], "error: --output-dir must be a folder path, got ''"),
+    ],
+)
 def test_cli_refuses_bad_options_before_any_work(args, message, model_dir, tmp_path, monkeypatch, capsys):
     """The error comes before the model is loaded, and no folder is created."""
     import hrpo.training.setup
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hrpo.training.setup, "load_base_model", lambda *a: pytest.fail("loaded the model before validating"))
+    monkeypatch.setattr(
+        hrpo.training.setup, "load_base_model", lambda *a: pytest.fail("loaded the model before validating")
+    )
     out = tmp_path / "run"
     argv = ["--model", str(model_dir), "--output-dir", str(out)] + args
     assert train_main(argv) == 2

@@ -1,4 +1,5 @@
 """Loader tests on the real data in ../shared/data and on small records written to tmp_path."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.tasks.records import DataError, load_records
-
-from hrpo.tasks.registry import convert_records, load_task
+from hrpo.core.prompts import Example
 from hrpo.tasks.base import last_boxed
 from hrpo.tasks.choice import render as render_choice
 from hrpo.tasks.qa import render as render_qa
-from hrpo.core.prompts import Example
+from hrpo.tasks.records import DataError, load_records
+from hrpo.tasks.registry import convert_records, load_task
 
 
 def _write_jsonl(path: Path, records: list) -> Path:
@@ -133,8 +133,11 @@ def test_arc_forms(tmp_path):
 
 def test_rag_qa(tmp_path):
     recs = [
-        {"question": "Who wrote Hamlet?", "contexts": [{"title": "Hamlet", "text": "A play by Shakespeare."}, "Plain passage."],
-         "golden_answers": ["William Shakespeare", "Shakespeare"]},
+        {
+            "question": "Who wrote Hamlet?",
+            "contexts": [{"title": "Hamlet", "text": "A play by Shakespeare."}, "Plain passage."],
+            "golden_answers": ["William Shakespeare", "Shakespeare"],
+        },
         {"question": "Capital of France?", "contexts": ["Paris is the capital."], "golden_answers": "Paris"},
     ]
     path = tmp_path / "nq.json"  # a .json list of records
@@ -142,8 +145,10 @@ def test_rag_qa(tmp_path):
     ex = load_task("rag-qa", str(path))
     assert ex[0].answer == ["William Shakespeare", "Shakespeare"] and ex[1].answer == ["Paris"]
     # The paper's form: the passages as title::::text lines under a header, a blank line, the question.
-    assert render_qa(ex[0]) == ("Context (which may or may not be relevant):\nHamlet::::A play by Shakespeare.\n"
-                                "Plain passage.\n\nQuestion: Who wrote Hamlet?")
+    assert render_qa(ex[0]) == (
+        "Context (which may or may not be relevant):\nHamlet::::A play by Shakespeare.\n"
+        "Plain passage.\n\nQuestion: Who wrote Hamlet?"
+    )
 
 
 def test_parquet_and_directory(tmp_path):
@@ -222,10 +227,16 @@ BAD = [
     ("mmlu", {"answer": 1.0}, "field 'answer': expected an index 0-3 or a letter A-D, got number"),
     ("mmlu", {"answer": True}, "field 'answer': expected an index 0-3 or a letter A-D, got bool"),
     ("mmlu", {"answer": None}, "field 'answer': expected an index 0-3 or a letter A-D, got null"),
-    ("mmlu", {"choices": {**ARC, "label": ["1", "2", "3"]}, "answerKey": "1"},
-     "field 'choices.label': expected one label per option, got 3 for 4"),
-    ("mmlu", {"choices": ARC, "answerKey": "5"},
-     "field 'answerKey': expected an index 0-3 or a letter A-D or a label 1/2/3/4, got '5'"),
+    (
+        "mmlu",
+        {"choices": {**ARC, "label": ["1", "2", "3"]}, "answerKey": "1"},
+        "field 'choices.label': expected one label per option, got 3 for 4",
+    ),
+    (
+        "mmlu",
+        {"choices": ARC, "answerKey": "5"},
+        "field 'answerKey': expected an index 0-3 or a letter A-D or a label 1/2/3/4, got '5'",
+    ),
     ("mmlu", {"choices": {"text": ["w", "x"]}}, "missing field 'choices.label'"),
     ("rag-qa", {"golden_answers": None}, f"field 'golden_answers': expected {STRINGS}, got null"),
     ("rag-qa", {"golden_answers": ""}, f"field 'golden_answers': expected {STRINGS}, got empty string"),
@@ -233,13 +244,19 @@ BAD = [
     ("rag-qa", {"golden_answers": 5}, f"field 'golden_answers': expected {STRINGS}, got number"),
     ("rag-qa", {"golden_answers": []}, f"field 'golden_answers': expected {STRINGS}, got empty list"),
     ("rag-qa", {"golden_answers": ["g", None]}, "field 'golden_answers[1]': expected a non-empty string, got null"),
-    ("rag-qa", {"golden_answers": ["g", ""]},
-     "field 'golden_answers[1]': expected a non-empty string, got empty string"),
+    (
+        "rag-qa",
+        {"golden_answers": ["g", ""]},
+        "field 'golden_answers[1]': expected a non-empty string, got empty string",
+    ),
     ("rag-qa", {"golden_answers": [{"a": 1}]}, "field 'golden_answers[0]': expected a non-empty string, got object"),
     ("rag-qa", {"golden_answers": [7]}, "field 'golden_answers[0]': expected a non-empty string, got number"),
     ("rag-qa", {"contexts": 5}, "field 'contexts': expected a list of passages or a string, got number"),
-    ("rag-qa", {"contexts": [5]},
-     "field 'contexts[0]': expected a non-empty string or an object with 'text', got number"),
+    (
+        "rag-qa",
+        {"contexts": [5]},
+        "field 'contexts[0]': expected a non-empty string or an object with 'text', got number",
+    ),
     ("rag-qa", {"contexts": ["c", {"title": "t"}]}, "field 'contexts[1].text': expected a non-empty string, got null"),
     ("rag-qa", {"contexts": [{"title": 3, "text": "x"}]}, "field 'contexts[0].title': expected a string, got number"),
     ("rag-qa", {"question": 1}, "field 'question': expected a non-empty string, got number"),
@@ -267,13 +284,25 @@ def test_null_optional_fields_are_absent(tmp_path):
     ]
     assert [e.answer for e in load_task("math", str(_write_jsonl(tmp_path / "m.jsonl", recs)))] == ["3", "7"]
     rag = [{"question": "q", "contexts": [{"title": None, "contents": "text"}], "golden_answers": "g"}]
-    assert load_task("rag-qa", str(_write_jsonl(tmp_path / "r.jsonl", rag)))[0].contexts == [{"title": "", "text": "text"}]
+    assert load_task("rag-qa", str(_write_jsonl(tmp_path / "r.jsonl", rag)))[0].contexts == [
+        {"title": "", "text": "text"}
+    ]
 
 
 def test_rejections_grouped_and_counted(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    lines = [GOOD["gsm8k"], {"question": "q", "answer": 42}, None, ["not", "an object"], {"question": "q"},
-             None, {"question": "q", "answer": 7}, GOOD["gsm8k"], {"question": "q"}, {"question": "q", "answer": 1}]
+    lines = [
+        GOOD["gsm8k"],
+        {"question": "q", "answer": 42},
+        None,
+        ["not", "an object"],
+        {"question": "q"},
+        None,
+        {"question": "q", "answer": 7},
+        GOOD["gsm8k"],
+        {"question": "q"},
+        {"question": "q", "answer": 1},
+    ]
     # None stands for a blank line: locations are physical line numbers, blank lines counted.
     path.write_text("".join("\n" if r is None else json.dumps(r) + "\n" for r in lines), encoding="utf-8")
     number = "field 'answer': expected a non-empty string, got number"

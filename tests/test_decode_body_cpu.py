@@ -3,6 +3,7 @@ ops, on shapes the tiny test models do not have: head dims that are not a multip
 body's 16-lane dot, three query heads per kv head, Qwen3's q/k norms, attention bias, rows
 at scattered lengths, cache slots past each row poisoned with NaN, and a batch of fewer
 rows than the cache holds."""
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -11,16 +12,20 @@ from hrpo.engine.fast_decoder import FastDecoder
 
 SHAPES = {
     "qwen2-dh12-g3": dict(model_type="qwen2", hidden_size=72, num_attention_heads=6, num_key_value_heads=2),
-    "qwen3-dh40-mqa": dict(model_type="qwen3", hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=40),
-    "llama-dh18-bias": dict(model_type="llama", hidden_size=72, num_attention_heads=4, num_key_value_heads=4,
-                            attention_bias=True),
+    "qwen3-dh40-mqa": dict(
+        model_type="qwen3", hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=40
+    ),
+    "llama-dh18-bias": dict(
+        model_type="llama", hidden_size=72, num_attention_heads=4, num_key_value_heads=4, attention_bias=True
+    ),
 }
 
 
 def model_of(shape: str, seed: int):
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(vocab_size=50, intermediate_size=100, num_hidden_layers=3, max_position_embeddings=256,
-                                  **SHAPES[shape])
+    config = AutoConfig.for_model(
+        vocab_size=50, intermediate_size=100, num_hidden_layers=3, max_position_embeddings=256, **SHAPES[shape]
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # non-trivial norm weights, so a skipped or misplaced norm shows
         for name, p in model.named_parameters():

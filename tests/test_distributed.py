@@ -1,6 +1,7 @@
 """Data-parallel HRPO on torch.distributed (gloo, two CPU processes): each rank rolls out its
 share of the global batch and the run equals a single process with the same global batch and
 seed, step by step and in the updated weights; a killed distributed run resumes."""
+
 import json
 import os
 import signal
@@ -17,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from hrpo.core.distributed import TIMEOUT_ENV, collective_timeout
-from hrpo.engine.rollout_engine import EngineOptions, make_engine
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel
 from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout_engine import EngineOptions, make_engine
+from hrpo.model.hybrid import HybridModel
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCKS = ("elapsed_s", "rollout_tokens_per_s", "time_", "mem_")
@@ -109,13 +110,29 @@ def free_port() -> int:
 
 
 def launch(model_dir, out, procs: int, **env):
-    full = {**os.environ, "TESTS": str(ROOT / "tests"), "MODEL": str(model_dir), "OUT": str(out),
-            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60",  # ranks out of step fail, not hang
-            **{k: str(v) for k, v in env.items()}}
+    full = {
+        **os.environ,
+        "TESTS": str(ROOT / "tests"),
+        "MODEL": str(model_dir),
+        "OUT": str(out),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        TIMEOUT_ENV: "60",  # ranks out of step fail, not hang
+        **{k: str(v) for k, v in env.items()},
+    }
     cmd = [sys.executable, "-c", RUNNER]
     if procs > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-               "--master-port", str(free_port()), "-m", "tests_runner"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(procs),
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "tests_runner",
+        ]
         runner = out.parent / "tests_runner.py"
         runner.write_text(RUNNER)
         full["PYTHONPATH"] = f"{ROOT}{os.pathsep}{out.parent}"
@@ -145,8 +162,10 @@ def finish(proc, timeout=300):
 
 
 def metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(CLOCKS)}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith(CLOCKS)}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -187,13 +206,25 @@ def test_rows_of_a_shared_batch_draw_the_whole_batchs_tokens(model_dir):
     prompts = [tok(f"q{i} ", add_special_tokens=False)["input_ids"] for i in range(4) for _ in range(2)]
     cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=0)
     for kind in ("fast", "reference"):
-        engine = make_engine(hm, MarkerMatcher(tok, "####", model.config.vocab_size), [tok.eos_token_id],
-                             tok.pad_token_id, EngineOptions(), kind=kind)
+        engine = make_engine(
+            hm,
+            MarkerMatcher(tok, "####", model.config.vocab_size),
+            [tok.eos_token_id],
+            tok.pad_token_id,
+            EngineOptions(),
+            kind=kind,
+        )
         whole = engine.generate(prompts, cfg, seed=7)
         halves = [engine.generate(prompts[lo : lo + 4], cfg, seed=7, row_span=(lo, 8)) for lo in (0, 4)]
         width = whole.completion_ids.shape[1]
-        got = torch.cat([torch.nn.functional.pad(h.completion_ids, (0, width - h.completion_ids.shape[1]),
-                                                 value=tok.pad_token_id) for h in halves])
+        got = torch.cat(
+            [
+                torch.nn.functional.pad(
+                    h.completion_ids, (0, width - h.completion_ids.shape[1]), value=tok.pad_token_id
+                )
+                for h in halves
+            ]
+        )
         assert torch.equal(got, whole.completion_ids), kind
         shifted = engine.generate(prompts[4:], cfg, seed=7)  # the same rows as a batch of their own
         assert not torch.equal(shifted.completion_ids[:, :3], whole.completion_ids[4:, :3]), kind
@@ -253,8 +284,7 @@ def test_the_collective_timeout_must_be_seconds(value, monkeypatch):
 
 def plans(out: Path) -> dict[int, list[list[int]]]:
     """Each rank's [step, micro-batches, rollout width] per step (the PLANS hook's log)."""
-    return {r: [json.loads(line) for line in Path(f"{out}-plans-{r}.jsonl").read_text().splitlines()]
-            for r in (0, 1)}
+    return {r: [json.loads(line) for line in Path(f"{out}-plans-{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
 
 
 @pytest.mark.parametrize("fsdp", ["0", "1"])
@@ -301,16 +331,39 @@ def test_reference_loop_under_fsdp_decodes_until_every_rank_is_done(model_dir, t
 
 def test_evaluation_shards_over_ranks_and_merges(single, tmp_path):
     """Two ranks evaluate a share each; rank 0 writes every sample: the same results as one."""
-    args = ["-m", "hrpo.eval", "--task", "arith", "--checkpoint", str(single / "checkpoint"), "--limit", "7",
-            "--batch-size", "2", "--max-new-tokens", "6", "--max-prompt-length", "256", "--quiet"]
+    args = [
+        "-m",
+        "hrpo.eval",
+        "--task",
+        "arith",
+        "--checkpoint",
+        str(single / "checkpoint"),
+        "--limit",
+        "7",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-prompt-length",
+        "256",
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
     runs = {}
     for procs in (1, 2):
         out = tmp_path / f"eval{procs}"
-        launcher = [] if procs == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                          "--master-port", str(free_port())]
-        done = subprocess.run([sys.executable, *launcher, *args, "--output-dir", str(out)], env=env,
-                              capture_output=True, text=True, timeout=300)
+        launcher = (
+            []
+            if procs == 1
+            else ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+        )
+        done = subprocess.run(
+            [sys.executable, *launcher, *args, "--output-dir", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
         runs[procs] = (sorted(samples, key=lambda s: s["index"]), json.loads((out / "results.json").read_text()))

@@ -13,6 +13,7 @@ Python blocks compile and their imports resolve (a third-party package only when
 marked one also runs in a temporary folder.
 Shell variables (`$NODE_RANK`) stand for values the reader supplies and are read as 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,11 @@ def read_blocks(text: str, page: str) -> list[Block]:
         if end is None:
             raise ValueError(f"{page}:{i + 1}: a code block that never closes")
         before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        blocks.append(Block(f"{page}:{i + 2}", opening.group(1).lower(), "\n".join(lines[i + 1:end]) + "\n",
-                            before == RUNS_IN_CI))
+        blocks.append(
+            Block(
+                f"{page}:{i + 2}", opening.group(1).lower(), "\n".join(lines[i + 1 : end]) + "\n", before == RUNS_IN_CI
+            )
+        )
         i = end + 1
     return blocks
 
@@ -188,6 +192,7 @@ def parse_error(parser: argparse.ArgumentParser, args: tuple[str, ...]) -> str |
 
 # --------------------------------------------------------------------------- the extraction
 
+
 def test_extraction_reads_every_form_the_pages_use():
     """Continuations, comments, a quote open over lines, console prompts and their output, env
     prefixes, `&&`, torchrun, scripts, a runs-in-ci mark and a block that is not shell, on a page
@@ -217,7 +222,10 @@ import hrpo
 """
     blocks = read_blocks(page, "page.md")
     assert [(b.where, b.lang, b.runs) for b in blocks] == [
-        ("page.md:4", "bash", True), ("page.md:16", "console", False), ("page.md:21", "python", False)]
+        ("page.md:4", "bash", True),
+        ("page.md:16", "console", False),
+        ("page.md:21", "python", False),
+    ]
     got = [(c.where, c.program, c.args) for b in blocks[:2] for c in read_commands(b)]
     assert got == [
         ("page.md:5", "hrpo.train", ("--max-steps", "2", "--output-dir", "runs/x")),
@@ -259,13 +267,15 @@ def test_every_mark_sits_on_a_block_that_can_run(page):
     for n, line in enumerate(lines):
         if line.strip() != RUNS_IN_CI:
             continue
-        following = next((x.strip() for x in lines[n + 1:] if x.strip()), "")
+        following = next((x.strip() for x in lines[n + 1 :] if x.strip()), "")
         opening = FENCE.match(following)
-        assert opening and opening.group(1).lower() in (*SHELLS, "python"), \
+        assert opening and opening.group(1).lower() in (*SHELLS, "python"), (
             f"{page.relative_to(ROOT)}:{n + 1}: {RUNS_IN_CI} is not followed by a shell or python block"
+        )
 
 
 # --------------------------------------------------------------------------- every command parses
+
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.program.startswith("hrpo")], ids=lambda c: c.where)
 def test_hrpo_command_parses(cmd):
@@ -300,12 +310,20 @@ def test_pytest_commands_collect():
     runs = sorted({c.args for c in COMMANDS if c.program == "pytest"})
     assert runs, "the pages show no pytest command"
     script = COLLECT.format(runs=[list(r) for r in runs])
-    done = subprocess.run([sys.executable, "-c", script], check=False, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
 
 
 # --------------------------------------------------------------------------- marked blocks run
+
 
 def run_env() -> dict[str, str]:
     """The docs' `python` is this interpreter; the checkout is importable; one thread each."""
@@ -316,8 +334,15 @@ def run_env() -> dict[str, str]:
 @pytest.mark.parametrize("block", [b for b in SHELL_BLOCKS if b.runs], ids=lambda b: b.where)
 def test_marked_shell_block_runs(block, tmp_path):
     for where, line in shell_lines(block):
-        done = subprocess.run(["bash", "-c", f"set -eo pipefail\n{line}"], check=False, cwd=tmp_path, env=run_env(),
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            ["bash", "-c", f"set -eo pipefail\n{line}"],
+            check=False,
+            cwd=tmp_path,
+            env=run_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         said = (done.stdout + done.stderr).strip()
         assert done.returncode == 0, f"{where}: `{line}` exited {done.returncode}: {said[-2000:]}"
         runs_hrpo = any(c.program.startswith("hrpo") for c in line_commands(where, line))
@@ -352,6 +377,13 @@ def test_python_block(block, tmp_path):
     if block.runs:
         script = tmp_path / "snippet.py"
         script.write_text(block.body, encoding="utf-8")
-        done = subprocess.run([sys.executable, str(script)], check=False, cwd=tmp_path, env=run_env(),
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            check=False,
+            cwd=tmp_path,
+            env=run_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, f"{block.where}: {done.stderr.strip()[-2000:]}"

@@ -3,6 +3,7 @@
 Under one seed both draw the same Philox noise per (row, step, token), so every token,
 think flag and finish must agree exactly and log-probs / latents to rounding, whatever
 the engine's prefix sharing and compaction do."""
+
 import pytest
 import torch
 from conftest import build_model
@@ -11,11 +12,11 @@ from test_rollout import mix_strongly
 from test_rollout_engine import EXTRA_EOS, PROMPTS, assert_same
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hrpo.engine.rollout_engine import EngineOptions, ReferenceEngine, RolloutEngine, make_engine
-from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel, positions_from_mask
+from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
 from hrpo.engine.rollout import SamplingConfig, left_pad, rollout
+from hrpo.engine.rollout_engine import EngineOptions, ReferenceEngine, RolloutEngine, make_engine
+from hrpo.model.hybrid import HybridModel, positions_from_mask
 
 G = 4
 F32 = dict(latent_dtype=torch.float32)
@@ -44,8 +45,9 @@ def both(hm, tokenizer, prompts, options, seed=7, eos=None, **kw):
     """(reference rollout, engine rollout) of the same prompts, seed and sampling."""
     matcher, eos = MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + (EXTRA_EOS if eos is None else eos)
     sampling = cfg(**kw)
-    ref = rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=seed,
-                  latent_dtype=options.latent_dtype)
+    ref = rollout(
+        hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=seed, latent_dtype=options.latent_dtype
+    )
     engine = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, options)
     return ref, engine.generate(prompts, sampling, seed=seed)
 
@@ -87,8 +89,9 @@ def test_bf16_latents_keep_the_consistency_invariant(arch, tokenizer):
 def test_ragged_prompts_match_one_at_a_time(arch, tokenizer):
     hm = policy(build_model(arch, len(tokenizer), seed=4))
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    engine = RolloutEngine(hm, MarkerMatcher(tokenizer), [tokenizer.eos_token_id], tokenizer.pad_token_id,
-                           EngineOptions(**F32))
+    engine = RolloutEngine(
+        hm, MarkerMatcher(tokenizer), [tokenizer.eos_token_id], tokenizer.pad_token_id, EngineOptions(**F32)
+    )
     sampling = cfg(greedy=True, max_new_tokens=24)
     batch = engine.generate(prompts, sampling)
     for row, p in enumerate(prompts):
@@ -102,10 +105,23 @@ def test_ragged_prompts_match_one_at_a_time(arch, tokenizer):
 def llama3_rope_model(vocab):
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512, attention_bias=True,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=16),
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        attention_bias=True,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
     )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -142,7 +158,9 @@ def test_fast_decoder_matches_hf_forward(tokenizer, which, body):
 
 def lora_policy(tokenizer):
     model = build_model("qwen2", len(tokenizer), seed=5)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -181,8 +199,16 @@ def test_lora_is_merged_and_follows_updates(tokenizer):
 def test_unsupported_models_fall_back_with_one_warning(tokenizer):
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0,
+        model_type="qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
     )
     hm = policy(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
     assert "sliding" in unsupported_reason(hm.causal_lm)
@@ -197,8 +223,15 @@ def test_unsupported_models_fall_back_with_one_warning(tokenizer):
     assert_same(ref, out)
     with pytest.raises(ValueError, match="cannot run"):
         FastDecoder(hm.causal_lm)
-    mistral = AutoConfig.for_model(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    mistral = AutoConfig.for_model(
+        model_type="mistral",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     assert "model_type 'mistral'" in unsupported_reason(AutoModelForCausalLM.from_config(mistral))
 
 
@@ -245,6 +278,7 @@ def test_graph_bookkeeping_matches_eager_steps(tokenizer, monkeypatch):
     engine.graphs = True
     monkeypatch.setattr(engine, "_capture", ReplayByCalling)
     import hrpo.engine.rollout_engine
+
     monkeypatch.setattr(hrpo.engine.rollout_engine, "sampling_is_fused", lambda *a: True)  # as on a GPU
     out = engine.generate(prompts, cfg(), seed=4)
     assert_same(eager, out)
@@ -269,8 +303,8 @@ def test_engine_on_the_fused_kernels_equals_reference(tokenizer, monkeypatch):
     """The engine's GPU-path ops (Triton sample_and_mix with row ids, Triton split-KV
     attention on the cache views, Triton gated_blend) under the interpreter draw the
     reference loop's tokens, compaction on."""
-    import hrpo.engine.rollout_engine
     import hrpo.engine.fast_decoder
+    import hrpo.engine.rollout_engine
     import hrpo.model.gate
     from hrpo_kernels.decode_attention import decode_attention
     from hrpo_kernels.gated_blend import gated_blend_triton
@@ -282,8 +316,11 @@ def test_engine_on_the_fused_kernels_equals_reference(tokenizer, monkeypatch):
     sampling = cfg(max_new_tokens=24)
     ref = rollout(hm, prompts, sampling, matcher, eos, tokenizer.pad_token_id, seed=7)
     monkeypatch.setattr(hrpo.engine.rollout_engine, "sample_and_mix", sample_and_mix_triton)
-    monkeypatch.setattr(hrpo.engine.fast_decoder, "decode_attention",
-                        lambda *a, max_len=None: decode_attention(*a, impl="triton", max_len=max_len))
+    monkeypatch.setattr(
+        hrpo.engine.fast_decoder,
+        "decode_attention",
+        lambda *a, max_len=None: decode_attention(*a, impl="triton", max_len=max_len),
+    )
     monkeypatch.setattr(hrpo.model.gate, "gated_blend", lambda *a, impl=None: gated_blend_triton(*a))
     opts = EngineOptions(compact_below=0.9, cpu_kernels=False, **F32)  # the torch body, which calls decode_attention
     out = RolloutEngine(hm, matcher, eos, tokenizer.pad_token_id, opts).generate(prompts, sampling, seed=7)

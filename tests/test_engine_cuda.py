@@ -1,14 +1,15 @@
 """The engine's GPU path (Triton / CUDA kernels, CUDA graphs), run by benchmarks/gpu_check.sh
 on a lent GPU. On CPU these skip: test_engine.py covers the same code path without graphs."""
+
 import pytest
 import torch
 from conftest import build_model
-from test_engine import G, PROMPTS, WIDE_EOS, policy
+from test_engine import PROMPTS, WIDE_EOS, G, policy
 from test_rollout_engine import assert_same
 
-from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import SamplingConfig, rollout
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's GPU path needs CUDA")
 
@@ -18,8 +19,9 @@ def gpu_policy(arch, tokenizer, dtype):
 
 
 def engine_for(hm, tokenizer, **opts):
-    return RolloutEngine(hm, MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + WIDE_EOS, tokenizer.pad_token_id,
-                         EngineOptions(**opts))
+    return RolloutEngine(
+        hm, MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + WIDE_EOS, tokenizer.pad_token_id, EngineOptions(**opts)
+    )
 
 
 @pytest.mark.parametrize("hybrid", [True, False])

@@ -3,10 +3,10 @@ import json
 import pytest
 from conftest import DATA, build_model, build_tokenizer, needs_data
 
-from hrpo.training.config import config_for
 from hrpo.eval import main as eval_main
 from hrpo.eval import select
 from hrpo.train import train
+from hrpo.training.config import config_for
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,18 @@ def trained(tmp_path_factory):
     build_model("qwen2", len(tok)).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     cfg = config_for(
-        "arith", model=str(root / "base"), output_dir=str(root / "run"), max_steps=1, batch_size=4, group_size=2,
-        max_completion_length=6, max_prompt_length=256, train_limit=4, eval_limit=4, lora_rank=4, lora_alpha=8,
+        "arith",
+        model=str(root / "base"),
+        output_dir=str(root / "run"),
+        max_steps=1,
+        batch_size=4,
+        group_size=2,
+        max_completion_length=6,
+        max_prompt_length=256,
+        train_limit=4,
+        eval_limit=4,
+        lora_rank=4,
+        lora_alpha=8,
     )
     train(cfg, progress=False)
     return root
@@ -28,8 +38,22 @@ def samples_of(out):
 
 
 def arith_args(trained, out, *extra):
-    return ["--task", "arith", "--checkpoint", str(trained / "run" / "checkpoint"), "--limit", "5",
-            "--max-new-tokens", "6", "--max-prompt-length", "256", "--output-dir", str(out), "--quiet", *extra]
+    return [
+        "--task",
+        "arith",
+        "--checkpoint",
+        str(trained / "run" / "checkpoint"),
+        "--limit",
+        "5",
+        "--max-new-tokens",
+        "6",
+        "--max-prompt-length",
+        "256",
+        "--output-dir",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("hybrid", ["--hybrid", "--no-hybrid"])
@@ -39,11 +63,18 @@ def test_eval_checkpoint_writes_results_and_samples(trained, tmp_path, hybrid):
     row = json.loads((out / "results.json").read_text())["benchmarks"]["arith"]
     samples = samples_of(out)
     assert row["n"] == 5 and len(samples) == 5 and row["metric"] == "accuracy" and row["protocol"] == "paper"
-    assert row["decoding"] == {"greedy": True, "temperature": 0.5, "top_k": 50, "max_new_tokens": 6,
-                               "hybrid": hybrid == "--hybrid"}
+    assert row["decoding"] == {
+        "greedy": True,
+        "temperature": 0.5,
+        "top_k": 50,
+        "max_new_tokens": 6,
+        "hybrid": hybrid == "--hybrid",
+    }
     assert row["model"] == str(trained / "base")  # the base comes from the checkpoint
     assert row["checkpoint"] == str(trained / "run" / "checkpoint") and row["seconds"] > 0
-    assert {"index", "prompt", "completion", "extracted", "golds", "correct", "completion_tokens", "gate_mean"} <= set(samples[0])
+    assert {"index", "prompt", "completion", "extracted", "golds", "correct", "completion_tokens", "gate_mean"} <= set(
+        samples[0]
+    )
     assert row["value"] == sum(s["correct"] for s in samples) / 5
     if hybrid == "--hybrid":  # completions that blended at least once report their gate
         gates = [s["gate_mean"] for s in samples if s["gate_mean"] is not None]
@@ -107,8 +138,21 @@ def test_compare_prints_and_draws(trained, tmp_path, capsys):
 @needs_data
 def test_eval_base_model_on_real_gsm8k(trained, tmp_path, capsys):
     out = tmp_path / "gsm8k"
-    args = ["--task", "gsm8k", "--model", str(trained / "base"), "--data-root", str(DATA), "--limit", "3",
-            "--max-new-tokens", "4", "--output-dir", str(out), "--quiet"]
+    args = [
+        "--task",
+        "gsm8k",
+        "--model",
+        str(trained / "base"),
+        "--data-root",
+        str(DATA),
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--output-dir",
+        str(out),
+        "--quiet",
+    ]
     assert eval_main(args) == 0, capsys.readouterr().err
     row = json.loads((out / "results.json").read_text())["benchmarks"]["gsm8k"]
     assert row["n"] == 3 and row["value"] == 0.0  # 4 random tokens never hold the marker
@@ -139,21 +183,59 @@ def test_the_whole_table_from_the_shared_data_layout(tmp_path, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = build_tokenizer()
-    cfg = AutoConfig.for_model("qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16384)
+    cfg = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16384,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     corpus = tmp_path / "corpus.jsonl"
     shutil.copy(DATA / "wiki_corpus" / "hipporag_2wiki_dev_corpus.jsonl", corpus)
     out = tmp_path / "all"
-    args = ["--task", "all", "--model", str(tmp_path / "model"), "--data-root", str(DATA), "--corpus", str(corpus),
-            "--limit", "2", "--max-new-tokens", "2", "--max-prompt-length", "16000", "--output-dir", str(out), "--quiet"]
+    args = [
+        "--task",
+        "all",
+        "--model",
+        str(tmp_path / "model"),
+        "--data-root",
+        str(DATA),
+        "--corpus",
+        str(corpus),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--max-prompt-length",
+        "16000",
+        "--output-dir",
+        str(out),
+        "--quiet",
+    ]
     assert eval_main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     rows = json.loads((out / "results.json").read_text())["benchmarks"]
-    assert list(rows) == ["gsm8k", "math", "math500", "mmlu-stem", "arc-c", "nq", "triviaqa", "hotpotqa", "2wiki", "bamboogle"]
+    assert list(rows) == [
+        "gsm8k",
+        "math",
+        "math500",
+        "mmlu-stem",
+        "arc-c",
+        "nq",
+        "triviaqa",
+        "hotpotqa",
+        "2wiki",
+        "bamboogle",
+    ]
     assert all(r["n"] == 2 for r in rows.values())
-    assert rows["nq"]["metric"] == "exact_match" and "f1" in rows["nq"] and rows["math"]["decoding"]["max_new_tokens"] == 2
+    assert (
+        rows["nq"]["metric"] == "exact_match" and "f1" in rows["nq"] and rows["math"]["decoding"]["max_new_tokens"] == 2
+    )
     samples = samples_of(out)
     wiki = [s for s in samples if s["task"] == "2wiki"]
     assert all(s["prompt"].startswith("Context (which may or may not be relevant):\n") for s in wiki)

@@ -1,15 +1,16 @@
 """`hrpo.eval --checkpoint` evaluates exactly the policy that was trained: the adapters and
 the gate it loads are bit-identical to the in-memory ones, and its engine decodes what the
 in-memory policy's engine decodes, in bf16 (adapters applied unmerged) and fp32 (merged)."""
+
 import pytest
 import torch
 
-from hrpo.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from hrpo.training.config import config_for
-from hrpo.engine.rollout_engine import make_engine
-from hrpo.model.loading import build_policy, eos_token_ids, load_base_model
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout_engine import make_engine
+from hrpo.model.loading import build_policy, eos_token_ids, load_base_model
+from hrpo.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from hrpo.training.config import config_for
 
 
 def loaded_as_eval_does(path, dtype):
@@ -17,15 +18,20 @@ def loaded_as_eval_does(path, dtype):
     checkpoint loaded into it."""
     meta = read_checkpoint_meta(path)
     model, tok = load_base_model(meta["base_model"], torch.device("cpu"), dtype)
-    cfg = config_for("arith", lora_rank=meta["lora"]["rank"], lora_alpha=meta["lora"]["alpha"],
-                     lora_targets=tuple(meta["lora"]["targets"]))
+    cfg = config_for(
+        "arith",
+        lora_rank=meta["lora"]["rank"],
+        lora_alpha=meta["lora"]["alpha"],
+        lora_targets=tuple(meta["lora"]["targets"]),
+    )
     return load_checkpoint(build_policy(model, cfg), path), tok, model
 
 
 def greedy(hm, tok, model):
     """Greedy completions as hrpo.eval decodes (its matcher, eos ids and engine)."""
-    engine = make_engine(hm.eval(), MarkerMatcher(tok, "####", model.config.vocab_size), eos_token_ids(model, tok),
-                         tok.pad_token_id)
+    engine = make_engine(
+        hm.eval(), MarkerMatcher(tok, "####", model.config.vocab_size), eos_token_ids(model, tok), tok.pad_token_id
+    )
     prompts = [tok.encode(t) for t in ["Tom has 12 apples and buys 7 more.", "What is 3 * 4 - 5?", "x"]]
     return engine.generate(prompts, SamplingConfig(max_new_tokens=16, greedy=True, temperature=0.5, top_k=50))
 

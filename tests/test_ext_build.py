@@ -1,6 +1,7 @@
 """The extension's keyed, atomically published JIT build (hrpo_kernels/_ext.py): the key
 follows every input of the build, racing builders publish one complete build, a corrupt or
 stale build is never loaded, and a published build imports without a compiler."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,7 @@ class FakeBuild:
         step = len(data) // CHUNKS + 1
         with open(Path(build_dir) / f"{name}.so", "wb") as f:
             for i in range(0, len(data), step):
-                f.write(data[i:i + step])
+                f.write(data[i : i + step])
                 f.flush()
                 time.sleep(self.pause_s)
 
@@ -66,6 +67,7 @@ def _published(root: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------- the key
+
 
 def test_key_follows_sources_headers_flags_and_versions(tmp_path, monkeypatch):
     csrc = tmp_path / "csrc"
@@ -128,6 +130,7 @@ def test_edited_source_gets_its_own_build_and_stale_one_is_not_loaded(tmp_path, 
 
 
 # ---------------------------------------------------------------------------------- publish
+
 
 def test_racing_builders_publish_one_complete_build(tmp_path, monkeypatch):
     """Builders racing on one root all end up with the one published build; the published
@@ -197,8 +200,11 @@ def test_corrupt_published_build_is_set_aside_and_rebuilt(tmp_path, monkeypatch)
 def test_stale_temporary_folders_are_ignored_and_old_ones_removed(tmp_path, monkeypatch):
     FakeBuild(monkeypatch)
     name = f"hrpo_kernels_ext_cpu_{_ext.build_key(True, DEFAULT_CPU_FLAGS, [], _ext.LD_FLAGS)[:12]}"
-    old_tmp, fresh_tmp, old_bad = (tmp_path / f".tmp-{name}-old", tmp_path / f".tmp-{name}-live",
-                                   tmp_path / f".bad-{name}-old")
+    old_tmp, fresh_tmp, old_bad = (
+        tmp_path / f".tmp-{name}-old",
+        tmp_path / f".tmp-{name}-live",
+        tmp_path / f".bad-{name}-old",
+    )
     for folder in (old_tmp, fresh_tmp, old_bad):  # half-written modules of killed (or live) builds
         folder.mkdir()
         (folder / f"{name}.so").write_bytes(_payload(name)[:10])
@@ -213,6 +219,7 @@ def test_stale_temporary_folders_are_ignored_and_old_ones_removed(tmp_path, monk
 
 
 # ---------------------------------------------------------------------------------- packaging
+
 
 def _copy_project(dest: Path) -> Path:
     """What setuptools packages, copied from the checkout (builds never write into it)."""
@@ -233,10 +240,36 @@ def test_wheel_and_sdist_carry_the_extension_sources(tmp_path):
     sources = sorted(p.name for p in (REPO / "hrpo_kernels" / "csrc").iterdir())
     assert {"bindings.cpp", "philox.h", "topk_sample.cu"} <= set(sources)
     env = dict(os.environ, HRPO_BUILD_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(src)], check=True, env=env, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path / 'dist')!r})"],
-                   cwd=src, check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path / 'dist')!r})",
+        ],
+        cwd=src,
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("hrpo-*.whl")
     (sdist,) = (tmp_path / "dist").glob("hrpo-*.tar.gz")
     with zipfile.ZipFile(wheel) as z:
@@ -245,15 +278,24 @@ def test_wheel_and_sdist_carry_the_extension_sources(tmp_path):
     with tarfile.open(sdist) as t:
         in_sdist = sorted(n.split("/")[-1] for n in t.getnames() if "/hrpo_kernels/csrc/" in n)
     assert in_wheel == sources and in_sdist == sources
-    script = ("from hrpo_kernels import _ext\n"
-              "print(_ext.CSRC, *[s for s in _ext.CPU_SOURCES + _ext.CUDA_SOURCES if not (_ext.CSRC / s).is_file()])\n")
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))
+    script = (
+        "from hrpo_kernels import _ext\n"
+        "print(_ext.CSRC, *[s for s in _ext.CPU_SOURCES + _ext.CUDA_SOURCES if not (_ext.CSRC / s).is_file()])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(tmp_path / "site" / "hrpo_kernels" / "csrc")]
 
 
 # ---------------------------------------------------------------------------------- real build
+
 
 def test_published_build_loads_without_a_compiler(tmp_path_factory):
     """The session's real build (the `ext` fixture's root in tests/test_ext_cpu.py; built here
@@ -274,12 +316,12 @@ def test_published_build_loads_without_a_compiler(tmp_path_factory):
         "print(dt, mod.__file__, *mod.philox4x32_10([0, 0, 0, 0], [0, 0]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), CXX="/bin/false", CC="/bin/false")
-    out = subprocess.run([sys.executable, "-c", script, str(root)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(root)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compiling" not in out.stderr
     seconds, file, *words = out.stdout.split()
     assert file == mod.__file__ and Path(file).parent.parent == root
     assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     assert float(seconds) < 2.0, f"a warm load took {float(seconds):.1f} s"
-

@@ -1,5 +1,6 @@
 """The C++ twins of the extension (CPU-only JIT build) against the pure-torch references,
 Philox known answers, and a compile check of every hrpo_kernels/csrc/*.cu with nvcc."""
+
 from __future__ import annotations
 
 import shutil
@@ -42,6 +43,7 @@ def ext(tmp_path_factory):
 def test_first_build_is_announced(tmp_path, monkeypatch, capsys):
     """A build that compiles says so on stderr (it takes a minute); loading the published build
     of the same key stays quiet. The compile and import steps are stubbed."""
+
     def fake_compile(name, build_dir, *args):
         (build_dir / f"{name}.so").write_bytes(b"module")
 
@@ -70,8 +72,11 @@ def _poisoned(B, D):
 KAT = [  # Random123 kat_vectors, philox4x32 10 rounds: counter words, key words -> output
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -100,8 +105,9 @@ def test_topk_twin_matches_reference(ext, emb_dtype, k, temperature, greedy):
     logits = torch.randn(B, V, generator=g) * 3
     emb = torch.randn(V, D, generator=g).to(emb_dtype)
     out = _poisoned(B, D)
-    tok, lp, h = topk_sample_mix(logits, emb, k, temperature, greedy, seed=_seed(42), offset=_seed(7), out=out,
-                                 impl="ext")
+    tok, lp, h = topk_sample_mix(
+        logits, emb, k, temperature, greedy, seed=_seed(42), offset=_seed(7), out=out, impl="ext"
+    )
     assert all(o is r for o, r in zip(out, (tok, lp, h)))
     _, idx = torch.topk(logits, k, dim=-1)
     assert bool((idx == tok[:, None]).any(-1).all()), "sampled token outside the top-k set"
@@ -197,8 +203,9 @@ def test_topk_twin_chi_square(ext):
     emb = torch.zeros(V, 8)
     counts = torch.zeros(k)
     for step in range(10):  # 20000 draws: 2000 rows x 10 offsets
-        tok = topk_sample_mix(logits, emb, k, temperature, seed=_seed(2024), offset=_seed(step * rows * V),
-                              impl="ext")[0]
+        tok = topk_sample_mix(logits, emb, k, temperature, seed=_seed(2024), offset=_seed(step * rows * V), impl="ext")[
+            0
+        ]
         counts += (tok[:, None] == idx[None, :]).sum(0).float()
     assert counts.sum() == 10 * rows
     assert _chi2(counts, p) < CHI2_DF9_P001
@@ -220,10 +227,18 @@ def test_topk_dispatch(ext, monkeypatch):
     emb = torch.randn(V, D, generator=g)
     called = []
     real = ext.topk_sample_mix
-    monkeypatch.setattr(_ext, "_cached", type("Spy", (), {
-        "has_cuda": staticmethod(lambda: False),
-        "topk_sample_mix": staticmethod(lambda *a: (called.append(1), real(*a))),
-    })())
+    monkeypatch.setattr(
+        _ext,
+        "_cached",
+        type(
+            "Spy",
+            (),
+            {
+                "has_cuda": staticmethod(lambda: False),
+                "topk_sample_mix": staticmethod(lambda *a: (called.append(1), real(*a))),
+            },
+        )(),
+    )
     tok, _, _ = topk_sample_mix(logits, emb, 5, 1.0, greedy=True)  # CPU default: the reference
     assert torch.equal(tok, logits.argmax(-1)) and not called
     topk_sample_mix(logits, emb, 5, 1.0, impl="ext")
@@ -260,8 +275,13 @@ def test_sample_and_mix_ext_path_matches_reference(ext, monkeypatch):
         torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
 
 
-LATENT_MODES = [LatentParams("hrpo", temperature=0.6), LatentParams("soft"), LatentParams("moi", beta=0.7),
-                LatentParams("soft-noise", noise_std=0.25), LatentParams("gumbel-soft", gumbel_tau=0.4)]
+LATENT_MODES = [
+    LatentParams("hrpo", temperature=0.6),
+    LatentParams("soft"),
+    LatentParams("moi", beta=0.7),
+    LatentParams("soft-noise", noise_std=0.25),
+    LatentParams("gumbel-soft", gumbel_tau=0.4),
+]
 
 
 @pytest.mark.parametrize("params", LATENT_MODES, ids=lambda p: p.mode)
@@ -275,10 +295,22 @@ def test_topk_twin_latent_modes_match_reference(ext, params, emb_dtype, greedy):
     emb = torch.randn(V, D, generator=g).to(emb_dtype)
     rid = torch.tensor([4, 0, 2])
     out = _poisoned(B, D)
-    tok, lp, x = topk_sample_mix(logits, emb, 13, 0.9, greedy, seed=_seed(8), offset=_seed(3 * V), row_ids=rid,
-                                 out=out, impl="ext", latent=params)
-    rtok, rlp, rx = topk_sample_mix(logits, emb, 13, 0.9, greedy, seed=_seed(8), offset=_seed(3 * V), row_ids=rid,
-                                    impl="reference", latent=params)
+    tok, lp, x = topk_sample_mix(
+        logits,
+        emb,
+        13,
+        0.9,
+        greedy,
+        seed=_seed(8),
+        offset=_seed(3 * V),
+        row_ids=rid,
+        out=out,
+        impl="ext",
+        latent=params,
+    )
+    rtok, rlp, rx = topk_sample_mix(
+        logits, emb, 13, 0.9, greedy, seed=_seed(8), offset=_seed(3 * V), row_ids=rid, impl="reference", latent=params
+    )
     assert torch.equal(tok, rtok)
     torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x, rx, rtol=1e-5, atol=2e-5)
@@ -367,8 +399,10 @@ def test_step_controller_twin_matches_reference(ext, table_dtype, state_dtype, l
     table = _table(table_dtype)
     hash_heavy = torch.tensor([1.0, 0.3, 4, 3, 2, 1, 2, 2, 1, 2, 1, 0.5, 1, 0.3, 1])
     runs = {}
-    for name, fn in (("twin", lambda *a, **kw: step_controller(*a, **kw, impl="ext")),
-                     ("ref", step_controller_reference)):
+    for name, fn in (
+        ("twin", lambda *a, **kw: step_controller(*a, **kw, impl="ext")),
+        ("ref", step_controller_reference),
+    ):
         gg = torch.Generator().manual_seed(123)
         state = torch.zeros(Bn, dtype=state_dtype)
         finished = torch.zeros(Bn, dtype=torch.bool)
@@ -425,8 +459,20 @@ def test_step_controller_matches_rollout_semantics(ext):
     t = torch.zeros(1, dtype=torch.int64)
     bufs = StepBuffers.allocate(Bn, T, 4, pad_id=PAD)
     for col in range(T):
-        step_controller(table, state, finished, seq[:, col], torch.zeros(Bn), torch.zeros(Bn, 4), EOS_IDS, PAD, t, T,
-                        bufs, impl="ext")
+        step_controller(
+            table,
+            state,
+            finished,
+            seq[:, col],
+            torch.zeros(Bn),
+            torch.zeros(Bn, 4),
+            EOS_IDS,
+            PAD,
+            t,
+            T,
+            bufs,
+            impl="ext",
+        )
     assert bufs.tokens.tolist() == [[5, 2, 3, 8, 1, PAD], [4, 6, 2, 9, 8, 14], [11, 5, 5, 5, 5, 5]]
     assert bufs.mask.tolist() == [[True] * 5 + [False], [True] * 6, [True] * 6]
     # row 0: "a" "#" "##" "1" <eos>: "###" then "1", no marker, thinks until its EOS (included);
@@ -443,13 +489,25 @@ def test_step_controller_errors_are_one_line(ext):
     table = _table(torch.int64)
     bufs = StepBuffers.allocate(3, 4, 2)
     with pytest.raises(RuntimeError) as info:
-        step_controller(table, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.bool),
-                        torch.zeros(3, dtype=torch.int64), torch.zeros(3), torch.zeros(3, 2), EOS_IDS, PAD,
-                        torch.zeros(1, dtype=torch.int64), 4, bufs, impl="ext")
+        step_controller(
+            table,
+            torch.zeros(3, dtype=torch.int64),
+            torch.zeros(2, dtype=torch.bool),
+            torch.zeros(3, dtype=torch.int64),
+            torch.zeros(3),
+            torch.zeros(3, 2),
+            EOS_IDS,
+            PAD,
+            torch.zeros(1, dtype=torch.int64),
+            4,
+            bufs,
+            impl="ext",
+        )
     assert "finished" in str(info.value).splitlines()[0]
 
 
 # ------------------------------------------------------------------------------ nvcc compile
+
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_sources_compile(tmp_path):
@@ -457,8 +515,15 @@ def test_cuda_sources_compile(tmp_path):
     sources = sorted(CSRC.glob("*.cu"))
     assert sources
     procs = [
-        (src, subprocess.Popen(["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / f"{src.stem}.o")],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        (
+            src,
+            subprocess.Popen(
+                ["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / f"{src.stem}.o")],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        )
         for src in sources
     ]
     failures = []

@@ -1,5 +1,6 @@
 """Faults: non-finite rewards, losses and gradients skip their update; a reward function
 that raises or hangs costs its completions, not the run; a broken one is one line."""
+
 import json
 import math
 import time
@@ -55,7 +56,9 @@ def test_too_many_skips_in_a_row_stop_the_run_with_a_checkpoint(model_dir, tmp_p
 
     run = tmp_path / "run"
     cfg = small_config(model_dir, run, max_steps=6, max_skipped_in_a_row=3, save_every=0, eval_limit=2)
-    with pytest.raises(TrainingStopped, match=r"^stopped at step 2: 3 updates in a row were skipped \(last: non-finite reward\)"):
+    with pytest.raises(
+        TrainingStopped, match=r"^stopped at step 2: 3 updates in a row were skipped \(last: non-finite reward\)"
+    ):
         train(cfg, reward_fn=always_nan, progress=False)
     recs = records(run)
     assert [r["skipped"] for r in recs] == ["non-finite reward"] * 3
@@ -70,7 +73,9 @@ def test_non_finite_loss_and_gradient_skip_the_update(model_dir, tmp_path, monke
 
     # Micro-batches of one group each: the second one's loss is NaN after the first one's
     # backward has already run, and the whole update must still be dropped.
-    trainer = Trainer(small_config(model_dir, tmp_path / "run", max_steps=4, micro_batch_tokens=1), None, progress=False)
+    trainer = Trainer(
+        small_config(model_dir, tmp_path / "run", max_steps=4, micro_batch_tokens=1), None, progress=False
+    )
     trainer.open_run()
     real, calls = hrpo.training.update.per_token_terms, []
 
@@ -107,8 +112,10 @@ def test_reward_errors_score_zero_and_are_counted(model_dir, tmp_path, recwarn):
     rewards, errors = score(picky, comps, ["?"] * 4)
     assert rewards == [1.0, 0.0, 1.0, 0.0] and errors == 2
     msg = str(recwarn.pop(RuntimeWarning).message)
-    assert msg == ("reward function picky: 2 of 4 completions scored 0 because the call failed "
-                   "(first: completion 1, ZeroDivisionError: cannot score this one)")
+    assert msg == (
+        "reward function picky: 2 of 4 completions scored 0 because the call failed "
+        "(first: completion 1, ZeroDivisionError: cannot score this one)"
+    )
     # Through training: the counts reach the metrics and the summary.
     run = tmp_path / "run"
 
@@ -135,13 +142,16 @@ def test_a_hanging_reward_call_times_out(recwarn):
     assert "RewardTimeout: took longer than 0.2 s" in str(recwarn.pop(RuntimeWarning).message)
 
 
-@pytest.mark.parametrize("returned,message", [
-    (None, "reward function broken returned NoneType, expected a list of 3 numbers"),
-    ([1.0, 0.0], "reward function broken returned 2 values for 3 completions"),
-    ("110", "reward function broken returned str, expected a list of 3 numbers"),
-    ([1.0, None, 0.0], "reward function broken returned NoneType for completion 1, expected a number"),
-    ([1.0, "0", 0.0], "reward function broken returned str for completion 1, expected a number"),
-])
+@pytest.mark.parametrize(
+    "returned,message",
+    [
+        (None, "reward function broken returned NoneType, expected a list of 3 numbers"),
+        ([1.0, 0.0], "reward function broken returned 2 values for 3 completions"),
+        ("110", "reward function broken returned str, expected a list of 3 numbers"),
+        ([1.0, None, 0.0], "reward function broken returned NoneType for completion 1, expected a number"),
+        ([1.0, "0", 0.0], "reward function broken returned str for completion 1, expected a number"),
+    ],
+)
 def test_a_broken_reward_function_is_one_line(returned, message):
     def broken(completions, answers):
         return returned

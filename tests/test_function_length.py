@@ -1,5 +1,6 @@
 """No function in hrpo/ is over 60 lines unless it says why: `# long: <reason>` on the line
 before its `def` (or before its decorators), or in its docstring."""
+
 from __future__ import annotations
 
 import ast
@@ -65,7 +66,8 @@ def test_the_check_counts_lines_and_reads_reasons(tmp_path):
         + function("empty_reason", 80, above="# long:")
         + function("documented", 80, doc="Why. # long: one table, row by row")
         + function("decorated", 70, above="# long: the decode loop as the paper writes it", decorator="@staticmethod")
-        + "# long: a blank line away from its def\n\n" + function("reason_too_far", 70)
+        + "# long: a blank line away from its def\n\n"
+        + function("reason_too_far", 70)
     )
     (pkg / "sub" / "b.py").write_text("class C:\n" + textwrap.indent(function("method", 61), "    "))
     assert long_functions(pkg) == [

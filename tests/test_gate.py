@@ -77,5 +77,14 @@ def test_init_starts_on_token_embeddings():
 
 def test_reference_is_exported_with_spec_signature():
     e = torch.randn(2, 4)
-    out, a = gated_blend_reference(e, e, torch.zeros(2, dtype=torch.bool), torch.eye(4), torch.zeros(4), torch.eye(4), torch.zeros(4), torch.zeros(4))
+    out, a = gated_blend_reference(
+        e,
+        e,
+        torch.zeros(2, dtype=torch.bool),
+        torch.eye(4),
+        torch.zeros(4),
+        torch.eye(4),
+        torch.zeros(4),
+        torch.zeros(4),
+    )
     assert torch.equal(out, e) and a.shape == (2, 4)

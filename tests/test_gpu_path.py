@@ -5,6 +5,7 @@ noise, host checks every check_every steps, prefix sharing, compaction) and one 
 step on it (hrpo.training.update with the fused token_logprobs / gated_blend / lora_linear), checked
 against the reference loop and the eager update, in fp32 and bf16, on the embedded model and
 a random Llama. Spies on the launchers make sure the GPU branches ran."""
+
 import importlib
 import os
 
@@ -13,13 +14,13 @@ import torch
 from conftest import build_model, build_tokenizer
 
 import hrpo.engine.rollout_engine
-from hrpo.training.config import config_for
-from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
-from hrpo.model.loading import build_policy, load_base_model
 from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import format_prompt
 from hrpo.engine.rollout import SamplingConfig, rollout
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.model.loading import build_policy, load_base_model
 from hrpo.tasks.synthetic import synthetic_split
+from hrpo.training.config import config_for
 from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 from hrpo_kernels._common import GPU_PATH_ENV, StandInGraph, gpu_path_mode, on_gpu_path, stream_capturing, use_fused
 from hrpo_kernels._ext import ext_for, load_extension
@@ -89,8 +90,15 @@ def setup(which: str, dtype: torch.dtype):
 
 def update(hm, batch, max_completion_length):
     """One training step's gradients (the gate's and LoRA's) on a rollout, two micro-batches."""
-    s = UpdateSettings(temperature=TEMP, hybrid=True, beta=0.04, epsilon=0.2, loss_norm="grpo",
-                       max_completion_length=max_completion_length, micro_batch_tokens=1)  # one group each
+    s = UpdateSettings(
+        temperature=TEMP,
+        hybrid=True,
+        beta=0.04,
+        epsilon=0.2,
+        loss_norm="grpo",
+        max_completion_length=max_completion_length,
+        micro_batch_tokens=1,
+    )  # one group each
     plan = micro_batches(batch, s.micro_batch_tokens)
     assert len(plan) == 2
     ref = reference_logprobs(hm, batch, plan, s)

@@ -1,5 +1,6 @@
 """Every flag of the command lines explained: help text, the default a run really gets, the
 choices it accepts, the sections they sit in; what counts a step."""
+
 import argparse
 import dataclasses
 import os
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from hrpo.core.errors import ConfigError
-from hrpo.training.config import TrainConfig, config_for, flag, validate_config
 from hrpo.data import build_parser as data_parser
 from hrpo.retrieve import build_parser as retrieve_parser
 from hrpo.train import build_parser as train_parser
+from hrpo.training.config import TrainConfig, config_for, flag, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_TASKS = ("arith", "gsm8k", "math", "mmlu", "rag-qa")
@@ -71,8 +72,9 @@ def as_typed(value) -> str:
 
 @pytest.mark.parametrize("parser", [train_parser, data_parser, retrieve_parser], ids=["train", "data", "retrieve"])
 def test_every_action_has_help(parser):
-    missing = [f"{p.prog}: {a.option_strings or a.dest}" for p, a in all_actions(parser())
-               if not (a.help or "").strip()]
+    missing = [
+        f"{p.prog}: {a.option_strings or a.dest}" for p, a in all_actions(parser()) if not (a.help or "").strip()
+    ]
     assert missing == []
 
 
@@ -84,10 +86,24 @@ def test_every_config_field_has_one_flag_in_one_section():
     assert sorted(flags) == sorted(fields)
     assert all(flags[name] == "--" + name.replace("_", "-") for name in fields)
     titles = [g.title for g in parser._action_groups][2:]  # after argparse's own two
-    assert titles == ["model and data", "rollout", "loss", "optimisation", "runs and checkpoints",
-                      "logging and evaluation", "distributed"]
-    placed = {"model": "model and data", "temperature": "rollout", "beta": "loss", "lr_lora": "optimisation",
-              "save_every": "runs and checkpoints", "report_to": "logging and evaluation", "fsdp": "distributed"}
+    assert titles == [
+        "model and data",
+        "rollout",
+        "loss",
+        "optimisation",
+        "runs and checkpoints",
+        "logging and evaluation",
+        "distributed",
+    ]
+    placed = {
+        "model": "model and data",
+        "temperature": "rollout",
+        "beta": "loss",
+        "lr_lora": "optimisation",
+        "save_every": "runs and checkpoints",
+        "report_to": "logging and evaluation",
+        "fsdp": "distributed",
+    }
     assert {name: sections[name] for name in placed} == placed
     assert all(sections[name] in titles for name in fields)
 
@@ -102,11 +118,14 @@ def test_help_shows_defaults_choices_and_what_a_step_is(monkeypatch):
     assert "arith,bamboogle,gsm8k,hotpotqa,math,math500," in option_line(text, "--task")
     # Recipes, worked out by hand from the paper's runs and the CPU task's
     assert option_line(text, "--group-size").endswith(
-        "(default: the task's recipe (arith/math/mmlu: 8, gsm8k/rag-qa: 4))")
+        "(default: the task's recipe (arith/math/mmlu: 8, gsm8k/rag-qa: 4))"
+    )
     assert option_line(text, "--lr-lora").endswith(
-        "(default: the task's recipe (arith: 0.0005, gsm8k/math/mmlu/rag-qa: 5e-06))")
+        "(default: the task's recipe (arith: 0.0005, gsm8k/math/mmlu/rag-qa: 5e-06))"
+    )
     assert option_line(text, "--system-prompt").endswith(
-        "(default: the task's recipe (arith: off, gsm8k/math/mmlu/rag-qa: on))")
+        "(default: the task's recipe (arith: off, gsm8k/math/mmlu/rag-qa: on))"
+    )
     assert option_line(text, "--hybrid").endswith("(default: on)")
     max_steps = option_line(text, "--max-steps")
     assert "optimizer steps" in max_steps and "max-steps x --grad-accum / --num-iterations device steps" in max_steps
@@ -114,8 +133,10 @@ def test_help_shows_defaults_choices_and_what_a_step_is(monkeypatch):
     for name in ("--save-every", "--eval-every", "--grad-accum"):
         assert "optimizer step" in option_line(text, name), name
     description = " ".join(text.split("options:")[0].split())
-    assert ("A device step rolls out --batch-size completions (over all processes) and runs --num-iterations backward "
-            "passes on them; an optimizer step is taken every --grad-accum backward passes") in description
+    assert (
+        "A device step rolls out --batch-size completions (over all processes) and runs --num-iterations backward "
+        "passes on them; an optimizer step is taken every --grad-accum backward passes"
+    ) in description
 
 
 @pytest.mark.parametrize("task", RECIPE_TASKS)
@@ -130,9 +151,16 @@ def test_shown_default_is_what_a_run_gets(task):
         assert shown_default(action, task) == as_typed(getattr(resolved, action.dest)), (task, action.dest)
 
 
-@pytest.mark.parametrize("name,good,bad", [("dtype", "bfloat16", "float8"), ("engine", "reference", "vllm"),
-                                           ("loss_norm", "dr_grpo", "mean"), ("report_to", "tensorboard", "wandb"),
-                                           ("task", "math500", "gsm9k")])
+@pytest.mark.parametrize(
+    "name,good,bad",
+    [
+        ("dtype", "bfloat16", "float8"),
+        ("engine", "reference", "vllm"),
+        ("loss_norm", "dr_grpo", "mean"),
+        ("report_to", "tensorboard", "wandb"),
+        ("task", "math500", "gsm9k"),
+    ],
+)
 def test_choices_are_the_values_a_config_accepts(name, good, bad, capsys):
     """The parser refuses what validation would, and lists exactly what validation lets through."""
     parser = train_parser()
@@ -153,8 +181,14 @@ def test_choices_are_the_values_a_config_accepts(name, good, bad, capsys):
 
 def test_data_prepare_usage_names_the_command_once():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "hrpo.data", "prepare", "--help"], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "hrpo.data", "prepare", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     usage = out.stdout.split("\n\n")[0]
     assert usage.startswith("usage: python -m hrpo.data prepare [-h] --task")

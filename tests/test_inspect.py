@@ -1,7 +1,7 @@
 import json
 import subprocess
-from html.parser import HTMLParser
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -10,17 +10,17 @@ from conftest import build_model, build_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from hrpo.training.checkpoint import save_checkpoint
-from hrpo.training.config import config_for
+from hrpo.core.marker import MarkerMatcher
+from hrpo.core.prompts import encode_prompts
+from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
 from hrpo.inspect import Position, Trace, aggregates, describe, html_page, nearest_tokens, teacher_force, text_script
 from hrpo.inspect.cli import main
 from hrpo.inspect.scripts import cross_lingual
-from hrpo.model.loading import build_policy, eos_token_ids, load_base_model
-from hrpo.core.marker import MarkerMatcher
 from hrpo.model.hybrid import HybridModel
-from hrpo.core.prompts import encode_prompts
-from hrpo.engine.rollout import SamplingConfig
+from hrpo.model.loading import build_policy, eos_token_ids, load_base_model
+from hrpo.training.checkpoint import save_checkpoint
+from hrpo.training.config import config_for
 
 C = 8.0  # the paper's constant, written here rather than read from the module under test
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +32,32 @@ def test_nearest_tokens_on_a_hand_built_embedding():
     sims, ids = nearest_tokens(h, E, k=3, chunk=2)  # two chunks
     assert ids[0, 0] == 2 and sims[0, 0] == pytest.approx(1.0)  # a scaled row is its own nearest, cosine 1
     assert ids[1].tolist()[0] == 3 and sims[1, 0] == pytest.approx(1.0)
-    assert sorted(ids[1, 1:].tolist()) == [0, 1] and sims[1, 1] == pytest.approx(2 ** -0.5)
+    assert sorted(ids[1, 1:].tolist()) == [0, 1] and sims[1, 1] == pytest.approx(2**-0.5)
     assert ids[2].tolist() == [0, 3, 1]  # cosines 0.98, 0.83, 0.20 worked out by hand
-    assert sims[2].tolist() == pytest.approx([1 / 1.04 ** 0.5, 1.2 / (2 * 1.04) ** 0.5, 0.2 / 1.04 ** 0.5])
+    assert sims[2].tolist() == pytest.approx([1 / 1.04**0.5, 1.2 / (2 * 1.04) ** 0.5, 0.2 / 1.04**0.5])
     assert (sims[:, :-1] >= sims[:, 1:]).all()
 
 
 def test_script_classifier_on_hand_picked_tokens():
-    expect = {"hello": "LATIN", "ĠCafé": "LATIN", " 東京": "CJK", "Привет": "CYRILLIC", "مرحبا": "ARABIC",
-              "ひらがな": "KANA", "Ｈｅｌｌｏ": "LATIN", "한국": "HANGUL", "αβ": "GREEK", "42": "DIGIT", " 7": "DIGIT",
-              " ,": "PUNCTUATION", "####": "PUNCTUATION", "  ": "SPACE", "\n": "SPACE", "\ufffd": "BYTES", "": "OTHER"}
+    expect = {
+        "hello": "LATIN",
+        "ĠCafé": "LATIN",
+        " 東京": "CJK",
+        "Привет": "CYRILLIC",
+        "مرحبا": "ARABIC",
+        "ひらがな": "KANA",
+        "Ｈｅｌｌｏ": "LATIN",
+        "한국": "HANGUL",
+        "αβ": "GREEK",
+        "42": "DIGIT",
+        " 7": "DIGIT",
+        " ,": "PUNCTUATION",
+        "####": "PUNCTUATION",
+        "  ": "SPACE",
+        "\n": "SPACE",
+        "\ufffd": "BYTES",
+        "": "OTHER",
+    }
     assert {t: text_script(t) for t in expect} == expect
     assert text_script("x東京") == "CJK"  # the script of most of the letters
     # of the tokens written in letters (not digits / punctuation), how many are not the prompt's script
@@ -102,11 +118,26 @@ def test_samples_replay_gate_formula_and_marker(checkpoint, model_dir, tmp_path,
     the mean over channels of a = exp(-8 softplus(-Lambda) sigmoid(W_r e + b_r)) for the
     token's embedding e, from the saved gate's tensors."""
     completion = "First 3 * 4 = 12, then 12 - 5 = 7.#### 7"
-    samples = _samples(tmp_path / "samples.jsonl", [
-        {"prompt": "What is 3 * 4 - 5?", "completion": completion, "correct": 1.0, "gate_mean": 0.5, "task": "arith",
-         "completion_tokens": 99, "golds": ["7"], "unknown": {"ignored": True}}])
+    samples = _samples(
+        tmp_path / "samples.jsonl",
+        [
+            {
+                "prompt": "What is 3 * 4 - 5?",
+                "completion": completion,
+                "correct": 1.0,
+                "gate_mean": 0.5,
+                "task": "arith",
+                "completion_tokens": 99,
+                "golds": ["7"],
+                "unknown": {"ignored": True},
+            }
+        ],
+    )
     out = tmp_path / "out.json"
-    assert main(["--checkpoint", str(checkpoint), "--samples", str(samples), "--json", str(out), "--top-k-nearest", "3"]) == 0
+    assert (
+        main(["--checkpoint", str(checkpoint), "--samples", str(samples), "--json", str(out), "--top-k-nearest", "3"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "recorded correct 1.0, recorded gate_mean 0.5, recorded completion_tokens 99" in text
     sample = json.loads(out.read_text())["samples"][0]
@@ -146,8 +177,13 @@ class Elements(HTMLParser):
 def test_html_escapes_everything_a_model_wrote():
     evil = "<script>alert(1)</script>"
     near = [("'><img src=x onerror=alert(1)>", 0.9), ("&amp;", 0.1)]
-    traces = [Trace(f"<b>{evil}</b>", [Position(evil, True, 0.9, near), Position("\"</span><script>", False, None, near)],
-                    {"correct": "<i>1</i>"})]
+    traces = [
+        Trace(
+            f"<b>{evil}</b>",
+            [Position(evil, True, 0.9, near), Position('"</span><script>', False, None, near)],
+            {"correct": "<i>1</i>"},
+        )
+    ]
     page = Elements(html_page(traces, aggregates(traces), title=evil))
     assert "script" not in page.tags and "img" not in page.tags and "i" not in page.tags
     assert not any(name.startswith("on") for name, _ in page.attrs)
@@ -162,8 +198,14 @@ def test_aggregates_worked_by_hand():
         return Position(token, think, gate, [(t, 0.5) for t in near])
 
     traces = [
-        Trace("How many apples?", [pos("3", True, 0.9, ["3", "東京"]), pos(" +", True, 0.7, ["мир", "the"]),
-                                   pos("####", False, None, ["他们", "们"])]),
+        Trace(
+            "How many apples?",
+            [
+                pos("3", True, 0.9, ["3", "東京"]),
+                pos(" +", True, 0.7, ["мир", "the"]),
+                pos("####", False, None, ["他们", "们"]),
+            ],
+        ),
         Trace("12 + 7", [pos("19", True, 0.5, ["19", " ."])]),  # no letters in the prompt: not in the share
     ]
     agg = aggregates(traces)
@@ -174,8 +216,9 @@ def test_aggregates_worked_by_hand():
     assert agg["reached_marker"] == 0.5
     # thinking positions only: 3, 東京, мир, the, 19, " ."
     assert agg["nearest_tokens_counted"] == 6
-    assert agg["nearest_scripts"] == pytest.approx({"DIGIT": 2 / 6, "CJK": 1 / 6, "CYRILLIC": 1 / 6, "LATIN": 1 / 6,
-                                                    "PUNCTUATION": 1 / 6})
+    assert agg["nearest_scripts"] == pytest.approx(
+        {"DIGIT": 2 / 6, "CJK": 1 / 6, "CYRILLIC": 1 / 6, "LATIN": 1 / 6, "PUNCTUATION": 1 / 6}
+    )
     assert agg["cross_lingual_share"] == pytest.approx(2 / 3)  # 東京, мир of 東京, мир, the
 
 
@@ -183,9 +226,18 @@ def test_cli_end_to_end_on_the_embedded_model(tmp_path):
     """`python -m hrpo.inspect` on the embedded model: the table in the terminal, and the HTML,
     JSON and PNG files; a second run refuses to overwrite them without --overwrite."""
     files = {k: tmp_path / f"inspect.{k}" for k in ("html", "json", "png")}
-    cmd = [sys.executable, "-m", "hrpo.inspect", "--prompt", "Tom has 3 apples and buys 4 more. How many apples does Tom have now?",
-           "Anna has 5 coins. She loses 2. How many coins does Anna have now?", "--max-new-tokens", "30",
-           "--max-rows", "5"] + [a for k, p in files.items() for a in (f"--{k}", str(p))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hrpo.inspect",
+        "--prompt",
+        "Tom has 3 apples and buys 4 more. How many apples does Tom have now?",
+        "Anna has 5 coins. She loses 2. How many coins does Anna have now?",
+        "--max-new-tokens",
+        "30",
+        "--max-rows",
+        "5",
+    ] + [a for k, p in files.items() for a in (f"--{k}", str(p))]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "sample 1: Anna␣has␣5␣coins." in run.stdout and "nearest to h_hat (cosine)" in run.stdout
@@ -205,16 +257,19 @@ def test_cli_end_to_end_on_the_embedded_model(tmp_path):
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "--overwrite" in again.stderr
 
 
-@pytest.mark.parametrize("case, fragment", [
-    ("missing checkpoint", "is not an HRPO checkpoint"),
-    ("samples file missing", "cannot read"),
-    ("bad JSON line", "samples.jsonl:2: not valid JSON"),
-    ("field missing", "samples.jsonl:1: field 'completion' missing"),
-    ("field of the wrong type", "samples.jsonl:1: field 'gate_mean' must be"),
-    ("unknown task in a sample", "samples.jsonl:2: unknown task 'nope'"),
-    ("unknown --task", "unknown task 'nope'"),
-    ("empty samples file", "no samples"),
-])
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing checkpoint", "is not an HRPO checkpoint"),
+        ("samples file missing", "cannot read"),
+        ("bad JSON line", "samples.jsonl:2: not valid JSON"),
+        ("field missing", "samples.jsonl:1: field 'completion' missing"),
+        ("field of the wrong type", "samples.jsonl:1: field 'gate_mean' must be"),
+        ("unknown task in a sample", "samples.jsonl:2: unknown task 'nope'"),
+        ("unknown --task", "unknown task 'nope'"),
+        ("empty samples file", "no samples"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, capsys, case, fragment):
     good = {"prompt": "What is 2 + 2?", "completion": "2 + 2 = 4. #### 4"}
     samples = tmp_path / "samples.jsonl"
@@ -225,7 +280,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, fragment):
     elif case == "samples file missing":
         args = ["--samples", str(tmp_path / "none.jsonl")]
     elif case == "bad JSON line":
-        samples.write_text(json.dumps(good) + "\n{\"prompt\": \"cut\n")
+        samples.write_text(json.dumps(good) + '\n{"prompt": "cut\n')
     elif case == "field missing":
         _samples(samples, [{"prompt": "x"}])
     elif case == "field of the wrong type":

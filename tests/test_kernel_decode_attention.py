@@ -3,6 +3,7 @@ against a per-row loop, the stale cache tail, and the dispatcher.
 
 Without CUDA the kernels run on CPU tensors under the Triton interpreter (impl="triton");
 every buffer the kernels allocate (output and split workspace) starts as NaN."""
+
 from __future__ import annotations
 
 import importlib
@@ -28,7 +29,9 @@ def make(B, H, Hkv, Dh, T, dtype, seed, batch_view=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Dh, generator=g).to(dtype).to(DEV)
     pad = 1 if batch_view else 0
-    k, v = (torch.randn(B + 2 * pad, T + 3 * pad, Hkv, Dh, generator=g).to(dtype).to(DEV)[pad : pad + B, :T] for _ in "kv")
+    k, v = (
+        torch.randn(B + 2 * pad, T + 3 * pad, Hkv, Dh, generator=g).to(dtype).to(DEV)[pad : pad + B, :T] for _ in "kv"
+    )
     return q, k, v
 
 
@@ -64,7 +67,9 @@ def naive(q, k, v, seqlens, scale):
 
 def close(actual, expected, dtype, what):
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.float().cpu(), expected.float().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 @needs_triton
@@ -193,4 +198,6 @@ def test_bad_shapes_raise(shapes, match):
     with pytest.raises(ValueError, match=match):
         decode_attention(q, k, k, torch.zeros(ss, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="impl must be"):
-        decode_attention(torch.zeros(2, 4, 8), torch.zeros(2, 3, 2, 8), torch.zeros(2, 3, 2, 8), lens(1, 1), 1.0, impl="cuda")
+        decode_attention(
+            torch.zeros(2, 4, 8), torch.zeros(2, 3, 2, 8), torch.zeros(2, 3, 2, 8), lens(1, 1), 1.0, impl="cuda"
+        )

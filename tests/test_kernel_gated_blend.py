@@ -2,6 +2,7 @@
 
 Without CUDA the kernels run on CPU tensors under the Triton interpreter; the launcher is
 called directly (the dispatcher picks the reference on CPU)."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,7 @@ SMALL = dict(block_m=8, block_d=16, bwd_block_m=8, bwd_block_d=16)
 
 def make_inputs(shape, d, dtype, h_dtype, seed, mask_p=0.5, grad=True):
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale)  # noqa: E731
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
     e = rnd(*shape, d).to(dtype)
     h = rnd(*shape, d).to(h_dtype)
     mask = torch.rand(*shape, generator=g) < mask_p
@@ -35,7 +36,9 @@ def make_inputs(shape, d, dtype, h_dtype, seed, mask_p=0.5, grad=True):
     w_r, w_i = rnd(d, d, scale=0.3), rnd(d, d, scale=0.3)
     b_r, b_i = rnd(d, scale=0.5), rnd(d, scale=0.5)
     # a mix of strongly mixing channels and channels at the init's a ~ 0.99..0.999
-    lam = torch.cat([torch.empty(d // 2).uniform_(-3, 3, generator=g), torch.empty(d - d // 2).uniform_(6, 9, generator=g)])
+    lam = torch.cat(
+        [torch.empty(d // 2).uniform_(-3, 3, generator=g), torch.empty(d - d // 2).uniform_(6, 9, generator=g)]
+    )
     params = [w_r, b_r, w_i, b_i, lam]
     tensors = [t.to(DEV) for t in (e, h, mask, *params)]
     if grad:

@@ -4,6 +4,7 @@ Without a GPU the Triton launcher runs on CPU tensors under TRITON_INTERPRET=1 (
 conftest.py, before anything imports triton). Small odd shapes, fresh inputs per case, outputs
 poisoned before every call.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -74,9 +75,7 @@ def test_matches_reference(dtype, tied, top_k, temperature):
     for greedy in (False, True):
         h, w, e = _inputs(B, V, D, dtype, tied, case + greedy)
         out = _poisoned(B, D)
-        res = sample_and_mix_triton(
-            h, w, e, temperature, top_k, greedy, seed=_scalar(case), offset=_scalar(7), out=out
-        )
+        res = sample_and_mix_triton(h, w, e, temperature, top_k, greedy, seed=_scalar(case), offset=_scalar(7), out=out)
         assert all(a is b for a, b in zip(res, out))
         _check(h, w, e, temperature, top_k, greedy, out, TOL[dtype])
 
@@ -90,8 +89,17 @@ def test_full_vocab_tilings(B, splits, block_v):
         for greedy in (False, True):
             out = _poisoned(B, D)
             sample_and_mix_triton(
-                h, w, e, 0.8, 0, greedy, seed=_scalar(3), offset=_scalar(0), out=out,
-                splits=splits, block_v=block_v,
+                h,
+                w,
+                e,
+                0.8,
+                0,
+                greedy,
+                seed=_scalar(3),
+                offset=_scalar(0),
+                out=out,
+                splits=splits,
+                block_v=block_v,
             )
             _check(h, w, e, 0.8, 0, greedy, out, TOL[torch.float32])
 

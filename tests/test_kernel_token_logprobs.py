@@ -2,6 +2,7 @@
 
 Without CUDA the kernels run on CPU tensors under the Triton interpreter; the launcher is
 called directly (the dispatcher picks the reference on CPU)."""
+
 from __future__ import annotations
 
 import importlib

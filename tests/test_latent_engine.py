@@ -2,6 +2,7 @@
 the same tokens and store the same latents (each mode's next input) for every mode, with the
 engine's C++ step and its torch step, compaction on; and the thinking positions' inputs are
 those latents."""
+
 import importlib.util
 import json
 import math
@@ -22,8 +23,13 @@ from hrpo.inspect import replay
 from hrpo_kernels.latent_input import LatentParams, gaussian_noise
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = [LatentParams("soft"), LatentParams("moi", beta=0.5), LatentParams("soft-noise", noise_std=0.3),
-         LatentParams("gumbel-soft", gumbel_tau=0.5), LatentParams("soft", temperature=0.05)]
+MODES = [
+    LatentParams("soft"),
+    LatentParams("moi", beta=0.5),
+    LatentParams("soft-noise", noise_std=0.3),
+    LatentParams("gumbel-soft", gumbel_tau=0.5),
+    LatentParams("soft", temperature=0.05),
+]
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpp", "torch"])
@@ -66,8 +72,9 @@ def test_replay_under_soft_feeds_the_mixture_and_shows_its_tokens(tokenizer):
     hm = policy(build_model("qwen2", len(tokenizer))).eval()
     matcher = MarkerMatcher(tokenizer, "####", len(tokenizer))
     prompt, completion = tokenizer.encode("Tom has 12 apples"), tokenizer.encode(" so 19")
-    batch, mixed = replay(hm, prompt, completion, matcher, 0.7, 6, latent=LatentParams("soft"), k=6,
-                          latent_dtype=torch.float32)
+    batch, mixed = replay(
+        hm, prompt, completion, matcher, 0.7, 6, latent=LatentParams("soft"), k=6, latent_dtype=torch.float32
+    )
     E = hm.embed.weight
     lm = hm.causal_lm
     with torch.no_grad():
@@ -88,8 +95,21 @@ def test_inspect_cli_shows_what_each_input_mixed(tmp_path):
     """`python -m hrpo.inspect --latent-mode moi` on the embedded model: no gate anywhere, and
     every thinking position lists the tokens its input mixed, weights summing to at most 1."""
     out = tmp_path / "inspect.json"
-    cmd = [sys.executable, "-m", "hrpo.inspect", "--prompt", "Tom has 3 apples and buys 4 more.", "--max-new-tokens",
-           "8", "--latent-mode", "moi", "--moi-beta", "0.5", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hrpo.inspect",
+        "--prompt",
+        "Tom has 3 apples and buys 4 more.",
+        "--max-new-tokens",
+        "8",
+        "--latent-mode",
+        "moi",
+        "--moi-beta",
+        "0.5",
+        "--json",
+        str(out),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "input mixed (weight)" in run.stdout
@@ -121,7 +141,7 @@ def test_training_forward_replays_the_soft_token_rollout(tokenizer):
     torch.testing.assert_close(lp[answer], out.logprobs[answer], atol=1e-4, rtol=0)
     B, V, d = len(prompts), hm.lm_weight.shape[0], hm.embed.weight.shape[1]
     z = torch.stack([gaussian_noise(5, t * B * V, torch.arange(B), d, V) for t in range(out.latents.shape[1])], 1)
-    want = -0.5 * (z ** 2).sum(-1) - 0.5 * d * math.log(2 * math.pi * 0.05 ** 2)
+    want = -0.5 * (z**2).sum(-1) - 0.5 * d * math.log(2 * math.pi * 0.05**2)
     torch.testing.assert_close(lp[think], want[think], atol=2e-3, rtol=1e-5)
 
 

@@ -3,6 +3,7 @@ worked out by hand on a 4-token vocabulary with 2-dim embeddings, the fused Trit
 (interpreter on the CPU) against the reference in fp32 and bf16 on odd shapes with poisoned
 outputs, and the noise reproducible and independent of the batch layout. The C++ twin is
 tested in test_ext_cpu.py."""
+
 from __future__ import annotations
 
 import math
@@ -104,8 +105,13 @@ def test_hrpo_mode_is_sample_and_mix_h_hat():
 
 # ----------------------------------------------------------------------------- fused paths
 triton_only = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-ALL = [LatentParams("hrpo"), LatentParams("soft", temperature=0.7), LatentParams("moi", beta=0.5),
-       LatentParams("soft-noise", noise_std=0.2), LatentParams("gumbel-soft", gumbel_tau=0.3)]
+ALL = [
+    LatentParams("hrpo"),
+    LatentParams("soft", temperature=0.7),
+    LatentParams("moi", beta=0.5),
+    LatentParams("soft-noise", noise_std=0.2),
+    LatentParams("gumbel-soft", gumbel_tau=0.3),
+]
 assert [p.mode for p in ALL] == list(MODES)
 
 
@@ -118,8 +124,7 @@ def _model(B, V, D, dtype, seed=0):
 
 
 def _poisoned(B, D):
-    return (torch.full((B,), -1, dtype=torch.int64), torch.full((B,), float("nan")),
-            torch.full((B, D), float("nan")))
+    return (torch.full((B,), -1, dtype=torch.int64), torch.full((B,), float("nan")), torch.full((B, D), float("nan")))
 
 
 @triton_only
@@ -133,10 +138,12 @@ def test_triton_matches_reference(params, dtype, top_k, greedy):
     seed, offset = torch.tensor([1234]), torch.tensor([77])
     rid = torch.tensor([3, 0, 9, 4, 1])
     out = _poisoned(B, D)
-    tok, lp, x = sample_and_mix_triton(h, w, e, 0.9, top_k, greedy, seed=seed, offset=offset, row_ids=rid,
-                                       out=out, latent=params, splits=3)
-    rtok, rlp, rx = sample_and_mix_reference(h, w, e, 0.9, top_k, greedy, seed=1234, offset=77, row_ids=rid,
-                                             latent=params)
+    tok, lp, x = sample_and_mix_triton(
+        h, w, e, 0.9, top_k, greedy, seed=seed, offset=offset, row_ids=rid, out=out, latent=params, splits=3
+    )
+    rtok, rlp, rx = sample_and_mix_reference(
+        h, w, e, 0.9, top_k, greedy, seed=1234, offset=77, row_ids=rid, latent=params
+    )
     assert torch.equal(tok, rtok)
     assert torch.allclose(lp, rlp, atol=2e-5)
     assert not x.isnan().any()
@@ -155,8 +162,9 @@ def test_noise_follows_the_row_not_the_batch_layout(params, top_k):
     rid = torch.arange(B)
     args = dict(seed=torch.tensor([9]), latent=params)
     _, _, x = sample_and_mix_triton(h, w, w, 1.0, top_k, offset=torch.tensor([0]), row_ids=rid, **args)
-    _, _, x_rev = sample_and_mix_triton(h.flip(0), w, w, 1.0, top_k, offset=torch.tensor([0]), row_ids=rid.flip(0),
-                                        **args)
+    _, _, x_rev = sample_and_mix_triton(
+        h.flip(0), w, w, 1.0, top_k, offset=torch.tensor([0]), row_ids=rid.flip(0), **args
+    )
     assert torch.allclose(x_rev.flip(0), x, atol=1e-6)
     _, _, x_again = sample_and_mix_triton(h, w, w, 1.0, top_k, offset=torch.tensor([0]), row_ids=rid, **args)
     assert torch.equal(x_again, x)

@@ -1,6 +1,7 @@
 """Loading a base model: the dtype asked for is the dtype of every weight (transformers
 before 4.56 has no from_pretrained(dtype=)), for a saved folder and for
 the embedded model (whose tokenizer files transformers 4.x cannot read)."""
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 """The LoRA linear op against peft's math (its reference) and against peft itself."""
+
 import pytest
 import torch
 
@@ -15,9 +16,14 @@ def make(dtype, adapter_dtype, bias, seed=0, shape=(3, 7), d_in=40, d_out=24, r=
     return x, w, b, a, bb
 
 
-@pytest.mark.parametrize("dtype,adapter_dtype,tol", [(torch.float32, torch.float32, 1e-5),
-                                                     (torch.bfloat16, torch.float32, 2e-2),
-                                                     (torch.bfloat16, torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype,tol",
+    [
+        (torch.float32, torch.float32, 1e-5),
+        (torch.bfloat16, torch.float32, 2e-2),
+        (torch.bfloat16, torch.bfloat16, 3e-2),
+    ],
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_values_and_gradients_match_the_reference(dtype, adapter_dtype, tol, bias):
     x, w, b, a, bb = make(dtype, adapter_dtype, bias)

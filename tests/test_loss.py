@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hrpo.core.errors import ConfigError
+from hrpo.train import main
 from hrpo.training.config import config_for, validate_config
 from hrpo.training.loss import group_advantages, grpo_loss, tis_weights
-from hrpo.train import main
 
 
 def test_group_advantages_by_hand():
@@ -127,7 +127,9 @@ def test_tis_cap_must_be_positive(bad, capsys):
 def test_tis_needs_logprobs_at_the_sampling_temperature():
     """The ratio is the training forward's probability over the sampler's: at another
     temperature it would weight tokens by the temperature change, not by numerical drift."""
-    with pytest.raises(ConfigError, match=r"^--tis compares .* --logprob-temperature 1.0 differs from --temperature 0.5"):
+    with pytest.raises(
+        ConfigError, match=r"^--tis compares .* --logprob-temperature 1.0 differs from --temperature 0.5"
+    ):
         validate_config(config_for("gsm8k", tis=2.0, logprob_temperature=1.0))
     validate_config(config_for("gsm8k", tis=2.0, logprob_temperature=0.5))
     validate_config(config_for("gsm8k", logprob_temperature=1.0))

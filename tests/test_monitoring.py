@@ -1,12 +1,13 @@
 """While a run goes: held-out evaluation every N steps, metrics to JSONL and TensorBoard, each
 step's time split by phase, and a curves PNG with a legend and plain-number axes."""
+
 import json
 
 import pytest
 from conftest import small_config
 
-from hrpo.training.plots import moving_average, plot_curves
 from hrpo.train import train
+from hrpo.training.plots import moving_average, plot_curves
 
 PHASES = ("time_rollout_s", "time_reward_s", "time_reference_s", "time_update_s")
 
@@ -47,7 +48,9 @@ def test_tensorboard_without_the_package_is_one_line(model_dir, tmp_path, monkey
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
-    with pytest.raises(ValueError, match=r"^--report-to tensorboard needs the tensorboard package: pip install 'hrpo\[tensorboard\]'$"):
+    with pytest.raises(
+        ValueError, match=r"^--report-to tensorboard needs the tensorboard package: pip install 'hrpo\[tensorboard\]'$"
+    ):
         train(small_config(model_dir, tmp_path / "run", report_to="tensorboard"), progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -64,15 +67,29 @@ def test_curves_have_a_legend_and_no_offset_notation(tmp_path, monkeypatch):
 
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
-    records = [{"step": s, "reward": s / 40, "kl": 1e-4 * s, "gate_a": 0.99700 + 1e-6 * s, "completion_tokens": 40 - s % 3,
-                **({"eval_accuracy": 0.1 * s / 10} if s % 10 == 9 else {})} for s in range(40)]
+    records = [
+        {
+            "step": s,
+            "reward": s / 40,
+            "kl": 1e-4 * s,
+            "gate_a": 0.99700 + 1e-6 * s,
+            "completion_tokens": 40 - s % 3,
+            **({"eval_accuracy": 0.1 * s / 10} if s % 10 == 9 else {}),
+        }
+        for s in range(40)
+    ]
     plot_curves(records, tmp_path / "curves.png", "test")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     fig = figures[0]
     fig.canvas.draw()
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["mean reward", "KL to reference", "gate a over thinking tokens", "completion tokens",
-                      "held-out accuracy (greedy)"]
+    assert titles == [
+        "mean reward",
+        "KL to reference",
+        "gate a over thinking tokens",
+        "completion tokens",
+        "held-out accuracy (greedy)",
+    ]
     for ax in fig.axes:
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
         assert labels in (["raw", "moving average (5 steps)"], ["value"])
@@ -80,4 +97,6 @@ def test_curves_have_a_legend_and_no_offset_notation(tmp_path, monkeypatch):
         assert ax.yaxis.get_offset_text().get_text() == ""  # 0.99701, not 1e-6 + 0.997
     gate_ticks = [t.get_text() for t in fig.axes[2].get_yticklabels() if t.get_text()]
     assert all(0.9969 <= float(t) <= 0.9971 for t in gate_ticks), gate_ticks  # plain values, no offset
-    assert all(float(t.get_text().replace("\u2212", "-")).is_integer() for t in fig.axes[0].get_xticklabels() if t.get_text())
+    assert all(
+        float(t.get_text().replace("\u2212", "-")).is_integer() for t in fig.axes[0].get_xticklabels() if t.get_text()
+    )

@@ -1,5 +1,6 @@
 """A newcomer's first commands, typed as the README has them: each mistake gets one line,
 evaluation follows the checkpoint it is given, and nothing third-party talks over hrpo."""
+
 import json
 import os
 import shutil
@@ -43,8 +44,10 @@ def test_eval_of_a_run_folder_follows_its_checkpoint(run, model_dir, tmp_path, c
     args = ["--checkpoint", str(run), "--limit", "2", "--max-new-tokens", "4", "--output-dir", str(out), "--quiet"]
     assert eval_main(args) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first == (f"evaluating checkpoint {run / 'checkpoint'} (task arith, base model {model_dir.resolve()}, "
-                     "hybrid off, system prompt off, marker '##')")
+    assert first == (
+        f"evaluating checkpoint {run / 'checkpoint'} (task arith, base model {model_dir.resolve()}, "
+        "hybrid off, system prompt off, marker '##')"
+    )
     row = json.loads((out / "results.json").read_text())["benchmarks"]["arith"]
     assert row["decoding"]["hybrid"] is False and row["checkpoint"] == str(run / "checkpoint")
     # What the user types wins over the record.
@@ -57,25 +60,43 @@ def test_an_unfinished_run_names_the_checkpoint_to_pick(run, tmp_path, capsys):
     shutil.copytree(run / "checkpoints", unfinished / "checkpoints")
     latest = sorted((unfinished / "checkpoints").glob("step-*"))[-1]
     assert eval_main(["--checkpoint", str(unfinished), "--output-dir", str(tmp_path / "e")]) == 2
-    assert last_line(capsys.readouterr().err) == (f"error: --checkpoint {unfinished} is an unfinished run; pick one "
-                                                  f"of its checkpoints, the latest: --checkpoint {latest}")
+    assert last_line(capsys.readouterr().err) == (
+        f"error: --checkpoint {unfinished} is an unfinished run; pick one "
+        f"of its checkpoints, the latest: --checkpoint {latest}"
+    )
     assert not (tmp_path / "e").exists()
 
 
 def test_inspect_of_a_run_folder_follows_its_checkpoint(run, model_dir, capsys):
-    assert inspect_main(["--checkpoint", str(run), "--prompt", "2 + 3 =", "--max-new-tokens", "3", "--max-rows", "1"]) == 0
+    assert (
+        inspect_main(["--checkpoint", str(run), "--prompt", "2 + 3 =", "--max-new-tokens", "3", "--max-rows", "1"]) == 0
+    )
     assert capsys.readouterr().out.splitlines()[0] == (
         f"inspecting checkpoint {run / 'checkpoint'} (task arith, base model {model_dir.resolve()}, hybrid off, "
-        "system prompt off, marker '##')")
+        "system prompt off, marker '##')"
+    )
 
 
 def test_eval_command_is_quiet_and_says_what_it_evaluates(run, tmp_path):
     """As typed in a shell: no FutureWarning from transformers, no loading bar, one line
     naming the checkpoint, then the table."""
-    cmd = [sys.executable, "-m", "hrpo.eval", "--checkpoint", str(run), "--limit", "1", "--max-new-tokens", "2",
-           "--output-dir", str(tmp_path / "e"), "--quiet"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "hrpo.eval",
+        "--checkpoint",
+        str(run),
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--output-dir",
+        str(tmp_path / "e"),
+        "--quiet",
+    ]
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert done.stdout.startswith(f"evaluating checkpoint {run / 'checkpoint'} (task arith,")
@@ -90,7 +111,9 @@ def test_loading_is_quiet_unless_verbose(model_dir, capfd):
             with quiet_libraries(verbose):
                 model, _ = load_base_model(str(model_dir), "cpu", None)
                 build_policy(model, small_config(model_dir, "unused", lora_rank=2, lora_alpha=4))
-        future = [w for w in seen if issubclass(w.category, FutureWarning) and "is_gradient_checkpointing" in str(w.message)]
+        future = [
+            w for w in seen if issubclass(w.category, FutureWarning) and "is_gradient_checkpointing" in str(w.message)
+        ]
         assert bool(future) is verbose
         assert ("Loading weights" in capfd.readouterr().err) is verbose
 
@@ -98,14 +121,32 @@ def test_loading_is_quiet_unless_verbose(model_dir, capfd):
 def test_train_refuses_data_the_task_does_not_read(tmp_path, capsys, model_dir):
     out = tmp_path / "r"
     assert train_main(["--data", "/no/such/file.jsonl", "--output-dir", str(out)]) == 2
-    assert last_line(capsys.readouterr().err) == ("error: --data /no/such/file.jsonl: the arith task generates its "
-                                                  "examples and reads no data; drop --data or choose another --task")
-    assert train_main(["--task", "gsm8k", "--model", str(model_dir), "--eval-data", str(tmp_path / "typo.jsonl"),
-                       "--data", "openai/gsm8k:main", "--output-dir", str(out)]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        "error: --data /no/such/file.jsonl: the arith task generates its "
+        "examples and reads no data; drop --data or choose another --task"
+    )
+    assert (
+        train_main(
+            [
+                "--task",
+                "gsm8k",
+                "--model",
+                str(model_dir),
+                "--eval-data",
+                str(tmp_path / "typo.jsonl"),
+                "--data",
+                "openai/gsm8k:main",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert last_line(capsys.readouterr().err) == f"error: --eval-data {tmp_path / 'typo.jsonl'}: no such file or folder"
     assert train_main(["--task", "gsm8k", "--output-dir", str(out)]) == 2
-    assert last_line(capsys.readouterr().err) == ("error: --task gsm8k needs --model (a hub name, a folder, a .gguf, "
-                                                  "or smollm2-135m)")
+    assert last_line(capsys.readouterr().err) == (
+        "error: --task gsm8k needs --model (a hub name, a folder, a .gguf, or smollm2-135m)"
+    )
     assert not out.exists()
 
 
@@ -114,8 +155,11 @@ def test_a_folder_that_is_no_model_is_one_line(tmp_path, capsys, command):
     empty = tmp_path / "empty"
     empty.mkdir()
     argv = ["--model", str(empty), "--output-dir", str(tmp_path / "o")]
-    code = {"train": lambda: train_main(argv), "eval": lambda: eval_main(argv + ["--task", "arith"]),
-            "inspect": lambda: inspect_main(["--model", str(empty), "--prompt", "hi"])}[command]()
+    code = {
+        "train": lambda: train_main(argv),
+        "eval": lambda: eval_main(argv + ["--task", "arith"]),
+        "inspect": lambda: inspect_main(["--model", str(empty), "--prompt", "hi"]),
+    }[command]()
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err == f"error: model folder {empty} holds no config.json and no .gguf file\n"
@@ -136,9 +180,28 @@ def test_a_signal_before_the_first_step_is_one_line(model_dir, tmp_path, capsys,
     else:
         monkeypatch.setattr(hrpo.train.Trainer, where, interrupted)
     out = tmp_path / "r"
-    argv = ["--model", str(model_dir), "--output-dir", str(out), "--max-steps", "1", "--batch-size", "8",
-            "--group-size", "4", "--max-completion-length", "4", "--eval-limit", "2", "--lora-rank", "2",
-            "--max-prompt-length", "256", "--train-limit", "8"]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--group-size",
+        "4",
+        "--max-completion-length",
+        "4",
+        "--eval-limit",
+        "2",
+        "--lora-rank",
+        "2",
+        "--max-prompt-length",
+        "256",
+        "--train-limit",
+        "8",
+    ]
     assert train_main(argv) == 128 + signum
     name = signal.Signals(signum).name
     err = capsys.readouterr().err
@@ -159,16 +222,39 @@ def test_ctrl_c_in_training_names_the_steps_done_and_their_checkpoint(model_dir,
 
     monkeypatch.setattr(hrpo.train.Trainer, "device_step", step_then_ctrl_c)
     out = tmp_path / "r"
-    argv = ["--model", str(model_dir), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8",
-            "--group-size", "4", "--max-completion-length", "4", "--eval-limit", "2", "--lora-rank", "2",
-            "--max-prompt-length", "256", "--train-limit", "24"]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--group-size",
+        "4",
+        "--max-completion-length",
+        "4",
+        "--eval-limit",
+        "2",
+        "--lora-rank",
+        "2",
+        "--max-prompt-length",
+        "256",
+        "--train-limit",
+        "24",
+    ]
     assert train_main(argv) == 130
     err = capsys.readouterr().err.splitlines()
     # on a line of its own, not glued to the progress bar's
-    assert "hrpo: SIGINT: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without " \
-           "saving)" in err
-    assert err[-1] == (f"hrpo: stopped by SIGINT after 1 step; checkpoint {out / 'checkpoints' / 'step-00000001'}; "
-                       "continue with --resume")
+    assert (
+        "hrpo: SIGINT: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without "
+        "saving)" in err
+    )
+    assert err[-1] == (
+        f"hrpo: stopped by SIGINT after 1 step; checkpoint {out / 'checkpoints' / 'step-00000001'}; "
+        "continue with --resume"
+    )
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
 
 
@@ -179,7 +265,9 @@ def test_resume_of_a_finished_run_does_nothing(run, capsys):
     assert steps == 1 and capsys.readouterr().out == f"hrpo: {run} finished at step 1; nothing to do\n"
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     assert train_main(["--resume", "--output-dir", str(run), "--seed", "7"]) == 2  # a changed flag is still refused
-    assert capsys.readouterr().err == "error: --seed 7 differs from the run's config (0); a resumed run keeps its config\n"
+    assert (
+        capsys.readouterr().err == "error: --seed 7 differs from the run's config (0); a resumed run keeps its config\n"
+    )
 
 
 def test_thread_count_follows_the_environment():

@@ -2,6 +2,7 @@
 relies on is checked on a real peft LoRA Linear, by name, and each of its readings against
 peft's own computation of the same thing, so a peft release that moves or changes one fails
 here, saying which."""
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,9 @@ def test_peft_has_the_functions_the_doorway_calls(name):
 @pytest.mark.parametrize("attr", lora.LAYER_ATTRIBUTES)
 def test_a_lora_linear_has_every_attribute_the_doorway_reads(attr):
     mod = lora_layer(tiny_peft_model())
-    assert hasattr(mod, attr), f"peft {peft.__version__}: {type(mod).__name__} has no {attr!r} (hrpo/model/lora.py reads it)"
+    assert hasattr(mod, attr), (
+        f"peft {peft.__version__}: {type(mod).__name__} has no {attr!r} (hrpo/model/lora.py reads it)"
+    )
 
 
 @pytest.mark.parametrize("attr", lora.MODEL_ATTRIBUTES)
@@ -52,7 +55,9 @@ def test_the_doorway_lists_every_peft_name_it_touches():
     """Each attribute lora.py reads off a layer or model (`mod.X`, `m.X`, `model.X`, or by
     name in getattr/hasattr) is in its lists or read with a default."""
     source = (ROOT / "hrpo" / "model" / "lora.py").read_text()
-    read = set(re.findall(r"\b(?:mod|m|model)\.(\w+)", source)) | set(re.findall(r"(?:has|get)attr\(\w+, \"(\w+)\"", source))
+    read = set(re.findall(r"\b(?:mod|m|model)\.(\w+)", source)) | set(
+        re.findall(r"(?:has|get)attr\(\w+, \"(\w+)\"", source)
+    )
     own = {"modules", "forward", "__dict__"}  # nn.Module's and Python's, not peft's
     # Read with a default: older peft lacks some variant fields; unexpected_keys is checked by
     # test_adapter_state_round_trip.
@@ -61,11 +66,18 @@ def test_the_doorway_lists_every_peft_name_it_touches():
 
 
 def test_nothing_else_in_the_package_touches_peft():
-    pattern = re.compile(r"\blora_[AB]\b|_disable_adapters|\bbase_layer\b|\bactive_adapters\b|\bpeft_config\b"
-                         r"|\bget_base_model\b|\bdisable_adapters\b|^\s*(?:from|import) peft\b", re.M)
-    found = [f"{p.relative_to(ROOT)}: {m.group(0).strip()}" for package in ("hrpo", "hrpo_kernels")
-             for p in sorted((ROOT / package).rglob("*.py")) if p.name != "lora.py" or p.parent.name != "model"
-             for m in pattern.finditer(p.read_text())]
+    pattern = re.compile(
+        r"\blora_[AB]\b|_disable_adapters|\bbase_layer\b|\bactive_adapters\b|\bpeft_config\b"
+        r"|\bget_base_model\b|\bdisable_adapters\b|^\s*(?:from|import) peft\b",
+        re.M,
+    )
+    found = [
+        f"{p.relative_to(ROOT)}: {m.group(0).strip()}"
+        for package in ("hrpo", "hrpo_kernels")
+        for p in sorted((ROOT / package).rglob("*.py"))
+        if p.name != "lora.py" or p.parent.name != "model"
+        for m in pattern.finditer(p.read_text())
+    ]
     assert not found, "peft reached around hrpo/model/lora.py:\n" + "\n".join(found)
 
 

@@ -1,5 +1,6 @@
 """hrpo_kernels.philox (pure torch) against Random123's known answers and the C++ twin of
 hrpo_kernels/csrc/philox.h; the seeded sampling reference against the extension's tokens."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,11 @@ from hrpo_kernels.topk_sample import sample_from_logits_reference, topk_sample_m
 KAT = [  # Random123 kat_vectors, philox4x32 10 rounds: counter words, key words -> output
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 

@@ -1,12 +1,13 @@
 """The charts: `hrpo.eval --compare` (where it writes, n in its table and tick labels, zero bars
 and the paper's mark inside each group) and the inspector's gate chart (integer position ticks)."""
+
 from __future__ import annotations
 
 import json
 
 import matplotlib.pyplot as plt
-from matplotlib.colors import to_rgba
 import pytest
+from matplotlib.colors import to_rgba
 
 from hrpo.eval import main as eval_main
 from hrpo.inspect.report import aggregates, chart
@@ -56,9 +57,14 @@ def test_compare_writes_into_the_first_run_and_shows_n(tmp_path, monkeypatch, ca
     # base's gsm8k bar has no height: a mark in its colour on the axis shows it
     (zero_bar,) = [p for p in ax.patches if p.get_height() == 0]
     left, right = zero_bar.get_x(), zero_bar.get_x() + zero_bar.get_width()
-    assert any(list(line.get_ydata()) == [0, 0] and list(line.get_xdata()) == pytest.approx([left, right])
-               and to_rgba(line.get_color()) == zero_bar.get_facecolor() and line.get_linewidth() >= 2
-               and line.get_visible() for line in ax.lines)
+    assert any(
+        list(line.get_ydata()) == [0, 0]
+        and list(line.get_xdata()) == pytest.approx([left, right])
+        and to_rgba(line.get_color()) == zero_bar.get_facecolor()
+        and line.get_linewidth() >= 2
+        and line.get_visible()
+        for line in ax.lines
+    )
     # the paper's marks (83.5, 37.8) sit inside their groups, after the runs' bars
     marks = ax.collections[0].get_offsets()
     assert [round(float(y), 1) for y in marks[:, 1]] == [83.5, 37.8]

@@ -1,5 +1,6 @@
 """Retrieval-QA tasks: every real form loads, records' own paragraphs are ranked and
 reproducible, bad fields are named, and EM / F1 are SQuAD's with empty answers never matching."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,18 @@ import warnings
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.tasks.registry import load_task
-from hrpo.tasks.rewards import get_reward_fn
 from hrpo.tasks import get_task
 from hrpo.tasks.qa import exact_match, f1_score, render
+from hrpo.tasks.registry import load_task
+from hrpo.tasks.rewards import get_reward_fn
 
-BENCHMARKS = {"nq": ("nq", ("train", "test")), "triviaqa": ("triviaqa", ("train", "test")),
-              "hotpotqa": ("hotpotqa", ("train", "dev")), "2wiki": ("2wikimultihopqa", ("train", "dev")),
-              "bamboogle": ("bamboogle", ("test", "test"))}
+BENCHMARKS = {
+    "nq": ("nq", ("train", "test")),
+    "triviaqa": ("triviaqa", ("train", "test")),
+    "hotpotqa": ("hotpotqa", ("train", "dev")),
+    "2wiki": ("2wikimultihopqa", ("train", "dev")),
+    "bamboogle": ("bamboogle", ("test", "test")),
+}
 
 
 def _write_jsonl(path, records):
@@ -35,7 +40,11 @@ def test_registered(name):
     task = get_task(name)
     config, splits = BENCHMARKS[name]
     assert (task.recipe, task.metric, task.hub, task.splits) == (
-        "rag-qa", "exact_match", f"RUC-NLPIR/FlashRAG_datasets:{config}", splits)
+        "rag-qa",
+        "exact_match",
+        f"RUC-NLPIR/FlashRAG_datasets:{config}",
+        splits,
+    )
 
 
 # ---------------------------------------------------------------- the real files
@@ -63,13 +72,17 @@ def test_real_file_loads_whole(task, file, n):
 @needs_data
 def test_nq_open_and_search_r1_forms_agree():
     """The same 3610 questions in two forms: equal answer lists once a trailing '?' is ignored."""
+
     def by_question(file):
         return {ex.question.rstrip("?"): sorted(ex.answer) for ex in _load_clean("nq", DATA / "nq" / file)}
 
     assert by_question("nq_open_dev.jsonl") == by_question("searchr1_test.jsonl")
     first = _load_clean("nq", DATA / "nq" / "searchr1_test.jsonl")[0]
     assert (first.meta, first.question, first.answer) == (
-        {"id": "test_0"}, "who got the first nobel prize in physics?", ["Wilhelm Conrad Röntgen"])
+        {"id": "test_0"},
+        "who got the first nobel prize in physics?",
+        ["Wilhelm Conrad Röntgen"],
+    )
 
 
 @needs_data
@@ -92,8 +105,10 @@ def test_hotpotqa_distractor_forms_keep_supporting_paragraphs():
     assert {c["title"] for c in first.contexts if c["supporting"]} == {"Scott Derrickson", "Ed Wood"}
     derrickson = next(c for c in first.contexts if c["title"] == "Scott Derrickson")
     # Sentences joined by one space (HotpotQA's carry a leading space of their own).
-    assert derrickson["text"].startswith("Scott Derrickson (born July 16, 1966) is an American director, "
-                                         "screenwriter and producer. He lives in Los Angeles, California.")
+    assert derrickson["text"].startswith(
+        "Scott Derrickson (born July 16, 1966) is an American director, "
+        "screenwriter and producer. He lives in Los Angeles, California."
+    )
 
 
 @needs_data
@@ -113,8 +128,10 @@ def test_unscorable_golden_answers_kept_and_never_matched():
     """Four real questions have only golden answers that normalise to nothing (NQ's '---' and
     ')', HotpotQA's bands 'The The' and '!!!'). They are kept, so counts match the published
     sets, and score 0 whatever the answer, the gold itself included."""
-    cases = {("nq", "nq/nq_open_dev.jsonl"): [["---"], [")"]],
-             ("hotpotqa", "hotpotqa/dev_simplified.jsonl"): [["The The"], ["!!!"]]}
+    cases = {
+        ("nq", "nq/nq_open_dev.jsonl"): [["---"], [")"]],
+        ("hotpotqa", "hotpotqa/dev_simplified.jsonl"): [["The The"], ["!!!"]],
+    }
     for (task, file), golds in cases.items():
         answers = [ex.answer for ex in _load_clean(task, DATA / file)]
         for gold in golds:
@@ -129,50 +146,93 @@ def test_hub_forms(tmp_path):
     paragraphs = {"title": ["A", "B"], "sentences": [["Alpha is here.", " More."], ["Bravo is the answer."]]}
     recs = {
         "nq": {"question": "q1", "answer": ["a", "b"]},  # google-research-datasets/nq_open
-        "triviaqa": {"question": "q2", "question_id": "tc_1",  # mandarjoshi90/trivia_qa rc.nocontext
-                     "answer": {"aliases": ["Onion", "Onions"], "normalized_aliases": ["onion", "onions"],
-                                "value": "Onion", "type": "WikipediaEntity"}},
-        "hotpotqa": {"id": "h1", "question": "Which is Bravo?", "answer": "B", "type": "bridge", "level": "hard",
-                     "supporting_facts": {"title": ["B"], "sent_id": [0]}, "context": paragraphs},
-        "2wiki": {"_id": "w1", "question": "Which is Bravo?", "answer": "B",
-                  "supporting_facts": {"title": ["B"], "sent_id": [0]},
-                  "context": {"title": paragraphs["title"], "content": paragraphs["sentences"]}},
+        "triviaqa": {
+            "question": "q2",
+            "question_id": "tc_1",  # mandarjoshi90/trivia_qa rc.nocontext
+            "answer": {
+                "aliases": ["Onion", "Onions"],
+                "normalized_aliases": ["onion", "onions"],
+                "value": "Onion",
+                "type": "WikipediaEntity",
+            },
+        },
+        "hotpotqa": {
+            "id": "h1",
+            "question": "Which is Bravo?",
+            "answer": "B",
+            "type": "bridge",
+            "level": "hard",
+            "supporting_facts": {"title": ["B"], "sent_id": [0]},
+            "context": paragraphs,
+        },
+        "2wiki": {
+            "_id": "w1",
+            "question": "Which is Bravo?",
+            "answer": "B",
+            "supporting_facts": {"title": ["B"], "sent_id": [0]},
+            "context": {"title": paragraphs["title"], "content": paragraphs["sentences"]},
+        },
         "bamboogle": {"Question": "q5", "Answer": "a5"},  # chiayewken/bamboogle
-        "rag-qa": {"id": "test_1", "question": "q6", "golden_answers": ["g"], "metadata": {},
-                   "contexts": [{"id": "7", "contents": '"Some Title"\nSome text.'}]},  # FlashRAG's retrieval result
+        "rag-qa": {
+            "id": "test_1",
+            "question": "q6",
+            "golden_answers": ["g"],
+            "metadata": {},
+            "contexts": [{"id": "7", "contents": '"Some Title"\nSome text.'}],
+        },  # FlashRAG's retrieval result
     }
     ex = {task: load_task(task, str(_write_jsonl(tmp_path / f"{task}.jsonl", [rec])))[0] for task, rec in recs.items()}
     assert ex["nq"].answer == ["a", "b"] and ex["nq"].contexts is None
-    assert (ex["triviaqa"].question, ex["triviaqa"].answer, ex["triviaqa"].meta) == ("q2", ["Onion", "Onions"], {"id": "tc_1"})
+    assert (ex["triviaqa"].question, ex["triviaqa"].answer, ex["triviaqa"].meta) == (
+        "q2",
+        ["Onion", "Onions"],
+        {"id": "tc_1"},
+    )
     for task in ("hotpotqa", "2wiki"):
-        assert ex[task].contexts == [{"title": "B", "text": "Bravo is the answer.", "supporting": True},
-                                     {"title": "A", "text": "Alpha is here. More.", "supporting": False}]
+        assert ex[task].contexts == [
+            {"title": "B", "text": "Bravo is the answer.", "supporting": True},
+            {"title": "A", "text": "Alpha is here. More.", "supporting": False},
+        ]
     assert (ex["bamboogle"].question, ex["bamboogle"].answer) == ("q5", ["a5"])
     assert ex["rag-qa"].contexts == [{"title": "Some Title", "text": "Some text."}]
-    assert render(ex["rag-qa"]) == "Context (which may or may not be relevant):\nSome Title::::Some text.\n\nQuestion: q6"
+    assert (
+        render(ex["rag-qa"]) == "Context (which may or may not be relevant):\nSome Title::::Some text.\n\nQuestion: q6"
+    )
 
 
 def test_own_paragraphs_ranked_reproducibly(tmp_path):
     """A distractor set is ranked by BM25 for the question, ties in file order; passages in our
     form are taken as already ranked."""
-    context = [["Zeta", ["Nothing relevant."]], ["Eta", ["Also nothing."]], ["Paris", ["Paris is the capital of France."]],
-               ["Theta", ["Still nothing."]]]
+    context = [
+        ["Zeta", ["Nothing relevant."]],
+        ["Eta", ["Also nothing."]],
+        ["Paris", ["Paris is the capital of France."]],
+        ["Theta", ["Still nothing."]],
+    ]
     rec = {"_id": "x", "question": "What is the capital of France?", "answer": "Paris", "context": context}
     path = _write_jsonl(tmp_path / "d.jsonl", [rec, rec])
     first, again = load_task("2wiki", str(path))
     assert [c["title"] for c in first.contexts] == ["Paris", "Zeta", "Eta", "Theta"]
     assert first.contexts == again.contexts and "supporting" not in first.contexts[0]
-    assert render(first) == ("Context (which may or may not be relevant):\nParis::::Paris is the capital of France.\n"
-                             "Zeta::::Nothing relevant.\nEta::::Also nothing.\n\nQuestion: What is the capital of France?")
-    ours = {"question": rec["question"], "golden_answers": ["Paris"],
-            "contexts": [{"title": t, "text": " ".join(s)} for t, s in context]}
+    assert render(first) == (
+        "Context (which may or may not be relevant):\nParis::::Paris is the capital of France.\n"
+        "Zeta::::Nothing relevant.\nEta::::Also nothing.\n\nQuestion: What is the capital of France?"
+    )
+    ours = {
+        "question": rec["question"],
+        "golden_answers": ["Paris"],
+        "contexts": [{"title": t, "text": " ".join(s)} for t, s in context],
+    }
     kept = load_task("2wiki", str(_write_jsonl(tmp_path / "ours.jsonl", [ours])))[0]
     assert [c["title"] for c in kept.contexts] == ["Zeta", "Eta", "Paris", "Theta"]
 
 
 GOOD = {"question": "q", "answer": "a"}
-IRCOT = {"question_text": "q", "answers_objects": [{"spans": ["a"]}],
-         "contexts": [{"title": "t", "paragraph_text": "p", "is_supporting": True}]}
+IRCOT = {
+    "question_text": "q",
+    "answers_objects": [{"spans": ["a"]}],
+    "contexts": [{"title": "t", "paragraph_text": "p", "is_supporting": True}],
+}
 OFFICIAL = {"question": "q", "answer": "a", "context": [["t", ["s."]]], "supporting_facts": [["t", 0]]}
 FOUNDRY = {"context": "Question: q?\nAnswer:", "answer": "a", "aliases": ["a", "b"]}
 BAMBOOGLE = {"Question": "q", "Answer": "a"}
@@ -184,33 +244,62 @@ BAD = [
     (GOOD, {"answer": MISSING}, "missing field 'golden_answers' (or 'answer')"),
     (GOOD, {"answer": ["a", ""]}, "field 'answer[1]': expected a non-empty string, got empty string"),
     (GOOD, {"answer": {"value": "a"}}, "missing field 'answer.aliases'"),
-    (GOOD, {"answer": {"aliases": []}},
-     "field 'answer.aliases': expected a non-empty string or a non-empty list of non-empty strings, got empty list"),
-    (BAMBOOGLE, {"Answer": 3},
-     "field 'Answer': expected a non-empty string or a non-empty list of non-empty strings, got number"),
+    (
+        GOOD,
+        {"answer": {"aliases": []}},
+        "field 'answer.aliases': expected a non-empty string or a non-empty list of non-empty strings, got empty list",
+    ),
+    (
+        BAMBOOGLE,
+        {"Answer": 3},
+        "field 'Answer': expected a non-empty string or a non-empty list of non-empty strings, got number",
+    ),
     (FOUNDRY, {"context": "What is q?"}, "field 'context': expected 'Question: ...\\nAnswer:', got 'What is q?'"),
     (FOUNDRY, {"aliases": [None]}, "field 'aliases[0]': expected a non-empty string, got null"),
     (IRCOT, {"answers_objects": []}, "field 'answers_objects': expected a non-empty list, got empty list"),
     (IRCOT, {"answers_objects": ["a"]}, "field 'answers_objects[0]': expected an object, got string"),
-    (IRCOT, {"answers_objects": [{"spans": []}]},
-     "field 'answers_objects[0].spans': expected a non-empty string or a non-empty list of non-empty strings, got empty list"),
-    (IRCOT, {"contexts": [{"title": "t", "paragraph_text": " "}]},
-     "field 'contexts[0].paragraph_text': expected a non-empty string, got empty string"),
-    (IRCOT, {"contexts": [{"title": "t", "paragraph_text": "p", "is_supporting": "yes"}]},
-     "field 'contexts[0].is_supporting': expected true or false, got string"),
+    (
+        IRCOT,
+        {"answers_objects": [{"spans": []}]},
+        "field 'answers_objects[0].spans': expected a non-empty string or a non-empty list of non-empty strings, "
+        "got empty list",
+    ),
+    (
+        IRCOT,
+        {"contexts": [{"title": "t", "paragraph_text": " "}]},
+        "field 'contexts[0].paragraph_text': expected a non-empty string, got empty string",
+    ),
+    (
+        IRCOT,
+        {"contexts": [{"title": "t", "paragraph_text": "p", "is_supporting": "yes"}]},
+        "field 'contexts[0].is_supporting': expected true or false, got string",
+    ),
     (OFFICIAL, {"context": "passage"}, "field 'context': expected a list of [title, sentences] pairs, got string"),
     (OFFICIAL, {"context": [["t"]]}, "field 'context[0]': expected a [title, sentences] pair, got list"),
     (OFFICIAL, {"context": [["", ["s."]]]}, "field 'context[0][0]': expected a non-empty string, got empty string"),
     (OFFICIAL, {"context": [["t", "s."]]}, "field 'context[0][1]': expected a list of strings, got string"),
     (OFFICIAL, {"context": [["t", [" "]]]}, "field 'context[0][1]': expected sentences with text, got list"),
-    (OFFICIAL, {"context": {"title": ["t"], "sentences": []}},
-     "field 'context.title': expected one title per paragraph, got 1 for 0"),
+    (
+        OFFICIAL,
+        {"context": {"title": ["t"], "sentences": []}},
+        "field 'context.title': expected one title per paragraph, got 1 for 0",
+    ),
     (OFFICIAL, {"context": {"sentences": [["s."]]}}, "missing field 'context.title'"),
-    (OFFICIAL, {"supporting_facts": [["t"]]}, "field 'supporting_facts[0]': expected a [title, sentence] pair, got list"),
-    (OFFICIAL, {"supporting_facts": {"title": [7]}},
-     "field 'supporting_facts.title[0]': expected a non-empty string, got number"),
-    ({"golden_answers": ["a"], "question": "q"}, {"contexts": [{"contents": '"Title"\n '}]},
-     "field 'contexts[0].contents': expected text after the title line, got empty string"),
+    (
+        OFFICIAL,
+        {"supporting_facts": [["t"]]},
+        "field 'supporting_facts[0]': expected a [title, sentence] pair, got list",
+    ),
+    (
+        OFFICIAL,
+        {"supporting_facts": {"title": [7]}},
+        "field 'supporting_facts.title[0]': expected a non-empty string, got number",
+    ),
+    (
+        {"golden_answers": ["a"], "question": "q"},
+        {"contexts": [{"contents": '"Title"\n '}]},
+        "field 'contexts[0].contents': expected text after the title line, got empty string",
+    ),
     (GOOD, {"id": 1.5}, "field 'id': expected a non-empty string or an integer, got number"),
 ]
 
@@ -221,17 +310,24 @@ def test_bad_record_rejected(tmp_path, good, fields, reason):
     path = _write_jsonl(tmp_path / "data.jsonl", [good, bad])
     with pytest.warns(UserWarning) as caught:
         assert len(load_task("hotpotqa", str(path))) == 1
-    assert [str(w.message) for w in caught] == [f"{path}: kept 1 of 2 records; rejected 1: 1 x {reason} (first at {path}:2)"]
+    assert [str(w.message) for w in caught] == [
+        f"{path}: kept 1 of 2 records; rejected 1: 1 x {reason} (first at {path}:2)"
+    ]
 
 
 def test_null_optional_fields_are_absent(tmp_path):
     """As a table writes a column some records lack: null contexts, flags, ids and facts are absent."""
-    recs = [{"question": "q", "answer": "a", "contexts": None, "id": None, "aliases": None, "context": None},
-            {"question": "q", "golden_answers": ["a"], "contexts": [{"text": "p", "supporting": None}]},
-            {**OFFICIAL, "supporting_facts": None}]
+    recs = [
+        {"question": "q", "answer": "a", "contexts": None, "id": None, "aliases": None, "context": None},
+        {"question": "q", "golden_answers": ["a"], "contexts": [{"text": "p", "supporting": None}]},
+        {**OFFICIAL, "supporting_facts": None},
+    ]
     examples = load_task("hotpotqa", str(_write_jsonl(tmp_path / "n.jsonl", recs)))
     assert [(ex.contexts, ex.meta) for ex in examples] == [
-        (None, {}), ([{"title": "", "text": "p"}], {}), ([{"title": "t", "text": "s."}], {})]
+        (None, {}),
+        ([{"title": "", "text": "p"}], {}),
+        ([{"title": "t", "text": "s."}], {}),
+    ]
 
 
 def test_rag_qa_needs_passages(tmp_path):
@@ -260,5 +356,6 @@ def test_empty_answers_never_match():
     for pred, gold in [(".", "The The"), ("", "a"), ("the", ["An", "!"]), ("Paris", ["The", "!!!"])]:
         assert exact_match(pred, gold) == f1_score(pred, gold) == 0.0
     for name in sorted(BENCHMARKS):
-        assert get_reward_fn(name)(["#### .", "#### The The", "#### the an", "#### paris."],
-                                   ["The The", "The The", ["A"], ["The", "Paris"]]) == [0.0, 0.0, 0.0, 1.0]
+        assert get_reward_fn(name)(
+            ["#### .", "#### The The", "#### the an", "#### paris."], ["The The", "The The", ["A"], ["The", "Paris"]]
+        ) == [0.0, 0.0, 0.0, 1.0]

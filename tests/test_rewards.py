@@ -1,18 +1,17 @@
 """Reward tests: gold answers from the real data fed back as completions must score 1, and
 wrong, doubled or missing answers must score 0."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 from conftest import DATA, needs_data
 
-from hrpo.tasks.registry import load_task
-from hrpo.tasks.base import last_boxed
 from hrpo.core.prompts import ANSWER_MARKER
-from hrpo.tasks.rewards import extract_answer, get_reward_fn
+from hrpo.tasks.base import last_boxed
 from hrpo.tasks.math import math_equal, normalize_math
 from hrpo.tasks.qa import normalize_qa
-
+from hrpo.tasks.registry import load_task
+from hrpo.tasks.rewards import extract_answer, get_reward_fn
 
 
 def _rate(task, completions, answers, label):
@@ -81,8 +80,16 @@ def test_mmlu_letters():
 @pytest.mark.parametrize("task", ["gsm8k", "arith"])
 def test_numeric_forms(task):
     fn = get_reward_fn(task)
-    good = ["#### 18", "x\n#### $18", "#### 18 dollars", "#### 18.", "#### \\boxed{18}", "#### 18.00",
-            "#### The answer is 18", "#### **18**\nbecause 9*2"]
+    good = [
+        "#### 18",
+        "x\n#### $18",
+        "#### 18 dollars",
+        "#### 18.",
+        "#### \\boxed{18}",
+        "#### 18.00",
+        "#### The answer is 18",
+        "#### **18**\nbecause 9*2",
+    ]
     assert fn(good, ["18"] * len(good)) == [1.0] * len(good)
     assert fn(["#### 1,234,567"], ["1234567"]) == [1.0]
     assert fn(["#### 3.50"], ["3.5"]) == [1.0]
@@ -96,10 +103,17 @@ def test_numeric_long_numbers(task):
     """Numbers past int()'s 4300-digit limit compare as decimal strings and never raise."""
     fn = get_reward_fn(task)
     big = "9" * 5000
-    assert fn([f"#### {big}", f"#### -{big}.50", f"#### 0.{big}", f"#### 000{big}"],
-              [big, f"-{big}.5", f"0.{big}0", big]) == [1.0] * 4
-    assert fn([f"#### {big[:-1]}8", f"#### {big}", f"#### {big}1", "#### 1e999999", f"#### {big}"],
-              [big, f"-{big}", big, "5", "1/3"]) == [0.0] * 5
+    assert (
+        fn([f"#### {big}", f"#### -{big}.50", f"#### 0.{big}", f"#### 000{big}"], [big, f"-{big}.5", f"0.{big}0", big])
+        == [1.0] * 4
+    )
+    assert (
+        fn(
+            [f"#### {big[:-1]}8", f"#### {big}", f"#### {big}1", "#### 1e999999", f"#### {big}"],
+            [big, f"-{big}", big, "5", "1/3"],
+        )
+        == [0.0] * 5
+    )
     assert fn(["#### 1"], [rf"\frac{{{big}}}{{{big}}}"]) == [0.0]  # a fraction too long to read scores 0
 
 
@@ -117,11 +131,22 @@ def test_marker_count_and_prompt_irrelevant():
 
 def test_math_normalisation():
     pairs = [
-        (r"\dfrac{1}{2}", r"\frac12"), (r"\frac{1}{2}", "0.5"), ("1/2", r"\tfrac{1}{2}"),
-        (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"), (r"90^\circ", "90"),
-        (r"\$5", "5"), (r"x = 5", "5"), (r"\text{Monday}", "Monday"), ("10.", "10"),
-        (r"5\text{ cm}", "5"), (r"10{,}000", "10000"), (r"\!-\!3", "-3"), (r"\sqrt2", r"\sqrt{2}"),
-        (r"-\frac{3}{4}", "-0.75"), (r"\boxed{7}", "7"), ("$7$", "7"),
+        (r"\dfrac{1}{2}", r"\frac12"),
+        (r"\frac{1}{2}", "0.5"),
+        ("1/2", r"\tfrac{1}{2}"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
+        (r"90^\circ", "90"),
+        (r"\$5", "5"),
+        (r"x = 5", "5"),
+        (r"\text{Monday}", "Monday"),
+        ("10.", "10"),
+        (r"5\text{ cm}", "5"),
+        (r"10{,}000", "10000"),
+        (r"\!-\!3", "-3"),
+        (r"\sqrt2", r"\sqrt{2}"),
+        (r"-\frac{3}{4}", "-0.75"),
+        (r"\boxed{7}", "7"),
+        ("$7$", "7"),
     ]
     for a, b in pairs:
         assert math_equal(a, b), (a, b, normalize_math(a), normalize_math(b))
@@ -139,8 +164,21 @@ def test_math_reward():
 
 def test_mmlu_forms():
     fn = get_reward_fn("mmlu")
-    assert fn(["#### B", "#### (B)", "#### B.", "#### B) text", "#### The answer is B", "#### Answer: B",
-               "#### \\boxed{B}"], ["B"] * 7) == [1.0] * 7
+    assert (
+        fn(
+            [
+                "#### B",
+                "#### (B)",
+                "#### B.",
+                "#### B) text",
+                "#### The answer is B",
+                "#### Answer: B",
+                "#### \\boxed{B}",
+            ],
+            ["B"] * 7,
+        )
+        == [1.0] * 7
+    )
     assert fn(["#### C", "#### Both", "B", "#### B #### B"], ["B"] * 4) == [0.0] * 4
     assert extract_answer("#### (D) 42", "mmlu") == "D"
 
@@ -156,8 +194,10 @@ def test_rag_qa_reward():
 def test_rag_qa_empty_answers_never_match():
     """An answer or alias that normalises to "" (articles, punctuation) matches nothing."""
     fn = get_reward_fn("rag-qa")
-    assert fn(["#### .", "#### The", "#### the an", "#### ", "#### Paris"],
-              ["The The", ["a", "Paris"], ["An", "!"], "A", ["The", "paris"]]) == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert fn(
+        ["#### .", "#### The", "#### the an", "#### ", "#### Paris"],
+        ["The The", ["a", "Paris"], ["An", "!"], "A", ["The", "paris"]],
+    ) == [0.0, 0.0, 0.0, 0.0, 1.0]
 
 
 def test_chat_style_completions_and_unknown_task():

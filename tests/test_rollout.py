@@ -3,8 +3,8 @@ import torch
 from conftest import build_model
 
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel, positions_from_mask
 from hrpo.engine.rollout import SamplingConfig, left_pad, rollout
+from hrpo.model.hybrid import HybridModel, positions_from_mask
 
 PROMPTS = ["Tom has 12 apples", "3 * 4 = 12, then", "Café #### déjà", "x"]
 

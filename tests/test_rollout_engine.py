@@ -1,12 +1,13 @@
 """Seeded rollouts: prefix sharing and compaction leave every token, log-prob, latent and
 think flag unchanged (the race noise is a function of seed, row, step and token only)."""
+
 import pytest
 import torch
 from conftest import build_model
 
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel, cache_index_select
 from hrpo.engine.rollout import SamplingConfig, rollout
+from hrpo.model.hybrid import HybridModel, cache_index_select
 
 PROMPTS = ["Tom has 12 apples", "3 * 4 = 12, then", "Café #### déjà", "x"]
 G = 4
@@ -109,7 +110,9 @@ def test_cache_index_select(tokenizer):
     mask = torch.ones(3, 5, dtype=torch.bool)
     with torch.no_grad():
         hm.decoder(x, mask, torch.arange(5).expand(3, 5), cache)
-    before = [(l.keys.clone(), l.values.clone()) for l in cache.layers] if hasattr(cache, "layers") else None
+    before = (
+        [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers] if hasattr(cache, "layers") else None
+    )
     idx = torch.tensor([2, 2, 0, 1])
     cache_index_select(cache, idx)
     if before is not None:

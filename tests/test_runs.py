@@ -1,4 +1,5 @@
 """Nothing lost, nothing wiped: the run folder's manifest, --overwrite, and rollback."""
+
 import json
 from pathlib import Path
 
@@ -6,9 +7,9 @@ import pytest
 from conftest import small_config
 
 from hrpo.core.errors import ConfigError
-from hrpo.training.runs import MANIFEST, RunDir
 from hrpo.train import main as train_main
 from hrpo.train import train
+from hrpo.training.runs import MANIFEST, RunDir
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -33,7 +34,11 @@ def test_overwrite_moves_only_manifest_files_and_rollback_restores_them(tmp_path
     before = snapshot(run)
     rd = RunDir(run, overwrite=True).open()
     rd.path("config.json").write_text("new")
-    assert {p.name for p in run.iterdir() if not p.name.startswith(".hrpo-replaced-")} == {MANIFEST, "notes.txt", "config.json"}
+    assert {p.name for p in run.iterdir() if not p.name.startswith(".hrpo-replaced-")} == {
+        MANIFEST,
+        "notes.txt",
+        "config.json",
+    }
     rd.rollback()
     assert snapshot(run) == before  # byte for byte, the user's file untouched throughout
     rd = RunDir(run, overwrite=True).open()
@@ -60,17 +65,27 @@ def test_rollback_keeps_what_others_wrote_beside_the_new_folders(tmp_path):
     rd.path("config.json").write_text("x")
     (tmp_path / "a" / "b" / "late.txt").write_text("written meanwhile")
     rd.rollback()
-    assert snapshot(tmp_path) == {"a": None, "a/b": None, "a/b/late.txt": b"written meanwhile",
-                                  "a/other.txt": b"another run's"}
+    assert snapshot(tmp_path) == {
+        "a": None,
+        "a/b": None,
+        "a/b/late.txt": b"written meanwhile",
+        "a/other.txt": b"another run's",
+    }
 
 
-@pytest.mark.parametrize("setup,kwargs,message", [
-    (lambda p: (p.mkdir(), (p / "config.json").write_text("{}")), {"overwrite": True},
-     "is not empty and holds no hrpo run (no hrpo-run.json)"),
-    (lambda p: p.write_text("a file"), {}, "is a file, not a folder"),
-    (lambda p: fake_run(p), {}, "holds an hrpo run; pass --resume to continue it or --overwrite to replace it"),
-    (lambda p: p.mkdir(), {"resume": True}, "--resume: {p} holds no hrpo run"),
-])
+@pytest.mark.parametrize(
+    "setup,kwargs,message",
+    [
+        (
+            lambda p: (p.mkdir(), (p / "config.json").write_text("{}")),
+            {"overwrite": True},
+            "is not empty and holds no hrpo run (no hrpo-run.json)",
+        ),
+        (lambda p: p.write_text("a file"), {}, "is a file, not a folder"),
+        (lambda p: fake_run(p), {}, "holds an hrpo run; pass --resume to continue it or --overwrite to replace it"),
+        (lambda p: p.mkdir(), {"resume": True}, "--resume: {p} holds no hrpo run"),
+    ],
+)
 def test_refusals_name_the_folder(tmp_path, setup, kwargs, message):
     path = tmp_path / "out"
     setup(path)
@@ -106,10 +121,24 @@ def test_mistyped_data_with_overwrite_leaves_a_finished_run_untouched(model_dir,
     run = tmp_path / "run"
     fake_run(run)
     before = snapshot(run)
-    argv = ["--task", "gsm8k", "--model", str(model_dir), "--data", str(tmp_path / "typo.jsonl"),
-            "--eval-data", str(tmp_path / "typo.jsonl"), "--output-dir", str(run), "--overwrite"]
+    argv = [
+        "--task",
+        "gsm8k",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(tmp_path / "typo.jsonl"),
+        "--eval-data",
+        str(tmp_path / "typo.jsonl"),
+        "--output-dir",
+        str(run),
+        "--overwrite",
+    ]
     assert train_main(argv) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --data {tmp_path / 'typo.jsonl'}: no such file or folder"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"error: --data {tmp_path / 'typo.jsonl'}: no such file or folder"
+    )
     assert snapshot(run) == before
 
 

@@ -2,6 +2,7 @@
 openai client (and httpx where the client hides the HTTP): the endpoints, streaming, the
 extension fields, auth, bad input, cancellation, a full queue, SIGTERM, and outputs equal to
 the engine's for each request alone and to hrpo.eval's."""
+
 import json
 import os
 import random
@@ -18,8 +19,8 @@ import openai
 import pytest
 import torch
 
-from hrpo.eval import main as eval_main
 from hrpo.engine.rollout import SamplingConfig
+from hrpo.eval import main as eval_main
 from hrpo.model.loading import build_policy, load_base_model
 from hrpo.serve import LLM
 from hrpo.serve.__main__ import loopback
@@ -45,8 +46,13 @@ class Server:
         env.pop("HRPO_API_KEY", None)
         if key:
             env["HRPO_API_KEY"] = key  # the environment variable's way in
-        self.proc = subprocess.Popen([sys.executable, "-m", "hrpo.serve", "--port", str(self.port), *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hrpo.serve", "--port", str(self.port), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -129,8 +135,9 @@ def local(checkpoint):
 
 
 def chat(client, content: str, **kw):
-    return client.chat.completions.create(model=str_model(client), messages=[{"role": "user", "content": content}],
-                                          **kw)
+    return client.chat.completions.create(
+        model=str_model(client), messages=[{"role": "user", "content": content}], **kw
+    )
 
 
 def str_model(client) -> str:
@@ -161,8 +168,7 @@ def test_openai_client_chat_completions_stream_n_stop_seed_logprobs(server, loca
     assert plain.choices[0].model_extra["hrpo"] == {"thinking_tokens": 0, "gate_mean": None}
     assert plain.choices[0].message.content == alone_text(local, "What is 2 + 3?", 20, hybrid=False)
     # streaming: the chunks reassemble to the non-streamed text, [DONE] ends it
-    chunks = list(chat(client, "What is 2 + 3?", max_tokens=20, stream=True,
-                       stream_options={"include_usage": True}))
+    chunks = list(chat(client, "What is 2 + 3?", max_tokens=20, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].usage.completion_tokens == 20
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -171,18 +177,21 @@ def test_openai_client_chat_completions_stream_n_stop_seed_logprobs(server, loca
     b = client.completions.create(model=model, prompt="Once upon", max_tokens=12, n=3, temperature=2.0, seed=11)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert len({c.text for c in a.choices}) > 1
-    out = local.scheduler.engine.generate([local.text_prompt("Once upon")] * 3,
-                                          SamplingConfig(12, 2.0, 50, greedy=False), seed=11)
-    assert [c.text for c in a.choices] == [local.decode(ids[m].tolist())
-                                           for ids, m in zip(out.completion_ids, out.completion_mask)]
+    out = local.scheduler.engine.generate(
+        [local.text_prompt("Once upon")] * 3, SamplingConfig(12, 2.0, 50, greedy=False), seed=11
+    )
+    assert [c.text for c in a.choices] == [
+        local.decode(ids[m].tolist()) for ids, m in zip(out.completion_ids, out.completion_mask)
+    ]
     assert a.usage.completion_tokens == int(out.completion_mask.sum())
     # stop strings: the text ends before the first stop, finish_reason stop
     full = client.completions.create(model=model, prompt="Once upon", max_tokens=30, temperature=0).choices[0].text
     stop = full[5:7]
     cut = client.completions.create(model=model, prompt="Once upon", max_tokens=30, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=model, prompt="Once upon", max_tokens=30, temperature=0, stop=[stop],
-                                         stream=True)
+    streamed = client.completions.create(
+        model=model, prompt="Once upon", max_tokens=30, temperature=0, stop=[stop], stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
     # logprobs: one per token, the top alternatives sorted, the chosen token's the best under greedy
     lp = chat(client, "Hi", max_tokens=5, logprobs=True, top_logprobs=3).choices[0].logprobs.content
@@ -199,8 +208,13 @@ def test_openai_client_chat_completions_stream_n_stop_seed_logprobs(server, loca
 def test_api_key_on_every_endpoint_but_health(server):
     for key in (None, "wrong", KEY + "x"):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/chat/completions"),
-                             ("POST", "/v1/completions"), ("GET", "/nowhere")]:
+        for method, path in [
+            ("GET", "/v1/models"),
+            ("GET", "/metrics"),
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/completions"),
+            ("GET", "/nowhere"),
+        ]:
             r = httpx.request(method, server.url + path, headers=headers, content=b"{}", timeout=10)
             assert r.status_code == 401, (key, path)
             assert r.json()["error"]["type"] == "authentication_error"
@@ -247,8 +261,10 @@ def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
 def test_32_concurrent_clients_at_random_moments_equal_the_engine_alone(server, local):
     rng = random.Random(3)
     words = ["apples", "seven", "plus", "what", "is", "two", "Tom", "has", "buys", "more", "minus", "three"]
-    asks = [(" ".join(rng.choice(words) for _ in range(rng.randint(2, 8))), rng.randint(4, 40), rng.random() < 0.7)
-            for _ in range(32)]
+    asks = [
+        (" ".join(rng.choice(words) for _ in range(rng.randint(2, 8))), rng.randint(4, 40), rng.random() < 0.7)
+        for _ in range(32)
+    ]
     delays = [rng.uniform(0, 1.5) for _ in asks]
     got: dict[int, str] = {}
     client = server.client()
@@ -256,8 +272,11 @@ def test_32_concurrent_clients_at_random_moments_equal_the_engine_alone(server, 
     def ask(i: int) -> None:
         time.sleep(delays[i])
         content, max_tokens, hybrid = asks[i]
-        got[i] = chat(client, content, max_tokens=max_tokens, temperature=0,
-                      extra_body={"hybrid": hybrid}).choices[0].message.content
+        got[i] = (
+            chat(client, content, max_tokens=max_tokens, temperature=0, extra_body={"hybrid": hybrid})
+            .choices[0]
+            .message.content
+        )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
     for t in threads:
@@ -272,13 +291,31 @@ def test_32_concurrent_clients_at_random_moments_equal_the_engine_alone(server, 
 
 
 def test_checkpoint_served_gives_the_text_of_hrpo_eval(server, checkpoint, tmp_path):
-    records = [{"question": "Tom has 3 apples and buys 4 more. How many does he have?", "answer": "... #### 7"},
-               {"question": "What is 12 minus 5?", "answer": "#### 7"}]
+    records = [
+        {"question": "Tom has 3 apples and buys 4 more. How many does he have?", "answer": "... #### 7"},
+        {"question": "What is 12 minus 5?", "answer": "#### 7"},
+    ]
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "eval"
-    assert eval_main(["--task", "gsm8k", "--checkpoint", str(checkpoint), "--data", str(data), "--max-new-tokens",
-                      "24", "--output-dir", str(out), "--quiet"]) == 0
+    assert (
+        eval_main(
+            [
+                "--task",
+                "gsm8k",
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                str(data),
+                "--max-new-tokens",
+                "24",
+                "--output-dir",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     client = server.client()
     for s in samples:
@@ -290,8 +327,12 @@ def test_checkpoint_served_gives_the_text_of_hrpo_eval(server, checkpoint, tmp_p
 
 def test_a_client_that_leaves_mid_stream_cancels_its_rows(server):
     before = server.metrics()
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 130, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 130,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
@@ -310,8 +351,11 @@ def test_full_queue_503_then_sigterm_mid_stream_exits_0():
             lines = running.iter_lines()
             assert next(lines).startswith("data: ")  # the one row decodes
 
-            waiting = threading.Thread(target=lambda: httpx.post(srv.url + "/v1/completions", json={
-                "prompt": "hi", "max_tokens": 2}, timeout=60))
+            waiting = threading.Thread(
+                target=lambda: httpx.post(
+                    srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60
+                )
+            )
             waiting.start()
             for _ in range(50):
                 if srv.metrics()["hrpo_waiting_requests"] == 1:
@@ -334,13 +378,15 @@ def test_full_queue_503_then_sigterm_mid_stream_exits_0():
 
 
 def test_python_api_and_light_imports():
-    code = ("import sys, hrpo; assert 'torch' not in sys.modules, 'import hrpo pulled torch'\n"
-            "import hrpo.serve; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules\n"
-            "llm = hrpo.serve.LLM(max_batch=4)\n"
-            "out = llm.generate(['What is 2 + 3?', 'Hello'], max_tokens=6, n=2)\n"
-            "assert [len(o) for o in out] == [2, 2] and all(c.finish_reason == 'length' for o in out for c in o)\n"
-            "assert out[0][0].text == out[0][1].text  # greedy\n"
-            "print(hrpo.serve.generate(['What is 2 + 3?'], max_tokens=6)[0] == out[0][0].text)\n")
+    code = (
+        "import sys, hrpo; assert 'torch' not in sys.modules, 'import hrpo pulled torch'\n"
+        "import hrpo.serve; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules\n"
+        "llm = hrpo.serve.LLM(max_batch=4)\n"
+        "out = llm.generate(['What is 2 + 3?', 'Hello'], max_tokens=6, n=2)\n"
+        "assert [len(o) for o in out] == [2, 2] and all(c.finish_reason == 'length' for o in out for c in o)\n"
+        "assert out[0][0].text == out[0][1].text  # greedy\n"
+        "print(hrpo.serve.generate(['What is 2 + 3?'], max_tokens=6)[0] == out[0][0].text)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -348,8 +394,11 @@ def test_python_api_and_light_imports():
 
 
 def test_flags_checked_before_loading_and_loopback_detection(capsys):
-    for argv, flag in [(["--max-batch", "0"], "--max-batch"), (["--port", "70000"], "--port"),
-                       (["--temperature", "0"], "--temperature")]:
+    for argv, flag in [
+        (["--max-batch", "0"], "--max-batch"),
+        (["--port", "70000"], "--port"),
+        (["--temperature", "0"], "--temperature"),
+    ]:
         assert serve_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and flag in err and len(err.splitlines()) == 1

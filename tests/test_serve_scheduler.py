@@ -3,17 +3,18 @@
 Requests arrive at random step boundaries into a busy batch, with mixed settings (greedy and
 seeded sampling, hybrid and plain, n > 1, different lengths and top_k); every choice must be
 token for token what RolloutEngine.generate gives for that request by itself."""
+
 import random
 
 import pytest
 import torch
 from conftest import build_model
 
-from hrpo.engine.rollout_engine import RolloutEngine
 from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel
 from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout_engine import RolloutEngine
 from hrpo.engine.scheduler import QueueFull, Request, RequestError, Scheduler
+from hrpo.model.hybrid import HybridModel
 
 # A slice of the vocabulary ends rows, so rows finish (and leave the batch) at scattered steps.
 EOS = list(range(150, 175))
@@ -24,8 +25,7 @@ def setup(tokenizer):
     hm = HybridModel(build_model("qwen2", len(tokenizer), seed=3))
     with torch.no_grad():
         hm.gate.lam.uniform_(2.0, 3.0)  # a ~ 0.73: the latent visibly changes the next input
-    engine = RolloutEngine(hm.eval(), MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + EOS,
-                           tokenizer.pad_token_id)
+    engine = RolloutEngine(hm.eval(), MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + EOS, tokenizer.pad_token_id)
     return engine, tokenizer
 
 
@@ -39,11 +39,20 @@ def alone(engine, req: Request) -> list[list[int]]:
 def random_requests(tokenizer, rng: random.Random, count: int) -> list[Request]:
     words = ["alpha", "beta", "gamma", "delta", "one", "two", "seven", "plus", "minus", "the"]
     reqs = []
-    for i in range(count):
+    for _ in range(count):
         prompt = tokenizer.encode(" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))))
-        reqs.append(Request(prompt, max_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 2, 3]),
-                            temperature=rng.choice([0.5, 0.8]), top_k=rng.choice([0, 20]),
-                            greedy=rng.random() < 0.4, seed=rng.randint(0, 2**40), hybrid=rng.random() < 0.6))
+        reqs.append(
+            Request(
+                prompt,
+                max_tokens=rng.randint(1, 24),
+                n=rng.choice([1, 1, 2, 3]),
+                temperature=rng.choice([0.5, 0.8]),
+                top_k=rng.choice([0, 20]),
+                greedy=rng.random() < 0.4,
+                seed=rng.randint(0, 2**40),
+                hybrid=rng.random() < 0.6,
+            )
+        )
     return reqs
 
 
@@ -63,7 +72,9 @@ def test_random_arrivals_into_a_busy_batch_equal_each_request_alone(setup):
         kinds = {(r.request.greedy, r.request.hybrid) for r in sched.rows}
         mixed |= len(kinds) > 1
         step += 1
-    assert peak >= 7 and waited and mixed, "the batch was never busy, or never mixed settings: the test would prove little"
+    assert peak >= 7 and waited and mixed, (
+        "the batch was never busy, or never mixed settings: the test would prove little"
+    )
     for req in reqs:
         assert req.finished and req.error is None
         expected = alone(engine, req)
@@ -100,12 +111,14 @@ def test_stop_cancel_queue_and_bad_requests(setup):
     assert stopped.choices[0].finish == "stop" and len(stopped.choices[0].tokens) == 5
     assert queued.choices[0].finish in ("stop", "length") and queued.error is None
     assert sched.stats["cancelled"] == 1 and sched.running == 0
-    for field_name, req in [("max_tokens", Request(prompt, max_tokens=0)),
-                            ("max_tokens", Request(prompt, max_tokens=32 - len(prompt) + 1)),
-                            ("messages", Request(list(range(1, 33)), max_tokens=1)),
-                            ("n", Request(prompt, max_tokens=1, n=3)),
-                            ("top_k", Request(prompt, max_tokens=1, top_k=-1)),
-                            ("prompt", Request([len(tok) + 5], max_tokens=1))]:
+    for field_name, req in [
+        ("max_tokens", Request(prompt, max_tokens=0)),
+        ("max_tokens", Request(prompt, max_tokens=32 - len(prompt) + 1)),
+        ("messages", Request(list(range(1, 33)), max_tokens=1)),
+        ("n", Request(prompt, max_tokens=1, n=3)),
+        ("top_k", Request(prompt, max_tokens=1, top_k=-1)),
+        ("prompt", Request([len(tok) + 5], max_tokens=1)),
+    ]:
         with pytest.raises(RequestError) as err:
             sched.submit(req)
         assert err.value.field == field_name

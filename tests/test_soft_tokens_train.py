@@ -7,6 +7,7 @@ the Gaussian log-density by its formula):
 with lp the answer tokens' log-probs at the sampling temperature and, at thinking positions,
 log N(stored input; p @ E, sigma^2 I), p the top-k softmax of the position's logits; the
 thinking inputs are the stored noisy inputs themselves. Also the option's checks."""
+
 import json
 import math
 
@@ -60,8 +61,18 @@ def test_update_gradients_equal_the_independent_soft_token_loss(tokenizer):
     B = m.shape[0]
     adv = torch.linspace(-1.0, 1.0, B)
     ref = torch.randn(out.completion_ids.shape, generator=torch.Generator().manual_seed(0)) - 2.0
-    s = UpdateSettings(T_SAMPLE, True, BETA, 0.2, "grpo", out.completion_ids.shape[1], 10**6, share_prefix=False,
-                       latent=params, top_k=TOP_K)
+    s = UpdateSettings(
+        T_SAMPLE,
+        True,
+        BETA,
+        0.2,
+        "grpo",
+        out.completion_ids.shape[1],
+        10**6,
+        share_prefix=False,
+        latent=params,
+        top_k=TOP_K,
+    )
     hm.zero_grad()
     loss, _, finite = policy_backward(hm, out, micro_batches(out, 10**6), adv, ref, None, s)
     got = {n: p.grad.clone() for n, p in hm.named_parameters() if p.grad is not None}
@@ -81,8 +92,9 @@ def test_update_gradients_equal_the_independent_soft_token_loss(tokenizer):
     assert checked > 5 and any(g.abs().sum() > 0 for g in got.values())
     # the reference pass (no adapters here: the policy itself) sees the same inputs and densities
     with torch.no_grad():
-        torch.testing.assert_close(reference_logprobs(hm, out, micro_batches(out, 10**6), s)[m], lp.detach()[m],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            reference_logprobs(hm, out, micro_batches(out, 10**6), s)[m], lp.detach()[m], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_method_option():

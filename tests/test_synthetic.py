@@ -1,4 +1,5 @@
 """The synthetic arithmetic task and the tiny embedded model built on it."""
+
 from __future__ import annotations
 
 import random

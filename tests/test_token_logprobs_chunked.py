@@ -1,5 +1,6 @@
 """The CPU path of token_logprobs (chunked, recomputing logits in the backward) against the
 reference: the same values and gradients, and no (N x V) tensor kept for the backward."""
+
 import pytest
 import torch
 

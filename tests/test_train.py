@@ -6,12 +6,12 @@ import torch
 from conftest import build_model, small_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hrpo.model.hybrid import HybridModel, ModelError
+from hrpo.model.loading import attach_lora, build_policy
+from hrpo.train import Trainer, train
+from hrpo.train import main as train_main
 from hrpo.training.checkpoint import load_checkpoint, save_checkpoint
 from hrpo.training.config import config_for
-from hrpo.model.loading import attach_lora, build_policy
-from hrpo.model.hybrid import HybridModel, ModelError
-from hrpo.train import main as train_main
-from hrpo.train import Trainer, train
 from hrpo.training.setup import lr_schedule, make_optimizer
 
 
@@ -25,8 +25,12 @@ def test_optimizer_groups_and_learning_rates():
     names = {id(p): n for n, p in hm.named_parameters()}
     assert all("lora_" in names[id(p)] for p in groups["lora"]["params"])
     assert len(groups["lora"]["params"]) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
-    assert {names[id(p)] for p in groups["gate"]["params"]} == {"gate.w_r.weight", "gate.w_r.bias", "gate.w_i.weight",
-                                                                "gate.w_i.bias"}
+    assert {names[id(p)] for p in groups["gate"]["params"]} == {
+        "gate.w_r.weight",
+        "gate.w_r.bias",
+        "gate.w_i.weight",
+        "gate.w_i.bias",
+    }
     assert [names[id(p)] for p in groups["lambda"]["params"]] == ["gate.lam"]
     # Every group decays, gate biases included, as the original's patch.py:34-47.
     assert all(g.get("weight_decay", opt.defaults["weight_decay"]) == 0.1 for g in opt.param_groups)
@@ -49,11 +53,15 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(1)
     hm = build_policy(build_model("llama", 320), cfg)
     with torch.no_grad():
-        for n, p in hm.named_parameters():
+        for p in hm.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     save_checkpoint(hm, tmp_path / "ckpt", "tiny-llama")
-    assert {f.name for f in (tmp_path / "ckpt").iterdir()} == {"adapter.safetensors", "gate.safetensors", "checkpoint.json"}
+    assert {f.name for f in (tmp_path / "ckpt").iterdir()} == {
+        "adapter.safetensors",
+        "gate.safetensors",
+        "checkpoint.json",
+    }
     fresh = load_checkpoint(build_policy(build_model("llama", 320), cfg), tmp_path / "ckpt")
     want = {n: p for n, p in hm.named_parameters() if p.requires_grad}
     got = dict(fresh.named_parameters())
@@ -79,9 +87,19 @@ def test_model_without_expected_modules():
     gpt2 = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(ModelError, match=r"GPT2LMHeadModel has no modules named \['q_proj'"):
         attach_lora(gpt2, 4, 8, ("q_proj", "v_proj"))
-    soft = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0))
+    soft = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "gemma2",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            final_logit_softcapping=30.0,
+        )
+    )
     with pytest.raises(ModelError, match="final_logit_softcapping"):
         HybridModel(soft)
 
@@ -89,8 +107,16 @@ def test_model_without_expected_modules():
 def test_end_to_end_run_folder(model_dir, tmp_path):
     out = tmp_path / "run"
     summary = train(small_config(model_dir, out), progress=False)
-    written = {"config.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoint", "checkpoints", "eval_before.json",
-               "eval_after.json"}
+    written = {
+        "config.json",
+        "metrics.jsonl",
+        "curves.png",
+        "summary.json",
+        "checkpoint",
+        "checkpoints",
+        "eval_before.json",
+        "eval_after.json",
+    }
     assert {p.name for p in out.iterdir()} == written | {"hrpo-run.json"}
     assert set(json.loads((out / "hrpo-run.json").read_text())["files"]) == written
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -143,8 +169,9 @@ def test_hf_warmup_flag_reaches_the_optimizer():
 def test_max_steps_counts_optimizer_steps(model_dir, tmp_path, iterations, grad_accum, device_steps):
     """--max-steps 3: each device step makes `iterations` passes and every grad_accum passes
     step the optimizer, so 3 x grad_accum / iterations device steps, rounded up (3 x 2 / 3 = 2)."""
-    cfg = small_config(model_dir, tmp_path / "run", max_steps=3, num_iterations=iterations, grad_accum=grad_accum,
-                       train_limit=200)
+    cfg = small_config(
+        model_dir, tmp_path / "run", max_steps=3, num_iterations=iterations, grad_accum=grad_accum, train_limit=200
+    )
     t = Trainer(cfg, None, progress=False)
     assert t.device_steps == device_steps
     assert t.opt_steps == 3

@@ -8,6 +8,7 @@ with lp the policy's log-probs at the sampling temperature on the gate's blend o
 latents (thinking positions), ref the base model's (adapters off) on plain token embeddings,
 A the group-normalised rewards, k3(x) = exp(x) - x - 1.
 """
+
 import math
 
 import pytest
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from conftest import small_config
 from transformers import AutoModelForCausalLM
 
-from hrpo.model.gate import HybridGate
 from hrpo.engine.rollout import Rollout, left_pad
+from hrpo.model.gate import HybridGate
 from hrpo.train import Trainer
 
 T_SAMPLE, BETA, G = 0.7, 0.5, 4
@@ -38,9 +39,17 @@ def fixed_rollout(prompts, vocab, d, pad_id, seed=0):
     think = torch.zeros(B, T, dtype=torch.bool)
     think[:, :3] = True
     latents = (torch.randn(B, T, d, generator=g) * 2).to(torch.bfloat16).float() * think[..., None]
-    return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=comp, completion_mask=cmask, latents=latents,
-                   think_mask=think & cmask, logprobs=torch.zeros(B, T), gate_mean=torch.full((B,), 0.5),
-                   stats={"tokens_per_s": 1.0})
+    return Rollout(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        completion_ids=comp,
+        completion_mask=cmask,
+        latents=latents,
+        think_mask=think & cmask,
+        logprobs=torch.zeros(B, T),
+        gate_mean=torch.full((B,), 0.5),
+        stats={"tokens_per_s": 1.0},
+    )
 
 
 def by_hand_gradients(trainer, base, out, t_logprob=T_SAMPLE):
@@ -83,8 +92,19 @@ def by_hand_gradients(trainer, base, out, t_logprob=T_SAMPLE):
 
 
 def make_trainer(model_dir, tmp_path, **kw):
-    cfg = small_config(model_dir, tmp_path / "run", temperature=T_SAMPLE, beta=BETA, group_size=G, batch_size=8,
-                       grad_accum=1, num_iterations=1, loss_norm="grpo", max_grad_norm=1e9, **kw)
+    cfg = small_config(
+        model_dir,
+        tmp_path / "run",
+        temperature=T_SAMPLE,
+        beta=BETA,
+        group_size=G,
+        batch_size=8,
+        grad_accum=1,
+        num_iterations=1,
+        loss_norm="grpo",
+        max_grad_norm=1e9,
+        **kw,
+    )
     t = Trainer(cfg, lambda completions, answers: list(REWARDS), progress=False)
     torch.manual_seed(5)
     with torch.no_grad():
@@ -109,14 +129,17 @@ def step_gradients(trainer, monkeypatch):
 
     def generate(prompts, sampling, generator=None, seed=None, row_span=None):
         assert sampling.temperature == T_SAMPLE and sampling.hybrid and not sampling.greedy
-        out_holder["out"] = fixed_rollout(prompts, hm.embed.weight.shape[0], hm.embed.weight.shape[1],
-                                          trainer.tokenizer.pad_token_id)
+        out_holder["out"] = fixed_rollout(
+            prompts, hm.embed.weight.shape[0], hm.embed.weight.shape[1], trainer.tokenizer.pad_token_id
+        )
         return out_holder["out"]
 
     real_step = trainer.optimizer_step
 
     def capturing_step():
-        captured.update({n: None if p.grad is None else p.grad.clone() for n, p in hm.named_parameters() if p.requires_grad})
+        captured.update(
+            {n: None if p.grad is None else p.grad.clone() for n, p in hm.named_parameters() if p.requires_grad}
+        )
         return real_step()
 
     monkeypatch.setattr(trainer.engine, "generate", generate)
@@ -165,8 +188,12 @@ def test_logprob_temperature_1_scores_raw_logits_as_the_original(model_dir, tmp_
 def test_the_kl_term_and_its_reference_matter(trainer, model_dir):
     """Sanity of the test above: the by-hand gradient changes if the reference ran with
     adapters on, on hybrid inputs, or not at all, so the comparison pins each choice."""
-    out = fixed_rollout([[5, 6, 7]] * 4 + [[8, 9]] * 4, trainer.hm.embed.weight.shape[0],
-                        trainer.hm.embed.weight.shape[1], trainer.tokenizer.pad_token_id)
+    out = fixed_rollout(
+        [[5, 6, 7]] * 4 + [[8, 9]] * 4,
+        trainer.hm.embed.weight.shape[0],
+        trainer.hm.embed.weight.shape[1],
+        trainer.tokenizer.pad_token_id,
+    )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     want = by_hand_gradients(trainer, base, out)
     lam = want["gate.lam"].abs().sum()
@@ -177,11 +204,27 @@ def test_the_kl_term_and_its_reference_matter(trainer, model_dir):
 def test_each_parameter_group_steps_with_its_rate_and_decay(model_dir, tmp_path):
     """One AdamW step from fresh state with gradient g: p <- p (1 - lr wd) - lr g / (|g| + 1e-8)
     (bias-corrected moments are g and g^2 at step 1); warm-up 0 gives the full rate."""
-    cfg = small_config(model_dir, tmp_path / "run", lr_lora=0.01, lr_gate=0.02, lr_lambda=0.03, weight_decay=0.1,
-                       warmup_ratio=0.0, max_grad_norm=1e9, adam_beta1=0.9, adam_beta2=0.99)
+    cfg = small_config(
+        model_dir,
+        tmp_path / "run",
+        lr_lora=0.01,
+        lr_gate=0.02,
+        lr_lambda=0.03,
+        weight_decay=0.1,
+        warmup_ratio=0.0,
+        max_grad_norm=1e9,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+    )
     t = Trainer(cfg, None, progress=False)
-    rates = {"lora_": (0.01, 0.1), "gate.w_r.weight": (0.02, 0.1), "gate.w_i.weight": (0.02, 0.1),
-             "gate.w_r.bias": (0.02, 0.1), "gate.w_i.bias": (0.02, 0.1), "gate.lam": (0.03, 0.1)}
+    rates = {
+        "lora_": (0.01, 0.1),
+        "gate.w_r.weight": (0.02, 0.1),
+        "gate.w_i.weight": (0.02, 0.1),
+        "gate.w_r.bias": (0.02, 0.1),
+        "gate.w_i.bias": (0.02, 0.1),
+        "gate.lam": (0.03, 0.1),
+    }
     before = {}
     for n, p in t.hm.named_parameters():
         if p.requires_grad:

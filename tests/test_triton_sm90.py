@@ -4,6 +4,7 @@ sm_90 block's shared memory; a configuration that would not fit is refused by th
 interpreter, which runs the rest of the suite, executes fp32 dots only and never checks
 tiles against a GPU's limits, so this is the check of those paths on a machine with no GPU.
 It runs tests/sm90_compile.py in a subprocess with an empty Triton cache."""
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {
-    "_gated_blend_fwd_kernel", "_gated_blend_bwd_kernel", "_full_partial_kernel", "_full_reduce_kernel",
-    "_topk_tail_kernel", "_tlp_fwd_kernel", "_tlp_grad_logits_kernel", "_partial_kernel", "_reduce_kernel",
+    "_gated_blend_fwd_kernel",
+    "_gated_blend_bwd_kernel",
+    "_full_partial_kernel",
+    "_full_reduce_kernel",
+    "_topk_tail_kernel",
+    "_tlp_fwd_kernel",
+    "_tlp_grad_logits_kernel",
+    "_partial_kernel",
+    "_reduce_kernel",
 }
 REFUSED = {  # full-vocabulary sampling past the widths whose tiles fit (sample_and_mix.MAX_D_FULL_VOCAB)
-    "sample_and_mix bfloat16 d3072 top_k0", "sample_and_mix float32 d1536 top_k0",
-    "sample_and_mix float32 d2048 top_k0", "sample_and_mix float32 d3072 top_k0",
+    "sample_and_mix bfloat16 d3072 top_k0",
+    "sample_and_mix float32 d1536 top_k0",
+    "sample_and_mix float32 d2048 top_k0",
+    "sample_and_mix float32 d3072 top_k0",
 }
 
 
@@ -34,8 +44,14 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         pytest.skip("this triton build has no NVIDIA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sm90_compile.py")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     compiled = [r for r in rows if "kernel" in r]

@@ -1,15 +1,23 @@
 """The update half of a step: prefix sharing, token-sized micro-batches and trimming change
 how the work is laid out, never the gradient."""
+
 import pytest
 import torch
 from conftest import ARCHS, build_model
 
-from hrpo.training.config import config_for
-from hrpo.model.loading import build_policy
-from hrpo.training.loss import grpo_loss, per_token_terms, token_weights
-from hrpo.model.hybrid import SequenceBatch, distinct_prompts
 from hrpo.engine.rollout import left_pad
-from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, policy_logprobs, reference_logprobs, trim
+from hrpo.model.hybrid import SequenceBatch, distinct_prompts
+from hrpo.model.loading import build_policy
+from hrpo.training.config import config_for
+from hrpo.training.loss import grpo_loss, per_token_terms, token_weights
+from hrpo.training.update import (
+    UpdateSettings,
+    micro_batches,
+    policy_backward,
+    policy_logprobs,
+    reference_logprobs,
+    trim,
+)
 
 PROMPTS = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 3 + [[11, 12, 13]] * 2  # three groups, ragged prompts
 
@@ -36,7 +44,9 @@ def rollout_batch(d=64, T=6, seed=0):
     cmask[7, 5:] = False
     think = torch.zeros(B, T, dtype=torch.bool)
     think[:, :3] = True
-    return SequenceBatch(ids, mask, comp.masked_fill(~cmask, 0), cmask, torch.randn(B, T, d, generator=g), think & cmask)
+    return SequenceBatch(
+        ids, mask, comp.masked_fill(~cmask, 0), cmask, torch.randn(B, T, d, generator=g), think & cmask
+    )
 
 
 def grads(hm):
@@ -56,7 +66,9 @@ def test_shared_prefix_gives_the_same_logprobs_and_gradients(arch):
     g_shared = grads(hm)
     m = batch.completion_mask
     torch.testing.assert_close(shared[m], full[m], rtol=1e-5, atol=1e-5)
-    assert g_full.keys() == g_shared.keys() and len(g_full) == 2 * 7 * 2 + 5  # LoRA A/B of 7 projections x 2 layers, gate
+    assert (
+        g_full.keys() == g_shared.keys() and len(g_full) == 2 * 7 * 2 + 5
+    )  # LoRA A/B of 7 projections x 2 layers, gate
     for n in g_full:  # fp32 sums in another order: within a millionth of each tensor's scale
         torch.testing.assert_close(g_shared[n], g_full[n], rtol=1e-4, atol=2e-6 * float(g_full[n].abs().max()), msg=n)
 
@@ -101,10 +113,13 @@ def test_token_weights_by_hand():
 
     torch.testing.assert_close(w("grpo"), torch.tensor([[1 / 4, 1 / 4, 0], [1 / 6, 1 / 6, 1 / 6]], dtype=torch.float64))
     torch.testing.assert_close(w("dapo"), torch.tensor([[1 / 5, 1 / 5, 0], [1 / 5] * 3], dtype=torch.float64))
-    torch.testing.assert_close(w("dr_grpo", max_completion_length=4),
-                               torch.tensor([[1 / 8, 1 / 8, 0], [1 / 8] * 3], dtype=torch.float64))
+    torch.testing.assert_close(
+        w("dr_grpo", max_completion_length=4), torch.tensor([[1 / 8, 1 / 8, 0], [1 / 8] * 3], dtype=torch.float64)
+    )
     # A share of a larger batch (one rank's rows): its totals come from outside.
-    torch.testing.assert_close(w("grpo", n_rows=4), torch.tensor([[1 / 8, 1 / 8, 0], [1 / 12] * 3], dtype=torch.float64))
+    torch.testing.assert_close(
+        w("grpo", n_rows=4), torch.tensor([[1 / 8, 1 / 8, 0], [1 / 12] * 3], dtype=torch.float64)
+    )
     torch.testing.assert_close(w("dapo", n_tokens=10)[1], torch.tensor([0.1] * 3, dtype=torch.float64))
 
 
@@ -113,7 +128,9 @@ def test_token_weights_by_hand():
 def test_micro_batched_update_equals_the_whole_batch(norm, clipped):
     hm, batch = policy("qwen2"), rollout_batch()
     adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
-    s = UpdateSettings(0.7, True, beta=0.5, epsilon=0.2, loss_norm=norm, max_completion_length=6, micro_batch_tokens=10**6)
+    s = UpdateSettings(
+        0.7, True, beta=0.5, epsilon=0.2, loss_norm=norm, max_completion_length=6, micro_batch_tokens=10**6
+    )
     old = None
     if clipped:
         with torch.no_grad():
@@ -197,7 +214,9 @@ def test_padding_micro_batches_run_forwards_and_leave_the_gradient_alone():
     make the forward and backward (FSDP's collectives) but add nothing."""
     hm, batch = policy("qwen2"), rollout_batch()
     adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
-    s = UpdateSettings(0.7, True, beta=0.5, epsilon=0.2, loss_norm="grpo", max_completion_length=6, micro_batch_tokens=10**6)
+    s = UpdateSettings(
+        0.7, True, beta=0.5, epsilon=0.2, loss_norm="grpo", max_completion_length=6, micro_batch_tokens=10**6
+    )
     plan = micro_batches(batch, 36)  # two micro-batches
     calls = counting(hm)
     ref = reference_logprobs(hm, batch, plan, s)
@@ -220,7 +239,9 @@ def test_a_non_finite_micro_batch_still_runs_the_others():
     ranks their collectives are awaited); the caller drops the update."""
     hm, batch = policy("qwen2"), rollout_batch()
     adv = torch.tensor([float("nan"), -0.5, -0.5, 0.3, 0.3, -0.6, 1.0, -1.0])
-    s = UpdateSettings(0.7, True, beta=0.0, epsilon=0.2, loss_norm="grpo", max_completion_length=6, micro_batch_tokens=10**6)
+    s = UpdateSettings(
+        0.7, True, beta=0.0, epsilon=0.2, loss_norm="grpo", max_completion_length=6, micro_batch_tokens=10**6
+    )
     plan = micro_batches(batch, 1)  # rows 0-2 (the NaN) first, then 3-5 and 6-7
     calls = counting(hm)
     loss, info, finite = policy_backward(hm, batch, plan, adv, None, None, s, length=4)
@@ -241,7 +262,6 @@ def test_policy_logprobs_are_the_training_forward_without_gradient():
     assert (plain - got)[m].abs().max() > 1e-3  # the blend is in: hybrid as in the update
 
 
-
 def text_reward(completions, answers):
     return [float(sum(map(ord, c)) % 2) for c in completions]  # mixed rewards: live advantages
 
@@ -251,15 +271,19 @@ def first_step(model_dir, out, monkeypatch, shift=0.0, **kw):
     gradients at the first optimizer step, what each policy pass returned, logp - old in each
     clipped ratio, and the calls of policy_logprobs. `shift` is added to the engine's
     log-probs of even rows and taken from odd ones (a sampler that disagrees with training)."""
-    import hrpo.training.step
-    import hrpo.training.update
     from conftest import small_config
 
+    import hrpo.training.step
+    import hrpo.training.update
     from hrpo.train import Trainer
 
     t = Trainer(small_config(model_dir, out, **kw), text_reward, progress=False)
     seen = {"passes": [], "logp_minus_old": [], "policy_logprobs": 0}
-    generate, optimizer_step, group_advantages = t.engine.generate, t.optimizer_step, hrpo.training.step.group_advantages
+    generate, optimizer_step, group_advantages = (
+        t.engine.generate,
+        t.optimizer_step,
+        hrpo.training.step.group_advantages,
+    )
 
     def shifted(*args, **kwargs):
         out = generate(*args, **kwargs)

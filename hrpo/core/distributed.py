@@ -7,6 +7,7 @@ gradients summed across ranks, and every decision (skip an update, stop on a sig
 reward call) is agreed on by all ranks before it is acted on. Objects cross ranks as JSON in
 uint8 tensors, never pickled.
 """
+
 from __future__ import annotations
 
 import json

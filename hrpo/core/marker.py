@@ -5,6 +5,7 @@ Instead of re-decoding every step, each token's text piece is run once through t
 marker's KMP automaton from every state, giving a (len(marker) + 1, V) transition table;
 a step is then one gather. The last state is absorbing: the marker has been written.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,7 @@ def token_pieces(tokenizer) -> list[str]:
     anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
     prefix = tokenizer.decode(anchor, skip_special_tokens=True)
     texts = tokenizer.batch_decode([anchor + [i] for i in range(vocab)], skip_special_tokens=True)
-    return [t[len(prefix):] if t.startswith(prefix) else t for t in texts]
+    return [t[len(prefix) :] if t.startswith(prefix) else t for t in texts]
 
 
 class MarkerMatcher:

@@ -1,4 +1,5 @@
 """Examples and prompt rendering shared by data loading, training and evaluation."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,14 +36,14 @@ def format_prompt(tokenizer, message: str, system: str | None = SYSTEM_PROMPT) -
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompts(tokenizer, messages: list[str], max_length: int, system: str | None = SYSTEM_PROMPT) -> list[list[int]]:
+def encode_prompts(
+    tokenizer, messages: list[str], max_length: int, system: str | None = SYSTEM_PROMPT
+) -> list[list[int]]:
     """Token ids of each rendered prompt; a prompt over the limit is an error, not a silent cut."""
     encoded = []
     for index, message in enumerate(messages):
         ids = tokenizer(format_prompt(tokenizer, message, system), add_special_tokens=False)["input_ids"]
         if len(ids) > max_length:
-            raise ValueError(
-                f"prompt of example {index} has {len(ids)} tokens, over max_prompt_length {max_length}"
-            )
+            raise ValueError(f"prompt of example {index} has {len(ids)} tokens, over max_prompt_length {max_length}")
         encoded.append(ids)
     return encoded

@@ -1,4 +1,5 @@
 """Stopping a run cleanly on a signal."""
+
 from __future__ import annotations
 
 import contextlib
@@ -61,9 +62,11 @@ class StopRequests:
             raise SignalStop(signum)
         self.signum = signum
         # tqdm.write: on a line of its own, not after the progress bar's
-        tqdm.write(f"hrpo: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
-                   + (" (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""),
-                   file=sys.stderr)
+        tqdm.write(
+            f"hrpo: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
+            + (" (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""),
+            file=sys.stderr,
+        )
 
     def __exit__(self, *exc):
         self._installed.__exit__(*exc)

@@ -25,18 +25,18 @@ per layer fused into loops) when the extension loads.
 Anything this file cannot run exactly is named by `unsupported_reason`, and the engine
 falls back to the reference loop.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hrpo.engine.kv_cache import StaticKVCache
+from hrpo.model import lora
 from hrpo_kernels import decode_attention
 from hrpo_kernels._common import forced_reference
 from hrpo_kernels._ext import load_extension
-
-from hrpo.engine.kv_cache import StaticKVCache
-from hrpo.model import lora
 
 ARCHS = ("qwen2", "qwen3", "llama")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -184,8 +184,10 @@ class _Adapters:
     @torch.no_grad()
     def refresh(self) -> None:
         if _layout(self.mods) != self.layout:
-            raise ValueError(f"FastDecoder: the LoRA adapters of {self.where} changed from {self.layout} to "
-                             f"{_layout(self.mods)} since it was built; build a new engine")
+            raise ValueError(
+                f"FastDecoder: the LoRA adapters of {self.where} changed from {self.layout} to "
+                f"{_layout(self.mods)} since it was built; build a new engine"
+            )
         row = col = 0
         for mod, part in zip(self.mods, self.layout):
             on = lora.applied(mod)
@@ -214,8 +216,12 @@ class _Adapters:
 
 
 # packed matrix -> (the layer module owning its projections, the projections in packing order)
-_PACKED = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
-           "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+_PACKED = {
+    "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "o": ("self_attn", ("o_proj",)),
+    "gate_up": ("mlp", ("gate_proj", "up_proj")),
+    "down": ("mlp", ("down_proj",)),
+}
 
 
 class _Layer:
@@ -224,17 +230,20 @@ class _Layer:
 
     def __init__(self, layer: nn.Module, index: int, dtype, device, unmerged: bool):
         self.layer, self.unmerged = layer, unmerged
-        self.parts = {name: [getattr(getattr(layer, owner), n) for n in names]
-                      for name, (owner, names) in _PACKED.items()}
+        self.parts = {
+            name: [getattr(getattr(layer, owner), n) for n in names] for name, (owner, names) in _PACKED.items()
+        }
         new = dict(dtype=dtype, device=device)
         self.w, self.b = {}, {}
         for name, mods in self.parts.items():
             bases = [lora.base_linear(m) for m in mods]
-            self.w[name] = torch.empty(sum(l.out_features for l in bases), bases[0].in_features, **new)
+            self.w[name] = torch.empty(sum(b.out_features for b in bases), bases[0].in_features, **new)
             self.b[name] = torch.empty(self.w[name].shape[0], **new) if bases[0].bias is not None else None
         self.inter = lora.base_linear(layer.mlp.gate_proj).out_features
-        self.lora = {name: _Adapters(mods, f"layer {index} {name}")
-                     if unmerged and any(_layout(mods)) else None for name, mods in self.parts.items()}
+        self.lora = {
+            name: _Adapters(mods, f"layer {index} {name}") if unmerged and any(_layout(mods)) else None
+            for name, mods in self.parts.items()
+        }
         self.refresh(base=True, adapters=True)
 
     @torch.no_grad()
@@ -251,7 +260,10 @@ class _Layer:
     def _pack(self) -> None:
         layer, attn = self.layer, self.layer.self_attn
         self.ln1, self.eps1 = whole(layer.input_layernorm.weight), layer.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = whole(layer.post_attention_layernorm.weight), layer.post_attention_layernorm.variance_epsilon
+        self.ln2, self.eps2 = (
+            whole(layer.post_attention_layernorm.weight),
+            layer.post_attention_layernorm.variance_epsilon,
+        )
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.q_norm = (whole(qn.weight), qn.variance_epsilon) if qn is not None else None
         self.k_norm = (whole(kn.weight), kn.variance_epsilon) if kn is not None else None
@@ -329,7 +341,9 @@ class FastDecoder:
                 # An FSDP shard: its local storage, and both version counters (an in-place op on
                 # the DTensor advances its own, one on the local tensor only the local one's).
                 t = p.to_local() if hasattr(p, "to_local") else p
-                (adapters if lora.is_adapter_parameter(name) else base).append((id(p), t.data_ptr(), t._version, p._version))
+                (adapters if lora.is_adapter_parameter(name) else base).append(
+                    (id(p), t.data_ptr(), t._version, p._version)
+                )
             adapters += [lora.settings(mod) for mod in layer.modules() if lora.is_lora_layer(mod)]
         return tuple(base), tuple(adapters)
 
@@ -341,8 +355,22 @@ class FastDecoder:
         weights, eps = [], []
         for w in self.layers:
             qn, kn = w.q_norm or (None, 0.0), w.k_norm or (None, 0.0)
-            weights += [w.ln1, w.w["qkv"], w.packed["qkv"], w.b["qkv"], qn[0], kn[0], w.w["o"], w.packed["o"], w.b["o"],
-                        w.ln2, w.w["gate_up"], w.packed["gate_up"], w.w["down"], w.packed["down"]]
+            weights += [
+                w.ln1,
+                w.w["qkv"],
+                w.packed["qkv"],
+                w.b["qkv"],
+                qn[0],
+                kn[0],
+                w.w["o"],
+                w.packed["o"],
+                w.b["o"],
+                w.ln2,
+                w.w["gate_up"],
+                w.packed["gate_up"],
+                w.w["down"],
+                w.packed["down"],
+            ]
             eps += [w.eps1, w.eps2, qn[1], kn[1]]
         self._ext_args = (weights, self.norm, eps + [self.norm_eps])
 
@@ -412,8 +440,19 @@ class FastDecoder:
         No host sync (max_len, the longest row after the step, only trims CPU attention)."""
         if self.ext is not None:
             weights, norm, eps = self._ext_args
-            return self.ext.decode_body_cpu(x.contiguous(), cache.k, cache.v, cache.seqlens, self._cos, self._sin,
-                                            weights, norm, eps, self.n_heads, self.scale)
+            return self.ext.decode_body_cpu(
+                x.contiguous(),
+                cache.k,
+                cache.v,
+                cache.seqlens,
+                self._cos,
+                self._sin,
+                weights,
+                norm,
+                eps,
+                self.n_heads,
+                self.scale,
+            )
         n = x.shape[0]
         pos = cache.seqlens[:n]
         slot = pos.long()

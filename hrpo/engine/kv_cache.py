@@ -4,6 +4,7 @@ Layout (layers, batch, slots, kv heads, head dim), flash-attn's kvcache layout p
 Row b holds its own prompt from slot 0 (no padding inside the cache) and `seqlens[b]`
 is the slot its next token goes to, which is also that token's rotary position.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,7 @@ class StaticKVCache:
                 layer[:n, :upto] = layer[src, :upto]
         self.seqlens[:n] = self.seqlens[src]
 
-    def rows_from(self, first: int) -> "StaticKVCache":
+    def rows_from(self, first: int) -> StaticKVCache:
         """The cache of rows [first, batch) of this one, as views: what is written there lands
         here (a serving batch prefills joining requests after its running rows)."""
         view = StaticKVCache.__new__(StaticKVCache)

@@ -8,16 +8,18 @@ E[x_t], as the next input.
 seed given: step t's race noise is philox_uniform(seed, t * B * V + row * V + token) with
 `row` the row's index in the call's batch (hrpo_kernels.philox), a function of (seed, row,
 step, token) only, so prefix sharing and compaction leave every draw, hence every token,
-unchanged. row_span=(first, total): the call's rows are rows first.. of a batch of `total` (one
-rank's share of a data-parallel batch), and draw that batch's noise. share_prefix: each distinct prompt is prefilled once and its cache rows copied
-to its duplicates. compact_below: when the fraction of live rows falls under it, finished
-rows leave the cache and the step state; results still land at their original rows.
+unchanged. row_span=(first, total): the call's rows are rows first.. of a batch of `total`
+(one rank's share of a data-parallel batch), and draw that batch's noise. share_prefix: each
+distinct prompt is prefilled once and its cache rows copied to its duplicates.
+compact_below: when the fraction of live rows falls under it, finished rows leave the cache
+and the step state; results still land at their original rows.
 Finished rows record pad tokens, log-prob 0, a zero latent and no thinking.
 
 Under FSDP every forward of the body is a collective, so a rank whose rows have all finished
 keeps stepping (on finished rows) until every rank's have; its result is still cut at the
 step its own rows finished, so the rollout is the one a single process draws.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,12 +27,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from hrpo_kernels import sample_and_mix
-from hrpo_kernels.latent_input import LatentParams
-
 from hrpo.core.distributed import forward_group
 from hrpo.core.marker import MarkerMatcher
 from hrpo.model.hybrid import HybridModel, SequenceBatch, cache_index_select, distinct_prompts, positions_from_mask
+from hrpo_kernels import sample_and_mix
+from hrpo_kernels.latent_input import LatentParams
 
 
 @dataclass
@@ -64,8 +65,14 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
-def thinking_input(hm: HybridModel, e: torch.Tensor, latent: torch.Tensor, think: torch.Tensor,
-                   params: LatentParams, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def thinking_input(
+    hm: HybridModel,
+    e: torch.Tensor,
+    latent: torch.Tensor,
+    think: torch.Tensor,
+    params: LatentParams,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The next inputs from the token embeddings e (B, d) and the stored latents (B, d): at
     thinking positions, the gate's blend (hrpo; also its coefficients a) or the latent itself
     (the training-free modes, whose latent is the next input); elsewhere e."""

@@ -26,6 +26,7 @@ than the CPU's C++ step, so that CI runs it.
 `make_engine` returns the reference loop behind the same interface, with a one-line
 warning, for a model FastDecoder cannot run.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,16 +36,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hrpo.core.marker import MarkerMatcher
+from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
+from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout, thinking_input
+from hrpo.model.hybrid import HybridModel, distinct_prompts
 from hrpo_kernels import sample_and_mix, step_controller
-from hrpo_kernels.sample_and_mix import sampling_is_fused
 from hrpo_kernels._common import StandInGraph, next_pow2, on_gpu_path
 from hrpo_kernels._ext import load_extension
+from hrpo_kernels.sample_and_mix import sampling_is_fused
 from hrpo_kernels.step_controller import StepBuffers
-
-from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
-from hrpo.core.marker import MarkerMatcher
-from hrpo.model.hybrid import HybridModel, distinct_prompts
-from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout, thinking_input
 
 
 @dataclass
@@ -93,15 +93,27 @@ class _State:
         """Rows [0, n) reordered by perm; only the first n_new keep decoding (cache slots
         [0, upto) moved for those). Rows past n_new keep their finished records."""
         b = self.bufs
-        for x in (b.tokens, b.logprobs, b.think, b.mask, b.latents, self.hidden, self.match, self.finished,
-                  self.order, self.gate_sum, self.gate_n):
+        for x in (
+            b.tokens,
+            b.logprobs,
+            b.think,
+            b.mask,
+            b.latents,
+            self.hidden,
+            self.match,
+            self.finished,
+            self.order,
+            self.gate_sum,
+            self.gate_n,
+        ):
             x[:n] = x[:n][perm]
         self.cache.gather_rows(perm[:n_new], upto)
 
 
 class RolloutEngine:
-    def __init__(self, hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int,
-                 options: EngineOptions | None = None):
+    def __init__(
+        self, hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int, options: EngineOptions | None = None
+    ):
         self.hm = hm
         self.opts = options or EngineOptions()
         dev = hm.embed.weight.device
@@ -113,8 +125,11 @@ class RolloutEngine:
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], dtype=torch.int64, device=dev)
         self.graphs = self.gpu_path and self.opts.cuda_graphs and load_extension() is not None
         if self.gpu_path and self.opts.cuda_graphs and not self.graphs:
-            warnings.warn("hrpo engine: the CUDA extension did not load, so the step controller syncs with the "
-                          "host and CUDA graphs are off", stacklevel=2)
+            warnings.warn(
+                "hrpo engine: the CUDA extension did not load, so the step controller syncs with the "
+                "host and CUDA graphs are off",
+                stacklevel=2,
+            )
         self.check_every = self.opts.check_every or (16 if self.graphs else 1)
         # On an fp32 CPU model with the extension loaded, the whole step runs in its C++ twins
         # (decoder body, top-k sampling, step controller, gate) rather than in ~300 small torch ops.
@@ -128,13 +143,36 @@ class RolloutEngine:
         s, hm = self.state, self.hm
         E, W = hm.embed.weight, hm.lm_weight
         noise = dict(seed=s.seed, offset=s.offset, row_ids=s.order[:n]) if seeded else {}
-        tok, lp, h = sample_and_mix(s.hidden[:n], W, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise,
-                                    impl=self.impl, latent=cfg.latent)
+        tok, lp, h = sample_and_mix(
+            s.hidden[:n],
+            W,
+            E,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.greedy,
+            generator,
+            **noise,
+            impl=self.impl,
+            latent=cfg.latent,
+        )
         s.offset.add_(B * W.shape[0])
         latent = h.to(self.opts.latent_dtype)
         bufs = StepBuffers(*(x[:n] for x in s.bufs.tensors()[:-1]), n_live=s.bufs.n_live)
-        tokens, think, _ = step_controller(self.table, s.match[:n], s.finished[:n], tok, lp, h, self.eos,
-                                           self.pad_id, s.t, cfg.max_new_tokens, bufs, cfg.hybrid, impl=self.impl)
+        tokens, think, _ = step_controller(
+            self.table,
+            s.match[:n],
+            s.finished[:n],
+            tok,
+            lp,
+            h,
+            self.eos,
+            self.pad_id,
+            s.t,
+            cfg.max_new_tokens,
+            bufs,
+            cfg.hybrid,
+            impl=self.impl,
+        )
         e = F.embedding(tokens, E)
         if cfg.hybrid:
             e, a = thinking_input(hm, e, latent, think, cfg.latent, impl=self.impl)
@@ -153,9 +191,12 @@ class RolloutEngine:
             return True
         if not self._warned_eager:
             self._warned_eager = True
-            warnings.warn(f"hrpo engine: top_k={cfg.top_k} sampling at d={self.state.hidden.shape[1]} in "
-                          f"{self.hm.lm_weight.dtype} runs the reference sampler, which syncs with the host; "
-                          "CUDA graphs are off for such rollouts", stacklevel=3)
+            warnings.warn(
+                f"hrpo engine: top_k={cfg.top_k} sampling at d={self.state.hidden.shape[1]} in "
+                f"{self.hm.lm_weight.dtype} runs the reference sampler, which syncs with the host; "
+                "CUDA graphs are off for such rollouts",
+                stacklevel=3,
+            )
         return False
 
     def _run(self, n: int, steps: int, B: int, cfg: SamplingConfig, generator, seeded: bool, host_len: int) -> None:
@@ -190,8 +231,14 @@ class RolloutEngine:
     # ------------------------------------------------------------------ a rollout
     # long: checks, prefill and chunked decode share one persistent state; a split is the engine owner's (issue 15)
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], cfg: SamplingConfig, generator: torch.Generator | None = None,
-                 seed: int | None = None, row_span: tuple[int, int] | None = None) -> Rollout:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        cfg: SamplingConfig,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        row_span: tuple[int, int] | None = None,
+    ) -> Rollout:
         """Roll out every prompt once (repeat a prompt G times for a group). seed: the Philox
         noise of hrpo_kernels (tokens reproducible across batch layouts); without it the
         noise comes from `generator` (on CUDA and in the CPU C++ path: one seed drawn from it
@@ -210,8 +257,9 @@ class RolloutEngine:
         dev = dec.device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         t_start = time.perf_counter()
-        stats = self.last_stats = dict(prefill_s=0.0, decode_s=0.0, steps=0, host_checks=0, compactions=0,
-                                       graph_captures=0, capture_s=0.0)
+        stats = self.last_stats = dict(
+            prefill_s=0.0, decode_s=0.0, steps=0, host_checks=0, compactions=0, graph_captures=0, capture_s=0.0
+        )
         stats["cpu_ext"] = int(self.impl == "ext")
         stats["repacked"] = int(dec.refresh())  # LoRA merged from the adapters as they are now
         B, T = len(prompts), cfg.max_new_tokens
@@ -228,7 +276,9 @@ class RolloutEngine:
         seeded = seed is not None or self.gpu_path or self.impl == "ext"
         if seeded:
             if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+                seed = int(
+                    torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
+                )
             s.seed.fill_(int(seed))
 
         # Prefill: distinct prompts once, right-padded (the cache holds each row from slot 0).
@@ -297,17 +347,29 @@ class RolloutEngine:
 class ReferenceEngine:
     """The reference loop behind the engine's interface (for models FastDecoder cannot run)."""
 
-    def __init__(self, hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int,
-                 options: EngineOptions | None = None):
+    def __init__(
+        self, hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int, options: EngineOptions | None = None
+    ):
         self.hm, self.matcher, self.eos_ids, self.pad_id = hm, matcher, list(eos_ids), int(pad_id)
         self.opts = options or EngineOptions()
         self.last_stats: dict = {}
 
     def generate(self, prompts, cfg: SamplingConfig, generator=None, seed=None, row_span=None) -> Rollout:
         t0 = time.perf_counter()
-        out = rollout(self.hm, prompts, cfg, self.matcher, self.eos_ids, self.pad_id, generator,
-                      latent_dtype=self.opts.latent_dtype, seed=seed, share_prefix=self.opts.share_prefix,
-                      compact_below=self.opts.compact_below, row_span=row_span)
+        out = rollout(
+            self.hm,
+            prompts,
+            cfg,
+            self.matcher,
+            self.eos_ids,
+            self.pad_id,
+            generator,
+            latent_dtype=self.opts.latent_dtype,
+            seed=seed,
+            share_prefix=self.opts.share_prefix,
+            compact_below=self.opts.compact_below,
+            row_span=row_span,
+        )
         self.last_stats = {}
         return _with_throughput(out, self.last_stats, t0)
 
@@ -321,8 +383,14 @@ def _with_throughput(out: Rollout, stats: dict, t_start: float) -> Rollout:
     return out
 
 
-def make_engine(hm: HybridModel, matcher: MarkerMatcher, eos_ids, pad_id: int,
-                options: EngineOptions | None = None, kind: str = "fast"):
+def make_engine(
+    hm: HybridModel,
+    matcher: MarkerMatcher,
+    eos_ids,
+    pad_id: int,
+    options: EngineOptions | None = None,
+    kind: str = "fast",
+):
     """kind "fast": the engine when FastDecoder runs this model, else the reference loop with
     a one-line warning (never a silently different computation); "reference": the loop."""
     if kind not in ("fast", "reference"):

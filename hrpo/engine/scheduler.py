@@ -2,10 +2,10 @@
 
 A persistent batch of `max_batch` rows over one static KV cache. Requests join at step
 boundaries: the distinct prompts of the requests joining at a step are prefilled together
-into the rows after the running ones, and copied to the rows of each request's `n` choices; a finished, stopped or cancelled row leaves at
-once (the last live row moves into its place, so live rows stay rows [0, n) as
-FastDecoder.decode wants). One step is the engine's step (rollout_engine.py `_step`) with
-per-row settings:
+into the rows after the running ones, and copied to the rows of each request's `n` choices;
+a finished, stopped or cancelled row leaves at once (the last live row moves into its place,
+so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engine's step
+(rollout_engine.py `_step`) with per-row settings:
 
     hidden -> sample_and_mix, once per group of rows sharing (greedy, temperature, top_k,
               seed), each row keyed by its own Philox counter
@@ -21,6 +21,7 @@ row-wise. (Tokens are what the engine gives the request alone; values agree to r
 between any two batch shapes of the engine.) The host reads each step's tokens (streaming
 needs them), so the step is not captured in a CUDA graph here.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -104,7 +105,7 @@ class Request:
     top_logprobs: int | None = None  # None: no log-probs; k: the chosen token's and k alternatives
     ignore_eos: bool = False  # run to max_tokens past end-of-sequence tokens (load tests)
     stop: Callable[[int, list[int]], bool] | None = None
-    on_update: Callable[["Request", list[Update]], None] | None = None
+    on_update: Callable[[Request, list[Update]], None] | None = None
     choices: list[Choice] = field(default_factory=list)
     error: str | None = None
     cancelled: bool = False
@@ -127,13 +128,21 @@ class Scheduler:
     """The batch and its queue. submit() and cancel() may be called from any thread;
     step() from one thread only (start() runs it on a worker thread of its own)."""
 
-    def __init__(self, engine: RolloutEngine, max_batch: int = 32, max_model_len: int = 2048,
-                 max_queue: int = 256, token_budget: int | None = None):
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        max_batch: int = 32,
+        max_model_len: int = 2048,
+        max_queue: int = 256,
+        token_budget: int | None = None,
+    ):
         if not isinstance(engine, RolloutEngine):
             raise ValueError(f"Scheduler needs the fast engine, got {type(engine).__name__}")
         if max_batch < 1 or max_model_len < 2 or max_queue < 0:
-            raise ValueError(f"Scheduler: need max_batch >= 1, max_model_len >= 2 and max_queue >= 0, got "
-                             f"{max_batch}, {max_model_len}, {max_queue}")
+            raise ValueError(
+                f"Scheduler: need max_batch >= 1, max_model_len >= 2 and max_queue >= 0, got "
+                f"{max_batch}, {max_model_len}, {max_queue}"
+            )
         self.engine, self.hm, self.dec = engine, engine.hm, engine.dec
         self.max_batch, self.max_model_len, self.max_queue = max_batch, max_model_len, max_queue
         self.token_budget = token_budget or max_batch * max_model_len
@@ -165,24 +174,34 @@ class Scheduler:
         if bad:
             raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab})")
         if len(req.prompt) >= self.max_model_len:
-            raise RequestError("messages", f"the prompt has {len(req.prompt)} tokens; --max-model-len "
-                                           f"{self.max_model_len} leaves no room for a completion")
+            raise RequestError(
+                "messages",
+                f"the prompt has {len(req.prompt)} tokens; --max-model-len "
+                f"{self.max_model_len} leaves no room for a completion",
+            )
         room = self.max_model_len - len(req.prompt)
         if not 1 <= req.max_tokens <= room:
-            raise RequestError("max_tokens", f"max_tokens must be in [1, {room}] (the context of "
-                                             f"{self.max_model_len} less the prompt's {len(req.prompt)} tokens), "
-                                             f"got {req.max_tokens}")
+            raise RequestError(
+                "max_tokens",
+                f"max_tokens must be in [1, {room}] (the context of "
+                f"{self.max_model_len} less the prompt's {len(req.prompt)} tokens), "
+                f"got {req.max_tokens}",
+            )
         if not 1 <= req.n <= self.max_batch:
             raise RequestError("n", f"n must be in [1, {self.max_batch}] (--max-batch), got {req.n}")
         if not 0 <= req.top_k <= self.vocab:
-            raise RequestError("top_k", f"top_k must be in [0, {self.vocab}] (0: the whole vocabulary), got {req.top_k}")
+            raise RequestError(
+                "top_k", f"top_k must be in [0, {self.vocab}] (0: the whole vocabulary), got {req.top_k}"
+            )
         if not req.temperature > 0:
             raise RequestError("temperature", f"temperature must be > 0, got {req.temperature}")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise RequestError("top_logprobs", f"top_logprobs must be in [0, 20], got {req.top_logprobs}")
         if self._cost(req) > self.token_budget:
-            raise RequestError("max_tokens", f"n * (prompt + max_tokens) = {self._cost(req)} tokens is over the "
-                                             f"token budget of {self.token_budget}")
+            raise RequestError(
+                "max_tokens",
+                f"n * (prompt + max_tokens) = {self._cost(req)} tokens is over the token budget of {self.token_budget}",
+            )
 
     def submit(self, req: Request) -> Request:
         """Queue `req` (checked first); QueueFull when --max-queue requests already wait."""
@@ -339,15 +358,37 @@ class Scheduler:
         row_ids = torch.tensor([r.steps * r.request.n + r.choice for r in self.rows], device=dev)
         if len(groups) == 1:
             (greedy, temp, k, seed), _ = next(iter(groups.items()))
-            return sample_and_mix(self.hidden[:n], W, E, temp, k, greedy, None, seed=self._seed(seed),
-                                  offset=self.zero, row_ids=row_ids, impl=self.engine.impl)
+            return sample_and_mix(
+                self.hidden[:n],
+                W,
+                E,
+                temp,
+                k,
+                greedy,
+                None,
+                seed=self._seed(seed),
+                offset=self.zero,
+                row_ids=row_ids,
+                impl=self.engine.impl,
+            )
         tok = torch.empty(n, dtype=torch.int64, device=dev)
         lp = torch.empty(n, dtype=torch.float32, device=dev)
         h = torch.empty(n, E.shape[1], dtype=torch.float32, device=dev)
         for (greedy, temp, k, seed), idx in groups.items():
             at = torch.tensor(idx, device=dev)
-            t_, l_, h_ = sample_and_mix(self.hidden[at], W, E, temp, k, greedy, None, seed=self._seed(seed),
-                                        offset=self.zero, row_ids=row_ids[at], impl=self.engine.impl)
+            t_, l_, h_ = sample_and_mix(
+                self.hidden[at],
+                W,
+                E,
+                temp,
+                k,
+                greedy,
+                None,
+                seed=self._seed(seed),
+                offset=self.zero,
+                row_ids=row_ids[at],
+                impl=self.engine.impl,
+            )
             tok[at], lp[at], h[at] = t_, l_, h_.float()
         return tok, lp, h
 
@@ -365,8 +406,15 @@ class Scheduler:
         lp = torch.log_softmax(logits / temps[:, None], dim=-1)
         k = max(self.rows[i].request.top_logprobs for i in want)
         vals, ids = lp.topk(k, dim=-1)
-        return {i: list(zip(ids[j, : self.rows[i].request.top_logprobs].tolist(),
-                            vals[j, : self.rows[i].request.top_logprobs].tolist())) for j, i in enumerate(want)}
+        return {
+            i: list(
+                zip(
+                    ids[j, : self.rows[i].request.top_logprobs].tolist(),
+                    vals[j, : self.rows[i].request.top_logprobs].tolist(),
+                )
+            )
+            for j, i in enumerate(want)
+        }
 
     def _decode(self) -> None:
         n, hm, impl = len(self.rows), self.hm, self.engine.impl
@@ -383,9 +431,21 @@ class Scheduler:
         self.finished[:n] = False  # rows past an eos they ignore decode on
         self.t.zero_()  # one-column buffers: every step writes column 0
         bufs = StepBuffers(*(x[:n] for x in self.bufs.tensors()[:-1]), n_live=self.bufs.n_live)
-        tokens, think, _ = step_controller(self.engine.table, self.match[:n], self.finished[:n], tok, lp, h,
-                                           self.engine.eos, self.engine.pad_id, self.t, _NO_LIMIT, bufs, True,
-                                           impl=impl)
+        tokens, think, _ = step_controller(
+            self.engine.table,
+            self.match[:n],
+            self.finished[:n],
+            tok,
+            lp,
+            h,
+            self.engine.eos,
+            self.engine.pad_id,
+            self.t,
+            _NO_LIMIT,
+            bufs,
+            True,
+            impl=impl,
+        )
         think = think & self.hybrid[:n]
         e = F.embedding(tokens, hm.embed.weight)
         a_mean = None
@@ -423,7 +483,8 @@ class Scheduler:
             if c.finish:
                 ended.append(i)
             updates.setdefault(req.id, (req, []))[1].append(
-                Update(r.choice, toks[i], lps[i], top.get(i) if top else None, c.finish))
+                Update(r.choice, toks[i], lps[i], top.get(i) if top else None, c.finish)
+            )
         self.stats["generated_tokens"] += n - len(failed)
         for req in {id(q): q for q in failed}.values():
             self._fail(req, "the model produced non-finite logits")

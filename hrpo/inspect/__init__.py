@@ -26,8 +26,19 @@ Aggregates: gate coefficients over blended positions, completion lengths, and th
 (hrpo.inspect.scripts) of the tokens nearest to thinking latents; the cross-lingual share is
 the part of those written in letters that is in another script than the prompt's.
 """
+
 from hrpo.inspect.report import aggregates, html_page
 from hrpo.inspect.scripts import text_script
 from hrpo.inspect.trace import Position, Trace, describe, nearest_tokens, replay, teacher_force
 
-__all__ = ["Position", "Trace", "aggregates", "describe", "html_page", "nearest_tokens", "replay", "teacher_force", "text_script"]
+__all__ = [
+    "Position",
+    "Trace",
+    "aggregates",
+    "describe",
+    "html_page",
+    "nearest_tokens",
+    "replay",
+    "teacher_force",
+    "text_script",
+]

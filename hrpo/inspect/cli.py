@@ -1,4 +1,5 @@
 """The command line of hrpo.inspect (see the package docstring)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,15 +9,22 @@ from pathlib import Path
 
 import torch
 
+import hrpo.inspect
 from hrpo.core.errors import ConfigError, error_line
 from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
 from hrpo.core.signals import SignalStop, stop_at_once
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
-from hrpo.eval import (DefaultsHelpFormatter, add_latent_arguments, describe_policy, latent_params, load_policy,
-                       recorded_settings, resolve_checkpoint)
-import hrpo.inspect
+from hrpo.eval import (
+    DefaultsHelpFormatter,
+    add_latent_arguments,
+    describe_policy,
+    latent_params,
+    load_policy,
+    recorded_settings,
+    resolve_checkpoint,
+)
 from hrpo.inspect.report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
 from hrpo.inspect.trace import Trace, describe, replay
 from hrpo.model.loading import (
@@ -31,9 +39,14 @@ from hrpo.training.config import config_for
 from hrpo.training.runs import check_writable, replace_file, write_json
 
 # Fields of a samples.jsonl line this tool reads (others are ignored): name -> (types, required).
-FIELDS = {"prompt": ((str,), True), "completion": ((str,), True), "task": ((str,), False),
-          "correct": ((int, float), False), "gate_mean": ((int, float, type(None)), False),
-          "completion_tokens": ((int,), False)}
+FIELDS = {
+    "prompt": ((str,), True),
+    "completion": ((str,), True),
+    "task": ((str,), False),
+    "correct": ((int, float), False),
+    "gate_mean": ((int, float, type(None)), False),
+    "completion_tokens": ((int,), False),
+}
 RECORDED = ("correct", "gate_mean", "completion_tokens")  # shown beside the replay
 
 
@@ -63,8 +76,10 @@ def read_samples(path: str, limit: int | None) -> list[tuple[int, dict]]:
                 if required:
                     raise InputError(f"{where}: field {name!r} missing")
             elif not isinstance(rec[name], kinds) or isinstance(rec[name], bool) and name != "correct":
-                raise InputError(f"{where}: field {name!r} must be {' or '.join(k.__name__ for k in kinds)}, "
-                                 f"got {type(rec[name]).__name__}")
+                raise InputError(
+                    f"{where}: field {name!r} must be {' or '.join(k.__name__ for k in kinds)}, "
+                    f"got {type(rec[name]).__name__}"
+                )
         if "task" in rec:
             try:
                 get_task(rec["task"])
@@ -115,12 +130,21 @@ def collect(args) -> list[Trace]:
         system, limit = _system(task.name, args.system_prompt)
         prompts = encode_prompts(tokenizer, args.prompt, limit, system)
         engine = make_engine(hm, matcher, eos_token_ids(hm.causal_lm, tokenizer), tokenizer.pad_token_id)
-        sampling = SamplingConfig(args.max_new_tokens or task.max_new_tokens, args.temperature, args.top_k,
-                                  greedy=True, hybrid=args.hybrid, latent=latent)
+        sampling = SamplingConfig(
+            args.max_new_tokens or task.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            greedy=True,
+            hybrid=args.hybrid,
+            latent=latent,
+        )
         out = engine.generate(prompts, sampling, torch.Generator(device=hm.lm_weight.device).manual_seed(0))
-        mixed = [replay(hm, p, ids[m].tolist(), matcher, args.temperature, args.top_k, args.hybrid, latent,
-                        k=args.top_k_nearest)[1]
-                 for p, ids, m in zip(prompts, out.completion_ids, out.completion_mask)]  # greedy: the same inputs
+        mixed = [
+            replay(
+                hm, p, ids[m].tolist(), matcher, args.temperature, args.top_k, args.hybrid, latent, k=args.top_k_nearest
+            )[1]
+            for p, ids, m in zip(prompts, out.completion_ids, out.completion_mask)
+        ]  # greedy: the same inputs
         rows = describe(hm, tokenizer, matcher, out, args.top_k_nearest, latent, mixed)
         return [Trace(text, row) for text, row in zip(args.prompt, rows)]
     traces = []
@@ -131,8 +155,9 @@ def collect(args) -> list[Trace]:
         except ValueError as err:
             raise InputError(f"{args.samples}:{number}: {err}") from None
         ids = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"][: args.max_new_tokens]
-        batch, mixed = replay(hm, prompt, ids, matcher, args.temperature, args.top_k, args.hybrid, latent,
-                              k=args.top_k_nearest)
+        batch, mixed = replay(
+            hm, prompt, ids, matcher, args.temperature, args.top_k, args.hybrid, latent, k=args.top_k_nearest
+        )
         recorded = {k: rec[k] for k in RECORDED if k in rec}
         rows = describe(hm, tokenizer, matcher, batch, args.top_k_nearest, latent, [mixed])
         traces.append(Trace(rec["prompt"], rows[0], recorded))
@@ -140,27 +165,43 @@ def collect(args) -> list[Trace]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hrpo.inspect", description=hrpo.inspect.__doc__,
-                                formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--checkpoint", help="an HRPO checkpoint folder (adapters + gate) or a finished training run's "
-                                        "folder; None: the base model alone")
-    p.add_argument("--model", help="base model (hub name or folder); None: the checkpoint's base, else the "
-                                   "embedded model")
+    p = argparse.ArgumentParser(
+        prog="python -m hrpo.inspect", description=hrpo.inspect.__doc__, formatter_class=DefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="an HRPO checkpoint folder (adapters + gate) or a finished training run's "
+        "folder; None: the base model alone",
+    )
+    p.add_argument(
+        "--model", help="base model (hub name or folder); None: the checkpoint's base, else the embedded model"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", nargs="+", metavar="TEXT", help="user messages to answer greedily")
     source.add_argument("--samples", metavar="FILE", help="an evaluation's samples.jsonl: replay its completions")
     p.add_argument("--limit", type=int, help="inspect the first N samples of --samples; None: all")
-    p.add_argument("--task", help="task whose system prompt and limits apply; None: the sample's, the "
-                                  "checkpoint's, else arith")
-    p.add_argument("--max-new-tokens", type=int, help="generate (or replay) at most N tokens; None: the task's "
-                                                      "evaluation budget (--samples: the whole completion)")
+    p.add_argument(
+        "--task", help="task whose system prompt and limits apply; None: the sample's, the checkpoint's, else arith"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="generate (or replay) at most N tokens; None: the task's "
+        "evaluation budget (--samples: the whole completion)",
+    )
     p.add_argument("--top-k-nearest", type=int, default=5, help="nearest tokens shown per latent")
-    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
-                   help="blend latents into thinking inputs (--no-hybrid: plain tokens); None: as the checkpoint "
-                        "was trained, else on")
-    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction,
-                   help="the paper's system prompt where the task's recipe uses one (as hrpo.eval); None: as the "
-                        "checkpoint was trained, else on")
+    p.add_argument(
+        "--hybrid",
+        action=argparse.BooleanOptionalAction,
+        help="blend latents into thinking inputs (--no-hybrid: plain tokens); None: as the checkpoint "
+        "was trained, else on",
+    )
+    p.add_argument(
+        "--system-prompt",
+        action=argparse.BooleanOptionalAction,
+        help="the paper's system prompt where the task's recipe uses one (as hrpo.eval); None: as the "
+        "checkpoint was trained, else on",
+    )
     p.add_argument("--temperature", type=float, default=0.5, help="of the distribution h_hat mixes")
     p.add_argument("--top-k", type=int, default=50, help="of the distribution h_hat mixes (0: all)")
     add_latent_arguments(p)
@@ -179,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cpu_threads())
     try:
         with stop_at_once(), quiet_libraries(args.verbose):
-            outputs = {k: check_writable(getattr(args, k), args.overwrite)
-                       for k in ("html", "json", "png") if getattr(args, k)}
+            outputs = {
+                k: check_writable(getattr(args, k), args.overwrite) for k in ("html", "json", "png") if getattr(args, k)
+            }
             traces = collect(args)
     except SignalStop as err:
         print(f"hrpo.inspect: stopped by {err}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """What an inspection shows: aggregates over samples, a terminal table, a self-contained
 HTML page (every model-written string escaped) and a PNG chart."""
+
 from __future__ import annotations
 
 import base64
@@ -40,8 +41,15 @@ def summary(values: list[float]) -> dict:
     def q(f):
         return v[round(f * (len(v) - 1))]
 
-    return {"n": len(v), "mean": sum(v) / len(v), "min": v[0], "p10": q(0.1), "median": q(0.5), "p90": q(0.9),
-            "max": v[-1]}
+    return {
+        "n": len(v),
+        "mean": sum(v) / len(v),
+        "min": v[0],
+        "p10": q(0.1),
+        "median": q(0.5),
+        "p90": q(0.9),
+        "max": v[-1],
+    }
 
 
 def aggregates(traces: list[Trace]) -> dict:
@@ -92,14 +100,18 @@ def _mixed(p, sep: str = ", ") -> str:
 
 def terminal(trace: Trace, index: int, max_rows: int) -> str:
     pos = trace.positions
-    lines = [f"sample {index}: {clip(visible(trace.prompt), 100)}",
-             f"  completion: {clip(visible(''.join(p.token for p in pos)), 100)}",
-             f"  {len(pos)} tokens, {sum(p.thinking for p in pos)} thinking, gate mean {_gate(trace.gate_mean) or '-'}"
-             + "".join(f", recorded {k} {v}" for k, v in trace.recorded.items()),
-             f"  {'pos':>4}  {'token':<16} T  {'gate':>8}  nearest to h_hat (cosine)  [input mixed (weight)]"]
+    lines = [
+        f"sample {index}: {clip(visible(trace.prompt), 100)}",
+        f"  completion: {clip(visible(''.join(p.token for p in pos)), 100)}",
+        f"  {len(pos)} tokens, {sum(p.thinking for p in pos)} thinking, gate mean {_gate(trace.gate_mean) or '-'}"
+        + "".join(f", recorded {k} {v}" for k, v in trace.recorded.items()),
+        f"  {'pos':>4}  {'token':<16} T  {'gate':>8}  nearest to h_hat (cosine)  [input mixed (weight)]",
+    ]
     for i, p in enumerate(pos[:max_rows]):
-        lines.append(f"  {i:>4}  {clip(visible(p.token), 16):<16} {'T' if p.thinking else ' '}  "
-                     f"{_gate(p.gate):>8}  {_nearest(p)}" + (f"  [{_mixed(p)}]" if p.mixed and p.thinking else ""))
+        lines.append(
+            f"  {i:>4}  {clip(visible(p.token), 16):<16} {'T' if p.thinking else ' '}  "
+            f"{_gate(p.gate):>8}  {_nearest(p)}" + (f"  [{_mixed(p)}]" if p.mixed and p.thinking else "")
+        )
     if not pos:
         lines.append("        (empty completion)")
     if len(pos) > max_rows:
@@ -116,15 +128,19 @@ def terminal_aggregates(agg: dict) -> str:
     scripts = ", ".join(f"{s} {share:.0%}" for s, share in agg["nearest_scripts"].items()) or "none"
     cl = agg["cross_lingual_share"]
     length = agg["completion_tokens"]
-    return "\n".join([
-        f"aggregates over {agg['samples']} samples:",
-        f"  gate coefficient (blended positions): {stats(agg['gate'])}",
-        f"  completion tokens: mean {length.get('mean', 0):.1f}, min {length.get('min', 0)}, max {length.get('max', 0)}; "
-        f"reached the marker: {agg['reached_marker']:.0%}",
-        f"  scripts of nearest tokens (thinking positions): {scripts}",
-        f"  cross-lingual share: {'n/a' if cl is None else f'{cl:.1%}'} (prompt scripts: "
-        + ", ".join(f"{s} {n}" for s, n in agg["prompt_scripts"].items()) + ")",
-    ])
+    return "\n".join(
+        [
+            f"aggregates over {agg['samples']} samples:",
+            f"  gate coefficient (blended positions): {stats(agg['gate'])}",
+            f"  completion tokens: mean {length.get('mean', 0):.1f}, min {length.get('min', 0)}, "
+            f"max {length.get('max', 0)}; "
+            f"reached the marker: {agg['reached_marker']:.0%}",
+            f"  scripts of nearest tokens (thinking positions): {scripts}",
+            f"  cross-lingual share: {'n/a' if cl is None else f'{cl:.1%}'} (prompt scripts: "
+            + ", ".join(f"{s} {n}" for s, n in agg["prompt_scripts"].items())
+            + ")",
+        ]
+    )
 
 
 def chart(traces: list[Trace], agg: dict) -> bytes:
@@ -174,44 +190,70 @@ def html_page(traces: list[Trace], agg: dict, title: str, png: bytes | None = No
         x = 0.5 if hi == lo else (hi - g) / (hi - lo)
         return f' style="background:rgba(37,99,235,{0.1 + 0.6 * x:.3f})"'
 
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{STYLE}</style>"
-           f"</head><body><h1>{e(title)}</h1>",
-           "<p>Thinking tokens are underlined blue and shaded by their gate coefficient (the mean over channels "
-           f"of a): darkest at the lowest ({_gate(lo) or '-'}), lightest at the highest ({_gate(hi) or '-'}); a lower "
-           "a lets more of the latent into the next input. Answer tokens (from the marker on) are amber. Hover a "
-           "token for the tokens nearest to its latent.</p>",
-           "<h2>Aggregates</h2><table>"]
-    rows = [("samples", agg["samples"]), ("reached the marker", f"{agg['reached_marker']:.0%}"),
-            ("cross-lingual share", "n/a" if agg["cross_lingual_share"] is None else f"{agg['cross_lingual_share']:.1%}"),
-            ("prompt scripts", ", ".join(f"{s} {n}" for s, n in agg["prompt_scripts"].items()))]
+    out = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{STYLE}</style>"
+        f"</head><body><h1>{e(title)}</h1>",
+        "<p>Thinking tokens are underlined blue and shaded by their gate coefficient (the mean over channels "
+        f"of a): darkest at the lowest ({_gate(lo) or '-'}), lightest at the highest ({_gate(hi) or '-'}); a lower "
+        "a lets more of the latent into the next input. Answer tokens (from the marker on) are amber. Hover a "
+        "token for the tokens nearest to its latent.</p>",
+        "<h2>Aggregates</h2><table>",
+    ]
+    rows = [
+        ("samples", agg["samples"]),
+        ("reached the marker", f"{agg['reached_marker']:.0%}"),
+        ("cross-lingual share", "n/a" if agg["cross_lingual_share"] is None else f"{agg['cross_lingual_share']:.1%}"),
+        ("prompt scripts", ", ".join(f"{s} {n}" for s, n in agg["prompt_scripts"].items())),
+    ]
     for key in ("gate", "gate_per_sample", "completion_tokens", "thinking_tokens"):
         rows.append((key.replace("_", " "), ", ".join(f"{k} {v:.5g}" for k, v in agg[key].items())))
     out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows]
     out.append("</table><h3>Scripts of the tokens nearest to thinking latents</h3><table>")
-    out += [f"<tr><td>{e(s)}</td><td>{share:.1%}</td><td><span class='bar' style='width:{200 * share:.0f}px'></span>"
-            "</td></tr>" for s, share in agg["nearest_scripts"].items()]
+    out += [
+        f"<tr><td>{e(s)}</td><td>{share:.1%}</td><td><span class='bar' style='width:{200 * share:.0f}px'></span>"
+        "</td></tr>"
+        for s, share in agg["nearest_scripts"].items()
+    ]
     out.append("</table>")
     if png:
         out.append(f"<p><img alt='chart' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>")
     for n, t in enumerate(traces):
         recorded = "".join(f", recorded {e(k)} {e(v)}" for k, v in t.recorded.items())
-        out.append(f"<div class='sample'><h2>Sample {n}</h2><p><b>Prompt:</b> {e(t.prompt)}</p>"
-                   f"<p>{len(t.positions)} tokens, gate mean {_gate(t.gate_mean) or '-'}{recorded}</p><p class='tokens'>")
+        out.append(
+            f"<div class='sample'><h2>Sample {n}</h2><p><b>Prompt:</b> {e(t.prompt)}</p>"
+            f"<p>{len(t.positions)} tokens, gate mean {_gate(t.gate_mean) or '-'}{recorded}</p><p class='tokens'>"
+        )
         for i, p in enumerate(t.positions):
             tip = f"pos {i}, gate {_gate(p.gate) or '-'}, nearest: {_nearest(p)}"
             cls, style = ("think", shade(p.gate) if p.gate is not None else "") if p.thinking else ("ans", "")
             out.append(f"<span class='t {cls}'{style} title='{e(tip)}'>{e(visible(p.token))}</span>")
-        out.append("</p><details><summary>positions</summary><table><tr><th>pos</th><th>token</th><th>thinking</th>"
-                   "<th>gate</th><th>nearest to h_hat (cosine)</th></tr>")
-        out += [f"<tr><td>{i}</td><td class='m'>{e(visible(p.token))}</td><td>{'T' if p.thinking else ''}</td>"
-                f"<td>{_gate(p.gate)}</td><td class='m'>{e(_nearest(p, ' | '))}</td></tr>" for i, p in enumerate(t.positions)]
+        out.append(
+            "</p><details><summary>positions</summary><table><tr><th>pos</th><th>token</th><th>thinking</th>"
+            "<th>gate</th><th>nearest to h_hat (cosine)</th></tr>"
+        )
+        out += [
+            f"<tr><td>{i}</td><td class='m'>{e(visible(p.token))}</td><td>{'T' if p.thinking else ''}</td>"
+            f"<td>{_gate(p.gate)}</td><td class='m'>{e(_nearest(p, ' | '))}</td></tr>"
+            for i, p in enumerate(t.positions)
+        ]
         out.append("</table></details></div>")
     out.append("</body></html>")
     return "\n".join(out)
 
 
 def as_json(traces: list[Trace], agg: dict) -> dict:
-    return {"aggregates": agg, "samples": [
-        {"prompt": t.prompt, "recorded": t.recorded, "gate_mean": t.gate_mean,
-         "positions": [{"token": p.token, "thinking": p.thinking, "gate": p.gate, "nearest": p.nearest, "mixed": p.mixed}
-                       for p in t.positions]} for t in traces]}
+    return {
+        "aggregates": agg,
+        "samples": [
+            {
+                "prompt": t.prompt,
+                "recorded": t.recorded,
+                "gate_mean": t.gate_mean,
+                "positions": [
+                    {"token": p.token, "thinking": p.thinking, "gate": p.gate, "nearest": p.nearest, "mixed": p.mixed}
+                    for p in t.positions
+                ],
+            }
+            for t in traces
+        ],
+    }

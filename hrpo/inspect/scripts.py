@@ -5,6 +5,7 @@ ARABIC, GREEK, HANGUL, ...), with hiragana and katakana as KANA. A token is the 
 of its letters; a token without letters is DIGIT, PUNCTUATION (punctuation and symbols),
 SPACE, BYTES (part of a UTF-8 character: byte-level tokenizers decode it to U+FFFD) or OTHER.
 """
+
 from __future__ import annotations
 
 import unicodedata

@@ -17,6 +17,7 @@ gumbel-soft) the latent is itself the next input at thinking positions (no gate)
 Position also shows which tokens that input mixed: the largest weights of w_t, the input
 being w_t @ E (replay() computes them).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from hrpo_kernels.latent_input import LatentParams, mixture_weights
-
+from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import thinking_input
 from hrpo.engine.rollout_engine import EngineOptions
-from hrpo.core.marker import MarkerMatcher
 from hrpo.model.hybrid import HybridModel, SequenceBatch, positions_from_mask
+from hrpo_kernels.latent_input import LatentParams, mixture_weights
 
 
 @dataclass
@@ -76,16 +76,24 @@ def thinking_flags(matcher: MarkerMatcher, ids: torch.Tensor) -> list[bool]:
 
 
 @torch.no_grad()
-def describe(hm: HybridModel, tokenizer, matcher: MarkerMatcher, batch: SequenceBatch, k: int,
-             latent: LatentParams = LatentParams(), mixed: list | None = None) -> list[list[Position]]:
+def describe(
+    hm: HybridModel,
+    tokenizer,
+    matcher: MarkerMatcher,
+    batch: SequenceBatch,
+    k: int,
+    latent: LatentParams = LatentParams(),
+    mixed: list | None = None,
+) -> list[list[Position]]:
     """The positions of every completion row of `batch` (a rollout or a teacher-forced replay);
     `mixed`: per row, replay()'s (token ids, weights) of each position's mixture."""
     E = hm.embed.weight
     vocab = min(E.shape[0], len(tokenizer))  # rows past the tokenizer's are padding that never decodes
     text = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
     rows = []
-    for r, (ids, mask, latents, blended) in enumerate(zip(batch.completion_ids, batch.completion_mask, batch.latents,
-                                                          batch.think_mask)):
+    for r, (ids, mask, latents, blended) in enumerate(
+        zip(batch.completion_ids, batch.completion_mask, batch.latents, batch.think_mask)
+    ):
         ids, latents, blended = ids[mask], latents[mask], blended[mask]
         if ids.numel() == 0:
             rows.append([])
@@ -95,18 +103,39 @@ def describe(hm: HybridModel, tokenizer, matcher: MarkerMatcher, batch: Sequence
         gated = blended if latent.mode == "hrpo" else torch.zeros_like(blended)  # the other modes have no gate
         sims, near = nearest_tokens(latents, E[:vocab], k)
         mix = mixed[r] if mixed is not None else [([], [])] * len(ids)
-        rows.append([
-            Position(text(t), think, g if b else None, [(text(i), s) for i, s in zip(n_ids, n_sims)],
-                     [(text(i), w) for i, w in zip(*m)])
-            for t, think, b, g, n_ids, n_sims, m in zip(ids.tolist(), thinking_flags(matcher, ids), gated.tolist(),
-                                                        a.mean(-1).tolist(), near.tolist(), sims.tolist(), mix)
-        ])
+        rows.append(
+            [
+                Position(
+                    text(t),
+                    think,
+                    g if b else None,
+                    [(text(i), s) for i, s in zip(n_ids, n_sims)],
+                    [(text(i), w) for i, w in zip(*m)],
+                )
+                for t, think, b, g, n_ids, n_sims, m in zip(
+                    ids.tolist(),
+                    thinking_flags(matcher, ids),
+                    gated.tolist(),
+                    a.mean(-1).tolist(),
+                    near.tolist(),
+                    sims.tolist(),
+                    mix,
+                )
+            ]
+        )
     return rows
 
 
-def teacher_force(hm: HybridModel, prompt: list[int], completion: list[int], matcher: MarkerMatcher,
-                  temperature: float, top_k: int, hybrid: bool = True,
-                  latent_dtype: torch.dtype = EngineOptions.latent_dtype) -> SequenceBatch:
+def teacher_force(
+    hm: HybridModel,
+    prompt: list[int],
+    completion: list[int],
+    matcher: MarkerMatcher,
+    temperature: float,
+    top_k: int,
+    hybrid: bool = True,
+    latent_dtype: torch.dtype = EngineOptions.latent_dtype,
+) -> SequenceBatch:
     """The hybrid recurrence of hrpo.engine.rollout with the tokens given instead of drawn: the
     latents and blends are those this model produces along `completion` (one row). h_hat
     depends on temperature and top_k (as in the rollout), the drawn token never does."""
@@ -114,9 +143,18 @@ def teacher_force(hm: HybridModel, prompt: list[int], completion: list[int], mat
 
 
 @torch.no_grad()
-def replay(hm: HybridModel, prompt: list[int], completion: list[int], matcher: MarkerMatcher,
-           temperature: float, top_k: int, hybrid: bool = True, latent: LatentParams = LatentParams(),
-           latent_dtype: torch.dtype = EngineOptions.latent_dtype, k: int = 5):
+def replay(
+    hm: HybridModel,
+    prompt: list[int],
+    completion: list[int],
+    matcher: MarkerMatcher,
+    temperature: float,
+    top_k: int,
+    hybrid: bool = True,
+    latent: LatentParams = LatentParams(),
+    latent_dtype: torch.dtype = EngineOptions.latent_dtype,
+    k: int = 5,
+):
     """teacher_force under a latent mode (greedy: no noise), and per position the k tokens of
     largest weight in the mixture w_t its latent is made of: (batch, [(token ids, weights)])."""
     device = hm.lm_weight.device
@@ -147,7 +185,9 @@ def replay(hm: HybridModel, prompt: list[int], completion: list[int], matcher: M
         prompt_mask=torch.ones_like(ids, dtype=torch.bool),
         completion_ids=forced.view(1, T),
         completion_mask=torch.ones(1, T, dtype=torch.bool, device=device),
-        latents=torch.cat(latents).view(1, T, d) if latents else torch.zeros(1, 0, d, dtype=latent_dtype, device=device),
+        latents=torch.cat(latents).view(1, T, d)
+        if latents
+        else torch.zeros(1, 0, d, dtype=latent_dtype, device=device),
         think_mask=torch.cat(thinks).view(1, T) if thinks else torch.zeros(1, 0, dtype=torch.bool, device=device),
     )
     return batch, mixed

@@ -1,4 +1,5 @@
 """The learnable HRPO gate (fp32 parameters, whatever the model's dtype)."""
+
 from __future__ import annotations
 
 import torch

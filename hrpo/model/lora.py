@@ -8,6 +8,7 @@ name, factors `lora_A[name]` (in -> r) and `lora_B[name]` (r -> out) and a float
 peft is imported when it is first needed (attaching, saving, loading adapters): a model without
 adapters never pays for it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,17 @@ from hrpo_kernels import lora_linear
 # What a LoRA layer must have for the code below. `_disable_adapters` is peft's private switch
 # (see adapters_disabled); the variant fields (use_dora, lora_bias, lora_variant) are read with
 # a default, as older peft releases lack some of them.
-LAYER_ATTRIBUTES = ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "active_adapters",
-                    "disable_adapters", "_disable_adapters", "merged")
+LAYER_ATTRIBUTES = (
+    "base_layer",
+    "lora_A",
+    "lora_B",
+    "scaling",
+    "lora_dropout",
+    "active_adapters",
+    "disable_adapters",
+    "_disable_adapters",
+    "merged",
+)
 # What a peft model (get_peft_model's result) must have.
 MODEL_ATTRIBUTES = ("get_base_model", "peft_config")
 # peft's functions this module calls.
@@ -110,8 +120,12 @@ def factors(mod: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor, f
 def settings(mod: nn.Module) -> tuple:
     """A LoRA layer's adapter settings (active, off, merged, scalings): when they change, what
     was computed from the layer's adapters is stale."""
-    return (tuple(mod.active_adapters), bool(mod.disable_adapters), bool(mod.merged),
-            tuple(sorted(mod.scaling.items())))
+    return (
+        tuple(mod.active_adapters),
+        bool(mod.disable_adapters),
+        bool(mod.merged),
+        tuple(sorted(mod.scaling.items())),
+    )
 
 
 @contextlib.contextmanager
@@ -156,9 +170,13 @@ def _fused_forward(mod, x, *args, **kwargs):
     anything but one plain active adapter without dropout on a frozen base (adapters off,
     merged, DoRA, mixed batches, ...) takes peft's own forward."""
     active = [a for a in mod.active_adapters if a in mod.lora_A]
-    plain = (not (args or kwargs or mod.disable_adapters or mod.merged) and len(active) == 1
-             and active[0] not in getattr(mod, "lora_variant", {}) and isinstance(mod.lora_dropout[active[0]], nn.Identity)
-             and not mod.base_layer.weight.requires_grad)
+    plain = (
+        not (args or kwargs or mod.disable_adapters or mod.merged)
+        and len(active) == 1
+        and active[0] not in getattr(mod, "lora_variant", {})
+        and isinstance(mod.lora_dropout[active[0]], nn.Identity)
+        and not mod.base_layer.weight.requires_grad
+    )
     if not plain:
         return type(mod).forward(mod, x, *args, **kwargs)
     a, b, scale = factors(mod, active[0])

@@ -6,6 +6,7 @@ server, app.py, FastAPI + uvicorn from the `serve` extra) and the Python API bel
 
 Both run the engine's continuous-batching scheduler (hrpo/engine/scheduler.py). docs/serve.md
 has the endpoints, the extension fields and the flags."""
+
 from hrpo.serve.llm import LLM, Completion, generate
 
 __all__ = ["LLM", "Completion", "generate"]

@@ -7,6 +7,7 @@ GET /metrics (Prometheus text). Errors are OpenAI's shape, {"error": {"message",
 `hybrid` (false: plain tokens, true: the gated latent) and `ignore_eos`, response per choice `hrpo`:
 {"thinking_tokens", "gate_mean"}.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,8 @@ import math
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -24,25 +26,51 @@ from hrpo.engine.scheduler import QueueFull, Request, RequestError, Update
 from hrpo.serve.llm import LLM
 from hrpo.serve.metrics import Metrics
 
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream", "stream_options",
-          "user", "hybrid", "ignore_eos", "logprobs"}
+COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "user",
+    "hybrid",
+    "ignore_eos",
+    "logprobs",
+}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 ROLES = ("system", "user", "assistant")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict | None = None,
+) -> JSONResponse:
     code = {401: "invalid_api_key", 404: "not_found", 413: "request_too_large", 503: "overloaded"}.get(status)
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status, headers=headers
+    )
 
 
 # ---------------------------------------------------------------------------- request fields
@@ -83,13 +111,17 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # content parts: the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}",
-                           f"messages[{i}]")
+            raise ApiError(
+                400,
+                f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}",
+                f"messages[{i}]",
+            )
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -130,8 +162,7 @@ class Parsed:
             self.max_field = "max_tokens"
         top_p = _number(body, "top_p", 0.0, 1.0)
         if top_p is not None and top_p < 1.0:
-            raise ApiError(400, "top_p below 1 is not supported (the engine samples by temperature and top_k)",
-                           "top_p")
+            raise ApiError(400, "top_p below 1 is not supported (the engine samples by temperature and top_k)", "top_p")
         hybrid = body.get("hybrid")
         if hybrid is not None and not isinstance(hybrid, bool):
             raise ApiError(400, "hybrid must be true or false", "hybrid")
@@ -143,9 +174,17 @@ class Parsed:
             raise ApiError(400, "user must be a string", "user")
         self.stops = _stops(body)
         self.n = _int(body, "n", 1, llm.scheduler.max_batch, 1)
-        self.settings = dict(max_tokens=max_tokens, n=self.n, temperature=_number(body, "temperature", 0.0, 2.0),
-                             top_k=_int(body, "top_k", 0), seed=_int(body, "seed", 0, 2**63 - 1), hybrid=hybrid,
-                             stop=self.stops, top_logprobs=self.top_logprobs, ignore_eos=ignore_eos)
+        self.settings = dict(
+            max_tokens=max_tokens,
+            n=self.n,
+            temperature=_number(body, "temperature", 0.0, 2.0),
+            top_k=_int(body, "top_k", 0),
+            seed=_int(body, "seed", 0, 2**63 - 1),
+            hybrid=hybrid,
+            stop=self.stops,
+            top_logprobs=self.top_logprobs,
+            ignore_eos=ignore_eos,
+        )
 
 
 # ---------------------------------------------------------------------------- the app
@@ -162,10 +201,14 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"] != "/health" and \
-                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-            reply = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                   kind="authentication_error")
+        if (
+            self.expected is not None
+            and scope["path"] != "/health"
+            and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+        ):
+            reply = error_response(
+                401, "missing or wrong API key (Authorization: Bearer KEY)", kind="authentication_error"
+            )
             return await reply(scope, receive, send)
         size = headers.get(b"content-length")
         if size is not None and (not size.isdigit() or int(size) > self.limit):
@@ -228,8 +271,11 @@ async def answer(request: HttpRequest, chat: bool, llm: LLM, metrics: Metrics, m
     try:
         req = llm.scheduler.submit(llm.request(parsed.prompt, on_update=on_update, **parsed.settings))
     except RequestError as err:
-        field = parsed.max_field if err.field == "max_tokens" else ("prompt" if not chat and err.field == "messages"
-                                                                  else err.field)
+        field = (
+            parsed.max_field
+            if err.field == "max_tokens"
+            else ("prompt" if not chat and err.field == "messages" else err.field)
+        )
         raise ApiError(400, str(err), field) from None
     except QueueFull as err:
         metrics.rejected += 1
@@ -266,8 +312,11 @@ class _Reply:
 
     def _usage(self) -> dict:
         completion = sum(len(c.tokens) for c in self.req.choices)
-        return {"prompt_tokens": len(self.parsed.prompt), "completion_tokens": completion,
-                "total_tokens": len(self.parsed.prompt) + completion}
+        return {
+            "prompt_tokens": len(self.parsed.prompt),
+            "completion_tokens": completion,
+            "total_tokens": len(self.parsed.prompt) + completion,
+        }
 
     def _hrpo(self, j: int) -> dict:
         c = self.req.choices[j]
@@ -277,12 +326,25 @@ class _Reply:
         tok = self.llm.tokenizer
         text = [tok.decode([t]) for t in tokens]
         if self.parsed.chat:
-            return {"content": [{"token": s, "logprob": _finite(lp), "bytes": list(s.encode()),
-                                 "top_logprobs": [{"token": tok.decode([a]), "logprob": _finite(b),
-                                                   "bytes": list(tok.decode([a]).encode())} for a, b in top]}
-                                for s, lp, top in zip(text, lps, tops or [[]] * len(tokens))]}
-        return {"tokens": text, "token_logprobs": [_finite(x) for x in lps],
-                "top_logprobs": [{tok.decode([a]): _finite(b) for a, b in top} for top in (tops or [[]] * len(tokens))]}
+            return {
+                "content": [
+                    {
+                        "token": s,
+                        "logprob": _finite(lp),
+                        "bytes": list(s.encode()),
+                        "top_logprobs": [
+                            {"token": tok.decode([a]), "logprob": _finite(b), "bytes": list(tok.decode([a]).encode())}
+                            for a, b in top
+                        ],
+                    }
+                    for s, lp, top in zip(text, lps, tops or [[]] * len(tokens))
+                ]
+            }
+        return {
+            "tokens": text,
+            "token_logprobs": [_finite(x) for x in lps],
+            "top_logprobs": [{tok.decode([a]): _finite(b) for a, b in top} for top in (tops or [[]] * len(tokens))],
+        }
 
     def _choice(self, j: int) -> dict:
         c = self.req.choices[j]
@@ -328,8 +390,14 @@ class _Reply:
             raise ApiError(499, "client disconnected") from None
         self._failed()
         self.track.finish("ok", self._usage()["completion_tokens"])
-        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.llm.name,
-                "choices": [self._choice(j) for j in range(self.parsed.n)], "usage": self._usage()}
+        return {
+            "id": self.id,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.llm.name,
+            "choices": [self._choice(j) for j in range(self.parsed.n)],
+            "usage": self._usage(),
+        }
 
     def _chunk(self, j: int, text: str, finish: str | None, lp: dict | None = None) -> str:
         if self.parsed.chat:
@@ -338,8 +406,13 @@ class _Reply:
             choice = {"index": j, "text": text, "logprobs": lp, "finish_reason": finish}
         if finish is not None:
             choice["hrpo"] = self._hrpo(j)
-        body = {"id": self.id, "object": f"{self.kind}.chunk" if self.parsed.chat else self.kind,
-                "created": self.created, "model": self.llm.name, "choices": [choice]}
+        body = {
+            "id": self.id,
+            "object": f"{self.kind}.chunk" if self.parsed.chat else self.kind,
+            "created": self.created,
+            "model": self.llm.name,
+            "choices": [choice],
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     async def stream(self, events: asyncio.Queue, request: HttpRequest) -> AsyncIterator[str]:
@@ -349,8 +422,9 @@ class _Reply:
         try:
             if self.parsed.chat:
                 for j in range(self.parsed.n):
-                    yield self._chunk(j, "", None).replace('"delta": {"content": ""}',
-                                                           '"delta": {"role": "assistant", "content": ""}')
+                    yield self._chunk(j, "", None).replace(
+                        '"delta": {"content": ""}', '"delta": {"role": "assistant", "content": ""}'
+                    )
             while not all(ended):
                 if self.req.error is not None:
                     break
@@ -360,11 +434,12 @@ class _Reply:
                     c = self.req.choices[j]
                     final = c.finish is not None
                     text = self.llm.visible(c.tokens, self.parsed.stops, final)
-                    delta, sent[j] = text[len(sent[j]):], text
+                    delta, sent[j] = text[len(sent[j]) :], text
                     lp = None
                     if self.parsed.top_logprobs is not None:
-                        lp = self._logprobs(c.tokens[done_tokens[j]:], c.logprobs[done_tokens[j]:],
-                                            c.top[done_tokens[j]:])
+                        lp = self._logprobs(
+                            c.tokens[done_tokens[j] :], c.logprobs[done_tokens[j] :], c.top[done_tokens[j] :]
+                        )
                     done_tokens[j] = len(c.tokens)
                     if delta or final or lp is not None:
                         yield self._chunk(j, delta, c.finish, lp)
@@ -376,8 +451,14 @@ class _Reply:
             else:
                 self.track.finish("ok", self._usage()["completion_tokens"])
                 if self.parsed.include_usage:
-                    body = {"id": self.id, "object": f"{self.kind}.chunk" if self.parsed.chat else self.kind,
-                            "created": self.created, "model": self.llm.name, "choices": [], "usage": self._usage()}
+                    body = {
+                        "id": self.id,
+                        "object": f"{self.kind}.chunk" if self.parsed.chat else self.kind,
+                        "created": self.created,
+                        "model": self.llm.name,
+                        "choices": [],
+                        "usage": self._usage(),
+                    }
                     yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         except (ConnectionAbortedError, asyncio.CancelledError, GeneratorExit):

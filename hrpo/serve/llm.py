@@ -1,6 +1,7 @@
 """The serving model without HTTP: a policy, its tokenizer and the continuous-batching
 scheduler, turning text requests into scheduler requests and tokens back into text. The
 HTTP app (app.py) and the Python API (LLM.generate, generate) both stand on it."""
+
 from __future__ import annotations
 
 import random
@@ -40,10 +41,21 @@ class LLM:
         llm.generate(["What is 2 + 3?"], max_tokens=64)[0][0].text
     """
 
-    def __init__(self, checkpoint: str | None = None, model: str | None = None, *, dtype: str = "auto",
-                 device: str = "auto", max_batch: int = 32, max_model_len: int | None = None, max_queue: int = 256,
-                 token_budget: int | None = None, system_prompt: bool | None = None,
-                 temperature: float = GREEDY_TEMPERATURE, top_k: int = TOP_K):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch: int = 32,
+        max_model_len: int | None = None,
+        max_queue: int = 256,
+        token_budget: int | None = None,
+        system_prompt: bool | None = None,
+        temperature: float = GREEDY_TEMPERATURE,
+        top_k: int = TOP_K,
+    ):
         checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
         hm, self.tokenizer, meta = load_policy(checkpoint, model, resolve_device(device), dtype)
         self.name = served_name(checkpoint or model)
@@ -74,10 +86,21 @@ class LLM:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ requests
-    def request(self, prompt: list[int], *, max_tokens: int | None = None, n: int = 1, temperature: float | None = None,
-                top_k: int | None = None, seed: int | None = None, hybrid: bool | None = None,
-                stop: list[str] | None = None, top_logprobs: int | None = None, ignore_eos: bool = False,
-                on_update=None) -> Request:
+    def request(
+        self,
+        prompt: list[int],
+        *,
+        max_tokens: int | None = None,
+        n: int = 1,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        hybrid: bool | None = None,
+        stop: list[str] | None = None,
+        top_logprobs: int | None = None,
+        ignore_eos: bool = False,
+        on_update=None,
+    ) -> Request:
         """A scheduler request. temperature None or 0: greedy (the latent mixture and the
         log-probs at the server's temperature, as hrpo.eval decodes); > 0: sampling, seeded
         by `seed` or, without one, a seed drawn here. max_tokens None: the rest of the context."""
@@ -121,12 +144,15 @@ class LLM:
     def completions(self, req: Request, stops: list[str] | None = None) -> list[Completion]:
         if req.error is not None:
             raise RuntimeError(req.error)
-        return [Completion(self.visible(c.tokens, stops or [], True), c.tokens, c.finish, c.thinking_tokens, c.gate_mean)
-                for c in req.choices]
+        return [
+            Completion(self.visible(c.tokens, stops or [], True), c.tokens, c.finish, c.thinking_tokens, c.gate_mean)
+            for c in req.choices
+        ]
 
     # ------------------------------------------------------------------ the Python API
-    def generate(self, prompts: list[str | list[dict]], *, raw: bool = False, stop: list[str] | None = None,
-                 **sampling) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[str | list[dict]], *, raw: bool = False, stop: list[str] | None = None, **sampling
+    ) -> list[list[Completion]]:
         """Every prompt's choices, generated together on this thread: a string is one user
         turn in the chat template (as hrpo.eval asks), a list of messages a conversation,
         raw=True passes strings as they are. sampling: request()'s fields (max_tokens, n,
@@ -163,7 +189,8 @@ def stop_at(text: str, stops: list[str]) -> int | None:
     return min(found) if found else None
 
 
-def generate(prompts: list[str | list[dict]], checkpoint: str | None = None, model: str | None = None,
-             **sampling) -> list[str]:
+def generate(
+    prompts: list[str | list[dict]], checkpoint: str | None = None, model: str | None = None, **sampling
+) -> list[str]:
     """The first choice's text for each prompt, from a one-off LLM (see LLM.generate)."""
     return [out[0].text for out in LLM(checkpoint, model).generate(prompts, **sampling)]

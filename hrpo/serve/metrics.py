@@ -1,5 +1,6 @@
 """Prometheus text exposition of the server's counters, gauges and latency histograms
 (hand-written: the format is a few lines, https://prometheus.io/docs/instrumenting/exposition_formats/)."""
+
 from __future__ import annotations
 
 import threading
@@ -34,7 +35,7 @@ class Histogram:
 class Track:
     """One request's timings: time to first token, between tokens, end to end."""
 
-    def __init__(self, metrics: "Metrics"):
+    def __init__(self, metrics: Metrics):
         self.metrics, self.start, self.last = metrics, time.perf_counter(), None
 
     def tokens(self, t: float, count: int) -> None:
@@ -63,7 +64,9 @@ class Metrics:
         self.outcomes: dict[str, int] = {}
         self.rejected = 0
         self.prompt_tokens = self.completion_tokens = 0
-        self.ttft = Histogram("hrpo_time_to_first_token_seconds", "Seconds from a request's arrival to its first token.")
+        self.ttft = Histogram(
+            "hrpo_time_to_first_token_seconds", "Seconds from a request's arrival to its first token."
+        )
         self.itl = Histogram("hrpo_inter_token_latency_seconds", "Seconds between a request's successive steps.")
         self.latency = Histogram("hrpo_request_latency_seconds", "Seconds from a request's arrival to its end.")
 
@@ -81,10 +84,18 @@ class Metrics:
             lines.append(f'hrpo_requests_total{{outcome="rejected"}} {self.rejected}')
             for name, doc, kind, value in (
                 ("hrpo_prompt_tokens_total", "Prompt tokens of accepted requests.", "counter", self.prompt_tokens),
-                ("hrpo_generation_tokens_total", "Tokens generated for requests answered.", "counter",
-                 self.completion_tokens),
-                ("hrpo_dropped_requests_total", "Requests the batch dropped: their client left or the server stopped.",
-                 "counter", s.stats["cancelled"]),
+                (
+                    "hrpo_generation_tokens_total",
+                    "Tokens generated for requests answered.",
+                    "counter",
+                    self.completion_tokens,
+                ),
+                (
+                    "hrpo_dropped_requests_total",
+                    "Requests the batch dropped: their client left or the server stopped.",
+                    "counter",
+                    s.stats["cancelled"],
+                ),
                 ("hrpo_running_rows", "Rows decoding in the batch now.", "gauge", s.running),
                 ("hrpo_waiting_requests", "Requests queued for room in the batch.", "gauge", s.queued),
                 ("hrpo_batch_slots", "Rows the batch holds (--max-batch).", "gauge", s.max_batch),

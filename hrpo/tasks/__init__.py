@@ -2,6 +2,7 @@
 math (math, math500), choice (mmlu, mmlu-stem, arc-c), qa (rag-qa and the retrieval-QA
 benchmarks). Each module keeps a benchmark's loader, prompt, answer reading and metric
 together and registers its Task here."""
+
 from __future__ import annotations
 
 from hrpo.tasks.base import PROTOCOLS, Task

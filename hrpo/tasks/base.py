@@ -9,11 +9,13 @@ Protocols: "paper" reads the text after the last marker with our answer readers;
 (the training reward) only a completion with exactly one marker; "official" scores as the
 original code's eval_*.py scripts do, their bugs included.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from hrpo.core.prompts import ANSWER_MARKER, Example
 
@@ -26,6 +28,7 @@ class Official:
     into the string the script compares; `golds` turns a gold, as `source` takes it from an
     Example (what the script read from its dataset), into the strings it is compared with; a
     completion is correct when its string equals one of them (== or `in`, as the scripts do)."""
+
     answer: Callable[[str], str]
     golds: Callable[[Any], list[str]]
     source: Callable[[Example], Any] = lambda ex: ex.answer
@@ -126,7 +129,7 @@ def unwrap(text: str) -> str:
     text = text.replace("**", "").strip()
     for left, right in (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$")):
         if text.startswith(left) and text.endswith(right) and len(text) >= len(left) + len(right):
-            text = text[len(left): len(text) - len(right)].strip()
+            text = text[len(left) : len(text) - len(right)].strip()
     return text
 
 

@@ -6,12 +6,13 @@ labels ("1"-"4" on some items) is mapped onto that lettering. The answer is the 
 written after the marker. `official_letter` is the paper's own scoring (eval_mmlust.py,
 eval_arcc.py), kept apart from read_choice.
 """
+
 from __future__ import annotations
 
 import re
 
-from hrpo.tasks.records import Rejected, get_field, kind, options_field, text_field
 from hrpo.core.prompts import Example
+from hrpo.tasks.records import Rejected, get_field, kind, options_field, text_field
 
 from .base import Official, Task, first_line, official_text, official_trim, register, unwrap
 
@@ -87,8 +88,11 @@ def official_letter(text: str) -> str:
 
 # eval_mmlust.py:114-118 and eval_arcc.py:118-122: both sides through process_mmlu_answer,
 # compared with ==; the gold is chr(65 + answer) for MMLU-STEM and ARC's answerKey as written.
-OFFICIAL = Official(answer=lambda completion: official_letter(official_text(completion)),
-                    golds=lambda key: [official_letter(str(key))], source=lambda ex: ex.meta.get("key", ex.answer))
+OFFICIAL = Official(
+    answer=lambda completion: official_letter(official_text(completion)),
+    golds=lambda key: [official_letter(str(key))],
+    source=lambda ex: ex.meta.get("key", ex.answer),
+)
 
 
 _CUE = re.compile(rf"\b(?i:answer|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*[(\[]?([{LETTERS}])(?![A-Za-z0-9])")
@@ -125,10 +129,35 @@ def choice_score(pred: str, gold) -> float:
 
 
 register(
-    Task("mmlu", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
-         official=OFFICIAL, hub="cais/mmlu:all"),
-    Task("mmlu-stem", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
-         official=OFFICIAL, hub="TIGER-Lab/MMLU-STEM", splits=("test", "test")),
-    Task("arc-c", recipe="mmlu", convert=convert, render=render, read=read_choice, score=choice_score,
-         official=OFFICIAL, hub="allenai/ai2_arc:ARC-Challenge"),
+    Task(
+        "mmlu",
+        recipe="mmlu",
+        convert=convert,
+        render=render,
+        read=read_choice,
+        score=choice_score,
+        official=OFFICIAL,
+        hub="cais/mmlu:all",
+    ),
+    Task(
+        "mmlu-stem",
+        recipe="mmlu",
+        convert=convert,
+        render=render,
+        read=read_choice,
+        score=choice_score,
+        official=OFFICIAL,
+        hub="TIGER-Lab/MMLU-STEM",
+        splits=("test", "test"),
+    ),
+    Task(
+        "arc-c",
+        recipe="mmlu",
+        convert=convert,
+        render=render,
+        read=read_choice,
+        score=choice_score,
+        official=OFFICIAL,
+        hub="allenai/ai2_arc:ARC-Challenge",
+    ),
 )

@@ -17,13 +17,14 @@ So no answer raises or takes long.
 
 `official_number` is the paper's own GSM8K scoring (eval_gsm8k.py), kept apart from the above.
 """
+
 from __future__ import annotations
 
 import re
 from fractions import Fraction
 
-from hrpo.tasks.records import Rejected, text_field
 from hrpo.core.prompts import ANSWER_MARKER, Example
+from hrpo.tasks.records import Rejected, text_field
 
 from .base import Official, Task, first_line, official_text, official_trim, question_only, register, unwrap
 
@@ -43,9 +44,25 @@ _NUMBER = re.compile(r"-?" + _LITERAL)
 _MIXED = re.compile(r"(-?)([0-9]{1,18})\s+([0-9]{1,18})/([0-9]{1,18})")  # 3 1/2 (after _clean)
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 _INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")  # zero-width, bidi marks
-_SYMBOLS = [("\u2212", "-"), ("\\times", "*"), ("\\cdot", "*"), ("\u00d7", "*"), ("\u00b7", "*"),
-            ("\\div", "/"), ("\u00f7", "/"), ("\\left", ""), ("\\right", ""), ("{,}", ""),
-            ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\u00a3", ""), ("\u20ac", ""), ("\u00a5", "")]
+_SYMBOLS = [
+    ("\u2212", "-"),
+    ("\\times", "*"),
+    ("\\cdot", "*"),
+    ("\u00d7", "*"),
+    ("\u00b7", "*"),
+    ("\\div", "/"),
+    ("\u00f7", "/"),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("{,}", ""),
+    ("\\$", ""),
+    ("$", ""),
+    ("\\%", ""),
+    ("%", ""),
+    ("\u00a3", ""),
+    ("\u20ac", ""),
+    ("\u00a5", ""),
+]
 
 
 class _Unreadable(Exception):
@@ -100,7 +117,7 @@ def _literal(text: str):
         return Fraction(0)
     if len(significant) > _MAX_DIGITS or abs(exponent) > _MAX_DIGITS:
         return (1, significant, exponent)  # never expanded: compared as written
-    return Fraction(int(significant) * 10**max(exponent, 0), 10**max(-exponent, 0))
+    return Fraction(int(significant) * 10 ** max(exponent, 0), 10 ** max(-exponent, 0))
 
 
 def _checked(value: Fraction) -> Fraction:
@@ -318,9 +335,11 @@ def official_number(text: str) -> str:
 
 # eval_gsm8k.py:107-111: both sides through process_gsm8k_answer, compared with ==; the gold
 # is the text after the solution's marker as written (extract_hash_answer, utils.py:25-29).
-OFFICIAL = Official(answer=lambda completion: official_number(official_text(completion)),
-                    golds=lambda gold: [official_number(str(gold))],
-                    source=lambda ex: ex.meta.get("final", ex.answer))
+OFFICIAL = Official(
+    answer=lambda completion: official_number(official_text(completion)),
+    golds=lambda gold: [official_number(str(gold))],
+    source=lambda ex: ex.meta.get("final", ex.answer),
+)
 
 
 def number_score(pred: str, gold) -> float:
@@ -328,5 +347,15 @@ def number_score(pred: str, gold) -> float:
     return float(pred_value is not None and pred_value == gold_value)
 
 
-register(Task("gsm8k", recipe="gsm8k", convert=convert, render=question_only, read=read_number, score=number_score,
-              official=OFFICIAL, hub="openai/gsm8k:main"))
+register(
+    Task(
+        "gsm8k",
+        recipe="gsm8k",
+        convert=convert,
+        render=question_only,
+        read=read_number,
+        score=number_score,
+        official=OFFICIAL,
+        hub="openai/gsm8k:main",
+    )
+)

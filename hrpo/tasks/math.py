@@ -15,14 +15,15 @@ or factorials) are not handed to it.
 
 `official_latex` is the paper's own MATH scoring (eval_math.py), kept apart from the above.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 import re
 
-from hrpo.tasks.records import Rejected, expected, text_field
 from hrpo.core.prompts import Example
+from hrpo.tasks.records import Rejected, expected, text_field
 from hrpo.tasks.reward_guard import RewardTimeout, time_limit
 
 from .base import Official, Task, first_line, last_boxed, official_text, official_trim, question_only, register, unwrap
@@ -243,8 +244,17 @@ def _official_slash(text: str) -> str:
     return f"\\frac{{{a_int}}}{{{b_int}}}" if text == f"{a_int}/{b_int}" else text
 
 
-_OFFICIAL_DROPS = [("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
-                   ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", "")]
+_OFFICIAL_DROPS = [
+    ("\n", ""),
+    ("\\!", ""),
+    ("\\\\", "\\"),
+    ("tfrac", "frac"),
+    ("dfrac", "frac"),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("^{\\circ}", ""),
+    ("^\\circ", ""),
+]
 
 
 def _official_strip(text: str) -> str:
@@ -293,13 +303,35 @@ def _official_gold(solution) -> list[str]:
 # The script scores MATH-500 as the MATH test problems whose text is in MATH-500
 # (eval_math.py:136-139), so with the MATH solution's box; a record without a solution
 # (an answer alone) is read as that answer boxed.
-OFFICIAL = Official(answer=lambda completion: official_latex(official_text(completion)), golds=_official_gold,
-                    source=lambda ex: ex.meta.get("solution", "\\boxed{" + ex.answer + "}"))
+OFFICIAL = Official(
+    answer=lambda completion: official_latex(official_text(completion)),
+    golds=_official_gold,
+    source=lambda ex: ex.meta.get("solution", "\\boxed{" + ex.answer + "}"),
+)
 
 
 register(
-    Task("math", recipe="math", convert=convert, render=question_only, read=read_latex, score=math_score,
-         official=OFFICIAL, max_new_tokens=1024, hub="DigitalLearningGmbH/MATH-lighteval"),
-    Task("math500", recipe="math", convert=convert, render=question_only, read=read_latex, score=math_score,
-         official=OFFICIAL, max_new_tokens=1024, hub="HuggingFaceH4/MATH-500", splits=("test", "test")),
+    Task(
+        "math",
+        recipe="math",
+        convert=convert,
+        render=question_only,
+        read=read_latex,
+        score=math_score,
+        official=OFFICIAL,
+        max_new_tokens=1024,
+        hub="DigitalLearningGmbH/MATH-lighteval",
+    ),
+    Task(
+        "math500",
+        recipe="math",
+        convert=convert,
+        render=question_only,
+        read=read_latex,
+        score=math_score,
+        official=OFFICIAL,
+        max_new_tokens=1024,
+        hub="HuggingFaceH4/MATH-500",
+        splits=("test", "test"),
+    ),
 )

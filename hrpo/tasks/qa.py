@@ -25,6 +25,7 @@ meaningful order, so it is ranked by BM25 against the question over those paragr
 `supporting` when the record marks it, for recall. Records without passages get them from a
 corpus (hrpo.tasks.retrieval.attach_contexts, `--corpus`).
 """
+
 from __future__ import annotations
 
 import re
@@ -104,7 +105,9 @@ def _pairs(context: Any) -> list[tuple[Any, Any, str, str]]:
             if not isinstance(value, list):
                 raise expected(name, "a list", value)
         if len(titles) != len(bodies):
-            raise Rejected(f"field 'context.title': expected one title per paragraph, got {len(titles)} for {len(bodies)}")
+            raise Rejected(
+                f"field 'context.title': expected one title per paragraph, got {len(titles)} for {len(bodies)}"
+            )
         return [(t, b, f"context.title[{j}]", f"context.{key}[{j}]") for j, (t, b) in enumerate(zip(titles, bodies))]
     if not isinstance(context, list):
         raise expected("context", "a list of [title, sentences] pairs", context)
@@ -257,18 +260,40 @@ def f1_details(pred: str, gold) -> dict:
 # SQuAD normalisation that normalize_qa is), must equal one normalised golden answer:
 # "Paris\nIt is the capital" scores 0; an empty answer matches an alias that normalises to
 # nothing ("The").
-OFFICIAL = Official(answer=lambda completion: normalize_qa(official_text(completion)),
-                    golds=lambda gold: [normalize_qa(a) for a in _aliases(gold)])
+OFFICIAL = Official(
+    answer=lambda completion: normalize_qa(official_text(completion)),
+    golds=lambda gold: [normalize_qa(a) for a in _aliases(gold)],
+)
 
 
 def _benchmark(name: str, config: str, splits: tuple[str, str]) -> Task:
-    return Task(name, recipe="rag-qa", convert=convert, render=render, read=read_span, score=exact_match,
-                official=OFFICIAL, metric="exact_match", details=f1_details, hub=f"{FLASHRAG}:{config}", splits=splits)
+    return Task(
+        name,
+        recipe="rag-qa",
+        convert=convert,
+        render=render,
+        read=read_span,
+        score=exact_match,
+        official=OFFICIAL,
+        metric="exact_match",
+        details=f1_details,
+        hub=f"{FLASHRAG}:{config}",
+        splits=splits,
+    )
 
 
 register(
-    Task("rag-qa", recipe="rag-qa", convert=convert_with_contexts, render=render, read=read_span, score=exact_match,
-         official=OFFICIAL, metric="exact_match", details=f1_details),
+    Task(
+        "rag-qa",
+        recipe="rag-qa",
+        convert=convert_with_contexts,
+        render=render,
+        read=read_span,
+        score=exact_match,
+        official=OFFICIAL,
+        metric="exact_match",
+        details=f1_details,
+    ),
     # FlashRAG's splits: NQ and TriviaQA have a test set; HotpotQA and 2Wiki are evaluated on
     # dev (their test sets are unlabelled); Bamboogle is a single test set.
     _benchmark("nq", "nq", ("train", "test")),

@@ -9,6 +9,7 @@ in a :class:`LoadReport` and summarised in one warning (a DataError when nothing
 Only the standard library is needed for JSON/JSONL; ``pyarrow`` (parquet) and ``datasets``
 (hub names) are imported lazily so the package works without them.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,14 +105,14 @@ def _read_hub(name: str, split: str) -> list[Raw]:
     try:
         import datasets  # optional dependency, only for hub names
     except ImportError:
-        raise DataError(
-            f"{name!r} is not a local path and loading hub datasets needs `pip install datasets`"
-        ) from None
+        raise DataError(f"{name!r} is not a local path and loading hub datasets needs `pip install datasets`") from None
     repo, _, config = name.partition(":")
     try:
         ds = datasets.load_dataset(repo, config or None, split=split)
     except Exception as e:  # network, missing split, unknown repo: keep it to one line
-        raise DataError(f"{name}: cannot load split {split!r} from the hub ({type(e).__name__}: {error_line(e)})") from None
+        raise DataError(
+            f"{name}: cannot load split {split!r} from the hub ({type(e).__name__}: {error_line(e)})"
+        ) from None
     return [Raw(f"{name}[{split}]: record {i}", dict(r)) for i, r in enumerate(ds)]
 
 

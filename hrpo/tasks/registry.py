@@ -1,5 +1,6 @@
 """The task registry and what needs it: a task by name, and loading its examples (a file, a
 folder, a hub dataset or the embedded generator), each record converted by its task."""
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,14 @@ def user_messages(task: str, examples) -> list[str]:
 def from_prepared(rec: dict, task: str) -> Example:
     """A record of the project's form, every field checked like a source's."""
     made_for = rec[PREPARED]
-    if not isinstance(made_for, str) or made_for not in task_names() or get_task(made_for).recipe != get_task(task).recipe:
-        raise Rejected(f"field {PREPARED!r}: expected a task of the {get_task(task).recipe} family, got {made_for!r:.40}")
+    if (
+        not isinstance(made_for, str)
+        or made_for not in task_names()
+        or get_task(made_for).recipe != get_task(task).recipe
+    ):
+        raise Rejected(
+            f"field {PREPARED!r}: expected a task of the {get_task(task).recipe} family, got {made_for!r:.40}"
+        )
     question = text_field(rec, "question")
     answer = get_field(rec, "answer")
     if not (is_text(answer) or (isinstance(answer, list) and answer and all(is_text(a) for a in answer))):

@@ -19,6 +19,7 @@ safetensors, and key.json. The key is the corpus's SHA-256 with the library vers
 encoder's files for dense), so a changed corpus or encoder rebuilds; nothing in the cache
 is executed on load. Passages are read back from the corpus itself, which is held in memory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -152,8 +153,10 @@ class BM25Index:
     def search(self, questions: list[str], k: int, progress: bool = False) -> list[list[dict]]:
         """The top k passages of each question, best first (copies: the caller may change them)."""
         tokens = _tokenize(questions, ids=False)
-        return [[dict(self.passages[i]) for i in _top(self.scores(t), k)]
-                for t in tqdm(tokens, desc="bm25 search", disable=not progress, leave=False)]
+        return [
+            [dict(self.passages[i]) for i in _top(self.scores(t), k)]
+            for t in tqdm(tokens, desc="bm25 search", disable=not progress, leave=False)
+        ]
 
 
 class E5Encoder:
@@ -185,9 +188,19 @@ class E5Encoder:
 
         out = []
         with torch.inference_mode():
-            for lo in tqdm(range(0, len(texts), self.batch_size), desc=f"encode {prefix.strip()}", disable=not progress, leave=False):
-                batch = self.tokenizer([prefix + t for t in texts[lo:lo + self.batch_size]], padding=True,
-                                       truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
+            for lo in tqdm(
+                range(0, len(texts), self.batch_size),
+                desc=f"encode {prefix.strip()}",
+                disable=not progress,
+                leave=False,
+            ):
+                batch = self.tokenizer(
+                    [prefix + t for t in texts[lo : lo + self.batch_size]],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -228,7 +241,7 @@ class DenseIndex:
         k = min(k, len(self.passages))
         found = []
         for lo in range(0, len(queries), 256):  # bounds the (queries x corpus) score matrix
-            top = torch.topk(queries[lo:lo + 256] @ embeddings.T, k, dim=1).indices
+            top = torch.topk(queries[lo : lo + 256] @ embeddings.T, k, dim=1).indices
             found += [[dict(self.passages[i]) for i in row] for row in top.tolist()]
         return found
 
@@ -242,8 +255,13 @@ def check_options(method: str, encoder: str | None, k: int = TOP_K) -> None:
         raise ConfigError("--method dense needs --encoder (an E5-style model folder or hub name)")
 
 
-def open_index(corpus: str | os.PathLike, method: str = "bm25", encoder: str | None = None,
-               cache_dir: str | os.PathLike | None = None, progress: bool = True):
+def open_index(
+    corpus: str | os.PathLike,
+    method: str = "bm25",
+    encoder: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+):
     """The index of `corpus`: loaded from its cache when the key matches, else built and
     saved there. A cache that cannot be written (a read-only folder) is warned about and
     skipped; one that cannot be read is rebuilt."""
@@ -294,7 +312,9 @@ def _save(index, folder: Path, key: dict) -> None:
         os.replace(tmp, folder)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        warnings.warn(f"{folder}: the index is not cached ({err.strerror or err}); pass cache_dir / --cache-dir", stacklevel=3)
+        warnings.warn(
+            f"{folder}: the index is not cached ({err.strerror or err}); pass cache_dir / --cache-dir", stacklevel=3
+        )
 
 
 def rank(question: str, passages: list[dict]) -> list[dict]:
@@ -307,9 +327,15 @@ def rank(question: str, passages: list[dict]) -> list[dict]:
     return index.search([question], len(passages))[0]
 
 
-def attach_contexts(examples: list[Example], corpus: str | os.PathLike, k: int = TOP_K, method: str = "bm25",
-                    encoder: str | None = None, cache_dir: str | os.PathLike | None = None,
-                    progress: bool = True) -> list[Example]:
+def attach_contexts(
+    examples: list[Example],
+    corpus: str | os.PathLike,
+    k: int = TOP_K,
+    method: str = "bm25",
+    encoder: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[Example]:
     """A new list of the examples in which those without passages are replaced by copies
     given the top k of `corpus` for their question; the others are the same objects and no
     input is changed. The index is opened (built the first time) only if some example needs it."""

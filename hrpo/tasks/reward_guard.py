@@ -8,6 +8,7 @@ completion has a bug no retry can fix: that is a one-line RewardFnError.
 The time limit is a SIGALRM timer (main thread, Unix), which interrupts Python code; a
 call stuck inside C code that never returns to the interpreter cannot be interrupted.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,7 +67,9 @@ def time_limit(seconds: float, error: type[BaseException] = RewardTimeout):
 def _checked(fn, values, n: int) -> list[float]:
     """The call's result as n floats (NaN and inf kept: the trainer skips such updates)."""
     if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise RewardFnError(f"reward function {_name(fn)} returned {type(values).__name__}, expected a list of {n} numbers")
+        raise RewardFnError(
+            f"reward function {_name(fn)} returned {type(values).__name__}, expected a list of {n} numbers"
+        )
     if len(values) != n:
         raise RewardFnError(f"reward function {_name(fn)} returned {len(values)} values for {n} completions")
     out = []
@@ -74,7 +77,9 @@ def _checked(fn, values, n: int) -> list[float]:
         if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:  # a 0-d tensor or numpy scalar
             v = v.item()
         if isinstance(v, bool) or not isinstance(v, Real):
-            raise RewardFnError(f"reward function {_name(fn)} returned {type(v).__name__} for completion {i}, expected a number")
+            raise RewardFnError(
+                f"reward function {_name(fn)} returned {type(v).__name__} for completion {i}, expected a number"
+            )
         out.append(float(v))
     return out
 
@@ -104,12 +109,19 @@ def score(fn, completions: list, answers: list, timeout: float = 0.0) -> tuple[l
             failed.append((i, err))
     if failed:
         i, err = failed[0]
-        warnings.warn(f"reward function {_name(fn)}: {len(failed)} of {len(completions)} completions scored 0 because "
-                      f"the call failed (first: completion {i}, {type(err).__name__}: {error_line(err)[:200]})",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"reward function {_name(fn)}: {len(failed)} of {len(completions)} completions scored 0 because "
+            f"the call failed (first: completion {i}, {type(err).__name__}: {error_line(err)[:200]})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     else:  # only the batch call failed: say so, the scores stand
-        warnings.warn(f"reward function {_name(fn)} failed on the batch ({type(batch_err).__name__}: "
-                      f"{error_line(batch_err)[:200]}) but not on any single completion", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"reward function {_name(fn)} failed on the batch ({type(batch_err).__name__}: "
+            f"{error_line(batch_err)[:200]}) but not on any single completion",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return rewards, len(failed)
 
 

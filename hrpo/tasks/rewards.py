@@ -5,9 +5,10 @@ A completion earns its score only when the marker occurs exactly once (so a poli
 hedge by writing several answers); everything else earns 0.0. Only completions are read: a
 marker in the prompt never matters. Answers are parsed, never evaluated as code.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from hrpo.tasks import get_task, task_names
 

@@ -5,6 +5,7 @@ worked solution writes one equation per step, then the answer after the marker:
 ``7 + 5 = 12. 12 - 3 = 9. #### 9``. Numbers stay small and non-negative so a model of a few
 million parameters can learn the arithmetic from digit tokens.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,14 +13,21 @@ import random
 
 from hrpo.core.prompts import ANSWER_MARKER, Example
 
-NAMES = [("Tom", "he", "his"), ("Anna", "she", "her"), ("Ben", "he", "his"), ("Lily", "she", "her"),
-         ("Sam", "he", "his"), ("Maria", "she", "her"), ("Leo", "he", "his"), ("Emma", "she", "her")]
+NAMES = [
+    ("Tom", "he", "his"),
+    ("Anna", "she", "her"),
+    ("Ben", "he", "his"),
+    ("Lily", "she", "her"),
+    ("Sam", "he", "his"),
+    ("Maria", "she", "her"),
+    ("Leo", "he", "his"),
+    ("Emma", "she", "her"),
+]
 OBJECTS = ["apples", "marbles", "stickers", "coins", "books", "cards", "pencils", "shells"]
 
 # Phrases per operation; {pr} is the pronoun, {poss} the possessive, {n} the operand.
 PHRASES = {
-    "+": ["{pr} buys {n} more", "{pr} finds {n} more", "{pr} gets {n} more from a friend",
-          "{pr} picks up {n} more"],
+    "+": ["{pr} buys {n} more", "{pr} finds {n} more", "{pr} gets {n} more from a friend", "{pr} picks up {n} more"],
     "-": ["{pr} gives away {n}", "{pr} loses {n}", "{pr} gives {n} to a friend", "{pr} sells {n}"],
     "*": ["{pr} doubles {poss} {obj}", "{pr} triples {poss} {obj}"],  # indexed by factor - 2
 }
@@ -71,8 +79,9 @@ def make_example(rng: random.Random) -> Example:
         value = new
     sentences.append(rng.choice(QUESTIONS).format(obj=obj, name=name))
     solution = " ".join(steps) + f" {ANSWER_MARKER} {value}"
-    return Example(question=" ".join(sentences), answer=str(value),
-                   meta={"solution": solution, "start": start, "ops": ops})
+    return Example(
+        question=" ".join(sentences), answer=str(value), meta={"solution": solution, "start": start, "ops": ops}
+    )
 
 
 def _split_of(question: str) -> str:

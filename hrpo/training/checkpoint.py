@@ -8,6 +8,7 @@ metrics so far. Folders are written atomically: into a temporary sibling, each f
 then renamed into place, so a folder with the final name is always complete and a failed
 save (a full disk) leaves the previous checkpoints as they were.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,9 @@ def policy_tensors(hm: HybridModel) -> tuple[dict, dict]:
     return _tensors(lora.adapter_state(hm.model)), _tensors(hm.gate.state_dict())
 
 
-def _write_policy(hm: HybridModel, folder: Path, base_model: str | None, extra: dict | None,
-                  tensors: tuple[dict, dict] | None = None) -> None:
+def _write_policy(
+    hm: HybridModel, folder: Path, base_model: str | None, extra: dict | None, tensors: tuple[dict, dict] | None = None
+) -> None:
     adapters, gate = tensors or policy_tensors(hm)
     write_durably(folder / "adapter.safetensors", safetensors_bytes(adapters))
     write_durably(folder / "gate.safetensors", safetensors_bytes(gate))
@@ -107,8 +109,13 @@ def _atomic_folder(path: Path, write) -> Path:
     return path
 
 
-def save_checkpoint(hm: HybridModel, path: str | Path, base_model: str | None, extra: dict | None = None,
-                    tensors: tuple[dict, dict] | None = None) -> Path:
+def save_checkpoint(
+    hm: HybridModel,
+    path: str | Path,
+    base_model: str | None,
+    extra: dict | None = None,
+    tensors: tuple[dict, dict] | None = None,
+) -> Path:
     """The policy (adapters, gate, checkpoint.json) into the folder `path`, atomically
     (tensors: policy_tensors(hm), gathered beforehand when FSDP shards them)."""
     return _atomic_folder(Path(path), lambda tmp: _write_policy(hm, tmp, base_model, extra, tensors))
@@ -136,7 +143,9 @@ def _read_tensors(file: Path, device="cpu") -> dict[str, torch.Tensor]:
 def _require_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{file}: tensor {name!r} holds non-finite values (NaN or inf); refusing this checkpoint")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} holds non-finite values (NaN or inf); refusing this checkpoint"
+            )
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
@@ -148,8 +157,11 @@ def read_checkpoint_meta(path: str | Path) -> dict:
         if key not in meta or not isinstance(meta[key], kind):
             raise CheckpointError(f"{meta_file}: field {key!r} missing or of the wrong type")
     recorded = meta["lora"]
-    if not (isinstance(recorded.get("rank"), int) and isinstance(recorded.get("alpha"), (int, float))
-            and isinstance(recorded.get("targets"), list)):
+    if not (
+        isinstance(recorded.get("rank"), int)
+        and isinstance(recorded.get("alpha"), (int, float))
+        and isinstance(recorded.get("targets"), list)
+    ):
         raise CheckpointError(f"{meta_file}: field 'lora' needs rank, alpha and targets")
     return meta
 
@@ -161,7 +173,9 @@ def load_checkpoint(hm: HybridModel, path: str | Path) -> HybridModel:
     meta = read_checkpoint_meta(path)
     have = base_fingerprint(hm)
     if meta["base_fingerprint"] != have:
-        diff = {k: (meta["base_fingerprint"].get(k), have[k]) for k in have if meta["base_fingerprint"].get(k) != have[k]}
+        diff = {
+            k: (meta["base_fingerprint"].get(k), have[k]) for k in have if meta["base_fingerprint"].get(k) != have[k]
+        }
         raise CheckpointError(
             f"checkpoint {path} was trained on base {meta.get('base_model')!r}, which differs from this model in "
             + ", ".join(f"{k} (checkpoint {a}, model {b})" for k, (a, b) in diff.items())
@@ -177,7 +191,9 @@ def load_checkpoint(hm: HybridModel, path: str | Path) -> HybridModel:
     try:
         hm.gate.load_state_dict(gate)
     except RuntimeError as err:
-        raise CheckpointError(f"{path / 'gate.safetensors'}: does not fit this model's gate ({str(err).splitlines()[-1].strip()})") from None
+        raise CheckpointError(
+            f"{path / 'gate.safetensors'}: does not fit this model's gate ({str(err).splitlines()[-1].strip()})"
+        ) from None
     return hm
 
 
@@ -201,12 +217,15 @@ def all_ranks_rng(per_rank: list[tuple[dict[str, torch.Tensor], dict]]) -> tuple
     return tensors, {"ranks": [m for _, m in per_rank]}
 
 
-def restore_rng(generator: torch.Generator, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0,
-                world: int = 1) -> None:
+def restore_rng(
+    generator: torch.Generator, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0, world: int = 1
+) -> None:
     """This rank's RNG states from an all_ranks_rng entry of a run with the same world size."""
     if len(meta["ranks"]) != world:
-        raise ValueError(f"the checkpoint holds {len(meta['ranks'])} ranks' RNG states; this run has {world} "
-                         "(resume with the same number of processes)")
+        raise ValueError(
+            f"the checkpoint holds {len(meta['ranks'])} ranks' RNG states; this run has {world} "
+            "(resume with the same number of processes)"
+        )
     mine = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{rank}.")}
     generator.set_state(mine["rollout"])
     torch.set_rng_state(mine["torch_cpu"])
@@ -239,9 +258,18 @@ def step_folder(root: Path, step: int) -> Path:
     return root / f"{STEP_PREFIX}{step:08d}"
 
 
-def save_training_checkpoint(path: Path, hm: HybridModel, base_model: str | None, extra: dict,
-                             opt: torch.optim.Optimizer, sched, rng: tuple[dict, dict], trainer: dict,
-                             records: list[dict], write: bool = True) -> Path:
+def save_training_checkpoint(
+    path: Path,
+    hm: HybridModel,
+    base_model: str | None,
+    extra: dict,
+    opt: torch.optim.Optimizer,
+    sched,
+    rng: tuple[dict, dict],
+    trainer: dict,
+    records: list[dict],
+    write: bool = True,
+) -> Path:
     """A resumable checkpoint in the folder `path` (atomic; the policy files included, so
     hrpo.eval reads it too). trainer: the trainer's counters (JSON). Under FSDP every rank
     calls this (sharded tensors are gathered) and only the one with write=True writes."""
@@ -264,8 +292,15 @@ def save_training_checkpoint(path: Path, hm: HybridModel, base_model: str | None
     return _atomic_folder(path, files)
 
 
-def load_training_state(path: Path, hm: HybridModel, opt: torch.optim.Optimizer, sched, generator: torch.Generator,
-                        rank: int = 0, world: int = 1) -> tuple[dict, list[dict]]:
+def load_training_state(
+    path: Path,
+    hm: HybridModel,
+    opt: torch.optim.Optimizer,
+    sched,
+    generator: torch.Generator,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[dict, list[dict]]:
     """Optimizer (its state laid out like the parameters, sharded under FSDP), scheduler,
     gradients and this rank's RNGs from `path` (the policy is load_checkpoint's); returns the
     trainer's counters and the metrics so far."""
@@ -294,8 +329,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     complete: it was renamed into place only after every file was synced)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

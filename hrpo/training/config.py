@@ -1,5 +1,6 @@
 """Training configuration, the per-task reference recipes, the CLI built from them, and the
 validation that runs before any work starts."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,20 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 # The command line's sections, in the order --help lists them.
 MODEL, ROLLOUT, LOSS, OPTIM, RUNS, LOGGING, DISTRIBUTED = GROUPS = (
-    "model and data", "rollout", "loss", "optimisation", "runs and checkpoints", "logging and evaluation",
-    "distributed")
+    "model and data",
+    "rollout",
+    "loss",
+    "optimisation",
+    "runs and checkpoints",
+    "logging and evaluation",
+    "distributed",
+)
 # What a step is, wherever an option counts them.
-STEPS = ("A device step rolls out --batch-size completions (over all processes) and runs --num-iterations "
-         "backward passes on them; an optimizer step is taken every --grad-accum backward passes (with "
-         "--num-iterations 1: every --grad-accum device steps).")
+STEPS = (
+    "A device step rolls out --batch-size completions (over all processes) and runs --num-iterations "
+    "backward passes on them; an optimizer step is taken every --grad-accum backward passes (with "
+    "--num-iterations 1: every --grad-accum device steps)."
+)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("fast", "reference")
 METHODS = ("hrpo", "soft-tokens")  # plain GRPO is --no-hybrid
@@ -41,72 +50,141 @@ def option(default, group: str, help: str, choices=None):
 
 @dataclass
 class TrainConfig:
-    task: str = option("arith", MODEL, "what to train on: arith (generated on the fly, runs on a CPU), gsm8k, math, "
-                       "mmlu, rag-qa, or a benchmark of `python -m hrpo.eval` (trained with its family's recipe)",
-                       task_names)
-    model: str | None = option(None, MODEL, "the base model: a local folder, a .gguf file, a hub name or an alias "
-                               "(smollm2-135m); none: the embedded tiny model")
-    data: str | None = option(None, MODEL, "the training data: a local file or folder, or a hub dataset name; "
-                              "none: the task's hub dataset (arith generates its own)")
-    eval_data: str | None = option(None, MODEL, "the held-out data; none: the test split of --data (needed when "
-                                   "--data is a single file) or of the task's hub dataset")
+    task: str = option(
+        "arith",
+        MODEL,
+        "what to train on: arith (generated on the fly, runs on a CPU), gsm8k, math, "
+        "mmlu, rag-qa, or a benchmark of `python -m hrpo.eval` (trained with its family's recipe)",
+        task_names,
+    )
+    model: str | None = option(
+        None,
+        MODEL,
+        "the base model: a local folder, a .gguf file, a hub name or an alias "
+        "(smollm2-135m); none: the embedded tiny model",
+    )
+    data: str | None = option(
+        None,
+        MODEL,
+        "the training data: a local file or folder, or a hub dataset name; "
+        "none: the task's hub dataset (arith generates its own)",
+    )
+    eval_data: str | None = option(
+        None,
+        MODEL,
+        "the held-out data; none: the test split of --data (needed when "
+        "--data is a single file) or of the task's hub dataset",
+    )
     output_dir: str = option("runs/hrpo", RUNS, "the run's folder: config, metrics, checkpoints, evaluations")
-    overwrite: bool = option(False, RUNS, "replace the run in --output-dir (deleting only the files an hrpo run "
-                             "wrote)")
-    resume: bool = option(False, RUNS, "continue the run in --output-dir from its latest complete checkpoint with "
-                          "its saved config (only the checkpoint, fault, evaluation, logging, memory and device "
-                          "options may change)")
+    overwrite: bool = option(False, RUNS, "replace the run in --output-dir (deleting only the files an hrpo run wrote)")
+    resume: bool = option(
+        False,
+        RUNS,
+        "continue the run in --output-dir from its latest complete checkpoint with "
+        "its saved config (only the checkpoint, fault, evaluation, logging, memory and device "
+        "options may change)",
+    )
     seed: int = option(0, RUNS, "seeds the data order, the initial adapters and gate, and the sampling")
-    device: str = option("auto", DISTRIBUTED, "auto (this process's GPU, cuda:LOCAL_RANK under torchrun, if there "
-                         "is one, else the CPU), cpu, cuda or cuda:N")
-    dtype: str = option("auto", MODEL, "the base model's weights; auto: float32 on a CPU, bfloat16 on a GPU "
-                        "(the gate is always float32)", DTYPES)
-    hybrid: bool = option(True, MODEL, "HRPO: while the model reasons, feed it the gated blend of the sampled "
-                          "token's embedding and the probability-weighted embedding mixture; --no-hybrid: plain "
-                          "GRPO (token embeddings only)")
-    method: str = option("hrpo", MODEL, "what the thinking inputs are and how they are trained: hrpo (the gate's "
-                         "blend); soft-tokens (Butt et al. 2025: the mixture p @ E plus Gaussian noise of "
-                         "--noise-std, trained by the noisy inputs' log-density, answer tokens hard; "
-                         "docs/latent-modes.md)", METHODS)
-    noise_std: float = option(0.1, MODEL, "soft-tokens: the standard deviation of the thinking inputs' noise, in "
-                              "embedding units")
-    engine: str = option("fast", ROLLOUT, "the rollout's decoder: fast (hrpo.engine.rollout_engine; falls back to reference, "
-                         "with a warning, for a model it cannot run) or reference (hrpo.engine.rollout's plain loop)",
-                         ENGINES)
+    device: str = option(
+        "auto",
+        DISTRIBUTED,
+        "auto (this process's GPU, cuda:LOCAL_RANK under torchrun, if there is one, else the CPU), cpu, cuda or cuda:N",
+    )
+    dtype: str = option(
+        "auto",
+        MODEL,
+        "the base model's weights; auto: float32 on a CPU, bfloat16 on a GPU (the gate is always float32)",
+        DTYPES,
+    )
+    hybrid: bool = option(
+        True,
+        MODEL,
+        "HRPO: while the model reasons, feed it the gated blend of the sampled "
+        "token's embedding and the probability-weighted embedding mixture; --no-hybrid: plain "
+        "GRPO (token embeddings only)",
+    )
+    method: str = option(
+        "hrpo",
+        MODEL,
+        "what the thinking inputs are and how they are trained: hrpo (the gate's "
+        "blend); soft-tokens (Butt et al. 2025: the mixture p @ E plus Gaussian noise of "
+        "--noise-std, trained by the noisy inputs' log-density, answer tokens hard; "
+        "docs/latent-modes.md)",
+        METHODS,
+    )
+    noise_std: float = option(
+        0.1, MODEL, "soft-tokens: the standard deviation of the thinking inputs' noise, in embedding units"
+    )
+    engine: str = option(
+        "fast",
+        ROLLOUT,
+        "the rollout's decoder: fast (hrpo.engine.rollout_engine; falls back to reference, "
+        "with a warning, for a model it cannot run) or reference (hrpo.engine.rollout's plain loop)",
+        ENGINES,
+    )
     group_size: int = option(4, ROLLOUT, "completions sampled per prompt; advantages are taken within each group")
-    batch_size: int = option(8, ROLLOUT, "completions per device step, over all processes (a multiple of "
-                             "--group-size: batch-size / group-size prompts per device step)")
-    grad_accum: int = option(4, OPTIM, "backward passes per optimizer step (with --num-iterations 1: device "
-                             "steps per optimizer step)")
-    max_prompt_length: int = option(1024, MODEL, "tokens of a rendered prompt; a longer one is an error before "
-                                    "training starts, never cut")
+    batch_size: int = option(
+        8,
+        ROLLOUT,
+        "completions per device step, over all processes (a multiple of "
+        "--group-size: batch-size / group-size prompts per device step)",
+    )
+    grad_accum: int = option(
+        4, OPTIM, "backward passes per optimizer step (with --num-iterations 1: device steps per optimizer step)"
+    )
+    max_prompt_length: int = option(
+        1024, MODEL, "tokens of a rendered prompt; a longer one is an error before training starts, never cut"
+    )
     max_completion_length: int = option(1024, ROLLOUT, "new tokens per completion")
-    temperature: float = option(0.5, ROLLOUT, "sampling temperature of the rollouts and of the sampled held-out "
-                                "accuracy")
+    temperature: float = option(
+        0.5, ROLLOUT, "sampling temperature of the rollouts and of the sampled held-out accuracy"
+    )
     logprob_temperature: float | None = option(
-        None, LOSS, "temperature of the training forward's log-probs; none: --temperature (the distribution the "
-        "rollout sampled from); 1: raw logits, as the original scores them (unsloth/models/rl_replacements.py:237-246)")
+        None,
+        LOSS,
+        "temperature of the training forward's log-probs; none: --temperature (the distribution the "
+        "rollout sampled from); 1: raw logits, as the original scores them (unsloth/models/rl_replacements.py:237-246)",
+    )
     top_k: int = option(50, ROLLOUT, "sample among the k most likely tokens (0: the whole vocabulary)")
-    marker: str = option("####", ROLLOUT, "the answer marker: a completion reasons (hybrid inputs) until its text "
-                         "holds this string")
-    system_prompt: bool = option(True, MODEL, "put the original's system prompt before each question "
-                                 "(utils.py:6-11)")
-    beta: float = option(0.005, LOSS, "weight of the k3 KL penalty against the frozen base model (0: no "
-                         "reference forward)")
+    marker: str = option(
+        "####", ROLLOUT, "the answer marker: a completion reasons (hybrid inputs) until its text holds this string"
+    )
+    system_prompt: bool = option(True, MODEL, "put the original's system prompt before each question (utils.py:6-11)")
+    beta: float = option(
+        0.005, LOSS, "weight of the k3 KL penalty against the frozen base model (0: no reference forward)"
+    )
     epsilon: float = option(0.2, LOSS, "clip range of the policy ratio (used with --num-iterations > 1)")
-    num_iterations: int = option(1, LOSS, "backward passes per rollout; > 1 uses the clipped ratio against the "
-                                 "rollout-time policy")
-    tis: float | None = option(None, LOSS, "cap C of truncated importance sampling, min(ratio, C) per token, of the "
-                               "training forward's log-probs against the rollout engine's; none: off")
-    loss_norm: str = option("grpo", LOSS, "how token losses are averaged: grpo (per completion, then over the "
-                            "batch), dapo (over all of the batch's tokens), dr_grpo (sum over tokens / (batch x "
-                            "--max-completion-length))", NORMS)
-    micro_batch_tokens: int = option(16384, OPTIM, "the update's memory: each backward pass runs in micro-batches "
-                                     "of at most this many padded tokens, whole groups (a larger group goes alone)")
-    gradient_checkpointing: bool = option(False, OPTIM, "recompute each decoder layer in the backward: less "
-                                          "memory, more time")
-    fsdp: bool = option(False, DISTRIBUTED, "under torchrun: shard the decoder layers (base weights and adapters) "
-                        "over the processes with FSDP2")
+    num_iterations: int = option(
+        1, LOSS, "backward passes per rollout; > 1 uses the clipped ratio against the rollout-time policy"
+    )
+    tis: float | None = option(
+        None,
+        LOSS,
+        "cap C of truncated importance sampling, min(ratio, C) per token, of the "
+        "training forward's log-probs against the rollout engine's; none: off",
+    )
+    loss_norm: str = option(
+        "grpo",
+        LOSS,
+        "how token losses are averaged: grpo (per completion, then over the "
+        "batch), dapo (over all of the batch's tokens), dr_grpo (sum over tokens / (batch x "
+        "--max-completion-length))",
+        NORMS,
+    )
+    micro_batch_tokens: int = option(
+        16384,
+        OPTIM,
+        "the update's memory: each backward pass runs in micro-batches "
+        "of at most this many padded tokens, whole groups (a larger group goes alone)",
+    )
+    gradient_checkpointing: bool = option(
+        False, OPTIM, "recompute each decoder layer in the backward: less memory, more time"
+    )
+    fsdp: bool = option(
+        False,
+        DISTRIBUTED,
+        "under torchrun: shard the decoder layers (base weights and adapters) over the processes with FSDP2",
+    )
     lora_rank: int = option(32, MODEL, "rank of the LoRA adapters")
     lora_alpha: int = option(64, MODEL, "LoRA scaling numerator (the adapters' scale is alpha / rank)")
     lr_lora: float = option(5e-6, OPTIM, "learning rate of the LoRA adapters")
@@ -115,37 +193,69 @@ class TrainConfig:
     weight_decay: float = option(0.1, OPTIM, "AdamW weight decay, on every trained parameter")
     adam_beta1: float = option(0.9, OPTIM, "AdamW beta1")
     adam_beta2: float = option(0.99, OPTIM, "AdamW beta2")
-    warmup_ratio: float = option(0.1, OPTIM, "fraction of the optimizer steps spent warming the learning rates up "
-                                 "linearly; a cosine decay to 0 follows")
-    hf_warmup: bool = option(False, OPTIM, "HF Trainer's warm-up, the original's: ceil(ratio x steps) warm-up "
-                             "steps, the first at learning rate 0 (transformers/optimization.py:137); without it "
-                             "the first update already moves the weights")
+    warmup_ratio: float = option(
+        0.1,
+        OPTIM,
+        "fraction of the optimizer steps spent warming the learning rates up linearly; a cosine decay to 0 follows",
+    )
+    hf_warmup: bool = option(
+        False,
+        OPTIM,
+        "HF Trainer's warm-up, the original's: ceil(ratio x steps) warm-up "
+        "steps, the first at learning rate 0 (transformers/optimization.py:137); without it "
+        "the first update already moves the weights",
+    )
     max_grad_norm: float = option(0.1, OPTIM, "clip the gradient's global norm to this before each optimizer step")
     epochs: int = option(1, OPTIM, "passes over the training set (each in its own shuffled order)")
-    max_steps: int | None = option(None, OPTIM, "stop after this many optimizer steps: max-steps x --grad-accum / "
-                                   "--num-iterations device steps, rounded up (the run is shorter if --epochs "
-                                   "ends first); none: --epochs passes over the training set")
-    r_min: float = option(0.99, MODEL, "the gate's start: per channel u = sigmoid(Lambda)^c is drawn "
-                          "uniformly from [r-min, r-max], and a = u^r (r in (0, 1), from the input) weighs the "
-                          "token embedding: near 1, the blend starts close to plain tokens")
+    max_steps: int | None = option(
+        None,
+        OPTIM,
+        "stop after this many optimizer steps: max-steps x --grad-accum / "
+        "--num-iterations device steps, rounded up (the run is shorter if --epochs "
+        "ends first); none: --epochs passes over the training set",
+    )
+    r_min: float = option(
+        0.99,
+        MODEL,
+        "the gate's start: per channel u = sigmoid(Lambda)^c is drawn "
+        "uniformly from [r-min, r-max], and a = u^r (r in (0, 1), from the input) weighs the "
+        "token embedding: near 1, the blend starts close to plain tokens",
+    )
     r_max: float = option(0.999, MODEL, "the upper end of that draw (see --r-min)")
-    train_limit: int | None = option(None, MODEL, "use at most this many training examples (the first usable "
-                                     "ones; arith: how many to generate, none: 20000)")
-    eval_limit: int | None = option(None, LOGGING, "held-out examples evaluated before and after training (the "
-                                    "first usable ones; arith: how many to generate, none: 500)")
+    train_limit: int | None = option(
+        None,
+        MODEL,
+        "use at most this many training examples (the first usable ones; arith: how many to generate, none: 20000)",
+    )
+    eval_limit: int | None = option(
+        None,
+        LOGGING,
+        "held-out examples evaluated before and after training (the "
+        "first usable ones; arith: how many to generate, none: 500)",
+    )
     eval_batch_size: int = option(64, LOGGING, "prompts per generation batch in held-out evaluations")
     lora_targets: tuple[str, ...] = option(LORA_TARGETS, MODEL, "the projections that get LoRA adapters")
     save_every: int = option(50, RUNS, "optimizer steps between resumable checkpoints (0: only the final one)")
     keep_checkpoints: int = option(2, RUNS, "resumable checkpoints kept (the oldest are deleted first)")
-    max_skipped_in_a_row: int = option(5, RUNS, "stop (after a checkpoint) when this many updates in a row were "
-                                       "skipped for a non-finite reward, loss or gradient")
-    reward_timeout: float = option(60.0, RUNS, "seconds one reward-function call may take before its completions "
-                                   "score 0 (0: no limit)")
-    eval_every: int = option(0, LOGGING, "optimizer steps between greedy held-out evaluations during training "
-                             "(0: none)")
+    max_skipped_in_a_row: int = option(
+        5,
+        RUNS,
+        "stop (after a checkpoint) when this many updates in a row were "
+        "skipped for a non-finite reward, loss or gradient",
+    )
+    reward_timeout: float = option(
+        60.0, RUNS, "seconds one reward-function call may take before its completions score 0 (0: no limit)"
+    )
+    eval_every: int = option(
+        0, LOGGING, "optimizer steps between greedy held-out evaluations during training (0: none)"
+    )
     eval_every_limit: int = option(100, LOGGING, "held-out examples in each of those evaluations (the first ones)")
-    report_to: str = option("none", LOGGING, "also log to: tensorboard (events in --output-dir/tensorboard); "
-                            "metrics.jsonl is always written", REPORT_TO)
+    report_to: str = option(
+        "none",
+        LOGGING,
+        "also log to: tensorboard (events in --output-dir/tensorboard); metrics.jsonl is always written",
+        REPORT_TO,
+    )
 
 
 # Group size, completions per device step, gradient accumulation, prompt / completion limits
@@ -153,25 +263,53 @@ class TrainConfig:
 # training on two cores moves held-out accuracy.
 # Real tasks check held-out accuracy on 500 examples (a fixed subset) before and after training.
 RECIPES: dict[str, dict] = {
-    "gsm8k": dict(group_size=4, batch_size=8, grad_accum=4, max_prompt_length=1024, max_completion_length=1024,
-                  eval_limit=500),
-    "math": dict(group_size=8, batch_size=16, grad_accum=4, max_prompt_length=1024, max_completion_length=1024,
-                 eval_limit=500),
-    "mmlu": dict(group_size=8, batch_size=16, grad_accum=4, max_prompt_length=1024, max_completion_length=1024,
-                 eval_limit=500),
-    "rag-qa": dict(group_size=4, batch_size=16, grad_accum=4, max_prompt_length=2048, max_completion_length=1024,
-                   eval_limit=500),
+    "gsm8k": dict(
+        group_size=4, batch_size=8, grad_accum=4, max_prompt_length=1024, max_completion_length=1024, eval_limit=500
+    ),
+    "math": dict(
+        group_size=8, batch_size=16, grad_accum=4, max_prompt_length=1024, max_completion_length=1024, eval_limit=500
+    ),
+    "mmlu": dict(
+        group_size=8, batch_size=16, grad_accum=4, max_prompt_length=1024, max_completion_length=1024, eval_limit=500
+    ),
+    "rag-qa": dict(
+        group_size=4, batch_size=16, grad_accum=4, max_prompt_length=2048, max_completion_length=1024, eval_limit=500
+    ),
     "arith": dict(
-        group_size=8, batch_size=32, grad_accum=1, max_prompt_length=128, max_completion_length=64,
-        system_prompt=False, lr_lora=5e-4, lr_gate=1e-3, lr_lambda=1e-2, max_steps=150,
-        train_limit=4000, eval_limit=500, max_grad_norm=1.0, save_every=25,
+        group_size=8,
+        batch_size=32,
+        grad_accum=1,
+        max_prompt_length=128,
+        max_completion_length=64,
+        system_prompt=False,
+        lr_lora=5e-4,
+        lr_gate=1e-3,
+        lr_lambda=1e-2,
+        max_steps=150,
+        train_limit=4000,
+        eval_limit=500,
+        max_grad_norm=1.0,
+        save_every=25,
     ),
 }
 
 # Fields a resumed run may change; every other one must equal the run's saved config.
-RESUMABLE_OVERRIDES = ("save_every", "keep_checkpoints", "max_skipped_in_a_row", "reward_timeout", "eval_every",
-                       "eval_every_limit", "report_to", "device", "output_dir", "overwrite", "resume",
-                       "micro_batch_tokens", "gradient_checkpointing", "fsdp")
+RESUMABLE_OVERRIDES = (
+    "save_every",
+    "keep_checkpoints",
+    "max_skipped_in_a_row",
+    "reward_timeout",
+    "eval_every",
+    "eval_every_limit",
+    "report_to",
+    "device",
+    "output_dir",
+    "overwrite",
+    "resume",
+    "micro_batch_tokens",
+    "gradient_checkpointing",
+    "fsdp",
+)
 
 
 def flag(name: str) -> str:
@@ -191,12 +329,15 @@ def _ints(cfg: TrainConfig, name: str, lo: int, hi: int | None = None, optional:
     _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi), name, allowed, v)
 
 
-def _floats(cfg: TrainConfig, name: str, lo: float, hi: float | None, lo_open: bool = False,
-            hi_open: bool = False) -> None:
+def _floats(
+    cfg: TrainConfig, name: str, lo: float, hi: float | None, lo_open: bool = False, hi_open: bool = False
+) -> None:
     v = getattr(cfg, name)
     number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     ok = number and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    allowed = f"a number in {'(' if lo_open else '['}{lo}, {'inf)' if hi is None else str(hi) + (')' if hi_open else ']')}"
+    allowed = (
+        f"a number in {'(' if lo_open else '['}{lo}, {'inf)' if hi is None else str(hi) + (')' if hi_open else ']')}"
+    )
     _check(ok, name, allowed, v)
 
 
@@ -225,12 +366,18 @@ def validate_config(cfg: TrainConfig) -> None:
 def _check_run(cfg: TrainConfig) -> None:
     """The task, the output folder, the seed and device, the batch's shape."""
     _choice(cfg, "task", task_names())
-    _check(isinstance(cfg.output_dir, str) and cfg.output_dir.strip() != "", "output_dir", "a folder path", cfg.output_dir)
+    _check(
+        isinstance(cfg.output_dir, str) and cfg.output_dir.strip() != "", "output_dir", "a folder path", cfg.output_dir
+    )
     if cfg.overwrite and cfg.resume:
         raise ConfigError("--overwrite and --resume contradict each other: replace the run, or continue it")
     _ints(cfg, "seed", 0)
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
-           "auto, cpu, cuda or cuda:N", cfg.device)
+    _check(
+        cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+        "device",
+        "auto, cpu, cuda or cuda:N",
+        cfg.device,
+    )
     _choice(cfg, "dtype", DTYPES)
     _choice(cfg, "engine", ENGINES)
     _choice(cfg, "method", METHODS)
@@ -263,12 +410,16 @@ def _check_update(cfg: TrainConfig) -> None:
     if cfg.tis is not None:
         _floats(cfg, "tis", 0, None, lo_open=True)
         if cfg.logprob_temperature not in (None, cfg.temperature):
-            raise ConfigError(f"--tis compares the training forward's log-probs with the rollout's, so it needs them at "
-                              f"the sampling temperature: --logprob-temperature {cfg.logprob_temperature} differs "
-                              f"from --temperature {cfg.temperature}")
+            raise ConfigError(
+                f"--tis compares the training forward's log-probs with the rollout's, so it needs them at "
+                f"the sampling temperature: --logprob-temperature {cfg.logprob_temperature} differs "
+                f"from --temperature {cfg.temperature}"
+            )
     if cfg.method == "soft-tokens" and cfg.tis is not None:
-        raise ConfigError("--tis compares token log-probs with the rollout's; soft tokens' thinking positions have a "
-                          "log-density the rollout does not record: leave --tis unset with --method soft-tokens")
+        raise ConfigError(
+            "--tis compares token log-probs with the rollout's; soft tokens' thinking positions have a "
+            "log-density the rollout does not record: leave --tis unset with --method soft-tokens"
+        )
     _ints(cfg, "micro_batch_tokens", 1)
     _choice(cfg, "loss_norm", NORMS)
 
@@ -277,8 +428,12 @@ def _check_optimizer(cfg: TrainConfig) -> None:
     """LoRA's shape and targets, the learning rates and AdamW, the schedule's length, the gate's range."""
     _ints(cfg, "lora_rank", 1)
     _floats(cfg, "lora_alpha", 0, None, lo_open=True)
-    _check(len(cfg.lora_targets) > 0 and all(isinstance(t, str) and t for t in cfg.lora_targets), "lora_targets",
-           "one or more module names", cfg.lora_targets)
+    _check(
+        len(cfg.lora_targets) > 0 and all(isinstance(t, str) and t for t in cfg.lora_targets),
+        "lora_targets",
+        "one or more module names",
+        cfg.lora_targets,
+    )
     for name in ("lr_lora", "lr_gate", "lr_lambda", "weight_decay"):
         _floats(cfg, name, 0, None)
     _floats(cfg, "adam_beta1", 0, 1, hi_open=True)
@@ -314,8 +469,10 @@ def _check_data_sources(cfg: TrainConfig) -> None:
         if value is None:
             continue
         if cfg.task == "arith":
-            raise ConfigError(f"{flag(name)} {value}: the arith task generates its examples and reads no data; "
-                              f"drop {flag(name)} or choose another --task")
+            raise ConfigError(
+                f"{flag(name)} {value}: the arith task generates its examples and reads no data; "
+                f"drop {flag(name)} or choose another --task"
+            )
         if not Path(value).expanduser().exists() and not _hub_name(value):
             raise ConfigError(f"{flag(name)} {value}: no such file or folder")
 
@@ -323,8 +480,13 @@ def _check_data_sources(cfg: TrainConfig) -> None:
 def _hub_name(value: str) -> bool:
     """owner/name or owner/name:config, as hub datasets are named (not a path)."""
     owner, _, rest = value.partition("/")
-    return bool(owner) and not value.startswith((".", "~")) and "/" not in rest and bool(rest) \
+    return (
+        bool(owner)
+        and not value.startswith((".", "~"))
+        and "/" not in rest
+        and bool(rest)
         and not rest.endswith((".jsonl", ".json", ".parquet"))
+    )
 
 
 def config_for(task: str, **overrides) -> TrainConfig:
@@ -338,6 +500,7 @@ def config_for(task: str, **overrides) -> TrainConfig:
 def default_text(name: str) -> str:
     """The default --help shows for a field: the dataclass's, or each recipe's where RECIPES
     sets it (recipes sharing a value named together)."""
+
     def text(value):
         if isinstance(value, bool):
             return "on" if value else "off"
@@ -396,8 +559,9 @@ def check_resumable(saved: dict, cfg: TrainConfig) -> None:
     now = _comparable(cfg)
     for key, value in now.items():
         if key not in RESUMABLE_OVERRIDES and key in saved and saved[key] != value:
-            raise ConfigError(f"{flag(key)} {value!r} differs from the run's config ({saved[key]!r}); "
-                              "a resumed run keeps its config")
+            raise ConfigError(
+                f"{flag(key)} {value!r} differs from the run's config ({saved[key]!r}); a resumed run keeps its config"
+            )
 
 
 def saved_config(output_dir: str | Path) -> dict:
@@ -420,7 +584,9 @@ def resume_config(output_dir: str, overrides: dict) -> TrainConfig:
         if key in RESUMABLE_OVERRIDES:
             setattr(cfg, key, value)
         elif _comparable({key: value})[key] != saved.get(key):
-            raise ConfigError(f"{flag(key)} {value!r} differs from the run's config ({saved.get(key)!r}); "
-                              "a resumed run keeps its config")
+            raise ConfigError(
+                f"{flag(key)} {value!r} differs from the run's config ({saved.get(key)!r}); "
+                "a resumed run keeps its config"
+            )
     cfg.resume, cfg.overwrite = True, False
     return cfg

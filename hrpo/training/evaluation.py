@@ -5,6 +5,7 @@ on its held-out split before, during and after training.
 completion; `evaluate` runs them all into one accuracy; `summarise` turns finished samples into
 a results row.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,23 @@ def decode_completions(tokenizer, out) -> list[str]:
 
 
 @torch.no_grad()
-def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, engine, *,
-                   max_prompt_length: int, system: str | None, batch_size: int, seed: int, protocol: str = "strict",
-                   reward_fn=None, reward_timeout: float = 60.0, indices: list[int] | None = None):
+def scored_batches(
+    hm,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    engine,
+    *,
+    max_prompt_length: int,
+    system: str | None,
+    batch_size: int,
+    seed: int,
+    protocol: str = "strict",
+    reward_fn=None,
+    reward_timeout: float = 60.0,
+    indices: list[int] | None = None,
+):
     """Generate for `examples` batch by batch and yield each batch's samples (one dict per
     example: its index, prompt, completion, extracted answer, golds, correct, completion
     tokens, mean gate coefficient). `correct` is the task's score under `protocol`, or
@@ -52,19 +67,38 @@ def scored_batches(hm, tokenizer, task: Task, examples: list[Example], sampling:
         lengths, gates = out.lengths.tolist(), out.gate_mean.tolist()  # one host read per batch
         for j, (ex, text, ok) in enumerate(zip(batch, texts, correct)):
             extracted = task.answer(text, protocol)
-            samples.append(json_safe({
-                "index": indices[lo + j], "prompt": messages[lo + j], "completion": text,
-                "extracted": None if extracted is None else str(extracted), "golds": ex.answer,
-                "correct": float(ok) if math.isfinite(ok) else 0.0,  # a non-finite reward credits nothing
-                **({"official_golds": task.official.golds(golds[j])} if official else {}),
-                **(task.details("" if extracted is None else str(extracted), ex.answer) if task.details else {}),
-                "completion_tokens": lengths[j], "gate_mean": gates[j],
-            }))
+            samples.append(
+                json_safe(
+                    {
+                        "index": indices[lo + j],
+                        "prompt": messages[lo + j],
+                        "completion": text,
+                        "extracted": None if extracted is None else str(extracted),
+                        "golds": ex.answer,
+                        "correct": float(ok) if math.isfinite(ok) else 0.0,  # a non-finite reward credits nothing
+                        **({"official_golds": task.official.golds(golds[j])} if official else {}),
+                        **(
+                            task.details("" if extracted is None else str(extracted), ex.answer) if task.details else {}
+                        ),
+                        "completion_tokens": lengths[j],
+                        "gate_mean": gates[j],
+                    }
+                )
+            )
         yield samples
 
 
-def evaluate(hm, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, engine, *,
-             progress: bool = True, **kwargs) -> dict:
+def evaluate(
+    hm,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    engine,
+    *,
+    progress: bool = True,
+    **kwargs,
+) -> dict:
     """Accuracy (mean of `correct`), mean completion length, seconds and the samples."""
     samples, start = [], time.perf_counter()
     bar = tqdm(total=len(examples), desc=f"eval {task.name}", disable=not progress, leave=False)

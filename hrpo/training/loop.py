@@ -7,6 +7,7 @@ latest one and reproduces the uninterrupted run; a step whose rollout or reward 
 the state before it; SIGTERM or Ctrl-C save and stop; too many skipped updates in a row save
 and stop.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,9 @@ class Trainer(Stepper):
         if self.main:
             self.run_dir.open()
             if not self.cfg.resume:
-                write_json(self.run_dir.path("config.json"), {**dataclasses.asdict(self.cfg), "world_size": self.group.world})
+                write_json(
+                    self.run_dir.path("config.json"), {**dataclasses.asdict(self.cfg), "world_size": self.group.world}
+                )
 
     def run(self) -> dict:
         """Evaluate (unless resuming), train to the last device step, evaluate again and save
@@ -76,7 +79,11 @@ class Trainer(Stepper):
         try:
             if not cfg.resume:
                 before, before_sampled = self.heldout_both("before")
-                self.state.eval_before = {"greedy": before["accuracy"], "sampled": before_sampled["accuracy"], "n": before["n"]}
+                self.state.eval_before = {
+                    "greedy": before["accuracy"],
+                    "sampled": before_sampled["accuracy"],
+                    "n": before["n"],
+                }
                 if self.main:
                     write_json(run.path("eval_before.json"), before)
             else:
@@ -106,8 +113,12 @@ class Trainer(Stepper):
     def _loop(self, log: MetricsLog | None, stop: StopRequests) -> None:
         cfg = self.cfg
         start = time.perf_counter() - self.state.elapsed_s
-        bar = tqdm(total=self.device_steps, initial=self.state.step, desc="hrpo" if cfg.hybrid else "grpo",
-                   disable=not self.show)
+        bar = tqdm(
+            total=self.device_steps,
+            initial=self.state.step,
+            desc="hrpo" if cfg.hybrid else "grpo",
+            disable=not self.show,
+        )
         for s in range(self.state.step, self.device_steps):
             record = self._step(s)
             boundary = self.state.micro % cfg.grad_accum == 0
@@ -151,14 +162,18 @@ class Trainer(Stepper):
         """Save and stop after too many skipped updates in a row, or on a signal to any process."""
         if self.state.skipped_in_a_row >= self.cfg.max_skipped_in_a_row:
             path = self.checkpoint()
-            raise TrainingStopped(f"stopped at step {s}: {self.state.skipped_in_a_row} updates in a row were skipped "
-                                  f"(last: {record['skipped']}); the last good state is saved in {path}")
+            raise TrainingStopped(
+                f"stopped at step {s}: {self.state.skipped_in_a_row} updates in a row were skipped "
+                f"(last: {record['skipped']}); the last good state is saved in {path}"
+            )
         if self.group.any(stop.signum is not None):  # a signal to any process stops them all here
             path = self.checkpoint()
             name = signal.Signals(stop.signum or signal.SIGTERM).name
             bar.close()
-            raise Interrupted(f"stopped by {name} after {_steps(self.state.step)}; checkpoint {path}; "
-                              "continue with --resume", stop.signum or signal.SIGTERM)
+            raise Interrupted(
+                f"stopped by {name} after {_steps(self.state.step)}; checkpoint {path}; continue with --resume",
+                stop.signum or signal.SIGTERM,
+            )
 
     def _stopped(self, signum: int) -> Interrupted:
         name = signal.Signals(signum).name
@@ -191,10 +206,18 @@ class Trainer(Stepper):
         path = step_folder(self.ckpt_root, self.state.step)
         failure = None
         try:  # every rank: FSDP's shards are gathered; rank 0 writes
-            save_training_checkpoint(step_folder(self.run_dir.path("checkpoints") if self.main else self.ckpt_root,
-                                                 self.state.step),
-                                     self.hm, recorded_name(self.cfg.model), self._policy_meta(), self.opt, self.sched, every,
-                                     dataclasses.asdict(self.state), self.records, write=self.main)
+            save_training_checkpoint(
+                step_folder(self.run_dir.path("checkpoints") if self.main else self.ckpt_root, self.state.step),
+                self.hm,
+                recorded_name(self.cfg.model),
+                self._policy_meta(),
+                self.opt,
+                self.sched,
+                every,
+                dataclasses.asdict(self.state),
+                self.records,
+                write=self.main,
+            )
             if self.main:
                 prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
                 self._plot()
@@ -207,14 +230,24 @@ class Trainer(Stepper):
 
     def _policy_meta(self) -> dict:
         latent = latent_for(self.cfg)
-        return {"task": self.cfg.task, "hybrid": self.cfg.hybrid, "method": self.cfg.method,
-                "latent_mode": latent.mode, "noise_std": latent.noise_std,
-                "marker": self.cfg.marker, "system_prompt": self.cfg.system_prompt, "step": self.state.step}
+        return {
+            "task": self.cfg.task,
+            "hybrid": self.cfg.hybrid,
+            "method": self.cfg.method,
+            "latent_mode": latent.mode,
+            "noise_std": latent.noise_std,
+            "marker": self.cfg.marker,
+            "system_prompt": self.cfg.system_prompt,
+            "step": self.state.step,
+        }
 
     def _plot(self) -> None:
         if self.records:
-            plot_curves(self.records, self.run_dir.path("curves.png"),
-                        f"{'HRPO' if self.cfg.hybrid else 'GRPO'} on {self.cfg.task}, seed {self.cfg.seed}")
+            plot_curves(
+                self.records,
+                self.run_dir.path("curves.png"),
+                f"{'HRPO' if self.cfg.hybrid else 'GRPO'} on {self.cfg.task}, seed {self.cfg.seed}",
+            )
 
     # ------------------------------------------------------------------ evaluation
 
@@ -228,23 +261,43 @@ class Trainer(Stepper):
             # forwards): every rank runs as many examples, so as many batches; the repeats of the
             # last example that fill a shorter share are dropped below.
             run = mine + [mine[-1] if mine else 0] * (-(-len(examples) // self.group.world) - len(mine))
-        result = evaluate(self.hm.eval(), self.tokenizer, get_task(cfg.task), [examples[i] for i in run], how,
-                          self.engine, progress=self.show, max_prompt_length=cfg.max_prompt_length,
-                          system=self.system, batch_size=cfg.eval_batch_size, seed=cfg.seed, reward_fn=self.reward_fn,
-                          reward_timeout=cfg.reward_timeout, indices=run)
+        result = evaluate(
+            self.hm.eval(),
+            self.tokenizer,
+            get_task(cfg.task),
+            [examples[i] for i in run],
+            how,
+            self.engine,
+            progress=self.show,
+            max_prompt_length=cfg.max_prompt_length,
+            system=self.system,
+            batch_size=cfg.eval_batch_size,
+            seed=cfg.seed,
+            reward_fn=self.reward_fn,
+            reward_timeout=cfg.reward_timeout,
+            indices=run,
+        )
         result["samples"] = result["samples"][: len(mine)]
         if self.group.active:
-            samples = sorted((s for part in self.group.gather(result["samples"]) for s in part), key=lambda s: s["index"])
+            samples = sorted(
+                (s for part in self.group.gather(result["samples"]) for s in part), key=lambda s: s["index"]
+            )
             n = max(len(samples), 1)
-            result.update(samples=samples, n=len(samples), accuracy=sum(s["correct"] for s in samples) / n,
-                          mean_completion_tokens=sum(s["completion_tokens"] for s in samples) / n)
+            result.update(
+                samples=samples,
+                n=len(samples),
+                accuracy=sum(s["correct"] for s in samples) / n,
+                mean_completion_tokens=sum(s["completion_tokens"] for s in samples) / n,
+            )
         return result
 
     def heldout_both(self, when: str) -> tuple[dict, dict]:
         """Greedy accuracy (the headline) and accuracy when sampling as in training."""
         greedy, sampled = self.heldout(self.eval_ex, self.greedy), self.heldout(self.eval_ex, self.sampling)
-        self.say(f"held-out accuracy {when} training: {greedy['accuracy']:.3f} greedy, "
-                 f"{sampled['accuracy']:.3f} sampled (T={self.cfg.temperature}), {greedy['n']} examples")
+        self.say(
+            f"held-out accuracy {when} training: {greedy['accuracy']:.3f} greedy, "
+            f"{sampled['accuracy']:.3f} sampled (T={self.cfg.temperature}), {greedy['n']} examples"
+        )
         return greedy, sampled
 
     # ------------------------------------------------------------------ the summary

@@ -1,4 +1,5 @@
 """GRPO objective with the k3 KL estimator, as HRPO trains it."""
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,13 @@ def tis_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float
     return torch.exp(train_logp - rollout_logp).clamp(max=cap)
 
 
-def token_weights(mask: torch.Tensor, norm: str = "grpo", max_completion_length: int | None = None,
-                  n_rows: int | None = None, n_tokens: int | None = None) -> torch.Tensor:
+def token_weights(
+    mask: torch.Tensor,
+    norm: str = "grpo",
+    max_completion_length: int | None = None,
+    n_rows: int | None = None,
+    n_tokens: int | None = None,
+) -> torch.Tensor:
     """(B, T) weights with loss = sum(weights * per_token): "grpo" averages each completion's
     tokens, then the batch; "dapo" averages all tokens of the batch; "dr_grpo" sums tokens
     and divides by B * max_completion_length. n_rows and n_tokens: the batch's totals when
@@ -103,8 +109,11 @@ def metric_sums(kl: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> 
     """(the sum over rows of each row's mean k3 KL, the clipped tokens, the tokens) under mask:
     sums, so micro-batches add them up before `metrics` turns them into means."""
     m = mask.float()
-    return (float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).sum()), float((clipped.float() * m).sum()),
-            float(m.sum()))
+    return (
+        float(((kl.detach() * m).sum(-1) / m.sum(-1).clamp_min(1)).sum()),
+        float((clipped.float() * m).sum()),
+        float(m.sum()),
+    )
 
 
 def metrics(sums: tuple[float, float, float], n_rows: int) -> dict[str, float]:

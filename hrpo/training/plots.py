@@ -1,4 +1,5 @@
 """Training curves as a PNG: each metric raw and as a moving average, plain-number axes."""
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,15 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         steps, values = [p[0] for p in points], [float(p[1]) for p in points]
         sparse = key == "eval_accuracy"  # a few evaluations: markers, no smoothing
-        ax.plot(steps, values, lw=0.8, alpha=0.5 if not sparse else 1.0, marker="o" if sparse else None,
-                ms=3, label="value" if sparse else "raw")
+        ax.plot(
+            steps,
+            values,
+            lw=0.8,
+            alpha=0.5 if not sparse else 1.0,
+            marker="o" if sparse else None,
+            ms=3,
+            label="value" if sparse else "raw",
+        )
         if not sparse and len(values) >= 10:
             window = max(len(values) // 20, 5)
             ax.plot(steps, moving_average(values, window), lw=1.8, label=f"moving average ({window} steps)")

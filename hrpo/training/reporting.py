@@ -1,4 +1,5 @@
 """Where training metrics go: metrics.jsonl always, TensorBoard events when asked."""
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ empty and has no manifest is refused. A run that fails before its first step put
 folder back as it found it (the replaced run's files are moved aside, not deleted, until
 then). Files are replaced atomically: written beside their target, synced, then renamed.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def write_durably(path: Path, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -106,15 +107,20 @@ class RunDir:
         if resume and not self.holds_run:
             raise ConfigError(f"--resume: {self.root} holds no hrpo run (no {MANIFEST})")
         if entries and not self.holds_run:
-            raise ConfigError(f"--output-dir {self.root} is not empty and holds no hrpo run (no {MANIFEST}); "
-                              "choose a new or empty folder")
+            raise ConfigError(
+                f"--output-dir {self.root} is not empty and holds no hrpo run (no {MANIFEST}); "
+                "choose a new or empty folder"
+            )
         self.files: list[str] = self._read_manifest() if self.holds_run else []
         if self.holds_run and not overwrite and self._kind_found != kind:
-            raise ConfigError(f"--output-dir {self.root} holds an hrpo {self._kind_found} run, not an {kind} one; "
-                              "choose another folder")
+            raise ConfigError(
+                f"--output-dir {self.root} holds an hrpo {self._kind_found} run, not an {kind} one; "
+                "choose another folder"
+            )
         if self.holds_run and not (overwrite or resume):
-            raise ConfigError(f"--output-dir {self.root} holds an hrpo run; pass --resume to continue it or "
-                              "--overwrite to replace it")
+            raise ConfigError(
+                f"--output-dir {self.root} holds an hrpo run; pass --resume to continue it or --overwrite to replace it"
+            )
         _probe_writable(self.root, "--output-dir")
         self._old_files = list(self.files)
         self._created: list[Path] = []  # the folders open() created, the run folder first

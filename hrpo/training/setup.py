@@ -5,6 +5,7 @@ its order, the optimizer with its learning-rate schedule, and the state a resume
 hrpo.training.loop the schedule around it. Nothing here writes: the output folder is only
 checked (the loop takes it once every input has passed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,9 +46,7 @@ def make_optimizer(hm: HybridModel, cfg: TrainConfig, total_steps: int):
         {"params": groups["gate"], "lr": cfg.lr_gate, "name": "gate"},
         {"params": groups["lambda"], "lr": cfg.lr_lambda, "name": "lambda"},
     ]
-    opt = torch.optim.AdamW(
-        param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
-    )
+    opt = torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(total_steps, cfg.warmup_ratio, cfg.hf_warmup))
 
 
@@ -134,8 +133,10 @@ class Setup:
         cfg = self.cfg
         self.prompts_per_step = cfg.batch_size // cfg.group_size
         if self.prompts_per_step % self.group.world:
-            raise ConfigError(f"--batch-size / --group-size = {self.prompts_per_step} prompts per step do not split "
-                              f"evenly over {self.group.world} processes (whole groups per process)")
+            raise ConfigError(
+                f"--batch-size / --group-size = {self.prompts_per_step} prompts per step do not split "
+                f"evenly over {self.group.world} processes (whole groups per process)"
+            )
         self.run_dir = RunDir(cfg.output_dir, cfg.overwrite, cfg.resume)  # checks only: writes nothing
         self.ckpt_root = self.run_dir.root / "checkpoints"
         if cfg.resume:
@@ -150,8 +151,9 @@ class Setup:
         self.system = SYSTEM_PROMPT if cfg.system_prompt else None
         self.train_ex = load_examples(cfg, "train", cfg.data, cfg.train_limit)
         self.eval_ex = load_examples(cfg, "test", heldout_sources(cfg), cfg.eval_limit)
-        self.train_prompts = encode_prompts(self.tokenizer, user_messages(cfg.task, self.train_ex),
-                                            cfg.max_prompt_length, self.system)
+        self.train_prompts = encode_prompts(
+            self.tokenizer, user_messages(cfg.task, self.train_ex), cfg.max_prompt_length, self.system
+        )
         encode_prompts(self.tokenizer, user_messages(cfg.task, self.eval_ex), cfg.max_prompt_length, self.system)
 
     def _make_engine(self, model) -> None:
@@ -159,8 +161,14 @@ class Setup:
         cfg = self.cfg
         matcher = MarkerMatcher(self.tokenizer, cfg.marker, model.config.vocab_size)
         eos = eos_token_ids(model, self.tokenizer)
-        self.sampling = SamplingConfig(cfg.max_completion_length, cfg.temperature, cfg.top_k, greedy=False,
-                                       hybrid=cfg.hybrid, latent=latent_for(cfg))
+        self.sampling = SamplingConfig(
+            cfg.max_completion_length,
+            cfg.temperature,
+            cfg.top_k,
+            greedy=False,
+            hybrid=cfg.hybrid,
+            latent=latent_for(cfg),
+        )
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
         self.engine = make_engine(self.hm, matcher, eos, self.tokenizer.pad_token_id, kind=cfg.engine)
 
@@ -173,8 +181,10 @@ class Setup:
             # each device step makes num_iterations passes, and grad_accum passes make an optimizer step
             self.device_steps = min(self.device_steps, math.ceil(cfg.max_steps * cfg.grad_accum / cfg.num_iterations))
         if self.device_steps == 0:
-            raise ConfigError(f"{n} training examples make no step of {self.prompts_per_step} prompts "
-                              f"(--batch-size {cfg.batch_size} / --group-size {cfg.group_size})")
+            raise ConfigError(
+                f"{n} training examples make no step of {self.prompts_per_step} prompts "
+                f"(--batch-size {cfg.batch_size} / --group-size {cfg.group_size})"
+            )
         self.opt_steps = math.ceil(self.device_steps * cfg.num_iterations / cfg.grad_accum)
 
     def _resume_policy(self) -> None:
@@ -184,15 +194,17 @@ class Setup:
             return
         found = complete_checkpoints(self.ckpt_root)
         if not found:
-            raise ConfigError(f"nothing to resume in {self.run_dir.root} (no complete checkpoint); "
-                              "start over with --overwrite")
+            raise ConfigError(
+                f"nothing to resume in {self.run_dir.root} (no complete checkpoint); start over with --overwrite"
+            )
         self.resume_from = found[-1]
         load_checkpoint(self.hm, self.resume_from)
 
     def _resume_training(self, path: Path) -> None:
         """--resume: the optimizer, schedule, RNG, counters and metrics of the checkpoint."""
-        trainer, self.records = load_training_state(path, self.hm, self.opt, self.sched, self.generator,
-                                                    self.group.rank, self.group.world)
+        trainer, self.records = load_training_state(
+            path, self.hm, self.opt, self.sched, self.generator, self.group.rank, self.group.world
+        )
         self.state = Progress(**trainer)
         if self.state.order_digest != order_digest(self.order):
             raise ConfigError(f"--resume: {path} was trained on another data order (the training data changed)")
@@ -204,10 +216,18 @@ class Setup:
         # body run per micro-batch, real or padding, on every rank.
         sharded = cfg.fsdp and self.group.active
         logprob_t = cfg.temperature if cfg.logprob_temperature is None else cfg.logprob_temperature
-        return UpdateSettings(logprob_t, cfg.hybrid, cfg.beta, cfg.epsilon, cfg.loss_norm,
-                              cfg.max_completion_length, cfg.micro_batch_tokens,
-                              share_prefix=not (cfg.gradient_checkpointing or sharded), latent=latent_for(cfg),
-                              top_k=cfg.top_k)
+        return UpdateSettings(
+            logprob_t,
+            cfg.hybrid,
+            cfg.beta,
+            cfg.epsilon,
+            cfg.loss_norm,
+            cfg.max_completion_length,
+            cfg.micro_batch_tokens,
+            share_prefix=not (cfg.gradient_checkpointing or sharded),
+            latent=latent_for(cfg),
+            top_k=cfg.top_k,
+        )
 
     def say(self, line: str, err: bool = False) -> None:
         """A line on the terminal, from rank 0 only."""

@@ -6,6 +6,7 @@ accumulates its share of the whole batch's gradient; the optimizer steps every `
 backward passes. A non-finite reward, loss or gradient skips the update (the weights stay as
 they were) and is counted.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,11 @@ class Stepper(Setup):
         length = self.group.max(len(plan))  # under FSDP each micro-batch is a collective: every rank runs as many
         t = time.perf_counter()
         with peak_memory(self.device) as mem_ref:
-            ref = (reference_logprobs(self.hm, out, plan, self.update, length)
-                   if skipped is None and self.cfg.beta else None)
+            ref = (
+                reference_logprobs(self.hm, out, plan, self.update, length)
+                if skipped is None and self.cfg.beta
+                else None
+            )
         times["time_reference_s"] = time.perf_counter() - t
         times["mem_reference_gb"] = mem_ref()
         loss, info, grad_norm, skipped = self.learn(out, plan, length, rewards, ref, skipped, times)
@@ -85,7 +89,9 @@ class Stepper(Setup):
             times["time_rollout_s"] = time.perf_counter() - t
             times["mem_rollout_gb"] = mem_rollout()
             t = time.perf_counter()
-            rewards, errors = score(self.reward_fn, decode_completions(self.tokenizer, out), answers, cfg.reward_timeout)
+            rewards, errors = score(
+                self.reward_fn, decode_completions(self.tokenizer, out), answers, cfg.reward_timeout
+            )
             times["time_reward_s"] = time.perf_counter() - t
         except Exception as err:
             failure = err
@@ -93,8 +99,9 @@ class Stepper(Setup):
             raise StepFailed(failure or RuntimeError(f"step {s} failed on another process"), rng_before)
         return out, rewards, errors
 
-    def learn(self, out: Rollout, plan, length: int, rewards: list[float], ref, skipped: str | None,
-              times: dict) -> tuple[float, dict, float | None, str | None]:
+    def learn(
+        self, out: Rollout, plan, length: int, rewards: list[float], ref, skipped: str | None, times: dict
+    ) -> tuple[float, dict, float | None, str | None]:
         """num_iterations backward passes of the GRPO loss over this rollout (none when
         `skipped`), each counted on the accumulation clock. Returns the loss, its info (kl,
         clip_frac), the last optimizer step's gradient norm and why the update was skipped."""
@@ -110,14 +117,28 @@ class Stepper(Setup):
         with peak_memory(self.device) as mem_policy:
             # The training forward's own log-probs before any update: the clipped ratio's "old"
             # side (the engine's come from other, merged and rounded, weights) and TIS's numerator.
-            old = (policy_logprobs(self.hm, out, plan, self.update, length)
-                   if skipped is None and (cfg.num_iterations > 1 or cfg.tis is not None) else None)
+            old = (
+                policy_logprobs(self.hm, out, plan, self.update, length)
+                if skipped is None and (cfg.num_iterations > 1 or cfg.tis is not None)
+                else None
+            )
             tis = tis_weights(old, out.logprobs, cfg.tis) if old is not None and cfg.tis is not None else None
             for _ in range(cfg.num_iterations):
                 if skipped is None:
                     loss, info, finite = policy_backward(
-                        self.hm, out, plan, adv, ref, old if cfg.num_iterations > 1 else None, self.update,
-                        scale=1.0 / cfg.grad_accum, n_rows=cfg.batch_size, n_tokens=total_tokens, length=length, tis=tis)
+                        self.hm,
+                        out,
+                        plan,
+                        adv,
+                        ref,
+                        old if cfg.num_iterations > 1 else None,
+                        self.update,
+                        scale=1.0 / cfg.grad_accum,
+                        n_rows=cfg.batch_size,
+                        n_tokens=total_tokens,
+                        length=length,
+                        tis=tis,
+                    )
                     if group.any(not finite):
                         skipped, self.poisoned = "non-finite loss", True
                 policy_s = time.perf_counter() - t
@@ -150,16 +171,39 @@ class Stepper(Setup):
         self.opt.zero_grad(set_to_none=True)
         return norm, dropped
 
-    def metrics(self, s: int, out: Rollout, rewards: list[float], errors: int, loss: float, info: dict,
-                grad_norm: float | None, skipped: str | None, times: dict) -> dict:
+    def metrics(
+        self,
+        s: int,
+        out: Rollout,
+        rewards: list[float],
+        errors: int,
+        loss: float,
+        info: dict,
+        grad_norm: float | None,
+        skipped: str | None,
+        times: dict,
+    ) -> dict:
         """The step's record, summed over the ranks (one collective) and averaged over the batch."""
         cfg = self.cfg
         n_tokens = float(out.completion_mask.sum())
         gates = out.gate_mean[torch.isfinite(out.gate_mean)]
-        (reward_sum, loss_sum, kl_sum, clipped, comp, think, gate_sum, gate_n, upd_tokens, errs,
-         tok_s) = self.group.sum([sum(rewards), loss, info["kl"] * len(rewards), info["clip_frac"] * n_tokens,
-                                  n_tokens, float(out.think_mask.sum()), float(gates.sum()), float(gates.numel()),
-                                  float(out.prompt_mask.sum()) + n_tokens, float(errors), out.stats["tokens_per_s"]])
+        (reward_sum, loss_sum, kl_sum, clipped, comp, think, gate_sum, gate_n, upd_tokens, errs, tok_s) = (
+            self.group.sum(
+                [
+                    sum(rewards),
+                    loss,
+                    info["kl"] * len(rewards),
+                    info["clip_frac"] * n_tokens,
+                    n_tokens,
+                    float(out.think_mask.sum()),
+                    float(gates.sum()),
+                    float(gates.numel()),
+                    float(out.prompt_mask.sum()) + n_tokens,
+                    float(errors),
+                    out.stats["tokens_per_s"],
+                ]
+            )
+        )
         self.state.reward_errors += int(errs)
         n = cfg.batch_size
         return {

@@ -16,6 +16,7 @@ over a rollout, lean in memory and time.
   shorter plan pads it with zero-weight micro-batches (one row's forward and a backward of
   zero) rather than leave the others waiting.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hrpo.training.loss import metric_sums, metrics, per_token_terms, token_weights
 from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_prompts
+from hrpo.training.loss import metric_sums, metrics, per_token_terms, token_weights
 from hrpo_kernels.latent_input import LatentParams
 
 
@@ -62,8 +63,14 @@ def trim(batch: SequenceBatch, row_idx: torch.Tensor) -> SequenceBatch:
     sub = batch.select(row_idx)
     p = int(sub.prompt_mask.sum(-1).max())
     t = max(int(sub.completion_mask.sum(-1).max()), 1)
-    return SequenceBatch(sub.prompt_ids[:, -p:], sub.prompt_mask[:, -p:], sub.completion_ids[:, :t],
-                         sub.completion_mask[:, :t], sub.latents[:, :t], sub.think_mask[:, :t])
+    return SequenceBatch(
+        sub.prompt_ids[:, -p:],
+        sub.prompt_mask[:, -p:],
+        sub.completion_ids[:, :t],
+        sub.completion_mask[:, :t],
+        sub.latents[:, :t],
+        sub.think_mask[:, :t],
+    )
 
 
 def padded(plan: list[torch.Tensor], length: int | None) -> Iterator[tuple[torch.Tensor, bool]]:
@@ -94,20 +101,28 @@ class UpdateSettings:
 
 
 @torch.no_grad()
-def _logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings, hybrid: bool,
-              length: int | None) -> torch.Tensor:
+def _logprobs(
+    hm: HybridModel,
+    batch: SequenceBatch,
+    plan: list[torch.Tensor],
+    settings: UpdateSettings,
+    hybrid: bool,
+    length: int | None,
+) -> torch.Tensor:
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
     for row_idx, real in padded(plan, length):
         sub = trim(batch, row_idx)
-        logp = hm.sequence_logprobs(sub, settings.temperature, hybrid, settings.share_prefix, settings.latent,
-                                    settings.top_k)
+        logp = hm.sequence_logprobs(
+            sub, settings.temperature, hybrid, settings.share_prefix, settings.latent, settings.top_k
+        )
         if real:
             out[row_idx, : sub.completion_ids.shape[1]] = logp
     return out
 
 
-def reference_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings,
-                       length: int | None = None) -> torch.Tensor:
+def reference_logprobs(
+    hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings, length: int | None = None
+) -> torch.Tensor:
     """The reference policy's log-probs (B, T): the base model (adapters off) on plain tokens;
     under soft tokens on the rollout's inputs, so that its thinking positions hold the same
     action's log-density as the policy's (the KL compares like with like)."""
@@ -115,18 +130,29 @@ def reference_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.T
         return _logprobs(hm, batch, plan, settings, settings.latent_inputs, length)
 
 
-def policy_logprobs(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings,
-                    length: int | None = None) -> torch.Tensor:
+def policy_logprobs(
+    hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], settings: UpdateSettings, length: int | None = None
+) -> torch.Tensor:
     """The policy's log-probs (B, T) from the training forward (adapters on, hybrid as in the
     update), without gradient: the "old" log-probs of a rollout's updates, and the training
     side of its importance-sampling correction."""
     return _logprobs(hm, batch, plan, settings, settings.hybrid, length)
 
 
-def policy_backward(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tensor], advantages: torch.Tensor,
-                    ref: torch.Tensor | None, old: torch.Tensor | None, settings: UpdateSettings, scale: float = 1.0,
-                    n_rows: int | None = None, n_tokens: int | None = None, length: int | None = None,
-                    tis: torch.Tensor | None = None) -> tuple[float, dict, bool]:
+def policy_backward(
+    hm: HybridModel,
+    batch: SequenceBatch,
+    plan: list[torch.Tensor],
+    advantages: torch.Tensor,
+    ref: torch.Tensor | None,
+    old: torch.Tensor | None,
+    settings: UpdateSettings,
+    scale: float = 1.0,
+    n_rows: int | None = None,
+    n_tokens: int | None = None,
+    length: int | None = None,
+    tis: torch.Tensor | None = None,
+) -> tuple[float, dict, bool]:
     """Forward and backward of the policy over `length` micro-batches (the plan, padded),
     gradients accumulated into the parameters' .grad (times `scale`). n_rows, n_tokens: the whole
     batch's totals when this is a share of it (for the loss normalisation); tis: (B, T)
@@ -138,14 +164,20 @@ def policy_backward(hm: HybridModel, batch: SequenceBatch, plan: list[torch.Tens
     for row_idx, real in padded(plan, length):
         sub = trim(batch, row_idx)
         t = sub.completion_ids.shape[1]
-        logp = hm.sequence_logprobs(sub, settings.temperature, settings.hybrid, settings.share_prefix,
-                                    settings.latent, settings.top_k)
+        logp = hm.sequence_logprobs(
+            sub, settings.temperature, settings.hybrid, settings.share_prefix, settings.latent, settings.top_k
+        )
         if not real:
             (logp.sum() * 0.0).backward()
             continue
         per_token, kl, clip = per_token_terms(
-            logp, advantages[row_idx], None if ref is None else ref[row_idx, :t], None if old is None else old[row_idx, :t],
-            settings.beta, settings.epsilon, None if tis is None else tis[row_idx, :t],
+            logp,
+            advantages[row_idx],
+            None if ref is None else ref[row_idx, :t],
+            None if old is None else old[row_idx, :t],
+            settings.beta,
+            settings.epsilon,
+            None if tis is None else tis[row_idx, :t],
         )
         loss = (per_token * weights[row_idx, :t]).sum()
         finite = finite and bool(torch.isfinite(loss))

@@ -27,7 +27,7 @@ from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import SYSTEM_PROMPT
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
-from hrpo.inspect.cli import load_policy
+from hrpo.eval import load_policy
 from hrpo.model.loading import eos_token_ids, resolve_device
 from hrpo.tasks import get_task, load_examples
 from hrpo.training.config import config_for

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -174,6 +175,23 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_F32_OUT[dev] = False
     return a.float() @ b.float()
+
+
+_F32_COPIES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def f32_copy(w: torch.Tensor) -> torch.Tensor:
+    """`w` in fp32, upcast once per version of `w` (an in-place update makes a new copy; the copy
+    goes when `w` does). For a 16-bit weight the CPU reads every decode step: upcasting the
+    lm-head there each step took more time than the GEMM itself."""
+    if w.dtype == torch.float32:
+        return w
+    hit = _F32_COPIES.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == w._version:
+        return hit[2]
+    key = id(w)
+    _F32_COPIES[key] = (weakref.ref(w, lambda _: _F32_COPIES.pop(key, None)), w._version, w.detach().float())
+    return _F32_COPIES[key][2]
 
 
 def seed_offset(seed, offset, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 
 from ._common import (
     cdiv,
+    f32_copy,
     interpreting,
     mm_f32,
     next_pow2,
@@ -553,9 +554,10 @@ def _full_vocab(
 
 
 def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
-    """fp32 logits (B, V): one cuBLAS GEMM in the weights' dtype with fp32 output."""
+    """fp32 logits (B, V): one cuBLAS GEMM in the weights' dtype with fp32 output (on the CPU, an
+    fp32 GEMM on the weight's cached fp32 copy: the same numbers)."""
     if lm_weight.dtype == torch.float32 or not on_gpu_path(hidden):
-        return hidden.float() @ lm_weight.float().T
+        return hidden.float() @ f32_copy(lm_weight).T
     return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
 
 

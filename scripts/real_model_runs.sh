@@ -77,6 +77,10 @@ OUT, DOCS = Path(os.environ["OUT"]), Path("docs")
 PUBLISHED = {"gsm8k": (1.4, "GSM8K 5-shot"), "arc-c": (37.3, "ARC (Average)"), "mmlu-stem": (29.3, "MMLU (cloze), all subjects")}
 
 
+# the tasks whose samples hold the golds the paper's script compares (GSM8K and MATH read theirs from the raw solution)
+RESCORED = ("mmlu-stem", "arc-c", "nq", "triviaqa", "hotpotqa", "2wiki", "bamboogle")
+
+
 def stderr(p, n):
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
@@ -99,56 +103,49 @@ def greedy_stats(task, path):
 
 
 def run_summary(name):
+    """What a run left: a stopped run has no after-evaluation and no summary."""
     run = OUT / name
-    if not (run / "summary.json").is_file():
+    if not (run / "eval_before.json").is_file():
         return None
-    task = json.loads((run / "config.json").read_text()).get("task")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((run / "summary.json").read_text())
+    task = json.loads((run / "config.json").read_text())["task"]
+    metrics = run / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    after = run / "eval_after.json"
     return {
-        "summary": {k: summary.get(k) for k in ("accuracy_before", "accuracy_after", "sampled_accuracy_before",
-                                                 "sampled_accuracy_after", "eval_examples")},
-        "device_steps": len(records),
+        "steps_done": len(records),
         "train_seconds": records[-1]["elapsed_s"] if records else None,
         "before": greedy_stats(task, run / "eval_before.json"),
-        "after": greedy_stats(task, run / "eval_after.json"),
-        "reward": [(r["step"], r["reward"]) for r in records],
-        "eval": [(r["opt_step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None],
-        "completion_tokens": [(r["step"], r["completion_tokens"]) for r in records],
-        "gate_a": [(r["step"], r.get("gate_a")) for r in records],
+        "after": greedy_stats(task, after) if after.is_file() else None,
+        "steps": [{k: r.get(k) for k in ("step", "reward", "completion_tokens", "gate_a", "kl", "eval_accuracy",
+                                         "time_rollout_s", "time_reference_s", "time_update_s", "mem_policy_gb")}
+                  for r in records],
     }
 
 
 def curves(runs):
-    tasks = [t for t in ("arith", "gsm8k") if any(runs.get(f"{t}_{m}") for m in ("hrpo", "grpo"))]
-    fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.6 * len(tasks)), squeeze=False)
-    for row, task in zip(axes, tasks):
-        for method, color in (("hrpo", "tab:blue"), ("grpo", "tab:orange")):
-            r = runs.get(f"{task}_{method}")
-            if not r:
-                continue
-            label = method.upper()
-            steps, reward = zip(*r["reward"])
-            row[0].plot(steps, reward, color=color, alpha=0.3, lw=0.8)
-            row[0].plot(steps, moving_average(list(reward), 5), color=color, lw=2, label=f"{label} (5-step mean)")
-            steps, tokens = zip(*r["completion_tokens"])
-            row[1].plot(steps, moving_average(list(tokens), 5), color=color, lw=2, label=label)
-            n = r["before"]["n"]
-            points = [(0, r["summary"]["accuracy_before"], n)]
-            points += [(s, a, None) for s, a in r["eval"]]
-            points.append((r["device_steps"], r["summary"]["accuracy_after"], n))
-            xs, ys = [p[0] for p in points], [p[1] for p in points]
-            row[2].plot(xs, ys, color=color, marker="o", label=label)
-            for x, y, m in (points[0], points[-1]):
-                row[2].errorbar(x, y, yerr=stderr(y, m), color=color, capsize=3)
-        row[0].set_title(f"{task}: mean reward per step (training rollouts)")
-        row[1].set_title(f"{task}: completion tokens (5-step mean)")
-        row[2].set_title(f"{task}: held-out greedy accuracy (strict)")
-        for ax in row:
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct, LoRA, 2 CPU cores: HRPO vs GRPO")
+    """Reward per step and held-out greedy accuracy (before, every --eval-every, after), HRPO vs GRPO."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, r in runs.items():
+        color = "tab:blue" if name.endswith("hrpo") else "tab:orange"
+        label = f"{name} ({r['steps_done']} steps)"
+        steps = [s["step"] + 1 for s in r["steps"]]
+        axes[0].plot(steps, [s["reward"] for s in r["steps"]], color=color, marker="o", label=label)
+        n = r["before"]["n"]
+        points = [(0, r["before"]["strict"])] + [(s, e["eval_accuracy"]) for s, e in zip(steps, r["steps"])
+                                                  if e["eval_accuracy"] is not None]
+        if r["after"]:
+            points.append((r["steps_done"], r["after"]["strict"]))
+        xs, ys = zip(*points)
+        axes[1].errorbar(xs, ys, yerr=[stderr(y, n) for y in ys], color=color, marker="o", capsize=3, label=label)
+    axes[0].set_title("mean reward of the training rollouts")
+    axes[1].set_title("held-out greedy accuracy (strict), +- 1 s.e.")
+    last = max([r["steps_done"] for r in runs.values()] + [1])
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_xlim(-0.5, last + 0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct on arith, LoRA, shared 2-core CPU")
     fig.tight_layout()
     fig.savefig(DOCS / "real-model-curves.png", dpi=100)
     plt.close(fig)
@@ -160,6 +157,19 @@ def benchmarks():
         f = OUT / d / "results.json"
         if f.is_file():
             rows.update(json.loads(f.read_text())["benchmarks"])
+        samples = OUT / d / "samples.jsonl"
+        for line in (samples.read_text().splitlines() if samples.is_file() else []):
+            rec = json.loads(line)
+            row = rows.get(rec["task"])
+            if row and rec["key"] == row["key"]:
+                row.setdefault("samples", {})[rec["index"]] = rec  # a resumed batch may repeat an example
+    for name, row in rows.items():  # how the answers look: the marker, and answers cut at the token limit
+        got = list(row.pop("samples", {}).values())
+        n = max(len(got), 1)
+        row["with_marker"] = sum("####" in r["completion"] for r in got) / n
+        row["at_limit"] = sum(r["completion_tokens"] >= row["decoding"]["max_new_tokens"] for r in got) / n
+        if name in RESCORED:  # the paper's own scripts: the whole text when there is no marker
+            row["official"] = sum(get_task(name).reward(r["completion"], r["golds"], "official") for r in got) / n
     names = [b for b in BENCHMARKS if b in rows]
     if not names:
         return rows
@@ -171,12 +181,14 @@ def benchmarks():
     pub = [(x, PUBLISHED[b][0]) for x, b in zip(xs, names) if b in PUBLISHED]
     ax.bar([x + 0.2 for x, _ in pub], [v for _, v in pub], 0.4, label="model card (lighteval; other protocols)")
     for x, v in zip(xs, ours):
-        ax.text(x - 0.2, v + 0.5, f"{v:.0f}", ha="center", fontsize=8)
+        ax.text(x - 0.3, v + 0.5, f"{v:.0f}", ha="center", fontsize=8)
     for x, v in pub:
         ax.text(x + 0.2, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
     ax.set_xticks(list(xs), [f"{b}\nn={rows[b]['n']}" for b in names], fontsize=8)
+    ax.set_ylim(0, max(ours + [v for _, v in pub] + [10]) * 1.15)
+    ax.set_xlim(-0.7, max(len(names), 3) - 0.3)
     ax.set_ylabel("accuracy / exact match (%)")
-    ax.set_title("SmolLM2-135M-Instruct on the ten benchmarks (error bars: binomial standard error)")
+    ax.set_title(f"SmolLM2-135M-Instruct on {len(names)} of the ten benchmarks (error bars: binomial standard error)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -185,14 +197,14 @@ def benchmarks():
     return rows
 
 
-runs = {f"{t}_{m}": run_summary(f"{t}_{m}") for t in ("arith", "gsm8k") for m in ("hrpo", "grpo")}
+runs = {f"arith_{m}": run_summary(f"arith_{m}") for m in ("hrpo", "grpo")}
 runs = {k: v for k, v in runs.items() if v}
 if runs:
     curves(runs)
 rows = benchmarks()
-table = {b: {k: rows[b].get(k) for k in ("value", "n", "f1", "mean_completion_tokens", "seconds")} for b in rows}
+table = {b: {k: rows[b].get(k) for k in ("value", "n", "official", "f1", "mean_completion_tokens", "with_marker", "at_limit", "seconds")}
+         for b in BENCHMARKS if b in rows}
 (DOCS / "real-model.json").write_text(json.dumps({"runs": runs, "benchmarks": table}, indent=1) + "\n")
-print(json.dumps({"runs": {k: {**v["summary"], "before": v["before"], "after": v["after"], "steps": v["device_steps"],
-                               "train_s": v["train_seconds"]} for k, v in runs.items()}, "benchmarks": table}, indent=1))
+print(json.dumps({"runs": {k: {kk: v[kk] for kk in ("steps_done", "before", "after")} for k, v in runs.items()}, "benchmarks": table}, indent=1))
 PYEOF
 fi

@@ -722,21 +722,9 @@ def sample_and_mix(
         return topk_sample_mix(
             logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids, impl="ext", latent=latent
         )
-    if sampling_is_fused(hidden, lm_weight, top_k, latent):
-        return sample_and_mix_triton(
-            hidden,
-            lm_weight,
-            embedding,
-            temperature,
-            top_k,
-            greedy,
-            generator,
-            seed=seed,
-            offset=offset,
-            row_ids=row_ids,
-            latent=latent,
-        )
-    return sample_and_mix_reference(
+    fused = sampling_is_fused(hidden, lm_weight, top_k, latent)
+    run = sample_and_mix_triton if fused else sample_and_mix_reference
+    return run(
         hidden,
         lm_weight,
         embedding,

@@ -56,7 +56,8 @@ def gated_blend_reference(
 # so `import hrpo_kernels` works where it is missing and TRITON_INTERPRET set by a test
 # module after this file was imported still takes effect.
 # ----------------------------------------------------------------------------------------
-triton = tl = blend_tile = gates = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
+# bound by lazy_kernels at the first launch (_triton_helpers.py), blend_tile and gates by _define_kernels
+triton = tl = blend_tile = gates = None
 
 FWD_BLOCK_M, FWD_BLOCK_D = 16, 128  # 2048 elements per program, 4 warps
 BWD_BLOCK_M, BWD_BLOCK_D = 32, 128  # taller tiles: fewer Lambda partial rows to reduce

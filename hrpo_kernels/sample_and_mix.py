@@ -81,7 +81,8 @@ def sample_and_mix_reference(
 # graph) and advances the offset by at least B * V per decode step.
 # ---------------------------------------------------------------------------------------
 
-triton = tl = dot_p = philox_uniform = gaussian = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
+# bound by lazy_kernels at the first launch (_triton_helpers.py), mode_input by _define_kernels
+triton = tl = dot_p = philox_uniform = gaussian = mode_input = None
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -94,7 +95,20 @@ def full_vocab_fits(d: int, weight: torch.Tensor) -> bool:
     return d <= MAX_D_FULL_VOCAB.get(weight.element_size(), 0)
 
 
+def _mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, key, ctr, MODE: tl.constexpr, GREEDY: tl.constexpr):
+    """Columns dk of the next input from the mixture's columns hv (both epilogues): MoI blends
+    in the drawn token's embedding, soft-noise adds sigma * N(0, 1) from Philox (key, ctr + dk)."""
+    if MODE == 2:
+        e_tok = tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok, other=0.0).to(tl.float32)
+        hv = lam * hv + (1.0 - lam) * e_tok
+    if MODE == 3 and not GREEDY:
+        hv += sigma * gaussian(key, ctr + dk)
+    return hv
+
+
 def _define_kernels() -> dict:
+    globals()["mode_input"] = triton.jit(_mode_input)  # where the kernels' bodies find it
+
     @triton.jit
     def _full_partial_kernel(
         h_ptr,
@@ -312,12 +326,7 @@ def _define_kernels() -> dict:
                 ws_acc + slot[:, None].to(tl.int64) * D + dk[None, :], mask=ok[:, None] & dok[None, :], other=0.0
             )
             hv = tl.sum(a * w[:, None], axis=0) * scale
-            if MODE == 2:
-                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok, other=0.0).to(
-                    tl.float32
-                )
-            if MODE == 3 and not GREEDY:
-                hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
+            hv = mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, seed ^ noise_key, ctr, MODE, GREEDY)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
     @triton.jit
@@ -423,12 +432,7 @@ def _define_kernels() -> dict:
                 e_ptr + ids[:, None].to(tl.int64) * stride_e + dk[None, :], mask=kok[:, None] & dok[None, :], other=0.0
             )
             hv = tl.sum(p[:, None] * e.to(tl.float32), axis=0)
-            if MODE == 2:
-                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok, other=0.0).to(
-                    tl.float32
-                )
-            if MODE == 3 and not GREEDY:
-                hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
+            hv = mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, seed ^ noise_key, ctr, MODE, GREEDY)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
     return dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)

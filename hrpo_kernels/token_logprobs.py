@@ -44,7 +44,8 @@ def token_logprobs_reference(
 # The only (., V)-shaped buffer is (N, vc) with N * vc <= max(V, N) * d: memory stays
 # O(N d + V d). Triton is imported on first use (see gated_blend.py).
 # ----------------------------------------------------------------------------------------
-triton = tl = logits_tile = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
+# bound by lazy_kernels at the first launch (_triton_helpers.py), logits_tile by _define_kernels
+triton = tl = logits_tile = None
 
 # Defaults when not autotuning (and in the interpreter): 64 x 128 tiles, K step 64.
 DEFAULT_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64)

@@ -81,8 +81,8 @@ def sample_and_mix_reference(
 # graph) and advances the offset by at least B * V per decode step.
 # ---------------------------------------------------------------------------------------
 
-# bound by lazy_kernels at the first launch (_triton_helpers.py), mode_input by _define_kernels
-triton = tl = dot_p = philox_uniform = gaussian = mode_input = None
+# bound by lazy_kernels at the first launch (_triton_helpers.py), mode_input and row_counter by _define_kernels
+triton = tl = dot_p = philox_uniform = gaussian = mode_input = row_counter = None
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -106,8 +106,18 @@ def _mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, key, ctr, MODE: t
     return hv
 
 
+def _row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS: tl.constexpr):
+    """The noise counter of (row, token 0): offset + row_ids[row] * V (row_ids default arange)."""
+    if HAS_ROW_IDS:
+        rid = tl.load(rid_ptr + row)
+    else:
+        rid = row.to(tl.int64)
+    return tl.load(off_ptr) + rid * V
+
+
 def _define_kernels() -> dict:
-    globals()["mode_input"] = triton.jit(_mode_input)  # where the kernels' bodies find it
+    # where the kernels' bodies find them
+    globals().update(mode_input=triton.jit(_mode_input), row_counter=triton.jit(_row_counter))
 
     @triton.jit
     def _full_partial_kernel(
@@ -314,11 +324,7 @@ def _define_kernels() -> dict:
             H = -(tl.sum(r_sp * w, axis=0) / sx - tl.log(sx)) * inv_logv
             lam = H / (beta + 1.0)
         seed = tl.load(seed_ptr)
-        if HAS_ROW_IDS:
-            rid = tl.load(rid_ptr + row)
-        else:
-            rid = row.to(tl.int64)
-        ctr = tl.load(off_ptr) + rid * V
+        ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             dok = dk < D
@@ -394,11 +400,7 @@ def _define_kernels() -> dict:
         ids = tl.load(idx_ptr + row * stride_k + kk, mask=kok, other=0).to(tl.int32)
         scaled = vals * inv_t
         seed = tl.load(seed_ptr)
-        if HAS_ROW_IDS:
-            rid = tl.load(rid_ptr + row)
-        else:
-            rid = row.to(tl.int64)
-        ctr = tl.load(off_ptr) + rid * V
+        ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         if GREEDY:
             g_best = tl.max(gv, axis=0)
             tok = tl.min(tl.where(gv == g_best, gi, V), axis=0)

@@ -218,6 +218,16 @@ def row_ids_tensor(row_ids, B: int, device) -> torch.Tensor | None:
     return ids
 
 
+def row_ids_or_arange(row_ids, B: int, device) -> torch.Tensor:
+    """The references' row identities: row_ids checked (row_ids_tensor), or arange(B)."""
+    return torch.arange(B, device=device) if row_ids is None else row_ids_tensor(row_ids, B, device)
+
+
+def host_int(x, default: int = 0) -> int:
+    """A seed or offset given as an int or a one-element tensor, read on the host (a sync)."""
+    return default if x is None else int(torch.as_tensor(x).reshape(-1)[0])
+
+
 def sample_outputs(out, B: int, D: int, device, op: str):
     """(tokens (B,) int64, logprobs (B,) fp32, h_hat (B, D) fp32): `out` checked, or new."""
     if out is None:

@@ -56,10 +56,39 @@ def gated_blend_reference(
 # so `import hrpo_kernels` works where it is missing and TRITON_INTERPRET set by a test
 # module after this file was imported still takes effect.
 # ----------------------------------------------------------------------------------------
-triton = tl = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
+# bound by lazy_kernels at the first launch (_triton_helpers.py), blend_tile and gates by _define_kernels
+triton = tl = blend_tile = gates = None
 
 FWD_BLOCK_M, FWD_BLOCK_D = 16, 128  # 2048 elements per program, 4 warps
 BWD_BLOCK_M, BWD_BLOCK_D = 32, 128  # taller tiles: fewer Lambda partial rows to reduce
+
+
+def _blend_tile(M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_D) tile of the (M, D) blend: rows, cols, their masks, the
+    tile's mask and the rows as an int64 column (row offsets past 2^31 elements)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < M
+    cmask = cols < D
+    return rows, cols, rmask, cmask, rmask[:, None] & cmask[None, :], rows.to(tl.int64)[:, None]
+
+
+def _gates(z_ptr, lam_ptr, r64, cols, cmask, tile, stride_z, D, c):
+    """The gate of both passes on one tile: (Lambda, softplus(-Lambda), r = sigmoid(z_r),
+    i = sigmoid(z_i), a = exp(-c softplus(-Lambda) r))."""
+    zr = tl.load(z_ptr + r64 * stride_z + cols[None, :], mask=tile, other=0.0)
+    zi = tl.load(z_ptr + r64 * stride_z + D + cols[None, :], mask=tile, other=0.0)
+    lam = tl.load(lam_ptr + cols, mask=cmask, other=0.0)
+    # softplus(-lam) = max(-lam, 0) + log1p(exp(-|lam|)); log1p via log(u) * y / (u - 1),
+    # exact to a few ulp where log(1 + y) would lose the small y (Lambda ~ 7..9 at init).
+    y = tl.exp(-tl.abs(lam))
+    u = 1.0 + y
+    l1p = tl.where(u == 1.0, y, tl.log(u) * y / (u - 1.0))
+    sp = tl.maximum(-lam, 0.0) + l1p
+    r = 1.0 / (1.0 + tl.exp(-zr))
+    i = 1.0 / (1.0 + tl.exp(-zi))
+    a = tl.exp(-c * sp[None, :] * r)
+    return lam, sp, r, i, a
 
 
 def _gated_blend_fwd_kernel(
@@ -82,29 +111,11 @@ def _gated_blend_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """z = [e W_r^T + b_r | e W_i^T + b_i] (M, 2D) fp32 -> out (M, D) e.dtype, a (M, D) fp32."""
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = rows < M
-    cmask = cols < D
-    tile = rmask[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    zr = tl.load(z_ptr + r64 * stride_z + cols[None, :], mask=tile, other=0.0)
-    zi = tl.load(z_ptr + r64 * stride_z + D + cols[None, :], mask=tile, other=0.0)
+    rows, cols, rmask, cmask, tile, r64 = blend_tile(M, D, BLOCK_M, BLOCK_D)
+    _, _, _, i, a = gates(z_ptr, lam_ptr, r64, cols, cmask, tile, stride_z, D, c)
     e_raw = tl.load(e_ptr + r64 * stride_e + cols[None, :], mask=tile, other=0.0)
     m = tl.load(mask_ptr + rows, mask=rmask, other=0) != 0
     h = tl.load(h_ptr + r64 * stride_h + cols[None, :], mask=tile & m[:, None], other=0.0).to(tl.float32)
-    lam = tl.load(lam_ptr + cols, mask=cmask, other=0.0)
-    # softplus(-lam) = max(-lam, 0) + log1p(exp(-|lam|)); log1p via log(u) * y / (u - 1),
-    # exact to a few ulp where log(1 + y) would lose the small y (Lambda ~ 7..9 at init).
-    y = tl.exp(-tl.abs(lam))
-    u = 1.0 + y
-    l1p = tl.where(u == 1.0, y, tl.log(u) * y / (u - 1.0))
-    sp = tl.maximum(-lam, 0.0) + l1p
-    r = 1.0 / (1.0 + tl.exp(-zr))
-    i = 1.0 / (1.0 + tl.exp(-zi))
-    a = tl.exp(-c * sp[None, :] * r)
     e = e_raw.to(tl.float32)
     blended = a * e + tl.sqrt(1.0 - a * a + 1e-8) * (i * h)
     out = tl.where(m[:, None], blended.to(e_raw.dtype), e_raw)  # bit-exact passthrough
@@ -145,29 +156,14 @@ def _gated_blend_bwd_kernel(
     """Grads w.r.t. z = [z_r | z_i] (M, 2D), the direct part of de, dh, and this row block's
     share of dLambda (one row of dlam_ptr per row block, reduced over blocks by the host)."""
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = rows < M
-    cmask = cols < D
-    tile = rmask[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    zr = tl.load(z_ptr + r64 * stride_z + cols[None, :], mask=tile, other=0.0)
-    zi = tl.load(z_ptr + r64 * stride_z + D + cols[None, :], mask=tile, other=0.0)
+    rows, cols, rmask, cmask, tile, r64 = blend_tile(M, D, BLOCK_M, BLOCK_D)
+    lam, sp, r, i, a = gates(z_ptr, lam_ptr, r64, cols, cmask, tile, stride_z, D, c)
     e = tl.load(e_ptr + r64 * stride_e + cols[None, :], mask=tile, other=0.0).to(tl.float32)
     m = tl.load(mask_ptr + rows, mask=rmask, other=0) != 0
     mt = tile & m[:, None]
     h = tl.load(h_ptr + r64 * stride_h + cols[None, :], mask=mt, other=0.0).to(tl.float32)
-    lam = tl.load(lam_ptr + cols, mask=cmask, other=0.0)
-    y = tl.exp(-tl.abs(lam))
-    u = 1.0 + y
-    l1p = tl.where(u == 1.0, y, tl.log(u) * y / (u - 1.0))
-    sp = tl.maximum(-lam, 0.0) + l1p
     # d softplus(-lam) / d lam = -sigmoid(-lam)
     sig_neg_lam = 1.0 / (1.0 + tl.exp(lam))
-    r = 1.0 / (1.0 + tl.exp(-zr))
-    i = 1.0 / (1.0 + tl.exp(-zi))
-    a = tl.exp(-c * sp[None, :] * r)
     s = tl.sqrt(1.0 - a * a + 1e-8)
     if HAS_GO:
         go = tl.load(go_ptr + r64 * stride_go + cols[None, :], mask=tile, other=0.0).to(tl.float32)
@@ -195,6 +191,7 @@ def _gated_blend_bwd_kernel(
 
 
 def _define_kernels() -> dict:
+    globals().update(blend_tile=triton.jit(_blend_tile), gates=triton.jit(_gates))  # where the kernels find them
     return dict(fwd=triton.jit(_gated_blend_fwd_kernel), bwd=triton.jit(_gated_blend_bwd_kernel))
 
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import row_ids_tensor
+from ._common import host_int, row_ids_or_arange
 from .philox import philox_uniform
 
 MODES = ("hrpo", "soft", "moi", "soft-noise", "gumbel-soft")
@@ -114,10 +114,6 @@ def gaussian_noise(seed: int, offset: int, row_ids: torch.Tensor, D: int, V: int
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
-def _scalar(x, default: int = 0) -> int:
-    return default if x is None else int(torch.as_tensor(x).reshape(-1)[0])
-
-
 def mixture_weights(
     logits: torch.Tensor,
     tokens: torch.Tensor | None,
@@ -154,8 +150,8 @@ def mixture_weights(
     if params.mode == "gumbel-soft":
         g = torch.zeros_like(x)
         if not greedy:
-            rid = _row_ids(row_ids, B, logits.device)
-            u = philox_uniform(_scalar(seed), _scalar(offset) + rid[:, None] * V + torch.arange(V, device=x.device))
+            rid = row_ids_or_arange(row_ids, B, logits.device)
+            u = philox_uniform(host_int(seed), host_int(offset) + rid[:, None] * V + torch.arange(V, device=x.device))
             g = -torch.log(-torch.log(u))
         logp = torch.log(p.clamp_min(1e-30))
         return torch.softmax(((logp + g) / params.gumbel_tau).masked_fill(~support, float("-inf")), dim=-1)
@@ -182,8 +178,8 @@ def latent_input_reference(
     x = mixture_weights(logits, tokens, params, temperature, top_k, greedy, **noise) @ embedding.float()
     if params.mode == "soft-noise" and not greedy:
         B, V = logits.shape
-        rid = _row_ids(row_ids, B, logits.device)
-        x = x + params.noise_std * gaussian_noise(_scalar(seed), _scalar(offset), rid, embedding.shape[1], V)
+        rid = row_ids_or_arange(row_ids, B, logits.device)
+        x = x + params.noise_std * gaussian_noise(host_int(seed), host_int(offset), rid, embedding.shape[1], V)
     return x
 
 
@@ -205,10 +201,6 @@ def noisy_input_logdensity(
     var = params.noise_std**2
     d = inputs.shape[-1]
     return -((inputs.float() - mu) ** 2).sum(-1) / (2 * var) - 0.5 * d * math.log(2 * math.pi * var)
-
-
-def _row_ids(row_ids, B: int, device) -> torch.Tensor:
-    return torch.arange(B, device=device) if row_ids is None else row_ids_tensor(row_ids, B, device)
 
 
 def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:

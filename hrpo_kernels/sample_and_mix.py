@@ -82,7 +82,8 @@ def sample_and_mix_reference(
 # graph) and advances the offset by at least B * V per decode step.
 # ---------------------------------------------------------------------------------------
 
-triton = tl = dot_p = philox_uniform = gaussian = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
+# bound by lazy_kernels at the first launch (_triton_helpers.py), mode_input and row_counter by _define_kernels
+triton = tl = dot_p = philox_uniform = gaussian = mode_input = row_counter = None
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -95,7 +96,30 @@ def full_vocab_fits(d: int, weight: torch.Tensor) -> bool:
     return d <= MAX_D_FULL_VOCAB.get(weight.element_size(), 0)
 
 
+def _mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, key, ctr, MODE: tl.constexpr, GREEDY: tl.constexpr):
+    """Columns dk of the next input from the mixture's columns hv (both epilogues): MoI blends
+    in the drawn token's embedding, soft-noise adds sigma * N(0, 1) from Philox (key, ctr + dk)."""
+    if MODE == 2:
+        e_tok = tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok, other=0.0).to(tl.float32)
+        hv = lam * hv + (1.0 - lam) * e_tok
+    if MODE == 3 and not GREEDY:
+        hv += sigma * gaussian(key, ctr + dk)
+    return hv
+
+
+def _row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS: tl.constexpr):
+    """The noise counter of (row, token 0): offset + row_ids[row] * V (row_ids default arange)."""
+    if HAS_ROW_IDS:
+        rid = tl.load(rid_ptr + row)
+    else:
+        rid = row.to(tl.int64)
+    return tl.load(off_ptr) + rid * V
+
+
 def _define_kernels() -> dict:
+    # where the kernels' bodies find them
+    globals().update(mode_input=triton.jit(_mode_input), row_counter=triton.jit(_row_counter))
+
     @triton.jit
     def _full_partial_kernel(
         h_ptr,
@@ -301,11 +325,7 @@ def _define_kernels() -> dict:
             H = -(tl.sum(r_sp * w, axis=0) / sx - tl.log(sx)) * inv_logv
             lam = H / (beta + 1.0)
         seed = tl.load(seed_ptr)
-        if HAS_ROW_IDS:
-            rid = tl.load(rid_ptr + row)
-        else:
-            rid = row.to(tl.int64)
-        ctr = tl.load(off_ptr) + rid * V
+        ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             dok = dk < D
@@ -313,12 +333,7 @@ def _define_kernels() -> dict:
                 ws_acc + slot[:, None].to(tl.int64) * D + dk[None, :], mask=ok[:, None] & dok[None, :], other=0.0
             )
             hv = tl.sum(a * w[:, None], axis=0) * scale
-            if MODE == 2:
-                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok, other=0.0).to(
-                    tl.float32
-                )
-            if MODE == 3 and not GREEDY:
-                hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
+            hv = mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, seed ^ noise_key, ctr, MODE, GREEDY)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
     @triton.jit
@@ -386,11 +401,7 @@ def _define_kernels() -> dict:
         ids = tl.load(idx_ptr + row * stride_k + kk, mask=kok, other=0).to(tl.int32)
         scaled = vals * inv_t
         seed = tl.load(seed_ptr)
-        if HAS_ROW_IDS:
-            rid = tl.load(rid_ptr + row)
-        else:
-            rid = row.to(tl.int64)
-        ctr = tl.load(off_ptr) + rid * V
+        ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         if GREEDY:
             g_best = tl.max(gv, axis=0)
             tok = tl.min(tl.where(gv == g_best, gi, V), axis=0)
@@ -424,12 +435,7 @@ def _define_kernels() -> dict:
                 e_ptr + ids[:, None].to(tl.int64) * stride_e + dk[None, :], mask=kok[:, None] & dok[None, :], other=0.0
             )
             hv = tl.sum(p[:, None] * e.to(tl.float32), axis=0)
-            if MODE == 2:
-                hv = lam * hv + (1.0 - lam) * tl.load(e_ptr + tok.to(tl.int64) * stride_e + dk, mask=dok, other=0.0).to(
-                    tl.float32
-                )
-            if MODE == 3 and not GREEDY:
-                hv += sigma * gaussian(seed ^ noise_key, ctr + dk)
+            hv = mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, seed ^ noise_key, ctr, MODE, GREEDY)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
     return dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
@@ -724,21 +730,9 @@ def sample_and_mix(
         return topk_sample_mix(
             logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids, impl="ext", latent=latent
         )
-    if sampling_is_fused(hidden, lm_weight, top_k, latent):
-        return sample_and_mix_triton(
-            hidden,
-            lm_weight,
-            embedding,
-            temperature,
-            top_k,
-            greedy,
-            generator,
-            seed=seed,
-            offset=offset,
-            row_ids=row_ids,
-            latent=latent,
-        )
-    return sample_and_mix_reference(
+    fused = sampling_is_fused(hidden, lm_weight, top_k, latent)
+    run = sample_and_mix_triton if fused else sample_and_mix_reference
+    return run(
         hidden,
         lm_weight,
         embedding,

@@ -44,11 +44,54 @@ def token_logprobs_reference(
 # The only (., V)-shaped buffer is (N, vc) with N * vc <= max(V, N) * d: memory stays
 # O(N d + V d). Triton is imported on first use (see gated_blend.py).
 # ----------------------------------------------------------------------------------------
-triton = tl = None  # bound by lazy_kernels at the first launch (_triton_helpers.py)
+# bound by lazy_kernels at the first launch (_triton_helpers.py), logits_tile by _define_kernels
+triton = tl = logits_tile = None
 
 # Defaults when not autotuning (and in the interpreter): 64 x 128 tiles, K step 64.
 DEFAULT_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64)
 _SPLIT_ALIGN = 256  # V splits and chunks are multiples of every BLOCK_V used
+
+
+def _logits_tile(
+    h_rows,
+    w_cols,
+    rmask,
+    cmask,
+    D,
+    stride_hd,
+    stride_wd,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """hidden[rows] @ W[cols]^T, a (BLOCK_N, BLOCK_V) fp32 tile in K steps of BLOCK_K, from the
+    rows' pointers h_rows (BLOCK_N, 1) and the columns' w_cols (1, BLOCK_V): both kernels'
+    logits; masked rows and columns read zeros."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < D
+        a = tl.load(
+            h_rows + kk[None, :] * stride_hd,
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_cols + kk[:, None] * stride_wd,
+            mask=kmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # the interpreter's dot reads bf16 as raw int16 bits
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc=acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc=acc)
+    return acc
 
 
 def _tlp_fwd_kernel(
@@ -81,6 +124,7 @@ def _tlp_fwd_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
+    h_rows = h_ptr + rows64[:, None] * stride_hn
     tgt = tl.load(tgt_ptr + rows, mask=rmask, other=0)
     v_lo = split * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
@@ -88,32 +132,13 @@ def _tlp_fwd_kernel(
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     xt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    ks = tl.arange(0, BLOCK_K)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < v_hi
-        cols64 = cols.to(tl.int64)
-        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + ks
-            kmask = kk < D
-            a = tl.load(
-                h_ptr + rows64[:, None] * stride_hn + kk[None, :] * stride_hd,
-                mask=rmask[:, None] & kmask[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                w_ptr + cols64[None, :] * stride_wv + kk[:, None] * stride_wd,
-                mask=kmask[:, None] & cmask[None, :],
-                other=0.0,
-            )
-            if UPCAST:  # the interpreter's dot reads bf16 as raw int16 bits
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, b, acc=acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc=acc)
+        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+        acc = logits_tile(
+            h_rows, w_cols, rmask, cmask, D, stride_hd, stride_wd, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K
+        )
         x = tl.where(cmask[None, :], acc * inv_t, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         alpha = tl.exp(m - m_new)
@@ -173,31 +198,11 @@ def _tlp_grad_logits_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
+    h_rows = h_ptr + rows64[:, None] * stride_hn
     lc = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
     cmask = lc < vc
-    cols64 = (v0 + lc).to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < D
-        a = tl.load(
-            h_ptr + rows64[:, None] * stride_hn + kk[None, :] * stride_hd,
-            mask=rmask[:, None] & kmask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + cols64[None, :] * stride_wv + kk[:, None] * stride_wd,
-            mask=kmask[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc=acc)
+    w_cols = w_ptr + (v0 + lc).to(tl.int64)[None, :] * stride_wv
+    acc = logits_tile(h_rows, w_cols, rmask, cmask, D, stride_hd, stride_wd, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
     x = acc * inv_t
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     logp = x - lse[:, None]
@@ -238,6 +243,7 @@ def _autotune_configs(grouped: bool):
 
 
 def _define_kernels() -> dict:
+    globals()["logits_tile"] = triton.jit(_logits_tile)  # where the kernels' bodies find it
     fwd = triton.jit(_tlp_fwd_kernel)
     gl = triton.jit(_tlp_grad_logits_kernel)
     kernels = dict(fwd=fwd, gl=gl)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import row_ids_tensor, sample_outputs, seed_offset
+from ._common import host_int, row_ids_or_arange, row_ids_tensor, sample_outputs, seed_offset
 from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
 from .philox import philox_uniform
 
@@ -78,15 +78,12 @@ def _philox_race(scaled, idx, seed, offset, row_ids) -> torch.Tensor:
     u = philox_uniform(seed, offset + row_ids[b] * V + v); ties: the lowest token id."""
     B, V = scaled.shape
     dev = scaled.device
-    seed = int(torch.as_tensor(seed).reshape(-1)[0])
-    offset = 0 if offset is None else int(torch.as_tensor(offset).reshape(-1)[0])
-    row_ids = torch.arange(B, device=dev) if row_ids is None else row_ids_tensor(row_ids, B, dev)
-    row_ids = row_ids[:, None]
+    row_ids = row_ids_or_arange(row_ids, B, dev)[:, None]
     if idx is None:
         cand = torch.arange(V, device=dev, dtype=torch.int64).expand(B, V)
     else:
         cand = idx.sort(dim=-1).values  # ascending token ids: argmax's first max is the lowest id
-    u = philox_uniform(seed, offset + row_ids * V + cand)
+    u = philox_uniform(host_int(seed), host_int(offset) + row_ids * V + cand)
     score = scaled.gather(-1, cand) - torch.log(-torch.log(u))
     return cand.gather(-1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)
 

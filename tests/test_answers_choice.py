@@ -110,3 +110,17 @@ def test_gold_letters_round_trip(task, path):
                 )
     if task == "arc-c":
         assert len(examples) == 1172 and {len(e.choices) for e in examples} == {3, 4, 5}
+
+
+@pytest.mark.parametrize(
+    "name, hub, splits",
+    [  # MMLU-STEM publishes only a test split, so it is both the training and held-out one
+        ("mmlu", "cais/mmlu:all", ("train", "test")),
+        ("mmlu-stem", "TIGER-Lab/MMLU-STEM", ("test", "test")),
+        ("arc-c", "allenai/ai2_arc:ARC-Challenge", ("train", "test")),
+    ],
+)
+def test_registered_datasets(name, hub, splits):
+    task = get_task(name)
+    assert (task.recipe, task.hub, task.splits, task.max_new_tokens) == ("mmlu", hub, splits, 512)
+    assert task.read("(C) text") == "C" and task.score("C", " c ") == 1.0

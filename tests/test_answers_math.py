@@ -345,3 +345,16 @@ def test_math500_reference_answers_equal_their_boxed_solutions():
     same = [(g, p) for g, p in zip(golds, golds[1:] + golds[:1]) if math_equal(p, g)]
     print(f"math500: 500 pairs equal, {len(same)} shifted pairs equal {same}, {time.perf_counter() - start:.2f} s")
     assert all(normalize_math(g) == normalize_math(p) for g, p in same)
+
+
+@pytest.mark.parametrize(
+    "name, hub, splits",
+    [  # MATH-500 publishes only a test split, so it is both the training and held-out one
+        ("math", "DigitalLearningGmbH/MATH-lighteval", ("train", "test")),
+        ("math500", "HuggingFaceH4/MATH-500", ("test", "test")),
+    ],
+)
+def test_registered_datasets(name, hub, splits):
+    task = get_task(name)
+    assert (task.recipe, task.hub, task.splits, task.max_new_tokens) == ("math", hub, splits, 1024)
+    assert task.read("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"

@@ -128,36 +128,23 @@ def choice_score(pred: str, gold) -> float:
     return float(pred == str(gold).strip().upper())
 
 
+def _choice_task(name: str, hub: str, splits: tuple[str, str] = ("train", "test")) -> Task:
+    """The three multiple-choice benchmarks differ only in name and dataset."""
+    return Task(
+        name,
+        recipe="mmlu",
+        convert=convert,
+        render=render,
+        read=read_choice,
+        score=choice_score,
+        official=OFFICIAL,
+        hub=hub,
+        splits=splits,
+    )
+
+
 register(
-    Task(
-        "mmlu",
-        recipe="mmlu",
-        convert=convert,
-        render=render,
-        read=read_choice,
-        score=choice_score,
-        official=OFFICIAL,
-        hub="cais/mmlu:all",
-    ),
-    Task(
-        "mmlu-stem",
-        recipe="mmlu",
-        convert=convert,
-        render=render,
-        read=read_choice,
-        score=choice_score,
-        official=OFFICIAL,
-        hub="TIGER-Lab/MMLU-STEM",
-        splits=("test", "test"),
-    ),
-    Task(
-        "arc-c",
-        recipe="mmlu",
-        convert=convert,
-        render=render,
-        read=read_choice,
-        score=choice_score,
-        official=OFFICIAL,
-        hub="allenai/ai2_arc:ARC-Challenge",
-    ),
+    _choice_task("mmlu", "cais/mmlu:all"),
+    _choice_task("mmlu-stem", "TIGER-Lab/MMLU-STEM", splits=("test", "test")),
+    _choice_task("arc-c", "allenai/ai2_arc:ARC-Challenge"),
 )

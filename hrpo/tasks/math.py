@@ -310,28 +310,23 @@ OFFICIAL = Official(
 )
 
 
+def _math_task(name: str, hub: str, splits: tuple[str, str] = ("train", "test")) -> Task:
+    """MATH and MATH-500 differ only in name and dataset."""
+    return Task(
+        name,
+        recipe="math",
+        convert=convert,
+        render=question_only,
+        read=read_latex,
+        score=math_score,
+        official=OFFICIAL,
+        max_new_tokens=1024,
+        hub=hub,
+        splits=splits,
+    )
+
+
 register(
-    Task(
-        "math",
-        recipe="math",
-        convert=convert,
-        render=question_only,
-        read=read_latex,
-        score=math_score,
-        official=OFFICIAL,
-        max_new_tokens=1024,
-        hub="DigitalLearningGmbH/MATH-lighteval",
-    ),
-    Task(
-        "math500",
-        recipe="math",
-        convert=convert,
-        render=question_only,
-        read=read_latex,
-        score=math_score,
-        official=OFFICIAL,
-        max_new_tokens=1024,
-        hub="HuggingFaceH4/MATH-500",
-        splits=("test", "test"),
-    ),
+    _math_task("math", "DigitalLearningGmbH/MATH-lighteval"),
+    _math_task("math500", "HuggingFaceH4/MATH-500", splits=("test", "test")),
 )

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from hrpo.core.prompts import Example
@@ -266,7 +267,8 @@ OFFICIAL = Official(
 )
 
 
-def _benchmark(name: str, config: str, splits: tuple[str, str]) -> Task:
+def _qa_task(name: str, convert: Callable[[dict], Example], **dataset) -> Task:
+    """The QA tasks differ only in name, conversion and dataset (`hub`, `splits`)."""
     return Task(
         name,
         recipe="rag-qa",
@@ -277,23 +279,16 @@ def _benchmark(name: str, config: str, splits: tuple[str, str]) -> Task:
         official=OFFICIAL,
         metric="exact_match",
         details=f1_details,
-        hub=f"{FLASHRAG}:{config}",
-        splits=splits,
+        **dataset,
     )
 
 
+def _benchmark(name: str, config: str, splits: tuple[str, str]) -> Task:
+    return _qa_task(name, convert, hub=f"{FLASHRAG}:{config}", splits=splits)
+
+
 register(
-    Task(
-        "rag-qa",
-        recipe="rag-qa",
-        convert=convert_with_contexts,
-        render=render,
-        read=read_span,
-        score=exact_match,
-        official=OFFICIAL,
-        metric="exact_match",
-        details=f1_details,
-    ),
+    _qa_task("rag-qa", convert_with_contexts),
     # FlashRAG's splits: NQ and TriviaQA have a test set; HotpotQA and 2Wiki are evaluated on
     # dev (their test sets are unlabelled); Bamboogle is a single test set.
     _benchmark("nq", "nq", ("train", "test")),

@@ -354,6 +354,47 @@ def test_checkpoint_served_gives_the_text_of_hrpo_eval(server, checkpoint, tmp_p
         assert r.choices[0].model_extra["hrpo"]["gate_mean"] == pytest.approx(s["gate_mean"], rel=1e-5)
 
 
+def test_a_request_whose_latent_overflows_gets_a_500_while_a_concurrent_one_completes(server):
+    """soft-noise with sigma 1e39, a finite JSON number past float32's range: its noise, so its
+    thinking input, is infinite and the model's state NaN, so that request alone fails with a
+    500 (OpenAI's error shape, no trace or path) while a stream decoding beside it completes."""
+    before = server.metrics()
+    good = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
+    bad = {
+        "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+        "max_tokens": 20,
+        "temperature": 1.0,  # soft-noise draws its noise when sampling (greedy adds none)
+        "seed": 1,
+        "latent_mode": "soft-noise",
+        "latent_options": {"noise_std": 1e39},
+    }
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={**good, "stream": True}, headers=server.headers, timeout=60
+    ) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        assert first.startswith("data: {")  # the good request decodes
+        failed = server.post("/v1/chat/completions", bad)
+        assert server.metrics()["hrpo_running_rows"] == 1  # the good one still runs after the failure
+        events = [json.loads(line[6:]) for line in [first, *lines] if line.startswith("data: {")]
+    assert failed.status_code == 500, failed.text
+    assert failed.json() == {
+        "error": {
+            "message": "the model produced non-finite logits",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    streamed = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert streamed == server.post("/v1/completions", good).json()["choices"][0]["text"]  # as when alone
+    m = server.idle()
+    assert m['hrpo_requests_total{outcome="failed"}'] == before['hrpo_requests_total{outcome="failed"}'] + 1
+    finite = server.post("/v1/chat/completions", {**bad, "latent_options": {"noise_std": 0.5}})
+    assert finite.status_code == 200  # the same request at an ordinary sigma is served
+
+
 def test_a_soft_tokens_checkpoint_is_served_in_its_mode(tmp_path):
     """A checkpoint trained with --method soft-tokens records soft-noise and its sigma: the
     server's default, as hrpo.eval's; flags replace what they name (hrpo.serve passes its

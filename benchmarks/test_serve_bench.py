@@ -1,6 +1,7 @@
 """Serving throughput and latency on the CPU: `pytest benchmarks/test_serve_bench.py -s`.
 
-Three servers on the embedded model, one after another on 127.0.0.1, each driven by
+Three servers on one model (HRPO_SERVE_BENCH_MODEL, anything --model takes, e.g. smollm2-135m;
+default the embedded model), one after another on 127.0.0.1, each driven by
 benchmarks/serve_load.py at 1, 8 and 32 concurrent clients (streamed chat completions,
 greedy, MAX_TOKENS new tokens, REQUESTS_PER_CLIENT requests per client, bounded by
 SECONDS per level):
@@ -8,7 +9,10 @@ SECONDS per level):
 - hrpo.serve plain ({"hybrid": false}: token embeddings only),
 - `transformers serve --continuous-batching` on the same model folder (skipped when the
   installed transformers has no `serve` command), with a KV cache sized for this run
-  (its default reserves ~9 GB and is killed for memory on a 23 GB machine).
+  (its default reserves ~9 GB and is killed for memory on a 23 GB machine). It cannot load a
+  GGUF file (transformers 5.24 reads no `architectures` from one), so a GGUF model is served to
+  it as the folder hrpo's loader dequantises it into (safetensors under HRPO_SERVE_BENCH_OUT):
+  the same fp32 weights hrpo.serve decodes.
 For scale, the same run first times the engine alone, offline, on the same 32 chat prompts
 (one `RolloutEngine.generate` of 32 rows, MAX_TOKENS tokens, greedy, no early stop): what the
 batch could give with no server around it on this machine at that moment.
@@ -33,8 +37,9 @@ import torch
 
 from benchmarks.serve_load import PROMPTS, launch, run
 from hrpo.engine.rollout import SamplingConfig
-from hrpo.model.hybrid import EMBEDDED_MODEL
+from hrpo.model.loading import load_base_model, resolve_model
 from hrpo.serve import LLM
+from hrpo.serve.llm import served_name
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("HRPO_SERVE_BENCH_OUT", ROOT / "benchmarks" / "serve_out"))
@@ -43,7 +48,9 @@ MAX_TOKENS = int(os.environ.get("HRPO_SERVE_BENCH_TOKENS", 64))
 REQUESTS_PER_CLIENT = int(os.environ.get("HRPO_SERVE_BENCH_REQUESTS", 4))
 SECONDS = float(os.environ.get("HRPO_SERVE_BENCH_SECONDS", 60))
 THREADS = os.environ.get("HRPO_SERVE_BENCH_THREADS", "1")
+MODEL = os.environ.get("HRPO_SERVE_BENCH_MODEL")  # None: the embedded model
 PORT = 8391
+MAX_MODEL_LEN = 512  # prompt + completion rows; the embedded model's positions, and room for every request here
 
 
 def transformers_cli() -> str | None:
@@ -52,9 +59,28 @@ def transformers_cli() -> str | None:
     return str(beside) if beside.exists() else shutil.which("transformers")
 
 
+def model_folder() -> str:
+    """MODEL as a model folder transformers serve loads: a GGUF dequantised into OUT once."""
+    src = resolve_model(MODEL)
+    if not src.gguf_file:
+        return src.location
+    folder = OUT / f"model-{Path(src.gguf_file).stem}"
+    if not (folder / "config.json").is_file():
+        model, tokenizer = load_base_model(MODEL, torch.device("cpu"), torch.float32)
+        # The weights are dequantised already; what save_pretrained refuses is the GGUF marker
+        # left on the model, and what transformers serve needs is the architecture GGUF omits.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def servers() -> dict[str, tuple[list[str], dict]]:
     """name -> (command, extra request fields)."""
     hrpo = [sys.executable, "-m", "hrpo.serve", "--port", str(PORT), "--max-batch", "32", "--system-prompt", "none"]
+    hrpo += ["--max-model-len", str(MAX_MODEL_LEN)] + (["--model", MODEL] if MODEL else [])
     out = {"hrpo.serve hybrid": (hrpo, {"hybrid": True}), "hrpo.serve plain": (hrpo, {"hybrid": False})}
     cli = transformers_cli()
     if cli is not None:
@@ -73,7 +99,7 @@ def servers() -> dict[str, tuple[list[str], dict]]:
                 str(PORT),
                 "--log-level",
                 "warning",
-                str(EMBEDDED_MODEL),
+                model_folder(),
             ],
             {},
         )
@@ -87,7 +113,7 @@ def measure(cmd: list[str], extra: dict) -> list[dict]:
         proc = launch(cmd, url, env, log)
         try:
             rows = []
-            model = str(EMBEDDED_MODEL) if "transformers" in Path(cmd[0]).name else "hrpo-embedded"
+            model = cmd[-1] if "transformers" in Path(cmd[0]).name else served_name(MODEL)
             asyncio.run(run(url, model, 1, 2, SECONDS, MAX_TOKENS, extra=extra))  # warm-up
             for c in CLIENTS:
                 res = asyncio.run(run(url, model, c, c * REQUESTS_PER_CLIENT, SECONDS, MAX_TOKENS, extra=extra))
@@ -101,7 +127,7 @@ def measure(cmd: list[str], extra: dict) -> list[dict]:
 def offline(hybrid: bool) -> float:
     """Tokens/s of the engine alone on 32 of the load's prompts (best of 3 rounds)."""
     torch.set_num_threads(int(THREADS))
-    llm = LLM(system_prompt=False)
+    llm = LLM(model=MODEL, system_prompt=False, max_model_len=MAX_MODEL_LEN)
     prompts = [llm.chat_prompt([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(32)]
     engine = llm.scheduler.engine
     eos, engine.eos = engine.eos, torch.tensor([-1])  # no early stop: 64 tokens a row, as ignore_eos would
@@ -151,7 +177,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     a.legend(fontsize=8)
-    fig.suptitle(f"Serving the embedded model on the CPU ({MAX_TOKENS} new tokens, greedy)")
+    fig.suptitle(f"Serving {MODEL or 'the embedded model'} on the CPU ({MAX_TOKENS} new tokens, greedy)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

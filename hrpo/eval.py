@@ -319,11 +319,18 @@ def recorded_settings(args, meta: dict) -> None:
         args.hybrid = meta.get("hybrid", True)
     if args.system_prompt is None:
         args.system_prompt = meta.get("system_prompt", True)
+    recorded_latent(args, meta)
+    args.marker = meta.get("marker", ANSWER_MARKER)
+
+
+def recorded_latent(args, meta: dict) -> LatentParams:
+    """latent_params(args), --latent-mode and --noise-std left unset (None) as the checkpoint
+    was trained (soft-noise and its sigma for --method soft-tokens; no mode recorded: hrpo)."""
     if args.latent_mode is None:
         args.latent_mode = meta.get("latent_mode", "hrpo")
     if args.noise_std is None:
         args.noise_std = meta.get("noise_std", LatentParams.noise_std)
-    args.marker = meta.get("marker", ANSWER_MARKER)
+    return latent_params(args)
 
 
 def describe_policy(verb: str, args, task: str | None) -> str:

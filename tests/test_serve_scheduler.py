@@ -1,8 +1,8 @@
 """The continuous-batching scheduler (hrpo.engine.scheduler) against the engine run on each request alone.
 
 Requests arrive at random step boundaries into a busy batch, with mixed settings (greedy and
-seeded sampling, hybrid and plain, n > 1, different lengths and top_k); every choice must be
-token for token what RolloutEngine.generate gives for that request by itself."""
+seeded sampling, hybrid under each latent mode and plain, n > 1, different lengths and top_k);
+every choice must be token for token what RolloutEngine.generate gives for that request by itself."""
 
 import random
 
@@ -15,6 +15,7 @@ from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import RolloutEngine
 from hrpo.engine.scheduler import QueueFull, Request, RequestError, Scheduler
 from hrpo.model.hybrid import HybridModel
+from hrpo_kernels.latent_input import MODES, LatentParams
 
 # A slice of the vocabulary ends rows, so rows finish (and leave the batch) at scattered steps.
 EOS = list(range(150, 175))
@@ -31,7 +32,9 @@ def setup(tokenizer):
 
 def alone(engine, req: Request) -> list[list[int]]:
     """Each choice's tokens when the engine generates the request by itself."""
-    cfg = SamplingConfig(req.max_tokens, req.temperature, req.top_k, greedy=req.greedy, hybrid=req.hybrid)
+    cfg = SamplingConfig(
+        req.max_tokens, req.temperature, req.top_k, greedy=req.greedy, hybrid=req.hybrid, latent=req.latent
+    )
     out = engine.generate([req.prompt] * req.n, cfg, seed=req.seed)
     return [ids[m].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)]
 
@@ -50,7 +53,9 @@ def random_requests(tokenizer, rng: random.Random, count: int) -> list[Request]:
                 top_k=rng.choice([0, 20]),
                 greedy=rng.random() < 0.4,
                 seed=rng.randint(0, 2**40),
-                hybrid=rng.random() < 0.6,
+                hybrid=rng.random() < 0.75,
+                # soft-noise's sigma large enough that its noise moves the tokens
+                latent=LatentParams(rng.choice(MODES), noise_std=0.5, gumbel_tau=0.5),
             )
         )
     return reqs
@@ -59,7 +64,7 @@ def random_requests(tokenizer, rng: random.Random, count: int) -> list[Request]:
 def test_random_arrivals_into_a_busy_batch_equal_each_request_alone(setup):
     engine, tok = setup
     rng = random.Random(5)
-    reqs = random_requests(tok, rng, 14)
+    reqs = random_requests(tok, rng, 20)
     sched = Scheduler(engine, max_batch=8, max_model_len=64, max_queue=64)
     arrivals = sorted(rng.randint(0, 30) for _ in reqs)
     step, pending, peak, mixed, waited = 0, list(zip(arrivals, reqs)), 0, False, False
@@ -70,7 +75,8 @@ def test_random_arrivals_into_a_busy_batch_equal_each_request_alone(setup):
         sched.step()
         peak = max(peak, sched.running)
         kinds = {(r.request.greedy, r.request.hybrid) for r in sched.rows}
-        mixed |= len(kinds) > 1
+        modes = {r.request.latent.mode for r in sched.rows if r.request.hybrid}
+        mixed |= len(kinds) > 1 and len(modes) >= 3
         step += 1
     assert peak >= 7 and waited and mixed, (
         "the batch was never busy, or never mixed settings: the test would prove little"
@@ -84,8 +90,13 @@ def test_random_arrivals_into_a_busy_batch_equal_each_request_alone(setup):
             assert c.finish == ("stop" if ended_by_eos else "length")
     assert sched.running == 0 and sched.queued == 0
     assert sched.stats["prefills"] < len(reqs)  # some requests joined together, prefilled as one padded batch
-    # the hybrid requests blended something, the plain ones nothing
+    # the hybrid requests blended something, the plain ones nothing; only hrpo rows have a gate
     assert any(c.thinking_tokens for r in reqs if r.hybrid for c in r.choices)
+    assert all(
+        (c.gate_mean is not None) == (r.hybrid and r.latent.mode == "hrpo" and c.thinking_tokens > 0)
+        for r in reqs
+        for c in r.choices
+    )
     assert all(c.thinking_tokens == 0 and c.gate_mean is None for r in reqs if not r.hybrid for c in r.choices)
 
 

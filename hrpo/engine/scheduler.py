@@ -8,9 +8,10 @@ so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engi
 (rollout_engine.py `_step`) with per-row settings:
 
     hidden -> sample_and_mix, once per group of rows sharing (greedy, temperature, top_k,
-              seed), each row keyed by its own Philox counter
+              seed, latent mode), each row keyed by its own Philox counter
            -> step_controller (marker matcher, eos), on one-column step buffers
-           -> gated_blend of E[token] and h_hat on the rows of hybrid requests
+           -> the thinking input of each hybrid row's latent mode (thinking_input: the gate's
+              blend of E[token] and h_hat for hrpo, the mode's latent for the others)
            -> FastDecoder.decode over the rows' own cache lengths -> hidden
 
 Why a request's output does not depend on the batch around it: its prompt is prefilled as the
@@ -38,9 +39,10 @@ import torch.nn.functional as F
 
 from hrpo.model.hybrid import distinct_prompts
 from hrpo_kernels import sample_and_mix, step_controller
+from hrpo_kernels.latent_input import LatentParams
 from hrpo_kernels.step_controller import StepBuffers
 
-from .rollout import left_pad
+from .rollout import left_pad, thinking_input
 from .rollout_engine import RolloutEngine
 
 # step_controller's own length limit, past any request's: a row's max_tokens is applied here.
@@ -78,19 +80,21 @@ class Choice:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     thinking_tokens: int = 0
     gate_sum: float = 0.0
+    gate_steps: int = 0  # thinking steps the gate blended (hrpo mode; the others have no gate)
     finish: str | None = None
 
     @property
     def gate_mean(self) -> float | None:
         """The mean gate coefficient over thinking steps (None: no thinking step blended)."""
-        return self.gate_sum / self.thinking_tokens if self.thinking_tokens else None
+        return self.gate_sum / self.gate_steps if self.gate_steps else None
 
 
 @dataclass
 class Request:
     """One generation: `n` choices from `prompt`. greedy: argmax tokens (temperature and
     top_k still shape the latent mixture and the log-probs, as in the engine). seed keys the
-    sampling noise. stop(choice, tokens) -> True ends a choice with "stop" after its latest
+    sampling noise. hybrid: thinking inputs under `latent` (its mode and numbers), else plain
+    tokens. stop(choice, tokens) -> True ends a choice with "stop" after its latest
     token. on_update(request, updates) runs on the scheduler's thread after each step that
     changed the request; `done` is set when every choice ended or the request failed."""
 
@@ -102,6 +106,7 @@ class Request:
     greedy: bool = True
     seed: int = 0
     hybrid: bool = True
+    latent: LatentParams = LatentParams()
     top_logprobs: int | None = None  # None: no log-probs; k: the chosen token's and k alternatives
     ignore_eos: bool = False  # run to max_tokens past end-of-sequence tokens (load tests)
     stop: Callable[[int, list[int]], bool] | None = None
@@ -154,6 +159,7 @@ class Scheduler:
         self.match = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.finished = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self.hybrid = torch.zeros(max_batch, dtype=torch.bool, device=dev)
+        self.gated = torch.zeros(max_batch, dtype=torch.bool, device=dev)  # hybrid rows in hrpo mode
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
         self.zero = torch.zeros(1, dtype=torch.int64, device=dev)
         self.rows: list[_Row] = []  # row i of the batch
@@ -338,6 +344,9 @@ class Scheduler:
         self.match[n0 : n0 + m] = 0
         self.finished[n0 : n0 + m] = False
         self.hybrid[n0 : n0 + m] = torch.tensor([r.hybrid for r in reqs for _ in range(r.n)], device=dev)
+        self.gated[n0 : n0 + m] = torch.tensor(
+            [r.hybrid and r.latent.mode == "hrpo" for r in reqs for _ in range(r.n)], device=dev
+        )
         self.rows += [_Row(r, j) for r in reqs for j in range(r.n)]
         self.lengths += [len(p) for p in prompts]
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in reqs)
@@ -354,10 +363,10 @@ class Scheduler:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(self.rows):
             q = r.request
-            groups.setdefault((q.greedy, q.temperature, q.top_k, 0 if q.greedy else q.seed), []).append(i)
+            groups.setdefault((q.greedy, q.temperature, q.top_k, 0 if q.greedy else q.seed, q.latent), []).append(i)
         row_ids = torch.tensor([r.steps * r.request.n + r.choice for r in self.rows], device=dev)
         if len(groups) == 1:
-            (greedy, temp, k, seed), _ = next(iter(groups.items()))
+            (greedy, temp, k, seed, latent), _ = next(iter(groups.items()))
             return sample_and_mix(
                 self.hidden[:n],
                 W,
@@ -370,11 +379,12 @@ class Scheduler:
                 offset=self.zero,
                 row_ids=row_ids,
                 impl=self.engine.impl,
+                latent=latent,
             )
         tok = torch.empty(n, dtype=torch.int64, device=dev)
         lp = torch.empty(n, dtype=torch.float32, device=dev)
         h = torch.empty(n, E.shape[1], dtype=torch.float32, device=dev)
-        for (greedy, temp, k, seed), idx in groups.items():
+        for (greedy, temp, k, seed, latent), idx in groups.items():
             at = torch.tensor(idx, device=dev)
             t_, l_, h_ = sample_and_mix(
                 self.hidden[at],
@@ -388,6 +398,7 @@ class Scheduler:
                 offset=self.zero,
                 row_ids=row_ids[at],
                 impl=self.engine.impl,
+                latent=latent,
             )
             tok[at], lp[at], h[at] = t_, l_, h_.float()
         return tok, lp, h
@@ -417,7 +428,7 @@ class Scheduler:
         }
 
     def _decode(self) -> None:
-        n, hm, impl = len(self.rows), self.hm, self.engine.impl
+        n, impl = len(self.rows), self.engine.impl
         bad = (~torch.isfinite(self.hidden[:n]).all(-1)).nonzero().squeeze(-1).tolist()
         if bad:
             for req in {id(self.rows[i].request): self.rows[i].request for i in bad}.values():
@@ -447,18 +458,30 @@ class Scheduler:
             impl=impl,
         )
         think = think & self.hybrid[:n]
-        e = F.embedding(tokens, hm.embed.weight)
-        a_mean = None
-        if bool(self.hybrid[:n].any()):
-            e, a = hm.gate(e, h.to(self.engine.opts.latent_dtype), think, impl=impl)
-            a_mean = a.mean(-1)
+        e, a_mean = self._inputs(n, tokens, h, think)
         self.hidden[:n] = self.dec.decode(e, self.cache, max(self.lengths) + 1)
         self.stats["steps"] += 1
         self._record(n, tokens, lp, think, a_mean, top)
 
+    def _inputs(self, n: int, tokens, h, think):
+        """The next inputs of rows [0, n) and the gate's mean coefficient per row (None: no row
+        gated): E[token], and at thinking positions each row's mode's input (thinking_input,
+        as the engine), once for the gated rows and once for the rest, whose latent is the input."""
+        e = F.embedding(tokens, self.hm.embed.weight)
+        latent, a_mean = h.to(self.engine.opts.latent_dtype), None
+        gated = think & self.gated[:n]
+        if bool(gated.any()):
+            e, a = thinking_input(self.hm, e, latent, gated, LatentParams("hrpo"), impl=self.engine.impl)
+            a_mean = a.mean(-1)
+        direct = think & ~self.gated[:n]
+        if bool(direct.any()):
+            e, _ = thinking_input(self.hm, e, latent, direct, LatentParams("soft"), impl=self.engine.impl)
+        return e, a_mean
+
     def _record(self, n: int, tokens, lp, think, a_mean, top) -> None:
         """Append each row's token, end the rows that finished, and tell each request."""
         toks, lps, eos, thinks = tokens.tolist(), lp.tolist(), self.finished[:n].tolist(), think.tolist()
+        gated = self.gated[:n].tolist()
         gates = a_mean.tolist() if a_mean is not None else [0.0] * n
         updates: dict[int, tuple[Request, list[Update]]] = {}
         ended, failed = [], []
@@ -475,7 +498,9 @@ class Scheduler:
                 c.top.append(top.get(i, []))
             if thinks[i]:
                 c.thinking_tokens += 1
+            if thinks[i] and gated[i]:
                 c.gate_sum += gates[i]
+                c.gate_steps += 1
             if (eos[i] and not req.ignore_eos) or (req.stop is not None and req.stop(r.choice, c.tokens)):
                 c.finish = "stop"
             elif r.steps >= req.max_tokens:
@@ -510,7 +535,7 @@ class Scheduler:
             upto = max(self.lengths[i] for i in movers)
             self.cache.k[:, dst, :upto] = self.cache.k[:, src, :upto]
             self.cache.v[:, dst, :upto] = self.cache.v[:, src, :upto]
-            for x in (self.cache.seqlens, self.hidden, self.match, self.hybrid):
+            for x in (self.cache.seqlens, self.hidden, self.match, self.hybrid, self.gated):
                 x[dst] = x[src]
             self.finished[dst] = False
             for d_, s_ in zip(holes, movers):

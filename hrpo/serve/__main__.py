@@ -15,6 +15,7 @@ import uvicorn
 
 from hrpo.core.errors import ConfigError
 from hrpo.engine.scheduler import Scheduler
+from hrpo.eval import add_latent_arguments
 from hrpo.model.loading import cpu_threads, quiet_libraries
 from hrpo.serve.app import build_app
 from hrpo.serve.llm import GREEDY_TEMPERATURE, LLM, TOP_K
@@ -71,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
         help="of the latent mixture and the log-probs under greedy decoding (requests without temperature)",
     )
     p.add_argument("--top-k", type=int, default=TOP_K, help="default top_k of requests (0: the whole vocabulary)")
+    add_latent_arguments(p)  # hybrid requests' default; a request's latent_mode / latent_options replace it
     p.add_argument(
         "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16"
     )
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 system_prompt=None if args.system_prompt is None else args.system_prompt == "paper",
                 temperature=args.temperature,
                 top_k=args.top_k,
+                latent=args,
             )
     except (ValueError, OSError) as err:  # ConfigError, ModelError, CheckpointError, ...
         print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
@@ -158,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(config, llm.scheduler, args.shutdown_timeout)
     llm.scheduler.start()
     print(
-        f"hrpo.serve: {llm.name} on http://{args.host}:{args.port}/v1 (hybrid {'on' if llm.hybrid else 'off'} by "
-        f"default, max batch {args.max_batch}, max model len {llm.max_model_len})",
+        f"hrpo.serve: {llm.name} on http://{args.host}:{args.port}/v1 (hybrid "
+        f"{f'on ({llm.latent.mode})' if llm.hybrid else 'off'} by default, max batch {args.max_batch}, "
+        f"max model len {llm.max_model_len})",
         flush=True,
     )
     # uvicorn re-raises the SIGTERM / SIGINT it handled once it has shut down; these handlers

@@ -4,8 +4,10 @@ worker thread: the event loop only parses, queues and streams, never computes.
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text). Errors are OpenAI's shape, {"error": {"message", "type",
 "param", "code"}}, with no stack trace or path. Extension fields: request `top_k`,
-`hybrid` (false: plain tokens, true: the gated latent) and `ignore_eos`, response per choice `hrpo`:
-{"thinking_tokens", "gate_mean"}.
+`hybrid` (false: plain tokens, true: latent thinking inputs), `latent_mode` (one of
+hrpo_kernels.latent_input.MODES; implies hybrid), `latent_options` (that mode's numbers:
+temperature, top_p, beta, noise_std, gumbel_tau) and `ignore_eos`, response per choice `hrpo`:
+{"thinking_tokens", "gate_mean", "latent_mode"}.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException
 from hrpo.engine.scheduler import QueueFull, Request, RequestError, Update
 from hrpo.serve.llm import LLM
 from hrpo.serve.metrics import Metrics
+from hrpo_kernels.latent_input import MODES
 
 COMMON = {
     "model",
@@ -39,12 +42,15 @@ COMMON = {
     "stream_options",
     "user",
     "hybrid",
+    "latent_mode",
+    "latent_options",
     "ignore_eos",
     "logprobs",
 }
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 ROLES = ("system", "user", "assistant")
+LATENT_OPTIONS = ("temperature", "top_p", "beta", "noise_std", "gumbel_tau")  # LatentParams' numbers
 
 
 class ApiError(Exception):
@@ -126,6 +132,30 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+def _latent(body: dict, hybrid: bool | None) -> tuple[str | None, dict]:
+    """The request's latent_mode and latent_options, checked for shape (LatentParams checks
+    the values when the request is built)."""
+    mode = body.get("latent_mode")
+    if mode is not None and mode not in MODES:
+        raise ApiError(400, f"latent_mode must be one of {', '.join(MODES)}, got {json.dumps(mode)}", "latent_mode")
+    if mode is not None and hybrid is False:
+        raise ApiError(400, "latent_mode needs hybrid decoding, and hybrid is false", "latent_mode")
+    options = body.get("latent_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "latent_options must be an object", "latent_options")
+    for name, value in options.items():
+        if name not in LATENT_OPTIONS:
+            raise ApiError(
+                400, f"latent_options: unknown option {name!r} (one of {', '.join(LATENT_OPTIONS)})", "latent_options"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not (name == "temperature" and value is None):  # None: the sampler's temperature
+                raise ApiError(
+                    400, f"latent_options.{name} must be a number, got {json.dumps(value)}", "latent_options"
+                )
+    return mode, options
+
+
 class Parsed:
     """A checked request body: the scheduler request's settings and the response's."""
 
@@ -166,6 +196,7 @@ class Parsed:
         hybrid = body.get("hybrid")
         if hybrid is not None and not isinstance(hybrid, bool):
             raise ApiError(400, "hybrid must be true or false", "hybrid")
+        latent_mode, latent_options = _latent(body, hybrid)
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise ApiError(400, "ignore_eos must be true or false", "ignore_eos")
@@ -181,6 +212,8 @@ class Parsed:
             top_k=_int(body, "top_k", 0),
             seed=_int(body, "seed", 0, 2**63 - 1),
             hybrid=hybrid,
+            latent_mode=latent_mode,
+            latent_options=latent_options,
             stop=self.stops,
             top_logprobs=self.top_logprobs,
             ignore_eos=ignore_eos,
@@ -269,7 +302,11 @@ async def answer(request: HttpRequest, chat: bool, llm: LLM, metrics: Metrics, m
         loop.call_soon_threadsafe(events.put_nowait, (time.perf_counter(), updates))
 
     try:
-        req = llm.scheduler.submit(llm.request(parsed.prompt, on_update=on_update, **parsed.settings))
+        built = llm.request(parsed.prompt, on_update=on_update, **parsed.settings)
+    except ValueError as err:  # LatentParams refused a latent option's value
+        raise ApiError(400, f"latent_options: {err}", "latent_options") from None
+    try:
+        req = llm.scheduler.submit(built)
     except RequestError as err:
         field = (
             parsed.max_field
@@ -320,7 +357,8 @@ class _Reply:
 
     def _hrpo(self, j: int) -> dict:
         c = self.req.choices[j]
-        return {"thinking_tokens": c.thinking_tokens, "gate_mean": c.gate_mean}
+        mode = self.req.latent.mode if self.req.hybrid else None
+        return {"thinking_tokens": c.thinking_tokens, "gate_mean": c.gate_mean, "latent_mode": mode}
 
     def _logprobs(self, tokens: list[int], lps: list[float], tops: list) -> dict:
         tok = self.llm.tokenizer

@@ -4,8 +4,9 @@ HTTP app (app.py) and the Python API (LLM.generate, generate) both stand on it."
 
 from __future__ import annotations
 
+import argparse
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hrpo.core.errors import ConfigError
@@ -13,8 +14,9 @@ from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT
 from hrpo.engine.rollout_engine import RolloutEngine, make_engine
 from hrpo.engine.scheduler import Request, RequestError, Scheduler
-from hrpo.eval import load_policy, resolve_checkpoint
+from hrpo.eval import add_latent_arguments, load_policy, recorded_latent, resolve_checkpoint
 from hrpo.model.loading import eos_token_ids, resolve_device
+from hrpo_kernels.latent_input import LatentParams
 
 EMBEDDED_NAME = "hrpo-embedded"
 GREEDY_TEMPERATURE = 0.5  # hrpo.eval's --temperature: the latent mixture's under greedy decoding
@@ -35,7 +37,10 @@ class Completion:
 
 class LLM:
     """A served policy: an HRPO checkpoint (adapters and gate on its base model), a base
-    model (`model`, hub name or folder), or without either the embedded model.
+    model (`model`, hub name or folder), or without either the embedded model. `latent`: the
+    hybrid requests' default latent mode and numbers: LatentParams, or the flags of hrpo.eval's
+    add_latent_arguments (argparse.Namespace) whose unset mode and sigma are the checkpoint's;
+    None: both as the checkpoint was trained, the rest at hrpo.eval's defaults.
 
         llm = LLM("runs/gsm8k/checkpoint")
         llm.generate(["What is 2 + 3?"], max_tokens=64)[0][0].text
@@ -55,11 +60,15 @@ class LLM:
         system_prompt: bool | None = None,
         temperature: float = GREEDY_TEMPERATURE,
         top_k: int = TOP_K,
+        latent: LatentParams | argparse.Namespace | None = None,
     ):
         checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
         hm, self.tokenizer, meta = load_policy(checkpoint, model, resolve_device(device), dtype)
         self.name = served_name(checkpoint or model)
         self.hybrid = bool(meta.get("hybrid", True))  # as the checkpoint was trained (hrpo.eval's default)
+        if not isinstance(latent, LatentParams):
+            latent = recorded_latent(latent or latent_flags([]), meta)
+        self.latent = latent
         use_system = meta.get("system_prompt", True) if system_prompt is None else system_prompt
         self.system = SYSTEM_PROMPT if use_system else None
         self.temperature, self.top_k = temperature, top_k
@@ -96,6 +105,8 @@ class LLM:
         top_k: int | None = None,
         seed: int | None = None,
         hybrid: bool | None = None,
+        latent_mode: str | None = None,
+        latent_options: dict | None = None,
         stop: list[str] | None = None,
         top_logprobs: int | None = None,
         ignore_eos: bool = False,
@@ -103,8 +114,14 @@ class LLM:
     ) -> Request:
         """A scheduler request. temperature None or 0: greedy (the latent mixture and the
         log-probs at the server's temperature, as hrpo.eval decodes); > 0: sampling, seeded
-        by `seed` or, without one, a seed drawn here. max_tokens None: the rest of the context."""
+        by `seed` or, without one, a seed drawn here. max_tokens None: the rest of the context.
+        latent_mode / latent_options (LatentParams' fields but the mode): the server's latent
+        settings with these replaced (ValueError when invalid); naming a mode turns hybrid on
+        unless hybrid is False."""
         greedy = not temperature
+        latent = replace(self.latent, **({"mode": latent_mode} if latent_mode else {}), **(latent_options or {}))
+        if hybrid is None:
+            hybrid = True if latent_mode else self.hybrid
         stops = [s for s in (stop or []) if s]
         return Request(
             prompt=prompt,
@@ -114,7 +131,8 @@ class LLM:
             top_k=self.top_k if top_k is None else top_k,
             greedy=greedy,
             seed=random.getrandbits(62) if seed is None and not greedy else (seed or 0),
-            hybrid=self.hybrid if hybrid is None else hybrid,
+            hybrid=hybrid,
+            latent=latent,
             top_logprobs=top_logprobs,
             ignore_eos=ignore_eos,
             stop=(lambda j, tokens: self.cut(tokens, stops) is not None) if stops else None,
@@ -156,7 +174,7 @@ class LLM:
         """Every prompt's choices, generated together on this thread: a string is one user
         turn in the chat template (as hrpo.eval asks), a list of messages a conversation,
         raw=True passes strings as they are. sampling: request()'s fields (max_tokens, n,
-        temperature, top_k, seed, hybrid)."""
+        temperature, top_k, seed, hybrid, latent_mode, latent_options)."""
         if isinstance(prompts, (str, dict)):
             raise ValueError("generate takes a list of prompts")
         reqs = []
@@ -182,6 +200,13 @@ def served_name(source: str | None) -> str:
     if source is None:
         return EMBEDDED_NAME
     return Path(source).name if Path(source).exists() else source
+
+
+def latent_flags(argv: list[str]) -> argparse.Namespace:
+    """hrpo.eval's latent flags parsed from argv (the empty list: all at their defaults)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_latent_arguments(p)
+    return p.parse_args(argv)
 
 
 def stop_at(text: str, stops: list[str]) -> int | None:

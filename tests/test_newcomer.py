@@ -52,7 +52,7 @@ def test_eval_of_a_run_folder_follows_its_checkpoint(run, model_dir, tmp_path, c
     assert row["decoding"]["hybrid"] is False and row["checkpoint"] == str(run / "checkpoint")
     # What the user types wins over the record.
     assert eval_main(args[:-3] + ["--output-dir", str(tmp_path / "e2"), "--hybrid", "--system-prompt"]) == 0
-    assert "hybrid on, system prompt on, marker '##')" in capsys.readouterr().out.splitlines()[0]
+    assert "hybrid on (hrpo), system prompt on, marker '##')" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_an_unfinished_run_names_the_checkpoint_to_pick(run, tmp_path, capsys):

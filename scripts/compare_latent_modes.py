@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moi-beta", type=float, default=1.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default="runs/latent_modes")
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True, help="evaluate the base model too")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="join earlier runs' latent_modes.json; evaluate nothing")
     args = p.parse_args(argv)
     out = Path(args.output_dir)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_outputs(out, {"merged": args.merge, "rows": rows})
         return 0
-    policies = {"base": None}
+    policies = {"base": None} if args.base else {}
     for spec in args.policy:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:

@@ -10,6 +10,8 @@ mode: greedy (one completion per question: pass@1 is its accuracy) and sampled (
 completions per question at --temperature: pass@k by the unbiased estimator
 1 - C(n - c, k) / C(n, k), k = 1, 2, 4, ... up to n), once per seed. Writes
 latent_modes.json, latent_modes.md (mean and spread over seeds) and latent_modes.png.
+`--merge A/latent_modes.json B/latent_modes.json ...` evaluates nothing: it joins the rows of
+earlier runs (policies evaluated in separate processes) into one table and plot.
 With few questions and a small model the differences between modes are mostly noise: the
 table shows the spread over seeds so that one can tell.
 """
@@ -17,6 +19,7 @@ table shows the spread over seeds so that one can tell.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from pathlib import Path
@@ -82,6 +85,15 @@ def run_mode(hm, tokenizer, task, examples, engine, args, decoding: str, greedy:
     return {f"pass@{k}": statistics.mean(pass_at_k(n, c, k) for c in correct.values()) for k in ks(n)}
 
 
+def cell(values: list[float]) -> str:
+    """Mean ± sample standard deviation; a single run (greedy) has no spread to show."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (policy, decoding, greedy/sampled), mean +- spread over seeds."""
     metrics = sorted({m for r in rows for m in r["metrics"]}, key=lambda m: int(m.split("@")[1]))
@@ -92,8 +104,7 @@ def table(rows: list[dict]) -> str:
         cells = []
         for m in metrics:
             values = [r[m] for r in runs if m in r]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}" if values else "")
+            cells.append(cell(values))
         out.append(f"| {policy} | {decoding} | {how} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -147,14 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moi-beta", type=float, default=1.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default="runs/latent_modes")
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True, help="evaluate the base model too")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="join earlier runs' latent_modes.json; evaluate nothing")
     args = p.parse_args(argv)
-    policies = {"base": None}
+    out = Path(args.output_dir)
+    if args.merge:
+        rows = merged_rows(args.merge)
+        out.mkdir(parents=True, exist_ok=True)
+        write_outputs(out, {"merged": args.merge, "rows": rows})
+        return 0
+    policies = {"base": None} if args.base else {}
     for spec in args.policy:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             p.error(f"--policy {spec!r}: expected NAME=CHECKPOINT")
         policies[name] = path
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(args.task)
     examples = load_examples(config_for(args.task), args.split, args.data, limit=args.limit)
@@ -172,11 +190,33 @@ def main(argv: list[str] | None = None) -> int:
                     print(name, decoding, how, seed, {k: round(v, 3) for k, v in metrics.items()}, flush=True)
         del hm, engine
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    write_json(out / "latent_modes.json", {"settings": vars(args), "rows": rows})
+    write_outputs(out, {"settings": vars(args), "rows": rows})
+    return 0
+
+
+def merged_rows(paths: list[str]) -> list[dict]:
+    """The rows of several latent_modes.json files; a policy name may come from one file only,
+    so that two runs of the same name are never averaged as if they were seeds of one."""
+    rows, owner = [], {}
+    for path in paths:
+        try:
+            file_rows = json.loads(Path(path).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--merge {path}: not a latent_modes.json ({e})") from None
+        for name in dict.fromkeys(r["policy"] for r in file_rows):
+            if name in owner:
+                raise SystemExit(f"--merge {path}: policy {name!r} is also in {owner[name]}; rename one")
+            owner[name] = path
+        rows += file_rows
+    return rows
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    rows = result["rows"]
+    write_json(out / "latent_modes.json", result)
     (out / "latent_modes.md").write_text(table(rows) + "\n")
     plot(rows, out / "latent_modes.png")
     print(table(rows))
-    return 0
 
 
 if __name__ == "__main__":

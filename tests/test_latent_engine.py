@@ -154,3 +154,28 @@ def test_comparison_script_pass_at_k_by_hand():
     assert mod.pass_at_k(8, 2, 4) == pytest.approx(1 - 15 / 70)  # 1 - C(6, 4) / C(8, 4)
     assert mod.pass_at_k(4, 0, 4) == 0.0 and mod.pass_at_k(4, 3, 2) == 1.0
     assert mod.ks(8) == [1, 2, 4, 8] and mod.ks(5) == [1, 2, 4]
+
+
+def test_comparison_script_merges_runs_by_hand(tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_latent_modes", ROOT / "scripts" / "compare_latent_modes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(policy, how, seed, **metrics):
+        return {"policy": policy, "decoding": "soft", "how": how, "seed": seed, "metrics": metrics}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"rows": [run("hrpo", "greedy", 0, **{"pass@1": 0.5})]}))
+    b.write_text(
+        json.dumps(
+            {"rows": [run("grpo", "sampled", 0, **{"pass@1": 0.2}), run("grpo", "sampled", 1, **{"pass@1": 0.4})]}
+        )
+    )
+    assert mod.main(["--merge", str(a), str(b), "--output-dir", str(tmp_path / "out")]) == 0
+    lines = (tmp_path / "out" / "latent_modes.md").read_text().splitlines()
+    # greedy: one run, no spread; sampled: mean 0.3, sample stdev sqrt(0.02) = 0.1414
+    assert "| hrpo | soft | greedy | 0.500 |" in lines
+    assert "| grpo | soft | sampled | 0.300 ± 0.141 |" in lines
+    assert (tmp_path / "out" / "latent_modes.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="policy 'hrpo' is also in"):
+        mod.main(["--merge", str(a), str(a), "--output-dir", str(tmp_path / "out2")])

@@ -32,6 +32,9 @@ def trl_step_seconds(steps: int, workdir: Path, model: str | None = None) -> flo
 
     torch.manual_seed(0)
     model, tok = load_base_model(model, torch.device("cpu"), torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:  # a GGUF file: dequantised on load, but TRL
+        model.hf_quantizer = None  # refuses to train a model that still carries the quantizer's marker
+        del model.config.quantization_config
     examples = synthetic_split("train", 4000, seed=0)
     data = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": ex.question}], "answer": ex.answer} for ex in examples]

@@ -35,6 +35,7 @@ def trl_step_seconds(steps: int, workdir: Path, model: str | None = None) -> flo
     if getattr(model, "hf_quantizer", None) is not None:  # a GGUF file: dequantised on load, but TRL
         model.hf_quantizer = None  # refuses to train a model that still carries the quantizer's marker
         del model.config.quantization_config
+        model.is_quantized = False
     examples = synthetic_split("train", 4000, seed=0)
     data = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": ex.question}], "answer": ex.answer} for ex in examples]

@@ -25,6 +25,7 @@ from test_distributed import free_port
 
 import hrpo.model.hybrid
 from hrpo.core.marker import MarkerMatcher
+from hrpo.engine import fast_decoder
 from hrpo.engine.fast_decoder import FastDecoder
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
@@ -97,6 +98,8 @@ def test_projections_apply_adapters_as_the_training_forward(bf16):
                 assert torch.equal(got, want), f"{name} {tuple(shape)}"
                 changed += int((want != base).sum())
     assert changed > 0, "the adapters changed no output: the check would not see them"
+    if fast_decoder._onednn_packing(torch.bfloat16):  # so the check above covered oneDNN's prepacked GEMM
+        assert all(w is not None for layer in dec.layers for w in layer.packed.values())
 
 
 def sampler_logprobs(hidden, weight, targets, temperature):

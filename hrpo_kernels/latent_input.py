@@ -43,7 +43,7 @@ uses g = 0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,12 @@ def gaussian_noise(seed: int, offset: int, row_ids: torch.Tensor, D: int, V: int
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
+def gumbel_noise(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise g = -log(-log u) of the Philox uniforms at `counters` (fp32, their
+    shape): gumbel-soft's noise of (row b, token v) has counter offset + row_ids[b] * V + v."""
+    return -torch.log(-torch.log(philox_uniform(seed, counters)))
+
+
 def mixture_weights(
     logits: torch.Tensor,
     tokens: torch.Tensor | None,
@@ -151,8 +157,7 @@ def mixture_weights(
         g = torch.zeros_like(x)
         if not greedy:
             rid = row_ids_or_arange(row_ids, B, logits.device)
-            u = philox_uniform(host_int(seed), host_int(offset) + rid[:, None] * V + torch.arange(V, device=x.device))
-            g = -torch.log(-torch.log(u))
+            g = gumbel_noise(host_int(seed), host_int(offset) + rid[:, None] * V + torch.arange(V, device=x.device))
         logp = torch.log(p.clamp_min(1e-30))
         return torch.softmax(((logp + g) / params.gumbel_tau).masked_fill(~support, float("-inf")), dim=-1)
     return p
@@ -201,6 +206,48 @@ def noisy_input_logdensity(
     var = params.noise_std**2
     d = inputs.shape[-1]
     return -((inputs.float() - mu) ** 2).sum(-1) / (2 * var) - 0.5 * d * math.log(2 * math.pi * var)
+
+
+# SofT-GRPO's numbers (its verl fork, verl/utils/torch_functional.py:152-154): the Gumbel
+# variable is clamped to [-1.5, 3] and only candidates with log p > -3 are averaged.
+GUMBEL_CLAMP = (-1.5, 3.0)
+GUMBEL_MIN_LOGP = -3.0
+
+
+def gumbel_targets(
+    logits: torch.Tensor, params: LatentParams, temperature: float, top_k: int, seed: int, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SofT-GRPO's record of a gumbel-soft input at N thinking positions (its g'): the mixture's
+    candidates ids (N, k), the top_k of `logits` (N, V), and g' = log p + g (N, k) fp32 at
+    them, p the mixture distribution (T_mix, the top-k) and g the rollout's Gumbel noise, so
+    that the input's weights were softmax(g' / gumbel_tau). rows (N,): each position's Philox
+    row, counter rows * V + v (the step's offset folded in)."""
+    N, V = logits.shape
+    if params.mode != "gumbel-soft" or params.top_p < 1 or not 0 < top_k <= V:
+        raise ValueError(
+            f"gumbel_targets: needs gumbel-soft without a nucleus and 0 < top_k <= {V}, got {params}, {top_k}"
+        )
+    p = mixture_weights(logits, None, replace(params, mode="soft"), temperature, top_k, greedy=True)
+    ids = torch.topk(logits, top_k, dim=-1).indices  # the support mixture_weights takes
+    g = gumbel_noise(seed, rows.to(torch.int64)[:, None] * V + ids)
+    return ids, torch.log(p.gather(-1, ids).clamp_min(1e-30)) + g
+
+
+def gumbel_logdensity(
+    logits: torch.Tensor, ids: torch.Tensor, g_prime: torch.Tensor, params: LatentParams, temperature: float
+) -> torch.Tensor:
+    """(N,) SofT-GRPO's log-probability of a soft token (arXiv 2511.06411, the Gumbel
+    reparameterisation; its code: verl/utils/torch_functional.py:140-163): the stored g' is a
+    draw of Gumbel(log p_theta, 1) with p_theta the policy's mixture over the stored candidates
+    `ids` (softmax of logits / T_mix, renormalised over them), so each candidate scores
+    log f(e) = -e - exp(-e), e = clamp(g' - log p_theta, -1.5, 3), and the position the mean
+    over its candidates with log p_theta > -3 (all of them when none is; ours: with top-k <= 20
+    some always is). Differentiable in logits through log p_theta."""
+    logp = torch.log_softmax(logits.float().gather(-1, ids) / params.mix_temperature(temperature), dim=-1)
+    e = (g_prime.float() - logp).clamp(*GUMBEL_CLAMP)
+    keep = logp.detach() > GUMBEL_MIN_LOGP
+    keep = keep | ~keep.any(-1, keepdim=True)
+    return ((-e - torch.exp(-e)) * keep).sum(-1) / keep.sum(-1)
 
 
 def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -49,6 +49,18 @@ class Rollout(SequenceBatch):
     logprobs: torch.Tensor = None  # (B, T) fp32 log p(x_t) at the sampling temperature
     gate_mean: torch.Tensor = None  # (B,) mean gate coefficient a over thinking positions
     stats: dict | None = None  # timing counters (the engine's)
+    # A seeded rollout's Philox noise (the module doc): its seed, each row's row in the batch of
+    # noise_total rows. What gumbel-soft training re-draws the rollout's Gumbel noise from.
+    noise_seed: int | None = None
+    noise_rows: torch.Tensor | None = None  # (B,) long
+    noise_total: int | None = None
+
+    def philox_rows(self) -> torch.Tensor:
+        """(B, T) long: the Philox row of each completion position; step t of a row drew the
+        counters philox_row * V + v (the step's offset t * total * V folded in)."""
+        T = self.completion_ids.shape[1]
+        steps = torch.arange(T, device=self.noise_rows.device)
+        return steps[None, :] * self.noise_total + self.noise_rows[:, None]
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -182,4 +194,7 @@ def rollout(
         think_mask=torch.stack(thinks[:T], 1),
         logprobs=torch.stack(logps[:T], 1),
         gate_mean=torch.where(gate_n > 0, gate_sum / gate_n.clamp_min(1), float("nan")),
+        noise_seed=seed,
+        noise_rows=None if seed is None else torch.arange(first, first + B, device=device),
+        noise_total=total,
     )

@@ -320,7 +320,14 @@ class RolloutEngine:
                 stats["compactions"] += 1
         sync()
         stats["decode_s"] = time.perf_counter() - t_start - stats["prefill_s"]
-        return _with_throughput(self._collect(prompt_ids, prompt_mask, B), stats, t_start)
+        out = self._collect(prompt_ids, prompt_mask, B)
+        if seeded:
+            out.noise_seed, out.noise_rows, out.noise_total = (
+                int(seed),
+                torch.arange(first, first + B, device=dev),
+                total,
+            )
+        return _with_throughput(out, stats, t_start)
 
     def _collect(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, B: int) -> Rollout:
         """The rollout in the callers' row order, trimmed to the longest completion, with

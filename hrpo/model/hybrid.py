@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from hrpo.model import lora
 from hrpo.model.gate import HybridGate
 from hrpo_kernels import token_logprobs
-from hrpo_kernels.latent_input import LatentParams, noisy_input_logdensity
+from hrpo_kernels.latent_input import LatentParams, gumbel_logdensity, noisy_input_logdensity
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 
@@ -38,6 +38,10 @@ class SequenceBatch:
     completion_mask: torch.Tensor  # (B, T) bool: generated tokens, EOS included
     latents: torch.Tensor  # (B, T, d): h_hat of the distribution each token was drawn from
     think_mask: torch.Tensor  # (B, T) bool: the token's input position is blended
+    # gumbel-soft (SofT-GRPO): each thinking position's candidates and their g' (B, T, k); see
+    # latent_input.gumbel_targets. None for the other methods.
+    gumbel_ids: torch.Tensor | None = None
+    gumbel_values: torch.Tensor | None = None
 
     def select(self, idx):
         """The rows idx of every per-row tensor (works for subclasses too; other fields are kept)."""
@@ -113,14 +117,44 @@ class HybridModel(nn.Module):
 
         With hybrid on, the input at each thinking position is re-blended by the current
         gate from the stored latent (a constant), so the gate and adapters get gradients.
-        latent: a training-free mode's stored latents are the inputs themselves (no gate); under
-        soft-noise (soft tokens) a thinking position's entry is the log-density of its stored
-        noisy input around the policy's mixture (latent_input.noisy_input_logdensity, with the
-        rollout's top_k) in place of its token's log-prob.
+        latent: a training-free mode's stored latents are the inputs themselves (no gate); a
+        thinking position's entry is, in place of its token's log-prob, under soft-noise (soft
+        tokens) the log-density of its stored noisy input around the policy's mixture
+        (latent_input.noisy_input_logdensity, with the rollout's top_k), under gumbel-soft
+        (SofT-GRPO) the Gumbel log-density of its stored g' (latent_input.gumbel_logdensity).
         share_prefix: rows with the same prompt (a GRPO group) run it through the body once and
         attend to its cache (gradients flow back through it once); the values are the same.
         It needs the body's KV cache, so not with gradient checkpointing.
         """
+        B, T = batch.completion_ids.shape
+        h = self.completion_hidden(batch, hybrid, share_prefix, latent)
+        lp = token_logprobs(h.reshape(B * T, -1), self.lm_weight, batch.completion_ids.reshape(-1), temperature)
+        lp = lp.view(B, T)
+        mode = latent.mode if hybrid and latent is not None else None
+        if mode in ("soft-noise", "gumbel-soft"):
+            soft = batch.think_mask & batch.completion_mask
+            logits = self.head_logits(h[soft])
+            if mode == "soft-noise":
+                dens = noisy_input_logdensity(
+                    logits, self.embed.weight, batch.latents[soft], latent, temperature, top_k
+                )
+            elif batch.gumbel_ids is None:
+                raise ValueError("sequence_logprobs: gumbel-soft scores the rollout's g', which this batch lacks")
+            else:
+                dens = gumbel_logdensity(logits, batch.gumbel_ids[soft], batch.gumbel_values[soft], latent, temperature)
+            lp = lp.masked_scatter(soft, dens)
+        return lp
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (N, V) of hidden states (N, d): the mixtures' side of the head, which the
+        densities differentiate (token_logprobs never forms them)."""
+        return h.float() @ self.lm_weight.float().T
+
+    def completion_hidden(
+        self, batch: SequenceBatch, hybrid: bool, share_prefix: bool, latent: LatentParams | None
+    ) -> torch.Tensor:
+        """The last hidden states (B, T, d) that predict each completion token, from the inputs
+        sequence_logprobs describes."""
         B, T = batch.completion_ids.shape
         # The last completion token is never an input that predicts anything: leave it out.
         comp = self.embed(batch.completion_ids[:, :-1])
@@ -144,14 +178,7 @@ class HybridModel(nn.Module):
                 cache_index_select(cache, inverse)
                 pos = batch.prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=mask.device)
                 h = torch.cat([h, self.decoder(comp, mask, pos, cache)], dim=1)
-        lp = token_logprobs(h.reshape(B * T, -1), self.lm_weight, batch.completion_ids.reshape(-1), temperature)
-        lp = lp.view(B, T)
-        if hybrid and latent is not None and latent.mode == "soft-noise":
-            soft = batch.think_mask & batch.completion_mask
-            logits = h[soft].float() @ self.lm_weight.float().T
-            dens = noisy_input_logdensity(logits, self.embed.weight, batch.latents[soft], latent, temperature, top_k)
-            lp = lp.masked_scatter(soft, dens)
-        return lp
+        return h
 
 
 def distinct_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

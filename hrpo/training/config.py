@@ -37,7 +37,8 @@ STEPS = (
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("fast", "reference")
-METHODS = ("hrpo", "soft-tokens")  # plain GRPO is --no-hybrid
+METHODS = ("hrpo", "soft-tokens", "gumbel-soft")  # plain GRPO is --no-hybrid
+LATENT_METHODS = ("soft-tokens", "gumbel-soft")  # thinking inputs scored by their density, no gate
 REPORT_TO = ("none", "tensorboard")
 
 
@@ -108,13 +109,17 @@ class TrainConfig:
         MODEL,
         "what the thinking inputs are and how they are trained: hrpo (the gate's "
         "blend); soft-tokens (Butt et al. 2025: the mixture p @ E plus Gaussian noise of "
-        "--noise-std, trained by the noisy inputs' log-density, answer tokens hard; "
-        "docs/latent-modes.md)",
+        "--noise-std, trained by the noisy inputs' log-density, answer tokens hard); "
+        "gumbel-soft (SofT-GRPO, Zheng et al. 2025: the Gumbel-Softmax mixture of the top-k at "
+        "--gumbel-tau, trained by the Gumbel log-density of the perturbed log-probabilities, "
+        "answer tokens hard; the paper's --top-k 5 --temperature 1.0 --gumbel-tau 0.1); "
+        "docs/latent-modes.md",
         METHODS,
     )
     noise_std: float = option(
         0.1, MODEL, "soft-tokens: the standard deviation of the thinking inputs' noise, in embedding units"
     )
+    gumbel_tau: float = option(0.1, MODEL, "gumbel-soft: the Gumbel-Softmax temperature of the thinking inputs")
     engine: str = option(
         "fast",
         ROLLOUT,
@@ -349,6 +354,8 @@ def latent_for(cfg: TrainConfig) -> LatentParams:
     """The latent mode the method rolls out and trains (hrpo_kernels/latent_input.py)."""
     if cfg.method == "soft-tokens":
         return LatentParams("soft-noise", noise_std=cfg.noise_std)
+    if cfg.method == "gumbel-soft":
+        return LatentParams("gumbel-soft", gumbel_tau=cfg.gumbel_tau)
     return LatentParams()
 
 
@@ -382,8 +389,11 @@ def _check_run(cfg: TrainConfig) -> None:
     _choice(cfg, "engine", ENGINES)
     _choice(cfg, "method", METHODS)
     _floats(cfg, "noise_std", 0, None, lo_open=True)
-    if cfg.method == "soft-tokens" and not cfg.hybrid:
-        raise ConfigError("--method soft-tokens trains thinking inputs: it needs --hybrid (--no-hybrid is plain GRPO)")
+    _floats(cfg, "gumbel_tau", 0, None, lo_open=True)
+    if cfg.method in LATENT_METHODS and not cfg.hybrid:
+        raise ConfigError(
+            f"--method {cfg.method} trains thinking inputs: it needs --hybrid (--no-hybrid is plain GRPO)"
+        )
     _ints(cfg, "group_size", 2)
     _ints(cfg, "batch_size", cfg.group_size if isinstance(cfg.group_size, int) else 2)
     if cfg.batch_size % cfg.group_size:
@@ -399,6 +409,15 @@ def _check_sampling(cfg: TrainConfig) -> None:
     if cfg.logprob_temperature is not None:
         _floats(cfg, "logprob_temperature", 0, None, lo_open=True)
     _ints(cfg, "top_k", 0)
+    if cfg.method == "gumbel-soft" and cfg.top_k == 0:
+        raise ConfigError(
+            "--method gumbel-soft records g' over the top-k candidates: it needs --top-k >= 1 (the paper's: 5)"
+        )
+    if cfg.method == "gumbel-soft" and cfg.logprob_temperature not in (None, cfg.temperature):
+        raise ConfigError(
+            f"--method gumbel-soft scores the mixture the rollout drew at --temperature {cfg.temperature}: "
+            f"leave --logprob-temperature unset (got {cfg.logprob_temperature})"
+        )
     _check(isinstance(cfg.marker, str) and cfg.marker.strip() != "", "marker", "a non-empty string", cfg.marker)
 
 
@@ -415,10 +434,10 @@ def _check_update(cfg: TrainConfig) -> None:
                 f"the sampling temperature: --logprob-temperature {cfg.logprob_temperature} differs "
                 f"from --temperature {cfg.temperature}"
             )
-    if cfg.method == "soft-tokens" and cfg.tis is not None:
+    if cfg.method in LATENT_METHODS and cfg.tis is not None:
         raise ConfigError(
-            "--tis compares token log-probs with the rollout's; soft tokens' thinking positions have a "
-            "log-density the rollout does not record: leave --tis unset with --method soft-tokens"
+            f"--tis compares token log-probs with the rollout's; {cfg.method}'s thinking positions have a "
+            f"log-density the rollout does not record: leave --tis unset with --method {cfg.method}"
         )
     _ints(cfg, "micro_batch_tokens", 1)
     _choice(cfg, "loss_norm", NORMS)

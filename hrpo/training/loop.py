@@ -236,6 +236,7 @@ class Trainer(Stepper):
             "method": self.cfg.method,
             "latent_mode": latent.mode,
             "noise_std": latent.noise_std,
+            "gumbel_tau": latent.gumbel_tau,
             "marker": self.cfg.marker,
             "system_prompt": self.cfg.system_prompt,
             "step": self.state.step,

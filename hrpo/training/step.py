@@ -23,7 +23,13 @@ from hrpo.training.evaluation import decode_completions
 from hrpo.training.loss import group_advantages, tis_weights
 from hrpo.training.reporting import peak_memory
 from hrpo.training.setup import Setup
-from hrpo.training.update import micro_batches, policy_backward, policy_logprobs, reference_logprobs
+from hrpo.training.update import (
+    micro_batches,
+    policy_backward,
+    policy_logprobs,
+    record_gumbel_targets,
+    reference_logprobs,
+)
 
 
 class StepFailed(RuntimeError):
@@ -51,6 +57,7 @@ class Stepper(Setup):
         skipped = "non-finite reward" if self.group.any(not all_finite(rewards)) else None
         plan = micro_batches(out, self.cfg.micro_batch_tokens)
         length = self.group.max(len(plan))  # under FSDP each micro-batch is a collective: every rank runs as many
+        record_gumbel_targets(self.hm, out, plan, self.update, length)  # gumbel-soft's g', before any pass scores it
         t = time.perf_counter()
         with peak_memory(self.device) as mem_ref:
             ref = (

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from hrpo.engine.rollout import Rollout
 from hrpo.model.hybrid import HybridModel, SequenceBatch, distinct_prompts
 from hrpo.training.loss import metric_sums, metrics, per_token_terms, token_weights
-from hrpo_kernels.latent_input import LatentParams
+from hrpo_kernels.latent_input import LatentParams, gumbel_targets
 
 
 def group_rows(batch: SequenceBatch) -> list[list[int]]:
@@ -70,6 +71,8 @@ def trim(batch: SequenceBatch, row_idx: torch.Tensor) -> SequenceBatch:
         sub.completion_mask[:, :t],
         sub.latents[:, :t],
         sub.think_mask[:, :t],
+        None if sub.gumbel_ids is None else sub.gumbel_ids[:, :t],
+        None if sub.gumbel_values is None else sub.gumbel_values[:, :t],
     )
 
 
@@ -92,7 +95,7 @@ class UpdateSettings:
     micro_batch_tokens: int  # padded tokens per micro-batch (--micro-batch-tokens)
     share_prefix: bool = True  # off with gradient checkpointing (it needs the body's KV cache)
     latent: LatentParams = LatentParams()  # the method's thinking inputs (soft tokens: soft-noise)
-    top_k: int = 0  # the rollout's, which the soft tokens' mixture was taken over
+    top_k: int = 0  # the rollout's, which the soft tokens' (and gumbel-soft's) mixture was taken over
 
     @property
     def latent_inputs(self) -> bool:
@@ -118,6 +121,43 @@ def _logprobs(
         if real:
             out[row_idx, : sub.completion_ids.shape[1]] = logp
     return out
+
+
+@torch.no_grad()
+def record_gumbel_targets(
+    hm: HybridModel, out: Rollout, plan: list[torch.Tensor], settings: UpdateSettings, length: int | None = None
+) -> None:
+    """gumbel-soft (SofT-GRPO): store in `out` each thinking position's candidates and g' = log p
+    + g (latent_input.gumbel_targets), p the mixture of the training forward at the rollout's
+    weights (adapters on, before any update; the inputs are the stored ones) and g the rollout's
+    Gumbel noise, re-drawn from its Philox seed and rows. SofT-GRPO's rollout sends g' itself;
+    its p is the sampler's, equal to the training forward's up to the engine's rounding. Every
+    later pass (reference, old, policy) scores this fixed g'. Other methods: nothing to do."""
+    if not (settings.latent_inputs and settings.latent.mode == "gumbel-soft"):
+        return
+    if out.noise_seed is None:
+        raise ValueError("gumbel-soft training re-draws the rollout's Gumbel noise: it needs a seeded rollout")
+    B, T = out.completion_ids.shape
+    k, dev = settings.top_k, out.completion_ids.device
+    out.gumbel_ids = torch.zeros(B, T, k, dtype=torch.long, device=dev)
+    out.gumbel_values = torch.zeros(B, T, k, dtype=torch.float32, device=dev)
+    rows = out.philox_rows()
+    for row_idx, real in padded(plan, length):
+        sub = trim(out, row_idx)
+        h = hm.completion_hidden(sub, True, settings.share_prefix, settings.latent)
+        if not real:
+            continue
+        t = sub.completion_ids.shape[1]
+        soft = sub.think_mask & sub.completion_mask
+        ids, values = gumbel_targets(
+            hm.head_logits(h[soft]), settings.latent, settings.temperature, k, out.noise_seed, rows[row_idx, :t][soft]
+        )
+        sub_ids, sub_values = (
+            torch.zeros_like(out.gumbel_ids[row_idx, :t]),
+            out.gumbel_values.new_zeros(len(row_idx), t, k),
+        )
+        sub_ids[soft], sub_values[soft] = ids, values
+        out.gumbel_ids[row_idx, :t], out.gumbel_values[row_idx, :t] = sub_ids, sub_values
 
 
 def reference_logprobs(

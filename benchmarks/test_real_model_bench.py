@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.eager_reference import eager_rollout
-from benchmarks.test_rollout_bench import never_marker
+from benchmarks.test_rollout_bench import hf_generate, never_marker
 from benchmarks.test_train_step_bench import eager_runner, hrpo_update, random_rollout
 from hrpo.core.prompts import encode_prompts
-from hrpo.engine.rollout import SamplingConfig, left_pad
+from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import RolloutEngine
 from hrpo.model.hybrid import HybridModel
 from hrpo.model.loading import build_policy, load_base_model
@@ -111,19 +111,7 @@ def test_rollout_cpu_smollm2(benchmark, method, dtype, batch):
         def fn():
             return eager_rollout(hm, tok, prompts, NEW, TEMPERATURE, TOP_K, generator=gen)
     elif method == "hf_generate":
-        ids, mask = left_pad(prompts, tok.pad_token_id)
-
-        def fn():
-            return hm.causal_lm.generate(
-                input_ids=ids,
-                attention_mask=mask.long(),
-                do_sample=True,
-                temperature=TEMPERATURE,
-                top_k=TOP_K,
-                max_new_tokens=NEW,
-                min_new_tokens=NEW,
-                pad_token_id=tok.pad_token_id,
-            )
+        fn = hf_generate(hm, prompts, NEW, tok.pad_token_id)
     else:
         engine = RolloutEngine(hm, matcher, [], tok.pad_token_id)
         cfg = SamplingConfig(NEW, TEMPERATURE, TOP_K, hybrid=method == "engine_hybrid")

@@ -152,6 +152,7 @@ def _settings(args, task: str, data: str | None) -> dict:
             **({} if latent_params(args).is_h_hat else {"latent": vars(latent_params(args))}),
         },
         "system_prompt": args.system_prompt,
+        "marker": args.marker,  # where thinking ends: another marker blends other positions
     }
 
 

@@ -25,8 +25,9 @@ import torch
 
 from hrpo.core.distributed import finish_group
 from hrpo.core.errors import ConfigError, error_line
+from hrpo.core.program import cpu_threads, quiet_libraries
 from hrpo.core.signals import SignalStop, stop_at_once
-from hrpo.model.loading import ALIASES, cpu_threads, quiet_libraries
+from hrpo.model.loading import ALIASES
 from hrpo.training.config import (
     STEPS,
     HelpFormatter,

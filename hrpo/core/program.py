@@ -19,6 +19,7 @@ from hrpo.core.errors import error_line
 from hrpo.core.signals import SignalStop, stop_at_once
 
 BAD_INPUT = 2  # the exit code of a one-line error (argparse's own for a bad flag)
+VERBOSE_HELP = "show third-party warnings and model-loading progress bars"
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, verbose_also: str = "") -> None:
@@ -29,8 +30,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, verbose_also: str = "
     group.add_argument(
         "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16"
     )
-    shown = "show third-party warnings and model-loading progress bars"
-    group.add_argument("--verbose", action="store_true", help=shown + verbose_also)
+    group.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + verbose_also)
 
 
 def run_program(
@@ -38,21 +38,23 @@ def run_program(
     work: Callable[[argparse.Namespace], int],
     argv: list[str] | None = None,
     stopped: str = "",
+    name: str | None = None,
 ) -> int:
     """work(parser's arguments) with torch's threads set (cpu_threads), third-party noise off
     unless --verbose, and SIGINT / SIGTERM raising SignalStop; returns work's exit code, or
     BAD_INPUT after `error: ...` for a bad input (ConfigError, DataError, ModelError,
     CheckpointError: ValueErrors; a missing file or a full disk: OSError), or 128 + the signal
-    after `PROGRAM: stopped by SIGNAME{stopped}`. The process group (torchrun's) is left either
-    way; after a failure without waiting for the other ranks."""
+    after `NAME: stopped by SIGNAME{stopped}` (name: by default the parser's program, hrpo.eval
+    of "python -m hrpo.eval"). The process group (torchrun's) is left either way; after a
+    failure without waiting for the other ranks."""
     args = parser.parse_args(argv)
-    program = parser.prog.split()[-1]  # "python -m hrpo.eval": hrpo.eval
+    name = name or parser.prog.split()[-1]
     torch.set_num_threads(cpu_threads())
     try:
         with stop_at_once(), quiet_libraries(args.verbose):
             code = work(args)
     except SignalStop as err:
-        print(f"{program}: stopped by {err}{stopped}", file=sys.stderr)
+        print(f"{name}: stopped by {err}{stopped}", file=sys.stderr)
         finish_group(ok=False)
         return 128 + err.signum
     except (ValueError, OSError) as err:

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.eager_reference import eager_rollout
-from benchmarks.test_rollout_bench import never_marker
-from benchmarks.test_train_step_bench import eager_runner, hrpo_update, random_rollout
+from benchmarks.test_rollout_bench import hf_generate, never_marker
+from benchmarks.test_train_step_bench import eager_runner, hrpo_update, random_rollout, step_rollout, whole_step
 from hrpo.core.prompts import encode_prompts
-from hrpo.engine.rollout import SamplingConfig, left_pad
+from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import RolloutEngine
 from hrpo.model.hybrid import HybridModel
 from hrpo.model.loading import build_policy, load_base_model
@@ -111,19 +111,7 @@ def test_rollout_cpu_smollm2(benchmark, method, dtype, batch):
         def fn():
             return eager_rollout(hm, tok, prompts, NEW, TEMPERATURE, TOP_K, generator=gen)
     elif method == "hf_generate":
-        ids, mask = left_pad(prompts, tok.pad_token_id)
-
-        def fn():
-            return hm.causal_lm.generate(
-                input_ids=ids,
-                attention_mask=mask.long(),
-                do_sample=True,
-                temperature=TEMPERATURE,
-                top_k=TOP_K,
-                max_new_tokens=NEW,
-                min_new_tokens=NEW,
-                pad_token_id=tok.pad_token_id,
-            )
+        fn = hf_generate(hm, prompts, NEW, tok.pad_token_id)
     else:
         engine = RolloutEngine(hm, matcher, [], tok.pad_token_id)
         cfg = SamplingConfig(NEW, TEMPERATURE, TOP_K, hybrid=method == "engine_hybrid")
@@ -233,37 +221,13 @@ def test_update_cpu_smollm2(benchmark, method):
 
 @pytest.mark.parametrize("method", ["eager_baseline", "hrpo"])
 def test_step_cpu_smollm2(benchmark, method):
-    """A whole step, timed as one round after a warm-up step: the rollout (every position
-    blended, no early stop) then the update on a batch of the same shape."""
+    """whole_step on SmolLM2: the rollout of 2 real prompts x 4 (every position blended, no
+    early stop) then the update on a batch of the same shape."""
     hm, tok = smol_policy()
     prompts = [p for p in batch_prompts(tok, 16)[::GROUP] for _ in range(4)]  # 2 prompts x 4
     batch, adv = random_rollout(hm, 2, 4, len(prompts[0]), NEW)
-    gen = torch.Generator().manual_seed(0)
-    if method == "eager_baseline":
-
-        def rollout():
-            return eager_rollout(hm, tok, prompts, NEW, TEMPERATURE, TOP_K, generator=gen)
-
-        update = eager_runner(hm, batch, adv)
-    else:
-        engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], tok.pad_token_id)
-
-        def rollout():
-            return engine.generate(prompts, SamplingConfig(NEW, TEMPERATURE, TOP_K), gen)
-
-        update = hrpo_update(hm, batch, adv, NEW)
-    parts: dict[str, float] = {}
-
-    def step():
-        for name, mode, run in (("rollout_s", hm.eval, rollout), ("update_s", hm.train, update)):
-            mode()
-            start = time.perf_counter()
-            run()
-            parts[name] = time.perf_counter() - start
-
-    step()
+    parts = whole_step(benchmark, method, hm, batch, adv, step_rollout(method, hm, prompts, tok, tok.pad_token_id))
     benchmark.name = f"step-{method}-cpu-smollm2"
-    benchmark.pedantic(step, rounds=1)
     benchmark.extra_info.update(
         method=method,
         device="cpu",

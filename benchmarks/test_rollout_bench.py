@@ -92,27 +92,32 @@ def _record(benchmark, method, device, model, batch, new_tokens, **extra):
     )
 
 
+def hf_generate(hm, prompts: list[list[int]], new_tokens: int, pad_id: int):
+    """A zero-argument callable: one rollout of `prompts` through HF `generate`, plain
+    sampling at the benchmarks' temperature and top-k, exactly `new_tokens` new tokens."""
+    ids, mask = left_pad(prompts, pad_id, hm.lm_weight.device)  # HF's convention for a ragged batch
+
+    def run():
+        return hm.causal_lm.generate(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            do_sample=True,
+            temperature=TEMPERATURE,
+            top_k=TOP_K,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=pad_id,
+        )
+
+    return run
+
+
 def _runner(method, hm, prompts, new_tokens, matcher, decoder_tok, pad_id, generator, engine=None):
     """A zero-argument callable that makes one rollout of `prompts` with `method`."""
-    dev = hm.lm_weight.device
     if method == "eager_reference":
         return lambda: eager_rollout(hm, decoder_tok, prompts, new_tokens, TEMPERATURE, TOP_K, generator=generator)
     if method == "hf_generate":
-        ids, mask = left_pad(prompts, pad_id, dev)  # HF's convention for a ragged batch
-
-        def run():
-            return hm.causal_lm.generate(
-                input_ids=ids,
-                attention_mask=mask.long(),
-                do_sample=True,
-                temperature=TEMPERATURE,
-                top_k=TOP_K,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=pad_id,
-            )
-
-        return run
+        return hf_generate(hm, prompts, new_tokens, pad_id)
     mode = method.removeprefix("engine_")
     cfg = SamplingConfig(
         new_tokens,

@@ -207,26 +207,29 @@ def test_update_gpu(benchmark, model, method, recipe):
     del hm
 
 
-def step_rollout(method: str, hm, prompts: list[list[int]]):
+def step_rollout(method: str, hm, prompts: list[list[int]], tokenizer=None, pad_id: int = 0):
     """rollout(new_tokens) of one whole step. eager_baseline: the eager loop of
     benchmarks/eager_reference.py (HF forward with its cache, full logits, a host-side re-decode
-    of every row each step; the embedded tokenizer's decode on folded ids); hrpo: the engine.
-    Both blend at every position (the marker never completes) and never stop early."""
+    of every row each step with `tokenizer`; without one, the embedded tokenizer's decode on
+    folded ids); hrpo: the engine. Both blend at every position (the marker never completes)
+    and never stop early."""
     if method == "eager_baseline":
-        decoder, gen = FoldedDecode(tiny_tokenizer(), 0), torch.Generator(device=hm.lm_weight.device).manual_seed(0)
+        decoder = tokenizer or FoldedDecode(tiny_tokenizer(), pad_id)
+        gen = torch.Generator(device=hm.lm_weight.device).manual_seed(0)
         return lambda new: eager_rollout(hm, decoder, prompts, new, TEMPERATURE, TOP_K, generator=gen)
-    engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], 0, EngineOptions())
+    engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], pad_id, EngineOptions())
     return lambda new: engine.generate(prompts, SamplingConfig(new, TEMPERATURE, TOP_K), seed=0)
 
 
-def whole_step(benchmark, method: str, hm, batch: SequenceBatch, adv: torch.Tensor) -> dict:
-    """Time one whole step, rollout for the batch's full completion length then update, as the
-    benchmark's one round; returns each part's seconds. Warm-up beforehand: hrpo's full step
-    (its kernels compile, its graphs are captured for this length); the eager baseline's
-    update and an 8-token rollout (eager ops compile nothing: the first steps only set up the
-    BLAS handles and the allocator, and its every step is alike)."""
+def whole_step(benchmark, method: str, hm, batch: SequenceBatch, adv: torch.Tensor, rollout=None) -> dict:
+    """Time one whole step, `rollout(new_tokens)` for the batch's full completion length then
+    the update, as the benchmark's one round; returns each part's seconds. rollout: by default
+    step_rollout of the batch's prompts (random ids: no tokenizer reads them). Warm-up
+    beforehand: hrpo's full step (its kernels compile, its graphs are captured for this
+    length); the eager baseline's update and an 8-token rollout (eager ops compile nothing: the
+    first steps only set up the BLAS handles and the allocator, and its every step is alike)."""
     new = batch.completion_ids.shape[1]
-    rollout = step_rollout(method, hm, batch.prompt_ids.tolist())
+    rollout = rollout or step_rollout(method, hm, batch.prompt_ids.tolist())
     update = eager_runner(hm, batch, adv) if method == "eager_baseline" else hrpo_update(hm, batch, adv, new)
     sync = torch.cuda.synchronize if hm.lm_weight.is_cuda else (lambda: None)
     parts: dict[str, float] = {}

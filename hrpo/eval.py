@@ -30,20 +30,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hrpo.core.distributed import finish_group, init_group, shard
-from hrpo.core.errors import ConfigError, error_line
+from hrpo.core.distributed import init_group, shard
+from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
+from hrpo.core.program import add_runtime_arguments, run_program
 from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT
-from hrpo.core.signals import SignalStop, stop_at_once
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
 from hrpo.model.hybrid import HybridModel
 from hrpo.model.loading import (
     build_policy,
-    cpu_threads,
     eos_token_ids,
     load_base_model,
-    quiet_libraries,
     resolve_device,
     resolve_dtype,
 )
@@ -152,6 +150,7 @@ def _settings(args, task: str, data: str | None) -> dict:
             **({} if latent_params(args).is_h_hat else {"latent": vars(latent_params(args))}),
         },
         "system_prompt": args.system_prompt,
+        "marker": args.marker,  # where thinking ends: another marker blends other positions
     }
 
 
@@ -587,34 +586,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="None: the protocol's (512; 1024 for math and math500)")
     p.add_argument("--max-prompt-length", type=int, help="None: the task recipe's prompt limit")
     p.add_argument("--batch-size", type=int, default=64, help="examples generated together")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda:N")
-    p.add_argument(
-        "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16"
-    )
     p.add_argument("--engine", default="fast", choices=("fast", "reference"), help="rollout loop")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", action="store_true", help="show third-party warnings and model-loading progress bars")
+    add_runtime_arguments(p)
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print and draw the results of these evaluation folders")
     p.add_argument("--png", help="the chart --compare draws; None: comparison.png in the first compared folder")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    torch.set_num_threads(cpu_threads())
-    try:
-        with stop_at_once(), quiet_libraries(args.verbose):
-            code = compare(args.compare, args.png, args.overwrite) if args.compare else run(args)
-    except SignalStop as err:  # finished examples are in samples.jsonl already: a rerun continues
-        print(f"hrpo.eval: stopped by {err}; run the same command again to continue", file=sys.stderr)
-        finish_group(ok=False)
-        return 128 + err.signum
-    except (ValueError, OSError) as err:  # ConfigError, DataError, ModelError, CheckpointError, a full disk...
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        finish_group(ok=False)
-        return 2
-    finish_group()
-    return code
+    # finished examples are in samples.jsonl already: a rerun continues
+    return run_program(parser(), evaluate_or_compare, argv, stopped="; run the same command again to continue")
+
+
+def evaluate_or_compare(args) -> int:
+    return compare(args.compare, args.png, args.overwrite) if args.compare else run(args)
 
 
 if __name__ == "__main__":

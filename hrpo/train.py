@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import textwrap
 from pathlib import Path
 
-import torch
-
 from hrpo.core.distributed import finish_group
-from hrpo.core.errors import ConfigError, error_line
-from hrpo.core.signals import SignalStop, stop_at_once
-from hrpo.model.loading import ALIASES, cpu_threads, quiet_libraries
+from hrpo.core.errors import ConfigError
+from hrpo.core.program import VERBOSE_HELP, run_program
+from hrpo.model.loading import ALIASES
 from hrpo.training.config import (
     STEPS,
     HelpFormatter,
@@ -87,39 +84,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     # not a TrainConfig field: how the command talks, not what the run is
-    p.add_argument("--verbose", action="store_true", help="show third-party warnings and model-loading progress bars")
-    args = p.parse_args(argv)
-    verbose = args.verbose
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    # A signal the run did not turn into Interrupted came before it took its folder: while the
+    # model or the data loaded.
+    return run_program(p, command, argv, stopped=" before the first step; nothing to resume", name="hrpo")
+
+
+def command(args) -> int:
+    """Train, or resume, the run the command line names; a run that stopped itself or on a
+    signal says so in one line and exits 3 or 128 + the signal."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "verbose"}
-    torch.set_num_threads(cpu_threads())
+    if given.get("resume"):
+        output_dir = given.get("output_dir", TrainConfig.output_dir)
+        done = finished_step(output_dir)
+        cfg = resume_config(output_dir, given)  # a changed flag is refused, finished or not
+        if done is not None:
+            print(f"hrpo: {output_dir} finished at step {done}; nothing to do")
+            return 0
+    else:
+        cfg = config_for(given.pop("task", "arith"), **given)
+        check_model_given(cfg)
     try:
-        with stop_at_once(), quiet_libraries(verbose):
-            if given.get("resume"):
-                output_dir = given.get("output_dir", TrainConfig.output_dir)
-                done = finished_step(output_dir)
-                cfg = resume_config(output_dir, given)  # a changed flag is refused, finished or not
-                if done is not None:
-                    print(f"hrpo: {output_dir} finished at step {done}; nothing to do")
-                    return 0
-            else:
-                cfg = config_for(given.pop("task", "arith"), **given)
-                check_model_given(cfg)
-            summary = train(cfg)
-    except SignalStop as err:  # before the run took its folder: loading the model or the data
-        print(
-            f"hrpo: stopped by {signal.Signals(err.signum).name} before the first step; nothing to resume",
-            file=sys.stderr,
-        )
-        return 128 + err.signum
+        summary = train(cfg)
     except Interrupted as err:
         print(f"hrpo: {err}", file=sys.stderr)
         return 128 + err.signum
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, OSError) as err:  # ConfigError, DataError, ModelError, CheckpointError, a full disk...
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 2
     gain = summary["accuracy_after"] - summary["accuracy_before"]
     if summary["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
         print(

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 from conftest import DATA, build_model, build_tokenizer, needs_data
@@ -242,3 +243,24 @@ def test_the_whole_table_from_the_shared_data_layout(tmp_path, capsys):
     assert all(s["prompt"].count("::::") == 3 for s in wiki)
     assert (tmp_path / "corpus.jsonl.bm25").is_dir()  # the index, cached beside the corpus
     assert "| hotpotqa | exact_match |" in printed and "| 31.6 |" in printed
+
+
+def test_an_evaluation_is_not_continued_under_another_answer_marker(trained, tmp_path, capsys):
+    """The marker ends thinking (where latents stop being blended): a folder evaluated under
+    one marker is not continued under another, even for the same checkpoint path."""
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(trained / "run" / "checkpoint", ckpt)
+    out = tmp_path / "eval"
+    args = [*arith_args(trained, out), "--checkpoint", str(ckpt)]  # the later --checkpoint wins
+    assert eval_main(args) == 0
+    assert json.loads((out / "results.json").read_text())["benchmarks"]["arith"]["marker"] == "####"
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    (ckpt / "checkpoint.json").write_text(json.dumps({**meta, "marker": "The answer is"}))
+    capsys.readouterr()
+    assert eval_main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output-dir {out} holds arith evaluated with other settings; choose another folder or pass "
+        "--overwrite\n"
+    )
+    assert eval_main([*args, "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["benchmarks"]["arith"]["marker"] == "The answer is"

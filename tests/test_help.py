@@ -15,7 +15,7 @@ from hrpo.core.errors import ConfigError
 from hrpo.data import build_parser as data_parser
 from hrpo.retrieve import build_parser as retrieve_parser
 from hrpo.train import build_parser as train_parser
-from hrpo.training.config import TrainConfig, config_for, flag, validate_config
+from hrpo.training.config import GROUPS, TrainConfig, config_for, flag, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_TASKS = ("arith", "gsm8k", "math", "mmlu", "rag-qa")
@@ -78,34 +78,30 @@ def test_every_action_has_help(parser):
     assert missing == []
 
 
-def test_every_config_field_has_one_flag_in_one_section():
-    parser = train_parser()
-    sections = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
-    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.dest != "help"}
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert sorted(flags) == sorted(fields)
-    assert all(flags[name] == "--" + name.replace("_", "-") for name in fields)
-    titles = [g.title for g in parser._action_groups][2:]  # after argparse's own two
-    assert titles == [
-        "model and data",
-        "rollout",
-        "loss",
-        "optimisation",
-        "runs and checkpoints",
-        "logging and evaluation",
-        "distributed",
-    ]
-    placed = {
-        "model": "model and data",
-        "temperature": "rollout",
-        "beta": "loss",
-        "lr_lora": "optimisation",
-        "save_every": "runs and checkpoints",
-        "report_to": "logging and evaluation",
-        "fsdp": "distributed",
-    }
-    assert {name: sections[name] for name in placed} == placed
-    assert all(sections[name] in titles for name in fields)
+def help_sections(text: str) -> dict[str, list[str]]:
+    """The sections of a rendered help after its description, in order: title -> the flags
+    whose entries it lists (the first spelling of each: --x of `--x, --no-x`)."""
+    sections: dict[str, list[str]] = {}
+    body = text[text.index("\noptions:\n") + 1 :]
+    for line in body.splitlines():
+        if line and not line.startswith(" "):
+            current = sections.setdefault(line.removesuffix(":"), [])
+        elif re.match(r"  -", line):
+            current.append(line.split()[0].rstrip(","))
+    return sections
+
+
+def test_every_config_field_has_one_flag_in_its_section(monkeypatch):
+    """The help lists the sections in the order hrpo.training.config declares them, and each
+    field's flag once, under the section its field names."""
+    sections = help_sections(rendered(train_parser(), monkeypatch))
+    assert list(sections) == ["options", *GROUPS]
+    assert sections["options"] == ["-h"]
+    fields = dataclasses.fields(TrainConfig)
+    listed = [f for flags in sections.values() for f in flags if f != "-h"]
+    assert sorted(listed) == sorted(flag(f.name) for f in fields)  # each once
+    misplaced = [f.name for f in fields if flag(f.name) not in sections[f.metadata["group"]]]
+    assert misplaced == []
 
 
 def test_help_shows_defaults_choices_and_what_a_step_is(monkeypatch):

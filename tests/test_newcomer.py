@@ -15,11 +15,12 @@ from conftest import small_config
 
 import hrpo.train
 import hrpo.training.setup
+from hrpo.core.program import cpu_threads, quiet_libraries
 from hrpo.eval import main as eval_main
 from hrpo.eval import parser as eval_parser
 from hrpo.inspect.cli import main as inspect_main
 from hrpo.inspect.cli import parser as inspect_parser
-from hrpo.model.loading import build_policy, cpu_threads, load_base_model, quiet_libraries
+from hrpo.model.loading import build_policy, load_base_model
 from hrpo.train import main as train_main
 from hrpo.train import train
 

@@ -144,3 +144,22 @@ def test_adapter_state_round_trip(tmp_path):
     torch.testing.assert_close(dst(input_ids=ids).logits, src(input_ids=ids).logits)
     stray = {"base_model.model.model.layers.0.self_attn.nowhere.lora_A.weight": torch.zeros(4, 64)}
     assert lora.load_adapter_state(dst, stray) == list(stray)
+
+
+def test_adapter_state_is_the_factors_alone_and_looks_no_base_config_up(tmp_path, recwarn):
+    """A base model whose name_or_path holds no config.json (a GGUF's folder) saves without
+    peft looking its config up (it warned "Could not find a config file"), and the state is
+    the adapters' factors, nothing of the frozen embeddings."""
+    base = build_model("qwen2", 320)
+    base.name_or_path = base.config._name_or_path = str(tmp_path)  # a folder without config.json
+    model = lora.attach(base, 4, 8, TARGETS)
+    assert model.peft_config["default"].base_model_name_or_path == str(tmp_path)
+    state = lora.adapter_state(model)
+    assert [str(w.message) for w in recwarn if "config file" in str(w.message)] == []
+    layers = len(base.model.layers)
+    assert sorted(state) == sorted(
+        f"base_model.model.model.layers.{i}.self_attn.{t}.lora_{f}.weight"
+        for i in range(layers)
+        for t in TARGETS
+        for f in "AB"
+    )

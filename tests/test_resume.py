@@ -345,3 +345,30 @@ def test_checkpoint_round_trips_optimizer_scheduler_rng_and_accumulated_gradient
     for i in opt_a:
         for k in opt_a[i]:
             assert torch.equal(opt_a[i][k], opt_b[i][k]), (i, k)
+
+
+def test_a_checkpoint_with_the_old_gate_bias_group_is_refused_in_one_line(model_dir, tmp_path):
+    """Before the gate's biases joined its group, the optimizer had four (lora, gate holding
+    the two weights, gate_bias the two biases without decay, lambda): such a checkpoint is
+    refused naming it and what to do, not read with one parameter's moments as another's."""
+    out = tmp_path / "run"
+    a = _trainer(model_dir, out, save_every=0)
+    a.open_run()
+    gate, lora = a.hm.gate, [g for g in a.opt.param_groups if g["name"] == "lora"][0]
+    a.opt = torch.optim.AdamW(
+        [
+            {"params": lora["params"], "lr": 1e-3, "name": "lora"},
+            {"params": [gate.w_r.weight, gate.w_i.weight], "lr": 1e-3, "name": "gate"},
+            {"params": [gate.w_r.bias, gate.w_i.bias], "lr": 1e-3, "name": "gate_bias", "weight_decay": 0.0},
+            {"params": [gate.lam], "lr": 1e-3, "name": "lambda"},
+        ]
+    )
+    a.device_step(0)  # the old optimizer steps: it holds moments for every parameter
+    saved = a.checkpoint()
+    with pytest.raises(CheckpointError) as err:
+        _trainer(model_dir, out, save_every=0, resume=True)
+    assert str(err.value) == (
+        f"{saved}: cannot resume its optimizer: its groups are lora, gate, gate_bias, lambda, this version's "
+        f"lora, gate, lambda (gate_bias: saved before the gate's biases joined its group); evaluate its policy "
+        f"(python -m hrpo.eval --checkpoint {saved}) or start a new run"
+    )

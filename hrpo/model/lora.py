@@ -61,10 +61,14 @@ def config(model: nn.Module) -> dict:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors by peft's checkpoint names."""
+    """The adapters' tensors by peft's checkpoint names, without the embedding layers: they
+    stay frozen and unresized, and a checkpoint is loaded onto the base model it was trained on
+    (its fingerprint is checked). peft's default ("auto") would look the base model's config.json
+    up by name_or_path to see whether the vocabulary was resized: on the hub for a name, and
+    for a folder that holds none (a GGUF's) it warns "Could not find a config file"."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model)
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

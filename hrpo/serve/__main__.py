@@ -6,17 +6,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import signal
 import sys
 import threading
 
-import torch
 import uvicorn
 
 from hrpo.core.errors import ConfigError
+from hrpo.core.program import add_runtime_arguments, run_program
+from hrpo.core.signals import handled_elsewhere
 from hrpo.engine.scheduler import Scheduler
 from hrpo.eval import add_latent_arguments
-from hrpo.model.loading import cpu_threads, quiet_libraries
 from hrpo.serve.app import build_app
 from hrpo.serve.llm import GREEDY_TEMPERATURE, LLM, TOP_K
 from hrpo.training.config import HelpFormatter
@@ -73,11 +72,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=TOP_K, help="default top_k of requests (0: the whole vocabulary)")
     add_latent_arguments(p)  # hybrid requests' default; a request's latent_mode / latent_options replace it
-    p.add_argument(
-        "--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16"
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda:N")
-    p.add_argument("--verbose", action="store_true", help="third-party warnings, model-loading bars, access logs")
+    add_runtime_arguments(p, verbose_also=", and each request in the access log")
     return p
 
 
@@ -119,30 +114,24 @@ class Server(uvicorn.Server):
             timer.cancel()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    torch.set_num_threads(cpu_threads())
+def serve(args) -> int:
+    """Load the policy, then serve until SIGTERM or Ctrl-C (exit 0 once the server has shut down)."""
+    check(args)
+    llm = LLM(
+        args.checkpoint,
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        max_queue=args.max_queue,
+        token_budget=args.token_budget,
+        system_prompt=None if args.system_prompt is None else args.system_prompt == "paper",
+        temperature=args.temperature,
+        top_k=args.top_k,
+        latent=args,
+    )
     key = args.api_key or os.environ.get(KEY_ENV) or None
-    try:
-        check(args)
-        with quiet_libraries(args.verbose):
-            llm = LLM(
-                args.checkpoint,
-                args.model,
-                dtype=args.dtype,
-                device=args.device,
-                max_batch=args.max_batch,
-                max_model_len=args.max_model_len,
-                max_queue=args.max_queue,
-                token_budget=args.token_budget,
-                system_prompt=None if args.system_prompt is None else args.system_prompt == "paper",
-                temperature=args.temperature,
-                top_k=args.top_k,
-                latent=args,
-            )
-    except (ValueError, OSError) as err:  # ConfigError, ModelError, CheckpointError, ...
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
-        return 2
     if key is None and not loopback(args.host):
         print(
             f"warning: serving on {args.host} without an API key: anyone who reaches it may use it "
@@ -159,22 +148,23 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
     server = Server(config, llm.scheduler, args.shutdown_timeout)
-    llm.scheduler.start()
     print(
         f"hrpo.serve: {llm.name} on http://{args.host}:{args.port}/v1 (hybrid "
         f"{f'on ({llm.latent.mode})' if llm.hybrid else 'off'} by default, max batch {args.max_batch}, "
         f"max model len {llm.max_model_len})",
         flush=True,
     )
-    # uvicorn re-raises the SIGTERM / SIGINT it handled once it has shut down; these handlers
-    # take it, so a stop (refuse new connections, let running requests finish) exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: None)
+    llm.scheduler.start()
     try:
-        server.run()
+        with handled_elsewhere():  # uvicorn stops on SIGTERM / SIGINT: refuse new connections, finish what runs
+            server.run()
     finally:
         llm.scheduler.stop(args.shutdown_timeout)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_program(parser(), serve, argv)
 
 
 if __name__ == "__main__":

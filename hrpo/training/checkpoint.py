@@ -292,6 +292,21 @@ def save_training_checkpoint(
     return _atomic_folder(path, files)
 
 
+def _check_groups(path: Path, state: dict, opt: torch.optim.Optimizer) -> None:
+    """The checkpoint's optimizer groups must be this run's, by name: the moments of one
+    group's parameters cannot be read as another's. A checkpoint from before the gate's
+    biases joined the gate's group (lora, gate, gate_bias, lambda) trained them without weight
+    decay, so no mapping resumes it as the run it was."""
+    saved = [g.get("name") for g in state.get("optimizer", {}).get("param_groups", [])]
+    ours = [g["name"] for g in opt.param_groups]
+    if saved != ours:
+        raise CheckpointError(
+            f"{path}: cannot resume its optimizer: its groups are {', '.join(map(str, saved))}, this "
+            f"version's {', '.join(ours)} (gate_bias: saved before the gate's biases joined its group); "
+            f"evaluate its policy (python -m hrpo.eval --checkpoint {path}) or start a new run"
+        )
+
+
 def load_training_state(
     path: Path,
     hm: HybridModel,
@@ -305,6 +320,7 @@ def load_training_state(
     gradients and this rank's RNGs from `path` (the policy is load_checkpoint's); returns the
     trainer's counters and the metrics so far."""
     state = _read_json(path / "trainer_state.json")
+    _check_groups(path, state, opt)
     params = [p for g in opt.param_groups for p in g["params"]]
     try:
         tensors = _read_tensors(path / "optimizer.safetensors")

@@ -87,7 +87,7 @@ def test_the_captured_step_draws_what_the_engine_draws_alone(engine, tokenizer):
             sched.step()
         assert sched.stats["captures"] >= 1 and GRAPH_GROUPS >= 2
         for r in reqs:
-            cfg = SamplingConfig(r.max_tokens, r.temperature, r.top_k, greedy=r.greedy, hybrid=r.hybrid, latent=r.latent)
+            cfg = SamplingConfig(r.max_tokens, r.temperature, r.top_k, greedy=r.greedy, hybrid=r.hybrid)
             out = engine.generate([r.prompt] * r.n, cfg, seed=r.seed)
             alone = [ids[m].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)]
             assert [c.tokens for c in r.choices] == alone

@@ -94,17 +94,6 @@ def buffer_rows(bufs: StepBuffers, n: int) -> StepBuffers:
     return StepBuffers(*(x[:n] for x in bufs.tensors()[:-1]), n_live=bufs.n_live)
 
 
-def capture_graph(step, device: torch.device) -> torch.cuda.CUDAGraph | StandInGraph:
-    """A CUDA graph of `step`: recorded here, run by each replay() (on the CPU's GPU path,
-    its stand-in). Run `step` once eagerly first: capture records, it does not run."""
-    if device.type == "cpu":
-        return StandInGraph(step)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 class _State:
     """Every buffer of a rollout, allocated for (batch, columns, cache slots) and reused by
     later calls that fit, so that captured graphs stay valid."""
@@ -277,12 +266,23 @@ class RolloutEngine:
             self._step(n, B, cfg, generator, seeded, None)  # a real step that also compiles this shape's kernels
             steps -= 1
             t0 = time.perf_counter()
-            graph = capture_graph(lambda: self._step(n, B, cfg, generator, seeded, None), self.dec.device)
+            graph = self._capture(lambda: self._step(n, B, cfg, generator, seeded, None))
             self.state.graphs[key] = graph
             self.last_stats["graph_captures"] += 1
             self.last_stats["capture_s"] += time.perf_counter() - t0
         for _ in range(steps):
             graph.replay()
+
+    def _capture(self, step) -> torch.cuda.CUDAGraph | StandInGraph:
+        """A CUDA graph of `step`: recorded here, run by each replay() (on the CPU's GPU path,
+        its stand-in). The serving scheduler captures through it too. Run `step` once eagerly
+        first: capture records, it does not run."""
+        if self.dec.device.type == "cpu":
+            return StandInGraph(step)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph
 
     # ------------------------------------------------------------------ a rollout
     # long: checks, prefill and chunked decode share one persistent state; a split is the engine owner's (issue 15)

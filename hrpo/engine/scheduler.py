@@ -45,7 +45,7 @@ from hrpo_kernels.sample_and_mix import sampling_is_fused
 from hrpo_kernels.step_controller import StepBuffers
 
 from .rollout import left_pad
-from .rollout_engine import RolloutEngine, StepRows, buffer_rows, capture_graph
+from .rollout_engine import RolloutEngine, StepRows, buffer_rows
 
 # step_controller's own length limit, past any request's: a row's max_tokens is applied here.
 _NO_LIMIT = 2**62
@@ -474,7 +474,7 @@ class Scheduler:
                 self._step(bucket, plan, None)  # a real step, which also compiles this shape's kernels
                 if len(self.graphs) >= MAX_GRAPHS:
                     self.graphs.clear()
-                self.graphs[key] = capture_graph(lambda: self._step(bucket, plan, None), self.dec.device)
+                self.graphs[key] = self.engine._capture(lambda: self._step(bucket, plan, None))
                 self.stats["captures"] += 1
         self.stats["steps"] += 1
         self._record(n, dict(zip(_OUT, self.out[:, :n].tolist())), top)

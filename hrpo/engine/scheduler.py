@@ -4,23 +4,27 @@ A persistent batch of `max_batch` rows over one static KV cache. Requests join a
 boundaries: the distinct prompts of the requests joining at a step are prefilled together
 into the rows after the running ones, and copied to the rows of each request's `n` choices;
 a finished, stopped or cancelled row leaves at once (the last live row moves into its place,
-so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engine's step
-(rollout_engine.py `_step`) with per-row settings:
+so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engine's own body
+(RolloutEngine.decode_step) with per-row settings in device tensors:
 
-    hidden -> sample_and_mix, once per group of rows sharing (greedy, temperature, top_k,
-              seed, latent mode), each row keyed by its own Philox counter
+    hidden -> sample_and_mix per group of rows sharing (greedy, temperature, top_k, seed,
+              latent mode), each row keyed by its own Philox counter (row id on the device)
            -> step_controller (marker matcher, eos), on one-column step buffers
-           -> the thinking input of each hybrid row's latent mode (thinking_input: the gate's
-              blend of E[token] and h_hat for hrpo, the mode's latent for the others)
+           -> the thinking input of each hybrid row's latent mode (the gate's blend of
+              E[token] and h_hat for hrpo, the mode's latent for the others)
            -> FastDecoder.decode over the rows' own cache lengths -> hidden
+
+On the GPU path the step is captured per batch-size bucket (powers of two up to max_batch;
+the rows past the live ones are idle) and replayed; the host reads the step's results after
+each replay, and rows join and leave between replays (docs/engine.md, "Serving: the
+scheduler's captured step").
 
 Why a request's output does not depend on the batch around it: its prompt is prefilled as the
 engine prefills a batch (right-padded, each row attending to its own tokens only); its rows
 draw the noise the engine gives row j of a lone n-row batch at step t,
 u = philox_uniform(seed, (t * n + j) * V + v) (offset 0, row id t * n + j); every other op is
 row-wise. (Tokens are what the engine gives the request alone; values agree to rounding, as
-between any two batch shapes of the engine.) The host reads each step's tokens (streaming
-needs them), so the step is not captured in a CUDA graph here.
+between any two batch shapes of the engine.)
 """
 
 from __future__ import annotations

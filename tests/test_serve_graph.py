@@ -91,3 +91,24 @@ def test_the_captured_step_draws_what_the_engine_draws_alone(engine, tokenizer):
             out = engine.generate([r.prompt] * r.n, cfg, seed=r.seed)
             alone = [ids[m].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)]
             assert [c.tokens for c in r.choices] == alone
+
+
+def test_idle_rows_of_a_bucket_stay_inside_the_cache(engine, tokenizer):
+    """A row that left a bucket keeps being decoded by its replays (3 live rows in a bucket of 4):
+    parked at slot 0 it never runs past the cache. Unparked, the row that left at length P + 3
+    would go on writing one slot further each step, up to slot P + M - S - 1 >= M."""
+    M = 14
+    short, long_prompt = tokenizer.encode("one"), tokenizer.encode("one two")
+    S, P = len(short), len(long_prompt)
+    assert P >= S + 2 and M - S > 3
+    reqs = [Request(short, max_tokens=M - S, hybrid=False, ignore_eos=True) for _ in range(3)]
+    leaver = Request(long_prompt, max_tokens=3, hybrid=False, ignore_eos=True)
+    with gpu_path_mode():
+        sched = Scheduler(engine, max_batch=4, max_model_len=M)
+        for r in reqs + [leaver]:
+            sched.submit(r)
+        while sched.busy():
+            sched.step()
+    assert [r.error for r in reqs + [leaver]] == [None] * 4
+    assert all(len(r.choices[0].tokens) == r.max_tokens for r in reqs + [leaver])
+    assert {k[0] for k in sched.graphs} == {4}  # the last steps ran 3 rows in the bucket of 4

@@ -38,11 +38,13 @@ import torch.nn.functional as F
 
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
+from hrpo.engine.kv_cache import StaticKVCache
 from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout, thinking_input
 from hrpo.model.hybrid import HybridModel, distinct_prompts
 from hrpo_kernels import sample_and_mix, step_controller
 from hrpo_kernels._common import StandInGraph, next_pow2, on_gpu_path
 from hrpo_kernels._ext import load_extension
+from hrpo_kernels.latent_input import LatentParams
 from hrpo_kernels.sample_and_mix import sampling_is_fused
 from hrpo_kernels.step_controller import StepBuffers
 
@@ -55,6 +57,41 @@ class EngineOptions:
     cuda_graphs: bool = True  # capture the decode step on CUDA
     latent_dtype: torch.dtype = torch.bfloat16
     cpu_kernels: bool = True  # fp32 CPU model: the step in the extension's C++ twins (False: torch ops)
+
+
+@dataclass
+class StepRows:
+    """The rows a decode step runs (views of a batch's buffers, updated in place) and their
+    per-row latent settings: gated, whether a row's thinking input is the gate's blend (hrpo)
+    or the mode's latent itself, one bool for all rows or a bool tensor per row; thinks, the
+    rows that may think (None: all of them)."""
+
+    hidden: torch.Tensor
+    match: torch.Tensor
+    finished: torch.Tensor
+    bufs: StepBuffers
+    t: torch.Tensor
+    cache: StaticKVCache
+    gated: bool | torch.Tensor
+    thinks: torch.Tensor | None = None
+
+
+_GATED, _DIRECT = LatentParams("hrpo"), LatentParams("soft")  # a latent fed through the gate / as it is
+
+
+def thinking_inputs(hm: HybridModel, e, latent, think, gated: bool | torch.Tensor, impl):
+    """thinking_input with the latent mode per row: `gated` a bool for every row, or a bool
+    tensor (both blends computed, each row taking its own: no host branch)."""
+    if isinstance(gated, bool):
+        return thinking_input(hm, e, latent, think, _GATED if gated else _DIRECT, impl=impl)
+    e, a = thinking_input(hm, e, latent, think & gated, _GATED, impl=impl)
+    e, _ = thinking_input(hm, e, latent, think & ~gated, _DIRECT, impl=impl)
+    return e, a
+
+
+def buffer_rows(bufs: StepBuffers, n: int) -> StepBuffers:
+    """The step buffers of rows [0, n) (their live count shared)."""
+    return StepBuffers(*(x[:n] for x in bufs.tensors()[:-1]), n_live=bufs.n_live)
 
 
 class _State:
@@ -139,47 +176,65 @@ class RolloutEngine:
         self._warned_eager = False
 
     # ------------------------------------------------------------------ one decode step
-    def _step(self, n: int, B: int, cfg: SamplingConfig, generator, seeded: bool, max_len: int | None) -> None:
-        s, hm = self.state, self.hm
-        E, W = hm.embed.weight, hm.lm_weight
-        noise = dict(seed=s.seed, offset=s.offset, row_ids=s.order[:n]) if seeded else {}
-        tok, lp, h = sample_and_mix(
-            s.hidden[:n],
-            W,
-            E,
-            cfg.temperature,
-            cfg.top_k,
-            cfg.greedy,
-            generator,
-            **noise,
-            impl=self.impl,
-            latent=cfg.latent,
-        )
-        s.offset.add_(B * W.shape[0])
+    def decode_step(self, rows: StepRows, sample, max_new_tokens: int, track_think: bool, max_len: int | None):
+        """One decode step of `rows`, the body the engine's rollouts and the serving scheduler
+        share: sample(hidden) -> (tokens, log-probs, h_hat), the step controller (marker
+        matcher, finish flags, step buffers; thinking tracked when track_think), the thinking
+        inputs of each row's latent mode, the decoder body. No host sync on the GPU path, so a
+        graph can hold it. Returns (tokens, log-probs, think, gate coefficients a or None)."""
+        tok, lp, h = sample(rows.hidden)
         latent = h.to(self.opts.latent_dtype)
-        bufs = StepBuffers(*(x[:n] for x in s.bufs.tensors()[:-1]), n_live=s.bufs.n_live)
         tokens, think, _ = step_controller(
             self.table,
-            s.match[:n],
-            s.finished[:n],
+            rows.match,
+            rows.finished,
             tok,
             lp,
             h,
             self.eos,
             self.pad_id,
-            s.t,
-            cfg.max_new_tokens,
-            bufs,
-            cfg.hybrid,
+            rows.t,
+            max_new_tokens,
+            rows.bufs,
+            track_think,
             impl=self.impl,
         )
-        e = F.embedding(tokens, E)
-        if cfg.hybrid:
-            e, a = thinking_input(hm, e, latent, think, cfg.latent, impl=self.impl)
-            if a is not None:
-                s.gate_sum[:n] += torch.where(think, a.mean(-1), 0.0)
-                s.gate_n[:n] += think
-        s.hidden[:n] = self.dec.decode(e, s.cache, max_len)
+        if rows.thinks is not None:
+            think = think & rows.thinks
+        e = F.embedding(tokens, self.hm.embed.weight)
+        a = None
+        if track_think:
+            e, a = thinking_inputs(self.hm, e, latent, think, rows.gated, self.impl)
+        rows.hidden[:] = self.dec.decode(e, rows.cache, max_len)
+        return tokens, lp, think, a
+
+    def _step(self, n: int, B: int, cfg: SamplingConfig, generator, seeded: bool, max_len: int | None) -> None:
+        s, hm = self.state, self.hm
+        W = hm.lm_weight
+        noise = dict(seed=s.seed, offset=s.offset, row_ids=s.order[:n]) if seeded else {}
+
+        def sample(hidden):
+            return sample_and_mix(
+                hidden,
+                W,
+                hm.embed.weight,
+                cfg.temperature,
+                cfg.top_k,
+                cfg.greedy,
+                generator,
+                **noise,
+                impl=self.impl,
+                latent=cfg.latent,
+            )
+
+        rows = StepRows(
+            s.hidden[:n], s.match[:n], s.finished[:n], buffer_rows(s.bufs, n), s.t, s.cache, cfg.latent.mode == "hrpo"
+        )
+        _, _, think, a = self.decode_step(rows, sample, cfg.max_new_tokens, cfg.hybrid, max_len)
+        s.offset.add_(B * W.shape[0])  # the next step's noise (only sampling reads the offset)
+        if a is not None:
+            s.gate_sum[:n] += torch.where(think, a.mean(-1), 0.0)
+            s.gate_n[:n] += think
 
     def _capturable(self, cfg: SamplingConfig) -> bool:
         """Whether this rollout's step can go into a CUDA graph: graphs on, and sampling on the
@@ -220,7 +275,8 @@ class RolloutEngine:
 
     def _capture(self, step) -> torch.cuda.CUDAGraph | StandInGraph:
         """A CUDA graph of `step`: recorded here, run by each replay() (on the CPU's GPU path,
-        its stand-in)."""
+        its stand-in). The serving scheduler captures through it too. Run `step` once eagerly
+        first: capture records, it does not run."""
         if self.dec.device.type == "cpu":
             return StandInGraph(step)
         graph = torch.cuda.CUDAGraph()

@@ -4,23 +4,27 @@ A persistent batch of `max_batch` rows over one static KV cache. Requests join a
 boundaries: the distinct prompts of the requests joining at a step are prefilled together
 into the rows after the running ones, and copied to the rows of each request's `n` choices;
 a finished, stopped or cancelled row leaves at once (the last live row moves into its place,
-so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engine's step
-(rollout_engine.py `_step`) with per-row settings:
+so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engine's own body
+(RolloutEngine.decode_step) with per-row settings in device tensors:
 
-    hidden -> sample_and_mix, once per group of rows sharing (greedy, temperature, top_k,
-              seed, latent mode), each row keyed by its own Philox counter
+    hidden -> sample_and_mix per group of rows sharing (greedy, temperature, top_k, seed,
+              latent mode), each row keyed by its own Philox counter (row id on the device)
            -> step_controller (marker matcher, eos), on one-column step buffers
-           -> the thinking input of each hybrid row's latent mode (thinking_input: the gate's
-              blend of E[token] and h_hat for hrpo, the mode's latent for the others)
+           -> the thinking input of each hybrid row's latent mode (the gate's blend of
+              E[token] and h_hat for hrpo, the mode's latent for the others)
            -> FastDecoder.decode over the rows' own cache lengths -> hidden
+
+On the GPU path the step is captured per batch-size bucket (powers of two up to max_batch;
+the rows past the live ones are idle) and replayed; the host reads the step's results after
+each replay, and rows join and leave between replays (docs/engine.md, "Serving: the
+scheduler's captured step").
 
 Why a request's output does not depend on the batch around it: its prompt is prefilled as the
 engine prefills a batch (right-padded, each row attending to its own tokens only); its rows
 draw the noise the engine gives row j of a lone n-row batch at step t,
 u = philox_uniform(seed, (t * n + j) * V + v) (offset 0, row id t * n + j); every other op is
 row-wise. (Tokens are what the engine gives the request alone; values agree to rounding, as
-between any two batch shapes of the engine.) The host reads each step's tokens (streaming
-needs them), so the step is not captured in a CUDA graph here.
+between any two batch shapes of the engine.)
 """
 
 from __future__ import annotations
@@ -38,15 +42,24 @@ import torch
 import torch.nn.functional as F
 
 from hrpo.model.hybrid import distinct_prompts
-from hrpo_kernels import sample_and_mix, step_controller
+from hrpo_kernels import sample_and_mix
+from hrpo_kernels._common import next_pow2
 from hrpo_kernels.latent_input import LatentParams
+from hrpo_kernels.sample_and_mix import sampling_is_fused
 from hrpo_kernels.step_controller import StepBuffers
 
-from .rollout import left_pad, thinking_input
-from .rollout_engine import RolloutEngine
+from .rollout import left_pad
+from .rollout_engine import RolloutEngine, StepRows, buffer_rows
 
 # step_controller's own length limit, past any request's: a row's max_tokens is applied here.
 _NO_LIMIT = 2**62
+# Up to this many distinct sampling settings in the batch, every group samples every row and each
+# row keeps its own group's draw (no host branch: a graph holds it); past it, each group samples
+# its own rows, gathered on the host, and the step runs eagerly.
+GRAPH_GROUPS = 4
+MAX_GRAPHS = 64  # captured steps kept (bucket x settings); past it they are dropped and recaptured
+# the host's read of a step (one transfer): row-wise token, log-prob, eos, think, gate mean, non-finite
+_OUT = ("token", "logprob", "eos", "think", "gate", "bad")
 
 
 class QueueFull(RuntimeError):
@@ -129,6 +142,40 @@ class _Row:
     steps: int = 0  # tokens drawn so far
 
 
+@dataclass(frozen=True)
+class _Group:
+    """Settings the sampling kernels take as launch arguments, shared by a group of rows
+    (with one seed: greedy rows share seed 0, which their tokens do not read)."""
+
+    greedy: bool
+    temperature: float
+    top_k: int
+    latent: LatentParams
+
+
+@dataclass
+class _Plan:
+    """How the batch steps until its rows change: the groups (settings, and their seeds in
+    Scheduler.seeds), whether every row is gated / thinks (a bool) or it differs by row
+    (None: the per-row tensors), the graph key, and each group's rows when it gathers them."""
+
+    groups: list[_Group]
+    gated: bool | None
+    thinks: bool | None
+    key: tuple
+    capture: bool
+    gather: list[torch.Tensor] | None
+
+
+def _group_key(q: Request) -> tuple[_Group, int]:
+    return _Group(q.greedy, q.temperature, q.top_k, q.latent), 0 if q.greedy else q.seed
+
+
+def _uniform(flags: list[bool]) -> bool | None:
+    """The flag every row shares, or None when they differ."""
+    return flags[0] if len(set(flags)) == 1 else None
+
+
 class Scheduler:
     """The batch and its queue. submit() and cancel() may be called from any thread;
     step() from one thread only (start() runs it on a worker thread of its own)."""
@@ -140,6 +187,7 @@ class Scheduler:
         max_model_len: int = 2048,
         max_queue: int = 256,
         token_budget: int | None = None,
+        cuda_graphs: bool = True,
     ):
         if not isinstance(engine, RolloutEngine):
             raise ValueError(f"Scheduler needs the fast engine, got {type(engine).__name__}")
@@ -162,12 +210,24 @@ class Scheduler:
         self.gated = torch.zeros(max_batch, dtype=torch.bool, device=dev)  # hybrid rows in hrpo mode
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
         self.zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        # each row's noise: row id steps * width + choice (width: its request's n), its group's seed
+        self.steps, self.width, self.choice, self.pick, self.seeds = (
+            torch.zeros(max_batch, dtype=torch.int64, device=dev) for _ in range(5)
+        )
+        self.live = torch.zeros(1, dtype=torch.int64, device=dev)  # rows in use; a bucket's others are idle
+        self.out = torch.zeros(len(_OUT), max_batch, dtype=torch.float64, device=dev)
+        # The step is captured per batch-size bucket on the GPU path (CUDA, or the CPU's stand-in).
+        self.graphs_on = cuda_graphs and engine.graphs
+        self.graphs: dict[tuple, object] = {}
+        self.plan: _Plan | None = None  # None: the rows changed since the last step
         self.rows: list[_Row] = []  # row i of the batch
         self.lengths: list[int] = []  # its cache length (host copy of cache.seqlens)
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
         self.dec.refresh()
-        self.stats = dict(requests=0, failed=0, cancelled=0, prompt_tokens=0, generated_tokens=0, steps=0, prefills=0)
+        self.stats = dict(
+            requests=0, failed=0, cancelled=0, prompt_tokens=0, generated_tokens=0, steps=0, prefills=0, captures=0
+        )
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -347,6 +407,10 @@ class Scheduler:
         self.gated[n0 : n0 + m] = torch.tensor(
             [r.hybrid and r.latent.mode == "hrpo" for r in reqs for _ in range(r.n)], device=dev
         )
+        self.steps[n0 : n0 + m] = 0
+        self.width[n0 : n0 + m] = torch.tensor([r.n for r in reqs for _ in range(r.n)], device=dev)
+        self.choice[n0 : n0 + m] = torch.tensor([j for r in reqs for j in range(r.n)], device=dev)
+        self.plan = None
         self.rows += [_Row(r, j) for r in reqs for j in range(r.n)]
         self.lengths += [len(p) for p in prompts]
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in reqs)
@@ -356,55 +420,24 @@ class Scheduler:
                 self._fail(req, "the model produced non-finite values for this prompt")
             self._remove([i for i, r in enumerate(self.rows) if r.request.error])
 
-    def _sample(self, n: int):
-        """Tokens, log-probs and latents (n,), (n,), (n, d) of rows [0, n): one
-        sample_and_mix per group of rows with the same settings, each row's noise its own."""
-        W, E, dev = self.hm.lm_weight, self.hm.embed.weight, self.dec.device
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(self.rows):
-            q = r.request
-            groups.setdefault((q.greedy, q.temperature, q.top_k, 0 if q.greedy else q.seed, q.latent), []).append(i)
-        row_ids = torch.tensor([r.steps * r.request.n + r.choice for r in self.rows], device=dev)
-        if len(groups) == 1:
-            (greedy, temp, k, seed, latent), _ = next(iter(groups.items()))
-            return sample_and_mix(
-                self.hidden[:n],
-                W,
-                E,
-                temp,
-                k,
-                greedy,
-                None,
-                seed=self._seed(seed),
-                offset=self.zero,
-                row_ids=row_ids,
-                impl=self.engine.impl,
-                latent=latent,
-            )
-        tok = torch.empty(n, dtype=torch.int64, device=dev)
-        lp = torch.empty(n, dtype=torch.float32, device=dev)
-        h = torch.empty(n, E.shape[1], dtype=torch.float32, device=dev)
-        for (greedy, temp, k, seed, latent), idx in groups.items():
-            at = torch.tensor(idx, device=dev)
-            t_, l_, h_ = sample_and_mix(
-                self.hidden[at],
-                W,
-                E,
-                temp,
-                k,
-                greedy,
-                None,
-                seed=self._seed(seed),
-                offset=self.zero,
-                row_ids=row_ids[at],
-                impl=self.engine.impl,
-                latent=latent,
-            )
-            tok[at], lp[at], h[at] = t_, l_, h_.float()
-        return tok, lp, h
-
-    def _seed(self, seed: int) -> torch.Tensor:
-        return torch.full((1,), seed, dtype=torch.int64, device=self.dec.device)
+    def _make_plan(self, n: int) -> _Plan:
+        """The groups of rows [0, n) (their seeds, each row's group and the live count written
+        to the device) and whether this batch's step can be captured."""
+        index: dict[tuple, int] = {}
+        picks = [index.setdefault(_group_key(r.request), len(index)) for r in self.rows]
+        dev = self.dec.device
+        self.pick[:n] = torch.tensor(picks, device=dev)
+        self.seeds[: len(index)] = torch.tensor([seed for _, seed in index], device=dev)
+        self.live.fill_(n)
+        groups = [g for g, _ in index]
+        gated = _uniform([r.request.hybrid and r.request.latent.mode == "hrpo" for r in self.rows])
+        thinks = _uniform([r.request.hybrid for r in self.rows])
+        gather = None
+        if len(groups) > GRAPH_GROUPS:
+            gather = [torch.tensor([i for i, p in enumerate(picks) if p == g], device=dev) for g in range(len(groups))]
+        fused = all(sampling_is_fused(self.hidden, self.hm.lm_weight, g.top_k, g.latent) for g in groups)
+        capture = self.graphs_on and fused and gather is None
+        return _Plan(groups, gated, thinks, (tuple(groups), gated, thinks), capture, gather)
 
     def _top(self, n: int) -> dict[int, list[tuple[int, float]]]:
         """The top alternatives (token, log-prob at the row's temperature) of the rows that asked."""
@@ -428,66 +461,111 @@ class Scheduler:
         }
 
     def _decode(self) -> None:
-        n, impl = len(self.rows), self.engine.impl
-        bad = (~torch.isfinite(self.hidden[:n]).all(-1)).nonzero().squeeze(-1).tolist()
-        if bad:
-            for req in {id(self.rows[i].request): self.rows[i].request for i in bad}.values():
-                self._fail(req, "the model produced non-finite logits")
-            self._remove([i for i, r in enumerate(self.rows) if r.request.error])
-            n = len(self.rows)
-            if not n:
-                return
-        top = self._top(n)
-        tok, lp, h = self._sample(n)
-        self.finished[:n] = False  # rows past an eos they ignore decode on
-        self.t.zero_()  # one-column buffers: every step writes column 0
-        bufs = StepBuffers(*(x[:n] for x in self.bufs.tensors()[:-1]), n_live=self.bufs.n_live)
-        tokens, think, _ = step_controller(
-            self.engine.table,
-            self.match[:n],
-            self.finished[:n],
-            tok,
-            lp,
-            h,
-            self.engine.eos,
-            self.engine.pad_id,
-            self.t,
-            _NO_LIMIT,
-            bufs,
-            True,
-            impl=impl,
-        )
-        think = think & self.hybrid[:n]
-        e, a_mean = self._inputs(n, tokens, h, think)
-        self.hidden[:n] = self.dec.decode(e, self.cache, max(self.lengths) + 1)
+        n = len(self.rows)
+        top = self._top(n)  # read from the hidden states before the step, outside any graph
+        if self.plan is None:
+            self.plan = self._make_plan(n)
+        plan = self.plan
+        if not plan.capture:
+            self._step(n, plan, max(self.lengths) + 1)
+        else:
+            bucket = min(next_pow2(n), self.max_batch)
+            key = (bucket, *plan.key)
+            graph = self.graphs.get(key)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._step(bucket, plan, None)  # a real step, which also compiles this shape's kernels
+                if len(self.graphs) >= MAX_GRAPHS:
+                    self.graphs.clear()
+                self.graphs[key] = self.engine._capture(lambda: self._step(bucket, plan, None))
+                self.stats["captures"] += 1
         self.stats["steps"] += 1
-        self._record(n, tokens, lp, think, a_mean, top)
+        self._record(n, dict(zip(_OUT, self.out[:, :n].tolist())), top)
 
-    def _inputs(self, n: int, tokens, h, think):
-        """The next inputs of rows [0, n) and the gate's mean coefficient per row (None: no row
-        gated): E[token], and at thinking positions each row's mode's input (thinking_input,
-        as the engine), once for the gated rows and once for the rest, whose latent is the input."""
-        e = F.embedding(tokens, self.hm.embed.weight)
-        latent, a_mean = h.to(self.engine.opts.latent_dtype), None
-        gated = think & self.gated[:n]
-        if bool(gated.any()):
-            e, a = thinking_input(self.hm, e, latent, gated, LatentParams("hrpo"), impl=self.engine.impl)
-            a_mean = a.mean(-1)
-        direct = think & ~self.gated[:n]
-        if bool(direct.any()):
-            e, _ = thinking_input(self.hm, e, latent, direct, LatentParams("soft"), impl=self.engine.impl)
-        return e, a_mean
+    def _step(self, b: int, plan: _Plan, max_len: int | None) -> None:
+        """One step of rows [0, b): the engine's decode_step with each row's settings, its
+        results written to self.out; no host sync. Captured, b is the batch-size bucket and the
+        rows past self.live are its idle rows: they decode from slot 0 of a free cache row, and
+        nobody reads them."""
+        hidden = self.hidden[:b]
+        bad = ~torch.isfinite(hidden).all(-1)
+        hidden.masked_fill_(bad[:, None], 0.0)  # such a row fails on the host; its draw stays harmless
+        if plan.capture:
+            idle = torch.arange(b, device=hidden.device) >= self.live
+            self.cache.seqlens[:b].masked_fill_(idle, 0)
+        self.finished[:b] = False  # rows past an eos they ignore decode on
+        self.t.zero_()  # one-column buffers: every step writes column 0
+        row_ids = self.steps[:b] * self.width[:b] + self.choice[:b]
+        rows = StepRows(
+            hidden,
+            self.match[:b],
+            self.finished[:b],
+            buffer_rows(self.bufs, b),
+            self.t,
+            self.cache,
+            self.gated[:b] if plan.gated is None else plan.gated,
+            self.hybrid[:b] if plan.thinks is None else None,
+        )
+        track = plan.thinks is not False
+        tok, lp, think, a = self.engine.decode_step(
+            rows, lambda h: self._sample(h, plan, row_ids), _NO_LIMIT, track, max_len
+        )
+        self.steps[:b] += 1
+        gate = a.mean(-1) if a is not None else torch.zeros_like(lp)
+        for i, x in enumerate((tok, lp, self.finished[:b], think, gate, bad)):
+            self.out[i, :b] = x
 
-    def _record(self, n: int, tokens, lp, think, a_mean, top) -> None:
+    def _sample(self, hidden: torch.Tensor, plan: _Plan, row_ids: torch.Tensor):
+        """Tokens, log-probs and latents of the rows: each group's draw for its rows, each row
+        keyed by its own Philox counter (row id) under its group's seed."""
+
+        def draw(g: int, at: torch.Tensor | None):
+            grp, h, ids = plan.groups[g], hidden, row_ids
+            if at is not None:
+                h, ids = hidden[at], row_ids[at]
+            return sample_and_mix(
+                h,
+                self.hm.lm_weight,
+                self.hm.embed.weight,
+                grp.temperature,
+                grp.top_k,
+                grp.greedy,
+                None,
+                seed=self.seeds[g : g + 1],
+                offset=self.zero,
+                row_ids=ids,
+                impl=self.engine.impl,
+                latent=grp.latent,
+            )
+
+        if len(plan.groups) == 1:
+            return draw(0, None)
+        if plan.gather is None:  # every group draws every row; a row keeps its own group's
+            tok, lp, h = draw(0, None)
+            pick = self.pick[: hidden.shape[0]]
+            for g in range(1, len(plan.groups)):
+                t_, l_, h_ = draw(g, None)
+                mine = pick == g
+                tok, lp, h = torch.where(mine, t_, tok), torch.where(mine, l_, lp), torch.where(mine[:, None], h_, h)
+            return tok, lp, h
+        n = hidden.shape[0]
+        tok = torch.empty(n, dtype=torch.int64, device=hidden.device)
+        lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        h = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        for g, at in enumerate(plan.gather):
+            t_, l_, h_ = draw(g, at)
+            tok[at], lp[at], h[at] = t_, l_, h_.float()
+        return tok, lp, h
+
+    def _record(self, n: int, out: dict[str, list[float]], top) -> None:
         """Append each row's token, end the rows that finished, and tell each request."""
-        toks, lps, eos, thinks = tokens.tolist(), lp.tolist(), self.finished[:n].tolist(), think.tolist()
-        gated = self.gated[:n].tolist()
-        gates = a_mean.tolist() if a_mean is not None else [0.0] * n
+        toks, lps, gates = [int(x) for x in out["token"]], out["logprob"], out["gate"]
         updates: dict[int, tuple[Request, list[Update]]] = {}
         ended, failed = [], []
         for i, r in enumerate(self.rows):
             req, c = r.request, r.request.choices[r.choice]
-            if not math.isfinite(lps[i]):
+            if out["bad"][i] or not math.isfinite(lps[i]):
                 failed.append(req)
                 continue
             r.steps += 1
@@ -496,12 +574,12 @@ class Scheduler:
             c.logprobs.append(lps[i])
             if top:
                 c.top.append(top.get(i, []))
-            if thinks[i]:
+            if out["think"][i]:
                 c.thinking_tokens += 1
-            if thinks[i] and gated[i]:
+            if out["think"][i] and req.hybrid and req.latent.mode == "hrpo":
                 c.gate_sum += gates[i]
                 c.gate_steps += 1
-            if (eos[i] and not req.ignore_eos) or (req.stop is not None and req.stop(r.choice, c.tokens)):
+            if (out["eos"][i] and not req.ignore_eos) or (req.stop is not None and req.stop(r.choice, c.tokens)):
                 c.finish = "stop"
             elif r.steps >= req.max_tokens:
                 c.finish = "length"
@@ -537,10 +615,13 @@ class Scheduler:
             self.cache.v[:, dst, :upto] = self.cache.v[:, src, :upto]
             for x in (self.cache.seqlens, self.hidden, self.match, self.hybrid, self.gated):
                 x[dst] = x[src]
+            for x in (self.steps, self.width, self.choice):
+                x[dst] = x[src]
             self.finished[dst] = False
             for d_, s_ in zip(holes, movers):
                 self.rows[d_], self.lengths[d_] = self.rows[s_], self.lengths[s_]
         del self.rows[keep_n:], self.lengths[keep_n:]
+        self.plan = None
 
     def _fail(self, req: Request, message: str, counter: str = "failed") -> None:
         """End `req` with an error (its on_update hears of it with no updates)."""

@@ -116,7 +116,9 @@ def add_latent_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         help="soft-noise's standard deviation (embedding units); None: the checkpoint's, else 0.1",
     )
-    p.add_argument("--gumbel-tau", type=float, default=0.1, help="gumbel-soft's Gumbel-Softmax temperature")
+    p.add_argument(
+        "--gumbel-tau", type=float, help="gumbel-soft's Gumbel-Softmax temperature; None: the checkpoint's, else 0.1"
+    )
 
 
 def latent_params(args) -> LatentParams:
@@ -323,12 +325,15 @@ def recorded_settings(args, meta: dict) -> None:
 
 
 def recorded_latent(args, meta: dict) -> LatentParams:
-    """latent_params(args), --latent-mode and --noise-std left unset (None) as the checkpoint
-    was trained (soft-noise and its sigma for --method soft-tokens; no mode recorded: hrpo)."""
+    """latent_params(args), --latent-mode, --noise-std and --gumbel-tau left unset (None) as the
+    checkpoint was trained (soft-noise and its sigma for --method soft-tokens, gumbel-soft and its
+    tau for --method gumbel-soft; no mode recorded: hrpo)."""
     if args.latent_mode is None:
         args.latent_mode = meta.get("latent_mode", "hrpo")
     if args.noise_std is None:
         args.noise_std = meta.get("noise_std", LatentParams.noise_std)
+    if args.gumbel_tau is None:
+        args.gumbel_tau = meta.get("gumbel_tau", LatentParams.gumbel_tau)
     return latent_params(args)
 
 

@@ -23,6 +23,8 @@ from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import SamplingConfig, rollout
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.eval import latent_params, recorded_settings
+from hrpo.eval import parser as eval_parser
 from hrpo.model import lora
 from hrpo.train import train
 from hrpo.training.checkpoint import read_checkpoint_meta
@@ -240,3 +242,10 @@ def test_gumbel_soft_run_end_to_end(model_dir, tmp_path):
     assert all(r["gate_a"] is None or math.isnan(r["gate_a"]) for r in records)
     meta = read_checkpoint_meta(out / "checkpoint")
     assert (meta["method"], meta["latent_mode"], meta["gumbel_tau"]) == ("gumbel-soft", "gumbel-soft", 0.3)
+    # evaluation decodes it with the tau it was trained with unless told otherwise
+    args = eval_parser().parse_args(["--checkpoint", str(out / "checkpoint")])
+    recorded_settings(args, meta)
+    assert latent_params(args) == LatentParams("gumbel-soft", gumbel_tau=0.3)
+    args = eval_parser().parse_args(["--checkpoint", str(out / "checkpoint"), "--gumbel-tau", "0.5"])
+    recorded_settings(args, meta)
+    assert latent_params(args).gumbel_tau == 0.5

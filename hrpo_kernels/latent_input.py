@@ -132,19 +132,11 @@ def mixture_weights(
     B, V = logits.shape
     if not greedy and params.mode in ("soft-noise", "gumbel-soft") and seed is None:
         raise ValueError(f"latent_input: mode {params.mode} draws Philox noise and needs a seed")
-    logits = logits.float()
-    x = logits / params.mix_temperature(temperature)
-    support = torch.ones_like(x, dtype=torch.bool)
-    if 0 < top_k < V:
-        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
-    p = torch.softmax(x.masked_fill(~support, float("-inf")), dim=-1)
-    if params.top_p < 1:
-        p = _nucleus(p, params.top_p)
-        support = p > 0
+    p, x, support = _mixture_p(logits, params, temperature, top_k)
     if params.mode == "hrpo":
         return p / p.norm(dim=-1, keepdim=True)
     if params.mode == "moi":
-        H = -(p * torch.log(p.clamp_min(1e-30))).sum(-1, keepdim=True) / math.log(V)
+        H = entropy_nats(p)[:, None] / math.log(V)
         lam = H / (params.beta + 1)
         return lam * p + (1 - lam) * F.one_hot(tokens.long(), V).to(p.dtype)
     if params.mode == "gumbel-soft":
@@ -156,6 +148,35 @@ def mixture_weights(
         logp = torch.log(p.clamp_min(1e-30))
         return torch.softmax(((logp + g) / params.gumbel_tau).masked_fill(~support, float("-inf")), dim=-1)
     return p
+
+
+def _mixture_p(logits: torch.Tensor, params: LatentParams, temperature: float, top_k: int):
+    """The mixture distribution p (module docstring), the scores l / T_mix and p's support."""
+    V = logits.shape[-1]
+    logits = logits.float()
+    x = logits / params.mix_temperature(temperature)
+    support = torch.ones_like(x, dtype=torch.bool)
+    if 0 < top_k < V:
+        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+    p = torch.softmax(x.masked_fill(~support, float("-inf")), dim=-1)
+    if params.top_p < 1:
+        p = _nucleus(p, params.top_p)
+        support = p > 0
+    return p, x, support
+
+
+def entropy_nats(p: torch.Tensor) -> torch.Tensor:
+    """(B,) -sum_v p_v log p_v in nats (0 log 0 = 0)."""
+    return -torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), 0.0).sum(-1)
+
+
+def mixture_entropy(
+    logits: torch.Tensor, params: LatentParams | None, temperature: float, top_k: int = 0
+) -> torch.Tensor:
+    """(B,) fp32 entropy in nats of the mixture distribution p (the module docstring's p, before
+    any mode's transform or noise): what the fused passes write to `entropy` for Soft Thinking's
+    cold stop (hrpo/engine/rollout.py, ColdStop)."""
+    return entropy_nats(_mixture_p(logits, params or LatentParams(), temperature, top_k)[0])
 
 
 def latent_input_reference(

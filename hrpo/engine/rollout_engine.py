@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
-from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout, thinking_input
+from hrpo.engine.rollout import Rollout, SamplingConfig, cold_stop_step, left_pad, rollout, thinking_input
 from hrpo.model.hybrid import HybridModel, distinct_prompts
 from hrpo_kernels import sample_and_mix, step_controller
 from hrpo_kernels._common import StandInGraph, next_pow2, on_gpu_path
@@ -72,6 +72,8 @@ class _State:
         self.order = torch.zeros(batch, dtype=torch.int64, device=dev)  # original row of each row
         self.gate_sum = torch.zeros(batch, dtype=torch.float32, device=dev)
         self.gate_n = torch.zeros(batch, dtype=torch.float32, device=dev)
+        self.cold = torch.zeros(batch, dtype=torch.int64, device=dev)  # the cold stop's counters
+        self.entropy = torch.zeros(batch, dtype=torch.float32, device=dev)  # this step's, for the cold stop
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
         self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -85,7 +87,7 @@ class _State:
         b.tokens[:B].fill_(pad_id)
         for x in (b.logprobs, b.think, b.mask):
             x[:B].zero_()
-        for x in (self.match, self.finished, self.gate_sum, self.gate_n, self.t, self.offset):
+        for x in (self.match, self.finished, self.gate_sum, self.gate_n, self.cold, self.t, self.offset):
             x.zero_()
         torch.arange(first, first + B, out=self.order[:B])  # each row's row in the whole batch: its noise
 
@@ -105,6 +107,7 @@ class _State:
             self.order,
             self.gate_sum,
             self.gate_n,
+            self.cold,
         ):
             x[:n] = x[:n][perm]
         self.cache.gather_rows(perm[:n_new], upto)
@@ -123,6 +126,7 @@ class RolloutEngine:
         self.pad_id = int(pad_id)
         self.table = matcher.table.to(dev).contiguous()
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], dtype=torch.int64, device=dev)
+        self.marker_ids = torch.tensor(matcher.marker_ids, dtype=torch.int64, device=dev)
         self.graphs = self.gpu_path and self.opts.cuda_graphs and load_extension() is not None
         if self.gpu_path and self.opts.cuda_graphs and not self.graphs:
             warnings.warn(
@@ -143,6 +147,7 @@ class RolloutEngine:
         s, hm = self.state, self.hm
         E, W = hm.embed.weight, hm.lm_weight
         noise = dict(seed=s.seed, offset=s.offset, row_ids=s.order[:n]) if seeded else {}
+        cs = cfg.cold_stop
         tok, lp, h = sample_and_mix(
             s.hidden[:n],
             W,
@@ -154,8 +159,12 @@ class RolloutEngine:
             **noise,
             impl=self.impl,
             latent=cfg.latent,
+            entropy=s.entropy[:n] if cs else None,
         )
         s.offset.add_(B * W.shape[0])
+        if cs:
+            thinking = ~s.finished[:n] & (s.match[:n] != self.table.shape[0] - 1)
+            tok, lp, forced = cold_stop_step(cs, s.cold[:n], s.entropy[:n], thinking, tok, lp, self.marker_ids)
         latent = h.to(self.opts.latent_dtype)
         bufs = StepBuffers(*(x[:n] for x in s.bufs.tensors()[:-1]), n_live=s.bufs.n_live)
         tokens, think, _ = step_controller(
@@ -173,6 +182,11 @@ class RolloutEngine:
             cfg.hybrid,
             impl=self.impl,
         )
+        if cs:  # a forced marker token is fed (and recorded) as a plain token
+            think &= ~forced
+            col = (s.t - 1).clamp(0, s.bufs.think.shape[1] - 1)  # the column just written (when forced)
+            rec = s.bufs.think[:n]
+            rec.index_copy_(1, col, rec.index_select(1, col) & ~forced[:, None])
         e = F.embedding(tokens, E)
         if cfg.hybrid:
             e, a = thinking_input(hm, e, latent, think, cfg.latent, impl=self.impl)
@@ -205,7 +219,8 @@ class RolloutEngine:
             for i in range(steps):
                 self._step(n, B, cfg, generator, seeded, host_len + i + 1 if trim else None)
             return
-        key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, cfg.latent, seeded)
+        key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, cfg.latent, cfg.cold_stop)
+        key += (seeded,)
         graph = self.state.graphs.get(key)
         if graph is None:
             self._step(n, B, cfg, generator, seeded, None)  # a real step that also compiles this shape's kernels

@@ -1,0 +1,160 @@
+"""Soft Thinking's cold stop (hrpo/engine/rollout.py ColdStop): the entropy every sampling path
+writes from its pass over the vocabulary, the counter rule on hand-made entropy sequences, and
+the rule through the engine (C++ step, torch step, the GPU path's captured step) and the
+reference loop, against entropies worked out by hand."""
+
+import math
+
+import pytest
+import torch
+from conftest import build_model
+from test_engine import F32, policy
+from test_rollout_engine import assert_same
+
+from hrpo.core.marker import MarkerMatcher
+from hrpo.engine.rollout import ColdStop, SamplingConfig, cold_stop_step, rollout
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo_kernels import sample_and_mix
+from hrpo_kernels._common import StandInGraph, gpu_path_mode
+from hrpo_kernels._ext import load_extension
+from hrpo_kernels.latent_input import LatentParams
+from hrpo_kernels.sample_and_mix import sample_and_mix_reference, sample_and_mix_triton
+
+NEG = -1e4  # a logit whose probability is exp(-1e4): 0 in fp32
+LN2 = math.log(2.0)
+
+
+def _rows():
+    """Logits rows over V = 8 (the hidden states, with lm_weight = I) and, per temperature 2
+    and top_k 0 / 4, the entropy of p by hand:
+    row 0 [0, 0, 0, 0, -inf..]: uniform over 4, ln 4 (top-4: the same 4 tokens);
+    row 1 [2 ln 2, 0, 0, -inf..] at T = 2: p = (2, 1, 1) / 4, H = 1.5 ln 2;
+    row 2 [0, 0, -1e4 + 1, -1e4 + 1, ...]: uniform over 2, ln 2 (-1e4 + 1 keeps them in a top-4
+    set with probability 0)."""
+    h = torch.full((3, 8), NEG)
+    h[0, :4] = 0.0
+    h[1, :3] = torch.tensor([2 * LN2, 0.0, 0.0])
+    h[2, :2] = 0.0
+    h[2, 2:] = NEG + 1
+    return h, torch.tensor([2 * LN2, 1.5 * LN2, LN2])
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+@pytest.mark.parametrize("path", ["reference", "triton", "cpp"])
+def test_every_path_writes_the_entropy_of_p(path, top_k):
+    if path == "cpp" and (top_k == 0 or load_extension() is None):
+        pytest.skip("the C++ twin samples top-k only" if top_k == 0 else "the C++ extension did not build")
+    h, want = _rows()
+    eye = torch.eye(8)
+    seed, offset = torch.tensor([3]), torch.tensor([0])
+    ent = torch.full((3,), -1.0)
+    kw = dict(seed=seed, offset=offset, latent=LatentParams("soft"), entropy=ent)
+    if path == "reference":
+        sample_and_mix_reference(h, eye, eye, 2.0, top_k, **kw)
+    elif path == "triton":
+        sample_and_mix_triton(h, eye, eye, 2.0, top_k, **kw)
+    else:
+        sample_and_mix(h, eye, eye, 2.0, top_k, impl="ext", **kw)
+    torch.testing.assert_close(ent, want, atol=1e-5, rtol=0)
+
+
+def test_counter_fires_at_the_kth_consecutive_low_step_and_forces_the_marker():
+    """tau 0.5, k 3. Row 0: entropies 0.4 0.6 0.1 0.2 0.3: counts 1 0 1 2 3, so it fires at
+    step 4 (not 3) with marker token 7, then writes 9 at step 5. Row 1 is below 0.5 twice in a
+    row at most (never fires). Row 2 sits at 0.5 exactly: not below (never fires)."""
+    cs = ColdStop(entropy=0.5, steps=3)
+    H = torch.tensor(
+        [
+            [0.4, 0.6, 0.1, 0.2, 0.3, 5.0, 5.0],
+            [0.1, 0.2, 0.9, 0.1, 0.2, 0.7, 0.4],
+            [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+        ]
+    )
+    marker = torch.tensor([7, 9])
+    count = torch.zeros(3, dtype=torch.int64)
+    drawn = torch.tensor([1, 2, 3])
+    seen, counts = [], []
+    for t in range(H.shape[1]):
+        thinking = torch.tensor([t < 6, True, True])  # row 0's marker is complete after step 5
+        tok, lp, forced = cold_stop_step(cs, count, H[:, t], thinking, drawn, torch.full((3,), -1.5), marker)
+        seen.append(tok.tolist())
+        counts.append(count.tolist())
+        assert lp.tolist() == [0.0 if f else -1.5 for f in forced.tolist()]
+    assert [c[0] for c in counts] == [1, 0, 1, 2, 3, 4, 4]
+    assert [c[1] for c in counts] == [1, 2, 0, 1, 2, 0, 1]
+    assert [c[2] for c in counts] == [0] * 7
+    assert [s[0] for s in seen] == [1, 1, 1, 1, 7, 9, 1]
+    assert [s[1] for s in seen] == [2] * 7 and [s[2] for s in seen] == [3] * 7
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="entropy threshold must be > 0"):
+        ColdStop(entropy=0.0, steps=3)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        ColdStop(entropy=0.1, steps=0)
+    with pytest.raises(ValueError, match="plain decoding"):
+        SamplingConfig(hybrid=False, cold_stop=ColdStop(0.1, 2))
+    with pytest.raises(ValueError, match="gumbel-soft"):
+        SamplingConfig(latent=LatentParams("gumbel-soft"), cold_stop=ColdStop(0.1, 2))
+
+
+TEMP = 1000.0  # p is uniform over the top-k to within 1e-5 nats: H = ln k by hand
+
+
+def _runs(tokenizer, opts, cold_stop, top_k=20, max_new=8, **kw):
+    """(base: no cold stop, reference loop with cold stop, engine with cold stop) on 4 rows."""
+    hm = policy(build_model("qwen2", len(tokenizer)))
+    prompts = [tokenizer.encode(p) for p in ("Tom has 12 apples", "x", "What is 3 + 4?", "Sam")]
+    matcher, eos = MarkerMatcher(tokenizer), [tokenizer.eos_token_id]
+    base_cfg = SamplingConfig(max_new_tokens=max_new, temperature=TEMP, top_k=top_k, latent=LatentParams("soft"))
+    cfg = SamplingConfig(**{**base_cfg.__dict__, "cold_stop": cold_stop})
+    args = (matcher, eos, tokenizer.pad_token_id)
+    base = rollout(hm, prompts, base_cfg, *args, seed=5, latent_dtype=torch.float32)
+    ref = rollout(hm, prompts, cfg, *args, seed=5, latent_dtype=torch.float32)
+    engine = RolloutEngine(hm, *args, opts)
+    return base, ref, engine.generate(prompts, cfg, seed=5), matcher.marker_ids
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpp", "torch"])
+def test_engine_and_reference_fire_at_step_k_and_then_decode_plain(tokenizer, cpu_kernels):
+    """H = ln 20 at every step; tau just above it: every row's counter reaches k = 3 at step 2,
+    so steps 0-1 are the uncut rollout's, steps 2-3 the marker's two tokens (log-prob 0, not
+    thinking), and the rows go on in plain tokens."""
+    opts = EngineOptions(cpu_kernels=cpu_kernels, **F32)
+    base, ref, out, marker = _runs(tokenizer, opts, ColdStop(entropy=math.log(20) + 1e-3, steps=3))
+    assert_same(ref, out)
+    assert base.think_mask[:, :4].all(), "the uncut rollout must still be thinking at step 3"
+    assert torch.equal(out.completion_ids[:, :2], base.completion_ids[:, :2])
+    assert torch.equal(ref.latents[:, :2], base.latents[:, :2])
+    assert (out.completion_ids[:, 2:4] == torch.tensor(marker)).all()
+    assert (out.logprobs[:, 2:4] == 0).all() and (out.logprobs[:, :2] < 0).all()
+    assert out.think_mask[:, :2].all() and not out.think_mask[:, 2:].any()
+    assert out.completion_mask[:, 4:].any(), "the rows must decode past the marker"
+
+
+def test_a_threshold_never_reached_leaves_the_rollout_unchanged(tokenizer):
+    """tau just below ln 20: no step is below it, so the rollout is the uncut one."""
+    opts = EngineOptions(**F32)
+    base, ref, out, _ = _runs(tokenizer, opts, ColdStop(entropy=math.log(20) - 1e-3, steps=1))
+    assert_same(base, ref)
+    assert_same(base, out)
+
+
+def test_captured_step_fires_with_no_host_sync(tokenizer, monkeypatch):
+    """The GPU path on the CPU (full-vocabulary Triton pass, graphs through the StandInGraph,
+    which raises on a host sync): H = ln 320 (uniform over V); k = 4 fires at step 3 on every
+    row, as in the reference loop."""
+    replays = []
+    real = StandInGraph.replay
+    monkeypatch.setattr(StandInGraph, "replay", lambda self: replays.append(1) or real(self))
+    with gpu_path_mode():
+        opts = EngineOptions(check_every=3, **F32)
+        cs = ColdStop(entropy=math.log(320) + 1e-3, steps=4)
+        base, ref, out, marker = _runs(tokenizer, opts, cs, top_k=0, max_new=7)
+    assert replays, "the step must have been captured and replayed"
+    assert out.stats["graph_captures"] >= 1
+    for name in ("completion_ids", "completion_mask", "think_mask"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+    assert torch.equal(out.completion_ids[:, :3], base.completion_ids[:, :3])
+    assert (out.completion_ids[:, 3:5] == torch.tensor(marker)).all()
+    assert out.think_mask[:, :3].all() and not out.think_mask[:, 3:].any()

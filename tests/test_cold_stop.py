@@ -3,7 +3,9 @@ writes from its pass over the vocabulary, the counter rule on hand-made entropy 
 the rule through the engine (C++ step, torch step, the GPU path's captured step) and the
 reference loop, against entropies worked out by hand."""
 
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,10 @@ from test_rollout_engine import assert_same
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import ColdStop, SamplingConfig, cold_stop_step, rollout
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
+from hrpo.engine.scheduler import Request, RequestError, Scheduler
+from hrpo.eval import main as eval_main
+from hrpo.serve.app import ApiError, Parsed, _cold_stop
+from hrpo.serve.llm import LLM
 from hrpo_kernels import sample_and_mix
 from hrpo_kernels._common import StandInGraph, gpu_path_mode
 from hrpo_kernels._ext import load_extension
@@ -76,7 +82,9 @@ def test_counter_fires_at_the_kth_consecutive_low_step_and_forces_the_marker():
     seen, counts = [], []
     for t in range(H.shape[1]):
         thinking = torch.tensor([t < 6, True, True])  # row 0's marker is complete after step 5
-        tok, lp, forced = cold_stop_step(cs, count, H[:, t], thinking, drawn, torch.full((3,), -1.5), marker)
+        tok, lp, forced = cold_stop_step(
+            cs.entropy, cs.steps, count, H[:, t], thinking, drawn, torch.full((3,), -1.5), marker
+        )
         seen.append(tok.tolist())
         counts.append(count.tolist())
         assert lp.tolist() == [0.0 if f else -1.5 for f in forced.tolist()]
@@ -158,3 +166,86 @@ def test_captured_step_fires_with_no_host_sync(tokenizer, monkeypatch):
     assert torch.equal(out.completion_ids[:, :3], base.completion_ids[:, :3])
     assert (out.completion_ids[:, 3:5] == torch.tensor(marker)).all()
     assert out.think_mask[:, :3].all() and not out.think_mask[:, 3:].any()
+
+
+def test_scheduler_applies_each_requests_cold_stop_as_the_engine_alone(tokenizer):
+    """A served batch mixing a request with a cold stop (fires at step 2, as above) and one
+    without: each request's tokens are the engine's for that request alone."""
+    hm = policy(build_model("qwen2", len(tokenizer))).eval()
+    engine = RolloutEngine(hm, MarkerMatcher(tokenizer), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    cs = ColdStop(entropy=math.log(20) + 1e-3, steps=3)
+    prompt = tokenizer.encode("Tom has 12 apples")
+    common = dict(max_tokens=6, n=2, temperature=TEMP, top_k=20, greedy=False, seed=9, latent=LatentParams("soft"))
+    with_cs, without = Request(prompt, cold_stop=cs, **common), Request(prompt, **common)
+    sched = Scheduler(engine, max_batch=4, max_model_len=64)
+    for req in (with_cs, without):
+        sched.submit(req)
+    while sched.busy():
+        sched.step()
+    for req in (with_cs, without):
+        cfg = SamplingConfig(6, TEMP, 20, latent=req.latent, cold_stop=req.cold_stop)
+        out = engine.generate([prompt] * 2, cfg, seed=9)
+        assert [c.tokens for c in req.choices] == [
+            ids[m].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)
+        ]
+    marker = list(MarkerMatcher(tokenizer).marker_ids)
+    assert all(c.tokens[2:4] == marker and c.thinking_tokens == 2 for c in with_cs.choices)
+    assert all(c.tokens[2:4] != marker and c.thinking_tokens == 6 for c in without.choices)
+    with pytest.raises(RequestError, match="cold stop needs hybrid"):
+        sched.submit(Request(prompt, cold_stop=cs, **{**common, "latent": LatentParams("gumbel-soft")}))
+
+
+@pytest.mark.parametrize(
+    ("spec", "hybrid", "message"),
+    [
+        ({"entropy": 0.1}, None, "must be an object"),
+        ({"entropy": "low", "steps": 2}, None, "cold_stop.entropy must be a number"),
+        ({"entropy": 0.1, "steps": 0}, None, "steps must be an int >= 1"),
+        ({"entropy": 0.1, "steps": 2}, False, "hybrid is false"),
+    ],
+)
+def test_server_field_is_checked(spec, hybrid, message):
+    with pytest.raises(ApiError, match=message) as err:
+        _cold_stop({"cold_stop": spec}, hybrid)
+    assert err.value.param == "cold_stop"
+    assert _cold_stop({"cold_stop": {"entropy": 0.01, "steps": 256}}, True) == ColdStop(0.01, 256)
+    assert _cold_stop({}, True) is None
+
+
+def _eval(out, *extra):
+    args = ["--task", "arith", "--limit", "2", "--max-new-tokens", "4", "--output-dir", str(out), "--quiet"]
+    return eval_main([*args, "--latent-mode", "soft", *extra])
+
+
+def test_eval_cli_cold_stop(tmp_path, capsys):
+    """hrpo.eval on the embedded model with tau = 100 nats, above ln V (no distribution over V
+    tokens has more entropy), and k = 1: the first step fires, so every completion starts with
+    the marker; without the flags none does. Bad combinations are one-line errors."""
+    assert _eval(tmp_path / "plain") == 0
+    assert _eval(tmp_path / "cold", "--cold-stop-entropy", "100", "--cold-stop-steps", "1") == 0
+    plain = [json.loads(x)["completion"] for x in (tmp_path / "plain" / "samples.jsonl").read_text().splitlines()]
+    cold = [json.loads(x)["completion"] for x in (tmp_path / "cold" / "samples.jsonl").read_text().splitlines()]
+    assert len(cold) == 2 and all(c.startswith("####") for c in cold)
+    assert not any(c.startswith("####") for c in plain)
+    capsys.readouterr()
+    for bad, why in (
+        (["--cold-stop-entropy", "0.1"], "go together"),
+        (["--cold-stop-entropy", "0.1", "--cold-stop-steps", "2", "--no-hybrid"], "--no-hybrid"),
+        (["--cold-stop-entropy", "0.1", "--cold-stop-steps", "0"], "steps must be an int >= 1"),
+    ):
+        assert _eval(tmp_path / "bad", *bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and why in err, err
+
+
+def test_server_request_carries_the_cold_stop_to_the_scheduler():
+    """A completion body's cold_stop reaches the scheduler Request (Parsed, then LLM.request)."""
+    llm = SimpleNamespace(
+        name="m", text_prompt=lambda text: [1, 2], scheduler=SimpleNamespace(max_batch=4), latent=LatentParams()
+    )
+    llm.hybrid, llm.max_model_len, llm.temperature, llm.top_k = True, 64, 0.5, 50
+    body = {"prompt": "hi", "latent_mode": "soft", "cold_stop": {"entropy": 0.25, "steps": 4}}
+    parsed = Parsed(body, False, llm)
+    req = LLM.request(llm, parsed.prompt, **parsed.settings)
+    assert req.cold_stop == ColdStop(0.25, 4) and req.hybrid and req.latent.mode == "soft"
+    assert LLM.request(llm, [1], **Parsed({"prompt": "hi"}, False, llm).settings).cold_stop is None

@@ -112,7 +112,8 @@ def thinking_input(
 
 
 def cold_stop_step(
-    cs: ColdStop,
+    threshold: float | torch.Tensor,
+    steps: int | torch.Tensor,
     count: torch.Tensor,
     entropy: torch.Tensor,
     thinking: torch.Tensor,
@@ -120,15 +121,16 @@ def cold_stop_step(
     logprobs: torch.Tensor,
     marker_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of the cold stop (ColdStop) in device ops only, so a captured step holds it.
-    count (B,) int64, updated in place: consecutive low-entropy steps, then (once >= cs.steps)
-    one more per forced token, so that count - cs.steps indexes marker_ids. thinking: the rows
-    still thinking before this step. Returns (tokens, logprobs, forced)."""
-    grown = torch.where((count >= cs.steps) | (entropy < cs.entropy), count + 1, 0)
+    """One step of the cold stop (ColdStop's entropy threshold and steps; scalars, or (B,) per
+    row) in device ops only, so a captured step holds it. count (B,) int64, updated in place:
+    consecutive low-entropy steps, then (once >= steps) one more per forced token, so that
+    count - steps indexes marker_ids. thinking: the rows still thinking before this step.
+    Returns (tokens, logprobs, forced)."""
+    grown = torch.where((count >= steps) | (entropy < threshold), count + 1, 0)
     count.copy_(torch.where(thinking, grown, count))
-    forced = thinking & (count >= cs.steps)
+    forced = thinking & (count >= steps)
     # a forced marker always completes the marker, so the index stays below its length
-    forced_tok = marker_ids[(count - cs.steps).clamp(0, marker_ids.numel() - 1)]
+    forced_tok = marker_ids[(count - steps).clamp(0, marker_ids.numel() - 1)]
     return torch.where(forced, forced_tok, tokens), logprobs.masked_fill(forced, 0.0), forced
 
 
@@ -201,7 +203,8 @@ def rollout(
         forced = torch.zeros_like(finished)
         if cfg.cold_stop:
             thinking = ~finished & ~matcher.found(states)
-            tok, lp, forced = cold_stop_step(cfg.cold_stop, cold, ent, thinking, tok, lp, marker_ids)
+            cs = cfg.cold_stop
+            tok, lp, forced = cold_stop_step(cs.entropy, cs.steps, cold, ent, thinking, tok, lp, marker_ids)
         tok = tok.masked_fill(finished, pad_id)
         states = matcher.advance(states, tok)
         think = ~finished & ~matcher.found(states) & ~forced if cfg.hybrid else torch.zeros_like(finished)

@@ -164,7 +164,9 @@ class RolloutEngine:
         s.offset.add_(B * W.shape[0])
         if cs:
             thinking = ~s.finished[:n] & (s.match[:n] != self.table.shape[0] - 1)
-            tok, lp, forced = cold_stop_step(cs, s.cold[:n], s.entropy[:n], thinking, tok, lp, self.marker_ids)
+            tok, lp, forced = cold_stop_step(
+                cs.entropy, cs.steps, s.cold[:n], s.entropy[:n], thinking, tok, lp, self.marker_ids
+            )
         latent = h.to(self.opts.latent_dtype)
         bufs = StepBuffers(*(x[:n] for x in s.bufs.tensors()[:-1]), n_live=s.bufs.n_live)
         tokens, think, _ = step_controller(

@@ -9,6 +9,7 @@ so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engi
 
     hidden -> sample_and_mix, once per group of rows sharing (greedy, temperature, top_k,
               seed, latent mode), each row keyed by its own Philox counter
+           -> the cold stop of the rows that asked for one (cold_stop_step, per-row settings)
            -> step_controller (marker matcher, eos), on one-column step buffers
            -> the thinking input of each hybrid row's latent mode (thinking_input: the gate's
               blend of E[token] and h_hat for hrpo, the mode's latent for the others)
@@ -42,7 +43,7 @@ from hrpo_kernels import sample_and_mix, step_controller
 from hrpo_kernels.latent_input import LatentParams
 from hrpo_kernels.step_controller import StepBuffers
 
-from .rollout import left_pad, thinking_input
+from .rollout import ColdStop, cold_stop_step, left_pad, thinking_input
 from .rollout_engine import RolloutEngine
 
 # step_controller's own length limit, past any request's: a row's max_tokens is applied here.
@@ -107,6 +108,7 @@ class Request:
     seed: int = 0
     hybrid: bool = True
     latent: LatentParams = LatentParams()
+    cold_stop: ColdStop | None = None  # Soft Thinking's early end of thinking (hybrid only)
     top_logprobs: int | None = None  # None: no log-probs; k: the chosen token's and k alternatives
     ignore_eos: bool = False  # run to max_tokens past end-of-sequence tokens (load tests)
     stop: Callable[[int, list[int]], bool] | None = None
@@ -160,6 +162,11 @@ class Scheduler:
         self.finished = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self.hybrid = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self.gated = torch.zeros(max_batch, dtype=torch.bool, device=dev)  # hybrid rows in hrpo mode
+        # the cold stop per row: counter, threshold (-inf: off) and steps, and this step's entropy
+        self.cold = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.cold_tau = torch.full((max_batch,), float("-inf"), device=dev)
+        self.cold_k = torch.ones(max_batch, dtype=torch.int64, device=dev)
+        self.entropy = torch.zeros(max_batch, dtype=torch.float32, device=dev)
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
         self.zero = torch.zeros(1, dtype=torch.int64, device=dev)
         self.rows: list[_Row] = []  # row i of the batch
@@ -201,6 +208,8 @@ class Scheduler:
             )
         if not req.temperature > 0:
             raise RequestError("temperature", f"temperature must be > 0, got {req.temperature}")
+        if req.cold_stop is not None and (not req.hybrid or req.latent.mode == "gumbel-soft"):
+            raise RequestError("cold_stop", "the cold stop needs hybrid decoding in a mode other than gumbel-soft")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise RequestError("top_logprobs", f"top_logprobs must be in [0, 20], got {req.top_logprobs}")
         if self._cost(req) > self.token_budget:
@@ -347,6 +356,10 @@ class Scheduler:
         self.gated[n0 : n0 + m] = torch.tensor(
             [r.hybrid and r.latent.mode == "hrpo" for r in reqs for _ in range(r.n)], device=dev
         )
+        cold = [r.cold_stop for r in reqs for _ in range(r.n)]
+        self.cold[n0 : n0 + m] = 0
+        self.cold_tau[n0 : n0 + m] = torch.tensor([c.entropy if c else -math.inf for c in cold])
+        self.cold_k[n0 : n0 + m] = torch.tensor([c.steps if c else 1 for c in cold])
         self.rows += [_Row(r, j) for r in reqs for j in range(r.n)]
         self.lengths += [len(p) for p in prompts]
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in reqs)
@@ -356,9 +369,10 @@ class Scheduler:
                 self._fail(req, "the model produced non-finite values for this prompt")
             self._remove([i for i, r in enumerate(self.rows) if r.request.error])
 
-    def _sample(self, n: int):
+    def _sample(self, n: int, entropy: torch.Tensor | None):
         """Tokens, log-probs and latents (n,), (n,), (n, d) of rows [0, n): one
-        sample_and_mix per group of rows with the same settings, each row's noise its own."""
+        sample_and_mix per group of rows with the same settings, each row's noise its own;
+        `entropy` (n,) given: filled with each row's mixture entropy (the cold stop's)."""
         W, E, dev = self.hm.lm_weight, self.hm.embed.weight, self.dec.device
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(self.rows):
@@ -380,12 +394,14 @@ class Scheduler:
                 row_ids=row_ids,
                 impl=self.engine.impl,
                 latent=latent,
+                entropy=entropy,
             )
         tok = torch.empty(n, dtype=torch.int64, device=dev)
         lp = torch.empty(n, dtype=torch.float32, device=dev)
         h = torch.empty(n, E.shape[1], dtype=torch.float32, device=dev)
         for (greedy, temp, k, seed, latent), idx in groups.items():
             at = torch.tensor(idx, device=dev)
+            ent = None if entropy is None else torch.empty(len(idx), device=dev)
             t_, l_, h_ = sample_and_mix(
                 self.hidden[at],
                 W,
@@ -399,8 +415,11 @@ class Scheduler:
                 row_ids=row_ids[at],
                 impl=self.engine.impl,
                 latent=latent,
+                entropy=ent,
             )
             tok[at], lp[at], h[at] = t_, l_, h_.float()
+            if ent is not None:
+                entropy[at] = ent
         return tok, lp, h
 
     def _seed(self, seed: int) -> torch.Tensor:
@@ -438,7 +457,21 @@ class Scheduler:
             if not n:
                 return
         top = self._top(n)
-        tok, lp, h = self._sample(n)
+        cold = any(r.request.cold_stop for r in self.rows)
+        tok, lp, h = self._sample(n, self.entropy[:n] if cold else None)
+        forced = torch.zeros(n, dtype=torch.bool, device=tok.device)
+        if cold:
+            thinking = self.hybrid[:n] & (self.match[:n] != self.engine.table.shape[0] - 1)
+            tok, lp, forced = cold_stop_step(
+                self.cold_tau[:n],
+                self.cold_k[:n],
+                self.cold[:n],
+                self.entropy[:n],
+                thinking,
+                tok,
+                lp,
+                self.engine.marker_ids,
+            )
         self.finished[:n] = False  # rows past an eos they ignore decode on
         self.t.zero_()  # one-column buffers: every step writes column 0
         bufs = StepBuffers(*(x[:n] for x in self.bufs.tensors()[:-1]), n_live=self.bufs.n_live)
@@ -457,7 +490,7 @@ class Scheduler:
             True,
             impl=impl,
         )
-        think = think & self.hybrid[:n]
+        think = think & self.hybrid[:n] & ~forced  # a forced marker token is fed as a plain token
         e, a_mean = self._inputs(n, tokens, h, think)
         self.hidden[:n] = self.dec.decode(e, self.cache, max(self.lengths) + 1)
         self.stats["steps"] += 1
@@ -535,7 +568,8 @@ class Scheduler:
             upto = max(self.lengths[i] for i in movers)
             self.cache.k[:, dst, :upto] = self.cache.k[:, src, :upto]
             self.cache.v[:, dst, :upto] = self.cache.v[:, src, :upto]
-            for x in (self.cache.seqlens, self.hidden, self.match, self.hybrid, self.gated):
+            cold = (self.cold, self.cold_tau, self.cold_k)
+            for x in (self.cache.seqlens, self.hidden, self.match, self.hybrid, self.gated, *cold):
                 x[dst] = x[src]
             self.finished[dst] = False
             for d_, s_ in zip(holes, movers):

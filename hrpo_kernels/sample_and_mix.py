@@ -623,7 +623,7 @@ def _topk_tail(
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     interp = interpreting()
-    mode = kernel_args(latent, temperature, V)
+    mode = kernel_args(latent, temperature, min(k, V))
     _kernels()["topk_tail"][(B,)](
         logits,
         vals.contiguous(),

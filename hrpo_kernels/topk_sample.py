@@ -174,7 +174,7 @@ def topk_sample_mix(
     if embedding.stride(-1) != 1:
         embedding = embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "topk_sample_mix")
-    mode = kernel_args(latent, temperature, V)
+    mode = kernel_args(latent, temperature, min(k, V))
     if mode["MODE"] == 3:
         check_noise_width(D, V)
     mod.topk_sample_mix(

@@ -18,6 +18,7 @@ from hrpo.engine.rollout import ColdStop, SamplingConfig, cold_stop_step, rollou
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
 from hrpo.engine.scheduler import Request, RequestError, Scheduler
 from hrpo.eval import main as eval_main
+from hrpo.inspect.cli import main as inspect_main
 from hrpo.serve.app import ApiError, Parsed, _cold_stop
 from hrpo.serve.llm import LLM
 from hrpo_kernels import sample_and_mix
@@ -249,3 +250,19 @@ def test_server_request_carries_the_cold_stop_to_the_scheduler():
     req = LLM.request(llm, parsed.prompt, **parsed.settings)
     assert req.cold_stop == ColdStop(0.25, 4) and req.hybrid and req.latent.mode == "soft"
     assert LLM.request(llm, [1], **Parsed({"prompt": "hi"}, False, llm).settings).cold_stop is None
+
+
+def test_inspect_cli_cold_stop(tmp_path, capsys):
+    """hrpo.inspect --prompt under the same flags as the eval test (tau above ln V, k = 1): the
+    completion's first tokens are the marker's; with --samples the flags are refused."""
+    out = tmp_path / "inspect.json"
+    args = ["--prompt", "Tom has 3 apples and buys 4 more.", "--max-new-tokens", "4", "--latent-mode", "soft"]
+    cold = ["--cold-stop-entropy", "100", "--cold-stop-steps", "1"]
+    assert inspect_main([*args, *cold, "--json", str(out)]) == 0
+    positions = json.loads(out.read_text())["samples"][0]["positions"]
+    assert "".join(p["token"] for p in positions).startswith("####")  # one token in this vocabulary
+    assert not any(p["thinking"] for p in positions)
+    capsys.readouterr()
+    assert inspect_main(["--samples", str(out), *cold]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not to replayed --samples" in err

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import build_model
-from test_engine import F32, policy
+from test_engine import F32, WIDE_EOS, grouped, policy
 from test_rollout_engine import assert_same
 
 from hrpo.core.marker import MarkerMatcher
@@ -266,3 +266,21 @@ def test_inspect_cli_cold_stop(tmp_path, capsys):
     assert inspect_main(["--samples", str(out), *cold]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not to replayed --samples" in err
+
+
+def test_counters_follow_their_rows_through_compaction(tokenizer):
+    """Rows ending at scattered steps (a wide eos set), compaction on in both loops: the
+    counters move with their rows, so the engine still equals the reference loop and every row
+    that lived to step 2 wrote the marker there."""
+    hm = policy(build_model("qwen2", len(tokenizer)))
+    prompts = grouped(tokenizer)
+    matcher, eos = MarkerMatcher(tokenizer), [tokenizer.eos_token_id] + WIDE_EOS
+    cs = ColdStop(entropy=math.log(20) + 1e-3, steps=3)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=TEMP, top_k=20, latent=LatentParams("soft"), cold_stop=cs)
+    args = (matcher, eos, tokenizer.pad_token_id)
+    ref = rollout(hm, prompts, cfg, *args, seed=3, latent_dtype=torch.float32, compact_below=0.6)
+    out = RolloutEngine(hm, *args, EngineOptions(compact_below=0.6, **F32)).generate(prompts, cfg, seed=3)
+    assert out.stats["compactions"] >= 1 and ref.lengths.min() < ref.lengths.max()
+    assert_same(ref, out)
+    alive = out.completion_mask[:, 2]
+    assert alive.any() and (out.completion_ids[alive, 2] == matcher.marker_ids[0]).all()

@@ -758,6 +758,8 @@ def sample_and_mix(
     nats (latent_input.mixture_entropy), from the pass that forms the mixture (Soft Thinking's
     cold stop reads it)."""
     V = lm_weight.shape[0]
+    if entropy is not None and latent is not None and latent.mode == "gumbel-soft":
+        raise ValueError("sample_and_mix: gumbel-soft's fused pass mixes noisy weights; it reports no entropy of p")
     if latent is not None and latent.is_h_hat:
         latent = None  # the paths' own h_hat, and the unseeded reference's draws unchanged
     if (

@@ -178,12 +178,13 @@ def test_scheduler_applies_each_requests_cold_stop_as_the_engine_alone(tokenizer
     prompt = tokenizer.encode("Tom has 12 apples")
     common = dict(max_tokens=6, n=2, temperature=TEMP, top_k=20, greedy=False, seed=9, latent=LatentParams("soft"))
     with_cs, without = Request(prompt, cold_stop=cs, **common), Request(prompt, **common)
-    sched = Scheduler(engine, max_batch=4, max_model_len=64)
-    for req in (with_cs, without):
+    gumbel = Request(prompt, **{**common, "latent": LatentParams("gumbel-soft", gumbel_tau=0.5)})
+    sched = Scheduler(engine, max_batch=6, max_model_len=64)
+    for req in (with_cs, without, gumbel):  # a gumbel-soft request beside them has no entropy to give
         sched.submit(req)
     while sched.busy():
         sched.step()
-    for req in (with_cs, without):
+    for req in (with_cs, without, gumbel):
         cfg = SamplingConfig(6, TEMP, 20, latent=req.latent, cold_stop=req.cold_stop)
         out = engine.generate([prompt] * 2, cfg, seed=9)
         assert [c.tokens for c in req.choices] == [

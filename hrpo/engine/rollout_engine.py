@@ -4,6 +4,7 @@ It computes what the reference loop (hrpo/engine/rollout.py) computes; under the
 draws the same tokens. One decode step is
 
     hidden -> sample_and_mix (lm-head, top-k / full vocabulary, race, log-prob, h_hat)
+           -> cold_stop_step (with a ColdStop: the entropy counters, forced marker tokens)
            -> step_controller (marker matcher, finish flags, rollout buffers)
            -> gated_blend of E[token] and h_hat (hybrid) or E[token] (plain)
            -> FastDecoder.decode (our own model body over the static cache) -> hidden

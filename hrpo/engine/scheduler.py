@@ -401,7 +401,8 @@ class Scheduler:
         h = torch.empty(n, E.shape[1], dtype=torch.float32, device=dev)
         for (greedy, temp, k, seed, latent), idx in groups.items():
             at = torch.tensor(idx, device=dev)
-            ent = None if entropy is None else torch.empty(len(idx), device=dev)
+            # gumbel-soft's rows never cold-stop (check refuses it) and its pass has no entropy of p
+            ent = None if entropy is None or latent.mode == "gumbel-soft" else torch.empty(len(idx), device=dev)
             t_, l_, h_ = sample_and_mix(
                 self.hidden[at],
                 W,

@@ -35,7 +35,7 @@ from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
 from hrpo.core.program import add_runtime_arguments, run_program
 from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT
-from hrpo.engine.rollout import SamplingConfig
+from hrpo.engine.rollout import ColdStop, SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
 from hrpo.model.hybrid import HybridModel
 from hrpo.model.loading import (
@@ -121,6 +121,36 @@ def add_latent_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cold_stop_arguments(p: argparse.ArgumentParser) -> None:
+    """--cold-stop-entropy / --cold-stop-steps (hrpo.engine.rollout.ColdStop; the server takes a
+    per-request `cold_stop` instead)."""
+    p.add_argument(
+        "--cold-stop-entropy",
+        type=float,
+        help="Soft Thinking's cold stop: end thinking (write the answer marker) once the mixture's entropy "
+        "(nats) stays below this for --cold-stop-steps consecutive steps; None: off",
+    )
+    p.add_argument("--cold-stop-steps", type=int, help="the cold stop's count of consecutive low-entropy steps")
+
+
+def cold_stop(args) -> ColdStop | None:
+    """The ColdStop of --cold-stop-entropy / --cold-stop-steps (None: off); a bad value or a
+    decoding it cannot apply to is a one-line ConfigError."""
+    tau, k = args.cold_stop_entropy, args.cold_stop_steps
+    if tau is None and k is None:
+        return None
+    if tau is None or k is None:
+        raise ConfigError("--cold-stop-entropy and --cold-stop-steps go together (give both, or neither)")
+    if args.hybrid is False:
+        raise ConfigError("--cold-stop-entropy: the cold stop ends thinking, and --no-hybrid decodes without it")
+    if args.latent_mode == "gumbel-soft":
+        raise ConfigError("--cold-stop-entropy: gumbel-soft's pass mixes noisy weights, not p, so it has no cold stop")
+    try:
+        return ColdStop(tau, k)
+    except ValueError as err:
+        raise ConfigError(f"--cold-stop-entropy {tau} --cold-stop-steps {k}: {err}") from None
+
+
 def latent_params(args) -> LatentParams:
     """The LatentParams of add_latent_arguments' flags; a bad value is a one-line ConfigError."""
     try:
@@ -150,6 +180,7 @@ def _settings(args, task: str, data: str | None) -> dict:
             "max_new_tokens": args.max_new_tokens or spec.max_new_tokens,
             "hybrid": args.hybrid,
             **({} if latent_params(args).is_h_hat else {"latent": vars(latent_params(args))}),
+            **({} if cold_stop(args) is None else {"cold_stop": vars(cold_stop(args))}),
         },
         "system_prompt": args.system_prompt,
         "marker": args.marker,  # where thinking ends: another marker blends other positions
@@ -321,6 +352,7 @@ def recorded_settings(args, meta: dict) -> None:
     if args.system_prompt is None:
         args.system_prompt = meta.get("system_prompt", True)
     recorded_latent(args, meta)
+    cold_stop(args)  # checked before the model loads
     args.marker = meta.get("marker", ANSWER_MARKER)
 
 
@@ -480,6 +512,7 @@ class TaskRun:
             greedy=not args.sample,
             hybrid=args.hybrid,
             latent=latent_params(args),
+            cold_stop=cold_stop(args),
         )
         system = SYSTEM_PROMPT if args.system_prompt and recipe.system_prompt else None
         bar = tqdm(
@@ -588,6 +621,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=50, help="of sampling and of the distribution latents mix (0: all)")
     add_latent_arguments(p)
+    add_cold_stop_arguments(p)
     p.add_argument("--max-new-tokens", type=int, help="None: the protocol's (512; 1024 for math and math500)")
     p.add_argument("--max-prompt-length", type=int, help="None: the task recipe's prompt limit")
     p.add_argument("--batch-size", type=int, default=64, help="examples generated together")

@@ -16,20 +16,26 @@ T_mix = LatentParams.temperature, or the sampler's temperature when None. Then:
 
 - hrpo (HRPO, arXiv 2505.18454): x = (p @ E) / ||p||_2, the latent h_hat that the model's
   gate then blends with E[y] (hrpo/gate.py); the op returns h_hat, not the blend.
-- soft (Soft Thinking, Zhang et al. 2025, arXiv 2505.15778, Sec. 3, the concept token and
-  its embedding): x = p @ E. The token y is only recorded (what the thinking "says"); the
-  cold stop is not part of the op (see docs/latent-modes.md).
-- moi (Mixture of Inputs, Zhuang et al. 2025, arXiv 2505.14827, Sec. 3, the Dirichlet
-  posterior mean): w = (H p + (beta + 1 - H) onehot(y)) / (beta + 1), x = w @ E, with
-  H = -sum_v p_v log p_v / log V, the entropy of p normalised to [0, 1] (our choice: with
-  H in nats, H > beta + 1 would give y a negative weight).
-- soft-noise (soft / fuzzy tokens, Butt et al. 2025, arXiv 2509.19170, Sec. 3): x = p @ E +
-  noise_std * z, z ~ N(0, I_d); fuzzy tokens are this with a small T_mix. noise_std is in
-  embedding units.
-- gumbel-soft (SofT-GRPO, Zheng et al. 2025, arXiv 2511.06411, the Gumbel-Softmax rollout):
-  w = softmax((log p + g) / gumbel_tau) over p's support, g_v = -log(-log u_v), x = w @ E.
-  The uniforms u are the sampler's race noise (below), so the recorded token y is the argmax
-  of w when T_mix is the sampler's temperature (our choice: one draw serves both).
+- soft (Soft Thinking, Zhang et al. 2025, arXiv 2505.15778: the concept token ct = p and its
+  embedding sum_k ct[k] e(k)): x = p @ E. The token y is only recorded (what the thinking
+  "says"). The cold stop is not part of the op: the op only reports p's entropy in nats
+  (mixture_entropy; the fused passes' `entropy` output), and the decode loop acts on it
+  (hrpo/engine/rollout.py ColdStop, docs/latent-modes.md).
+- moi (Mixture of Inputs, Zhuang et al. 2025, arXiv 2505.14827, the Dirichlet posterior
+  mean): w = (H p + (beta + 1 - H) onehot(y)) / (beta + 1), x = w @ E, with H = -sum_v p_v
+  log p_v / log n the entropy of p normalised by the log of its candidate count n (the top-k,
+  the nucleus, or V), as the authors' code normalises (EvanZhuang/mixinputs,
+  gpu_model_runner.py: H / log n over the n mixed candidates; it computes the same w as
+  H (p + beta onehot(y)) / (1 + beta) + (1 - H) onehot(y)).
+- soft-noise (soft / fuzzy tokens, Butt et al. 2025, arXiv 2509.19170): x = p @ E +
+  noise_std * z, z ~ N(0, I_d); fuzzy tokens are this with a T_mix near 0 (the paper: 0.0001;
+  soft tokens: 0.5). noise_std is in embedding units.
+- gumbel-soft (SofT-GRPO, Zheng et al. 2025, arXiv 2511.06411, the Gumbel-Softmax rollout:
+  Gumbel noise on the token log-probabilities): w = softmax((log p + g) / gumbel_tau) over
+  p's support, g_v = -log(-log u_v), x = w @ E. The uniforms u are the sampler's race noise
+  (below), so the recorded token y is the argmax of w when T_mix is the sampler's
+  temperature (our choice: one draw serves both).
+Which parts were checked against which text (and which not) is in docs/latent-modes.md.
 
 Noise (the seeded convention of every sampling path, hrpo_kernels/philox.py): the race and
 the Gumbel noise of (row b, token v) use u = philox_uniform(seed, offset + row_ids[b] * V + v);
@@ -61,7 +67,7 @@ class LatentParams:
     """The latent mode and its numbers (only the mode's own numbers matter):
     temperature: T_mix of the mixture, None = the sampler's (fuzzy tokens: small, e.g. 0.01);
     top_p: the mixture's nucleus (1: off; < 1 runs the reference path, the kernels do not cut);
-    beta: MoI's concentration (its code's default 1.0); noise_std: soft-noise's sigma;
+    beta: MoI's concentration (its code's default 1.0, MIXINPUTS_BETA); noise_std: soft-noise's sigma;
     gumbel_tau: gumbel-soft's Gumbel-Softmax temperature."""
 
     mode: str = "hrpo"
@@ -138,19 +144,12 @@ def mixture_weights(
     B, V = logits.shape
     if not greedy and params.mode in ("soft-noise", "gumbel-soft") and seed is None:
         raise ValueError(f"latent_input: mode {params.mode} draws Philox noise and needs a seed")
-    logits = logits.float()
-    x = logits / params.mix_temperature(temperature)
-    support = torch.ones_like(x, dtype=torch.bool)
-    if 0 < top_k < V:
-        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
-    p = torch.softmax(x.masked_fill(~support, float("-inf")), dim=-1)
-    if params.top_p < 1:
-        p = _nucleus(p, params.top_p)
-        support = p > 0
+    p, x, support = _mixture_p(logits, params, temperature, top_k)
     if params.mode == "hrpo":
         return p / p.norm(dim=-1, keepdim=True)
     if params.mode == "moi":
-        H = -(p * torch.log(p.clamp_min(1e-30))).sum(-1, keepdim=True) / math.log(V)
+        n = support.sum(-1, keepdim=True).clamp_min(2)  # one candidate: H = 0 whatever n says
+        H = entropy_nats(p)[:, None] / torch.log(n.to(p.dtype))
         lam = H / (params.beta + 1)
         return lam * p + (1 - lam) * F.one_hot(tokens.long(), V).to(p.dtype)
     if params.mode == "gumbel-soft":
@@ -161,6 +160,35 @@ def mixture_weights(
         logp = torch.log(p.clamp_min(1e-30))
         return torch.softmax(((logp + g) / params.gumbel_tau).masked_fill(~support, float("-inf")), dim=-1)
     return p
+
+
+def _mixture_p(logits: torch.Tensor, params: LatentParams, temperature: float, top_k: int):
+    """The mixture distribution p (module docstring), the scores l / T_mix and p's support."""
+    V = logits.shape[-1]
+    logits = logits.float()
+    x = logits / params.mix_temperature(temperature)
+    support = torch.ones_like(x, dtype=torch.bool)
+    if 0 < top_k < V:
+        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+    p = torch.softmax(x.masked_fill(~support, float("-inf")), dim=-1)
+    if params.top_p < 1:
+        p = _nucleus(p, params.top_p)
+        support = p > 0
+    return p, x, support
+
+
+def entropy_nats(p: torch.Tensor) -> torch.Tensor:
+    """(B,) -sum_v p_v log p_v in nats (0 log 0 = 0)."""
+    return -torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), 0.0).sum(-1)
+
+
+def mixture_entropy(
+    logits: torch.Tensor, params: LatentParams | None, temperature: float, top_k: int = 0
+) -> torch.Tensor:
+    """(B,) fp32 entropy in nats of the mixture distribution p (the module docstring's p, before
+    any mode's transform or noise): what the fused passes write to `entropy` for Soft Thinking's
+    cold stop (hrpo/engine/rollout.py, ColdStop)."""
+    return entropy_nats(_mixture_p(logits, params or LatentParams(), temperature, top_k)[0])
 
 
 def latent_input_reference(
@@ -198,7 +226,7 @@ def noisy_input_logdensity(
 ) -> torch.Tensor:
     """(N,) log N(inputs; mu, noise_std^2 I) with mu = p @ E the soft-noise mixture of `logits`
     (N, V) (latent_input's p: T_mix, the top-k, the nucleus): the log-density of a soft token
-    under the policy (Soft Tokens, Hard Truths, Sec. 3: the thinking positions' term of the
+    under the policy (Soft Tokens, Hard Truths, arXiv 2509.19170: the thinking positions' term of the
     policy gradient). Differentiable in logits and embedding."""
     if params.mode != "soft-noise" or not params.noise_std > 0:
         raise ValueError(f"noisy_input_logdensity: needs the soft-noise mode with noise_std > 0, got {params}")
@@ -260,8 +288,9 @@ def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
     return q / q.sum(-1, keepdim=True)
 
 
-def kernel_args(params: LatentParams | None, temperature: float, V: int) -> dict:
-    """The numbers the fused paths take for a mode (Triton kernel arguments, TopkArgs fields)."""
+def kernel_args(params: LatentParams | None, temperature: float, n_candidates: int) -> dict:
+    """The numbers the fused paths take for a mode (Triton kernel arguments, TopkArgs fields);
+    n_candidates: the size of p's candidate set (min(top_k, V), or V), MoI's log n."""
     params = params or LatentParams()
     if params.top_p < 1:
         raise ValueError("latent_input: the fused paths do not cut a nucleus (top_p < 1 runs the reference)")
@@ -271,5 +300,5 @@ def kernel_args(params: LatentParams | None, temperature: float, V: int) -> dict
         inv_tau=1.0 / params.gumbel_tau,
         beta=float(params.beta),
         sigma=float(params.noise_std),
-        inv_logv=1.0 / math.log(V) if V > 1 else 0.0,
+        inv_logv=1.0 / math.log(n_candidates) if n_candidates > 1 else 0.0,
     )

@@ -34,7 +34,14 @@ from ._common import (
 )
 from ._ext import load_extension
 from ._triton_helpers import lazy_kernels
-from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
+from .latent_input import (
+    NOISE_KEY,
+    LatentParams,
+    check_noise_width,
+    kernel_args,
+    latent_input_reference,
+    mixture_entropy,
+)
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
 
@@ -51,12 +58,15 @@ def sample_and_mix_reference(
     offset: int | torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
     latent: LatentParams | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (B, d), lm_weight (V, d), embedding (V, d) -> tokens (B,) int64,
     logprobs (B,) fp32, h_hat (B, d) fp32 (with `latent`: that mode's next input,
-    latent_input.py). seed given: u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v)
-    (every path's convention), else a `generator` draw (a latent mode: one seed drawn from it,
-    so that the race and the mode's noise share the draw)."""
+    latent_input.py); `entropy` (B,) fp32 given: filled with the entropy of the mixture
+    distribution p in nats (latent_input.mixture_entropy). seed given:
+    u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v) (every path's convention), else
+    a `generator` draw (a latent mode: one seed drawn from it, so that the race and the mode's
+    noise share the draw)."""
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     logits = hidden.float() @ lm_weight.float().T
@@ -69,6 +79,8 @@ def sample_and_mix_reference(
         h = latent_input_reference(
             logits, embedding, tok, latent, temperature, top_k, greedy, seed=seed, offset=offset, row_ids=row_ids
         )
+    if entropy is not None:
+        entropy.copy_(mixture_entropy(logits, latent, temperature, top_k))
     return tok, lp, h
 
 
@@ -155,6 +167,7 @@ def _define_kernels() -> dict:
         HAS_ROW_IDS: tl.constexpr,
         MODE: tl.constexpr,
         MIX_SHARED: tl.constexpr,
+        HAS_ENT: tl.constexpr,
         BLOCK_B: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -163,8 +176,9 @@ def _define_kernels() -> dict:
         per row, the sampler's online softmax state (m, s = sum e^(l/T-m)), the race winner,
         and the latent mixture's state (latent_input.py) over its scores x = l/T_mix
         (gumbel-soft: (l/T_mix + g)/tau): mx, sx = sum e^(x-mx), qx = sum e^(2(x-mx)),
-        rx = sum e^(x-mx) (x-mx) (MoI's entropy) and acc = sum e^(x-mx) E[v]. MIX_SHARED (the
-        mixture's scores are the sampler's: T_mix = T, no Gumbel): one state serves both."""
+        rx = sum e^(x-mx) (x-mx) (the entropy: MoI's, and the cold stop's with HAS_ENT) and
+        acc = sum e^(x-mx) E[v]. MIX_SHARED (the mixture's scores are the sampler's: T_mix = T,
+        no Gumbel): one state serves both."""
         pid = tl.program_id(0)
         rb = pid % n_rb  # row blocks of one split are neighbours: they share its tiles in L2
         split = pid // n_rb
@@ -234,7 +248,7 @@ def _define_kernels() -> dict:
             mx_new = tl.maximum(mx, tl.max(xs, axis=1))
             ax = tl.exp(mx - mx_new)
             px = tl.exp(xs - mx_new[:, None])
-            if MODE == 2:  # moi: the entropy's sum, rescaled to the new max (0 before any column)
+            if MODE == 2 or HAS_ENT:  # the entropy's sum, rescaled to the new max (0 before any column)
                 rx = tl.where(sx > 0, ax * (rx + (mx - mx_new) * sx), 0.0)
                 rx += tl.sum(tl.where(col_ok[None, :], px * (xs - mx_new[:, None]), 0.0), axis=1)
             sx = sx * ax + tl.sum(px, axis=1)
@@ -275,6 +289,7 @@ def _define_kernels() -> dict:
         tok_out,
         lp_out,
         h_out,
+        ent_out,
         e_ptr,
         seed_ptr,
         off_ptr,
@@ -292,6 +307,7 @@ def _define_kernels() -> dict:
         MODE: tl.constexpr,
         GREEDY: tl.constexpr,
         HAS_ROW_IDS: tl.constexpr,
+        HAS_ENT: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -320,10 +336,12 @@ def _define_kernels() -> dict:
         else:
             scale = 1.0 / sx
         lam = 1.0
-        if MODE == 2:  # moi: sum p log p = r/s - log s, merged as r + (m_split - m) s per split
+        if MODE == 2 or HAS_ENT:  # sum p log p = r/s - log s, merged as r + (m_split - m) s per split
             r_sp = tl.load(ws_rx + slot, mask=ok, other=0.0) + tl.where(ok, (mx - mx_all) * sx_sp, 0.0)
-            H = -(tl.sum(r_sp * w, axis=0) / sx - tl.log(sx)) * inv_logv
-            lam = H / (beta + 1.0)
+            H = -(tl.sum(r_sp * w, axis=0) / sx - tl.log(sx))  # nats
+            if HAS_ENT:
+                tl.store(ent_out + row, H)
+            lam = H * inv_logv / (beta + 1.0)  # used by moi only
         seed = tl.load(seed_ptr)
         ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         for d0 in range(0, D, BLOCK_D):
@@ -348,6 +366,7 @@ def _define_kernels() -> dict:
         tok_out,
         lp_out,
         h_out,
+        ent_out,
         V,
         D,
         K,
@@ -365,6 +384,7 @@ def _define_kernels() -> dict:
         GREEDY: tl.constexpr,
         HAS_ROW_IDS: tl.constexpr,
         MODE: tl.constexpr,
+        HAS_ENT: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -422,12 +442,14 @@ def _define_kernels() -> dict:
         xs = tl.where(kok, xs, float("-inf"))
         pe = tl.where(kok, tl.exp(xs - tl.max(xs, axis=0)), 0.0)
         p = pe / tl.sum(pe, axis=0)
+        lam = 1.0
+        if MODE == 2 or HAS_ENT:
+            H = -tl.sum(tl.where(p > 0, p * tl.log(p), 0.0), axis=0)  # nats
+            if HAS_ENT:
+                tl.store(ent_out + row, H)
+            lam = H * inv_logv / (beta + 1.0)  # used by moi only
         if MODE == 0:
             p = p / tl.sqrt(tl.sum(p * p, axis=0))
-        lam = 1.0
-        if MODE == 2:  # moi
-            H = -tl.sum(tl.where(p > 0, p * tl.log(p), 0.0), axis=0) * inv_logv
-            lam = H / (beta + 1.0)
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             dok = dk < D
@@ -465,6 +487,7 @@ def _full_vocab(
     row_ids=None,
     out=None,
     latent=None,
+    entropy=None,
     block_b=None,
     block_v=None,
     splits=None,
@@ -522,6 +545,7 @@ def _full_vocab(
         HAS_ROW_IDS=row_ids is not None,
         MODE=mode["MODE"],
         MIX_SHARED=mode["MODE"] != 4 and mode["inv_tm"] == 1.0 / temperature,
+        HAS_ENT=entropy is not None,
         # the interpreter's bf16 tl.dot is wrong (triton 3.9): fp32 dots there; fp16 tests cover the split
         FP32_DOT=w.dtype == torch.float32 or (interpreting() and w.dtype == torch.bfloat16),
         BLOCK_B=block_b,
@@ -535,6 +559,7 @@ def _full_vocab(
         tok,
         lp,
         h,
+        lp if entropy is None else entropy,  # any pointer when unused
         e,
         seed,
         offset,
@@ -552,6 +577,7 @@ def _full_vocab(
         MODE=mode["MODE"],
         GREEDY=bool(greedy),
         HAS_ROW_IDS=row_ids is not None,
+        HAS_ENT=entropy is not None,
         BLOCK_S=next_pow2(max(n_splits, 2)),
         BLOCK_D=min(next_pow2(max(D, 16)), 128 if n_splits <= 64 else 32),
         num_warps=4 if n_splits <= 128 else 8,
@@ -567,13 +593,16 @@ def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
     return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
 
 
-def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=None, out=None, latent=None):
+def _topk_tail(
+    logits, embedding, k, temperature, greedy, seed, offset, row_ids=None, out=None, latent=None, entropy=None
+):
     """Top-k tail on fp32 logits (B, V). On CUDA with k <= 128 and the extension built, the
     extension's one-block-per-row kernel (radix select, race, gathered mixture); otherwise
     torch.topk and one Triton program per row for the full-vocabulary log-prob, the race
     among the k candidates and the gathered mixture."""
-    hrpo_mode = latent is None or latent.mode == "hrpo"  # the CUDA kernel knows no other mode
-    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None and (hrpo_mode or not logits.is_cuda):
+    # the CUDA kernel knows no other mode and writes no entropy
+    cuda_kernel_fits = (latent is None or latent.mode == "hrpo") and entropy is None
+    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None and (cuda_kernel_fits or logits.is_cpu):
         return topk_sample_mix(
             logits,
             embedding,
@@ -585,6 +614,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
             row_ids=row_ids,
             out=out,
             latent=latent,
+            entropy=entropy,
         )
     B, V = logits.shape
     D = embedding.shape[1]
@@ -593,7 +623,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     interp = interpreting()
-    mode = kernel_args(latent, temperature, V)
+    mode = kernel_args(latent, temperature, min(k, V))
     _kernels()["topk_tail"][(B,)](
         logits,
         vals.contiguous(),
@@ -605,6 +635,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
         tok,
         lp,
         h,
+        lp if entropy is None else entropy,  # any pointer when unused
         V,
         D,
         k,
@@ -622,6 +653,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
         GREEDY=bool(greedy),
         HAS_ROW_IDS=row_ids is not None,
         MODE=mode["MODE"],
+        HAS_ENT=entropy is not None,
         BLOCK_V=256 if interp else 2048,
         BLOCK_K=next_pow2(max(k, 16)),
         BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
@@ -644,13 +676,15 @@ def sample_and_mix_triton(
     row_ids: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     latent: LatentParams | None = None,
+    entropy: torch.Tensor | None = None,
     **tiles,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused path (CUDA, or CPU tensors under TRITON_INTERPRET=1). Same outputs as the
     seeded reference: the noise is philox_uniform(seed, offset + row_ids[row] * V + token)
     (row_ids: (B,) int64, default arange(B)); a missing seed is drawn from `generator`.
     `out` takes preallocated outputs; `latent` the mode whose next input is the third output
-    (None: hrpo's h_hat); `tiles` overrides tile sizes of the full-vocabulary kernel
+    (None: hrpo's h_hat); `entropy` (B,) fp32 is filled with the mixture's entropy in nats
+    (computed in the same pass, as MoI's); `tiles` overrides tile sizes of the full-vocabulary kernel
     (block_b, block_v, splits)."""
     _kernels()
     if temperature <= 0:
@@ -664,13 +698,17 @@ def sample_and_mix_triton(
         if top_k > MAX_TOPK_TRITON:
             raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")
         logits = _lm_logits(hidden, lm_weight)
-        return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out, latent)
+        return _topk_tail(
+            logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out, latent, entropy
+        )
     if not full_vocab_fits(hidden.shape[1], lm_weight):
         raise NotImplementedError(
             f"sample_and_mix_triton: the full-vocabulary kernel takes d <= 2048 (16-bit "
             f"weights) or 1024 (fp32), got d {hidden.shape[1]} in {lm_weight.dtype}"
         )
-    return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, latent, **tiles)
+    return _full_vocab(
+        hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, latent, entropy, **tiles
+    )
 
 
 def sampling_is_fused(
@@ -699,6 +737,7 @@ def sample_and_mix(
     row_ids: torch.Tensor | None = None,
     impl: str | None = None,
     latent: LatentParams | None = None,
+    entropy: torch.Tensor | None = None,
 ):
     """Dispatcher: the Triton kernels for CUDA tensors, the reference otherwise (and under
     HRPO_KERNELS=reference). impl="ext" on CPU tensors with 1 <= top_k <= 128 < V and a
@@ -714,8 +753,13 @@ def sample_and_mix(
     (row_ids default arange(B); stable row ids keep a row's noise when rows are removed).
 
     latent: the latent mode (hrpo_kernels/latent_input.py) whose next input is the third
-    output; None is hrpo's h_hat. A nucleus (top_p < 1) runs the reference."""
+    output; None is hrpo's h_hat. A nucleus (top_p < 1) runs the reference.
+    entropy: a (B,) fp32 buffer every path fills with the entropy of the mixture distribution in
+    nats (latent_input.mixture_entropy), from the pass that forms the mixture (Soft Thinking's
+    cold stop reads it)."""
     V = lm_weight.shape[0]
+    if entropy is not None and latent is not None and latent.mode == "gumbel-soft":
+        raise ValueError("sample_and_mix: gumbel-soft's fused pass mixes noisy weights; it reports no entropy of p")
     if latent is not None and latent.is_h_hat:
         latent = None  # the paths' own h_hat, and the unseeded reference's draws unchanged
     if (
@@ -728,7 +772,17 @@ def sample_and_mix(
     ):
         logits = _lm_logits(hidden, lm_weight)
         return topk_sample_mix(
-            logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids, impl="ext", latent=latent
+            logits,
+            embedding,
+            top_k,
+            temperature,
+            greedy,
+            seed,
+            offset,
+            row_ids=row_ids,
+            impl="ext",
+            latent=latent,
+            entropy=entropy,
         )
     fused = sampling_is_fused(hidden, lm_weight, top_k, latent)
     run = sample_and_mix_triton if fused else sample_and_mix_reference
@@ -744,4 +798,5 @@ def sample_and_mix(
         offset=offset,
         row_ids=row_ids,
         latent=latent,
+        entropy=entropy,
     )

@@ -24,7 +24,14 @@ import torch
 
 from . import _ext
 from ._common import host_int, row_ids_or_arange, row_ids_tensor, sample_outputs, seed_offset
-from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
+from .latent_input import (
+    NOISE_KEY,
+    LatentParams,
+    check_noise_width,
+    kernel_args,
+    latent_input_reference,
+    mixture_entropy,
+)
 from .philox import philox_uniform
 
 MAX_TOPK = 128
@@ -124,6 +131,7 @@ def topk_sample_mix(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     impl: str | None = None,
     latent: LatentParams | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatcher. CUDA tensors -> the CUDA kernel when the extension loaded; CPU tensors ->
     the reference, or the C++ twin with impl="ext"; impl="reference" or HRPO_KERNELS=reference
@@ -132,7 +140,9 @@ def topk_sample_mix(
     from `generator`. row_ids: (B,) int64 stable row identities (default arange(B)).
     `out` = preallocated (tokens, logprobs, h_hat). The reference ignores seed / offset /
     row_ids unless a seed is given, then draws the shared Philox noise from them. `latent`:
-    the third output is that mode's next input (latent_input.py; CPU twin and reference only)."""
+    the third output is that mode's next input (latent_input.py; CPU twin and reference only).
+    `entropy`: a (B,) fp32 buffer filled with the mixture's entropy in nats (CPU twin and
+    reference only)."""
     if temperature <= 0:
         raise ValueError(f"topk_sample_mix: temperature must be > 0, got {temperature}")
     B, V = logits.shape
@@ -148,6 +158,8 @@ def topk_sample_mix(
                     logits, embedding, res[0], latent, temperature, k, greedy, seed=seed, offset=offset, row_ids=row_ids
                 ),
             )
+        if entropy is not None:
+            entropy.copy_(mixture_entropy(logits, latent, temperature, k))
         if out is None:
             return res
         for o, r in zip(out, res):
@@ -162,7 +174,7 @@ def topk_sample_mix(
     if embedding.stride(-1) != 1:
         embedding = embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "topk_sample_mix")
-    mode = kernel_args(latent, temperature, V)
+    mode = kernel_args(latent, temperature, min(k, V))
     if mode["MODE"] == 3:
         check_noise_width(D, V)
     mod.topk_sample_mix(
@@ -184,5 +196,6 @@ def topk_sample_mix(
         mode["sigma"],
         mode["inv_logv"],
         NOISE_KEY,
+        entropy,
     )
     return tok, lp, h

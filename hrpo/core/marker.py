@@ -73,6 +73,8 @@ class MarkerMatcher:
                     table[start, tok] = state
             # else: any other piece breaks a partial match: state 0, the zero fill.
         self.table = table
+        # the marker as token ids: what Soft Thinking's cold stop writes (hrpo/engine/rollout.py)
+        self.marker_ids = tuple(tokenizer.encode(marker, add_special_tokens=False))
 
     def initial(self, batch: int, device=None) -> torch.Tensor:
         return torch.zeros(batch, dtype=torch.long, device=device)

@@ -34,6 +34,27 @@ from hrpo_kernels import sample_and_mix
 from hrpo_kernels.latent_input import LatentParams
 
 
+@dataclass(frozen=True)
+class ColdStop:
+    """Soft Thinking's cold stop (Zhang et al. 2025, arXiv 2505.15778; docs/latent-modes.md
+    says where each part comes from). At each step of a row that is still thinking, H is the
+    entropy in nats of the step's mixture distribution p (latent_input.mixture_entropy: T_mix,
+    the sampler's top-k, the latent nucleus), computed in the sampling pass. The row's counter
+    c becomes c + 1 when H < entropy, else 0; the step at which c reaches `steps` emits the
+    answer marker's first token instead of its draw, and the next steps its remaining tokens
+    (forced, as if sampled: recorded log-prob 0), each fed as a plain token embedding. Once the
+    marker is written the row decodes in plain tokens as any row past its marker."""
+
+    entropy: float  # the threshold tau, in nats
+    steps: int  # consecutive low-entropy steps k
+
+    def __post_init__(self):
+        if not self.entropy > 0:
+            raise ValueError(f"cold stop: the entropy threshold must be > 0 (nats), got {self.entropy}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"cold stop: steps must be an int >= 1, got {self.steps!r}")
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 1024
@@ -42,6 +63,15 @@ class SamplingConfig:
     greedy: bool = False
     hybrid: bool = True  # thinking positions take a latent input (else every input is E[token])
     latent: LatentParams = LatentParams()  # what that input is (hrpo_kernels/latent_input.py)
+    cold_stop: ColdStop | None = None  # Soft Thinking's early end of thinking (off: None)
+
+    def __post_init__(self):
+        if self.cold_stop is None:
+            return
+        if not self.hybrid:
+            raise ValueError("cold stop ends the thinking phase, and plain decoding (hybrid off) has none")
+        if self.latent.mode == "gumbel-soft":
+            raise ValueError("cold stop reads the entropy of p; gumbel-soft's pass mixes the noisy weights instead")
 
 
 @dataclass
@@ -93,6 +123,29 @@ def thinking_input(
     return torch.where(think[:, None], latent.to(e.dtype), e), None
 
 
+def cold_stop_step(
+    threshold: float | torch.Tensor,
+    steps: int | torch.Tensor,
+    count: torch.Tensor,
+    entropy: torch.Tensor,
+    thinking: torch.Tensor,
+    tokens: torch.Tensor,
+    logprobs: torch.Tensor,
+    marker_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the cold stop (ColdStop's entropy threshold and steps; scalars, or (B,) per
+    row) in device ops only, so a captured step holds it. count (B,) int64, updated in place:
+    consecutive low-entropy steps, then (once >= steps) one more per forced token, so that
+    count - steps indexes marker_ids. thinking: the rows still thinking before this step.
+    Returns (tokens, logprobs, forced)."""
+    grown = torch.where((count >= steps) | (entropy < threshold), count + 1, 0)
+    count.copy_(torch.where(thinking, grown, count))
+    forced = thinking & (count >= steps)
+    # a forced marker always completes the marker, so the index stays below its length
+    forced_tok = marker_ids[(count - steps).clamp(0, marker_ids.numel() - 1)]
+    return torch.where(forced, forced_tok, tokens), logprobs.masked_fill(forced, 0.0), forced
+
+
 # long: the reference decode loop, kept whole so each step reads in order against the fast engine it checks
 @torch.no_grad()
 def rollout(
@@ -138,17 +191,35 @@ def rollout(
     gate_n = torch.zeros(B, device=device)
     peers = forward_group(hm)  # ranks that must decode as many steps as this one
     steps = None  # the steps this rank's own rows took
+    cold = torch.zeros(B, dtype=torch.int64, device=device)  # the cold stop's counters
+    entropy = torch.zeros(B, dtype=torch.float32, device=device) if cfg.cold_stop else None
+    marker_ids = torch.tensor(matcher.marker_ids, device=device)
     tokens, alive, logps, latents, thinks = [], [], [], [], []
     for step in range(cfg.max_new_tokens):
         noise = {}
         if seed is not None:
             noise = dict(seed=int(seed), offset=step * total * V, row_ids=act + first if compacted or first else None)
+        ent = None if entropy is None else entropy[: len(act)]
         tok, lp, h_hat = sample_and_mix(
-            hidden, hm.lm_weight, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise, latent=cfg.latent
+            hidden,
+            hm.lm_weight,
+            E,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.greedy,
+            generator,
+            **noise,
+            latent=cfg.latent,
+            entropy=ent,
         )
+        forced = torch.zeros_like(finished)
+        if cfg.cold_stop:
+            thinking = ~finished & ~matcher.found(states)
+            cs = cfg.cold_stop
+            tok, lp, forced = cold_stop_step(cs.entropy, cs.steps, cold, ent, thinking, tok, lp, marker_ids)
         tok = tok.masked_fill(finished, pad_id)
         states = matcher.advance(states, tok)
-        think = ~finished & ~matcher.found(states) if cfg.hybrid else torch.zeros_like(finished)
+        think = ~finished & ~matcher.found(states) & ~forced if cfg.hybrid else torch.zeros_like(finished)
         lat = h_hat.to(latent_dtype).masked_fill(finished[:, None], 0.0)
         # Scatter the live rows back to their original rows (the identity until compaction).
         tok_f = torch.full((B,), pad_id, dtype=tok.dtype, device=device).index_copy(0, act, tok)
@@ -178,7 +249,7 @@ def rollout(
         if compact_below > 0 and 0 < n_live < compact_below * B and n_live < live.numel():
             keep = live.nonzero().squeeze(-1)
             cache_index_select(cache, keep)
-            act, states, finished = act[keep], states[keep], finished[keep]
+            act, states, finished, cold = act[keep], states[keep], finished[keep], cold[keep]
             attn, pos, x = attn[keep], pos[keep], x[keep]
             compacted = True
         hidden = hm.decoder(x[:, None], attn, pos, cache)[:, -1]

@@ -4,6 +4,7 @@ It computes what the reference loop (hrpo/engine/rollout.py) computes; under the
 draws the same tokens. One decode step is
 
     hidden -> sample_and_mix (lm-head, top-k / full vocabulary, race, log-prob, h_hat)
+           -> cold_stop_step (with a ColdStop: the entropy counters, forced marker tokens)
            -> step_controller (marker matcher, finish flags, rollout buffers)
            -> gated_blend of E[token] and h_hat (hybrid) or E[token] (plain)
            -> FastDecoder.decode (our own model body over the static cache) -> hidden
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.fast_decoder import FastDecoder, unsupported_reason
 from hrpo.engine.kv_cache import StaticKVCache
-from hrpo.engine.rollout import Rollout, SamplingConfig, left_pad, rollout, thinking_input
+from hrpo.engine.rollout import Rollout, SamplingConfig, cold_stop_step, left_pad, rollout, thinking_input
 from hrpo.model.hybrid import HybridModel, distinct_prompts
 from hrpo_kernels import sample_and_mix, step_controller
 from hrpo_kernels._common import StandInGraph, next_pow2, on_gpu_path
@@ -60,11 +61,23 @@ class EngineOptions:
 
 
 @dataclass
+class ColdRows:
+    """The cold stop's per-row state for a decode step (rollout.cold_stop_step): the threshold and
+    the count of steps (scalars, or one per row), each row's counter (updated in place) and the
+    entropy buffer the step's sampling fills."""
+
+    threshold: float | torch.Tensor
+    steps: int | torch.Tensor
+    count: torch.Tensor
+    entropy: torch.Tensor
+
+
+@dataclass
 class StepRows:
     """The rows a decode step runs (views of a batch's buffers, updated in place) and their
     per-row latent settings: gated, whether a row's thinking input is the gate's blend (hrpo)
     or the mode's latent itself, one bool for all rows or a bool tensor per row; thinks, the
-    rows that may think (None: all of them)."""
+    rows that may think (None: all of them); cold, the cold stop's state (None: off)."""
 
     hidden: torch.Tensor
     match: torch.Tensor
@@ -74,6 +87,7 @@ class StepRows:
     cache: StaticKVCache
     gated: bool | torch.Tensor
     thinks: torch.Tensor | None = None
+    cold: ColdRows | None = None
 
 
 _GATED, _DIRECT = LatentParams("hrpo"), LatentParams("soft")  # a latent fed through the gate / as it is
@@ -109,6 +123,8 @@ class _State:
         self.order = torch.zeros(batch, dtype=torch.int64, device=dev)  # original row of each row
         self.gate_sum = torch.zeros(batch, dtype=torch.float32, device=dev)
         self.gate_n = torch.zeros(batch, dtype=torch.float32, device=dev)
+        self.cold = torch.zeros(batch, dtype=torch.int64, device=dev)  # the cold stop's counters
+        self.entropy = torch.zeros(batch, dtype=torch.float32, device=dev)  # this step's, for the cold stop
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
         self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -122,7 +138,7 @@ class _State:
         b.tokens[:B].fill_(pad_id)
         for x in (b.logprobs, b.think, b.mask):
             x[:B].zero_()
-        for x in (self.match, self.finished, self.gate_sum, self.gate_n, self.t, self.offset):
+        for x in (self.match, self.finished, self.gate_sum, self.gate_n, self.cold, self.t, self.offset):
             x.zero_()
         torch.arange(first, first + B, out=self.order[:B])  # each row's row in the whole batch: its noise
 
@@ -142,6 +158,7 @@ class _State:
             self.order,
             self.gate_sum,
             self.gate_n,
+            self.cold,
         ):
             x[:n] = x[:n][perm]
         self.cache.gather_rows(perm[:n_new], upto)
@@ -160,6 +177,7 @@ class RolloutEngine:
         self.pad_id = int(pad_id)
         self.table = matcher.table.to(dev).contiguous()
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], dtype=torch.int64, device=dev)
+        self.marker_ids = torch.tensor(matcher.marker_ids, dtype=torch.int64, device=dev)
         self.graphs = self.gpu_path and self.opts.cuda_graphs and load_extension() is not None
         if self.gpu_path and self.opts.cuda_graphs and not self.graphs:
             warnings.warn(
@@ -183,6 +201,15 @@ class RolloutEngine:
         inputs of each row's latent mode, the decoder body. No host sync on the GPU path, so a
         graph can hold it. Returns (tokens, log-probs, think, gate coefficients a or None)."""
         tok, lp, h = sample(rows.hidden)
+        forced = None
+        if rows.cold is not None:
+            c = rows.cold
+            thinking = ~rows.finished & (rows.match != self.table.shape[0] - 1)
+            if rows.thinks is not None:
+                thinking &= rows.thinks
+            tok, lp, forced = cold_stop_step(
+                c.threshold, c.steps, c.count, c.entropy, thinking, tok, lp, self.marker_ids
+            )
         latent = h.to(self.opts.latent_dtype)
         tokens, think, _ = step_controller(
             self.table,
@@ -201,6 +228,11 @@ class RolloutEngine:
         )
         if rows.thinks is not None:
             think = think & rows.thinks
+        if forced is not None:  # a forced marker token is fed (and recorded) as a plain token
+            think = think & ~forced
+            col = (rows.t - 1).clamp(0, rows.bufs.think.shape[1] - 1)  # the column just written
+            rec = rows.bufs.think
+            rec.index_copy_(1, col, rec.index_select(1, col) & ~forced[:, None])
         e = F.embedding(tokens, self.hm.embed.weight)
         a = None
         if track_think:
@@ -212,6 +244,8 @@ class RolloutEngine:
         s, hm = self.state, self.hm
         W = hm.lm_weight
         noise = dict(seed=s.seed, offset=s.offset, row_ids=s.order[:n]) if seeded else {}
+        cs = cfg.cold_stop
+        cold = ColdRows(cs.entropy, cs.steps, s.cold[:n], s.entropy[:n]) if cs else None
 
         def sample(hidden):
             return sample_and_mix(
@@ -225,10 +259,18 @@ class RolloutEngine:
                 **noise,
                 impl=self.impl,
                 latent=cfg.latent,
+                entropy=cold.entropy if cold else None,
             )
 
         rows = StepRows(
-            s.hidden[:n], s.match[:n], s.finished[:n], buffer_rows(s.bufs, n), s.t, s.cache, cfg.latent.mode == "hrpo"
+            s.hidden[:n],
+            s.match[:n],
+            s.finished[:n],
+            buffer_rows(s.bufs, n),
+            s.t,
+            s.cache,
+            cfg.latent.mode == "hrpo",
+            cold=cold,
         )
         _, _, think, a = self.decode_step(rows, sample, cfg.max_new_tokens, cfg.hybrid, max_len)
         s.offset.add_(B * W.shape[0])  # the next step's noise (only sampling reads the offset)
@@ -260,7 +302,8 @@ class RolloutEngine:
             for i in range(steps):
                 self._step(n, B, cfg, generator, seeded, host_len + i + 1 if trim else None)
             return
-        key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, cfg.latent, seeded)
+        key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, cfg.latent, cfg.cold_stop)
+        key += (seeded,)
         graph = self.state.graphs.get(key)
         if graph is None:
             self._step(n, B, cfg, generator, seeded, None)  # a real step that also compiles this shape's kernels

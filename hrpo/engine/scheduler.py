@@ -9,6 +9,7 @@ so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engi
 
     hidden -> sample_and_mix per group of rows sharing (greedy, temperature, top_k, seed,
               latent mode), each row keyed by its own Philox counter (row id on the device)
+           -> the cold stop of the rows that asked for one (cold_stop_step, per-row settings)
            -> step_controller (marker matcher, eos), on one-column step buffers
            -> the thinking input of each hybrid row's latent mode (the gate's blend of
               E[token] and h_hat for hrpo, the mode's latent for the others)
@@ -48,8 +49,8 @@ from hrpo_kernels.latent_input import LatentParams
 from hrpo_kernels.sample_and_mix import sampling_is_fused
 from hrpo_kernels.step_controller import StepBuffers
 
-from .rollout import left_pad
-from .rollout_engine import RolloutEngine, StepRows, buffer_rows
+from .rollout import ColdStop, left_pad
+from .rollout_engine import ColdRows, RolloutEngine, StepRows, buffer_rows
 
 # step_controller's own length limit, past any request's: a row's max_tokens is applied here.
 _NO_LIMIT = 2**62
@@ -120,6 +121,7 @@ class Request:
     seed: int = 0
     hybrid: bool = True
     latent: LatentParams = LatentParams()
+    cold_stop: ColdStop | None = None  # Soft Thinking's early end of thinking (hybrid only)
     top_logprobs: int | None = None  # None: no log-probs; k: the chosen token's and k alternatives
     ignore_eos: bool = False  # run to max_tokens past end-of-sequence tokens (load tests)
     stop: Callable[[int, list[int]], bool] | None = None
@@ -157,11 +159,13 @@ class _Group:
 class _Plan:
     """How the batch steps until its rows change: the groups (settings, and their seeds in
     Scheduler.seeds), whether every row is gated / thinks (a bool) or it differs by row
-    (None: the per-row tensors), the graph key, and each group's rows when it gathers them."""
+    (None: the per-row tensors), whether some row cold-stops, the graph key, and each group's
+    rows when it gathers them."""
 
     groups: list[_Group]
     gated: bool | None
     thinks: bool | None
+    cold: bool  # some row asked for the cold stop
     key: tuple
     capture: bool
     gather: list[torch.Tensor] | None
@@ -208,6 +212,11 @@ class Scheduler:
         self.finished = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self.hybrid = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self.gated = torch.zeros(max_batch, dtype=torch.bool, device=dev)  # hybrid rows in hrpo mode
+        # the cold stop per row: counter, threshold (-inf: off) and steps, and this step's entropy
+        self.cold = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.cold_tau = torch.full((max_batch,), float("-inf"), device=dev)
+        self.cold_k = torch.ones(max_batch, dtype=torch.int64, device=dev)
+        self.entropy = torch.zeros(max_batch, dtype=torch.float32, device=dev)
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
         self.zero = torch.zeros(1, dtype=torch.int64, device=dev)
         # each row's noise: row id steps * width + choice (width: its request's n), its group's seed
@@ -261,6 +270,8 @@ class Scheduler:
             )
         if not req.temperature > 0:
             raise RequestError("temperature", f"temperature must be > 0, got {req.temperature}")
+        if req.cold_stop is not None and (not req.hybrid or req.latent.mode == "gumbel-soft"):
+            raise RequestError("cold_stop", "the cold stop needs hybrid decoding in a mode other than gumbel-soft")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise RequestError("top_logprobs", f"top_logprobs must be in [0, 20], got {req.top_logprobs}")
         if self._cost(req) > self.token_budget:
@@ -410,6 +421,10 @@ class Scheduler:
         self.steps[n0 : n0 + m] = 0
         self.width[n0 : n0 + m] = torch.tensor([r.n for r in reqs for _ in range(r.n)], device=dev)
         self.choice[n0 : n0 + m] = torch.tensor([j for r in reqs for j in range(r.n)], device=dev)
+        cold = [r.cold_stop for r in reqs for _ in range(r.n)]
+        self.cold[n0 : n0 + m] = 0
+        self.cold_tau[n0 : n0 + m] = torch.tensor([c.entropy if c else -math.inf for c in cold], device=dev)
+        self.cold_k[n0 : n0 + m] = torch.tensor([c.steps if c else 1 for c in cold], device=dev)
         self.plan = None
         self.rows += [_Row(r, j) for r in reqs for j in range(r.n)]
         self.lengths += [len(p) for p in prompts]
@@ -432,12 +447,13 @@ class Scheduler:
         groups = [g for g, _ in index]
         gated = _uniform([r.request.hybrid and r.request.latent.mode == "hrpo" for r in self.rows])
         thinks = _uniform([r.request.hybrid for r in self.rows])
+        cold = any(r.request.cold_stop for r in self.rows)
         gather = None
         if len(groups) > GRAPH_GROUPS:
             gather = [torch.tensor([i for i, p in enumerate(picks) if p == g], device=dev) for g in range(len(groups))]
         fused = all(sampling_is_fused(self.hidden, self.hm.lm_weight, g.top_k, g.latent) for g in groups)
         capture = self.graphs_on and fused and gather is None
-        return _Plan(groups, gated, thinks, (tuple(groups), gated, thinks), capture, gather)
+        return _Plan(groups, gated, thinks, cold, (tuple(groups), gated, thinks, cold), capture, gather)
 
     def _top(self, n: int) -> dict[int, list[tuple[int, float]]]:
         """The top alternatives (token, log-prob at the row's temperature) of the rows that asked."""
@@ -506,25 +522,32 @@ class Scheduler:
             self.cache,
             self.gated[:b] if plan.gated is None else plan.gated,
             self.hybrid[:b] if plan.thinks is None else None,
+            ColdRows(self.cold_tau[:b], self.cold_k[:b], self.cold[:b], self.entropy[:b]) if plan.cold else None,
         )
         track = plan.thinks is not False
         tok, lp, think, a = self.engine.decode_step(
-            rows, lambda h: self._sample(h, plan, row_ids), _NO_LIMIT, track, max_len
+            rows, lambda h: self._sample(h, plan, row_ids, rows.cold), _NO_LIMIT, track, max_len
         )
         self.steps[:b] += 1
         gate = a.mean(-1) if a is not None else torch.zeros_like(lp)
         for i, x in enumerate((tok, lp, self.finished[:b], think, gate, bad)):
             self.out[i, :b] = x
 
-    def _sample(self, hidden: torch.Tensor, plan: _Plan, row_ids: torch.Tensor):
+    def _sample(self, hidden: torch.Tensor, plan: _Plan, row_ids: torch.Tensor, cold: ColdRows | None):
         """Tokens, log-probs and latents of the rows: each group's draw for its rows, each row
-        keyed by its own Philox counter (row id) under its group's seed."""
+        keyed by its own Philox counter (row id) under its group's seed; with the cold stop on,
+        each row's mixture entropy written to cold.entropy (gumbel-soft's groups, which may not
+        cold-stop and whose pass has no entropy of p, leave theirs)."""
+        n = hidden.shape[0]
 
         def draw(g: int, at: torch.Tensor | None):
             grp, h, ids = plan.groups[g], hidden, row_ids
             if at is not None:
                 h, ids = hidden[at], row_ids[at]
-            return sample_and_mix(
+            ent = None
+            if cold is not None and grp.latent.mode != "gumbel-soft":
+                ent = torch.empty(n if at is None else len(at), device=hidden.device)
+            out = sample_and_mix(
                 h,
                 self.hm.lm_weight,
                 self.hm.embed.weight,
@@ -537,19 +560,24 @@ class Scheduler:
                 row_ids=ids,
                 impl=self.engine.impl,
                 latent=grp.latent,
+                entropy=ent,
             )
+            if ent is not None and at is None:  # a row keeps its own group's entropy
+                cold.entropy.copy_(torch.where(self.pick[:n] == g, ent, cold.entropy))
+            elif ent is not None:
+                cold.entropy[at] = ent
+            return out
 
         if len(plan.groups) == 1:
             return draw(0, None)
         if plan.gather is None:  # every group draws every row; a row keeps its own group's
             tok, lp, h = draw(0, None)
-            pick = self.pick[: hidden.shape[0]]
+            pick = self.pick[:n]
             for g in range(1, len(plan.groups)):
                 t_, l_, h_ = draw(g, None)
                 mine = pick == g
                 tok, lp, h = torch.where(mine, t_, tok), torch.where(mine, l_, lp), torch.where(mine[:, None], h_, h)
             return tok, lp, h
-        n = hidden.shape[0]
         tok = torch.empty(n, dtype=torch.int64, device=hidden.device)
         lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         h = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
@@ -613,7 +641,8 @@ class Scheduler:
             upto = max(self.lengths[i] for i in movers)
             self.cache.k[:, dst, :upto] = self.cache.k[:, src, :upto]
             self.cache.v[:, dst, :upto] = self.cache.v[:, src, :upto]
-            for x in (self.cache.seqlens, self.hidden, self.match, self.hybrid, self.gated):
+            cold = (self.cold, self.cold_tau, self.cold_k)
+            for x in (self.cache.seqlens, self.hidden, self.match, self.hybrid, self.gated, *cold):
                 x[dst] = x[src]
             for x in (self.steps, self.width, self.choice):
                 x[dst] = x[src]

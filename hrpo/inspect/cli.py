@@ -17,7 +17,9 @@ from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import make_engine
 from hrpo.eval import (
     DefaultsHelpFormatter,
+    add_cold_stop_arguments,
     add_latent_arguments,
+    cold_stop,
     describe_policy,
     latent_params,
     load_policy,
@@ -96,6 +98,8 @@ def _check(args) -> None:
         raise ConfigError(f"--temperature must be a number in (0, inf), got {args.temperature}")
     if args.limit is not None and not args.samples:
         raise ConfigError("--limit applies to --samples")
+    if args.samples and args.cold_stop_entropy is not None:
+        raise ConfigError("--cold-stop-entropy applies to generation (--prompt), not to replayed --samples")
     if args.task:
         get_task(args.task)
 
@@ -131,6 +135,7 @@ def collect(args) -> list[Trace]:
             greedy=True,
             hybrid=args.hybrid,
             latent=latent,
+            cold_stop=cold_stop(args),
         )
         out = engine.generate(prompts, sampling, torch.Generator(device=hm.lm_weight.device).manual_seed(0))
         mixed = [
@@ -199,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.5, help="of the distribution h_hat mixes")
     p.add_argument("--top-k", type=int, default=50, help="of the distribution h_hat mixes (0: all)")
     add_latent_arguments(p)
+    add_cold_stop_arguments(p)
     p.add_argument("--max-rows", type=int, default=40, help="positions per sample in the terminal table")
     p.add_argument("--html", help="write a self-contained HTML page here")
     p.add_argument("--json", help="write the aggregates and every position as JSON here")

@@ -6,7 +6,9 @@ GET /metrics (Prometheus text). Errors are OpenAI's shape, {"error": {"message",
 "param", "code"}}, with no stack trace or path. Extension fields: request `top_k`,
 `hybrid` (false: plain tokens, true: latent thinking inputs), `latent_mode` (one of
 hrpo_kernels.latent_input.MODES; implies hybrid), `latent_options` (that mode's numbers:
-temperature, top_p, beta, noise_std, gumbel_tau) and `ignore_eos`, response per choice `hrpo`:
+temperature, top_p, beta, noise_std, gumbel_tau), `cold_stop` ({"entropy": nats, "steps": k}:
+Soft Thinking's cold stop, hrpo.engine.rollout.ColdStop; hybrid only) and `ignore_eos`,
+response per choice `hrpo`:
 {"thinking_tokens", "gate_mean", "latent_mode"}.
 """
 
@@ -24,6 +26,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from hrpo.engine.rollout import ColdStop
 from hrpo.engine.scheduler import QueueFull, Request, RequestError, Update
 from hrpo.serve.llm import LLM
 from hrpo.serve.metrics import Metrics
@@ -44,6 +47,7 @@ COMMON = {
     "hybrid",
     "latent_mode",
     "latent_options",
+    "cold_stop",
     "ignore_eos",
     "logprobs",
 }
@@ -156,6 +160,24 @@ def _latent(body: dict, hybrid: bool | None) -> tuple[str | None, dict]:
     return mode, options
 
 
+def _cold_stop(body: dict, hybrid: bool | None) -> ColdStop | None:
+    """The request's cold_stop object, {"entropy": nats > 0, "steps": int >= 1}, or None."""
+    spec = body.get("cold_stop")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"entropy", "steps"}:
+        raise ApiError(400, 'cold_stop must be an object {"entropy": number, "steps": integer}', "cold_stop")
+    if hybrid is False:
+        raise ApiError(400, "cold_stop ends thinking, and hybrid is false", "cold_stop")
+    tau = spec["entropy"]
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise ApiError(400, f"cold_stop.entropy must be a number, got {json.dumps(tau)}", "cold_stop")
+    try:
+        return ColdStop(float(tau), spec["steps"])
+    except ValueError as err:
+        raise ApiError(400, str(err), "cold_stop") from None
+
+
 class Parsed:
     """A checked request body: the scheduler request's settings and the response's."""
 
@@ -214,6 +236,7 @@ class Parsed:
             hybrid=hybrid,
             latent_mode=latent_mode,
             latent_options=latent_options,
+            cold_stop=_cold_stop(body, hybrid),
             stop=self.stops,
             top_logprobs=self.top_logprobs,
             ignore_eos=ignore_eos,

@@ -12,6 +12,7 @@ from pathlib import Path
 from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import ANSWER_MARKER, SYSTEM_PROMPT
+from hrpo.engine.rollout import ColdStop
 from hrpo.engine.rollout_engine import RolloutEngine, make_engine
 from hrpo.engine.scheduler import Request, RequestError, Scheduler
 from hrpo.eval import add_latent_arguments, load_policy, recorded_latent, resolve_checkpoint
@@ -107,6 +108,7 @@ class LLM:
         hybrid: bool | None = None,
         latent_mode: str | None = None,
         latent_options: dict | None = None,
+        cold_stop: ColdStop | None = None,
         stop: list[str] | None = None,
         top_logprobs: int | None = None,
         ignore_eos: bool = False,
@@ -117,7 +119,7 @@ class LLM:
         by `seed` or, without one, a seed drawn here. max_tokens None: the rest of the context.
         latent_mode / latent_options (LatentParams' fields but the mode): the server's latent
         settings with these replaced (ValueError when invalid); naming a mode turns hybrid on
-        unless hybrid is False."""
+        unless hybrid is False. cold_stop: Soft Thinking's early end of thinking (None: off)."""
         greedy = not temperature
         latent = replace(self.latent, **({"mode": latent_mode} if latent_mode else {}), **(latent_options or {}))
         if hybrid is None:
@@ -133,6 +135,7 @@ class LLM:
             seed=random.getrandbits(62) if seed is None and not greedy else (seed or 0),
             hybrid=hybrid,
             latent=latent,
+            cold_stop=cold_stop,
             top_logprobs=top_logprobs,
             ignore_eos=ignore_eos,
             stop=(lambda j, tokens: self.cut(tokens, stops) is not None) if stops else None,

@@ -37,7 +37,7 @@ STEPS = (
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("fast", "reference")
-METHODS = ("hrpo", "soft-tokens", "gumbel-soft")  # plain GRPO is --no-hybrid
+METHODS = ("hrpo", "grpo", "soft-tokens", "gumbel-soft")  # grpo: plain tokens, the same run as --no-hybrid
 LATENT_METHODS = ("soft-tokens", "gumbel-soft")  # thinking inputs scored by their density, no gate
 REPORT_TO = ("none", "tensorboard")
 
@@ -102,13 +102,14 @@ class TrainConfig:
         MODEL,
         "HRPO: while the model reasons, feed it the gated blend of the sampled "
         "token's embedding and the probability-weighted embedding mixture; --no-hybrid: plain "
-        "GRPO (token embeddings only)",
+        "GRPO (token embeddings only), the same run as --method grpo",
     )
     method: str = option(
         "hrpo",
         MODEL,
         "what the thinking inputs are and how they are trained: hrpo (the gate's "
-        "blend); soft-tokens (Butt et al. 2025: the mixture p @ E plus Gaussian noise of "
+        "blend); grpo (plain token embeddings, GRPO: the same as --no-hybrid); soft-tokens "
+        "(Butt et al. 2025: the mixture p @ E plus Gaussian noise of "
         "--noise-std, trained by the noisy inputs' log-density, answer tokens hard); "
         "gumbel-soft (SofT-GRPO, Zheng et al. 2025: the Gumbel-Softmax mixture of the top-k at "
         "--gumbel-tau, trained by the Gumbel log-density of the perturbed log-probabilities, "
@@ -392,8 +393,10 @@ def _check_run(cfg: TrainConfig) -> None:
     _floats(cfg, "gumbel_tau", 0, None, lo_open=True)
     if cfg.method in LATENT_METHODS and not cfg.hybrid:
         raise ConfigError(
-            f"--method {cfg.method} trains thinking inputs: it needs --hybrid (--no-hybrid is plain GRPO)"
+            f"--method {cfg.method} trains thinking inputs: it needs --hybrid (plain GRPO is --method grpo)"
         )
+    if cfg.method == "grpo" and cfg.hybrid:
+        raise ConfigError("--method grpo trains plain tokens: --hybrid contradicts it (HRPO is --method hrpo)")
     _ints(cfg, "group_size", 2)
     _ints(cfg, "batch_size", cfg.group_size if isinstance(cfg.group_size, int) else 2)
     if cfg.batch_size % cfg.group_size:
@@ -513,6 +516,8 @@ def config_for(task: str, **overrides) -> TrainConfig:
     if task not in task_names():
         raise ConfigError(f"--task must be one of {', '.join(task_names())}, got {task!r}")
     values = {**RECIPES[get_task(task).recipe], **{k: v for k, v in overrides.items() if v is not None}, "task": task}
+    if values.get("method") == "grpo" and overrides.get("hybrid") is None:
+        values["hybrid"] = False  # --method grpo is --no-hybrid; an explicit --hybrid is refused by validation
     return TrainConfig(**values)
 
 

@@ -43,6 +43,7 @@ struct TopkArgs {
   float sigma = 0.f;     // soft-noise's standard deviation
   float inv_logv = 0.f;  // 1 / log V (MoI's normalised entropy)
   uint64_t noise_key = 0;  // seed ^ noise_key keys the Gaussian stream
+  float* entropy = nullptr;  // (B,) or nullptr: the mixture p's entropy in nats (the cold stop's)
 };
 
 // step_controller: see hrpo_kernels/step_controller.py for the semantics.

@@ -10,6 +10,7 @@
 // (gumbel-soft: (logit / T_mix + g) / tau, g the race's Gumbel noise), then hrpo p/||p||,
 // soft p, moi (H p + (beta + 1 - H) onehot(token)) / (beta + 1), soft-noise p plus
 // sigma * N(0, 1) by Box-Muller on the streams keyed by seed ^ noise_key and that + 1.
+// a.entropy (optional) receives -sum p log p of that p (nats; gumbel-soft: of its weights).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -120,6 +121,7 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
         if (w[j] > 0.f) plogp += w[j] * std::log(w[j]);
       }
       float scale = 1.f, lam = 1.f;
+      if (a.entropy) a.entropy[r] = -plogp;
       if (a.mode == 0) scale = 1.f / std::sqrt(sq);
       if (a.mode == 2) lam = scale = -plogp * a.inv_logv / (a.beta + 1.f);
       std::fill(acc.begin(), acc.end(), 0.f);

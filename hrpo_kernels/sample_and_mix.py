@@ -3,7 +3,8 @@ log-prob, and the latent mixture h_hat = (p @ E) / ||p||_2.
 
 Conventions the kernels must keep:
 - p is softmax(logits / temperature) restricted to the top-k logits and renormalised
-  (top_k = 0: the full vocabulary). The sample and h_hat come from p.
+  (top_k = 0: the full vocabulary), then, with top_p < 1, cut to its nucleus inside the top-k
+  and renormalised (latent_input.nucleus). The sample and h_hat come from p.
 - logprob is log_softmax(logits / temperature) of the chosen token over the full
   vocabulary: the policy's log-prob, the same quantity the training forward computes, so
   rollout log-probs serve directly as the old log-probs of the clipped objective.
@@ -34,7 +35,14 @@ from ._common import (
 )
 from ._ext import load_extension
 from ._triton_helpers import lazy_kernels
-from .latent_input import NOISE_KEY, LatentParams, check_noise_width, kernel_args, latent_input_reference
+from .latent_input import (
+    NOISE_KEY,
+    LatentParams,
+    check_noise_width,
+    check_top_p,
+    kernel_args,
+    latent_input_reference,
+)
 from .topk_sample import MAX_TOPK, sample_from_logits_reference, topk_sample_mix
 
 
@@ -51,24 +59,23 @@ def sample_and_mix_reference(
     offset: int | torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
     latent: LatentParams | None = None,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (B, d), lm_weight (V, d), embedding (V, d) -> tokens (B,) int64,
     logprobs (B,) fp32, h_hat (B, d) fp32 (with `latent`: that mode's next input,
     latent_input.py). seed given: u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v)
     (every path's convention), else a `generator` draw (a latent mode: one seed drawn from it,
-    so that the race and the mode's noise share the draw)."""
+    so that the race and the mode's noise share the draw). top_p: the sampler's nucleus."""
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
+    check_top_p(top_p, "sampling")
     logits = hidden.float() @ lm_weight.float().T
     if latent is not None and seed is None and not greedy:
         seed, offset = seed_offset(None, offset, generator, logits.device)
-    tok, lp, h = sample_from_logits_reference(
-        logits, embedding, top_k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
-    )
+    noise = dict(top_p=top_p, seed=seed, offset=offset, row_ids=row_ids)
+    tok, lp, h = sample_from_logits_reference(logits, embedding, top_k, temperature, greedy, generator, **noise)
     if latent is not None:
-        h = latent_input_reference(
-            logits, embedding, tok, latent, temperature, top_k, greedy, seed=seed, offset=offset, row_ids=row_ids
-        )
+        h = latent_input_reference(logits, embedding, tok, latent, temperature, top_k, greedy, **noise)
     return tok, lp, h
 
 
@@ -82,8 +89,8 @@ def sample_and_mix_reference(
 # graph) and advances the offset by at least B * V per decode step.
 # ---------------------------------------------------------------------------------------
 
-# bound by lazy_kernels at the first launch (_triton_helpers.py), mode_input and row_counter by _define_kernels
-triton = tl = dot_p = philox_uniform = gaussian = mode_input = row_counter = None
+# bound by lazy_kernels at the first launch (_triton_helpers.py), the rest by _define_kernels
+triton = tl = dot_p = philox_uniform = gaussian = mode_input = row_counter = masked_softmax = mass_above = None
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -116,9 +123,29 @@ def _row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS: tl.constexpr):
     return tl.load(off_ptr) + rid * V
 
 
+def _masked_softmax(x, ok):
+    """softmax of x over the lanes `ok` (at least one), 0 elsewhere."""
+    x = tl.where(ok, x, float("-inf"))
+    e = tl.where(ok, tl.exp(x - tl.max(x, axis=0)), 0.0)
+    return e / tl.sum(e, axis=0)
+
+
+def _mass_above(p, ids):
+    """Per lane j, the mass of the lanes ranked above it (by p, the lower token id first among
+    equal p): latent_input.nucleus keeps j when this is < top_p. O(K^2) on K <= 128 lanes,
+    no sort; lanes off the set carry p = 0 and add nothing."""
+    above = (p[:, None] > p[None, :]) | ((p[:, None] == p[None, :]) & (ids[:, None] < ids[None, :]))
+    return tl.sum(tl.where(above, p[:, None], 0.0), axis=0)
+
+
 def _define_kernels() -> dict:
     # where the kernels' bodies find them
-    globals().update(mode_input=triton.jit(_mode_input), row_counter=triton.jit(_row_counter))
+    globals().update(
+        mode_input=triton.jit(_mode_input),
+        row_counter=triton.jit(_row_counter),
+        masked_softmax=triton.jit(_masked_softmax),
+        mass_above=triton.jit(_mass_above),
+    )
 
     @triton.jit
     def _full_partial_kernel(
@@ -358,6 +385,8 @@ def _define_kernels() -> dict:
         sigma,
         inv_logv,
         noise_key,
+        top_p,
+        mix_top_p,
         stride_l,
         stride_k,
         stride_e,
@@ -365,13 +394,16 @@ def _define_kernels() -> dict:
         GREEDY: tl.constexpr,
         HAS_ROW_IDS: tl.constexpr,
         MODE: tl.constexpr,
+        NUCLEUS: tl.constexpr,
+        MIX_NUCLEUS: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         """One row: logsumexp over the full vocabulary (and the greedy argmax), the race
-        among the k selected logits, and the mode's next input from the mixture p over them
-        (latent_input.py; hrpo: h_hat = sum_j p_j E[id_j] / ||p||)."""
+        among the sampler's candidates (the k selected logits, cut to the sampler's nucleus
+        when NUCLEUS), and the mode's next input from the mixture p over them, cut to its own
+        nucleus when MIX_NUCLEUS (latent_input.py; hrpo: h_hat = sum_j p_j E[id_j] / ||p||)."""
         row = tl.program_id(0)
         lane = tl.arange(0, BLOCK_V)
         lrow = logits_ptr + row.to(tl.int64) * stride_l
@@ -400,6 +432,9 @@ def _define_kernels() -> dict:
         vals = tl.load(vals_ptr + row * stride_k + kk, mask=kok, other=float("-inf"))
         ids = tl.load(idx_ptr + row * stride_k + kk, mask=kok, other=0).to(tl.int32)
         scaled = vals * inv_t
+        cand = kok
+        if NUCLEUS:
+            cand = kok & (mass_above(masked_softmax(scaled, kok), ids) < top_p)
         seed = tl.load(seed_ptr)
         ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         if GREEDY:
@@ -409,19 +444,20 @@ def _define_kernels() -> dict:
             g = tl.zeros([BLOCK_K], tl.float32)
         else:
             g = -tl.log(-tl.log(philox_uniform(seed, ctr + ids)))
-            score = tl.where(kok, scaled + g, float("-inf"))
+            score = tl.where(cand, scaled + g, float("-inf"))
             best = tl.max(score, axis=0)
-            tok = tl.min(tl.where(kok & (score == best), ids, V), axis=0)
+            tok = tl.min(tl.where(cand & (score == best), ids, V), axis=0)
             tok_logit = tl.max(tl.where(kok & (ids == tok), scaled, float("-inf")), axis=0)
         tl.store(tok_out + row, tok.to(tl.int64))
         tl.store(lp_out + row, tok_logit - lse)
 
-        xs = vals * inv_tm
-        if MODE == 4:  # gumbel-soft
-            xs = (xs + g) * inv_tau
-        xs = tl.where(kok, xs, float("-inf"))
-        pe = tl.where(kok, tl.exp(xs - tl.max(xs, axis=0)), 0.0)
-        p = pe / tl.sum(pe, axis=0)
+        p = masked_softmax(vals * inv_tm, cand)
+        if MIX_NUCLEUS:
+            cand = cand & (mass_above(p, ids) < mix_top_p)
+            p = tl.where(cand, p, 0.0)
+            p = p / tl.sum(p, axis=0)
+        if MODE == 4:  # gumbel-soft: over p's support
+            p = masked_softmax((vals * inv_tm + g) * inv_tau, cand)
         if MODE == 0:
             p = p / tl.sqrt(tl.sum(p * p, axis=0))
         lam = 1.0
@@ -567,13 +603,14 @@ def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
     return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
 
 
-def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=None, out=None, latent=None):
+def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=None, out=None, latent=None, top_p=1.0):
     """Top-k tail on fp32 logits (B, V). On CUDA with k <= 128 and the extension built, the
     extension's one-block-per-row kernel (radix select, race, gathered mixture); otherwise
     torch.topk and one Triton program per row for the full-vocabulary log-prob, the race
-    among the k candidates and the gathered mixture."""
-    hrpo_mode = latent is None or latent.mode == "hrpo"  # the CUDA kernel knows no other mode
-    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None and (hrpo_mode or not logits.is_cuda):
+    among the k candidates (the sampler's nucleus among them) and the gathered mixture."""
+    # the CUDA kernel knows no other mode and cuts no nucleus
+    plain = (latent is None or (latent.mode == "hrpo" and latent.top_p == 1)) and top_p == 1
+    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None and (plain or not logits.is_cuda):
         return topk_sample_mix(
             logits,
             embedding,
@@ -585,6 +622,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
             row_ids=row_ids,
             out=out,
             latent=latent,
+            top_p=top_p,
         )
     B, V = logits.shape
     D = embedding.shape[1]
@@ -593,7 +631,7 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     interp = interpreting()
-    mode = kernel_args(latent, temperature, V)
+    mode = kernel_args(latent, temperature, V, top_p)
     _kernels()["topk_tail"][(B,)](
         logits,
         vals.contiguous(),
@@ -615,6 +653,8 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
         mode["sigma"],
         mode["inv_logv"],
         NOISE_KEY,
+        mode["top_p"],
+        mode["mix_top_p"],
         logits.stride(0),
         k,
         e.stride(0),
@@ -622,6 +662,8 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
         GREEDY=bool(greedy),
         HAS_ROW_IDS=row_ids is not None,
         MODE=mode["MODE"],
+        NUCLEUS=mode["top_p"] < 1,
+        MIX_NUCLEUS=mode["mix_top_p"] < 1,
         BLOCK_V=256 if interp else 2048,
         BLOCK_K=next_pow2(max(k, 16)),
         BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
@@ -644,6 +686,7 @@ def sample_and_mix_triton(
     row_ids: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     latent: LatentParams | None = None,
+    top_p: float = 1.0,
     **tiles,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused path (CUDA, or CPU tensors under TRITON_INTERPRET=1). Same outputs as the
@@ -651,11 +694,14 @@ def sample_and_mix_triton(
     (row_ids: (B,) int64, default arange(B)); a missing seed is drawn from `generator`.
     `out` takes preallocated outputs; `latent` the mode whose next input is the third output
     (None: hrpo's h_hat); `tiles` overrides tile sizes of the full-vocabulary kernel
-    (block_b, block_v, splits)."""
+    (block_b, block_v, splits). top_p < 1 (the sampler's nucleus) or a latent nucleus: with
+    top_k in [1, 128] only (their cut ranks the k candidates; see nucleus_is_fused)."""
     _kernels()
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     V = lm_weight.shape[0]
+    if not nucleus_is_fused(top_k, V, latent, top_p):
+        raise ValueError(f"sample_and_mix_triton: a nucleus needs 1 <= top_k <= {MAX_TOPK} < V, got top_k {top_k}")
     if latent is not None and latent.mode == "soft-noise":
         check_noise_width(hidden.shape[1], V)
     seed, offset = seed_offset(seed, offset, generator, hidden.device)
@@ -664,7 +710,7 @@ def sample_and_mix_triton(
         if top_k > MAX_TOPK_TRITON:
             raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")
         logits = _lm_logits(hidden, lm_weight)
-        return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out, latent)
+        return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out, latent, top_p)
     if not full_vocab_fits(hidden.shape[1], lm_weight):
         raise NotImplementedError(
             f"sample_and_mix_triton: the full-vocabulary kernel takes d <= 2048 (16-bit "
@@ -673,16 +719,23 @@ def sample_and_mix_triton(
     return _full_vocab(hidden, lm_weight, embedding, temperature, greedy, seed, offset, row_ids, out, latent, **tiles)
 
 
+def nucleus_is_fused(top_k: int, V: int, latent: LatentParams | None, top_p: float) -> bool:
+    """Whether the fused kernels cut the nuclei asked for (none asked: True). They rank the
+    candidates of a top-k tail with k <= 128 (O(k^2), no sort); a full-vocabulary nucleus
+    (top_k 0) and a wider k run the reference."""
+    if top_p == 1 and (latent is None or latent.top_p == 1):
+        return True
+    return 0 < top_k <= MAX_TOPK and top_k < V
+
+
 def sampling_is_fused(
-    hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int, latent: LatentParams | None = None
+    hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int, latent: LatentParams | None = None, top_p: float = 1.0
 ) -> bool:
     """Whether sample_and_mix runs its fused kernels for these inputs, the path with no host
     sync (the reference reads the seed on the host, so a CUDA graph cannot hold it)."""
     if not (0 < top_k < lm_weight.shape[0]) and not full_vocab_fits(hidden.shape[-1], lm_weight):
         return False
-    if latent is not None and latent.top_p < 1:  # the kernels do not cut a nucleus
-        return False
-    return use_fused(hidden)
+    return nucleus_is_fused(top_k, lm_weight.shape[0], latent, top_p) and use_fused(hidden)
 
 
 def sample_and_mix(
@@ -699,6 +752,7 @@ def sample_and_mix(
     row_ids: torch.Tensor | None = None,
     impl: str | None = None,
     latent: LatentParams | None = None,
+    top_p: float = 1.0,
 ):
     """Dispatcher: the Triton kernels for CUDA tensors, the reference otherwise (and under
     HRPO_KERNELS=reference). impl="ext" on CPU tensors with 1 <= top_k <= 128 < V and a
@@ -714,23 +768,27 @@ def sample_and_mix(
     (row_ids default arange(B); stable row ids keep a row's noise when rows are removed).
 
     latent: the latent mode (hrpo_kernels/latent_input.py) whose next input is the third
-    output; None is hrpo's h_hat. A nucleus (top_p < 1) runs the reference."""
+    output; None is hrpo's h_hat. top_p: the sampler's nucleus, cut inside the top-k
+    (latent_input.sampling_support); with top_k 0 it runs the reference (nucleus_is_fused)."""
     V = lm_weight.shape[0]
     if latent is not None and latent.is_h_hat:
         latent = None  # the paths' own h_hat, and the unseeded reference's draws unchanged
-    if (
-        impl == "ext"
-        and not hidden.is_cuda
-        and seed is not None
-        and 0 < top_k <= MAX_TOPK
-        and top_k < V
-        and (latent is None or latent.top_p == 1)
-    ):
+    if impl == "ext" and not hidden.is_cuda and seed is not None and 0 < top_k <= MAX_TOPK and top_k < V:
         logits = _lm_logits(hidden, lm_weight)
         return topk_sample_mix(
-            logits, embedding, top_k, temperature, greedy, seed, offset, row_ids=row_ids, impl="ext", latent=latent
+            logits,
+            embedding,
+            top_k,
+            temperature,
+            greedy,
+            seed,
+            offset,
+            row_ids=row_ids,
+            impl="ext",
+            latent=latent,
+            top_p=top_p,
         )
-    fused = sampling_is_fused(hidden, lm_weight, top_k, latent)
+    fused = sampling_is_fused(hidden, lm_weight, top_k, latent, top_p)
     run = sample_and_mix_triton if fused else sample_and_mix_reference
     return run(
         hidden,
@@ -744,4 +802,5 @@ def sample_and_mix(
         offset=offset,
         row_ids=row_ids,
         latent=latent,
+        top_p=top_p,
     )

@@ -39,6 +39,7 @@ class SamplingConfig:
     max_new_tokens: int = 1024
     temperature: float = 0.5
     top_k: int = 50
+    top_p: float = 1.0  # the nucleus cut inside the top-k (1: off; hrpo_kernels/latent_input.py)
     greedy: bool = False
     hybrid: bool = True  # thinking positions take a latent input (else every input is E[token])
     latent: LatentParams = LatentParams()  # what that input is (hrpo_kernels/latent_input.py)
@@ -132,7 +133,16 @@ def rollout(
         if seed is not None:
             noise = dict(seed=int(seed), offset=step * total * V, row_ids=act + first if compacted or first else None)
         tok, lp, h_hat = sample_and_mix(
-            hidden, hm.lm_weight, E, cfg.temperature, cfg.top_k, cfg.greedy, generator, **noise, latent=cfg.latent
+            hidden,
+            hm.lm_weight,
+            E,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.greedy,
+            generator,
+            **noise,
+            latent=cfg.latent,
+            top_p=cfg.top_p,
         )
         tok = tok.masked_fill(finished, pad_id)
         states = matcher.advance(states, tok)

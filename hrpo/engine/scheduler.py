@@ -7,7 +7,7 @@ a finished, stopped or cancelled row leaves at once (the last live row moves int
 so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engine's step
 (rollout_engine.py `_step`) with per-row settings:
 
-    hidden -> sample_and_mix, once per group of rows sharing (greedy, temperature, top_k,
+    hidden -> sample_and_mix, once per group of rows sharing (greedy, temperature, top_k, top_p,
               seed, latent mode), each row keyed by its own Philox counter
            -> step_controller (marker matcher, eos), on one-column step buffers
            -> the thinking input of each hybrid row's latent mode (thinking_input: the gate's
@@ -91,8 +91,8 @@ class Choice:
 
 @dataclass
 class Request:
-    """One generation: `n` choices from `prompt`. greedy: argmax tokens (temperature and
-    top_k still shape the latent mixture and the log-probs, as in the engine). seed keys the
+    """One generation: `n` choices from `prompt`. greedy: argmax tokens (temperature, top_k
+    and top_p still shape the latent mixture and the log-probs, as in the engine). seed keys the
     sampling noise. hybrid: thinking inputs under `latent` (its mode and numbers), else plain
     tokens. stop(choice, tokens) -> True ends a choice with "stop" after its latest
     token. on_update(request, updates) runs on the scheduler's thread after each step that
@@ -103,6 +103,7 @@ class Request:
     n: int = 1
     temperature: float = 0.5
     top_k: int = 50
+    top_p: float = 1.0  # the nucleus cut inside the top-k (1: off)
     greedy: bool = True
     seed: int = 0
     hybrid: bool = True
@@ -201,6 +202,8 @@ class Scheduler:
             )
         if not req.temperature > 0:
             raise RequestError("temperature", f"temperature must be > 0, got {req.temperature}")
+        if not 0 < req.top_p <= 1:
+            raise RequestError("top_p", f"top_p must be in (0, 1] (1: no nucleus), got {req.top_p}")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise RequestError("top_logprobs", f"top_logprobs must be in [0, 20], got {req.top_logprobs}")
         if self._cost(req) > self.token_budget:
@@ -363,10 +366,11 @@ class Scheduler:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(self.rows):
             q = r.request
-            groups.setdefault((q.greedy, q.temperature, q.top_k, 0 if q.greedy else q.seed, q.latent), []).append(i)
+            key = (q.greedy, q.temperature, q.top_k, q.top_p, 0 if q.greedy else q.seed, q.latent)
+            groups.setdefault(key, []).append(i)
         row_ids = torch.tensor([r.steps * r.request.n + r.choice for r in self.rows], device=dev)
         if len(groups) == 1:
-            (greedy, temp, k, seed, latent), _ = next(iter(groups.items()))
+            (greedy, temp, k, top_p, seed, latent), _ = next(iter(groups.items()))
             return sample_and_mix(
                 self.hidden[:n],
                 W,
@@ -380,11 +384,12 @@ class Scheduler:
                 row_ids=row_ids,
                 impl=self.engine.impl,
                 latent=latent,
+                top_p=top_p,
             )
         tok = torch.empty(n, dtype=torch.int64, device=dev)
         lp = torch.empty(n, dtype=torch.float32, device=dev)
         h = torch.empty(n, E.shape[1], dtype=torch.float32, device=dev)
-        for (greedy, temp, k, seed, latent), idx in groups.items():
+        for (greedy, temp, k, top_p, seed, latent), idx in groups.items():
             at = torch.tensor(idx, device=dev)
             t_, l_, h_ = sample_and_mix(
                 self.hidden[at],
@@ -399,6 +404,7 @@ class Scheduler:
                 row_ids=row_ids[at],
                 impl=self.engine.impl,
                 latent=latent,
+                top_p=top_p,
             )
             tok[at], lp[at], h[at] = t_, l_, h_.float()
         return tok, lp, h

@@ -696,12 +696,12 @@ def sample_and_mix_triton(
     (None: hrpo's h_hat); `tiles` overrides tile sizes of the full-vocabulary kernel
     (block_b, block_v, splits). top_p < 1 (the sampler's nucleus) or a latent nucleus: with
     top_k in [1, 128] only (their cut ranks the k candidates; see nucleus_is_fused)."""
-    _kernels()
-    if temperature <= 0:
-        raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     V = lm_weight.shape[0]
     if not nucleus_is_fused(top_k, V, latent, top_p):
         raise ValueError(f"sample_and_mix_triton: a nucleus needs 1 <= top_k <= {MAX_TOPK} < V, got top_k {top_k}")
+    _kernels()
+    if temperature <= 0:
+        raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     if latent is not None and latent.mode == "soft-noise":
         check_noise_width(hidden.shape[1], V)
     seed, offset = seed_offset(seed, offset, generator, hidden.device)

@@ -42,6 +42,12 @@ NUCLEI = [  # top_p -> the kept tokens' renormalised probabilities
 ]
 
 
+def test_nucleus_at_an_exact_boundary():
+    # 1/2 of mass is ranked above token 2: not < 1/2, so at top_p 1/2 token 1 stays alone
+    assert nucleus(P5, 0.5).tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]]
+    torch.testing.assert_close(nucleus(P5, 0.5 + 2**-20), torch.tensor([[0.0, 8 / 11, 3 / 11, 0.0, 0.0]]))
+
+
 @pytest.mark.parametrize("top_p, want", NUCLEI)
 def test_nucleus_by_hand(top_p, want):
     want = torch.tensor([want], dtype=torch.float32)

@@ -91,6 +91,7 @@ def sample_and_mix_reference(
 
 # bound by lazy_kernels at the first launch (_triton_helpers.py), the rest by _define_kernels
 triton = tl = dot_p = philox_uniform = gaussian = mode_input = row_counter = masked_softmax = mass_above = None
+kept = probs = nucleus_cut = support = lse_argmax = cand_softmax = None
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -138,6 +139,107 @@ def _mass_above(p, ids):
     return tl.sum(tl.where(above, p[:, None], 0.0), axis=0)
 
 
+# The full-vocabulary nucleus (top_k = 0) finds its cut without a sort: a binary search over
+# the bit patterns of the probabilities (non-negative floats order as their int32 bits) for
+# kt, the smallest value whose strictly larger tokens hold less than top_p, 30 passes over the
+# row's logits; then the tokens tied at kt are kept in id order while the mass above stays
+# below top_p (kid: the last kept id). Kept: bits > kt, or bits == kt and id <= kid.
+
+
+def _kept(p, cols, kt, kid):
+    bits = p.to(tl.int32, bitcast=True)
+    return (bits > kt) | ((bits == kt) & (cols <= kid))
+
+
+def _probs(lrow, cols, ok, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, CUT: tl.constexpr):
+    """p[cols] = e^(l inv - m) / s on the lanes `ok`, and, when CUT, on the
+    candidates of the nucleus (inv_c, m_c, s_c, kt_c, kid_c) only; 0 elsewhere."""
+    lg = tl.load(lrow + cols, mask=ok, other=float("-inf"))
+    on = ok
+    if CUT:
+        on = on & kept(tl.where(ok, tl.exp(lg * inv_c - m_c) / s_c, 0.0), cols, kt_c, kid_c)
+    return tl.where(on, tl.exp(lg * inv - m) / s, 0.0)
+
+
+def _nucleus_cut(lrow, V, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, top_p, CUT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(kt, kid) of the nucleus of mass top_p of _probs' distribution (see above)."""
+    lane = tl.arange(0, BLOCK_V)
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0x3F800000, tl.int32)  # the bits of 1.0
+    for _ in range(30):  # 2^30 > the bits of 1.0
+        mid = lo + (hi - lo) // 2
+        mass = tl.zeros([], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lane
+            p = probs(lrow, cols, cols < V, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, CUT)
+            mass += tl.sum(tl.where(p.to(tl.int32, bitcast=True) > mid, p, 0.0), axis=0)
+        below = mass < top_p
+        hi = tl.where(below, mid, hi)
+        lo = tl.where(below, lo, mid + 1)
+    above = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lane
+        p = probs(lrow, cols, cols < V, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, CUT)
+        above += tl.sum(tl.where(p.to(tl.int32, bitcast=True) > lo, p, 0.0), axis=0)
+    n_tie = tl.maximum(tl.ceil((top_p - above) / lo.to(tl.float32, bitcast=True)), 1.0).to(tl.int32)
+    seen = tl.zeros([], tl.int32)
+    kid = tl.full([], V, tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lane
+        p = probs(lrow, cols, cols < V, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, CUT)
+        tie = (p.to(tl.int32, bitcast=True) == lo) & (cols < V)
+        rank = seen + tl.cumsum(tie.to(tl.int32), axis=0)
+        kid = tl.minimum(kid, tl.min(tl.where(tie & (rank == n_tie), cols, V), axis=0))
+        seen += tl.sum(tie.to(tl.int32), axis=0)
+    return lo, kid
+
+
+def _support(lg, cols, ok, inv_t, m, s, kt, kid, inv_tm, mm, sm, kt2, kid2):
+    """(cand, on): the sampler's candidates among these lanes (its nucleus kt, kid) and the
+    mixture's support within them (its own nucleus kt2, kid2 of p_mix = e^(l inv_tm - mm) / sm)."""
+    cand = ok & kept(tl.where(ok, tl.exp(lg * inv_t - m) / s, 0.0), cols, kt, kid)
+    return cand, cand & kept(tl.where(cand, tl.exp(lg * inv_tm - mm) / sm, 0.0), cols, kt2, kid2)
+
+
+def _lse_argmax(lrow, V, inv_t, BLOCK_V: tl.constexpr):
+    """(m, s) of the online softmax of lg * inv_t over the row, and the greedy (max logit, its
+    lowest id)."""
+    lane = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    g_best = tl.full([], float("-inf"), tl.float32)
+    g_tok = tl.zeros([], tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lane
+        lg = tl.load(lrow + cols, mask=cols < V, other=float("-inf"))
+        t_best = tl.max(lg, axis=0)
+        t_tok = tl.min(tl.where(lg == t_best, cols, V), axis=0)
+        g_tok = tl.where(t_best > g_best, t_tok, g_tok)
+        g_best = tl.maximum(g_best, t_best)
+        m_new = tl.maximum(m, tl.max(lg * inv_t, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(lg * inv_t - m_new), axis=0)
+        m = m_new
+    return m, s, g_best, g_tok
+
+
+def _cand_softmax(lrow, V, inv, inv_c, m_c, s_c, kt_c, kid_c, BLOCK_V: tl.constexpr):
+    """(m, s) of the online softmax of lg * inv over the candidates of the nucleus (inv_c, m_c,
+    s_c, kt_c, kid_c)."""
+    lane = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lane
+        ok = cols < V
+        lg = tl.load(lrow + cols, mask=ok, other=float("-inf"))
+        on = ok & kept(tl.where(ok, tl.exp(lg * inv_c - m_c) / s_c, 0.0), cols, kt_c, kid_c)
+        x = tl.where(on, lg * inv, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.where(on, tl.exp(x - m_new), 0.0), axis=0)
+        m = m_new
+    return m, s
+
+
 def _define_kernels() -> dict:
     # where the kernels' bodies find them
     globals().update(
@@ -145,6 +247,12 @@ def _define_kernels() -> dict:
         row_counter=triton.jit(_row_counter),
         masked_softmax=triton.jit(_masked_softmax),
         mass_above=triton.jit(_mass_above),
+        kept=triton.jit(_kept),
+        probs=triton.jit(_probs),
+        nucleus_cut=triton.jit(_nucleus_cut),
+        support=triton.jit(_support),
+        lse_argmax=triton.jit(_lse_argmax),
+        cand_softmax=triton.jit(_cand_softmax),
     )
 
     @triton.jit
@@ -474,7 +582,132 @@ def _define_kernels() -> dict:
             hv = mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, seed ^ noise_key, ctr, MODE, GREEDY)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
-    return dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
+    @triton.jit
+    def _nucleus_tail_kernel(
+        logits_ptr,
+        e_ptr,
+        seed_ptr,
+        off_ptr,
+        rid_ptr,
+        tok_out,
+        lp_out,
+        h_out,
+        V,
+        D,
+        inv_t,
+        inv_tm,
+        inv_tau,
+        beta,
+        sigma,
+        inv_logv,
+        noise_key,
+        top_p,
+        mix_top_p,
+        stride_l,
+        stride_e,
+        stride_ho,
+        GREEDY: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr,
+        MODE: tl.constexpr,
+        NUCLEUS: tl.constexpr,
+        MIX_NUCLEUS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """One row of full-vocabulary sampling with a nucleus (top_k = 0): the log-sum-exp
+        and greedy argmax, the sampler's cut (nucleus_cut), the mixture's softmax over the
+        candidates and its own cut, then one pass for the race and the mixture's state
+        (as _full_partial_kernel's) and the mixture's columns over the kept rows of E."""
+        row = tl.program_id(0)
+        lane = tl.arange(0, BLOCK_V)
+        lrow = logits_ptr + row.to(tl.int64) * stride_l
+        m, s, g_best, g_tok = lse_argmax(lrow, V, inv_t, BLOCK_V)
+        kt = tl.full([], -1, tl.int32)  # -1, kid V: every token a candidate
+        kid = tl.full([], V, tl.int32)
+        if NUCLEUS:
+            kt, kid = nucleus_cut(lrow, V, inv_t, m, s, inv_t, m, s, kt, kid, top_p, False, BLOCK_V)
+        mm, sm = cand_softmax(lrow, V, inv_tm, inv_t, m, s, kt, kid, BLOCK_V)
+        kt2 = tl.full([], -1, tl.int32)
+        kid2 = tl.full([], V, tl.int32)
+        if MIX_NUCLEUS:
+            kt2, kid2 = nucleus_cut(lrow, V, inv_tm, mm, sm, inv_t, m, s, kt, kid, mix_top_p, True, BLOCK_V)
+        seed = tl.load(seed_ptr)
+        ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
+        best = tl.full([], float("-inf"), tl.float32)
+        tok = g_tok
+        tok_logit = g_best * inv_t
+        mx = tl.full([], float("-inf"), tl.float32)
+        sx = tl.zeros([], tl.float32)
+        qx = tl.zeros([], tl.float32)
+        rx = tl.zeros([], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lane
+            ok = cols < V
+            lg = tl.load(lrow + cols, mask=ok, other=float("-inf"))
+            cand, on = support(lg, cols, ok, inv_t, m, s, kt, kid, inv_tm, mm, sm, kt2, kid2)
+            g = tl.zeros([BLOCK_V], tl.float32)
+            if not GREEDY:
+                g = -tl.log(-tl.log(philox_uniform(seed, ctr + cols)))
+                score = tl.where(cand, lg * inv_t + g, float("-inf"))
+                t_best = tl.max(score, axis=0)
+                t_tok = tl.min(tl.where(score == t_best, cols, V), axis=0)
+                upd = t_best > best  # strict: ties keep the lower token
+                tok = tl.where(upd, t_tok, tok)
+                tok_logit = tl.where(upd, t_best - tl.sum(tl.where(cols == t_tok, g, 0.0), axis=0), tok_logit)
+                best = tl.maximum(best, t_best)
+            xs = lg * inv_tm
+            if MODE == 4:  # gumbel-soft
+                xs = (xs + g) * inv_tau
+            xs = tl.where(on, xs, float("-inf"))
+            mx_new = tl.maximum(mx, tl.max(xs, axis=0))
+            ax = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - mx_new))
+            px = tl.where(on, tl.exp(xs - mx_new), 0.0)
+            if MODE == 2:  # moi: the entropy's sum, rescaled to the new max (0 before any token)
+                rx = tl.where(sx > 0, ax * (rx + (mx - mx_new) * sx), 0.0)
+                rx += tl.sum(tl.where(on, px * (xs - mx_new), 0.0), axis=0)
+            sx = sx * ax + tl.sum(px, axis=0)
+            qx = qx * ax * ax + tl.sum(px * px, axis=0)
+            mx = mx_new
+        tl.store(tok_out + row, tok.to(tl.int64))
+        tl.store(lp_out + row, tok_logit - (m + tl.log(s)))
+        if MODE == 0:  # hrpo: (acc/s) / (sqrt(q)/s)
+            scale = 1.0 / tl.sqrt(qx)
+        else:
+            scale = 1.0 / sx
+        lam = 1.0
+        if MODE == 2:  # moi: sum p log p = r/s - log s
+            lam = -(rx / sx - tl.log(sx)) * inv_logv / (beta + 1.0)
+        for d0 in range(0, D, BLOCK_D):
+            dk = d0 + tl.arange(0, BLOCK_D)
+            dok = dk < D
+            hv = tl.zeros([BLOCK_D], tl.float32)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + lane
+                ok = cols < V
+                lg = tl.load(lrow + cols, mask=ok, other=float("-inf"))
+                _, on = support(lg, cols, ok, inv_t, m, s, kt, kid, inv_tm, mm, sm, kt2, kid2)
+                xs = lg * inv_tm
+                if MODE == 4:
+                    if not GREEDY:
+                        xs += -tl.log(-tl.log(philox_uniform(seed, ctr + cols)))
+                    xs = xs * inv_tau
+                w = tl.where(on, tl.exp(xs - mx), 0.0)
+                e = tl.load(
+                    e_ptr + cols[:, None].to(tl.int64) * stride_e + dk[None, :],
+                    mask=on[:, None] & dok[None, :],
+                    other=0.0,
+                )
+                hv += tl.sum(w[:, None] * e.to(tl.float32), axis=0)
+            hv = hv * scale
+            hv = mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, seed ^ noise_key, ctr, MODE, GREEDY)
+            tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
+
+    return dict(
+        full_partial=_full_partial_kernel,
+        full_reduce=_full_reduce_kernel,
+        topk_tail=_topk_tail_kernel,
+        nucleus_tail=_nucleus_tail_kernel,
+    )
 
 
 _kernels = lazy_kernels(globals(), _define_kernels)
@@ -672,6 +905,51 @@ def _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids=
     return tok, lp, h
 
 
+def _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids, out, latent, top_p):
+    """Full-vocabulary sampling with a nucleus on fp32 logits (B, V): one program per row of
+    _nucleus_tail_kernel (the cut by a threshold search, no sort)."""
+    B, V = logits.shape
+    D = embedding.shape[1]
+    logits = logits.contiguous()
+    e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
+    tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
+    mode = kernel_args(latent, temperature, V, top_p)
+    interp = interpreting()
+    _kernels()["nucleus_tail"][(B,)](
+        logits,
+        e,
+        seed,
+        offset,
+        seed if row_ids is None else row_ids,
+        tok,
+        lp,
+        h,
+        V,
+        D,
+        1.0 / temperature,
+        mode["inv_tm"],
+        mode["inv_tau"],
+        mode["beta"],
+        mode["sigma"],
+        mode["inv_logv"],
+        NOISE_KEY,
+        mode["top_p"],
+        mode["mix_top_p"],
+        logits.stride(0),
+        e.stride(0),
+        h.stride(0),
+        GREEDY=bool(greedy),
+        HAS_ROW_IDS=row_ids is not None,
+        MODE=mode["MODE"],
+        NUCLEUS=mode["top_p"] < 1,
+        MIX_NUCLEUS=mode["mix_top_p"] < 1,
+        BLOCK_V=256 if interp else 2048,
+        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 128),
+        num_warps=4 if interp else 8,
+    )
+    return tok, lp, h
+
+
 def sample_and_mix_triton(
     hidden: torch.Tensor,
     lm_weight: torch.Tensor,
@@ -698,7 +976,7 @@ def sample_and_mix_triton(
     top_k in [1, 128] only (their cut ranks the k candidates; see nucleus_is_fused)."""
     V = lm_weight.shape[0]
     if not nucleus_is_fused(top_k, V, latent, top_p):
-        raise ValueError(f"sample_and_mix_triton: a nucleus needs 1 <= top_k <= {MAX_TOPK} < V, got top_k {top_k}")
+        raise ValueError(f"sample_and_mix_triton: a nucleus needs top_k 0 or <= {MAX_TOPK}, got top_k {top_k}")
     _kernels()
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
@@ -711,6 +989,9 @@ def sample_and_mix_triton(
             raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")
         logits = _lm_logits(hidden, lm_weight)
         return _topk_tail(logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out, latent, top_p)
+    if top_p < 1 or (latent is not None and latent.top_p < 1):
+        logits = _lm_logits(hidden, lm_weight)
+        return _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids, out, latent, top_p)
     if not full_vocab_fits(hidden.shape[1], lm_weight):
         raise NotImplementedError(
             f"sample_and_mix_triton: the full-vocabulary kernel takes d <= 2048 (16-bit "
@@ -721,11 +1002,11 @@ def sample_and_mix_triton(
 
 def nucleus_is_fused(top_k: int, V: int, latent: LatentParams | None, top_p: float) -> bool:
     """Whether the fused kernels cut the nuclei asked for (none asked: True). They rank the
-    candidates of a top-k tail with k <= 128 (O(k^2), no sort); a full-vocabulary nucleus
-    (top_k 0) and a wider k run the reference."""
+    candidates of a top-k tail with k <= 128 (O(k^2), no sort) and search the full
+    vocabulary's threshold (top_k 0 or >= V: _nucleus_tail); a k in (128, V) runs the reference."""
     if top_p == 1 and (latent is None or latent.top_p == 1):
         return True
-    return 0 < top_k <= MAX_TOPK and top_k < V
+    return top_k <= MAX_TOPK or top_k >= V
 
 
 def sampling_is_fused(

@@ -101,10 +101,11 @@ def test_bad_top_p_is_named():
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="sampling top_p must be in"):
             sample_and_mix_reference(P5.log(), I5, I5, 1.0, top_p=bad)
-    with pytest.raises(ValueError, match="a nucleus needs 1 <= top_k <= 128"):
-        sample_and_mix_triton(P5.log(), I5, I5, 1.0, 0, top_p=0.5)
-    assert nucleus_is_fused(0, 50, None, 1.0) and nucleus_is_fused(20, 50, None, 0.9)
-    assert not nucleus_is_fused(0, 50, None, 0.9) and not nucleus_is_fused(0, 50, LatentParams(top_p=0.5), 1.0)
+    w = torch.randn(300, 5)
+    with pytest.raises(ValueError, match="a nucleus needs top_k 0 or <= 128, got top_k 200"):
+        sample_and_mix_triton(torch.randn(1, 5), w, w, 1.0, 200, top_p=0.5)
+    assert nucleus_is_fused(0, 300, None, 0.9) and nucleus_is_fused(20, 300, None, 0.9)
+    assert nucleus_is_fused(200, 300, None, 1.0) and not nucleus_is_fused(200, 300, LatentParams(top_p=0.5), 1.0)
 
 
 # ----------------------------------------------------------------------- fused against the reference
@@ -179,15 +180,45 @@ def test_triton_top_k_tail_equals_the_reference(dtype, k):
 
 
 @triton_only
+@pytest.mark.parametrize("top_p, want", NUCLEI[:-1] + [(1e-6, [0, 1, 0, 0, 0])])
+def test_triton_full_vocabulary_nucleus_by_hand(top_p, want):
+    # the threshold search's cut, ties included, on the 5-token example (E = I: soft's input is p)
+    got = sample_and_mix_triton(P5.log(), I5, I5, 1.0, 0, True, latent=LatentParams("soft"), top_p=top_p)[2]
+    torch.testing.assert_close(got, torch.tensor([want], dtype=torch.float32))
+    got = sample_and_mix_triton(P5.log(), I5, I5, 1.0, 0, True, latent=LatentParams("soft", top_p=top_p))[2]
+    torch.testing.assert_close(got, torch.tensor([want], dtype=torch.float32))
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_full_vocabulary_nucleus_equals_the_reference(dtype):
+    B, V, D = 3, 251, 20  # one interpreter tile: each of the search's 30 passes is one step
+    hidden, w, e = _inputs(B, V, D, dtype, seed=6)
+    seed, offset, rows = torch.tensor([2]), torch.tensor([7 * V]), torch.tensor([5, 0, 2])
+    cut = 0
+    for top_p, latent in zip((0.3, 0.9, 1.0, 0.5, 0.9, 1.0), LATENTS):  # 1.0: the mixture's nucleus alone
+        for greedy in (False, True):
+            noise = dict(row_ids=rows, latent=latent, top_p=top_p)
+            out = _poisoned(B, D)
+            got = sample_and_mix_triton(hidden, w, e, 0.7, 0, greedy, seed=seed, offset=offset, out=out, **noise)
+            want = sample_and_mix_reference(hidden, w, e, 0.7, 0, greedy, seed=2, offset=7 * V, **noise)
+            _check(got, want, top_p, latent, greedy)
+            whole = sample_and_mix_reference(hidden, w, e, 0.7, 0, greedy, seed=2, offset=7 * V, row_ids=rows)
+            cut += not torch.equal(got[0], whole[0])
+    assert cut > 0, "no nucleus changed a token: the comparison would prove little"
+
+
+@triton_only
 def test_a_row_keeps_its_nucleus_draw_whatever_the_batch_around_it():
     B, V, D = 6, 150, 16
     hidden, w, e = _inputs(B, V, D, torch.float32, seed=2)
     seed, offset = torch.tensor([8]), torch.tensor([0])
     noise = dict(seed=seed, offset=offset, top_p=0.7, latent=LatentParams("gumbel-soft", top_p=0.8))
-    full = sample_and_mix_triton(hidden, w, e, 0.9, 30, row_ids=torch.arange(B), **noise)
-    part = sample_and_mix_triton(hidden[[4, 1]], w, e, 0.9, 30, row_ids=torch.tensor([4, 1]), **noise)
-    assert torch.equal(part[0], full[0][[4, 1]])
-    torch.testing.assert_close(part[2], full[2][[4, 1]])
+    for k in (30, 0):
+        full = sample_and_mix_triton(hidden, w, e, 0.9, k, row_ids=torch.arange(B), **noise)
+        part = sample_and_mix_triton(hidden[[4, 1]], w, e, 0.9, k, row_ids=torch.tensor([4, 1]), **noise)
+        assert torch.equal(part[0], full[0][[4, 1]])
+        torch.testing.assert_close(part[2], full[2][[4, 1]])
 
 
 # ----------------------------------------------------------------------- the engine and the scheduler

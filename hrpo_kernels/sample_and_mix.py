@@ -973,7 +973,8 @@ def sample_and_mix_triton(
     `out` takes preallocated outputs; `latent` the mode whose next input is the third output
     (None: hrpo's h_hat); `tiles` overrides tile sizes of the full-vocabulary kernel
     (block_b, block_v, splits). top_p < 1 (the sampler's nucleus) or a latent nucleus: with
-    top_k in [1, 128] only (their cut ranks the k candidates; see nucleus_is_fused)."""
+    top_k in [1, 128] (the k candidates ranked) or top_k 0 (the lm-head GEMM, then
+    _nucleus_tail's threshold search); see nucleus_is_fused."""
     V = lm_weight.shape[0]
     if not nucleus_is_fused(top_k, V, latent, top_p):
         raise ValueError(f"sample_and_mix_triton: a nucleus needs top_k 0 or <= {MAX_TOPK}, got top_k {top_k}")
@@ -1050,7 +1051,7 @@ def sample_and_mix(
 
     latent: the latent mode (hrpo_kernels/latent_input.py) whose next input is the third
     output; None is hrpo's h_hat. top_p: the sampler's nucleus, cut inside the top-k
-    (latent_input.sampling_support); with top_k 0 it runs the reference (nucleus_is_fused)."""
+    (latent_input.sampling_support); fused with top_k 0 or <= 128 (nucleus_is_fused)."""
     V = lm_weight.shape[0]
     if latent is not None and latent.is_h_hat:
         latent = None  # the paths' own h_hat, and the unseeded reference's draws unchanged

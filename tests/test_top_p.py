@@ -15,6 +15,10 @@ from conftest import build_model
 from test_ext_cpu import ext  # noqa: F401  (the CPU extension, built once per session)
 from test_serve_scheduler import alone
 
+import hrpo.eval as eval_cli
+import hrpo.inspect.cli as inspect_cli
+import hrpo.serve.__main__ as serve_cli
+from hrpo.core.errors import ConfigError
 from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import SamplingConfig, rollout
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
@@ -256,3 +260,13 @@ def test_scheduler_rows_with_different_top_p_equal_each_request_alone(tokenizer)
         sched.step()
     for req in reqs:
         assert [c.tokens for c in req.choices] == alone(engine, req), f"top_p {req.top_p} differs from alone"
+
+
+def test_the_programs_refuse_a_top_p_outside_0_1_naming_the_flag():
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match=r"--top-p must be a number in \(0, 1\]"):
+            eval_cli._check_args(eval_cli.parser().parse_args(["--top-p", bad]))
+        with pytest.raises(ConfigError, match=r"--top-p must be a number in \(0, 1\]"):
+            inspect_cli._check(inspect_cli.parser().parse_args(["--prompt", "2 + 3?", "--top-p", bad]))
+        with pytest.raises(ConfigError, match=r"--top-p in \(0, 1\]"):
+            serve_cli.check(serve_cli.parser().parse_args(["--top-p", bad]))

@@ -8,11 +8,13 @@ top_p against the reference loop and the engine alone."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import build_model
 from test_ext_cpu import ext  # noqa: F401  (the CPU extension, built once per session)
+from test_gpu_path import setup as gpu_setup
 from test_serve_scheduler import alone
 
 import hrpo.eval as eval_cli
@@ -24,7 +26,7 @@ from hrpo.engine.rollout import SamplingConfig, rollout
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
 from hrpo.engine.scheduler import Request, Scheduler
 from hrpo.model.hybrid import HybridModel
-from hrpo_kernels._common import triton_available
+from hrpo_kernels._common import gpu_path_mode, triton_available
 from hrpo_kernels.latent_input import LatentParams, nucleus, sampling_support
 from hrpo_kernels.sample_and_mix import (
     nucleus_is_fused,
@@ -270,3 +272,24 @@ def test_the_programs_refuse_a_top_p_outside_0_1_naming_the_flag():
             inspect_cli._check(inspect_cli.parser().parse_args(["--prompt", "2 + 3?", "--top-p", bad]))
         with pytest.raises(ConfigError, match=r"--top-p in \(0, 1\]"):
             serve_cli.check(serve_cli.parser().parse_args(["--top-p", bad]))
+
+
+@triton_only
+@pytest.mark.parametrize("top_k", [20, 0])
+def test_gpu_path_engine_with_top_p_equals_the_reference_loop(top_k):
+    """The engine as on CUDA (HRPO_GPU_PATH=cpu: graphs, fused kernels; top-k: the extension's
+    twin, top_k 0: the Triton threshold search) draws the reference loop's tokens under a seed."""
+    hm, tok, prompts, eos = gpu_setup("llama", torch.float32)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=top_k, top_p=0.6)
+    matcher = MarkerMatcher(tok)
+    opts = EngineOptions(check_every=3, latent_dtype=torch.float32)
+    with gpu_path_mode():
+        engine = RolloutEngine(hm, matcher, eos, tok.pad_token_id, opts)
+        out = engine.generate(prompts, sampling, seed=4)
+    assert engine.graphs and out.stats["graph_captures"] >= 1  # the step was capturable: fused sampling
+    ref = rollout(hm, prompts, sampling, matcher, eos, tok.pad_token_id, seed=4, latent_dtype=torch.float32)
+    assert torch.equal(out.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=5e-5, rtol=0)
+    torch.testing.assert_close(out.latents, ref.latents, atol=1e-4, rtol=1e-4)
+    whole = rollout(hm, prompts, replace(sampling, top_p=1.0), matcher, eos, tok.pad_token_id, seed=4)
+    assert not torch.equal(whole.completion_ids, ref.completion_ids), "top_p 0.6 changed nothing here"

@@ -589,6 +589,8 @@ def _define_kernels() -> dict:
         seed_ptr,
         off_ptr,
         rid_ptr,
+        ws_ids,
+        ws_x,
         tok_out,
         lp_out,
         h_out,
@@ -612,12 +614,15 @@ def _define_kernels() -> dict:
         NUCLEUS: tl.constexpr,
         MIX_NUCLEUS: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        BLOCK_J: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         """One row of full-vocabulary sampling with a nucleus (top_k = 0): the log-sum-exp
         and greedy argmax, the sampler's cut (nucleus_cut), the mixture's softmax over the
-        candidates and its own cut, then one pass for the race and the mixture's state
-        (as _full_partial_kernel's) and the mixture's columns over the kept rows of E."""
+        candidates and its own cut, then one pass for the race and the mixture's state (as
+        _full_partial_kernel's) that also packs the support's ids and scores into the row's
+        workspace (ws_ids, ws_x, in id order), and the mixture's columns gathered from those
+        rows of E only."""
         row = tl.program_id(0)
         lane = tl.arange(0, BLOCK_V)
         lrow = logits_ptr + row.to(tl.int64) * stride_l
@@ -640,6 +645,8 @@ def _define_kernels() -> dict:
         sx = tl.zeros([], tl.float32)
         qx = tl.zeros([], tl.float32)
         rx = tl.zeros([], tl.float32)
+        n_on = tl.zeros([], tl.int32)
+        ws = row.to(tl.int64) * V
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + lane
             ok = cols < V
@@ -659,6 +666,10 @@ def _define_kernels() -> dict:
             if MODE == 4:  # gumbel-soft
                 xs = (xs + g) * inv_tau
             xs = tl.where(on, xs, float("-inf"))
+            at = n_on + tl.cumsum(on.to(tl.int32), axis=0) - 1  # the support packed in id order
+            tl.store(ws_ids + ws + at, cols, mask=on)
+            tl.store(ws_x + ws + at, xs, mask=on)
+            n_on += tl.sum(on.to(tl.int32), axis=0)
             mx_new = tl.maximum(mx, tl.max(xs, axis=0))
             ax = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - mx_new))
             px = tl.where(on, tl.exp(xs - mx_new), 0.0)
@@ -677,24 +688,18 @@ def _define_kernels() -> dict:
         lam = 1.0
         if MODE == 2:  # moi: sum p log p = r/s - log s
             lam = -(rx / sx - tl.log(sx)) * inv_logv / (beta + 1.0)
+        jj = tl.arange(0, BLOCK_J)
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             dok = dk < D
             hv = tl.zeros([BLOCK_D], tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + lane
-                ok = cols < V
-                lg = tl.load(lrow + cols, mask=ok, other=float("-inf"))
-                _, on = support(lg, cols, ok, inv_t, m, s, kt, kid, inv_tm, mm, sm, kt2, kid2)
-                xs = lg * inv_tm
-                if MODE == 4:
-                    if not GREEDY:
-                        xs += -tl.log(-tl.log(philox_uniform(seed, ctr + cols)))
-                    xs = xs * inv_tau
-                w = tl.where(on, tl.exp(xs - mx), 0.0)
+            for j0 in range(0, n_on, BLOCK_J):
+                jok = j0 + jj < n_on
+                ids = tl.load(ws_ids + ws + j0 + jj, mask=jok, other=0)
+                w = tl.where(jok, tl.exp(tl.load(ws_x + ws + j0 + jj, mask=jok, other=0.0) - mx), 0.0)
                 e = tl.load(
-                    e_ptr + cols[:, None].to(tl.int64) * stride_e + dk[None, :],
-                    mask=on[:, None] & dok[None, :],
+                    e_ptr + ids[:, None].to(tl.int64) * stride_e + dk[None, :],
+                    mask=jok[:, None] & dok[None, :],
                     other=0.0,
                 )
                 hv += tl.sum(w[:, None] * e.to(tl.float32), axis=0)
@@ -915,12 +920,16 @@ def _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids,
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     mode = kernel_args(latent, temperature, V, top_p)
     interp = interpreting()
+    ws_ids = torch.empty(B, V, dtype=torch.int32, device=logits.device)  # each row's support, packed
+    ws_x = torch.empty(B, V, dtype=torch.float32, device=logits.device)
     _kernels()["nucleus_tail"][(B,)](
         logits,
         e,
         seed,
         offset,
         seed if row_ids is None else row_ids,
+        ws_ids,
+        ws_x,
         tok,
         lp,
         h,
@@ -944,7 +953,8 @@ def _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids,
         NUCLEUS=mode["top_p"] < 1,
         MIX_NUCLEUS=mode["mix_top_p"] < 1,
         BLOCK_V=256 if interp else 2048,
-        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 128),
+        BLOCK_J=32,
+        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
         num_warps=4 if interp else 8,
     )
     return tok, lp, h

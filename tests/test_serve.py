@@ -272,6 +272,7 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": "all"}, 400, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "latent_mode": "dream"}, 400, "latent_mode"),
     ({"messages": [{"role": "user", "content": "hi"}], "latent_mode": "soft", "hybrid": False}, 400, "latent_mode"),
     ({"messages": [{"role": "user", "content": "hi"}], "latent_options": {"noise_std": -1}}, 400, "latent_options"),

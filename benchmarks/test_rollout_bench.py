@@ -6,7 +6,9 @@ Methods: eager_reference (the original code's style: eager ops, full logits, a h
 re-decode of every row each step), hf_generate (plain sampling through HF `generate`),
 reference_loop (hrpo.engine.rollout), engine_plain and engine_hybrid (hrpo.engine.rollout_engine),
 and on the CPU engine_{soft,moi,soft-noise,gumbel-soft}: the engine under each training-free
-latent mode (docs/latent-modes.md), whose thinking inputs are the mode's mixture.
+latent mode (docs/latent-modes.md), whose thinking inputs are the mode's mixture, and
+engine_plain_top_p: engine_plain sampling the top_p 0.9 nucleus inside its top-k (the cost of
+the cut, against engine_plain).
 
 GPU: Qwen2.5-1.5B / 3B shapes from ../shared/model_shapes.json with random bf16 weights
 (speed does not depend on their values), prompts of 256 random tokens in groups of 8,
@@ -51,6 +53,7 @@ NEW_TOKENS = int(os.environ.get("HRPO_BENCH_NEW_TOKENS", 512))
 BASELINE_TOKENS = int(os.environ.get("HRPO_BENCH_BASELINE_TOKENS", 128))
 PROMPT_LEN, GROUP = 256, 8
 TEMPERATURE, TOP_K = 0.5, 50
+TOP_P = 0.9  # engine_plain_top_p's nucleus
 METHODS = ["eager_reference", "hf_generate", "engine_plain", "engine_hybrid"]
 LATENT_METHODS = [f"engine_{mode}" for mode in MODES[1:]]  # the training-free modes
 
@@ -123,7 +126,8 @@ def _runner(method, hm, prompts, new_tokens, matcher, decoder_tok, pad_id, gener
         new_tokens,
         TEMPERATURE,
         TOP_K,
-        hybrid=method != "engine_plain",
+        TOP_P if method == "engine_plain_top_p" else 1.0,
+        hybrid=method not in ("engine_plain", "engine_plain_top_p"),
         latent=LatentParams(mode if mode in MODES else "hrpo"),
     )
     if method == "reference_loop":
@@ -142,7 +146,16 @@ def tiny():
 
 @pytest.mark.parametrize("batch", [8, 32])
 @pytest.mark.parametrize(
-    "method", ["eager_reference", "hf_generate", "reference_loop", "engine_plain", "engine_hybrid", *LATENT_METHODS]
+    "method",
+    [
+        "eager_reference",
+        "hf_generate",
+        "reference_loop",
+        "engine_plain",
+        "engine_plain_top_p",
+        "engine_hybrid",
+        *LATENT_METHODS,
+    ],
 )
 def test_rollout_cpu(benchmark, tiny, method, batch):
     hm, tok = tiny

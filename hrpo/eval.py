@@ -177,6 +177,7 @@ def _settings(args, task: str, data: str | None) -> dict:
             "greedy": not args.sample,
             "temperature": args.temperature,
             "top_k": args.top_k,
+            **({} if args.top_p == 1 else {"top_p": args.top_p}),  # absent at 1: earlier runs' keys hold
             "max_new_tokens": args.max_new_tokens or spec.max_new_tokens,
             "hybrid": args.hybrid,
             **({} if latent_params(args).is_h_hat else {"latent": vars(latent_params(args))}),
@@ -390,6 +391,8 @@ def _check_args(args) -> None:
         raise ConfigError(f"--temperature must be a number in (0, inf), got {args.temperature}")
     if args.top_k < 0 or args.seed < 0:
         raise ConfigError(f"--top-k and --seed must be >= 0, got {args.top_k} and {args.seed}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be a number in (0, 1], got {args.top_p}")
     latent_params(args)
     if args.task != "all":
         get_task(args.task)
@@ -509,6 +512,7 @@ class TaskRun:
             self.settings["decoding"]["max_new_tokens"],
             args.temperature,
             args.top_k,
+            args.top_p,
             greedy=not args.sample,
             hybrid=args.hybrid,
             latent=latent_params(args),
@@ -620,6 +624,12 @@ def parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.5, help="of sampling (--sample) and of the distribution latents mix"
     )
     p.add_argument("--top-k", type=int, default=50, help="of sampling and of the distribution latents mix (0: all)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus of sampling and of the latents' mixture, inside the top-k (1: off)",
+    )
     add_latent_arguments(p)
     add_cold_stop_arguments(p)
     p.add_argument("--max-new-tokens", type=int, help="None: the protocol's (512; 1024 for math and math500)")

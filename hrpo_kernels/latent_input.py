@@ -6,13 +6,17 @@ p @ E: the Triton kernels of sample_and_mix.py (MODE constexpr) and the C++ twin
 csrc/topk_sample_cpu.cpp (TopkArgs.mode). docs/latent-modes.md says the same in prose.
 
 Notation: logits l (B, V) fp32, E (V, d) the input embedding, y the token the sampler drew
-(the exponential race of topk_sample.py; greedy: argmax l), top-k the sampler's candidate set
-(all V tokens when top_k = 0). The mixture distribution is
+(the exponential race of topk_sample.py; greedy: argmax l), C the sampler's candidates
+(sampling_support: the top-k set, all V tokens when top_k = 0, then cut to the sampler's
+nucleus when its top_p < 1). The mixture distribution is
 
-    p = softmax(l / T_mix) over the top-k set (renormalised), then, when top_p < 1, cut to the
-        smallest set of most probable tokens whose mass reaches top_p and renormalised,
+    p = softmax(l / T_mix) over C (renormalised), then, when LatentParams.top_p < 1, cut to
+        its own nucleus (nucleus(): the smallest set of most probable tokens whose mass
+        reaches top_p) and renormalised,
 
-T_mix = LatentParams.temperature, or the sampler's temperature when None. Then:
+T_mix = LatentParams.temperature, or the sampler's temperature when None. So the sampler's
+settings (temperature, top-k, top-p) choose the candidates, as Soft Thinking mixes "after
+top-k / top-p", and the mode's own numbers reshape the mixture over them. Then:
 
 - hrpo (HRPO, arXiv 2505.18454): x = (p @ E) / ||p||_2, the latent h_hat that the model's
   gate then blends with E[y] (hrpo/gate.py); the op returns h_hat, not the blend.
@@ -66,7 +70,7 @@ NOISE_KEY = 0x5DEECE66D  # seed ^ NOISE_KEY (and that + 1) key the Gaussian stre
 class LatentParams:
     """The latent mode and its numbers (only the mode's own numbers matter):
     temperature: T_mix of the mixture, None = the sampler's (fuzzy tokens: small, e.g. 0.01);
-    top_p: the mixture's nucleus (1: off; < 1 runs the reference path, the kernels do not cut);
+    top_p: the mixture's own nucleus within the sampler's candidates (1: off);
     beta: MoI's concentration (its code's default 1.0, MIXINPUTS_BETA); noise_std: soft-noise's sigma;
     gumbel_tau: gumbel-soft's Gumbel-Softmax temperature."""
 
@@ -82,8 +86,7 @@ class LatentParams:
             raise ValueError(f"latent mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"latent temperature must be > 0 (or None: the sampler's), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"latent top_p must be in (0, 1], got {self.top_p}")
+        check_top_p(self.top_p, "latent")
         if not self.beta >= 0:
             raise ValueError(f"latent beta (MoI concentration) must be >= 0, got {self.beta}")
         if not self.noise_std >= 0:
@@ -93,8 +96,8 @@ class LatentParams:
 
     @property
     def is_h_hat(self) -> bool:
-        """Whether this is HRPO's own latent h_hat (the sampler's distribution, no nucleus),
-        which every sampling path computes without the latent op."""
+        """Whether this is HRPO's own latent h_hat (the sampler's distribution, its nucleus
+        included, none of its own), which every sampling path computes without the latent op."""
         return self.mode == "hrpo" and self.temperature is None and self.top_p == 1
 
     @property
@@ -103,6 +106,11 @@ class LatentParams:
 
     def mix_temperature(self, sampler_temperature: float) -> float:
         return self.temperature if self.temperature is not None else sampler_temperature
+
+
+def check_top_p(top_p: float, what: str) -> None:
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{what} top_p must be in (0, 1], got {top_p}")
 
 
 def check_noise_width(D: int, V: int) -> None:
@@ -134,6 +142,7 @@ def mixture_weights(
     top_k: int = 0,
     greedy: bool = False,
     *,
+    top_p: float = 1.0,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
@@ -144,12 +153,12 @@ def mixture_weights(
     B, V = logits.shape
     if not greedy and params.mode in ("soft-noise", "gumbel-soft") and seed is None:
         raise ValueError(f"latent_input: mode {params.mode} draws Philox noise and needs a seed")
-    p, x, support = _mixture_p(logits, params, temperature, top_k)
+    p, x, support = _mixture_p(logits, params, temperature, top_k, top_p)
     if params.mode == "hrpo":
         return p / p.norm(dim=-1, keepdim=True)
     if params.mode == "moi":
-        n = support.sum(-1, keepdim=True).clamp_min(2)  # one candidate: H = 0 whatever n says
-        H = entropy_nats(p)[:, None] / torch.log(n.to(p.dtype))
+        n = min(top_k, V) if top_k > 0 else V  # the candidates before any nucleus, as kernel_args
+        H = entropy_nats(p)[:, None] / math.log(max(n, 2))  # one candidate: H = 0 whatever n says
         lam = H / (params.beta + 1)
         return lam * p + (1 - lam) * F.one_hot(tokens.long(), V).to(p.dtype)
     if params.mode == "gumbel-soft":
@@ -162,17 +171,14 @@ def mixture_weights(
     return p
 
 
-def _mixture_p(logits: torch.Tensor, params: LatentParams, temperature: float, top_k: int):
+def _mixture_p(logits: torch.Tensor, params: LatentParams, temperature: float, top_k: int, top_p: float = 1.0):
     """The mixture distribution p (module docstring), the scores l / T_mix and p's support."""
-    V = logits.shape[-1]
     logits = logits.float()
     x = logits / params.mix_temperature(temperature)
-    support = torch.ones_like(x, dtype=torch.bool)
-    if 0 < top_k < V:
-        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+    support = sampling_support(logits, temperature, top_k, top_p)
     p = torch.softmax(x.masked_fill(~support, float("-inf")), dim=-1)
     if params.top_p < 1:
-        p = _nucleus(p, params.top_p)
+        p = nucleus(p, params.top_p)
         support = p > 0
     return p, x, support
 
@@ -183,12 +189,12 @@ def entropy_nats(p: torch.Tensor) -> torch.Tensor:
 
 
 def mixture_entropy(
-    logits: torch.Tensor, params: LatentParams | None, temperature: float, top_k: int = 0
+    logits: torch.Tensor, params: LatentParams | None, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> torch.Tensor:
     """(B,) fp32 entropy in nats of the mixture distribution p (the module docstring's p, before
     any mode's transform or noise): what the fused passes write to `entropy` for Soft Thinking's
     cold stop (hrpo/engine/rollout.py, ColdStop)."""
-    return entropy_nats(_mixture_p(logits, params or LatentParams(), temperature, top_k)[0])
+    return entropy_nats(_mixture_p(logits, params or LatentParams(), temperature, top_k, top_p)[0])
 
 
 def latent_input_reference(
@@ -200,14 +206,16 @@ def latent_input_reference(
     top_k: int = 0,
     greedy: bool = False,
     *,
+    top_p: float = 1.0,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits (B, V), embedding (V, d), tokens (B,) the sampler's draw -> the next input (B, d)
-    fp32 of `params.mode` (the module docstring is the definition). seed / offset / row_ids:
-    the shared Philox noise; a noisy mode without greedy needs the seed."""
-    noise = dict(seed=seed, offset=offset, row_ids=row_ids)
+    fp32 of `params.mode` (the module docstring is the definition); top_k / top_p: the
+    sampler's. seed / offset / row_ids: the shared Philox noise; a noisy mode without greedy
+    needs the seed."""
+    noise = dict(top_p=top_p, seed=seed, offset=offset, row_ids=row_ids)
     x = mixture_weights(logits, tokens, params, temperature, top_k, greedy, **noise) @ embedding.float()
     if params.mode == "soft-noise" and not greedy:
         B, V = logits.shape
@@ -278,9 +286,15 @@ def gumbel_logdensity(
     return ((-e - torch.exp(-e)) * keep).sum(-1) / keep.sum(-1)
 
 
-def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
-    """p cut to the smallest set of most probable tokens whose mass reaches top_p (ties: the
-    lower token id first), renormalised."""
+def nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """p (B, V), rows summing to 1, cut to its nucleus and renormalised: the tokens ranked by
+    probability, the lower token id first among equal ones, each kept when the mass of the
+    tokens ranked above it is < top_p. So the kept set is the smallest whose mass reaches
+    top_p and the most probable token always stays. The rule of HF's TopPLogitsWarper
+    (transformers/generation/logits_process.py: drop the tokens whose ascending cumulative
+    mass is <= 1 - top_p), with the tie order fixed. The definition for the sampler and the
+    mixture alike; the fused paths compute the same set (ranks within the top-k, a threshold
+    search over the full vocabulary)."""
     sp, idx = torch.sort(p, dim=-1, descending=True, stable=True)
     before = torch.cumsum(sp, dim=-1) - sp  # mass of the tokens ranked above
     keep = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, idx, before < top_p)
@@ -288,13 +302,32 @@ def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
     return q / q.sum(-1, keepdim=True)
 
 
-def kernel_args(params: LatentParams | None, temperature: float, n_candidates: int) -> dict:
-    """The numbers the fused paths take for a mode (Triton kernel arguments, TopkArgs fields);
-    n_candidates: the size of p's candidate set (min(top_k, V), or V), MoI's log n."""
+def sampling_support(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) bool: the sampler's candidates. The top_k largest logits (all V when top_k is 0
+    or >= V), then, when top_p < 1, the nucleus of softmax(logits / temperature) over them:
+    top-k first, the nucleus cut inside it: the order of HF's warpers (transformers 5.24,
+    generation/utils.py:1622-1629, TopKLogitsWarper then TopPLogitsWarper) and of the original
+    HRPO rollout, which forms its latent from the probabilities after those warpers (the
+    paper's patched transformers/generation/utils.py:3328,3351,3369-3372)."""
+    B, V = logits.shape
+    support = torch.ones_like(logits, dtype=torch.bool)
+    if 0 < top_k < V:
+        support = torch.zeros_like(support).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+    if top_p < 1:
+        p = torch.softmax((logits.float() / temperature).masked_fill(~support, float("-inf")), dim=-1)
+        support = nucleus(p, top_p) > 0
+    return support
+
+
+def kernel_args(params: LatentParams | None, temperature: float, n_candidates: int, top_p: float = 1.0) -> dict:
+    """The numbers the fused paths take for a mode and the sampler's nucleus (Triton kernel
+    arguments, TopkArgs fields; a nucleus of 1 is off); n_candidates: the size of p's candidate
+    set before any nucleus (min(top_k, V), or V), MoI's log n."""
     params = params or LatentParams()
-    if params.top_p < 1:
-        raise ValueError("latent_input: the fused paths do not cut a nucleus (top_p < 1 runs the reference)")
+    check_top_p(top_p, "sampling")
     return dict(
+        top_p=float(top_p),
+        mix_top_p=float(params.top_p),
         MODE=params.mode_id,
         inv_tm=1.0 / params.mix_temperature(temperature),
         inv_tau=1.0 / params.gumbel_tau,

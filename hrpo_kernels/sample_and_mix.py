@@ -3,7 +3,8 @@ log-prob, and the latent mixture h_hat = (p @ E) / ||p||_2.
 
 Conventions the kernels must keep:
 - p is softmax(logits / temperature) restricted to the top-k logits and renormalised
-  (top_k = 0: the full vocabulary). The sample and h_hat come from p.
+  (top_k = 0: the full vocabulary), then, with top_p < 1, cut to its nucleus inside the top-k
+  and renormalised (latent_input.nucleus). The sample and h_hat come from p.
 - logprob is log_softmax(logits / temperature) of the chosen token over the full
   vocabulary: the policy's log-prob, the same quantity the training forward computes, so
   rollout log-probs serve directly as the old log-probs of the clipped objective.
@@ -38,6 +39,7 @@ from .latent_input import (
     NOISE_KEY,
     LatentParams,
     check_noise_width,
+    check_top_p,
     kernel_args,
     latent_input_reference,
     mixture_entropy,
@@ -58,29 +60,28 @@ def sample_and_mix_reference(
     offset: int | torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
     latent: LatentParams | None = None,
+    top_p: float = 1.0,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (B, d), lm_weight (V, d), embedding (V, d) -> tokens (B,) int64,
     logprobs (B,) fp32, h_hat (B, d) fp32 (with `latent`: that mode's next input,
-    latent_input.py); `entropy` (B,) fp32 given: filled with the entropy of the mixture
-    distribution p in nats (latent_input.mixture_entropy). seed given:
-    u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v) (every path's convention), else
-    a `generator` draw (a latent mode: one seed drawn from it, so that the race and the mode's
-    noise share the draw)."""
+    latent_input.py). seed given: u[b, v] = philox_uniform(seed, offset + row_ids[b] * V + v)
+    (every path's convention), else a `generator` draw (a latent mode: one seed drawn from it,
+    so that the race and the mode's noise share the draw). top_p: the sampler's nucleus.
+    `entropy` (B,) fp32 given: filled with the entropy of the mixture distribution p in nats
+    (latent_input.mixture_entropy)."""
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
+    check_top_p(top_p, "sampling")
     logits = hidden.float() @ lm_weight.float().T
     if latent is not None and seed is None and not greedy:
         seed, offset = seed_offset(None, offset, generator, logits.device)
-    tok, lp, h = sample_from_logits_reference(
-        logits, embedding, top_k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
-    )
+    noise = dict(top_p=top_p, seed=seed, offset=offset, row_ids=row_ids)
+    tok, lp, h = sample_from_logits_reference(logits, embedding, top_k, temperature, greedy, generator, **noise)
     if latent is not None:
-        h = latent_input_reference(
-            logits, embedding, tok, latent, temperature, top_k, greedy, seed=seed, offset=offset, row_ids=row_ids
-        )
+        h = latent_input_reference(logits, embedding, tok, latent, temperature, top_k, greedy, **noise)
     if entropy is not None:
-        entropy.copy_(mixture_entropy(logits, latent, temperature, top_k))
+        entropy.copy_(mixture_entropy(logits, latent, temperature, top_k, top_p))
     return tok, lp, h
 
 
@@ -94,8 +95,9 @@ def sample_and_mix_reference(
 # graph) and advances the offset by at least B * V per decode step.
 # ---------------------------------------------------------------------------------------
 
-# bound by lazy_kernels at the first launch (_triton_helpers.py), mode_input and row_counter by _define_kernels
-triton = tl = dot_p = philox_uniform = gaussian = mode_input = row_counter = None
+# bound by lazy_kernels at the first launch (_triton_helpers.py), the rest by _define_kernels
+triton = tl = dot_p = philox_uniform = gaussian = mode_input = row_counter = masked_softmax = mass_above = None
+kept = probs = nucleus_cut = support = lse_argmax = cand_softmax = None
 MAX_TOPK_TRITON = 1024
 # Widest hidden size of the one-pass kernel by weight element size: its (BLOCK_V x
 # next_pow2(d)) weight tiles must fit the 227 KB of shared memory of an sm_90 block
@@ -128,9 +130,136 @@ def _row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS: tl.constexpr):
     return tl.load(off_ptr) + rid * V
 
 
+def _masked_softmax(x, ok):
+    """softmax of x over the lanes `ok` (at least one), 0 elsewhere."""
+    x = tl.where(ok, x, float("-inf"))
+    e = tl.where(ok, tl.exp(x - tl.max(x, axis=0)), 0.0)
+    return e / tl.sum(e, axis=0)
+
+
+def _mass_above(p, ids):
+    """Per lane j, the mass of the lanes ranked above it (by p, the lower token id first among
+    equal p): latent_input.nucleus keeps j when this is < top_p. O(K^2) on K <= 128 lanes,
+    no sort; lanes off the set carry p = 0 and add nothing."""
+    above = (p[:, None] > p[None, :]) | ((p[:, None] == p[None, :]) & (ids[:, None] < ids[None, :]))
+    return tl.sum(tl.where(above, p[:, None], 0.0), axis=0)
+
+
+# The full-vocabulary nucleus (top_k = 0) finds its cut without a sort: a binary search over
+# the bit patterns of the probabilities (non-negative floats order as their int32 bits) for
+# kt, the smallest value whose strictly larger tokens hold less than top_p, 30 passes over the
+# row's logits; then the tokens tied at kt are kept in id order while the mass above stays
+# below top_p (kid: the last kept id). Kept: bits > kt, or bits == kt and id <= kid.
+
+
+def _kept(p, cols, kt, kid):
+    bits = p.to(tl.int32, bitcast=True)
+    return (bits > kt) | ((bits == kt) & (cols <= kid))
+
+
+def _probs(lrow, cols, ok, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, CUT: tl.constexpr):
+    """p[cols] = e^(l inv - m) / s on the lanes `ok`, and, when CUT, on the
+    candidates of the nucleus (inv_c, m_c, s_c, kt_c, kid_c) only; 0 elsewhere."""
+    lg = tl.load(lrow + cols, mask=ok, other=float("-inf"))
+    on = ok
+    if CUT:
+        on = on & kept(tl.where(ok, tl.exp(lg * inv_c - m_c) / s_c, 0.0), cols, kt_c, kid_c)
+    return tl.where(on, tl.exp(lg * inv - m) / s, 0.0)
+
+
+def _nucleus_cut(lrow, V, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, top_p, CUT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(kt, kid) of the nucleus of mass top_p of _probs' distribution (see above)."""
+    lane = tl.arange(0, BLOCK_V)
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0x3F800000, tl.int32)  # the bits of 1.0
+    for _ in range(30):  # 2^30 > the bits of 1.0
+        mid = lo + (hi - lo) // 2
+        mass = tl.zeros([], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lane
+            p = probs(lrow, cols, cols < V, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, CUT)
+            mass += tl.sum(tl.where(p.to(tl.int32, bitcast=True) > mid, p, 0.0), axis=0)
+        below = mass < top_p
+        hi = tl.where(below, mid, hi)
+        lo = tl.where(below, lo, mid + 1)
+    above = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lane
+        p = probs(lrow, cols, cols < V, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, CUT)
+        above += tl.sum(tl.where(p.to(tl.int32, bitcast=True) > lo, p, 0.0), axis=0)
+    n_tie = tl.maximum(tl.ceil((top_p - above) / lo.to(tl.float32, bitcast=True)), 1.0).to(tl.int32)
+    seen = tl.zeros([], tl.int32)
+    kid = tl.full([], V, tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lane
+        p = probs(lrow, cols, cols < V, inv, m, s, inv_c, m_c, s_c, kt_c, kid_c, CUT)
+        tie = (p.to(tl.int32, bitcast=True) == lo) & (cols < V)
+        rank = seen + tl.cumsum(tie.to(tl.int32), axis=0)
+        kid = tl.minimum(kid, tl.min(tl.where(tie & (rank == n_tie), cols, V), axis=0))
+        seen += tl.sum(tie.to(tl.int32), axis=0)
+    return lo, kid
+
+
+def _support(lg, cols, ok, inv_t, m, s, kt, kid, inv_tm, mm, sm, kt2, kid2):
+    """(cand, on): the sampler's candidates among these lanes (its nucleus kt, kid) and the
+    mixture's support within them (its own nucleus kt2, kid2 of p_mix = e^(l inv_tm - mm) / sm)."""
+    cand = ok & kept(tl.where(ok, tl.exp(lg * inv_t - m) / s, 0.0), cols, kt, kid)
+    return cand, cand & kept(tl.where(cand, tl.exp(lg * inv_tm - mm) / sm, 0.0), cols, kt2, kid2)
+
+
+def _lse_argmax(lrow, V, inv_t, BLOCK_V: tl.constexpr):
+    """(m, s) of the online softmax of lg * inv_t over the row, and the greedy (max logit, its
+    lowest id)."""
+    lane = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    g_best = tl.full([], float("-inf"), tl.float32)
+    g_tok = tl.zeros([], tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lane
+        lg = tl.load(lrow + cols, mask=cols < V, other=float("-inf"))
+        t_best = tl.max(lg, axis=0)
+        t_tok = tl.min(tl.where(lg == t_best, cols, V), axis=0)
+        g_tok = tl.where(t_best > g_best, t_tok, g_tok)
+        g_best = tl.maximum(g_best, t_best)
+        m_new = tl.maximum(m, tl.max(lg * inv_t, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(lg * inv_t - m_new), axis=0)
+        m = m_new
+    return m, s, g_best, g_tok
+
+
+def _cand_softmax(lrow, V, inv, inv_c, m_c, s_c, kt_c, kid_c, BLOCK_V: tl.constexpr):
+    """(m, s) of the online softmax of lg * inv over the candidates of the nucleus (inv_c, m_c,
+    s_c, kt_c, kid_c)."""
+    lane = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + lane
+        ok = cols < V
+        lg = tl.load(lrow + cols, mask=ok, other=float("-inf"))
+        on = ok & kept(tl.where(ok, tl.exp(lg * inv_c - m_c) / s_c, 0.0), cols, kt_c, kid_c)
+        x = tl.where(on, lg * inv, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.where(on, tl.exp(x - m_new), 0.0), axis=0)
+        m = m_new
+    return m, s
+
+
 def _define_kernels() -> dict:
     # where the kernels' bodies find them
-    globals().update(mode_input=triton.jit(_mode_input), row_counter=triton.jit(_row_counter))
+    globals().update(
+        mode_input=triton.jit(_mode_input),
+        row_counter=triton.jit(_row_counter),
+        masked_softmax=triton.jit(_masked_softmax),
+        mass_above=triton.jit(_mass_above),
+        kept=triton.jit(_kept),
+        probs=triton.jit(_probs),
+        nucleus_cut=triton.jit(_nucleus_cut),
+        support=triton.jit(_support),
+        lse_argmax=triton.jit(_lse_argmax),
+        cand_softmax=triton.jit(_cand_softmax),
+    )
 
     @triton.jit
     def _full_partial_kernel(
@@ -377,6 +506,8 @@ def _define_kernels() -> dict:
         sigma,
         inv_logv,
         noise_key,
+        top_p,
+        mix_top_p,
         stride_l,
         stride_k,
         stride_e,
@@ -384,14 +515,17 @@ def _define_kernels() -> dict:
         GREEDY: tl.constexpr,
         HAS_ROW_IDS: tl.constexpr,
         MODE: tl.constexpr,
+        NUCLEUS: tl.constexpr,
+        MIX_NUCLEUS: tl.constexpr,
         HAS_ENT: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         """One row: logsumexp over the full vocabulary (and the greedy argmax), the race
-        among the k selected logits, and the mode's next input from the mixture p over them
-        (latent_input.py; hrpo: h_hat = sum_j p_j E[id_j] / ||p||)."""
+        among the sampler's candidates (the k selected logits, cut to the sampler's nucleus
+        when NUCLEUS), and the mode's next input from the mixture p over them, cut to its own
+        nucleus when MIX_NUCLEUS (latent_input.py; hrpo: h_hat = sum_j p_j E[id_j] / ||p||)."""
         row = tl.program_id(0)
         lane = tl.arange(0, BLOCK_V)
         lrow = logits_ptr + row.to(tl.int64) * stride_l
@@ -420,6 +554,9 @@ def _define_kernels() -> dict:
         vals = tl.load(vals_ptr + row * stride_k + kk, mask=kok, other=float("-inf"))
         ids = tl.load(idx_ptr + row * stride_k + kk, mask=kok, other=0).to(tl.int32)
         scaled = vals * inv_t
+        cand = kok
+        if NUCLEUS:
+            cand = kok & (mass_above(masked_softmax(scaled, kok), ids) < top_p)
         seed = tl.load(seed_ptr)
         ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         if GREEDY:
@@ -429,19 +566,20 @@ def _define_kernels() -> dict:
             g = tl.zeros([BLOCK_K], tl.float32)
         else:
             g = -tl.log(-tl.log(philox_uniform(seed, ctr + ids)))
-            score = tl.where(kok, scaled + g, float("-inf"))
+            score = tl.where(cand, scaled + g, float("-inf"))
             best = tl.max(score, axis=0)
-            tok = tl.min(tl.where(kok & (score == best), ids, V), axis=0)
+            tok = tl.min(tl.where(cand & (score == best), ids, V), axis=0)
             tok_logit = tl.max(tl.where(kok & (ids == tok), scaled, float("-inf")), axis=0)
         tl.store(tok_out + row, tok.to(tl.int64))
         tl.store(lp_out + row, tok_logit - lse)
 
-        xs = vals * inv_tm
-        if MODE == 4:  # gumbel-soft
-            xs = (xs + g) * inv_tau
-        xs = tl.where(kok, xs, float("-inf"))
-        pe = tl.where(kok, tl.exp(xs - tl.max(xs, axis=0)), 0.0)
-        p = pe / tl.sum(pe, axis=0)
+        p = masked_softmax(vals * inv_tm, cand)
+        if MIX_NUCLEUS:
+            cand = cand & (mass_above(p, ids) < mix_top_p)
+            p = tl.where(cand, p, 0.0)
+            p = p / tl.sum(p, axis=0)
+        if MODE == 4:  # gumbel-soft: over p's support
+            p = masked_softmax((vals * inv_tm + g) * inv_tau, cand)
         lam = 1.0
         if MODE == 2 or HAS_ENT:
             H = -tl.sum(tl.where(p > 0, p * tl.log(p), 0.0), axis=0)  # nats
@@ -460,7 +598,142 @@ def _define_kernels() -> dict:
             hv = mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, seed ^ noise_key, ctr, MODE, GREEDY)
             tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
 
-    return dict(full_partial=_full_partial_kernel, full_reduce=_full_reduce_kernel, topk_tail=_topk_tail_kernel)
+    @triton.jit
+    def _nucleus_tail_kernel(
+        logits_ptr,
+        e_ptr,
+        seed_ptr,
+        off_ptr,
+        rid_ptr,
+        ws_ids,
+        ws_x,
+        tok_out,
+        lp_out,
+        h_out,
+        ent_out,
+        V,
+        D,
+        inv_t,
+        inv_tm,
+        inv_tau,
+        beta,
+        sigma,
+        inv_logv,
+        noise_key,
+        top_p,
+        mix_top_p,
+        stride_l,
+        stride_e,
+        stride_ho,
+        GREEDY: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr,
+        MODE: tl.constexpr,
+        NUCLEUS: tl.constexpr,
+        MIX_NUCLEUS: tl.constexpr,
+        HAS_ENT: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """One row of full-vocabulary sampling with a nucleus (top_k = 0): the log-sum-exp
+        and greedy argmax, the sampler's cut (nucleus_cut), the mixture's softmax over the
+        candidates and its own cut, then one pass for the race and the mixture's state (as
+        _full_partial_kernel's) that also packs the support's ids and scores into the row's
+        workspace (ws_ids, ws_x, in id order), and the mixture's columns gathered from those
+        rows of E only."""
+        row = tl.program_id(0)
+        lane = tl.arange(0, BLOCK_V)
+        lrow = logits_ptr + row.to(tl.int64) * stride_l
+        m, s, g_best, g_tok = lse_argmax(lrow, V, inv_t, BLOCK_V)
+        kt = tl.full([], -1, tl.int32)  # -1, kid V: every token a candidate
+        kid = tl.full([], V, tl.int32)
+        if NUCLEUS:
+            kt, kid = nucleus_cut(lrow, V, inv_t, m, s, inv_t, m, s, kt, kid, top_p, False, BLOCK_V)
+        mm, sm = cand_softmax(lrow, V, inv_tm, inv_t, m, s, kt, kid, BLOCK_V)
+        kt2 = tl.full([], -1, tl.int32)
+        kid2 = tl.full([], V, tl.int32)
+        if MIX_NUCLEUS:
+            kt2, kid2 = nucleus_cut(lrow, V, inv_tm, mm, sm, inv_t, m, s, kt, kid, mix_top_p, True, BLOCK_V)
+        seed = tl.load(seed_ptr)
+        ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
+        best = tl.full([], float("-inf"), tl.float32)
+        tok = g_tok
+        tok_logit = g_best * inv_t
+        mx = tl.full([], float("-inf"), tl.float32)
+        sx = tl.zeros([], tl.float32)
+        qx = tl.zeros([], tl.float32)
+        rx = tl.zeros([], tl.float32)
+        n_on = tl.zeros([], tl.int32)
+        ws = row.to(tl.int64) * V
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lane
+            ok = cols < V
+            lg = tl.load(lrow + cols, mask=ok, other=float("-inf"))
+            cand, on = support(lg, cols, ok, inv_t, m, s, kt, kid, inv_tm, mm, sm, kt2, kid2)
+            g = tl.zeros([BLOCK_V], tl.float32)
+            if not GREEDY:
+                g = -tl.log(-tl.log(philox_uniform(seed, ctr + cols)))
+                score = tl.where(cand, lg * inv_t + g, float("-inf"))
+                t_best = tl.max(score, axis=0)
+                t_tok = tl.min(tl.where(score == t_best, cols, V), axis=0)
+                upd = t_best > best  # strict: ties keep the lower token
+                tok = tl.where(upd, t_tok, tok)
+                tok_logit = tl.where(upd, t_best - tl.sum(tl.where(cols == t_tok, g, 0.0), axis=0), tok_logit)
+                best = tl.maximum(best, t_best)
+            xs = lg * inv_tm
+            if MODE == 4:  # gumbel-soft
+                xs = (xs + g) * inv_tau
+            xs = tl.where(on, xs, float("-inf"))
+            at = n_on + tl.cumsum(on.to(tl.int32), axis=0) - 1  # the support packed in id order
+            tl.store(ws_ids + ws + at, cols, mask=on)
+            tl.store(ws_x + ws + at, xs, mask=on)
+            n_on += tl.sum(on.to(tl.int32), axis=0)
+            mx_new = tl.maximum(mx, tl.max(xs, axis=0))
+            ax = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - mx_new))
+            px = tl.where(on, tl.exp(xs - mx_new), 0.0)
+            if MODE == 2 or HAS_ENT:  # the entropy's sum, rescaled to the new max (0 before any token)
+                rx = tl.where(sx > 0, ax * (rx + (mx - mx_new) * sx), 0.0)
+                rx += tl.sum(tl.where(on, px * (xs - mx_new), 0.0), axis=0)
+            sx = sx * ax + tl.sum(px, axis=0)
+            qx = qx * ax * ax + tl.sum(px * px, axis=0)
+            mx = mx_new
+        tl.store(tok_out + row, tok.to(tl.int64))
+        tl.store(lp_out + row, tok_logit - (m + tl.log(s)))
+        if MODE == 0:  # hrpo: (acc/s) / (sqrt(q)/s)
+            scale = 1.0 / tl.sqrt(qx)
+        else:
+            scale = 1.0 / sx
+        lam = 1.0
+        if MODE == 2 or HAS_ENT:  # sum p log p = r/s - log s
+            H = -(rx / sx - tl.log(sx))  # nats
+            if HAS_ENT:
+                tl.store(ent_out + row, H)
+            lam = H * inv_logv / (beta + 1.0)  # used by moi only
+        jj = tl.arange(0, BLOCK_J)
+        for d0 in range(0, D, BLOCK_D):
+            dk = d0 + tl.arange(0, BLOCK_D)
+            dok = dk < D
+            hv = tl.zeros([BLOCK_D], tl.float32)
+            for j0 in range(0, n_on, BLOCK_J):
+                jok = j0 + jj < n_on
+                ids = tl.load(ws_ids + ws + j0 + jj, mask=jok, other=0)
+                w = tl.where(jok, tl.exp(tl.load(ws_x + ws + j0 + jj, mask=jok, other=0.0) - mx), 0.0)
+                e = tl.load(
+                    e_ptr + ids[:, None].to(tl.int64) * stride_e + dk[None, :],
+                    mask=jok[:, None] & dok[None, :],
+                    other=0.0,
+                )
+                hv += tl.sum(w[:, None] * e.to(tl.float32), axis=0)
+            hv = hv * scale
+            hv = mode_input(hv, e_ptr, tok, stride_e, dk, dok, lam, sigma, seed ^ noise_key, ctr, MODE, GREEDY)
+            tl.store(h_out + row * stride_ho + dk, hv, mask=dok)
+
+    return dict(
+        full_partial=_full_partial_kernel,
+        full_reduce=_full_reduce_kernel,
+        topk_tail=_topk_tail_kernel,
+        nucleus_tail=_nucleus_tail_kernel,
+    )
 
 
 _kernels = lazy_kernels(globals(), _define_kernels)
@@ -594,15 +867,26 @@ def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_tail(
-    logits, embedding, k, temperature, greedy, seed, offset, row_ids=None, out=None, latent=None, entropy=None
+    logits,
+    embedding,
+    k,
+    temperature,
+    greedy,
+    seed,
+    offset,
+    row_ids=None,
+    out=None,
+    latent=None,
+    top_p=1.0,
+    entropy=None,
 ):
     """Top-k tail on fp32 logits (B, V). On CUDA with k <= 128 and the extension built, the
     extension's one-block-per-row kernel (radix select, race, gathered mixture); otherwise
     torch.topk and one Triton program per row for the full-vocabulary log-prob, the race
-    among the k candidates and the gathered mixture."""
-    # the CUDA kernel knows no other mode and writes no entropy
-    cuda_kernel_fits = (latent is None or latent.mode == "hrpo") and entropy is None
-    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None and (cuda_kernel_fits or logits.is_cpu):
+    among the k candidates (the sampler's nucleus among them) and the gathered mixture."""
+    # the CUDA kernel knows no other mode, cuts no nucleus and writes no entropy
+    plain = (latent is None or (latent.mode == "hrpo" and latent.top_p == 1)) and top_p == 1 and entropy is None
+    if on_gpu_path(logits) and k <= MAX_TOPK and load_extension() is not None and (plain or not logits.is_cuda):
         return topk_sample_mix(
             logits,
             embedding,
@@ -614,6 +898,7 @@ def _topk_tail(
             row_ids=row_ids,
             out=out,
             latent=latent,
+            top_p=top_p,
             entropy=entropy,
         )
     B, V = logits.shape
@@ -623,7 +908,7 @@ def _topk_tail(
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     interp = interpreting()
-    mode = kernel_args(latent, temperature, min(k, V))
+    mode = kernel_args(latent, temperature, min(k, V), top_p)
     _kernels()["topk_tail"][(B,)](
         logits,
         vals.contiguous(),
@@ -646,6 +931,8 @@ def _topk_tail(
         mode["sigma"],
         mode["inv_logv"],
         NOISE_KEY,
+        mode["top_p"],
+        mode["mix_top_p"],
         logits.stride(0),
         k,
         e.stride(0),
@@ -653,9 +940,63 @@ def _topk_tail(
         GREEDY=bool(greedy),
         HAS_ROW_IDS=row_ids is not None,
         MODE=mode["MODE"],
+        NUCLEUS=mode["top_p"] < 1,
+        MIX_NUCLEUS=mode["mix_top_p"] < 1,
         HAS_ENT=entropy is not None,
         BLOCK_V=256 if interp else 2048,
         BLOCK_K=next_pow2(max(k, 16)),
+        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
+        num_warps=4 if interp else 8,
+    )
+    return tok, lp, h
+
+
+def _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids, out, latent, top_p, entropy=None):
+    """Full-vocabulary sampling with a nucleus on fp32 logits (B, V): one program per row of
+    _nucleus_tail_kernel (the cut by a threshold search, no sort)."""
+    B, V = logits.shape
+    D = embedding.shape[1]
+    logits = logits.contiguous()
+    e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
+    tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
+    mode = kernel_args(latent, temperature, V, top_p)
+    interp = interpreting()
+    ws_ids = torch.empty(B, V, dtype=torch.int32, device=logits.device)  # each row's support, packed
+    ws_x = torch.empty(B, V, dtype=torch.float32, device=logits.device)
+    _kernels()["nucleus_tail"][(B,)](
+        logits,
+        e,
+        seed,
+        offset,
+        seed if row_ids is None else row_ids,
+        ws_ids,
+        ws_x,
+        tok,
+        lp,
+        h,
+        lp if entropy is None else entropy,  # any pointer when unused
+        V,
+        D,
+        1.0 / temperature,
+        mode["inv_tm"],
+        mode["inv_tau"],
+        mode["beta"],
+        mode["sigma"],
+        mode["inv_logv"],
+        NOISE_KEY,
+        mode["top_p"],
+        mode["mix_top_p"],
+        logits.stride(0),
+        e.stride(0),
+        h.stride(0),
+        GREEDY=bool(greedy),
+        HAS_ROW_IDS=row_ids is not None,
+        MODE=mode["MODE"],
+        NUCLEUS=mode["top_p"] < 1,
+        MIX_NUCLEUS=mode["mix_top_p"] < 1,
+        HAS_ENT=entropy is not None,
+        BLOCK_V=256 if interp else 2048,
+        BLOCK_J=32,
         BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
         num_warps=4 if interp else 8,
     )
@@ -676,6 +1017,7 @@ def sample_and_mix_triton(
     row_ids: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     latent: LatentParams | None = None,
+    top_p: float = 1.0,
     entropy: torch.Tensor | None = None,
     **tiles,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -684,12 +1026,16 @@ def sample_and_mix_triton(
     (row_ids: (B,) int64, default arange(B)); a missing seed is drawn from `generator`.
     `out` takes preallocated outputs; `latent` the mode whose next input is the third output
     (None: hrpo's h_hat); `entropy` (B,) fp32 is filled with the mixture's entropy in nats
-    (computed in the same pass, as MoI's); `tiles` overrides tile sizes of the full-vocabulary kernel
-    (block_b, block_v, splits)."""
+    (computed in the same pass, as MoI's); `tiles` overrides tile sizes of the full-vocabulary
+    kernel (block_b, block_v, splits). top_p < 1 (the sampler's nucleus) or a latent nucleus: with
+    top_k in [1, 128] (the k candidates ranked) or top_k 0 (the lm-head GEMM, then
+    _nucleus_tail's threshold search); see nucleus_is_fused."""
+    V = lm_weight.shape[0]
+    if not nucleus_is_fused(top_k, V, latent, top_p):
+        raise ValueError(f"sample_and_mix_triton: a nucleus needs top_k 0 or <= {MAX_TOPK}, got top_k {top_k}")
     _kernels()
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
-    V = lm_weight.shape[0]
     if latent is not None and latent.mode == "soft-noise":
         check_noise_width(hidden.shape[1], V)
     seed, offset = seed_offset(seed, offset, generator, hidden.device)
@@ -698,9 +1044,11 @@ def sample_and_mix_triton(
         if top_k > MAX_TOPK_TRITON:
             raise ValueError(f"sample_and_mix_triton: top_k {top_k} > {MAX_TOPK_TRITON}")
         logits = _lm_logits(hidden, lm_weight)
-        return _topk_tail(
-            logits, embedding, int(top_k), temperature, greedy, seed, offset, row_ids, out, latent, entropy
-        )
+        k = int(top_k)
+        return _topk_tail(logits, embedding, k, temperature, greedy, seed, offset, row_ids, out, latent, top_p, entropy)
+    if top_p < 1 or (latent is not None and latent.top_p < 1):
+        logits = _lm_logits(hidden, lm_weight)
+        return _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids, out, latent, top_p, entropy)
     if not full_vocab_fits(hidden.shape[1], lm_weight):
         raise NotImplementedError(
             f"sample_and_mix_triton: the full-vocabulary kernel takes d <= 2048 (16-bit "
@@ -711,16 +1059,23 @@ def sample_and_mix_triton(
     )
 
 
+def nucleus_is_fused(top_k: int, V: int, latent: LatentParams | None, top_p: float) -> bool:
+    """Whether the fused kernels cut the nuclei asked for (none asked: True). They rank the
+    candidates of a top-k tail with k <= 128 (O(k^2), no sort) and search the full
+    vocabulary's threshold (top_k 0 or >= V: _nucleus_tail); a k in (128, V) runs the reference."""
+    if top_p == 1 and (latent is None or latent.top_p == 1):
+        return True
+    return top_k <= MAX_TOPK or top_k >= V
+
+
 def sampling_is_fused(
-    hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int, latent: LatentParams | None = None
+    hidden: torch.Tensor, lm_weight: torch.Tensor, top_k: int, latent: LatentParams | None = None, top_p: float = 1.0
 ) -> bool:
     """Whether sample_and_mix runs its fused kernels for these inputs, the path with no host
     sync (the reference reads the seed on the host, so a CUDA graph cannot hold it)."""
     if not (0 < top_k < lm_weight.shape[0]) and not full_vocab_fits(hidden.shape[-1], lm_weight):
         return False
-    if latent is not None and latent.top_p < 1:  # the kernels do not cut a nucleus
-        return False
-    return use_fused(hidden)
+    return nucleus_is_fused(top_k, lm_weight.shape[0], latent, top_p) and use_fused(hidden)
 
 
 def sample_and_mix(
@@ -737,6 +1092,7 @@ def sample_and_mix(
     row_ids: torch.Tensor | None = None,
     impl: str | None = None,
     latent: LatentParams | None = None,
+    top_p: float = 1.0,
     entropy: torch.Tensor | None = None,
 ):
     """Dispatcher: the Triton kernels for CUDA tensors, the reference otherwise (and under
@@ -753,7 +1109,8 @@ def sample_and_mix(
     (row_ids default arange(B); stable row ids keep a row's noise when rows are removed).
 
     latent: the latent mode (hrpo_kernels/latent_input.py) whose next input is the third
-    output; None is hrpo's h_hat. A nucleus (top_p < 1) runs the reference.
+    output; None is hrpo's h_hat. top_p: the sampler's nucleus, cut inside the top-k
+    (latent_input.sampling_support); fused with top_k 0 or <= 128 (nucleus_is_fused).
     entropy: a (B,) fp32 buffer every path fills with the entropy of the mixture distribution in
     nats (latent_input.mixture_entropy), from the pass that forms the mixture (Soft Thinking's
     cold stop reads it)."""
@@ -762,14 +1119,7 @@ def sample_and_mix(
         raise ValueError("sample_and_mix: gumbel-soft's fused pass mixes noisy weights; it reports no entropy of p")
     if latent is not None and latent.is_h_hat:
         latent = None  # the paths' own h_hat, and the unseeded reference's draws unchanged
-    if (
-        impl == "ext"
-        and not hidden.is_cuda
-        and seed is not None
-        and 0 < top_k <= MAX_TOPK
-        and top_k < V
-        and (latent is None or latent.top_p == 1)
-    ):
+    if impl == "ext" and not hidden.is_cuda and seed is not None and 0 < top_k <= MAX_TOPK and top_k < V:
         logits = _lm_logits(hidden, lm_weight)
         return topk_sample_mix(
             logits,
@@ -782,9 +1132,10 @@ def sample_and_mix(
             row_ids=row_ids,
             impl="ext",
             latent=latent,
+            top_p=top_p,
             entropy=entropy,
         )
-    fused = sampling_is_fused(hidden, lm_weight, top_k, latent)
+    fused = sampling_is_fused(hidden, lm_weight, top_k, latent, top_p)
     run = sample_and_mix_triton if fused else sample_and_mix_reference
     return run(
         hidden,
@@ -798,5 +1149,6 @@ def sample_and_mix(
         offset=offset,
         row_ids=row_ids,
         latent=latent,
+        top_p=top_p,
         entropy=entropy,
     )

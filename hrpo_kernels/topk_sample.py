@@ -1,7 +1,8 @@
 """topk_sample_mix: the top-k tail of the decode epilogue on precomputed fp32 logits.
 
 Given logits (B, V) fp32 and the input embedding E (V, d):
-- p = softmax(logits / T) restricted to the top-k logits and renormalised (k <= 128);
+- p = softmax(logits / T) restricted to the top-k logits and renormalised (k <= 128), then,
+  with top_p < 1, cut to its nucleus inside the k (latent_input.nucleus) and renormalised;
 - token: the exponential race argmax_j p_j / x_j, x_j = -log(u_j) (greedy: argmax of the
   logits over the full vocabulary, lowest id on ties);
 - logprob = log_softmax(logits / T)[token] over the FULL vocabulary;
@@ -31,6 +32,7 @@ from .latent_input import (
     kernel_args,
     latent_input_reference,
     mixture_entropy,
+    nucleus,
 )
 from .philox import philox_uniform
 
@@ -46,11 +48,13 @@ def sample_from_logits_reference(
     generator: torch.Generator | None = None,
     tokens: torch.Tensor | None = None,
     *,
+    top_p: float = 1.0,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sampling tail of both decode-epilogue references (top_k 0: full vocabulary).
+    """The sampling tail of both decode-epilogue references (top_k 0: full vocabulary; top_p
+    < 1: the nucleus cut inside the top-k set, latent_input.sampling_support).
     `tokens` given: skip the draw and score those tokens (to check a sampler's log-probs).
     `seed` given: the noise of (row b, token v) is philox_uniform(seed, offset + row_ids[b] * V
     + v) (offset default 0, row_ids default arange(B)), the convention of every path;
@@ -67,10 +71,12 @@ def sample_from_logits_reference(
         p = torch.zeros_like(scaled).scatter_(-1, idx, torch.softmax(vals, dim=-1))
     else:
         p = torch.softmax(scaled, dim=-1)
+    if top_p < 1:
+        p = nucleus(p, top_p)
     if tokens is None and greedy:
         tokens = logits.argmax(dim=-1)
     elif tokens is None and seed is not None:
-        tokens = _philox_race(scaled, idx, seed, offset, row_ids)
+        tokens = _philox_race(scaled, idx, seed, offset, row_ids, p > 0 if top_p < 1 else None)
     elif tokens is None:
         u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float32)
         tokens = (p / -torch.log(u.clamp_min(1e-20))).argmax(dim=-1)
@@ -80,9 +86,10 @@ def sample_from_logits_reference(
     return tokens, logprobs, h_hat
 
 
-def _philox_race(scaled, idx, seed, offset, row_ids) -> torch.Tensor:
-    """argmax over the candidates (idx, or the full vocabulary) of scaled - log(-log u),
-    u = philox_uniform(seed, offset + row_ids[b] * V + v); ties: the lowest token id."""
+def _philox_race(scaled, idx, seed, offset, row_ids, keep=None) -> torch.Tensor:
+    """argmax over the candidates (idx, or the full vocabulary; only those `keep` (B, V) holds
+    when given: the nucleus) of scaled - log(-log u), u = philox_uniform(seed, offset +
+    row_ids[b] * V + v); ties: the lowest token id."""
     B, V = scaled.shape
     dev = scaled.device
     row_ids = row_ids_or_arange(row_ids, B, dev)[:, None]
@@ -92,6 +99,8 @@ def _philox_race(scaled, idx, seed, offset, row_ids) -> torch.Tensor:
         cand = idx.sort(dim=-1).values  # ascending token ids: argmax's first max is the lowest id
     u = philox_uniform(host_int(seed), host_int(offset) + row_ids * V + cand)
     score = scaled.gather(-1, cand) - torch.log(-torch.log(u))
+    if keep is not None:
+        score = score.masked_fill(~keep.gather(-1, cand), float("-inf"))
     return cand.gather(-1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
@@ -104,6 +113,7 @@ def topk_sample_mix_reference(
     generator: torch.Generator | None = None,
     tokens: torch.Tensor | None = None,
     *,
+    top_p: float = 1.0,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
@@ -112,8 +122,9 @@ def topk_sample_mix_reference(
     seed given: the shared Philox noise (see sample_from_logits_reference)."""
     if k < 1:
         raise ValueError(f"topk_sample_mix: k must be >= 1, got {k}")
+    noise = dict(seed=seed, offset=offset, row_ids=row_ids)
     return sample_from_logits_reference(
-        logits, embedding, k, temperature, greedy, generator, tokens, seed=seed, offset=offset, row_ids=row_ids
+        logits, embedding, k, temperature, greedy, generator, tokens, top_p=top_p, **noise
     )
 
 
@@ -132,6 +143,7 @@ def topk_sample_mix(
     impl: str | None = None,
     latent: LatentParams | None = None,
     entropy: torch.Tensor | None = None,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatcher. CUDA tensors -> the CUDA kernel when the extension loaded; CPU tensors ->
     the reference, or the C++ twin with impl="ext"; impl="reference" or HRPO_KERNELS=reference
@@ -142,24 +154,21 @@ def topk_sample_mix(
     row_ids unless a seed is given, then draws the shared Philox noise from them. `latent`:
     the third output is that mode's next input (latent_input.py; CPU twin and reference only).
     `entropy`: a (B,) fp32 buffer filled with the mixture's entropy in nats (CPU twin and
-    reference only)."""
+    reference only). top_p: the sampler's nucleus inside the k (1: off; the CUDA kernel takes 1 only)."""
     if temperature <= 0:
         raise ValueError(f"topk_sample_mix: temperature must be > 0, got {temperature}")
     B, V = logits.shape
     D = embedding.shape[1]
     mod = _ext.ext_for(logits, impl)
     if mod is None:
-        res = topk_sample_mix_reference(
-            logits, embedding, k, temperature, greedy, generator, seed=seed, offset=offset, row_ids=row_ids
-        )
+        noise = dict(top_p=top_p, seed=seed, offset=offset, row_ids=row_ids)
+        res = topk_sample_mix_reference(logits, embedding, k, temperature, greedy, generator, **noise)
         if latent is not None:
             res = res[:2] + (
-                latent_input_reference(
-                    logits, embedding, res[0], latent, temperature, k, greedy, seed=seed, offset=offset, row_ids=row_ids
-                ),
+                latent_input_reference(logits, embedding, res[0], latent, temperature, k, greedy, **noise),
             )
         if entropy is not None:
-            entropy.copy_(mixture_entropy(logits, latent, temperature, k))
+            entropy.copy_(mixture_entropy(logits, latent, temperature, k, top_p))
         if out is None:
             return res
         for o, r in zip(out, res):
@@ -174,7 +183,7 @@ def topk_sample_mix(
     if embedding.stride(-1) != 1:
         embedding = embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "topk_sample_mix")
-    mode = kernel_args(latent, temperature, min(k, V))
+    mode = kernel_args(latent, temperature, min(k, V), top_p)
     if mode["MODE"] == 3:
         check_noise_width(D, V)
     mod.topk_sample_mix(
@@ -197,5 +206,7 @@ def topk_sample_mix(
         mode["inv_logv"],
         NOISE_KEY,
         entropy,
+        mode["top_p"],
+        mode["mix_top_p"],
     )
     return tok, lp, h

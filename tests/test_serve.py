@@ -205,6 +205,17 @@ def test_openai_client_chat_completions_stream_n_stop_seed_logprobs(server, loca
         local.decode(ids[m].tolist()) for ids, m in zip(out.completion_ids, out.completion_mask)
     ]
     assert a.usage.completion_tokens == int(out.completion_mask.sum())
+    # top_p: the engine's seeded nucleus sampling, and a narrow nucleus changes the text
+    nuc = client.completions.create(
+        model=model, prompt="Once upon", max_tokens=12, n=3, temperature=2.0, top_p=0.3, seed=11
+    )
+    out = local.scheduler.engine.generate(
+        [local.text_prompt("Once upon")] * 3, SamplingConfig(12, 2.0, 50, 0.3, greedy=False), seed=11
+    )
+    assert [c.text for c in nuc.choices] == [
+        local.decode(ids[m].tolist()) for ids, m in zip(out.completion_ids, out.completion_mask)
+    ]
+    assert [c.text for c in nuc.choices] != [c.text for c in a.choices]
     # stop strings: the text ends before the first stop, finish_reason stop
     full = client.completions.create(model=model, prompt="Once upon", max_tokens=30, temperature=0).choices[0].text
     stop = full[5:7]
@@ -259,7 +270,9 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1}, 400, "frequency_penalty"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0]"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0.5}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": "all"}, 400, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "latent_mode": "dream"}, 400, "latent_mode"),
     ({"messages": [{"role": "user", "content": "hi"}], "latent_mode": "soft", "hybrid": False}, 400, "latent_mode"),
     ({"messages": [{"role": "user", "content": "hi"}], "latent_options": {"noise_std": -1}}, 400, "latent_options"),

@@ -33,7 +33,7 @@ def setup(tokenizer):
 def alone(engine, req: Request) -> list[list[int]]:
     """Each choice's tokens when the engine generates the request by itself."""
     cfg = SamplingConfig(
-        req.max_tokens, req.temperature, req.top_k, greedy=req.greedy, hybrid=req.hybrid, latent=req.latent
+        req.max_tokens, req.temperature, req.top_k, req.top_p, greedy=req.greedy, hybrid=req.hybrid, latent=req.latent
     )
     out = engine.generate([req.prompt] * req.n, cfg, seed=req.seed)
     return [ids[m].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)]
@@ -128,6 +128,7 @@ def test_stop_cancel_queue_and_bad_requests(setup):
         ("messages", Request(list(range(1, 33)), max_tokens=1)),
         ("n", Request(prompt, max_tokens=1, n=3)),
         ("top_k", Request(prompt, max_tokens=1, top_k=-1)),
+        ("top_p", Request(prompt, max_tokens=1, top_p=0.0)),
         ("prompt", Request([len(tok) + 5], max_tokens=1)),
     ]:
         with pytest.raises(RequestError) as err:

@@ -60,6 +60,7 @@ class SamplingConfig:
     max_new_tokens: int = 1024
     temperature: float = 0.5
     top_k: int = 50
+    top_p: float = 1.0  # the nucleus cut inside the top-k (1: off; hrpo_kernels/latent_input.py)
     greedy: bool = False
     hybrid: bool = True  # thinking positions take a latent input (else every input is E[token])
     latent: LatentParams = LatentParams()  # what that input is (hrpo_kernels/latent_input.py)
@@ -211,6 +212,7 @@ def rollout(
             **noise,
             latent=cfg.latent,
             entropy=ent,
+            top_p=cfg.top_p,
         )
         forced = torch.zeros_like(finished)
         if cfg.cold_stop:

@@ -259,6 +259,7 @@ class RolloutEngine:
                 **noise,
                 impl=self.impl,
                 latent=cfg.latent,
+                top_p=cfg.top_p,
                 entropy=cold.entropy if cold else None,
             )
 
@@ -284,12 +285,12 @@ class RolloutEngine:
         which syncs with the host), else one warning and eager steps."""
         if not self.graphs:
             return False
-        if sampling_is_fused(self.state.hidden, self.hm.lm_weight, cfg.top_k, cfg.latent):
+        if sampling_is_fused(self.state.hidden, self.hm.lm_weight, cfg.top_k, cfg.latent, cfg.top_p):
             return True
         if not self._warned_eager:
             self._warned_eager = True
             warnings.warn(
-                f"hrpo engine: top_k={cfg.top_k} sampling at d={self.state.hidden.shape[1]} in "
+                f"hrpo engine: top_k={cfg.top_k} top_p={cfg.top_p} sampling at d={self.state.hidden.shape[1]} in "
                 f"{self.hm.lm_weight.dtype} runs the reference sampler, which syncs with the host; "
                 "CUDA graphs are off for such rollouts",
                 stacklevel=3,
@@ -302,8 +303,19 @@ class RolloutEngine:
             for i in range(steps):
                 self._step(n, B, cfg, generator, seeded, host_len + i + 1 if trim else None)
             return
-        key = (n, B, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.greedy, cfg.hybrid, cfg.latent, cfg.cold_stop)
-        key += (seeded,)
+        key = (
+            n,
+            B,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            cfg.greedy,
+            cfg.hybrid,
+            cfg.latent,
+            cfg.cold_stop,
+            seeded,
+        )
         graph = self.state.graphs.get(key)
         if graph is None:
             self._step(n, B, cfg, generator, seeded, None)  # a real step that also compiles this shape's kernels

@@ -7,8 +7,8 @@ a finished, stopped or cancelled row leaves at once (the last live row moves int
 so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engine's own body
 (RolloutEngine.decode_step) with per-row settings in device tensors:
 
-    hidden -> sample_and_mix per group of rows sharing (greedy, temperature, top_k, seed,
-              latent mode), each row keyed by its own Philox counter (row id on the device)
+    hidden -> sample_and_mix per group of rows sharing (greedy, temperature, top_k, top_p,
+              seed, latent mode), each row keyed by its own Philox counter (row id on the device)
            -> the cold stop of the rows that asked for one (cold_stop_step, per-row settings)
            -> step_controller (marker matcher, eos), on one-column step buffers
            -> the thinking input of each hybrid row's latent mode (the gate's blend of
@@ -105,8 +105,8 @@ class Choice:
 
 @dataclass
 class Request:
-    """One generation: `n` choices from `prompt`. greedy: argmax tokens (temperature and
-    top_k still shape the latent mixture and the log-probs, as in the engine). seed keys the
+    """One generation: `n` choices from `prompt`. greedy: argmax tokens (temperature, top_k
+    and top_p still shape the latent mixture and the log-probs, as in the engine). seed keys the
     sampling noise. hybrid: thinking inputs under `latent` (its mode and numbers), else plain
     tokens. stop(choice, tokens) -> True ends a choice with "stop" after its latest
     token. on_update(request, updates) runs on the scheduler's thread after each step that
@@ -117,6 +117,7 @@ class Request:
     n: int = 1
     temperature: float = 0.5
     top_k: int = 50
+    top_p: float = 1.0  # the nucleus cut inside the top-k (1: off)
     greedy: bool = True
     seed: int = 0
     hybrid: bool = True
@@ -152,6 +153,7 @@ class _Group:
     greedy: bool
     temperature: float
     top_k: int
+    top_p: float
     latent: LatentParams
 
 
@@ -172,7 +174,7 @@ class _Plan:
 
 
 def _group_key(q: Request) -> tuple[_Group, int]:
-    return _Group(q.greedy, q.temperature, q.top_k, q.latent), 0 if q.greedy else q.seed
+    return _Group(q.greedy, q.temperature, q.top_k, q.top_p, q.latent), 0 if q.greedy else q.seed
 
 
 def _uniform(flags: list[bool]) -> bool | None:
@@ -272,6 +274,8 @@ class Scheduler:
             raise RequestError("temperature", f"temperature must be > 0, got {req.temperature}")
         if req.cold_stop is not None and (not req.hybrid or req.latent.mode == "gumbel-soft"):
             raise RequestError("cold_stop", "the cold stop needs hybrid decoding in a mode other than gumbel-soft")
+        if not 0 < req.top_p <= 1:
+            raise RequestError("top_p", f"top_p must be in (0, 1] (1: no nucleus), got {req.top_p}")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise RequestError("top_logprobs", f"top_logprobs must be in [0, 20], got {req.top_logprobs}")
         if self._cost(req) > self.token_budget:
@@ -451,7 +455,7 @@ class Scheduler:
         gather = None
         if len(groups) > GRAPH_GROUPS:
             gather = [torch.tensor([i for i, p in enumerate(picks) if p == g], device=dev) for g in range(len(groups))]
-        fused = all(sampling_is_fused(self.hidden, self.hm.lm_weight, g.top_k, g.latent) for g in groups)
+        fused = all(sampling_is_fused(self.hidden, self.hm.lm_weight, g.top_k, g.latent, g.top_p) for g in groups)
         capture = self.graphs_on and fused and gather is None
         return _Plan(groups, gated, thinks, cold, (tuple(groups), gated, thinks, cold), capture, gather)
 
@@ -560,6 +564,7 @@ class Scheduler:
                 row_ids=ids,
                 impl=self.engine.impl,
                 latent=grp.latent,
+                top_p=grp.top_p,
                 entropy=ent,
             )
             if ent is not None and at is None:  # a row keeps its own group's entropy

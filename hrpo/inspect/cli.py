@@ -96,6 +96,8 @@ def _check(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {value}")
     if not args.temperature > 0:
         raise ConfigError(f"--temperature must be a number in (0, inf), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be a number in (0, 1], got {args.top_p}")
     if args.limit is not None and not args.samples:
         raise ConfigError("--limit applies to --samples")
     if args.samples and args.cold_stop_entropy is not None:
@@ -118,6 +120,7 @@ def collect(args) -> list[Trace]:
     meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else {}
     recorded_settings(args, meta)
     latent = latent_params(args)  # checked before the model loads
+    near = dict(k=args.top_k_nearest, top_p=args.top_p)
     args.base_model = args.model or meta.get("base_model")
     default_task = args.task or meta.get("task") or "arith"
     print(describe_policy("inspecting", args, None if samples and not args.task else default_task))
@@ -132,6 +135,7 @@ def collect(args) -> list[Trace]:
             args.max_new_tokens or task.max_new_tokens,
             args.temperature,
             args.top_k,
+            args.top_p,
             greedy=True,
             hybrid=args.hybrid,
             latent=latent,
@@ -139,9 +143,7 @@ def collect(args) -> list[Trace]:
         )
         out = engine.generate(prompts, sampling, torch.Generator(device=hm.lm_weight.device).manual_seed(0))
         mixed = [
-            replay(
-                hm, p, ids[m].tolist(), matcher, args.temperature, args.top_k, args.hybrid, latent, k=args.top_k_nearest
-            )[1]
+            replay(hm, p, ids[m].tolist(), matcher, args.temperature, args.top_k, args.hybrid, latent, **near)[1]
             for p, ids, m in zip(prompts, out.completion_ids, out.completion_mask)
         ]  # greedy: the same inputs
         rows = describe(hm, tokenizer, matcher, out, args.top_k_nearest, latent, mixed)
@@ -154,9 +156,7 @@ def collect(args) -> list[Trace]:
         except ValueError as err:
             raise InputError(f"{args.samples}:{number}: {err}") from None
         ids = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"][: args.max_new_tokens]
-        batch, mixed = replay(
-            hm, prompt, ids, matcher, args.temperature, args.top_k, args.hybrid, latent, k=args.top_k_nearest
-        )
+        batch, mixed = replay(hm, prompt, ids, matcher, args.temperature, args.top_k, args.hybrid, latent, **near)
         recorded = {k: rec[k] for k in RECORDED if k in rec}
         rows = describe(hm, tokenizer, matcher, batch, args.top_k_nearest, latent, [mixed])
         traces.append(Trace(rec["prompt"], rows[0], recorded))
@@ -203,6 +203,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temperature", type=float, default=0.5, help="of the distribution h_hat mixes")
     p.add_argument("--top-k", type=int, default=50, help="of the distribution h_hat mixes (0: all)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus of the distribution h_hat mixes, inside the top-k (1: off)"
+    )
     add_latent_arguments(p)
     add_cold_stop_arguments(p)
     p.add_argument("--max-rows", type=int, default=40, help="positions per sample in the terminal table")

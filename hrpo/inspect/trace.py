@@ -154,9 +154,11 @@ def replay(
     latent: LatentParams = LatentParams(),
     latent_dtype: torch.dtype = EngineOptions.latent_dtype,
     k: int = 5,
+    top_p: float = 1.0,
 ):
     """teacher_force under a latent mode (greedy: no noise), and per position the k tokens of
-    largest weight in the mixture w_t its latent is made of: (batch, [(token ids, weights)])."""
+    largest weight in the mixture w_t its latent is made of: (batch, [(token ids, weights)]).
+    top_k / top_p: the sampler's candidates, as in the rollout."""
     device = hm.lm_weight.device
     ids = torch.tensor([prompt], device=device)
     forced = torch.tensor(completion, dtype=torch.long, device=device)
@@ -167,7 +169,8 @@ def replay(
     latents, thinks, mixed = [], [], []
     for t, tok in enumerate(forced):
         tok = tok.view(1)
-        w = mixture_weights(hidden.float() @ hm.lm_weight.float().T, tok, latent, temperature, top_k, greedy=True)
+        logits = hidden.float() @ hm.lm_weight.float().T
+        w = mixture_weights(logits, tok, latent, temperature, top_k, greedy=True, top_p=top_p)
         top = w.topk(min(k, w.shape[-1]), dim=-1)
         mixed.append((top.indices[0].tolist(), top.values[0].tolist()))
         state = matcher.advance(state, tok)

@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
         help="of the latent mixture and the log-probs under greedy decoding (requests without temperature)",
     )
     p.add_argument("--top-k", type=int, default=TOP_K, help="default top_k of requests (0: the whole vocabulary)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="default top_p of requests: the nucleus inside the top-k (1: off)"
+    )
     add_latent_arguments(p)  # hybrid requests' default; a request's latent_mode / latent_options replace it
     add_runtime_arguments(p, verbose_also=", and each request in the access log")
     return p
@@ -83,8 +86,8 @@ def check(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
     if args.max_queue < 0 or not 0 <= args.port <= 65535:
         raise ConfigError(f"--max-queue must be >= 0 and --port in [0, 65535], got {args.max_queue} and {args.port}")
-    if not args.shutdown_timeout >= 0 or not args.temperature > 0 or args.top_k < 0:
-        raise ConfigError("--shutdown-timeout must be >= 0, --temperature > 0 and --top-k >= 0")
+    if not args.shutdown_timeout >= 0 or not args.temperature > 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--shutdown-timeout must be >= 0, --temperature > 0, --top-k >= 0 and --top-p in (0, 1]")
 
 
 def loopback(host: str) -> bool:
@@ -129,6 +132,7 @@ def serve(args) -> int:
         system_prompt=None if args.system_prompt is None else args.system_prompt == "paper",
         temperature=args.temperature,
         top_k=args.top_k,
+        top_p=args.top_p,
         latent=args,
     )
     key = args.api_key or os.environ.get(KEY_ENV) or None

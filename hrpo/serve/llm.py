@@ -62,6 +62,7 @@ class LLM:
         temperature: float = GREEDY_TEMPERATURE,
         top_k: int = TOP_K,
         latent: LatentParams | argparse.Namespace | None = None,
+        top_p: float = 1.0,
     ):
         checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
         hm, self.tokenizer, meta = load_policy(checkpoint, model, resolve_device(device), dtype)
@@ -72,7 +73,7 @@ class LLM:
         self.latent = latent
         use_system = meta.get("system_prompt", True) if system_prompt is None else system_prompt
         self.system = SYSTEM_PROMPT if use_system else None
-        self.temperature, self.top_k = temperature, top_k
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         matcher = MarkerMatcher(self.tokenizer, meta.get("marker", ANSWER_MARKER), hm.config.vocab_size)
         engine = make_engine(hm, matcher, eos_token_ids(hm.causal_lm, self.tokenizer), self.tokenizer.pad_token_id)
         if not isinstance(engine, RolloutEngine):
@@ -104,6 +105,7 @@ class LLM:
         n: int = 1,
         temperature: float | None = None,
         top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         hybrid: bool | None = None,
         latent_mode: str | None = None,
@@ -131,6 +133,7 @@ class LLM:
             n=n,
             temperature=self.temperature if greedy else float(temperature),
             top_k=self.top_k if top_k is None else top_k,
+            top_p=self.top_p if top_p is None else top_p,
             greedy=greedy,
             seed=random.getrandbits(62) if seed is None and not greedy else (seed or 0),
             hybrid=hybrid,
@@ -177,7 +180,7 @@ class LLM:
         """Every prompt's choices, generated together on this thread: a string is one user
         turn in the chat template (as hrpo.eval asks), a list of messages a conversation,
         raw=True passes strings as they are. sampling: request()'s fields (max_tokens, n,
-        temperature, top_k, seed, hybrid, latent_mode, latent_options)."""
+        temperature, top_k, top_p, seed, hybrid, latent_mode, latent_options)."""
         if isinstance(prompts, (str, dict)):
             raise ValueError("generate takes a list of prompts")
         reqs = []

@@ -57,7 +57,8 @@ void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding
                      bool greedy, const torch::Tensor& seed, const torch::Tensor& offset,
                      const std::optional<torch::Tensor>& row_ids, torch::Tensor tokens, torch::Tensor logprobs,
                      torch::Tensor h_hat, int64_t mode, double inv_tm, double inv_tau, double beta, double sigma,
-                     double inv_logv, int64_t noise_key, const std::optional<torch::Tensor>& entropy) {
+                     double inv_logv, int64_t noise_key, const std::optional<torch::Tensor>& entropy,
+                     double top_p, double mix_top_p) {
   const char* op = "topk_sample_mix";
   HRPO_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.stride(1) == 1, op,
              ": logits must be (B, V) fp32 with unit column stride, got ", logits.sizes(), " ", logits.scalar_type());
@@ -119,6 +120,12 @@ void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding
     check_vec(*entropy, B, torch::kFloat32, op, "entropy");
     a.entropy = entropy->data_ptr<float>();
   }
+  HRPO_CHECK(top_p > 0 && top_p <= 1 && mix_top_p > 0 && mix_top_p <= 1, op, ": top_p and mix_top_p must be in (0, 1], got ",
+             top_p, " and ", mix_top_p);
+  HRPO_CHECK(dev.is_cpu() || (top_p == 1 && mix_top_p == 1), op, ": the CUDA kernel cuts no nucleus, got top_p ", top_p,
+             " and mix_top_p ", mix_top_p);
+  a.top_p = static_cast<float>(top_p);
+  a.mix_top_p = static_cast<float>(mix_top_p);
   if (B == 0) return;
   if (dev.is_cpu()) {
     hrpo::topk_sample_mix_cpu(a);

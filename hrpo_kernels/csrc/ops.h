@@ -17,8 +17,9 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // offset + row_ids[r] * V + token, so a row keeps its noise when a caller compacts the batch.
 // Outputs tokens (B,), logprobs (B,), h_hat (B, d) rows contiguous with stride ld_h.
 // mode: the latent mode of hrpo_kernels/latent_input.py (0 hrpo, 1 soft, 2 moi, 3 soft-noise,
-// 4 gumbel-soft) and its numbers; h_hat then holds that mode's next input. The CUDA kernel
-// takes mode 0 only.
+// 4 gumbel-soft) and its numbers; h_hat then holds that mode's next input. top_p / mix_top_p:
+// the nuclei of hrpo_kernels/latent_input.py (nucleus, sampling_support). The CUDA kernel
+// takes mode 0 without a nucleus only.
 struct TopkArgs {
   const float* logits;
   int64_t ld_logits;
@@ -44,6 +45,8 @@ struct TopkArgs {
   float inv_logv = 0.f;  // 1 / log V (MoI's normalised entropy)
   uint64_t noise_key = 0;  // seed ^ noise_key keys the Gaussian stream
   float* entropy = nullptr;  // (B,) or nullptr: the mixture p's entropy in nats (the cold stop's)
+  float top_p = 1.f;       // the sampler's nucleus inside the k (1: off; CPU twin only)
+  float mix_top_p = 1.f;   // the mixture's own nucleus inside the sampler's (1: off; CPU twin only)
 };
 
 // step_controller: see hrpo_kernels/step_controller.py for the semantics.

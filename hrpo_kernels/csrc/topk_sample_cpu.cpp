@@ -11,10 +11,15 @@
 // soft p, moi (H p + (beta + 1 - H) onehot(token)) / (beta + 1), soft-noise p plus
 // sigma * N(0, 1) by Box-Muller on the streams keyed by seed ^ noise_key and that + 1.
 // a.entropy (optional) receives -sum p log p of that p (nats; gumbel-soft: of its weights).
+//
+// Nuclei (a.top_p, a.mix_top_p < 1; latent_input.nucleus): the sampler's is cut inside the
+// selected (a stable sort of the k probabilities), the race and the mixture run over it; the
+// mixture's own is cut from the mixture's p over those.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "load_float.h"
@@ -30,6 +35,34 @@ inline uint32_t bits_of(float x) {
   return b;
 }
 
+// w[0..k) <- w / sum(w).
+void renormalise(float* w, int k) {
+  float sum = 0.f;
+  for (int j = 0; j < k; ++j) sum += w[j];
+  for (int j = 0; j < k; ++j) w[j] /= sum;
+}
+
+// w[0..k) <- softmax(w) (entries -inf get 0; at least one is finite).
+void softmax_inplace(float* w, int k) {
+  const float wmax = *std::max_element(w, w + k);
+  for (int j = 0; j < k; ++j) w[j] = std::exp(w[j] - wmax);
+  renormalise(w, k);
+}
+
+// w[0..k), a distribution over the selected (increasing token order), cut to its nucleus and
+// renormalised (latent_input.nucleus): ranked by weight, the lower token first among equal
+// ones, each kept while the mass ranked above it is < top_p. top_p 1: unchanged.
+void cut_nucleus(float* w, int k, float top_p, std::vector<int>& order) {
+  if (top_p >= 1.f) return;
+  std::iota(order.begin(), order.begin() + k, 0);
+  std::stable_sort(order.begin(), order.begin() + k, [w](int i, int j) { return w[i] > w[j]; });
+  double before = 0.0;  // torch.cumsum's accumulation on the CPU
+  int n = 0;
+  while (n < k && static_cast<float>(before) < top_p) before += w[order[n++]];
+  for (int j = n; j < k; ++j) w[order[j]] = 0.f;
+  renormalise(w, k);
+}
+
 }  // namespace
 
 void topk_sample_mix_cpu(const TopkArgs& a) {
@@ -42,7 +75,8 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
   {
     std::vector<uint32_t> keys(V), work(V);
     std::vector<int64_t> sel(k);
-    std::vector<float> w(k), g(k, 0.f);
+    std::vector<float> w(k), g(k, 0.f), ps(k);
+    std::vector<int> order(k);
     std::vector<float> acc(D);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < a.B; ++r) {
@@ -84,18 +118,26 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
           --need;
         }
       }
+      // the sampler's candidates: its nucleus among the selected (ps > 0), all when top_p is 1
+      const float ninf = -std::numeric_limits<float>::infinity();
+      if (a.top_p < 1.f) {
+        for (int j = 0; j < k; ++j) ps[j] = x[sel[j]] * a.inv_t;
+        softmax_inplace(ps.data(), k);
+        cut_nucleus(ps.data(), k, a.top_p, order);
+      }
+      auto cand = [&](int j) { return a.top_p >= 1.f || ps[j] > 0.f; };
       // the race (Gumbel noise g, kept for gumbel-soft)
       const uint64_t base = offset + static_cast<uint64_t>(a.row_ids ? a.row_ids[r] : r) * static_cast<uint64_t>(V);
       int64_t tok;
       if (a.greedy) {
         tok = g_idx;
       } else {
-        float best = -std::numeric_limits<float>::infinity();
+        float best = ninf;
         tok = sel[0];
         for (int j = 0; j < k; ++j) {
           g[j] = -std::log(-std::log(philox_uniform(seed, base + static_cast<uint64_t>(sel[j]))));
           const float score = x[sel[j]] * a.inv_t + g[j];
-          if (score > best) {  // strict: ties keep the lower token
+          if (cand(j) && score > best) {  // strict: ties keep the lower token
             best = score;
             tok = sel[j];
           }
@@ -103,20 +145,19 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
       }
       a.tokens[r] = tok;
       a.logprobs[r] = x[tok] * a.inv_t - lse;
-      // the mixture p over the selected, then the mode's weights
-      for (int j = 0; j < k; ++j) {
-        w[j] = x[sel[j]] * a.inv_tm;
-        if (a.mode == 4) w[j] = (w[j] + g[j]) * a.inv_tau;
-      }
-      const float smax = *std::max_element(w.begin(), w.end());
-      float psum = 0.f;
-      for (int j = 0; j < k; ++j) {
-        w[j] = std::exp(w[j] - smax);
-        psum += w[j];
+      // the mixture p over the candidates and its own nucleus, then the mode's weights
+      for (int j = 0; j < k; ++j) w[j] = cand(j) ? x[sel[j]] * a.inv_tm : ninf;
+      softmax_inplace(w.data(), k);
+      cut_nucleus(w.data(), k, a.mix_top_p, order);
+      if (a.mode == 4) {  // gumbel-soft: softmax((x / T_mix + g) / tau) over p's support
+        for (int j = 0; j < k; ++j) {
+          const bool on = cand(j) && (a.mix_top_p >= 1.f || w[j] > 0.f);
+          w[j] = on ? (x[sel[j]] * a.inv_tm + g[j]) * a.inv_tau : ninf;
+        }
+        softmax_inplace(w.data(), k);
       }
       float sq = 0.f, plogp = 0.f;
       for (int j = 0; j < k; ++j) {
-        w[j] /= psum;
         sq += w[j] * w[j];
         if (w[j] > 0.f) plogp += w[j] * std::log(w[j]);
       }

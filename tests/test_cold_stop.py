@@ -65,6 +65,30 @@ def test_every_path_writes_the_entropy_of_p(path, top_k):
     torch.testing.assert_close(ent, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("nucleus", ["sampler", "mixture"])
+@pytest.mark.parametrize("top_k", [0, 4])
+@pytest.mark.parametrize("path", ["reference", "triton", "cpp"])
+def test_the_entropy_is_of_p_after_its_nucleus(path, top_k, nucleus):
+    """_rows' distributions cut to a nucleus of 0.6 (the sampler's, or the mixture's own), by
+    hand: row 0's four tokens of 1/4 keep three (the mass above the fourth is 3/4), ln 3; row 1's
+    (1/2, 1/4, 1/4) keeps (2/3, 1/3), ln 3 - (2/3) ln 2; row 2's (1/2, 1/2) keeps both, ln 2."""
+    if path == "cpp" and (top_k == 0 or load_extension() is None):
+        pytest.skip("the C++ twin samples top-k only" if top_k == 0 else "the C++ extension did not build")
+    h, _ = _rows()
+    want = torch.tensor([math.log(3.0), math.log(3.0) - 2 / 3 * LN2, LN2])
+    eye = torch.eye(8)
+    ent = torch.full((3,), -1.0)
+    top_p, latent = (0.6, LatentParams("soft")) if nucleus == "sampler" else (1.0, LatentParams("soft", top_p=0.6))
+    kw = dict(seed=torch.tensor([3]), offset=torch.tensor([0]), latent=latent, entropy=ent, top_p=top_p)
+    if path == "reference":
+        sample_and_mix_reference(h, eye, eye, 2.0, top_k, **kw)
+    elif path == "triton":
+        sample_and_mix_triton(h, eye, eye, 2.0, top_k, **kw)
+    else:
+        sample_and_mix(h, eye, eye, 2.0, top_k, impl="ext", **kw)
+    torch.testing.assert_close(ent, want, atol=1e-5, rtol=0)
+
+
 def test_counter_fires_at_the_kth_consecutive_low_step_and_forces_the_marker():
     """tau 0.5, k 3. Row 0: entropies 0.4 0.6 0.1 0.2 0.3: counts 1 0 1 2 3, so it fires at
     step 4 (not 3) with marker token 7, then writes 9 at step 5. Row 1 is below 0.5 twice in a
@@ -245,7 +269,7 @@ def test_server_request_carries_the_cold_stop_to_the_scheduler():
     llm = SimpleNamespace(
         name="m", text_prompt=lambda text: [1, 2], scheduler=SimpleNamespace(max_batch=4), latent=LatentParams()
     )
-    llm.hybrid, llm.max_model_len, llm.temperature, llm.top_k = True, 64, 0.5, 50
+    llm.hybrid, llm.max_model_len, llm.temperature, llm.top_k, llm.top_p = True, 64, 0.5, 50, 1.0
     body = {"prompt": "hi", "latent_mode": "soft", "cold_stop": {"entropy": 0.25, "steps": 4}}
     parsed = Parsed(body, False, llm)
     req = LLM.request(llm, parsed.prompt, **parsed.settings)

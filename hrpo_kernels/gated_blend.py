@@ -16,8 +16,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ._common import derived, linear, pack, stream_capturing, use_fused
 from ._common import empty as _empty
-from ._common import stream_capturing, use_fused
 from ._ext import load_extension
 from ._triton_helpers import lazy_kernels
 
@@ -387,8 +387,8 @@ def gated_blend_ext(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C):
             f"mask {tuple(mask.shape)}, w_r {tuple(w_r.shape)}"
         )
     w_cat, b_cat = _cat_weights(w_r, b_r, w_i, b_i)
-    with torch.no_grad():
-        lin = torch.addmm(b_cat, e.contiguous(), w_cat.T)
+    with torch.no_grad():  # oneDNN's packed GEMM: a row's bits independent of the batch (_common.cpu_logits)
+        lin = linear(e.contiguous(), w_cat, b_cat, derived(w_cat, "packed", pack))
         coef = (-c * F.softplus(-lam.detach().float())).contiguous()
     out, a = torch.empty_like(e), torch.empty(e.shape, dtype=torch.float32, device=e.device)
     mod.gated_blend_cpu(e.contiguous(), h_hat.contiguous(), lin, coef, mask.bool().contiguous(), out, a)

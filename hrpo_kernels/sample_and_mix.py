@@ -22,7 +22,7 @@ import torch
 
 from ._common import (
     cdiv,
-    f32_copy,
+    cpu_logits,
     interpreting,
     mm_f32,
     next_pow2,
@@ -859,11 +859,12 @@ def _full_vocab(
 
 
 def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
-    """fp32 logits (B, V): one cuBLAS GEMM in the weights' dtype with fp32 output (on the CPU, an
-    fp32 GEMM on the weight's cached fp32 copy: the same numbers)."""
-    if lm_weight.dtype == torch.float32 or not on_gpu_path(hidden):
-        return hidden.float() @ f32_copy(lm_weight).T
-    return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
+    """fp32 logits (B, V): one cuBLAS GEMM in the weights' dtype with fp32 output; on the CPU an
+    fp32 GEMM on the weight's cached fp32 copy (the same numbers), oneDNN-packed so that a row's
+    bits do not depend on the batch (_common.cpu_logits)."""
+    if lm_weight.dtype != torch.float32 and on_gpu_path(hidden):
+        return mm_f32(hidden.to(lm_weight.dtype), lm_weight.T)
+    return hidden.float() @ lm_weight.T if hidden.is_cuda else cpu_logits(hidden, lm_weight)
 
 
 def _topk_tail(

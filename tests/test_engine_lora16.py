@@ -25,12 +25,12 @@ from test_distributed import free_port
 
 import hrpo.model.hybrid
 from hrpo.core.marker import MarkerMatcher
-from hrpo.engine import fast_decoder
 from hrpo.engine.fast_decoder import FastDecoder
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
 from hrpo.model.hybrid import HybridModel, positions_from_mask
 from hrpo.model.loading import load_base_model
+from hrpo_kernels import _common
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 B_STD = 2e-5  # lora_B after a few AdamW steps at lr 5e-6 (each step moves an entry by about lr)
@@ -98,7 +98,7 @@ def test_projections_apply_adapters_as_the_training_forward(bf16):
                 assert torch.equal(got, want), f"{name} {tuple(shape)}"
                 changed += int((want != base).sum())
     assert changed > 0, "the adapters changed no output: the check would not see them"
-    if fast_decoder._onednn_packing(torch.bfloat16):  # so the check above covered oneDNN's prepacked GEMM
+    if _common._onednn_packing(torch.bfloat16):  # so the check above covered oneDNN's prepacked GEMM
         assert all(w is not None for layer in dec.layers for w in layer.packed.values())
 
 

@@ -27,11 +27,23 @@ def test_the_copy_is_made_once_per_version_of_the_weight():
 def test_the_copy_goes_with_the_weight():
     w = torch.randn(3, 4).to(torch.bfloat16)
     f32_copy(w)
-    key = id(w)
-    assert key in _common._F32_COPIES
+    key = (id(w), "f32")
+    assert key in _common._DERIVED
     del w
     gc.collect()
-    assert key not in _common._F32_COPIES
+    assert key not in _common._DERIVED
+
+
+def test_cpu_logits_of_a_row_do_not_depend_on_the_batch():
+    """A row's logits have the same bits alone and among others (a served request's greedy
+    tokens must not depend on who else decodes); MKL's sgemm, which F.linear and @ use on the CPU,
+    takes another path for one row and does not give them."""
+    g = torch.Generator().manual_seed(0)
+    w, hidden = torch.randn(477, 256, generator=g), torch.randn(32, 256, generator=g)
+    alone = _lm_logits(hidden[:1], w)
+    for n in (2, 3, 8, 32):
+        assert torch.equal(_lm_logits(hidden[:n], w)[:1], alone), n
+    torch.testing.assert_close(alone, hidden[:1] @ w.T)
 
 
 def test_cpu_logits_follow_the_weight():

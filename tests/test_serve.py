@@ -367,6 +367,31 @@ def test_checkpoint_served_gives_the_text_of_hrpo_eval(server, checkpoint, tmp_p
         assert r.choices[0].model_extra["hrpo"]["gate_mean"] == pytest.approx(s["gate_mean"], rel=1e-5)
 
 
+def test_a_long_greedy_request_is_the_same_whoever_joins_the_batch(local):
+    """300 greedy hybrid tokens, alone and with another request joining after 1, 10 or 100 steps
+    (so decoding at 2 rows for a while): the same tokens. Tiny differences in a row's numbers
+    grow over a long greedy run: a GEMM whose per-row bits depend on the batch size (MKL's
+    sgemm takes another path for one row) broke this at the 200th token or so."""
+    sched = local.scheduler
+
+    def run(join_at: int | None) -> list[int]:
+        good = sched.submit(local.request(local.text_prompt("Once upon a time"), max_tokens=300, ignore_eos=True))
+        steps = 0
+        while not good.done.is_set():
+            if steps == join_at:
+                other = local.request(local.chat_prompt([{"role": "user", "content": "What is 2 + 3?"}]), max_tokens=20)
+                sched.submit(other)
+            sched.step()
+            steps += 1
+        while sched.busy():
+            sched.step()
+        return good.choices[0].tokens
+
+    alone = run(None)
+    for join_at in (1, 10, 100):
+        assert run(join_at) == alone, join_at
+
+
 def test_a_request_whose_latent_overflows_gets_a_500_while_a_concurrent_one_completes(server):
     """soft-noise with sigma 1e39, a finite JSON number past float32's range: its noise, so its
     thinking input, is infinite and the model's state NaN, so that request alone fails with a

@@ -35,7 +35,7 @@ from torch import nn
 from hrpo.engine.kv_cache import StaticKVCache
 from hrpo.model import lora
 from hrpo_kernels import decode_attention
-from hrpo_kernels._common import forced_reference
+from hrpo_kernels._common import forced_reference, linear, pack
 from hrpo_kernels._ext import load_extension
 
 ARCHS = ("qwen2", "qwen3", "llama")
@@ -106,37 +106,6 @@ def whole(t: torch.Tensor | None) -> torch.Tensor | None:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-_PACKING: dict[torch.dtype, bool] = {}  # whether oneDNN packing works here, per dtype, decided at first use
-_PACKABLE = (torch.float32, torch.bfloat16)
-
-
-def _onednn_packing(dtype: torch.dtype) -> bool:
-    """Whether this torch has oneDNN's prepacked linear (an op torch.compile uses for CPU) for dtype."""
-    try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2, dtype=dtype))
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2, dtype=dtype), w, None, "none", [], "")
-        return y.shape == (1, 2)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-def pack(w: torch.Tensor) -> torch.Tensor | None:
-    """w reordered for oneDNN on an fp32 or bf16 CPU weight, else None. At the engine's shapes its
-    GEMMs run 2-2.4x faster than F.linear's in fp32 on this project's AVX-512 CPUs and about 1.8x
-    in bf16 (AMX), with the same bits as F.linear in bf16 (tests/test_engine_lora16.py)."""
-    if w.device.type != "cpu" or w.dtype not in _PACKABLE:
-        return None
-    if w.dtype not in _PACKING:
-        _PACKING[w.dtype] = _onednn_packing(w.dtype)
-    return torch.ops.mkldnn._reorder_linear_weight(w) if _PACKING[w.dtype] else None
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
-    if packed is None:
-        return F.linear(x, w, b)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -41,12 +41,13 @@ evaluate() {  # evaluate DIR LIMIT TASK...: the base model under the paper proto
 }
 
 if [[ $STAGE == arith || $STAGE == all ]]; then
-  # the task's recipe (LoRA r=32 on every projection, batch 32 = 4 prompts x 8, lr 5e-4) with
-  # 96-token completions (the base model's answers run about 100 tokens). One update of the whole
-  # batch at once peaks near 9 GB per process; micro-batches of 2048 tokens keep two runs within a
-  # small machine's memory (docs/real-model.md: the run there lacked it and GRPO was killed for memory).
-  pair arith --task arith --max-completion-length 96 --max-steps 30 --micro-batch-tokens 2048 \
-    --eval-limit 100 --eval-every 10 --eval-every-limit 100
+  # the task's recipe (LoRA r=32 on every projection, batch 32 = 4 prompts x 8, lr 5e-4) with a
+  # format credit of 0.1 (a completion whose only #### is followed by a number; right answers 1):
+  # the base model is right 1-2% of the time, so the strict reward alone left every group
+  # unrewarded in two earlier attempts (docs/real-model.md). 128-token completions so answers
+  # finish; micro-batches of 2048 tokens keep two runs within a small machine's memory.
+  pair arith2 --task arith --format-reward 0.1 --max-completion-length 128 --max-steps 15 --save-every 5 \
+    --micro-batch-tokens 2048 --eval-limit 100 --eval-every 5 --eval-every-limit 100
 fi
 if [[ $STAGE == eval || $STAGE == all ]]; then
   # GSM8K on 100 drawn questions, the others on 50 (Bamboogle: all 125)

@@ -171,9 +171,10 @@ def curves(runs, drawn):
                                                   if e["eval_accuracy"] is not None]
         if r["after"]:
             points.append((r["steps_done"], r["after"]["strict"]))
-        xs, ys = zip(*points)
-        axes[1].errorbar(xs, ys, yerr=[stderr(y, n) for y in ys], color=color, marker="o", capsize=3,
-                         label=f"{label}: first {n} questions")
+        if len(points) > 1:  # a run stopped before its first held-out check has only the drawn questions
+            xs, ys = zip(*points)
+            axes[1].errorbar(xs, ys, yerr=[stderr(y, n) for y in ys], color=color, marker="o", capsize=3,
+                             label=f"{label}: first {n} questions")
         base, last = drawn.get("base_hybrid" if method == "hrpo" else "base_no-hybrid"), drawn.get(method)
         if base and last:
             ys = [base["strict"], last["strict"]]

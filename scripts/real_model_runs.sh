@@ -153,6 +153,12 @@ def run_summary(name):
     }
 
 
+def trained_step(stats, run):
+    """The step of an evaluated checkpoint: checkpoints/step-N, or a finished run's folder."""
+    name = Path(stats["checkpoint"]).name
+    return int(name.split("-")[1]) if name.startswith("step-") else run["steps_done"]
+
+
 def curves(runs, drawn):
     """Reward per step, and held-out greedy strict accuracy (the run's first 100 questions: before,
     every --eval-every, after; hollow: 100 drawn questions, base model and last checkpoint), HRPO vs GRPO."""
@@ -175,10 +181,11 @@ def curves(runs, drawn):
             xs, ys = zip(*points)
             axes[1].errorbar(xs, ys, yerr=[stderr(y, n) for y in ys], color=color, marker="o", capsize=3,
                              label=f"{label}: first {n} questions")
-        base, last = drawn.get("base_hybrid" if method == "hrpo" else "base_no-hybrid"), drawn.get(method)
-        if base and last:
-            ys = [base["strict"], last["strict"]]
-            axes[1].errorbar([0, r["steps_done"]], ys, yerr=[stderr(y, base["n"]) for y in ys], color=color,
+        base = drawn.get("base_hybrid" if method == "hrpo" else "base_no-hybrid")
+        trained = sorted((trained_step(v, r), v) for k, v in drawn.items() if k.split("_")[0] == method)
+        if base and trained:
+            xs, ys = zip(*[(0, base["strict"])] + [(step, v["strict"]) for step, v in trained])
+            axes[1].errorbar(xs, ys, yerr=[stderr(y, base["n"]) for y in ys], color=color,
                              marker="o", mfc="white", ls=":", capsize=3, label=f"{label}: {base['n']} drawn questions")
     axes[0].set_title("training rollouts: mean reward, and share right")
     axes[1].set_title("held-out greedy accuracy (strict), +- 1 s.e.")
@@ -242,7 +249,9 @@ def benchmarks():
 
 runs = {f"arith2_{m}": run_summary(f"arith2_{m}") for m in ("hrpo", "grpo")}
 runs = {k: v for k, v in runs.items() if v}
-drawn = {d: drawn_stats(OUT / "arith2_eval" / d) for d in ("base_hybrid", "base_no-hybrid", "hrpo", "grpo")}
+# base_hybrid, base_no-hybrid, and one folder per evaluated checkpoint: hrpo, grpo, hrpo_N, grpo_N
+evaluated = sorted(d for d in (OUT / "arith2_eval").iterdir() if d.is_dir()) if (OUT / "arith2_eval").is_dir() else []
+drawn = {d.name: drawn_stats(d) for d in evaluated}
 drawn = {k: v for k, v in drawn.items() if v}
 if runs:
     curves(runs, drawn)

@@ -30,6 +30,12 @@ pair() {  # pair NAME ARGS...: the HRPO run and the GRPO run (--no-hybrid) of on
     -- sh -c "$PY -m hrpo.train --model smollm2-135m $* --no-hybrid --output-dir $OUT/${name}_grpo --overwrite > $OUT/${name}_grpo.log 2>&1"
 }
 
+heldout() {  # heldout NAME ARGS...: 100 drawn held-out arith questions, greedy, strict reward, 128 tokens
+  local name=$1; shift
+  $PY -m hrpo.eval --task arith --limit 100 --max-new-tokens 128 --protocol strict --batch-size 50 --quiet "$@" \
+    --output-dir "$OUT/arith2_eval/$name" --overwrite >> "$OUT/arith2_eval.log" 2>&1
+}
+
 evaluate() {  # evaluate DIR LIMIT TASK...: the base model under the paper protocol, LIMIT drawn examples per task
   local dir=$1 n=$2; shift 2
   for task in "$@"; do
@@ -41,12 +47,18 @@ evaluate() {  # evaluate DIR LIMIT TASK...: the base model under the paper proto
 }
 
 if [[ $STAGE == arith || $STAGE == all ]]; then
-  # the task's recipe (LoRA r=32 on every projection, batch 32 = 4 prompts x 8, lr 5e-4) with
-  # 96-token completions (the base model's answers run about 100 tokens). One update of the whole
-  # batch at once peaks near 9 GB per process; micro-batches of 2048 tokens keep two runs within a
-  # small machine's memory (docs/real-model.md: the run there lacked it and GRPO was killed for memory).
-  pair arith --task arith --max-completion-length 96 --max-steps 30 --micro-batch-tokens 2048 \
-    --eval-limit 100 --eval-every 10 --eval-every-limit 100
+  # the task's recipe (LoRA r=32 on every projection, batch 32 = 4 prompts x 8, lr 5e-4) with a
+  # format credit of 0.1 (a completion whose only #### is followed by a number; right answers 1):
+  # the base model is right 1-2% of the time, so the strict reward alone left every group
+  # unrewarded in two earlier attempts (docs/real-model.md). 128-token completions so answers
+  # finish; micro-batches of 2048 tokens keep two runs within a small machine's memory.
+  pair arith2 --task arith --format-reward 0.1 --max-completion-length 128 --max-steps 15 --save-every 5 \
+    --micro-batch-tokens 2048 --eval-limit 100 --eval-every 5 --eval-every-limit 100
+  # the base model and the trained adapters on the same 100 drawn questions (the format rate beside
+  # the accuracy; a run stopped early: pass its last checkpoints/step-N instead of the run folder)
+  together heldout base_hybrid --model smollm2-135m --no-system-prompt --hybrid \
+    -- heldout base_no-hybrid --model smollm2-135m --no-system-prompt --no-hybrid
+  together heldout hrpo --checkpoint "$OUT/arith2_hrpo" -- heldout grpo --checkpoint "$OUT/arith2_grpo"
 fi
 if [[ $STAGE == eval || $STAGE == all ]]; then
   # GSM8K on 100 drawn questions, the others on 50 (Bamboogle: all 125)
@@ -68,7 +80,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from hrpo.eval import BENCHMARKS
-from hrpo.plots import moving_average
 from hrpo.tasks import get_task
 
 OUT, DOCS = Path(os.environ["OUT"]), Path("docs")
@@ -85,21 +96,38 @@ def stderr(p, n):
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
-def greedy_stats(task, path):
+def completion_stats(task, rows, limit, strict=None):
     """Accuracy under the training reward (exactly one marker) and with the answer after the
-    last marker, and what the completions look like."""
-    data = json.loads(path.read_text())
-    rows, t = data["samples"], get_task(task)
-    n = len(rows)
+    last marker, and what the completions look like: the format the credit rewards (one marker,
+    a readable answer), and how many ran to the token limit."""
+    t, n = get_task(task), len(rows)
     markers = [r["completion"].count("####") for r in rows]
     return {
         "n": n,
-        "strict": data["accuracy"],
+        "strict": sum(r["correct"] for r in rows) / n if strict is None else strict,
         "last_marker": sum(t.reward(r["completion"], r["golds"], "paper") for r in rows) / n,
+        "formatted": sum(t.answer(r["completion"], "strict") is not None for r in rows) / n,
         "one_marker": sum(m == 1 for m in markers) / n,
         "any_marker": sum(m >= 1 for m in markers) / n,
+        "at_limit": sum(r["completion_tokens"] >= limit for r in rows) / n,
         "mean_tokens": sum(r["completion_tokens"] for r in rows) / n,
     }
+
+
+def greedy_stats(task, path, limit):
+    data = json.loads(path.read_text())
+    return completion_stats(task, data["samples"], limit, data["accuracy"])
+
+
+def drawn_stats(folder):
+    """An hrpo.eval folder of arith (100 drawn held-out questions): the base model or a checkpoint."""
+    results = folder / "results.json"
+    if not results.is_file():
+        return None
+    row = json.loads(results.read_text())["benchmarks"]["arith"]
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["key"] == row["key"]]
+    return {"checkpoint": row["checkpoint"], **completion_stats("arith", rows, row["decoding"]["max_new_tokens"])}
 
 
 def run_summary(name):
@@ -107,45 +135,67 @@ def run_summary(name):
     run = OUT / name
     if not (run / "eval_before.json").is_file():
         return None
-    task = json.loads((run / "config.json").read_text())["task"]
+    cfg = json.loads((run / "config.json").read_text())
+    task, limit = cfg["task"], cfg["max_completion_length"]
     metrics = run / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     after = run / "eval_after.json"
     return {
         "steps_done": len(records),
         "train_seconds": records[-1]["elapsed_s"] if records else None,
-        "before": greedy_stats(task, run / "eval_before.json"),
-        "after": greedy_stats(task, after) if after.is_file() else None,
-        "steps": [{k: r.get(k) for k in ("step", "reward", "completion_tokens", "gate_a", "kl", "eval_accuracy",
-                                         "time_rollout_s", "time_reference_s", "time_update_s", "mem_policy_gb")}
+        "format_reward": cfg.get("format_reward", 0.0),
+        "before": greedy_stats(task, run / "eval_before.json", limit),
+        "after": greedy_stats(task, after, limit) if after.is_file() else None,
+        "steps": [{k: r.get(k) for k in ("step", "reward", "full_reward_frac", "completion_tokens", "gate_a", "kl",
+                                         "eval_accuracy", "time_rollout_s", "time_reference_s", "time_update_s",
+                                         "mem_policy_gb")}
                   for r in records],
     }
 
 
-def curves(runs):
-    """Reward per step and held-out greedy accuracy (before, every --eval-every, after), HRPO vs GRPO."""
+def trained_step(stats, run):
+    """The step of an evaluated checkpoint: checkpoints/step-N, or a finished run's folder."""
+    name = Path(stats["checkpoint"]).name
+    return int(name.split("-")[1]) if name.startswith("step-") else run["steps_done"]
+
+
+def curves(runs, drawn):
+    """Reward per step, and held-out greedy strict accuracy (the run's first 100 questions: before,
+    every --eval-every, after; hollow: 100 drawn questions, base model and last checkpoint), HRPO vs GRPO."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, r in runs.items():
-        color = "tab:blue" if name.endswith("hrpo") else "tab:orange"
-        label = f"{name} ({r['steps_done']} steps)"
+        method = name.rsplit("_", 1)[1]
+        color = "tab:blue" if method == "hrpo" else "tab:orange"
+        label = f"{method.upper()} ({r['steps_done']} steps)"
         steps = [s["step"] + 1 for s in r["steps"]]
-        axes[0].plot(steps, [s["reward"] for s in r["steps"]], color=color, marker="o", label=label)
+        axes[0].plot(steps, [s["reward"] for s in r["steps"]], color=color, marker="o",
+                     label=f"{label}: mean reward (format credit {r['format_reward']})")
+        axes[0].plot(steps, [s.get("full_reward_frac") or 0.0 for s in r["steps"]], color=color, ls="--",
+                     marker="x", label=f"{label}: share right")
         n = r["before"]["n"]
         points = [(0, r["before"]["strict"])] + [(s, e["eval_accuracy"]) for s, e in zip(steps, r["steps"])
                                                   if e["eval_accuracy"] is not None]
         if r["after"]:
             points.append((r["steps_done"], r["after"]["strict"]))
-        xs, ys = zip(*points)
-        axes[1].errorbar(xs, ys, yerr=[stderr(y, n) for y in ys], color=color, marker="o", capsize=3, label=label)
-    axes[0].set_title("mean reward of the training rollouts")
+        if len(points) > 1:  # a run stopped before its first held-out check has only the drawn questions
+            xs, ys = zip(*points)
+            axes[1].errorbar(xs, ys, yerr=[stderr(y, n) for y in ys], color=color, marker="o", capsize=3,
+                             label=f"{label}: first {n} questions")
+        base = drawn.get("base_hybrid" if method == "hrpo" else "base_no-hybrid")
+        trained = sorted((trained_step(v, r), v) for k, v in drawn.items() if k.split("_")[0] == method)
+        if base and trained:
+            xs, ys = zip(*[(0, base["strict"])] + [(step, v["strict"]) for step, v in trained])
+            axes[1].errorbar(xs, ys, yerr=[stderr(y, base["n"]) for y in ys], color=color,
+                             marker="o", mfc="white", ls=":", capsize=3, label=f"{label}: {base['n']} drawn questions")
+    axes[0].set_title("training rollouts: mean reward, and share right")
     axes[1].set_title("held-out greedy accuracy (strict), +- 1 s.e.")
     last = max([r["steps_done"] for r in runs.values()] + [1])
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.set_xlim(-0.5, last + 0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct on arith, LoRA, shared 2-core CPU")
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct on arith, LoRA, format credit 0.1, shared 2-core CPU")
     fig.tight_layout()
     fig.savefig(DOCS / "real-model-curves.png", dpi=100)
     plt.close(fig)
@@ -197,14 +247,19 @@ def benchmarks():
     return rows
 
 
-runs = {f"arith_{m}": run_summary(f"arith_{m}") for m in ("hrpo", "grpo")}
+runs = {f"arith2_{m}": run_summary(f"arith2_{m}") for m in ("hrpo", "grpo")}
 runs = {k: v for k, v in runs.items() if v}
+# base_hybrid, base_no-hybrid, and one folder per evaluated checkpoint: hrpo, grpo, hrpo_N, grpo_N
+evaluated = sorted(d for d in (OUT / "arith2_eval").iterdir() if d.is_dir()) if (OUT / "arith2_eval").is_dir() else []
+drawn = {d.name: drawn_stats(d) for d in evaluated}
+drawn = {k: v for k, v in drawn.items() if v}
 if runs:
-    curves(runs)
+    curves(runs, drawn)
 rows = benchmarks()
 table = {b: {k: rows[b].get(k) for k in ("value", "n", "official", "f1", "mean_completion_tokens", "with_marker", "at_limit", "seconds")}
          for b in BENCHMARKS if b in rows}
-(DOCS / "real-model.json").write_text(json.dumps({"runs": runs, "benchmarks": table}, indent=1) + "\n")
-print(json.dumps({"runs": {k: {kk: v[kk] for kk in ("steps_done", "before", "after")} for k, v in runs.items()}, "benchmarks": table}, indent=1))
+(DOCS / "real-model.json").write_text(json.dumps({"runs": runs, "drawn": drawn, "benchmarks": table}, indent=1) + "\n")
+print(json.dumps({"runs": {k: {kk: v[kk] for kk in ("steps_done", "before", "after")} for k, v in runs.items()},
+                  "drawn": drawn, "benchmarks": table}, indent=1))
 PYEOF
 fi

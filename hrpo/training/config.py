@@ -156,6 +156,13 @@ class TrainConfig:
         "####", ROLLOUT, "the answer marker: a completion reasons (hybrid inputs) until its text holds this string"
     )
     system_prompt: bool = option(True, MODEL, "put the original's system prompt before each question (utils.py:6-11)")
+    format_reward: float = option(
+        0.0,
+        LOSS,
+        "a denser training reward: W in [0, 1) for a completion whose only marker is followed by an "
+        "answer the task can read, right or wrong (a right answer still gets the task's score, 1); "
+        "0: the paper's strict reward alone. Held-out accuracy is always the strict reward",
+    )
     beta: float = option(
         0.005, LOSS, "weight of the k3 KL penalty against the frozen base model (0: no reference forward)"
     )
@@ -425,7 +432,9 @@ def _check_sampling(cfg: TrainConfig) -> None:
 
 
 def _check_update(cfg: TrainConfig) -> None:
-    """The loss (KL weight, clipping, iterations, TIS, normalisation) and its micro-batches."""
+    """The reward's format credit, the loss (KL weight, clipping, iterations, TIS,
+    normalisation) and its micro-batches."""
+    _floats(cfg, "format_reward", 0, 1, hi_open=True)
     _floats(cfg, "beta", 0, None)
     _floats(cfg, "epsilon", 0, 1, lo_open=True, hi_open=True)
     _ints(cfg, "num_iterations", 1)

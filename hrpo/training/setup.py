@@ -105,7 +105,11 @@ class Setup:
         self.main = self.group.main  # rank 0 alone writes files and prints
         self.show = progress and self.main
         self._check()
+        if reward_fn is not None and cfg.format_reward:
+            raise ConfigError("--format-reward credits the task's own reward's format: not a reward_fn passed in")
+        # the held-out check's score; the rollouts' reward may add the format credit
         self.reward_fn = reward_fn or get_reward_fn(cfg.task)
+        self.train_reward_fn = reward_fn or get_reward_fn(cfg.task, format_credit=cfg.format_reward)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device, self.group.local_rank)

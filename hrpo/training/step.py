@@ -97,7 +97,7 @@ class Stepper(Setup):
             times["mem_rollout_gb"] = mem_rollout()
             t = time.perf_counter()
             rewards, errors = score(
-                self.reward_fn, decode_completions(self.tokenizer, out), answers, cfg.reward_timeout
+                self.train_reward_fn, decode_completions(self.tokenizer, out), answers, cfg.reward_timeout
             )
             times["time_reward_s"] = time.perf_counter() - t
         except Exception as err:
@@ -194,10 +194,11 @@ class Stepper(Setup):
         cfg = self.cfg
         n_tokens = float(out.completion_mask.sum())
         gates = out.gate_mean[torch.isfinite(out.gate_mean)]
-        (reward_sum, loss_sum, kl_sum, clipped, comp, think, gate_sum, gate_n, upd_tokens, errs, tok_s) = (
+        (reward_sum, full, loss_sum, kl_sum, clipped, comp, think, gate_sum, gate_n, upd_tokens, errs, tok_s) = (
             self.group.sum(
                 [
                     sum(rewards),
+                    float(sum(r >= 1.0 for r in rewards)),
                     loss,
                     info["kl"] * len(rewards),
                     info["clip_frac"] * n_tokens,
@@ -217,6 +218,7 @@ class Stepper(Setup):
             "step": s,
             "opt_step": self.state.opt_step,
             "reward": reward_sum / n,
+            "full_reward_frac": full / n,  # rollouts given the task's whole score (right), whatever --format-reward
             "loss": loss_sum,  # each rank's share is already normalised by the whole batch
             "completion_tokens": comp / n,
             "gate_a": gate_sum / gate_n if cfg.hybrid and gate_n else float("nan"),

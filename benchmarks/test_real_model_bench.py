@@ -40,7 +40,7 @@ from benchmarks.test_rollout_bench import hf_generate, never_marker
 from benchmarks.test_train_step_bench import eager_runner, hrpo_update, random_rollout, step_rollout, whole_step
 from hrpo.core.prompts import encode_prompts
 from hrpo.engine.rollout import SamplingConfig
-from hrpo.engine.rollout_engine import RolloutEngine
+from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
 from hrpo.model.hybrid import HybridModel
 from hrpo.model.loading import build_policy, load_base_model
 from hrpo.tasks.synthetic import synthetic_split
@@ -99,6 +99,7 @@ def test_matmul_peak(benchmark, dtype):
         ("engine_plain", "fp32"),
         ("engine_hybrid", "fp32"),
         ("engine_hybrid", "bf16"),
+        ("engine_hybrid_torch_body", "bf16"),  # the control: FastDecoder's torch body, not the C++ one
     ],
 )
 def test_rollout_cpu_smollm2(benchmark, method, dtype, batch):
@@ -113,8 +114,9 @@ def test_rollout_cpu_smollm2(benchmark, method, dtype, batch):
     elif method == "hf_generate":
         fn = hf_generate(hm, prompts, NEW, tok.pad_token_id)
     else:
-        engine = RolloutEngine(hm, matcher, [], tok.pad_token_id)
-        cfg = SamplingConfig(NEW, TEMPERATURE, TOP_K, hybrid=method == "engine_hybrid")
+        opts = EngineOptions(cpu_kernels=method != "engine_hybrid_torch_body")
+        engine = RolloutEngine(hm, matcher, [], tok.pad_token_id, opts)
+        cfg = SamplingConfig(NEW, TEMPERATURE, TOP_K, hybrid=method != "engine_plain")
 
         def fn():
             return engine.generate(prompts, cfg, gen)
@@ -138,13 +140,15 @@ def test_rollout_cpu_smollm2(benchmark, method, dtype, batch):
     )
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_step_parts_cpu_smollm2(benchmark, dtype):
+@pytest.mark.parametrize("dtype,decoder_body", [("fp32", "cpp"), ("bf16", "cpp"), ("bf16", "torch")])
+def test_step_parts_cpu_smollm2(benchmark, dtype, decoder_body):
     """One engine decode step at B = 32 (cache filled to prompt + 32 tokens), piece by piece, as
-    the engine calls them (the C++ twins on an fp32 model)."""
+    the engine calls them (the C++ twins on an fp32 model; the decoder body in C++, or in torch
+    ops as the control)."""
     hm, tok = smol(dtype)
     prompts = batch_prompts(tok, 32)
-    engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], tok.pad_token_id)
+    opts = EngineOptions(cpu_kernels=decoder_body == "cpp")
+    engine = RolloutEngine(hm, never_marker(hm.lm_weight.shape[0]), [], tok.pad_token_id, opts)
     engine.generate(prompts, SamplingConfig(32, TEMPERATURE, TOP_K), torch.Generator().manual_seed(0))
     s, dec = engine.state, engine.dec
     n = 32
@@ -176,11 +180,16 @@ def test_step_parts_cpu_smollm2(benchmark, dtype):
             fn()
             times.append(time.perf_counter() - t)
         parts[name] = sorted(times)[4] * 1e3
-    benchmark.name = f"step-parts-cpu-smollm2-{dtype}-b32"
+    benchmark.name = f"step-parts-cpu-smollm2-{dtype}-b32-{decoder_body}-body"
     benchmark.pedantic(body, rounds=3)
     total = sum(parts.values())
     benchmark.extra_info.update(
-        method="step_parts", dtype=dtype, batch=32, parts_ms=parts, shares={k: v / total for k, v in parts.items()}
+        method="step_parts",
+        dtype=dtype,
+        decoder_body=decoder_body,
+        batch=32,
+        parts_ms=parts,
+        shares={k: v / total for k, v in parts.items()},
     )
 
 

@@ -66,7 +66,7 @@ def test_cpp_body_rejects_bad_input():
     dec = FastDecoder(model)
     cache = dec.new_cache(4, 8)
     d = model.config.hidden_size
-    with pytest.raises(RuntimeError, match="contiguous fp32 CPU tensor"):
+    with pytest.raises(RuntimeError, match="x must be fp32 or bf16, got Double"):
         dec.decode(torch.randn(4, d, dtype=torch.float64), cache)
     with pytest.raises(RuntimeError, match=r"x must be \(n <= 4"):
         dec.decode(torch.randn(5, d), cache)

@@ -18,10 +18,11 @@ every LoRA Linear through hrpo_kernels.lora_linear):
   rounded to y's. A merge would round W + s B A to 16 bits, and at early-training adapter
   sizes (deltas of 1e-5 on weights of 0.02) most entries would not change at all: the
   engine would sample a policy that lags the one being trained.
-On the CPU in fp32 the packed matrices are also reordered for oneDNN's prepacked GEMM
+On the CPU in fp32 and bf16 the packed matrices are also reordered for oneDNN's prepacked GEMM
 (2-2.4x faster than F.linear at decode shapes), and a decode step runs as one call into the
 extension's C++ body (hrpo_kernels/csrc/decode_body_cpu.cpp, the same math with the ~45 small torch ops
-per layer fused into loops) when the extension loads.
+per layer fused into loops, rounding to bf16 where these ops do, unmerged adapters applied by the
+same ATen ops as _Adapters.add_to) when the extension loads.
 Anything this file cannot run exactly is named by `unsupported_reason`, and the engine
 falls back to the reference loop.
 """
@@ -106,6 +107,9 @@ def whole(t: torch.Tensor | None) -> torch.Tensor | None:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+_CPU_BODY = (torch.float32, torch.bfloat16)  # the dtypes the extension's C++ decoder body runs
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -258,7 +262,7 @@ class _Layer:
 class FastDecoder:
     """Prefill and decode over a StaticKVCache with the weights of `lm` (a causal LM of
     ARCHS, possibly inside a peft wrapper: pass the inner model). cpu_body: decode through
-    the extension's C++ body on an fp32 CPU model (False: the torch ops below)."""
+    the extension's C++ body on an fp32 or bf16 CPU model (False: the torch ops below)."""
 
     def __init__(self, lm: nn.Module, cpu_body: bool = True):
         why = unsupported_reason(lm)
@@ -279,8 +283,8 @@ class FastDecoder:
         self._key = self._weights_key()
         self.norm, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
         self._cos = self._sin = None
-        cpu32 = self.device.type == "cpu" and self.dtype == torch.float32 and cpu_body and not forced_reference()
-        self.ext = load_extension() if cpu32 else None
+        cpu = self.device.type == "cpu" and self.dtype in _CPU_BODY and cpu_body and not forced_reference()
+        self.ext = load_extension() if cpu else None
         if self.ext is not None and not hasattr(self.ext, "decode_body_cpu"):
             self.ext = None  # a prebuilt extension from before the C++ body
         self._refresh_ext_args()
@@ -319,29 +323,19 @@ class FastDecoder:
         return tuple(base), tuple(adapters)
 
     def _refresh_ext_args(self) -> None:
-        """The C++ body's weight list and eps values (its kPerLayer order), rebuilt when the
+        """The C++ body's weight list and eps values (its kPerLayer order: the norms, then per
+        packed matrix its weight, packed copy, bias and unmerged adapters), rebuilt when the
         packed weights are."""
         if self.ext is None:
             return
         weights, eps = [], []
         for w in self.layers:
             qn, kn = w.q_norm or (None, 0.0), w.k_norm or (None, 0.0)
-            weights += [
-                w.ln1,
-                w.w["qkv"],
-                w.packed["qkv"],
-                w.b["qkv"],
-                qn[0],
-                kn[0],
-                w.w["o"],
-                w.packed["o"],
-                w.b["o"],
-                w.ln2,
-                w.w["gate_up"],
-                w.packed["gate_up"],
-                w.w["down"],
-                w.packed["down"],
-            ]
+            weights += [w.ln1, qn[0], kn[0], w.ln2]
+            for name in _PACKED:
+                ad = w.lora[name]
+                adapters = [None] * 3 if ad is None else [ad.a, ad.b, ad.scale]
+                weights += [w.w[name], w.packed[name], w.b[name], *adapters]
             eps += [w.eps1, w.eps2, qn[1], kn[1]]
         self._ext_args = (weights, self.norm, eps + [self.norm_eps])
 

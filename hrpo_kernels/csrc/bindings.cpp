@@ -286,7 +286,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_controller", &step_controller, "one rollout bookkeeping step (buffers updated in place)");
   m.def("gated_blend_cpu", &gated_blend_fwd, "gated_blend forward epilogue on the CPU (outputs in place)");
   // Without the GIL: a server runs the model on a worker thread while its event loop streams.
-  m.def("decode_body_cpu", &hrpo::decode_body_cpu, "the engine's decoder body for one decode step (CPU, fp32)",
+  m.def("decode_body_cpu", &hrpo::decode_body_cpu, "the engine's decoder body for one decode step (CPU, fp32 or bf16)",
         py::call_guard<py::gil_scoped_release>());
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of (4 counter words, 2 key words)");
   m.def("philox_uniform", &philox_uniform, "the race uniform u(seed, counter) of the kernels");

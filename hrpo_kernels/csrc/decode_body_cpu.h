@@ -7,14 +7,17 @@
 
 namespace hrpo {
 
-// Tensors per layer in `weights`, in hrpo/fast_decoder.py::FastDecoder.cpu_weights order:
-// ln1, qkv, qkv packed?, qkv bias?, q_norm?, k_norm?, o, o packed?, o bias?, ln2, gate_up,
-// gate_up packed?, down, down packed? (? = None when absent).
-constexpr int64_t kPerLayer = 14;
+// Tensors per layer in `weights`, in hrpo/engine/fast_decoder.py::FastDecoder._refresh_ext_args
+// order: ln1, q_norm?, k_norm?, ln2, then for each packed matrix (qkv, o, gate_up, down) its
+// weight, packed?, bias?, LoRA A?, LoRA B?, LoRA scale? (? = None when absent; the LoRA
+// tensors: _Adapters' a, b, scale, present for unmerged adapters only).
+constexpr int64_t kProj = 6;
+constexpr int64_t kPerLayer = 4 + 4 * kProj;
 
-// x (n, d) fp32: the step's inputs of cache rows [0, n). k_cache / v_cache (L, B, S, Hkv, Dh)
-// fp32 contiguous; seqlens (B,) int32, the slot of each row's new token (advanced by one for
-// rows [0, n)); cos / sin (>= S, Dh) fp32 rotary tables by position; eps: ln1, ln2, q_norm,
+// x (n, d): the step's inputs of cache rows [0, n), fp32 or bf16 (the model's dtype; every
+// activation, cache, table and norm weight in it). k_cache / v_cache (L, B, S, Hkv, Dh)
+// contiguous; seqlens (B,) int32, the slot of each row's new token (advanced by one for
+// rows [0, n)); cos / sin (>= S, Dh) rotary tables by position; eps: ln1, ln2, q_norm,
 // k_norm per layer, then the final norm's. Writes the new K/V and returns the final-normed
 // hidden states (n, d).
 torch::Tensor decode_body_cpu(const torch::Tensor& x, torch::Tensor& k_cache, torch::Tensor& v_cache,

@@ -178,6 +178,14 @@ def _cold_stop(body: dict, hybrid: bool | None) -> ColdStop | None:
         raise ApiError(400, str(err), "cold_stop") from None
 
 
+def _top_p(body: dict) -> float | None:
+    """The request's nucleus, in (0, 1]; None: the server's."""
+    top_p = body.get("top_p")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ApiError(400, f"top_p must be a number in (0, 1], got {json.dumps(top_p)}", "top_p")
+    return None if top_p is None else float(top_p)
+
+
 class Parsed:
     """A checked request body: the scheduler request's settings and the response's."""
 
@@ -212,9 +220,6 @@ class Parsed:
             self.top_logprobs = _int(body, "logprobs", 0, 5)
             max_tokens = _int(body, "max_tokens", 1, default=16)  # OpenAI's default for completions
             self.max_field = "max_tokens"
-        top_p = body.get("top_p")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-            raise ApiError(400, f"top_p must be a number in (0, 1], got {json.dumps(top_p)}", "top_p")
         hybrid = body.get("hybrid")
         if hybrid is not None and not isinstance(hybrid, bool):
             raise ApiError(400, "hybrid must be true or false", "hybrid")
@@ -232,7 +237,7 @@ class Parsed:
             n=self.n,
             temperature=_number(body, "temperature", 0.0, 2.0),
             top_k=_int(body, "top_k", 0),
-            top_p=None if top_p is None else float(top_p),
+            top_p=_top_p(body),
             seed=_int(body, "seed", 0, 2**63 - 1),
             hybrid=hybrid,
             latent_mode=latent_mode,

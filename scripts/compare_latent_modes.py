@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({**row, "lengths": lengths})
                     shown = {k: round(v, 3) for k, v in {**metrics, **lengths}.items()}
                     print(name, decoding, how, seed, shown, flush=True)
+            write_outputs(out, {"settings": vars(args), "rows": rows}, quiet=True)  # a stopped run keeps its rows
         del hm, engine
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     write_outputs(out, {"settings": vars(args), "rows": rows})
@@ -268,12 +269,13 @@ def merged_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
-def write_outputs(out: Path, result: dict, spread_over: str = "seeds") -> None:
+def write_outputs(out: Path, result: dict, spread_over: str = "seeds", quiet: bool = False) -> None:
     rows = result["rows"]
     write_json(out / "latent_modes.json", result)
     (out / "latent_modes.md").write_text(table(rows) + "\n")
     plot(rows, out / "latent_modes.png", spread_over)
-    print(table(rows))
+    if not quiet:
+        print(table(rows))
 
 
 if __name__ == "__main__":

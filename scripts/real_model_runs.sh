@@ -68,7 +68,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from hrpo.eval import BENCHMARKS
-from hrpo.plots import moving_average
 from hrpo.tasks import get_task
 
 OUT, DOCS = Path(os.environ["OUT"]), Path("docs")

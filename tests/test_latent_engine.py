@@ -20,6 +20,7 @@ from hrpo.core.marker import MarkerMatcher
 from hrpo.engine.rollout import SamplingConfig, rollout, thinking_input
 from hrpo.engine.rollout_engine import EngineOptions
 from hrpo.inspect import replay
+from hrpo.model.loading import load_base_model
 from hrpo_kernels.latent_input import LatentParams, gaussian_noise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +180,48 @@ def test_comparison_script_merges_runs_by_hand(tmp_path):
     assert (tmp_path / "out" / "latent_modes.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="policy 'hrpo' is also in"):
         mod.main(["--merge", str(a), str(a), "--output-dir", str(tmp_path / "out2")])
+
+
+def test_comparison_script_pools_training_seeds_by_hand(tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_latent_modes", ROOT / "scripts" / "compare_latent_modes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(policy, seed, p1, tokens):
+        metrics = {"pass@1": p1}
+        return {"policy": policy, "decoding": "moi", "how": "sampled", "seed": seed, "metrics": metrics} | {
+            "lengths": {"tokens": tokens, "thinking": tokens - 2}
+        }
+
+    # training seed 0: sampling seeds give 0.2 and 0.4 (mean 0.3); seed 1: 0.7; "base" has no seed suffix
+    files = {
+        "s0": [run("hrpo-s0", 0, 0.2, 10), run("hrpo-s0", 1, 0.4, 20)],
+        "s1": [run("hrpo-s1", 0, 0.7, 30)],
+        "base": [run("base", 0, 0.1, 40)],
+    }
+    paths = []
+    for name, rows in files.items():
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"rows": rows}))
+    out = tmp_path / "out"
+    assert mod.main(["--merge", *map(str, paths), "--by-method", "--output-dir", str(out)]) == 0
+    lines = (out / "latent_modes.md").read_text().splitlines()
+    assert lines[0] == "| policy | decoding | | pass@1 | tokens | thinking |"
+    # over training seeds: mean(0.3, 0.7) = 0.5, stdev sqrt(0.08) = 0.283; tokens mean(15, 30) = 22.5
+    assert "| hrpo | moi | sampled | 0.500 ± 0.283 | 22 | 20 |" in lines
+    assert "| base | moi | sampled | 0.100 | 40 | 38 |" in lines
+    # without --by-method each training seed keeps its row, spread over its sampling seeds
+    assert mod.main(["--merge", *map(str, paths), "--output-dir", str(tmp_path / "rows")]) == 0
+    assert (
+        "| hrpo-s0 | moi | sampled | 0.300 ± 0.141 | 15 | 13 |" in (tmp_path / "rows" / "latent_modes.md").read_text()
+    )
+
+
+def test_comparison_script_thinking_length_by_hand():
+    spec = importlib.util.spec_from_file_location("compare_latent_modes", ROOT / "scripts" / "compare_latent_modes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _, tokenizer = load_base_model(None, torch.device("cpu"), torch.float32)
+    # the embedded tokenizer: Tom | Ġhas | Ġ | 3 | Ġapples, then Ġ#### (the marker and its space)
+    assert mod.thinking_tokens(tokenizer, "Tom has 3 apples #### 7 #### 8") == 5
+    assert mod.thinking_tokens(tokenizer, "3 + 4 = 7") == 7  # no marker: 3 | Ġ+ | Ġ | 4 | Ġ= | Ġ | 7

@@ -193,9 +193,13 @@ def derived(w: torch.Tensor, kind: str, make) -> torch.Tensor | None:
 
 
 def f32_copy(w: torch.Tensor) -> torch.Tensor:
-    """`w` in fp32, upcast once per version of `w`. For a 16-bit weight the CPU reads every
-    decode step: upcasting the lm-head there each step took more time than the GEMM itself."""
-    return w if w.dtype == torch.float32 else derived(w, "f32", lambda x: x.float())
+    """`w` in fp32: on the CPU upcast once per version of `w` and kept (for a 16-bit lm-head or
+    embedding the CPU reads every decode step, upcasting it each step took more time than the
+    GEMM itself); elsewhere per call (a resident fp32 copy of a large vocabulary would hold GBs
+    of GPU memory for the reference paths that use it)."""
+    if w.dtype == torch.float32:
+        return w
+    return derived(w, "f32", lambda x: x.float()) if w.device.type == "cpu" else w.float()
 
 
 _PACKING: dict[torch.dtype, bool] = {}  # whether oneDNN packing works here, per dtype, decided at first use

@@ -58,7 +58,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ._common import host_int, row_ids_or_arange
+from ._common import f32_copy, host_int, row_ids_or_arange
 from .philox import philox_uniform
 
 MODES = ("hrpo", "soft", "moi", "soft-noise", "gumbel-soft")
@@ -216,7 +216,7 @@ def latent_input_reference(
     sampler's. seed / offset / row_ids: the shared Philox noise; a noisy mode without greedy
     needs the seed."""
     noise = dict(top_p=top_p, seed=seed, offset=offset, row_ids=row_ids)
-    x = mixture_weights(logits, tokens, params, temperature, top_k, greedy, **noise) @ embedding.float()
+    x = mixture_weights(logits, tokens, params, temperature, top_k, greedy, **noise) @ f32_copy(embedding)
     if params.mode == "soft-noise" and not greedy:
         B, V = logits.shape
         rid = row_ids_or_arange(row_ids, B, logits.device)

@@ -23,6 +23,7 @@ import torch
 from ._common import (
     cdiv,
     cpu_logits,
+    f32_copy,
     interpreting,
     mm_f32,
     next_pow2,
@@ -73,7 +74,7 @@ def sample_and_mix_reference(
     if temperature <= 0:
         raise ValueError(f"sample_and_mix: temperature must be > 0, got {temperature}")
     check_top_p(top_p, "sampling")
-    logits = hidden.float() @ lm_weight.float().T
+    logits = hidden.float() @ f32_copy(lm_weight).T  # the same values as .float(), upcast once per version
     if latent is not None and seed is None and not greedy:
         seed, offset = seed_offset(None, offset, generator, logits.device)
     noise = dict(top_p=top_p, seed=seed, offset=offset, row_ids=row_ids)

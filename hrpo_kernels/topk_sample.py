@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import host_int, row_ids_or_arange, row_ids_tensor, sample_outputs, seed_offset
+from ._common import f32_copy, host_int, row_ids_or_arange, row_ids_tensor, sample_outputs, seed_offset
 from .latent_input import (
     NOISE_KEY,
     LatentParams,
@@ -82,7 +82,7 @@ def sample_from_logits_reference(
         tokens = (p / -torch.log(u.clamp_min(1e-20))).argmax(dim=-1)
     tokens = tokens.to(device=logits.device, dtype=torch.int64)
     logprobs = scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
-    h_hat = (p @ embedding.float()) / p.norm(dim=-1, keepdim=True)
+    h_hat = (p @ f32_copy(embedding)) / p.norm(dim=-1, keepdim=True)  # no 16-bit upcast per step
     return tokens, logprobs, h_hat
 
 

@@ -868,6 +868,19 @@ def _lm_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
     return hidden.float() @ lm_weight.T if hidden.is_cuda else cpu_logits(hidden, lm_weight)
 
 
+def _tail_numbers(mode: dict) -> tuple:
+    """A mode's runtime numbers (latent_input.kernel_args) in the order both tail kernels take them."""
+    numbers = ("inv_tm", "inv_tau", "beta", "sigma", "inv_logv")
+    return (*(mode[n] for n in numbers), NOISE_KEY, mode["top_p"], mode["mix_top_p"])
+
+
+def _tail_flags(mode: dict, entropy: torch.Tensor | None) -> dict:
+    """The tail kernels' compile-time switches for a mode, its nuclei and the entropy output."""
+    return dict(
+        MODE=mode["MODE"], NUCLEUS=mode["top_p"] < 1, MIX_NUCLEUS=mode["mix_top_p"] < 1, HAS_ENT=entropy is not None
+    )
+
+
 def _topk_tail(
     logits,
     embedding,
@@ -927,24 +940,14 @@ def _topk_tail(
         D,
         k,
         1.0 / temperature,
-        mode["inv_tm"],
-        mode["inv_tau"],
-        mode["beta"],
-        mode["sigma"],
-        mode["inv_logv"],
-        NOISE_KEY,
-        mode["top_p"],
-        mode["mix_top_p"],
+        *_tail_numbers(mode),
         logits.stride(0),
         k,
         e.stride(0),
         h.stride(0),
         GREEDY=bool(greedy),
         HAS_ROW_IDS=row_ids is not None,
-        MODE=mode["MODE"],
-        NUCLEUS=mode["top_p"] < 1,
-        MIX_NUCLEUS=mode["mix_top_p"] < 1,
-        HAS_ENT=entropy is not None,
+        **_tail_flags(mode, entropy),
         BLOCK_V=256 if interp else 2048,
         BLOCK_K=next_pow2(max(k, 16)),
         BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
@@ -980,23 +983,13 @@ def _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids,
         V,
         D,
         1.0 / temperature,
-        mode["inv_tm"],
-        mode["inv_tau"],
-        mode["beta"],
-        mode["sigma"],
-        mode["inv_logv"],
-        NOISE_KEY,
-        mode["top_p"],
-        mode["mix_top_p"],
+        *_tail_numbers(mode),
         logits.stride(0),
         e.stride(0),
         h.stride(0),
         GREEDY=bool(greedy),
         HAS_ROW_IDS=row_ids is not None,
-        MODE=mode["MODE"],
-        NUCLEUS=mode["top_p"] < 1,
-        MIX_NUCLEUS=mode["mix_top_p"] < 1,
-        HAS_ENT=entropy is not None,
+        **_tail_flags(mode, entropy),
         BLOCK_V=256 if interp else 2048,
         BLOCK_J=32,
         BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),

@@ -121,3 +121,16 @@ def small_config(model_dir, out, **kw):
     )
     values.update(kw)
     return config_for("arith", **values)
+
+
+def stored_input_logits(hm, out) -> torch.Tensor:
+    """fp32 logits (B, T, V) of HF's forward over a rollout's stored inputs: the prompt's token
+    embeddings, then at each completion position its stored latent where it thought and its
+    token's embedding elsewhere (what the training forward must reproduce)."""
+    E, lm = hm.embed.weight, hm.causal_lm
+    P = out.prompt_ids.shape[1]
+    comp = torch.where(out.think_mask[:, :-1, None], out.latents[:, :-1].to(E.dtype), E[out.completion_ids[:, :-1]])
+    embeds = torch.cat([E[out.prompt_ids], comp], dim=1)
+    mask = torch.cat([out.prompt_mask, out.completion_mask[:, :-1]], dim=1)
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return lm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos).logits[:, P - 1 :].float()

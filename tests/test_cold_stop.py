@@ -46,6 +46,16 @@ def _rows():
     return h, torch.tensor([2 * LN2, 1.5 * LN2, LN2])
 
 
+def _sample_on(path: str, h, eye, top_k: int, **kw) -> None:
+    """One sample_and_mix of _rows at temperature 2 on `path` (lm_weight = embedding = eye)."""
+    if path == "reference":
+        sample_and_mix_reference(h, eye, eye, 2.0, top_k, **kw)
+    elif path == "triton":
+        sample_and_mix_triton(h, eye, eye, 2.0, top_k, **kw)
+    else:
+        sample_and_mix(h, eye, eye, 2.0, top_k, impl="ext", **kw)
+
+
 # the C++ twin samples top-k only: no (cpp, 0)
 PATHS = [("reference", 0), ("reference", 4), ("triton", 0), ("triton", 4), ("cpp", 4)]
 
@@ -59,12 +69,7 @@ def test_every_path_writes_the_entropy_of_p(path, top_k):
     seed, offset = torch.tensor([3]), torch.tensor([0])
     ent = torch.full((3,), -1.0)
     kw = dict(seed=seed, offset=offset, latent=LatentParams("soft"), entropy=ent)
-    if path == "reference":
-        sample_and_mix_reference(h, eye, eye, 2.0, top_k, **kw)
-    elif path == "triton":
-        sample_and_mix_triton(h, eye, eye, 2.0, top_k, **kw)
-    else:
-        sample_and_mix(h, eye, eye, 2.0, top_k, impl="ext", **kw)
+    _sample_on(path, h, eye, top_k, **kw)
     torch.testing.assert_close(ent, want, atol=1e-5, rtol=0)
 
 
@@ -82,12 +87,7 @@ def test_the_entropy_is_of_p_after_its_nucleus(path, top_k, nucleus):
     ent = torch.full((3,), -1.0)
     top_p, latent = (0.6, LatentParams("soft")) if nucleus == "sampler" else (1.0, LatentParams("soft", top_p=0.6))
     kw = dict(seed=torch.tensor([3]), offset=torch.tensor([0]), latent=latent, entropy=ent, top_p=top_p)
-    if path == "reference":
-        sample_and_mix_reference(h, eye, eye, 2.0, top_k, **kw)
-    elif path == "triton":
-        sample_and_mix_triton(h, eye, eye, 2.0, top_k, **kw)
-    else:
-        sample_and_mix(h, eye, eye, 2.0, top_k, impl="ext", **kw)
+    _sample_on(path, h, eye, top_k, **kw)
     torch.testing.assert_close(ent, want, atol=1e-5, rtol=0)
 
 

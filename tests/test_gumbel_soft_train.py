@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_model, small_config
+from conftest import build_model, small_config, stored_input_logits
 from test_engine import F32, WIDE_EOS, grouped, policy
 
 from hrpo.core.errors import ConfigError
@@ -157,14 +157,8 @@ def independent_logp(hm, out, anchor=None):
     """(lp (B, T) of the module docstring, by HF's forward and the formulas; its candidates and
     sg(log q)). anchor: those of g' when not this forward's (the reference scores the policy's g'
     on the policy's candidates)."""
-    E, lm = hm.embed.weight, hm.causal_lm
     B, T = out.completion_ids.shape
-    P = out.prompt_ids.shape[1]
-    comp = torch.where(out.think_mask[:, :-1, None], out.latents[:, :-1].to(E.dtype), E[out.completion_ids[:, :-1]])
-    embeds = torch.cat([E[out.prompt_ids], comp], dim=1)
-    mask = torch.cat([out.prompt_mask, out.completion_mask[:, :-1]], dim=1)
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    logits = lm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos).logits[:, P - 1 :].float()
+    logits = stored_input_logits(hm, out)
     lp_tok = torch.log_softmax(logits / T_SAMPLE, -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
     ids = (logits / T_SAMPLE).topk(TOP_K, dim=-1).indices if anchor is None else anchor[0]
     logq = torch.log_softmax((logits / T_SAMPLE).gather(-1, ids), -1)

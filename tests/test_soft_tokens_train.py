@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_model, small_config
+from conftest import build_model, small_config, stored_input_logits
 from test_engine import WIDE_EOS, grouped, policy
 
 from hrpo.core.errors import ConfigError
@@ -32,14 +32,8 @@ T_SAMPLE, BETA, SIGMA, TOP_K = 0.8, 0.5, 0.05, 20
 
 def independent_logp(hm, out):
     """lp (B, T) of the docstring, by HF's forward and the formulas."""
-    E, lm = hm.embed.weight, hm.causal_lm
-    B, T = out.completion_ids.shape
-    P = out.prompt_ids.shape[1]
-    comp = torch.where(out.think_mask[:, :-1, None], out.latents[:, :-1].to(E.dtype), E[out.completion_ids[:, :-1]])
-    embeds = torch.cat([E[out.prompt_ids], comp], dim=1)
-    mask = torch.cat([out.prompt_mask, out.completion_mask[:, :-1]], dim=1)
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    logits = lm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos).logits[:, P - 1 :].float()
+    E = hm.embed.weight
+    logits = stored_input_logits(hm, out)
     lp_tok = torch.log_softmax(logits / T_SAMPLE, -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
     top = (logits / T_SAMPLE).topk(TOP_K, dim=-1)
     p = torch.softmax(top.values, -1)

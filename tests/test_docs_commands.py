@@ -317,7 +317,7 @@ def test_pytest_commands_collect():
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=run_env(),
     )
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
 
@@ -326,9 +326,11 @@ def test_pytest_commands_collect():
 
 
 def run_env() -> dict[str, str]:
-    """The docs' `python` is this interpreter; the checkout is importable; one thread each."""
+    """The docs' `python` is this interpreter; the checkout is importable; one thread each; no
+    pytest options of the run around it (CI's coverage): the commands run as a user runs them."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    return {**env, "PATH": path, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("block", [b for b in SHELL_BLOCKS if b.runs], ids=lambda b: b.where)

@@ -219,6 +219,10 @@ def test_scheduler_applies_each_requests_cold_stop_as_the_engine_alone(tokenizer
     marker = list(MarkerMatcher(tokenizer).marker_ids)
     assert all(c.tokens[2:4] == marker and c.thinking_tokens == 2 for c in with_cs.choices)
     assert all(c.tokens[2:4] != marker and c.thinking_tokens == 6 for c in without.choices)
+    alone = sched.submit(Request(prompt, cold_stop=cs, **common))  # one group: its entropy written in place
+    while sched.busy():
+        sched.step()
+    assert [c.tokens for c in alone.choices] == [c.tokens for c in with_cs.choices]
     with pytest.raises(RequestError, match="cold stop needs hybrid"):
         sched.submit(Request(prompt, cold_stop=cs, **{**common, "latent": LatentParams("gumbel-soft")}))
 

@@ -550,7 +550,8 @@ class Scheduler:
                 h, ids = hidden[at], row_ids[at]
             ent = None
             if cold is not None and grp.latent.mode != "gumbel-soft":
-                ent = torch.empty(n if at is None else len(at), device=hidden.device)
+                alone = len(plan.groups) == 1  # the one group writes straight into the rows' buffer
+                ent = cold.entropy if alone else torch.empty(n if at is None else len(at), device=hidden.device)
             out = sample_and_mix(
                 h,
                 self.hm.lm_weight,
@@ -567,9 +568,11 @@ class Scheduler:
                 top_p=grp.top_p,
                 entropy=ent,
             )
-            if ent is not None and at is None:  # a row keeps its own group's entropy
+            if ent is None or ent is cold.entropy:
+                return out
+            if at is None:  # a row keeps its own group's entropy
                 cold.entropy.copy_(torch.where(self.pick[:n] == g, ent, cold.entropy))
-            elif ent is not None:
+            else:
                 cold.entropy[at] = ent
             return out
 

@@ -397,9 +397,9 @@ def gated_blend_ext(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C):
 
 def gated_blend(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c: float = GATE_C, *, impl: str | None = None):
     """Dispatcher: the fused kernels on CUDA (when triton imports), the reference otherwise
-    or when HRPO_KERNELS=reference. impl="ext" on CPU tensors outside autograd: the C++
+    or when HRPO_KERNELS=reference. impl="ext" on fp32 CPU tensors outside autograd: the C++
     forward (`gated_blend_ext`)."""
-    if impl == "ext" and not e.is_cuda and not torch.is_grad_enabled():
+    if impl == "ext" and e.dtype == torch.float32 and not e.is_cuda and not torch.is_grad_enabled():
         return gated_blend_ext(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c)
     if use_fused(e, h_hat, mask, w_r, b_r, w_i, b_i, lam):
         return gated_blend_triton(e, h_hat, mask, w_r, b_r, w_i, b_i, lam, c)

@@ -12,7 +12,7 @@ import torch
 
 from hrpo.core.marker import kmp_automaton
 from hrpo_kernels import _ext
-from hrpo_kernels.gated_blend import gated_blend, gated_blend_reference
+from hrpo_kernels.gated_blend import gated_blend, gated_blend_ext, gated_blend_reference
 from hrpo_kernels.latent_input import LatentParams
 from hrpo_kernels.sample_and_mix import sample_and_mix, sample_and_mix_reference
 from hrpo_kernels.step_controller import StepBuffers, step_controller, step_controller_reference
@@ -356,8 +356,11 @@ def test_gated_blend_twin_matches_reference(ext, h_dtype):
     assert (err[mask] <= tol[mask]).all(), f"max excess {(err - tol)[mask].max().item():.3g}"
     assert torch.equal(out[~mask], e[~mask])
     with pytest.raises(ValueError, match="e must be"):
-        with torch.no_grad():
-            gated_blend(e.double(), h, mask, w_r, b_r, w_i, b_i, lam, impl="ext")
+        gated_blend_ext(e.double(), h, mask, w_r, b_r, w_i, b_i, lam)
+    e16, weights = e.bfloat16(), (w_r, b_r, w_i, b_i, lam)  # a bf16 model's embeddings: the reference's
+    with torch.no_grad():
+        got16 = gated_blend(e16, h, mask, *weights, impl="ext")
+        assert all(torch.equal(x, y) for x, y in zip(got16, gated_blend_reference(e16, h, mask, *weights)))
     grad_path, _ = gated_blend(e, h, mask, w_r.requires_grad_(), b_r, w_i, b_i, lam, impl="ext")
     assert grad_path.requires_grad  # under autograd: the reference, not the forward-only twin
 

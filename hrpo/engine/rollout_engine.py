@@ -186,10 +186,10 @@ class RolloutEngine:
                 stacklevel=2,
             )
         self.check_every = self.opts.check_every or (16 if self.graphs else 1)
-        # On an fp32 CPU model with the extension loaded, the whole step runs in its C++ twins
-        # (decoder body, top-k sampling, step controller, gate) rather than in ~300 small torch ops;
-        # on a bf16 one the decoder body alone (the other twins take fp32).
-        self.impl = "ext" if self.dec.ext is not None and self.dec.dtype == torch.float32 else None
+        # On a CPU model with the extension loaded (fp32 or bf16), the step runs in its C++ twins
+        # (decoder body, top-k sampling, step controller; the gate too in fp32) rather than in
+        # ~300 small torch ops.
+        self.impl = "ext" if self.dec.ext is not None else None
         self.state: _State | None = None
         self.last_stats: dict = {}
         self._warned_eager = False

@@ -368,28 +368,36 @@ def test_checkpoint_served_gives_the_text_of_hrpo_eval(server, checkpoint, tmp_p
 
 
 def test_a_long_greedy_request_is_the_same_whoever_joins_the_batch(local):
-    """300 greedy hybrid tokens, alone and with another request joining after 1, 10 or 100 steps
-    (so decoding at 2 rows for a while): the same tokens. Tiny differences in a row's numbers
-    grow over a long greedy run: a GEMM whose per-row bits depend on the batch size (MKL's
-    sgemm takes another path for one row) broke this at the 200th token or so."""
+    """300 greedy hybrid tokens, alone and with another request joining after 0 (prefilled in
+    the same step: a longer chat prompt, or another prompt of the same length), 1, 10 or 100
+    steps (so decoding at 2 rows for a while): the same tokens. Tiny differences in a row's
+    numbers grow over a long greedy run: a GEMM whose per-row bits depend on the batch size
+    (MKL's sgemm takes another path for one row), or a prompt padded to a longer one's width
+    in a shared prefill, broke this at the 200th-250th token."""
     sched = local.scheduler
+    prompt = local.text_prompt("Once upon a time")
+    chat = local.chat_prompt([{"role": "user", "content": "What is 2 + 3?"}])
+    same_length = local.text_prompt("Once upon a tide")
+    assert len(same_length) == len(prompt) < len(chat) and same_length != prompt
 
-    def run(join_at: int | None) -> list[int]:
-        good = sched.submit(local.request(local.text_prompt("Once upon a time"), max_tokens=300, ignore_eos=True))
+    def run(join_at: int | None, other: list[int]) -> list[int]:
+        good = sched.submit(local.request(prompt, max_tokens=300, ignore_eos=True))
         steps = 0
         while not good.done.is_set():
             if steps == join_at:
-                other = local.request(local.chat_prompt([{"role": "user", "content": "What is 2 + 3?"}]), max_tokens=20)
-                sched.submit(other)
+                sched.submit(local.request(other, max_tokens=20))
             sched.step()
             steps += 1
         while sched.busy():
             sched.step()
         return good.choices[0].tokens
 
-    alone = run(None)
+    alone = run(None, chat)
+    prefills = sched.stats["prefills"]
+    assert run(0, same_length) == alone and run(0, chat) == alone
+    assert sched.stats["prefills"] == prefills + 2  # each pair joined in one step
     for join_at in (1, 10, 100):
-        assert run(join_at) == alone, join_at
+        assert run(join_at, chat) == alone, join_at
 
 
 def test_a_request_whose_latent_overflows_gets_a_500_while_a_concurrent_one_completes(server):

@@ -1,8 +1,8 @@
 """Continuous batching over the rollout engine's pieces, for serving (no HTTP here).
 
 A persistent batch of `max_batch` rows over one static KV cache. Requests join at step
-boundaries: the distinct prompts of the requests joining at a step are prefilled together
-into the rows after the running ones, and copied to the rows of each request's `n` choices;
+boundaries: the distinct prompts of the requests joining at a step are prefilled (those of
+one length together) into the rows after the running ones, and copied to the rows of each request's `n` choices;
 a finished, stopped or cancelled row leaves at once (the last live row moves into its place,
 so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engine's own body
 (RolloutEngine.decode_step) with per-row settings in device tensors:
@@ -20,8 +20,10 @@ the rows past the live ones are idle) and replayed; the host reads the step's re
 each replay, and rows join and leave between replays (docs/engine.md, "Serving: the
 scheduler's captured step").
 
-Why a request's output does not depend on the batch around it: its prompt is prefilled as the
-engine prefills a batch (right-padded, each row attending to its own tokens only); its rows
+Why a request's output does not depend on the batch around it: its prompt is prefilled with
+the joining prompts of its own length only (no padding: its numbers are those of the prompt
+prefilled alone, as the engine prefills a lone request, each row attending to its own tokens,
+through GEMMs whose row bits do not depend on the row count on the CPU); its rows
 draw the noise the engine gives row j of a lone n-row batch at step t,
 u = philox_uniform(seed, (t * n + j) * V + v) (offset 0, row id t * n + j); every other op is
 row-wise. (Tokens are what the engine gives the request alone; values agree to rounding, as
@@ -396,25 +398,28 @@ class Scheduler:
             self.stats["prefills"] += 1
 
     def _prefill(self, reqs: list[Request]) -> None:
-        """The joining requests' distinct prompts through the body together, right-padded (as
-        the engine prefills a batch), into the rows after the running ones; then each request's
-        rows, one per choice, copied from its prompt's."""
+        """The joining requests' distinct prompts through the body into the rows after the
+        running ones, those of one length together (unpadded: a prompt's numbers are those of
+        the same prompt prefilled alone, as the engine prefills a lone request); then each
+        request's rows, one per choice, copied from its prompt's."""
         n0, dev = len(self.rows), self.dec.device
         prompts = [r.prompt for r in reqs for _ in range(r.n)]
         rep, inverse = distinct_prompts(*left_pad(prompts, self.engine.pad_id))
         rep = rep.tolist()
-        P = max(len(r.prompt) for r in reqs)
-        ids = torch.full((len(rep), P), self.engine.pad_id, dtype=torch.long)
-        for i, row in enumerate(rep):
-            ids[i, : len(prompts[row])] = torch.tensor(prompts[row])
-        lens = torch.tensor([len(prompts[row]) for row in rep], device=dev)
-        tail = self.cache.rows_from(n0)
-        h = self.dec.prefill(F.embedding(ids.to(dev), self.hm.embed.weight), lens, tail)
+        order = sorted(range(len(rep)), key=lambda i: len(prompts[rep[i]]))  # prefilled shortest first
+        place = torch.empty(len(rep), dtype=torch.long)  # distinct prompt -> its prefilled row
+        place[order] = torch.arange(len(rep))
+        hs, first = [], 0
+        for length, group in itertools.groupby(order, key=lambda i: len(prompts[rep[i]])):
+            ids = torch.tensor([prompts[rep[i]] for i in group], device=dev)
+            lens = torch.full((len(ids),), length, device=dev)
+            hs.append(self.dec.prefill(F.embedding(ids, self.hm.embed.weight), lens, self.cache.rows_from(n0 + first)))
+            first += len(ids)
+        src = place[inverse]
+        h = torch.cat(hs)[src.to(dev)]
+        if not torch.equal(src, torch.arange(len(prompts))):  # choices share a prompt, or lengths were reordered
+            self.cache.rows_from(n0).gather_rows(src.to(dev), max(len(p) for p in prompts))
         m = len(prompts)
-        if len(rep) < m:
-            src = inverse.to(dev)
-            tail.gather_rows(src, P)
-            h = h[src]
         self.hidden[n0 : n0 + m] = h
         self.match[n0 : n0 + m] = 0
         self.finished[n0 : n0 + m] = False

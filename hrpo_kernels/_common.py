@@ -243,14 +243,15 @@ def cpu_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
 
 
 def seed_offset(seed, offset, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-element int64 seed and Philox offset on `device` for the sampling kernels; a
-    missing seed is drawn from `generator` (one host draw: engines pass device tensors)."""
+    """int64 seed (one element, or one per row) and one-element Philox offset on `device` for
+    the sampling kernels; a missing seed is drawn from `generator` (one host draw: engines pass
+    device tensors)."""
     if seed is None:
         gen_dev = generator.device if generator is not None else torch.device("cpu")
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev, dtype=torch.int64)
     if offset is None:
         offset = torch.zeros(1, dtype=torch.int64, device=device)
-    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(-1).to(device)  # one, or one per row
     offset = torch.as_tensor(offset, dtype=torch.int64).reshape(1).to(device)
     return seed, offset
 
@@ -274,6 +275,24 @@ def row_ids_or_arange(row_ids, B: int, device) -> torch.Tensor:
 def host_int(x, default: int = 0) -> int:
     """A seed or offset given as an int or a one-element tensor, read on the host (a sync)."""
     return default if x is None else int(torch.as_tensor(x).reshape(-1)[0])
+
+
+def row_seeds(seed, B: int) -> int | torch.Tensor:
+    """The references' Philox key of each row: one seed (an int or a one-element tensor) read
+    as an int, or one seed per row (B elements) as a (B, 1) int64 tensor that broadcasts
+    against a row's counters (philox_uniform takes either)."""
+    s = torch.as_tensor(seed).reshape(-1)
+    if s.numel() == 1:
+        return int(s[0])
+    if s.numel() != B:
+        raise ValueError(f"seed must be one seed or one per row: got {s.numel()} for {B} rows")
+    return s.to(torch.int64)[:, None]
+
+
+def check_seed(seed: torch.Tensor, B: int, op: str) -> None:
+    """A kernel's seed: one int64 element, or one per row (each row keyed by its own)."""
+    if seed.dtype != torch.int64 or seed.dim() != 1 or seed.numel() not in (1, B):
+        raise ValueError(f"{op}: seed must be int64 of 1 or B = {B} elements, got {tuple(seed.shape)} {seed.dtype}")
 
 
 def sample_outputs(out, B: int, D: int, device, op: str):

@@ -58,7 +58,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ._common import f32_copy, host_int, row_ids_or_arange
+from ._common import f32_copy, host_int, row_ids_or_arange, row_seeds
 from .philox import philox_uniform
 
 MODES = ("hrpo", "soft", "moi", "soft-noise", "gumbel-soft")
@@ -118,17 +118,18 @@ def check_noise_width(D: int, V: int) -> None:
         raise ValueError(f"latent soft-noise: the Gaussian stream needs d <= V, got d {D}, V {V}")
 
 
-def gaussian_noise(seed: int, offset: int, row_ids: torch.Tensor, D: int, V: int) -> torch.Tensor:
-    """(B, D) fp32 standard normals of the soft-noise mode (Box-Muller, see the module doc)."""
+def gaussian_noise(seed: int | torch.Tensor, offset: int, row_ids: torch.Tensor, D: int, V: int) -> torch.Tensor:
+    """(B, D) fp32 standard normals of the soft-noise mode (Box-Muller, see the module doc);
+    seed: an int, or each row's key as a (B, 1) tensor (_common.row_seeds)."""
     check_noise_width(D, V)
     c = torch.arange(D, device=row_ids.device, dtype=torch.int64)
     ctr = offset + row_ids.to(torch.int64)[:, None] * V + c
-    key = int(seed) ^ NOISE_KEY
+    key = seed ^ NOISE_KEY
     u1, u2 = philox_uniform(key, ctr), philox_uniform(key + 1, ctr)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
-def gumbel_noise(seed: int, counters: torch.Tensor) -> torch.Tensor:
+def gumbel_noise(seed: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise g = -log(-log u) of the Philox uniforms at `counters` (fp32, their
     shape): gumbel-soft's noise of (row b, token v) has counter offset + row_ids[b] * V + v."""
     return -torch.log(-torch.log(philox_uniform(seed, counters)))
@@ -165,7 +166,7 @@ def mixture_weights(
         g = torch.zeros_like(x)
         if not greedy:
             rid = row_ids_or_arange(row_ids, B, logits.device)
-            g = gumbel_noise(host_int(seed), host_int(offset) + rid[:, None] * V + torch.arange(V, device=x.device))
+            g = gumbel_noise(row_seeds(seed, B), host_int(offset) + rid[:, None] * V + torch.arange(V, device=x.device))
         logp = torch.log(p.clamp_min(1e-30))
         return torch.softmax(((logp + g) / params.gumbel_tau).masked_fill(~support, float("-inf")), dim=-1)
     return p
@@ -220,7 +221,8 @@ def latent_input_reference(
     if params.mode == "soft-noise" and not greedy:
         B, V = logits.shape
         rid = row_ids_or_arange(row_ids, B, logits.device)
-        x = x + params.noise_std * gaussian_noise(host_int(seed), host_int(offset), rid, embedding.shape[1], V)
+        key = row_seeds(seed, B)
+        x = x + params.noise_std * gaussian_noise(key, host_int(offset), rid, embedding.shape[1], V)
     return x
 
 

@@ -28,7 +28,8 @@ def philox4x32_10(
     c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Counter words c0..c3 (int64 tensors holding values in [0, 2^32)), key words k0, k1
-    (ints) -> the four output words (int64 tensors in [0, 2^32))."""
+    (ints, or int64 tensors broadcasting against the counters) -> the four output words
+    (int64 tensors in [0, 2^32))."""
     k0 &= MASK32
     k1 &= MASK32
     for r in range(10):
@@ -41,14 +42,19 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
-def philox_uniform(seed: int, counter: torch.Tensor) -> torch.Tensor:
+def philox_uniform(seed: int | torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     """u = philox_uniform(seed, counter) of csrc/philox.h, elementwise: counter is an int64
-    tensor read as uint64 (two's complement), seed an int read as uint64. fp32, same shape
-    and device as counter."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    tensor read as uint64 (two's complement), seed an int read as uint64, or an int64 tensor
+    that broadcasts against counter (one key per row: a (B, 1) tensor). fp32, counter's shape
+    and device."""
     counter = torch.as_tensor(counter).to(torch.int64)
+    if torch.is_tensor(seed):
+        k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    else:
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        k0, k1 = seed & MASK32, seed >> 32
     c0 = counter & MASK32
     c1 = (counter >> 32) & MASK32  # arithmetic shift, masked: the uint64's high word
     zero = torch.zeros_like(c0)
-    r0 = philox4x32_10(c0, c1, zero, zero, seed & MASK32, seed >> 32)[0]
+    r0 = philox4x32_10(c0, c1, zero, zero, k0, k1)[0]
     return ((r0 >> 9) * 2 + 1).to(torch.float32) * 2.0**-24

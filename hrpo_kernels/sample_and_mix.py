@@ -22,6 +22,7 @@ import torch
 
 from ._common import (
     cdiv,
+    check_seed,
     cpu_logits,
     f32_copy,
     interpreting,
@@ -268,6 +269,7 @@ def _define_kernels() -> dict:
         w_ptr,
         e_ptr,
         seed_ptr,
+        seed_stride,
         off_ptr,
         rid_ptr,
         ws_acc,
@@ -321,7 +323,7 @@ def _define_kernels() -> dict:
             mask=row_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        seed = tl.load(seed_ptr)
+        seed = tl.load(seed_ptr + rows * seed_stride, mask=row_ok, other=0)[:, None]  # each row's key
         if HAS_ROW_IDS:
             rid = tl.load(rid_ptr + rows, mask=row_ok, other=0)
         else:
@@ -422,6 +424,7 @@ def _define_kernels() -> dict:
         ent_out,
         e_ptr,
         seed_ptr,
+        seed_stride,
         off_ptr,
         rid_ptr,
         B,
@@ -472,7 +475,7 @@ def _define_kernels() -> dict:
             if HAS_ENT:
                 tl.store(ent_out + row, H)
             lam = H * inv_logv / (beta + 1.0)  # used by moi only
-        seed = tl.load(seed_ptr)
+        seed = tl.load(seed_ptr + row * seed_stride)
         ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
@@ -491,6 +494,7 @@ def _define_kernels() -> dict:
         idx_ptr,
         e_ptr,
         seed_ptr,
+        seed_stride,
         off_ptr,
         rid_ptr,
         tok_out,
@@ -558,7 +562,7 @@ def _define_kernels() -> dict:
         cand = kok
         if NUCLEUS:
             cand = kok & (mass_above(masked_softmax(scaled, kok), ids) < top_p)
-        seed = tl.load(seed_ptr)
+        seed = tl.load(seed_ptr + row * seed_stride)
         ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         if GREEDY:
             g_best = tl.max(gv, axis=0)
@@ -604,6 +608,7 @@ def _define_kernels() -> dict:
         logits_ptr,
         e_ptr,
         seed_ptr,
+        seed_stride,
         off_ptr,
         rid_ptr,
         ws_ids,
@@ -655,7 +660,7 @@ def _define_kernels() -> dict:
         kid2 = tl.full([], V, tl.int32)
         if MIX_NUCLEUS:
             kt2, kid2 = nucleus_cut(lrow, V, inv_tm, mm, sm, inv_t, m, s, kt, kid, mix_top_p, True, BLOCK_V)
-        seed = tl.load(seed_ptr)
+        seed = tl.load(seed_ptr + row * seed_stride)
         ctr = row_counter(off_ptr, rid_ptr, row, V, HAS_ROW_IDS)
         best = tl.full([], float("-inf"), tl.float32)
         tok = g_tok
@@ -800,6 +805,7 @@ def _full_vocab(
         w,
         e,
         seed,
+        seed.numel() > 1,  # seed_stride: one key per row, or one for all
         offset,
         rid,
         *ws,
@@ -836,6 +842,7 @@ def _full_vocab(
         lp if entropy is None else entropy,  # any pointer when unused
         e,
         seed,
+        seed.numel() > 1,  # seed_stride: one key per row, or one for all
         offset,
         rid,
         B,
@@ -930,6 +937,7 @@ def _topk_tail(
         idx.contiguous(),
         e,
         seed,
+        seed.numel() > 1,
         offset,
         seed if row_ids is None else row_ids,
         tok,
@@ -972,6 +980,7 @@ def _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids,
         logits,
         e,
         seed,
+        seed.numel() > 1,
         offset,
         seed if row_ids is None else row_ids,
         ws_ids,
@@ -1018,7 +1027,8 @@ def sample_and_mix_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused path (CUDA, or CPU tensors under TRITON_INTERPRET=1). Same outputs as the
     seeded reference: the noise is philox_uniform(seed, offset + row_ids[row] * V + token)
-    (row_ids: (B,) int64, default arange(B)); a missing seed is drawn from `generator`.
+    (row_ids: (B,) int64, default arange(B); seed: one, or one per row, seed[row]); a missing
+    seed is drawn from `generator`.
     `out` takes preallocated outputs; `latent` the mode whose next input is the third output
     (None: hrpo's h_hat); `entropy` (B,) fp32 is filled with the mixture's entropy in nats
     (computed in the same pass, as MoI's); `tiles` overrides tile sizes of the full-vocabulary
@@ -1034,6 +1044,7 @@ def sample_and_mix_triton(
     if latent is not None and latent.mode == "soft-noise":
         check_noise_width(hidden.shape[1], V)
     seed, offset = seed_offset(seed, offset, generator, hidden.device)
+    check_seed(seed, hidden.shape[0], "sample_and_mix")
     row_ids = row_ids_tensor(row_ids, hidden.shape[0], hidden.device)
     if 0 < top_k < V:
         if top_k > MAX_TOPK_TRITON:

@@ -24,7 +24,16 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import f32_copy, host_int, row_ids_or_arange, row_ids_tensor, sample_outputs, seed_offset
+from ._common import (
+    check_seed,
+    f32_copy,
+    host_int,
+    row_ids_or_arange,
+    row_ids_tensor,
+    row_seeds,
+    sample_outputs,
+    seed_offset,
+)
 from .latent_input import (
     NOISE_KEY,
     LatentParams,
@@ -97,7 +106,7 @@ def _philox_race(scaled, idx, seed, offset, row_ids, keep=None) -> torch.Tensor:
         cand = torch.arange(V, device=dev, dtype=torch.int64).expand(B, V)
     else:
         cand = idx.sort(dim=-1).values  # ascending token ids: argmax's first max is the lowest id
-    u = philox_uniform(host_int(seed), host_int(offset) + row_ids * V + cand)
+    u = philox_uniform(row_seeds(seed, B), host_int(offset) + row_ids * V + cand)
     score = scaled.gather(-1, cand) - torch.log(-torch.log(u))
     if keep is not None:
         score = score.masked_fill(~keep.gather(-1, cand), float("-inf"))
@@ -177,6 +186,7 @@ def topk_sample_mix(
     if not 1 <= k <= MAX_TOPK:
         raise ValueError(f"topk_sample_mix: the extension takes 1 <= k <= {MAX_TOPK}, got {k}")
     seed, offset = seed_offset(seed, offset, generator, logits.device)
+    check_seed(seed, B, "topk_sample_mix")
     row_ids = row_ids_tensor(row_ids, B, logits.device)
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
         logits = logits.float().contiguous()

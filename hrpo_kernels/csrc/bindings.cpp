@@ -72,7 +72,9 @@ void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding
   HRPO_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   const auto dev = logits.device();
   check_on(embedding, dev, op, "embedding");
-  check_scalar_i64(seed, dev, op, "seed");
+  HRPO_CHECK(seed.dim() == 1 && (seed.numel() == 1 || seed.numel() == B) && seed.scalar_type() == torch::kInt64,
+             op, ": seed must be int64 of 1 or B = ", B, " elements, got ", seed.sizes(), " ", seed.scalar_type());
+  check_on(seed, dev, op, "seed");
   check_scalar_i64(offset, dev, op, "offset");
   if (row_ids.has_value()) {
     check_on(*row_ids, dev, op, "row_ids");
@@ -99,6 +101,7 @@ void topk_sample_mix(const torch::Tensor& logits, const torch::Tensor& embedding
   a.inv_t = static_cast<float>(1.0 / temperature);
   a.greedy = greedy;
   a.seed = seed.data_ptr<int64_t>();
+  a.seed_stride = seed.numel() == 1 ? 0 : 1;
   a.offset = offset.data_ptr<int64_t>();
   a.row_ids = row_ids.has_value() ? row_ids->data_ptr<int64_t>() : nullptr;
   a.tokens = tokens.data_ptr<int64_t>();

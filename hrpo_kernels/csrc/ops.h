@@ -12,7 +12,8 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // topk_sample_mix: logits (B, V) fp32 rows contiguous with row stride ld_logits;
 // embedding (V, d) of `emb_dtype` with row stride ld_emb (unit column stride);
-// seed/offset: pointers to one int64 each (host memory for the CPU twin, device for CUDA);
+// seed/offset: int64 pointers (host memory for the CPU twin, device for CUDA): offset one
+// element, seed one (seed_stride 0) or one per row (seed_stride 1: row r keyed by seed[r]);
 // row_ids: (B,) int64 in the same memory, or nullptr for arange(B). Row r's noise counter is
 // offset + row_ids[r] * V + token, so a row keeps its noise when a caller compacts the batch.
 // Outputs tokens (B,), logprobs (B,), h_hat (B, d) rows contiguous with stride ld_h.
@@ -31,6 +32,7 @@ struct TopkArgs {
   float inv_t;
   bool greedy;
   const int64_t* seed;
+  int64_t seed_stride = 0;
   const int64_t* offset;
   const int64_t* row_ids;
   int64_t* tokens;

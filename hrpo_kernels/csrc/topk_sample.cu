@@ -458,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) topk_sample_mix_kernel(TopkArgs a) {
       const uint64_t rid = static_cast<uint64_t>(a.row_ids ? a.row_ids[row] : row);
       const uint64_t ctr =
           static_cast<uint64_t>(*a.offset) + rid * static_cast<uint64_t>(V) + static_cast<uint64_t>(my_tok);
-      const float u = philox_uniform(static_cast<uint64_t>(*a.seed), ctr);
+      const float u = philox_uniform(static_cast<uint64_t>(a.seed[row * a.seed_stride]), ctr);
       score = __fsub_rn(sv, logf(-logf(u)));
     }
     tok = block_argmax(score, my_tok, sm, nullptr);

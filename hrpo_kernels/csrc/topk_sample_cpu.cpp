@@ -68,7 +68,6 @@ void cut_nucleus(float* w, int k, float top_p, std::vector<int>& order) {
 void topk_sample_mix_cpu(const TopkArgs& a) {
   const int64_t V = a.V, D = a.D;
   const int k = static_cast<int>(std::min<int64_t>(a.k, V));
-  const uint64_t seed = static_cast<uint64_t>(*a.seed);
   const uint64_t offset = static_cast<uint64_t>(*a.offset);
   // Rows are independent: split them over OpenMP threads, each with its own scratch.
 #pragma omp parallel if (a.B > 1)
@@ -127,6 +126,7 @@ void topk_sample_mix_cpu(const TopkArgs& a) {
       }
       auto cand = [&](int j) { return a.top_p >= 1.f || ps[j] > 0.f; };
       // the race (Gumbel noise g, kept for gumbel-soft)
+      const uint64_t seed = static_cast<uint64_t>(a.seed[r * a.seed_stride]);
       const uint64_t base = offset + static_cast<uint64_t>(a.row_ids ? a.row_ids[r] : r) * static_cast<uint64_t>(V);
       int64_t tok;
       if (a.greedy) {

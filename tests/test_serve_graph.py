@@ -112,3 +112,31 @@ def test_idle_rows_of_a_bucket_stay_inside_the_cache(engine, tokenizer):
     assert [r.error for r in reqs + [leaver]] == [None] * 4
     assert all(len(r.choices[0].tokens) == r.max_tokens for r in reqs + [leaver])
     assert {k[0] for k in sched.graphs} == {4}  # the last steps ran 3 rows in the bucket of 4
+
+
+def test_requests_that_differ_only_by_seed_share_one_captured_draw(engine, tokenizer):
+    """Eight sampled requests with the same settings and eight seeds (what eight chat clients
+    that send no seed get: a seed drawn each): one sampling group, each row keyed by its own
+    request's seed on the device, so the step is captured (more than GRAPH_GROUPS groups would
+    run eagerly, each re-reading the lm-head), and every request is what the engine gives it alone."""
+    prompts = [tokenizer.encode(w) for w in ("one two", "seven plus", "the gamma delta", "alpha")]
+    reqs = [
+        Request(prompts[i % 4], max_tokens=6, greedy=False, seed=100 + 37 * i, top_k=20, temperature=0.8)
+        for i in range(8)
+    ]
+    assert len(reqs) > GRAPH_GROUPS
+    with gpu_path_mode():
+        sched = Scheduler(engine, max_batch=8, max_model_len=24)
+        for r in reqs:
+            sched.submit(r)
+        sched.step()
+        assert len(sched.plan.groups) == 1 and sched.plan.capture
+        while sched.busy():
+            sched.step()
+        assert sched.stats["captures"] >= 1
+        for r in reqs:
+            cfg = SamplingConfig(r.max_tokens, r.temperature, r.top_k, greedy=r.greedy, hybrid=r.hybrid)
+            out = engine.generate([r.prompt] * r.n, cfg, seed=r.seed)
+            alone = [ids[m].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)]
+            assert [c.tokens for c in r.choices] == alone
+    assert len({tuple(r.choices[0].tokens) for r in reqs[::4]}) > 1  # same prompt, other seed: other tokens

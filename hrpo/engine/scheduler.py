@@ -8,7 +8,9 @@ so live rows stay rows [0, n) as FastDecoder.decode wants). One step is the engi
 (RolloutEngine.decode_step) with per-row settings in device tensors:
 
     hidden -> sample_and_mix per group of rows sharing (greedy, temperature, top_k, top_p,
-              seed, latent mode), each row keyed by its own Philox counter (row id on the device)
+              latent mode), each row keyed by its own request's seed and its own Philox
+              counter (row id), both on the device: requests that differ only by seed share
+              one draw
            -> the cold stop of the rows that asked for one (cold_stop_step, per-row settings)
            -> step_controller (marker matcher, eos), on one-column step buffers
            -> the thinking input of each hybrid row's latent mode (the gate's blend of
@@ -161,8 +163,8 @@ class _Group:
 
 @dataclass
 class _Plan:
-    """How the batch steps until its rows change: the groups (settings, and their seeds in
-    Scheduler.seeds), whether every row is gated / thinks (a bool) or it differs by row
+    """How the batch steps until its rows change: the groups (settings; each row keyed by its
+    own request's seed, Scheduler.seeds), whether every row is gated / thinks (a bool) or it differs by row
     (None: the per-row tensors), whether some row cold-stops, the graph key, and each group's
     rows when it gathers them."""
 
@@ -175,8 +177,8 @@ class _Plan:
     gather: list[torch.Tensor] | None
 
 
-def _group_key(q: Request) -> tuple[_Group, int]:
-    return _Group(q.greedy, q.temperature, q.top_k, q.top_p, q.latent), 0 if q.greedy else q.seed
+def _group_key(q: Request) -> _Group:
+    return _Group(q.greedy, q.temperature, q.top_k, q.top_p, q.latent)
 
 
 def _uniform(flags: list[bool]) -> bool | None:
@@ -223,7 +225,7 @@ class Scheduler:
         self.entropy = torch.zeros(max_batch, dtype=torch.float32, device=dev)
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
         self.zero = torch.zeros(1, dtype=torch.int64, device=dev)
-        # each row's noise: row id steps * width + choice (width: its request's n), its group's seed
+        # each row's noise: row id steps * width + choice (width: its request's n), its request's seed
         self.steps, self.width, self.choice, self.pick, self.seeds = (
             torch.zeros(max_batch, dtype=torch.int64, device=dev) for _ in range(5)
         )
@@ -428,6 +430,7 @@ class Scheduler:
             [r.hybrid and r.latent.mode == "hrpo" for r in reqs for _ in range(r.n)], device=dev
         )
         self.steps[n0 : n0 + m] = 0
+        self.seeds[n0 : n0 + m] = torch.tensor([r.seed for r in reqs for _ in range(r.n)], device=dev)
         self.width[n0 : n0 + m] = torch.tensor([r.n for r in reqs for _ in range(r.n)], device=dev)
         self.choice[n0 : n0 + m] = torch.tensor([j for r in reqs for j in range(r.n)], device=dev)
         cold = [r.cold_stop for r in reqs for _ in range(r.n)]
@@ -445,15 +448,14 @@ class Scheduler:
             self._remove([i for i, r in enumerate(self.rows) if r.request.error])
 
     def _make_plan(self, n: int) -> _Plan:
-        """The groups of rows [0, n) (their seeds, each row's group and the live count written
-        to the device) and whether this batch's step can be captured."""
-        index: dict[tuple, int] = {}
+        """The groups of rows [0, n) (each row's group and the live count written to the device)
+        and whether this batch's step can be captured."""
+        index: dict[_Group, int] = {}
         picks = [index.setdefault(_group_key(r.request), len(index)) for r in self.rows]
         dev = self.dec.device
         self.pick[:n] = torch.tensor(picks, device=dev)
-        self.seeds[: len(index)] = torch.tensor([seed for _, seed in index], device=dev)
         self.live.fill_(n)
-        groups = [g for g, _ in index]
+        groups = list(index)
         gated = _uniform([r.request.hybrid and r.request.latent.mode == "hrpo" for r in self.rows])
         thinks = _uniform([r.request.hybrid for r in self.rows])
         cold = any(r.request.cold_stop for r in self.rows)
@@ -544,15 +546,15 @@ class Scheduler:
 
     def _sample(self, hidden: torch.Tensor, plan: _Plan, row_ids: torch.Tensor, cold: ColdRows | None):
         """Tokens, log-probs and latents of the rows: each group's draw for its rows, each row
-        keyed by its own Philox counter (row id) under its group's seed; with the cold stop on,
+        keyed by its own Philox counter (row id) under its own request's seed; with the cold stop on,
         each row's mixture entropy written to cold.entropy (gumbel-soft's groups, which may not
         cold-stop and whose pass has no entropy of p, leave theirs)."""
         n = hidden.shape[0]
 
         def draw(g: int, at: torch.Tensor | None):
-            grp, h, ids = plan.groups[g], hidden, row_ids
+            grp, h, ids, seeds = plan.groups[g], hidden, row_ids, self.seeds[:n]
             if at is not None:
-                h, ids = hidden[at], row_ids[at]
+                h, ids, seeds = hidden[at], row_ids[at], seeds[at]
             ent = None
             if cold is not None and grp.latent.mode != "gumbel-soft":
                 alone = len(plan.groups) == 1  # the one group writes straight into the rows' buffer
@@ -565,7 +567,7 @@ class Scheduler:
                 grp.top_k,
                 grp.greedy,
                 None,
-                seed=self.seeds[g : g + 1],
+                seed=seeds,
                 offset=self.zero,
                 row_ids=ids,
                 impl=self.engine.impl,
@@ -657,7 +659,7 @@ class Scheduler:
             cold = (self.cold, self.cold_tau, self.cold_k)
             for x in (self.cache.seqlens, self.hidden, self.match, self.hybrid, self.gated, *cold):
                 x[dst] = x[src]
-            for x in (self.steps, self.width, self.choice):
+            for x in (self.steps, self.width, self.choice, self.seeds):
                 x[dst] = x[src]
             self.finished[dst] = False
             for d_, s_ in zip(holes, movers):

@@ -4,7 +4,7 @@
 #   check (~7 min): machine facts, the CUDA extension build, kernel and engine tests on CUDA,
 #                   a distributed smoke test (torchrun, one process, NCCL), the training-step benchmark
 #   bench (~7 min): op benchmarks, then rollouts, then the summary table and chart
-#   serve (~5 min, stops by 9.5): the extension build (~1 min on a fresh machine), a random bf16
+#   serve (~5 min estimated, no GPU run yet; stops by 9.5): the extension build (~1 min on a fresh machine), a random bf16
 #                   Qwen2.5-1.5B-shaped model folder in /tmp (~0.5 min), then benchmarks/test_serve_bench.py
 #                   on it: hrpo.serve hybrid and plain and `transformers serve --continuous-batching`
 #                   at 1, 8 and 32 clients (each level capped at HRPO_SERVE_BENCH_SECONDS, here 20 s);
@@ -14,9 +14,9 @@
 # triton, transformers, peft and pytest-benchmark but no registry: the tree runs from PYTHONPATH.
 # What a call must carry (both are ignored folders that scripts/device_carry.sh fills, once,
 # on a machine with PyPI; ../shared beside a checkout does not travel):
-#   .shapes   the model shapes (model_shapes.json) check and bench build their models from;
-#   .whl      the serve phase's wheels (fastapi, uvicorn, pydantic, openai, httpx2, ...: the image
-#             has none of them), installed here into /tmp/site.
+#   .shapes   the model shapes (model_shapes.json) every phase's Qwen2.5 models are built from;
+#   .whl      the serve phase's wheels (fastapi, uvicorn, pydantic, openai, httpx2, which the image
+#             lacks, and their needs), installed here into /tmp/site.
 # The device call, as docs/benchmarks.md ("On a lent GPU") gives it:
 #   run(command="bash benchmarks/gpu_check.sh serve", carry=[".shapes", ".whl"], timeout_s=600)
 set -uo pipefail

@@ -10,7 +10,7 @@ latent mode (docs/latent-modes.md), whose thinking inputs are the mode's mixture
 engine_plain_top_p: engine_plain sampling the top_p 0.9 nucleus inside its top-k (the cost of
 the cut, against engine_plain).
 
-GPU: Qwen2.5-1.5B / 3B shapes from ../shared/model_shapes.json with random bf16 weights
+GPU: Qwen2.5-1.5B / 3B shapes (benchmarks/model_shapes.py) with random bf16 weights
 (speed does not depend on their values), prompts of 256 random tokens in groups of 8,
 NEW_TOKENS (512) new tokens with no early stop (no EOS, a marker that never appears, so
 hybrid mode blends at every step: its worst case). The slow baselines run BASELINE_TOKENS
@@ -27,15 +27,14 @@ prompts: hf_generate left-pads them), 64 new tokens, no early stop.
 from __future__ import annotations
 
 import functools
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.conftest import synced
 from benchmarks.eager_reference import eager_rollout
+from benchmarks.model_shapes import model_shape, random_causal_lm
 from hrpo.core.marker import MarkerMatcher
 from hrpo.core.prompts import format_prompt
 from hrpo.engine.rollout import SamplingConfig, left_pad, rollout
@@ -45,7 +44,6 @@ from hrpo.model.loading import load_base_model
 from hrpo.tasks.synthetic import synthetic_split
 from hrpo_kernels.latent_input import MODES, LatentParams
 
-SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
 GPU_MODELS = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-3b": "Qwen2.5-3B-Instruct"}
 if os.environ.get("HRPO_BENCH_MODELS"):  # e.g. qwen2.5-1.5b: one model per pytest call (gpu_check.sh)
     GPU_MODELS = {k: GPU_MODELS[k] for k in os.environ["HRPO_BENCH_MODELS"].split(",")}
@@ -177,15 +175,9 @@ _MODELS: dict = {}
 def gpu_model(name: str):
     """A random-weight bf16 model at the shapes of `name`, built once per session."""
     if name not in _MODELS:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         _MODELS.clear()  # one model on the card at a time
         torch.cuda.empty_cache()
-        entry = json.loads(SHAPES.read_text())[GPU_MODELS[name]]
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**entry), dtype=torch.bfloat16).eval()
-        _MODELS[name] = HybridModel(model)
+        _MODELS[name] = HybridModel(random_causal_lm(model_shape(GPU_MODELS[name]), "cuda", torch.bfloat16))
     return _MODELS[name]
 
 

@@ -1,10 +1,11 @@
-"""Serving throughput and latency on the CPU: `pytest benchmarks/test_serve_bench.py -s`.
+"""Serving throughput and latency: `pytest benchmarks/test_serve_bench.py -s`.
 
 Three servers on one model (HRPO_SERVE_BENCH_MODEL, anything --model takes, e.g. smollm2-135m;
 default the embedded model), one after another on 127.0.0.1, each driven by
-benchmarks/serve_load.py at 1, 8 and 32 concurrent clients (streamed chat completions,
-greedy, MAX_TOKENS new tokens, REQUESTS_PER_CLIENT requests per client, bounded by
-SECONDS per level):
+benchmarks/serve_load.py at 1, 8 and 32 concurrent clients (HRPO_SERVE_BENCH_CLIENTS, e.g. 1,2;
+streamed chat completions, greedy, MAX_TOKENS new tokens, REQUESTS_PER_CLIENT requests per
+client, bounded by SECONDS per level) after one unmeasured round at each level (on a GPU the
+engine captures a CUDA graph per batch-size bucket on first use):
 - hrpo.serve hybrid (the gate blends thinking inputs; requests ask {"hybrid": true}),
 - hrpo.serve plain ({"hybrid": false}: token embeddings only),
 - `transformers serve --continuous-batching` on the same model folder (skipped when the
@@ -19,13 +20,16 @@ batch could give with no server around it on this machine at that moment.
 hrpo.serve runs without the paper's system prompt here, so both servers see the same prompt
 tokens. Each server gets HRPO_SERVE_BENCH_THREADS threads (default 1). The table (markdown), the raw numbers
 (JSON) and a PNG (throughput and p99 request latency against clients) go to
-HRPO_SERVE_BENCH_OUT (default benchmarks/serve_out/); the ratios are of the same run.
+HRPO_SERVE_BENCH_OUT (default benchmarks/serve_out/); the ratios are of the same run. The servers
+run on the GPU when there is one (hrpo.serve and transformers serve both default to it; on a GPU
+benchmarks/gpu_check.sh's serve phase runs this at Qwen2.5-1.5B shapes).
 Not a timed test: nothing is asserted about speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -43,13 +47,14 @@ from hrpo.serve.llm import served_name
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("HRPO_SERVE_BENCH_OUT", ROOT / "benchmarks" / "serve_out"))
-CLIENTS = (1, 8, 32)
+CLIENTS = tuple(int(c) for c in os.environ.get("HRPO_SERVE_BENCH_CLIENTS", "1,8,32").split(","))
 MAX_TOKENS = int(os.environ.get("HRPO_SERVE_BENCH_TOKENS", 64))
 REQUESTS_PER_CLIENT = int(os.environ.get("HRPO_SERVE_BENCH_REQUESTS", 4))
 SECONDS = float(os.environ.get("HRPO_SERVE_BENCH_SECONDS", 60))
 THREADS = os.environ.get("HRPO_SERVE_BENCH_THREADS", "1")
 MODEL = os.environ.get("HRPO_SERVE_BENCH_MODEL")  # None: the embedded model
 PORT = 8391
+DEVICE = torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU"
 MAX_MODEL_LEN = 512  # prompt + completion rows; the embedded model's positions, and room for every request here
 
 
@@ -108,13 +113,17 @@ def servers() -> dict[str, tuple[list[str], dict]]:
 
 def measure(cmd: list[str], extra: dict) -> list[dict]:
     url = f"http://127.0.0.1:{PORT}"
-    env = {"OMP_NUM_THREADS": THREADS, "PYTHONPATH": str(ROOT)}
+    env = {
+        "OMP_NUM_THREADS": THREADS,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     with (OUT / "server.log").open("a") as log:
         proc = launch(cmd, url, env, log)
         try:
             rows = []
             model = cmd[-1] if "transformers" in Path(cmd[0]).name else served_name(MODEL)
-            asyncio.run(run(url, model, 1, 2, SECONDS, MAX_TOKENS, extra=extra))  # warm-up
+            for c in CLIENTS:  # warm-up
+                asyncio.run(run(url, model, c, c, SECONDS, MAX_TOKENS, extra=extra))
             for c in CLIENTS:
                 res = asyncio.run(run(url, model, c, c * REQUESTS_PER_CLIENT, SECONDS, MAX_TOKENS, extra=extra))
                 rows.append(res.summary())
@@ -124,21 +133,24 @@ def measure(cmd: list[str], extra: dict) -> list[dict]:
             proc.wait(60)
 
 
-def offline(hybrid: bool) -> float:
-    """Tokens/s of the engine alone on 32 of the load's prompts (best of 3 rounds)."""
+def offline() -> dict[str, float]:
+    """Tokens/s of the engine alone on 32 of the load's prompts (best of 3 rounds), hybrid and
+    plain; the model is freed before the servers load theirs."""
     torch.set_num_threads(int(THREADS))
     llm = LLM(model=MODEL, system_prompt=False, max_model_len=MAX_MODEL_LEN)
     prompts = [llm.chat_prompt([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(32)]
     engine = llm.scheduler.engine
-    eos, engine.eos = engine.eos, torch.tensor([-1])  # no early stop: 64 tokens a row, as ignore_eos would
-    try:
-        best = 0.0
-        for _ in range(3):
-            out = engine.generate(prompts, SamplingConfig(MAX_TOKENS, 0.5, 50, greedy=True, hybrid=hybrid))
-            best = max(best, out.stats["tokens_per_s"])
-        return best
-    finally:
-        engine.eos = eos
+    engine.eos = torch.tensor([-1], device=engine.eos.device)  # no early stop: 64 tokens a row, as ignore_eos would
+    best = {}
+    for hybrid in (True, False):
+        cfg = SamplingConfig(MAX_TOKENS, 0.5, 50, greedy=True, hybrid=hybrid)
+        rounds = [engine.generate(prompts, cfg).stats["tokens_per_s"] for _ in range(3)]
+        best[f"engine alone, offline, {'hybrid' if hybrid else 'plain'}"] = max(rounds)
+    del llm, engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return best
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -177,23 +189,31 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     a.legend(fontsize=8)
-    fig.suptitle(f"Serving {MODEL or 'the embedded model'} on the CPU ({MAX_TOKENS} new tokens, greedy)")
+    fig.suptitle(
+        f"Serving {Path(MODEL).name if MODEL else 'the embedded model'} on {DEVICE} ({MAX_TOKENS} new tokens, greedy)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write(engine: dict[str, float], results: dict[str, list[dict]]) -> str:
+    """The JSON, table and chart of what was measured so far (a run cut short keeps its servers)."""
+    (OUT / "serve_bench.json").write_text(json.dumps({"engine": engine, "servers": results}, indent=1))
+    text = table(results) + "".join(f"\n{name}, 32 rows: {tps:.0f} output tok/s" for name, tps in engine.items()) + "\n"
+    (OUT / "serve_bench.md").write_text(text)
+    plot(results, OUT / f"serve_{'gpu' if torch.cuda.is_available() else 'cpu'}.png")
+    return text
 
 
 def test_serve_throughput_table():
     pytest.importorskip("fastapi")
     OUT.mkdir(parents=True, exist_ok=True)
     results = {}
-    engine = {f"engine alone, offline, {'hybrid' if h else 'plain'}": offline(h) for h in (True, False)}
+    engine = offline()
     for name, (cmd, extra) in servers().items():
         results[name] = measure(cmd, extra)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    (OUT / "serve_bench.json").write_text(json.dumps({"engine": engine, "servers": results}, indent=1))
-    text = table(results) + "".join(f"\n{name}, 32 rows: {tps:.0f} output tok/s" for name, tps in engine.items()) + "\n"
-    (OUT / "serve_bench.md").write_text(text)
-    plot(results, OUT / "serve_cpu.png")
+        text = write(engine, results)
     print(text)
     assert all(r["errors"] == 0 for rows in results.values() for r in rows)

@@ -10,7 +10,7 @@ policy's forward and backward over one rollout, for
 with the same loss, gate and adapters. extra_info: seconds, tokens/s (prompt + completion
 tokens of the rollout), and on CUDA the peak memory above the resident weights.
 
-GPU: Qwen2.5-1.5B / 3B shapes (../shared/model_shapes.json), random bf16 weights, LoRA r32 on
+GPU: Qwen2.5-1.5B / 3B shapes (benchmarks/model_shapes.py), random bf16 weights, LoRA r32 on
 all projections, 256 prompt + 512 completion tokens with every position thinking: the GSM8K
 recipe's 8 completions (2 prompts x 4) and the MATH recipe's 16 (2 x 8).
 CPU: the embedded model with a real rollout of the arith recipe (4 prompts x 8, up to 64 new
@@ -30,15 +30,14 @@ recipe; on the CPU the embedded model stands in, so the same logic runs without 
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.conftest import synced
 from benchmarks.eager_reference import eager_rollout, eager_update
+from benchmarks.model_shapes import model_shape, random_causal_lm
 from benchmarks.test_rollout_bench import TOP_K, FoldedDecode, never_marker, tiny_tokenizer
 from hrpo.engine.rollout import SamplingConfig
 from hrpo.engine.rollout_engine import EngineOptions, RolloutEngine
@@ -49,7 +48,6 @@ from hrpo.training.config import config_for
 from hrpo.training.loss import group_advantages
 from hrpo.training.update import UpdateSettings, micro_batches, policy_backward, reference_logprobs
 
-SHAPES = Path(__file__).resolve().parents[2] / "shared" / "model_shapes.json"
 GPU_MODELS = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-3b": "Qwen2.5-3B-Instruct"}
 GPU_RECIPES = {"gsm8k": (2, 4), "math": (2, 8)}  # prompts x group size
 PROMPT_LEN, COMPLETION_LEN, TEMPERATURE, BETA = 256, 512, 0.5, 0.005
@@ -141,15 +139,8 @@ def test_step_cpu(benchmark, tmp_path, method):
 
 # ---------------------------------------------------------------------------------- GPU
 def gpu_policy(name: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if not SHAPES.is_file():
-        pytest.skip(f"{SHAPES} is missing (the Qwen2.5 shapes come from the shared folder)")
     torch.cuda.empty_cache()
-    entry = json.loads(SHAPES.read_text())[GPU_MODELS[name]]
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**entry), dtype=torch.bfloat16)
+    model = random_causal_lm(model_shape(GPU_MODELS[name]), "cuda", torch.bfloat16)
     hm = build_policy(model, config_for("gsm8k"))  # LoRA r32, alpha 64 on every projection; fp32 gate
     with torch.no_grad():
         for n, p in hm.named_parameters():

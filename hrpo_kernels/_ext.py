@@ -38,6 +38,7 @@ CPU_SOURCES = (
     "step_controller_cpu.cpp",
     "gated_blend_cpu.cpp",
     "decode_body_cpu.cpp",
+    "lm_head_cpu.cpp",
 )
 CUDA_SOURCES = ("topk_sample.cu", "step_controller.cu")
 KEYED_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")  # every file of csrc/ a build can read

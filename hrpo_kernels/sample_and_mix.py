@@ -799,16 +799,13 @@ def _full_vocab(
     tok, lp, h = sample_outputs(out, B, D, dev, "sample_and_mix")
     k = _kernels()
     mode = kernel_args(latent, temperature, V)
-    rid = seed if row_ids is None else row_ids  # any pointer when unused
+    noise = _noise_args(seed, offset, row_ids)
     ws = (ws_acc, ws_m, ws_s, ws_mx, ws_sx, ws_qx, ws_rx, ws_score, ws_tok, ws_logit)
     k["full_partial"][(n_rb * n_splits,)](
         hidden,
         w,
         e,
-        seed,
-        seed.numel() > 1,  # seed_stride: one key per row, or one for all
-        offset,
-        rid,
+        *noise,
         *ws,
         B,
         V,
@@ -842,10 +839,7 @@ def _full_vocab(
         h,
         lp if entropy is None else entropy,  # any pointer when unused
         e,
-        seed,
-        seed.numel() > 1,  # seed_stride: one key per row, or one for all
-        offset,
-        rid,
+        *noise,
         B,
         V,
         D,
@@ -891,6 +885,22 @@ def _ext_logits(hidden: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
 def _brgemm(mod) -> bool:
     """Whether the loaded extension has the bf16 lm-head and this CPU runs ATen's bf16 brgemm."""
     return mod is not None and hasattr(mod, "lm_head_bf16") and mod.lm_head_bf16_supported()
+
+
+def _noise_args(seed: torch.Tensor, offset: torch.Tensor, row_ids: torch.Tensor | None) -> tuple:
+    """The noise arguments every sampling kernel takes, in their order: the seed, its stride (1:
+    one key per row, 0: one for all), the offset and the row ids (any pointer when absent)."""
+    return seed, seed.numel() > 1, offset, seed if row_ids is None else row_ids
+
+
+def _tail_tiles(D: int) -> dict:
+    """Both tail kernels' vocabulary and hidden tiles and warps (small under the interpreter)."""
+    interp = interpreting()
+    return dict(
+        BLOCK_V=256 if interp else 2048,
+        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
+        num_warps=4 if interp else 8,
+    )
 
 
 def _tail_numbers(mode: dict) -> tuple:
@@ -947,17 +957,13 @@ def _topk_tail(
     vals, idx = torch.topk(logits, k, dim=-1, sorted=False)
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
-    interp = interpreting()
     mode = kernel_args(latent, temperature, min(k, V), top_p)
     _kernels()["topk_tail"][(B,)](
         logits,
         vals.contiguous(),
         idx.contiguous(),
         e,
-        seed,
-        seed.numel() > 1,
-        offset,
-        seed if row_ids is None else row_ids,
+        *_noise_args(seed, offset, row_ids),
         tok,
         lp,
         h,
@@ -974,10 +980,8 @@ def _topk_tail(
         GREEDY=bool(greedy),
         HAS_ROW_IDS=row_ids is not None,
         **_tail_flags(mode, entropy),
-        BLOCK_V=256 if interp else 2048,
         BLOCK_K=next_pow2(max(k, 16)),
-        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
-        num_warps=4 if interp else 8,
+        **_tail_tiles(D),
     )
     return tok, lp, h
 
@@ -991,16 +995,12 @@ def _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids,
     e = embedding if embedding.stride(-1) == 1 else embedding.contiguous()
     tok, lp, h = sample_outputs(out, B, D, logits.device, "sample_and_mix")
     mode = kernel_args(latent, temperature, V, top_p)
-    interp = interpreting()
     ws_ids = torch.empty(B, V, dtype=torch.int32, device=logits.device)  # each row's support, packed
     ws_x = torch.empty(B, V, dtype=torch.float32, device=logits.device)
     _kernels()["nucleus_tail"][(B,)](
         logits,
         e,
-        seed,
-        seed.numel() > 1,
-        offset,
-        seed if row_ids is None else row_ids,
+        *_noise_args(seed, offset, row_ids),
         ws_ids,
         ws_x,
         tok,
@@ -1017,10 +1017,8 @@ def _nucleus_tail(logits, embedding, temperature, greedy, seed, offset, row_ids,
         GREEDY=bool(greedy),
         HAS_ROW_IDS=row_ids is not None,
         **_tail_flags(mode, entropy),
-        BLOCK_V=256 if interp else 2048,
         BLOCK_J=32,
-        BLOCK_D=min(next_pow2(max(D, 16)), 64 if interp else 256),
-        num_warps=4 if interp else 8,
+        **_tail_tiles(D),
     )
     return tok, lp, h
 

@@ -56,11 +56,16 @@ def inputs():
     return h, torch.randn(V, D, generator=g) * 0.5, torch.randn(V, D, generator=g)
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-def test_every_path_keys_each_row_by_its_own_seed(path, inputs):
-    if path == "ext" and _ext.load_extension() is None:
+@pytest.fixture(params=list(PATHS))
+def path(request):
+    """(name, sampler, its extra arguments) of each path."""
+    if request.param == "ext" and _ext.load_extension() is None:
         pytest.skip("the C++ extension did not build here")
-    fn, extra = PATHS[path]
+    return (request.param, *PATHS[request.param])
+
+
+def test_every_path_keys_each_row_by_its_own_seed(path, inputs):
+    path, fn, extra = path
     h, W, E = inputs
     rows_3_4_differ = False
     for k, mode, top_p in itertools.product((0, 7), ("hrpo", "soft-noise", "gumbel-soft"), (1.0, 0.9)):
@@ -80,11 +85,8 @@ def test_every_path_keys_each_row_by_its_own_seed(path, inputs):
     assert rows_3_4_differ, "the seed never changed a draw: the check would not see a shared key"
 
 
-@pytest.mark.parametrize("path", list(PATHS))
 def test_a_seed_per_row_must_cover_every_row(path, inputs):
-    if path == "ext" and _ext.load_extension() is None:
-        pytest.skip("the C++ extension did not build here")
-    fn, extra = PATHS[path]
+    _, fn, extra = path
     h, W, E = inputs
     with pytest.raises((ValueError, RuntimeError), match="seed"):
         fn(h, W, E, 0.8, top_k=7, seed=SEEDS[:3], offset=OFFSET, **extra)

@@ -418,9 +418,11 @@ class Scheduler:
             hs.append(self.dec.prefill(F.embedding(ids, self.hm.embed.weight), lens, self.cache.rows_from(n0 + first)))
             first += len(ids)
         src = place[inverse]
-        h = torch.cat(hs)[src.to(dev)]
-        if not torch.equal(src, torch.arange(len(prompts))):  # choices share a prompt, or lengths were reordered
-            self.cache.rows_from(n0).gather_rows(src.to(dev), max(len(p) for p in prompts))
+        copies = not torch.equal(src, torch.arange(len(prompts)))  # choices share a prompt, or lengths reordered
+        src = src.to(dev)
+        h = torch.cat(hs)[src]
+        if copies:
+            self.cache.rows_from(n0).gather_rows(src, max(len(p) for p in prompts))
         m = len(prompts)
         self.hidden[n0 : n0 + m] = h
         self.match[n0 : n0 + m] = 0
